@@ -1,0 +1,169 @@
+//! Who may see, join, grab, send, leave, close and edit. Admins see and join every conversation of
+//! their team but never grab; in a grab-mode team a conversation handled by one representative is
+//! neither visible nor joinable for the other representatives.
+
+use super::status::{ConversationSummary, is_closed, whatsapp_window_open};
+use super::{AgentId, DomainError, MessageBody, Role, Team, TeamMode, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// What pressing JOIN does for this agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinKind {
+    /// Enter the room now.
+    Join,
+    /// Ask the relay to make this representative the handler (grab-mode teams).
+    Grab,
+}
+
+/// Where this agent stands on a grab-mode conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrabState {
+    /// Nothing asked.
+    None,
+    /// Asked (maybe offline); the relay has not decided yet.
+    AwaitingConfirmation,
+    /// The relay recorded this agent as the handler.
+    Won,
+    /// The relay recorded someone else as the handler.
+    Lost,
+}
+
+fn is_handled_by_other(s: &ConversationSummary, agent: &AgentId) -> bool {
+    s.owner.as_ref().is_some_and(|o| o != agent)
+}
+
+fn member_role(team: &Team, agent: &AgentId) -> Result<Role, DomainError> {
+    team.role_of(agent).ok_or(DomainError::NotAMember)
+}
+
+/// May this agent see the conversation at all (list, counts, opening it)?
+pub fn may_see(team: &Team, agent: &AgentId, s: &ConversationSummary) -> bool {
+    match team.role_of(agent) {
+        None => false,
+        Some(Role::Admin) => true,
+        Some(Role::Representative) => {
+            team.mode == TeamMode::Open || !is_handled_by_other(s, agent)
+        }
+    }
+}
+
+/// What JOIN would do, or why it is not offered.
+pub fn join_kind(team: &Team, agent: &AgentId, s: &ConversationSummary, now: Timestamp) -> Result<JoinKind, DomainError> {
+    let role = member_role(team, agent)?;
+    if s.is_in_room(agent) {
+        return Err(DomainError::AlreadyInRoom);
+    }
+    if is_closed(s, team, now) {
+        return Err(DomainError::Closed);
+    }
+    match (team.mode, role) {
+        (TeamMode::Open, _) | (TeamMode::Grab, Role::Admin) => Ok(JoinKind::Join),
+        (TeamMode::Grab, Role::Representative) => match &s.owner {
+            Some(owner) if owner == agent => Ok(JoinKind::Join),
+            Some(_) => Err(DomainError::HandledByAnother),
+            None if s.grab_requests.contains(agent) => Err(DomainError::GrabAlreadyRequested),
+            None => Ok(JoinKind::Grab),
+        },
+    }
+}
+
+/// May this agent enter the room directly?
+pub fn may_join(team: &Team, agent: &AgentId, s: &ConversationSummary, now: Timestamp) -> Result<(), DomainError> {
+    match join_kind(team, agent, s, now)? {
+        JoinKind::Join => Ok(()),
+        JoinKind::Grab => Err(DomainError::GrabRequired),
+    }
+}
+
+/// May this agent ask to grab the conversation (Notifications, grab-mode teams, representatives)?
+pub fn may_grab(team: &Team, agent: &AgentId, s: &ConversationSummary, now: Timestamp) -> Result<(), DomainError> {
+    let role = member_role(team, agent)?;
+    if team.mode != TeamMode::Grab {
+        return Err(DomainError::NotGrabMode);
+    }
+    if role == Role::Admin {
+        return Err(DomainError::AdminsDoNotGrab);
+    }
+    if is_handled_by_other(s, agent) {
+        return Err(DomainError::HandledByAnother);
+    }
+    if s.owner.as_ref() == Some(agent) || s.is_in_room(agent) {
+        return Err(DomainError::AlreadyInRoom);
+    }
+    if s.grab_requests.contains(agent) {
+        return Err(DomainError::GrabAlreadyRequested);
+    }
+    if is_closed(s, team, now) {
+        return Err(DomainError::Closed);
+    }
+    Ok(())
+}
+
+/// Does this conversation belong in the agent's Notifications panel (grabbable or awaiting)?
+pub fn in_notifications(team: &Team, agent: &AgentId, s: &ConversationSummary, now: Timestamp) -> bool {
+    team.mode == TeamMode::Grab
+        && team.role_of(agent) == Some(Role::Representative)
+        && !is_closed(s, team, now)
+        && (s.owner.is_none() || (s.owner.as_ref() != Some(agent) && s.grab_requests.contains(agent)))
+}
+
+pub fn grab_state(agent: &AgentId, s: &ConversationSummary) -> GrabState {
+    match &s.owner {
+        Some(o) if o == agent => GrabState::Won,
+        Some(_) if s.grab_requests.contains(agent) => GrabState::Lost,
+        None if s.grab_requests.contains(agent) => GrabState::AwaitingConfirmation,
+        _ => GrabState::None,
+    }
+}
+
+/// May this agent send this message now? Checks membership, the room, closure and the WhatsApp window.
+pub fn may_send(team: &Team, agent: &AgentId, s: &ConversationSummary, body: &MessageBody, now: Timestamp) -> Result<(), DomainError> {
+    member_role(team, agent)?;
+    if !s.is_in_room(agent) {
+        return Err(DomainError::NotInRoom);
+    }
+    if is_closed(s, team, now) {
+        return Err(DomainError::Closed);
+    }
+    match whatsapp_window_open(s, now) {
+        Some(false) if body.is_free_form() => return Err(DomainError::WhatsAppWindowClosed),
+        None if !body.is_free_form() => return Err(DomainError::WhatsAppTemplateOutsideWhatsApp),
+        _ => {}
+    }
+    body.validate()
+}
+
+pub fn may_leave(team: &Team, agent: &AgentId, s: &ConversationSummary) -> Result<(), DomainError> {
+    member_role(team, agent)?;
+    if s.is_in_room(agent) { Ok(()) } else { Err(DomainError::NotInRoom) }
+}
+
+/// CLOSE: crew in the room, or any admin of the team.
+pub fn may_close(team: &Team, agent: &AgentId, s: &ConversationSummary, now: Timestamp) -> Result<(), DomainError> {
+    let role = member_role(team, agent)?;
+    if is_closed(s, team, now) {
+        return Err(DomainError::Closed);
+    }
+    if role == Role::Admin || s.is_in_room(agent) { Ok(()) } else { Err(DomainError::NotInRoom) }
+}
+
+/// 📄 edit customer details: crew in the room, or any admin of the team.
+pub fn may_edit_customer(team: &Team, agent: &AgentId, s: &ConversationSummary) -> Result<(), DomainError> {
+    let role = member_role(team, agent)?;
+    if !may_see(team, agent, s) {
+        return Err(DomainError::HandledByAnother);
+    }
+    if role == Role::Admin || s.is_in_room(agent) { Ok(()) } else { Err(DomainError::NotInRoom) }
+}
+
+/// The relay's grab arbitration: the first request it received wins; once decided, never changes.
+/// `requests_in_arrival_order` is the order in which the relay received the grab requests.
+pub fn decide_grab<'a>(current_owner: Option<&'a AgentId>, team: &Team, requests_in_arrival_order: &'a [AgentId]) -> Option<&'a AgentId> {
+    current_owner.or_else(|| {
+        requests_in_arrival_order
+            .iter()
+            .find(|a| team.role_of(a) == Some(Role::Representative))
+    })
+}

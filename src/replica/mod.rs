@@ -1,0 +1,560 @@
+//! The local replica: one automerge document per conversation, persisted in SQLite, with an index
+//! of conversation summaries and materialized messages kept in the same transaction as every local
+//! or merged change. Listing and opening conversations never load automerge documents.
+
+pub mod doc;
+mod store;
+
+use crate::domain::access::{self, GrabState, JoinKind};
+use crate::domain::filter::{self, Filter, Listing};
+use crate::domain::status::{self, ConversationSummary, Status};
+use crate::domain::{
+    AgentId, Author, ConversationId, Customer, CustomerEdit, DomainError, Message, MessageBody, MessageId, Presence,
+    Team, TeamId, Timestamp, fill_template, fill_whatsapp_template,
+};
+use automerge::sync::{self, SyncDoc};
+use automerge::{ActorId, Automerge, AutomergeError, ChangeHash};
+use doc::{DocError, NewConversation};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rusqlite::Connection;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+pub use store::schema_version as replica_schema_version;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Denied(#[from] DomainError),
+    #[error(transparent)]
+    Document(#[from] DocError),
+    #[error("local storage failed: {0}")]
+    Storage(#[from] rusqlite::Error),
+    #[error("a stored row could not be read: {0}")]
+    StoredRow(#[from] serde_json::Error),
+    #[error("this replica was written by a newer Crewdesk (storage schema {found}, this build knows {supported}); update Crewdesk")]
+    NewerSchema { found: i64, supported: i64 },
+    #[error("this replica belongs to {owner}; open another data directory to sign in as {requested}")]
+    WrongAgent { owner: AgentId, requested: AgentId },
+    #[error("no conversation {0} on this replica")]
+    UnknownConversation(ConversationId),
+    #[error("conversation {conversation} belongs to team {team}, which this replica has not received yet")]
+    UnknownTeam { conversation: ConversationId, team: TeamId },
+    #[error("team {0} has no template named {1}")]
+    UnknownTemplate(TeamId, String),
+}
+
+/// How many conversation documents stay loaded; the rest are read from SQLite on demand.
+const DOC_CACHE: usize = 64;
+/// A document with more chunks than this is rewritten as one full save when next loaded.
+const COMPACT_AFTER_CHUNKS: usize = 256;
+
+/// What a remote change did to the replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The changes were already known (or are waiting for changes they depend on).
+    NothingNew,
+    /// New changes were stored; the conversation's index row is now `summary` (`None` while the
+    /// document has not received its first change).
+    Stored { summary: Option<Box<ConversationSummary>> },
+}
+
+/// Everything the green block shows for one conversation.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ConversationDetail {
+    pub summary: ConversationSummary,
+    pub messages: Vec<Message>,
+    pub badges: Vec<Status>,
+    pub grab: GrabState,
+    pub whatsapp_window_open: Option<bool>,
+    pub email_fallback: bool,
+}
+
+struct DocCache {
+    tick: u64,
+    docs: HashMap<ConversationId, (Automerge, u64)>,
+}
+
+impl DocCache {
+    fn take(&mut self, id: &ConversationId) -> Option<Automerge> {
+        self.docs.remove(id).map(|(d, _)| d)
+    }
+    fn put(&mut self, id: ConversationId, doc: Automerge) {
+        self.tick += 1;
+        self.docs.insert(id, (doc, self.tick));
+        if self.docs.len() > DOC_CACHE {
+            if let Some(oldest) = self.docs.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) {
+                self.docs.remove(&oldest);
+            }
+        }
+    }
+}
+
+pub struct Replica {
+    conn: Connection,
+    agent: AgentId,
+    actor: ActorId,
+    teams: BTreeMap<TeamId, Team>,
+    index: BTreeMap<ConversationId, ConversationSummary>,
+    cache: DocCache,
+    rng: StdRng,
+}
+
+impl Replica {
+    /// Opens (or creates) the replica at `path` for `agent`. A replica belongs to one agent.
+    pub fn open(path: impl AsRef<Path>, agent: AgentId) -> Result<Replica, ReplicaError> {
+        let conn = store::open(path.as_ref())?;
+        match store::meta(&conn, "agent")? {
+            Some(owner) if owner != agent.as_str() => {
+                return Err(ReplicaError::WrongAgent { owner: AgentId(owner), requested: agent });
+            }
+            Some(_) => {}
+            None => store::set_meta(&conn, "agent", agent.as_str())?,
+        }
+        let mut rng = StdRng::from_os_rng();
+        // Each replica writes with its own actor, so two devices of one agent never collide.
+        let actor_hex = match store::meta(&conn, "actor")? {
+            Some(hex) => hex,
+            None => {
+                let hex = doc::random_id(&mut rng);
+                store::set_meta(&conn, "actor", &hex)?;
+                hex
+            }
+        };
+        let actor = ActorId::from(hex_bytes(&actor_hex));
+        let mut teams = BTreeMap::new();
+        {
+            let mut stmt = conn.prepare("SELECT body FROM teams")?;
+            for body in stmt.query_map([], |r| r.get::<_, String>(0))? {
+                let team: Team = serde_json::from_str(&body?)?;
+                teams.insert(team.id.clone(), team);
+            }
+        }
+        let index = store::load_summaries(&conn)?.into_iter().map(|s| (s.id.clone(), s)).collect();
+        Ok(Replica {
+            conn,
+            agent,
+            actor,
+            teams,
+            index,
+            cache: DocCache { tick: 0, docs: HashMap::new() },
+            rng,
+        })
+    }
+
+    pub fn agent(&self) -> &AgentId {
+        &self.agent
+    }
+
+    /// Stores a team as the relay reports it (membership and roles are the relay's truth).
+    pub fn put_team(&mut self, team: Team) -> Result<(), ReplicaError> {
+        team.thresholds.validate()?;
+        self.conn.execute(
+            "INSERT INTO teams (id, body) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            rusqlite::params![team.id.as_str(), serde_json::to_string(&team)?],
+        )?;
+        self.teams.insert(team.id.clone(), team);
+        Ok(())
+    }
+
+    /// The teams this agent belongs to.
+    pub fn teams(&self) -> Vec<&Team> {
+        self.teams.values().filter(|t| t.member(&self.agent).is_some()).collect()
+    }
+
+    pub fn team(&self, id: &TeamId) -> Option<&Team> {
+        self.teams.get(id)
+    }
+
+    /// The red and yellow blocks: matching rows (sorted, limited) and every count.
+    pub fn list(&self, filter: &Filter, now: Timestamp) -> Listing<ConversationSummary> {
+        let listing = filter::evaluate(self.index.values(), |t| self.teams.get(t), &self.agent, now, filter);
+        Listing { rows: listing.rows.into_iter().cloned().collect(), total: listing.total, counts: listing.counts }
+    }
+
+    /// Representatives' Notifications panel: grabbable conversations and grabs awaiting the relay.
+    pub fn notifications(&self, now: Timestamp) -> Vec<(ConversationSummary, GrabState)> {
+        let mut out: Vec<_> = self
+            .index
+            .values()
+            .filter(|s| self.teams.get(&s.team).is_some_and(|t| access::in_notifications(t, &self.agent, s, now)))
+            .map(|s| (s.clone(), access::grab_state(&self.agent, s)))
+            .collect();
+        out.sort_by(|a, b| a.0.created_at.cmp(&b.0.created_at).then_with(|| a.0.id.cmp(&b.0.id)));
+        out
+    }
+
+    pub fn summary(&self, id: &ConversationId) -> Option<&ConversationSummary> {
+        self.index.get(id)
+    }
+
+    /// The green block for one conversation, from the index and materialized messages.
+    pub fn conversation(&self, id: &ConversationId, now: Timestamp) -> Result<ConversationDetail, ReplicaError> {
+        let (team, summary) = self.visible(id)?;
+        Ok(ConversationDetail {
+            messages: store::messages(&self.conn, id)?,
+            badges: Status::badges(summary, team, now),
+            grab: access::grab_state(&self.agent, summary),
+            whatsapp_window_open: status::whatsapp_window_open(summary, now),
+            email_fallback: status::email_fallback_active(summary),
+            summary: summary.clone(),
+        })
+    }
+
+    fn visible(&self, id: &ConversationId) -> Result<(&Team, &ConversationSummary), ReplicaError> {
+        let summary = self.index.get(id).ok_or_else(|| ReplicaError::UnknownConversation(id.clone()))?;
+        let team = self.teams.get(&summary.team).ok_or_else(|| ReplicaError::UnknownTeam {
+            conversation: id.clone(),
+            team: summary.team.clone(),
+        })?;
+        if !access::may_see(team, &self.agent, summary) {
+            // Not visible is reported like not present: no existence leak through the API.
+            return Err(ReplicaError::UnknownConversation(id.clone()));
+        }
+        Ok((team, summary))
+    }
+
+    // ---- agent actions -------------------------------------------------------------------------
+
+    /// JOIN. In a grab-mode team a representative's JOIN asks the relay to grab; the return value
+    /// says which happened.
+    pub fn join(&mut self, id: &ConversationId, at: Timestamp) -> Result<JoinKind, ReplicaError> {
+        let (team, summary) = self.visible(id)?;
+        let kind = access::join_kind(team, &self.agent, summary, at)?;
+        let agent = self.agent.clone();
+        match kind {
+            JoinKind::Join => self.local_change(id, &[], |tx| doc::set_in_room(tx, &agent, true))?,
+            JoinKind::Grab => self.local_change(id, &[], |tx| doc::request_grab(tx, &agent, at))?,
+        }
+        Ok(kind)
+    }
+
+    /// Grab from Notifications (grab-mode teams, representatives). Stays "awaiting confirmation"
+    /// until the relay records who was first.
+    pub fn grab(&mut self, id: &ConversationId, at: Timestamp) -> Result<(), ReplicaError> {
+        let (team, summary) = self.visible(id)?;
+        access::may_grab(team, &self.agent, summary, at)?;
+        let agent = self.agent.clone();
+        self.local_change(id, &[], |tx| doc::request_grab(tx, &agent, at))
+    }
+
+    pub fn leave(&mut self, id: &ConversationId) -> Result<(), ReplicaError> {
+        let (team, summary) = self.visible(id)?;
+        access::may_leave(team, &self.agent, summary)?;
+        let agent = self.agent.clone();
+        self.local_change(id, &[], |tx| doc::set_in_room(tx, &agent, false))
+    }
+
+    pub fn close(&mut self, id: &ConversationId, at: Timestamp) -> Result<(), ReplicaError> {
+        let (team, summary) = self.visible(id)?;
+        access::may_close(team, &self.agent, summary, at)?;
+        self.local_change(id, &[], |tx| doc::close(tx, at))
+    }
+
+    pub fn edit_customer(&mut self, id: &ConversationId, edit: &CustomerEdit) -> Result<(), ReplicaError> {
+        let (team, summary) = self.visible(id)?;
+        access::may_edit_customer(team, &self.agent, summary)?;
+        edit.validate()?;
+        self.local_change(id, &[], |tx| doc::edit_customer(tx, edit))
+    }
+
+    /// ▶ send. The message is durable (fsynced) when this returns.
+    pub fn send(&mut self, id: &ConversationId, body: MessageBody, at: Timestamp) -> Result<MessageId, ReplicaError> {
+        let (team, summary) = self.visible(id)?;
+        access::may_send(team, &self.agent, summary, &body, at)?;
+        let message = Message {
+            id: doc::new_message_id(&mut self.rng),
+            at,
+            author: Author::Crew { agent: self.agent.clone() },
+            body,
+        };
+        let id_out = message.id.clone();
+        self.local_change(id, std::slice::from_ref(&message), |tx| doc::add_message(tx, &message))?;
+        Ok(id_out)
+    }
+
+    /// 📃 a team template with its placeholders filled from the customer and this agent.
+    pub fn send_template(&mut self, id: &ConversationId, template: &str, at: Timestamp) -> Result<MessageId, ReplicaError> {
+        let (team, summary) = self.visible(id)?;
+        let t = team
+            .templates
+            .iter()
+            .find(|t| t.name == template)
+            .ok_or_else(|| ReplicaError::UnknownTemplate(team.id.clone(), template.to_owned()))?;
+        let agent_name = team.member(&self.agent).map_or("", |m| m.name.as_str());
+        let text = fill_template(&t.text, &summary.customer, agent_name);
+        let body = MessageBody::Template { template: t.name.clone(), text };
+        self.send(id, body, at)
+    }
+
+    /// 💬 an approved WhatsApp template with its parameters (allowed outside the 24 h window).
+    pub fn send_whatsapp_template(&mut self, id: &ConversationId, template: &str, params: Vec<String>, at: Timestamp) -> Result<MessageId, ReplicaError> {
+        let (team, _) = self.visible(id)?;
+        let t = team
+            .whatsapp_templates
+            .iter()
+            .find(|t| t.name == template)
+            .ok_or_else(|| ReplicaError::UnknownTemplate(team.id.clone(), template.to_owned()))?;
+        let text = fill_whatsapp_template(t, &params)?;
+        let body = MessageBody::WhatsAppTemplate { template: t.name.clone(), language: t.language.clone(), params, text };
+        self.send(id, body, at)
+    }
+
+    /// Opens a conversation (what a channel gateway does when a customer first writes, and what an
+    /// agent does to start an email thread). The agent must belong to the team.
+    pub fn create_conversation(&mut self, new: &NewConversation, first: Option<Message>) -> Result<(), ReplicaError> {
+        let team = self.teams.get(&new.team).ok_or_else(|| ReplicaError::UnknownTeam {
+            conversation: new.id.clone(),
+            team: new.team.clone(),
+        })?;
+        team.member(&self.agent).ok_or(DomainError::NotAMember)?;
+        if self.index.contains_key(&new.id) || store::load_chunks(&self.conn, &new.id)?.is_some() {
+            return Err(DocError::Malformed(format!("conversation {} already exists", new.id)).into());
+        }
+        if let Some(m) = &first {
+            m.body.validate()?;
+        }
+        let mut created = doc::create(self.actor.clone(), new)?;
+        if let Some(m) = &first {
+            created
+                .transact::<_, _, DocError>(|tx| doc::add_message(tx, m))
+                .map_err(|f| f.error)?;
+        }
+        let chunk = created.save();
+        let messages: Vec<Message> = first.into_iter().collect();
+        self.persist(&new.id, &created, &chunk, &messages)?;
+        self.cache.put(new.id.clone(), created);
+        Ok(())
+    }
+
+    /// Records a customer's message in a conversation this replica holds. Channel gateways on the
+    /// relay do this for real customers; replicas use it for demo data and tests.
+    pub fn record_customer_message(&mut self, id: &ConversationId, body: MessageBody, at: Timestamp) -> Result<MessageId, ReplicaError> {
+        body.validate()?;
+        self.visible(id)?;
+        let message = Message { id: doc::new_message_id(&mut self.rng), at, author: Author::Customer, body };
+        let id_out = message.id.clone();
+        self.local_change(id, std::slice::from_ref(&message), |tx| doc::add_message(tx, &message))?;
+        Ok(id_out)
+    }
+
+    /// Web-widget presence as the relay reports it (ephemeral: not part of the document).
+    pub fn set_presence(&mut self, id: &ConversationId, presence: Presence) -> Result<(), ReplicaError> {
+        let summary = self.index.get_mut(id).ok_or_else(|| ReplicaError::UnknownConversation(id.clone()))?;
+        store::set_presence(&self.conn, id, &presence)?;
+        summary.presence = presence;
+        Ok(())
+    }
+
+    /// Applies one agent action to the document and stores change, messages and index row in
+    /// one fsynced transaction. On any failure nothing is stored and the cached document is dropped.
+    fn local_change<F>(&mut self, id: &ConversationId, messages: &[Message], edit: F) -> Result<(), ReplicaError>
+    where
+        F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), DocError>,
+    {
+        let mut d = self.take_doc(id)?.ok_or_else(|| ReplicaError::UnknownConversation(id.clone()))?;
+        let before = d.get_heads();
+        d.transact(edit).map_err(|f| f.error)?;
+        let chunk = d.save_after(&before);
+        self.persist(id, &d, &chunk, messages)?;
+        self.cache.put(id.clone(), d);
+        Ok(())
+    }
+
+    // ---- sync ----------------------------------------------------------------------------------
+
+    /// Every document id this replica stores (including documents still waiting for content).
+    pub fn document_ids(&self) -> Result<Vec<ConversationId>, ReplicaError> {
+        let mut stmt = self.conn.prepare("SELECT DISTINCT doc_id FROM doc_chunks ORDER BY doc_id")?;
+        let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(ids.collect::<Result<Vec<_>, _>>()?.into_iter().map(ConversationId).collect())
+    }
+
+    pub fn heads(&mut self, id: &ConversationId) -> Result<Vec<ChangeHash>, ReplicaError> {
+        self.with_doc(id, |d| d.get_heads())
+    }
+
+    /// Changes after `heads` in automerge's binary format (all of them when `heads` is empty).
+    pub fn changes_since(&mut self, id: &ConversationId, heads: &[ChangeHash]) -> Result<Vec<u8>, ReplicaError> {
+        self.with_doc(id, |d| d.save_after(heads))
+    }
+
+    /// The whole document (an automerge save).
+    pub fn document_bytes(&mut self, id: &ConversationId) -> Result<Vec<u8>, ReplicaError> {
+        self.with_doc(id, |d| d.save())
+    }
+
+    /// Merges changes from another replica (or the relay). Corrupt bytes or a document from a newer
+    /// schema are refused with an error and leave the stored replica untouched.
+    pub fn apply_changes(&mut self, id: &ConversationId, bytes: &[u8]) -> Result<Applied, ReplicaError> {
+        self.merge_remote(id, |d| d.load_incremental(bytes).map(|_| ()))
+    }
+
+    pub fn generate_sync_message(&mut self, id: &ConversationId, state: &mut sync::State) -> Result<Option<sync::Message>, ReplicaError> {
+        let d = self.take_doc(id)?.unwrap_or_else(|| Automerge::new().with_actor(self.actor.clone()));
+        let message = d.generate_sync_message(state);
+        self.cache.put(id.clone(), d);
+        Ok(message)
+    }
+
+    /// Merges an automerge sync message. On error the caller must reset `state` (the peer's view of
+    /// us may now be wrong); the stored replica is untouched.
+    pub fn receive_sync_message(&mut self, id: &ConversationId, state: &mut sync::State, message: sync::Message) -> Result<Applied, ReplicaError> {
+        self.merge_remote(id, |d| d.receive_sync_message(state, message))
+    }
+
+    fn merge_remote<F>(&mut self, id: &ConversationId, merge: F) -> Result<Applied, ReplicaError>
+    where
+        F: FnOnce(&mut Automerge) -> Result<(), AutomergeError>,
+    {
+        let known = self.index.contains_key(id);
+        let mut d = self.take_doc(id)?.unwrap_or_else(|| Automerge::new().with_actor(self.actor.clone()));
+        let before = d.get_heads();
+        merge(&mut d).map_err(DocError::from)?;
+        let after = d.get_heads();
+        if after == before {
+            self.cache.put(id.clone(), d);
+            return Ok(Applied::NothingNew);
+        }
+        let chunk = d.save_after(&before);
+        let summary = if doc::check_schema(&d)? {
+            let messages = if known { doc::messages_added(&d, &before, &after)? } else { doc::all_messages(&d)? };
+            Some(Box::new(self.persist(id, &d, &chunk, &messages)?))
+        } else {
+            // Changes that do not yet create the conversation: keep them, index nothing.
+            let tx = self.conn.transaction()?;
+            store::append_chunk(&tx, id, &chunk)?;
+            tx.commit()?;
+            None
+        };
+        self.cache.put(id.clone(), d);
+        Ok(Applied::Stored { summary })
+    }
+
+    /// Writes chunk, new messages and the recomputed index row in one transaction, then updates the
+    /// in-memory index. Returns the new row.
+    fn persist(&mut self, id: &ConversationId, d: &Automerge, chunk: &[u8], messages: &[Message]) -> Result<ConversationSummary, ReplicaError> {
+        let header = doc::read_header(d)?;
+        if &header.id != id {
+            return Err(DocError::Malformed(format!("document {id} claims to be conversation {}", header.id)).into());
+        }
+        let previous = self.index.get(id);
+        let presence = previous.map(|s| s.presence.clone()).unwrap_or_default();
+        let previous_count = previous.map_or(0, |s| s.message_count);
+        let tx = self.conn.transaction()?;
+        store::append_chunk(&tx, id, chunk)?;
+        let added = store::insert_messages(&tx, id, messages)?;
+        let stats = store::message_stats(&tx, id)?;
+        let summary = summarize(header, stats, previous_count + added, presence);
+        store::upsert_summary(&tx, &summary)?;
+        tx.commit()?;
+        self.index.insert(id.clone(), summary.clone());
+        Ok(summary)
+    }
+
+    fn with_doc<T>(&mut self, id: &ConversationId, f: impl FnOnce(&Automerge) -> T) -> Result<T, ReplicaError> {
+        let d = self.take_doc(id)?.ok_or_else(|| ReplicaError::UnknownConversation(id.clone()))?;
+        let out = f(&d);
+        self.cache.put(id.clone(), d);
+        Ok(out)
+    }
+
+    /// Takes a document out of the cache, loading it from SQLite if needed. Callers put it back
+    /// only after its changes are stored, so a failure can never leave a cached document ahead of
+    /// the stored one.
+    fn take_doc(&mut self, id: &ConversationId) -> Result<Option<Automerge>, ReplicaError> {
+        if let Some(d) = self.cache.take(id) {
+            return Ok(Some(d));
+        }
+        let Some((bytes, chunks)) = store::load_chunks(&self.conn, id)? else {
+            return Ok(None);
+        };
+        let d = Automerge::load(&bytes).map_err(DocError::from)?.with_actor(self.actor.clone());
+        if chunks > COMPACT_AFTER_CHUNKS {
+            let tx = self.conn.transaction()?;
+            store::compact(&tx, id, &d.save())?;
+            tx.commit()?;
+        }
+        Ok(Some(d))
+    }
+
+    // ---- inspection (tests, benchmarks, diagnostics) -------------------------------------------
+
+    /// Index rows as stored in SQLite, in id order (what convergence tests compare).
+    pub fn stored_summaries(&self) -> Result<Vec<ConversationSummary>, ReplicaError> {
+        let mut rows = store::load_summaries(&self.conn)?;
+        rows.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(rows)
+    }
+
+    /// Materialized messages of a conversation, in (at, id) order, without access checks.
+    pub fn stored_messages(&self, id: &ConversationId) -> Result<Vec<Message>, ReplicaError> {
+        store::messages(&self.conn, id)
+    }
+
+    /// Messages read from the automerge document itself (slow path; for verification).
+    pub fn document_messages(&mut self, id: &ConversationId) -> Result<Vec<Message>, ReplicaError> {
+        self.with_doc(id, doc::all_messages)?.map_err(Into::into)
+    }
+
+    /// Imports whole documents (demo data, benchmarks) in one transaction: much faster than one
+    /// commit per conversation. Each is validated exactly like a remote change.
+    pub fn import_documents(&mut self, docs: impl IntoIterator<Item = (ConversationId, Vec<u8>)>) -> Result<usize, ReplicaError> {
+        let tx = self.conn.transaction()?;
+        let mut rows = Vec::new();
+        for (id, bytes) in docs {
+            let d = Automerge::load(&bytes).map_err(DocError::from)?;
+            if !doc::check_schema(&d)? || store::load_chunks(&tx, &id)?.is_some() {
+                return Err(DocError::Malformed(format!("conversation {id} is empty or already present")).into());
+            }
+            let header = doc::read_header(&d)?;
+            if header.id != id {
+                return Err(DocError::Malformed(format!("document {id} claims to be conversation {}", header.id)).into());
+            }
+            let messages = doc::all_messages(&d)?;
+            store::append_chunk(&tx, &id, &bytes)?;
+            let added = store::insert_messages(&tx, &id, &messages)?;
+            let stats = store::message_stats(&tx, &id)?;
+            let summary = summarize(header, stats, added, Presence::default());
+            store::upsert_summary(&tx, &summary)?;
+            rows.push(summary);
+        }
+        tx.commit()?;
+        let n = rows.len();
+        for s in rows {
+            self.index.insert(s.id.clone(), s);
+        }
+        Ok(n)
+    }
+
+    /// The customer of a conversation (for templates and the 📄 form).
+    pub fn customer(&self, id: &ConversationId) -> Result<Customer, ReplicaError> {
+        Ok(self.visible(id)?.1.customer.clone())
+    }
+}
+
+/// The index row of a conversation: its document's header plus the message-derived figures.
+fn summarize(header: doc::DocHeader, stats: store::MessageStats, message_count: u32, presence: Presence) -> ConversationSummary {
+    ConversationSummary {
+        id: header.id,
+        team: header.team,
+        channel: header.channel,
+        customer: header.customer,
+        created_at: header.created_at,
+        last_message: stats.last_message,
+        last_customer_message_at: stats.last_customer_message_at,
+        last_crew_message_at: stats.last_crew_message_at,
+        waiting_since: stats.waiting_since,
+        crew_in_room: header.crew_in_room,
+        closed_at: header.closed_at,
+        owner: header.owner,
+        grab_requests: header.grab_requests.into_iter().map(|(a, _)| a).collect(),
+        message_count,
+        presence,
+    }
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect()
+}

@@ -1,0 +1,197 @@
+//! SQLite under the replica: connection settings (WAL, fsync on every commit), append-only
+//! migrations, and the rows written in the same transaction as each document change.
+
+use super::ReplicaError;
+use crate::domain::status::{ConversationSummary, MessagePreview};
+use crate::domain::{AuthorKind, ConversationId, Message, Timestamp};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use std::path::Path;
+
+/// Append-only: a released migration is never edited; new ones are added at the end.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_replica.sql")];
+
+pub fn schema_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+pub fn open(path: &Path) -> Result<Connection, ReplicaError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // WAL with synchronous=FULL: every acknowledged commit is fsynced and survives a crash.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<(), ReplicaError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = schema_version();
+    if found > known {
+        return Err(ReplicaError::NewerSchema { found, supported: known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+pub fn meta(conn: &Connection, key: &str) -> Result<Option<String>, ReplicaError> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<(), ReplicaError> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// All chunks of a document, in order; `None` if the replica has never seen it.
+pub fn load_chunks(conn: &Connection, id: &ConversationId) -> Result<Option<(Vec<u8>, usize)>, ReplicaError> {
+    let mut stmt = conn.prepare_cached("SELECT bytes FROM doc_chunks WHERE doc_id = ?1 ORDER BY seq")?;
+    let mut rows = stmt.query([id.as_str()])?;
+    let mut bytes = Vec::new();
+    let mut count = 0;
+    while let Some(row) = rows.next()? {
+        let chunk: Vec<u8> = row.get(0)?;
+        bytes.extend_from_slice(&chunk);
+        count += 1;
+    }
+    Ok((count > 0).then_some((bytes, count)))
+}
+
+pub fn append_chunk(tx: &Transaction<'_>, id: &ConversationId, bytes: &[u8]) -> Result<(), ReplicaError> {
+    tx.prepare_cached(
+        "INSERT INTO doc_chunks (doc_id, seq, bytes)
+         VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM doc_chunks WHERE doc_id = ?1), ?2)",
+    )?
+    .execute(params![id.as_str(), bytes])?;
+    Ok(())
+}
+
+/// Replaces all chunks of a document by one full save (same content, fewer rows).
+pub fn compact(tx: &Transaction<'_>, id: &ConversationId, full: &[u8]) -> Result<(), ReplicaError> {
+    tx.execute("DELETE FROM doc_chunks WHERE doc_id = ?1", [id.as_str()])?;
+    tx.execute("INSERT INTO doc_chunks (doc_id, seq, bytes) VALUES (?1, 1, ?2)", params![id.as_str(), full])?;
+    Ok(())
+}
+
+/// Inserts messages not yet materialized; returns how many were new.
+pub fn insert_messages(tx: &Transaction<'_>, id: &ConversationId, messages: &[Message]) -> Result<u32, ReplicaError> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT OR IGNORE INTO messages (conversation_id, at, id, author_kind, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut added = 0;
+    for m in messages {
+        let body = serde_json::to_string(m)?;
+        added += stmt.execute(params![id.as_str(), m.at.0, m.id.as_str(), m.author.kind().as_str(), body])? as u32;
+    }
+    Ok(added)
+}
+
+/// The message-derived part of the summary, computed from the materialized rows with the indexes.
+pub struct MessageStats {
+    pub last_message: Option<MessagePreview>,
+    pub last_customer_message_at: Option<Timestamp>,
+    pub last_crew_message_at: Option<Timestamp>,
+    pub waiting_since: Option<Timestamp>,
+}
+
+pub fn message_stats(tx: &Connection, id: &ConversationId) -> Result<MessageStats, ReplicaError> {
+    let last_message = tx
+        .prepare_cached(
+            "SELECT body FROM messages WHERE conversation_id = ?1 ORDER BY at DESC, id DESC LIMIT 1",
+        )?
+        .query_row([id.as_str()], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(|body| serde_json::from_str::<Message>(&body))
+        .transpose()?
+        .map(|m| MessagePreview { at: m.at, author: m.author.kind(), text: m.body.preview() });
+    let last_at = |kind: AuthorKind| -> Result<Option<Timestamp>, ReplicaError> {
+        Ok(tx
+            .prepare_cached("SELECT max(at) FROM messages WHERE conversation_id = ?1 AND author_kind = ?2")?
+            .query_row(params![id.as_str(), kind.as_str()], |r| r.get::<_, Option<i64>>(0))?
+            .map(Timestamp))
+    };
+    let last_customer_message_at = last_at(AuthorKind::Customer)?;
+    let last_crew_message_at = last_at(AuthorKind::Crew)?;
+    let waiting_since = tx
+        .prepare_cached(
+            "SELECT min(at) FROM messages WHERE conversation_id = ?1 AND author_kind = 'customer' AND at > ?2",
+        )?
+        .query_row(params![id.as_str(), last_crew_message_at.map_or(i64::MIN, |t| t.0)], |r| {
+            r.get::<_, Option<i64>>(0)
+        })?
+        .map(Timestamp);
+    Ok(MessageStats { last_message, last_customer_message_at, last_crew_message_at, waiting_since })
+}
+
+pub fn upsert_summary(tx: &Transaction<'_>, s: &ConversationSummary) -> Result<(), ReplicaError> {
+    // Presence is ephemeral and lives in its own table; the stored row is the document's view.
+    let body = if s.presence == Default::default() {
+        serde_json::to_string(s)?
+    } else {
+        serde_json::to_string(&ConversationSummary { presence: Default::default(), ..s.clone() })?
+    };
+    tx.prepare_cached(
+        "INSERT INTO conversations (id, team, channel, last_activity, waiting_since, summary)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (id) DO UPDATE SET team = excluded.team, channel = excluded.channel,
+           last_activity = excluded.last_activity, waiting_since = excluded.waiting_since,
+           summary = excluded.summary",
+    )?
+    .execute(params![
+        s.id.as_str(),
+        s.team.as_str(),
+        s.channel.as_str(),
+        s.last_activity().0,
+        s.waiting_since.map(|t| t.0),
+        body
+    ])?;
+    Ok(())
+}
+
+pub fn load_summaries(conn: &Connection) -> Result<Vec<ConversationSummary>, ReplicaError> {
+    let mut stmt = conn.prepare(
+        "SELECT c.summary, p.body FROM conversations c LEFT JOIN presence p ON p.conversation_id = c.id",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (summary, presence) = row?;
+        let mut s: ConversationSummary = serde_json::from_str(&summary)?;
+        if let Some(p) = presence {
+            s.presence = serde_json::from_str(&p)?;
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+pub fn messages(conn: &Connection, id: &ConversationId) -> Result<Vec<Message>, ReplicaError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT body FROM messages WHERE conversation_id = ?1 ORDER BY at, id")?;
+    let rows = stmt.query_map([id.as_str()], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for body in rows {
+        out.push(serde_json::from_str(&body?)?);
+    }
+    Ok(out)
+}
+
+pub fn set_presence(conn: &Connection, id: &ConversationId, presence: &crate::domain::Presence) -> Result<(), ReplicaError> {
+    conn.execute(
+        "INSERT INTO presence (conversation_id, body) VALUES (?1, ?2)
+         ON CONFLICT (conversation_id) DO UPDATE SET body = excluded.body",
+        params![id.as_str(), serde_json::to_string(presence)?],
+    )?;
+    Ok(())
+}
