@@ -16,7 +16,10 @@ pub const SALES: &str = "sales";
 pub const SUPPORT: &str = "support";
 
 /// The demo agents: (id, name, [(team, role)]).
-pub const AGENTS: &[(&str, &str, &[(&str, Role)])] = &[
+/// A demo agent: id, display name, and role per team.
+pub type DemoAgent = (&'static str, &'static str, &'static [(&'static str, Role)]);
+
+pub const AGENTS: &[DemoAgent] = &[
     ("ada", "Ada Lindqvist", &[(SALES, Role::Admin), (SUPPORT, Role::Admin)]),
     ("bob", "Bob Okafor", &[(SALES, Role::Representative), (SUPPORT, Role::Representative)]),
     ("carol", "Carol Mendes", &[(SALES, Role::Representative)]),
@@ -43,20 +46,42 @@ pub fn teams() -> Vec<Team> {
                 })
                 .collect(),
             templates: vec![
-                MessageTemplate { name: "Greeting".into(), text: "Hi {name}, thanks for reaching out! I'm {agent} and I'll help you today.".into() },
-                MessageTemplate { name: "Follow-up".into(), text: "Hi {name}, just checking in: is there anything else we can do for you?".into() },
-                MessageTemplate { name: "Closing".into(), text: "Thanks {name}! I'm closing this conversation; write any time to reopen it.".into() },
+                MessageTemplate {
+                    name: "Greeting".into(),
+                    text: "Hi {name}, thanks for reaching out! I'm {agent} and I'll help you today.".into(),
+                },
+                MessageTemplate {
+                    name: "Follow-up".into(),
+                    text: "Hi {name}, just checking in: is there anything else we can do for you?".into(),
+                },
+                MessageTemplate {
+                    name: "Closing".into(),
+                    text: "Thanks {name}! I'm closing this conversation; write any time to reopen it.".into(),
+                },
             ],
             whatsapp_templates: vec![
-                WhatsAppTemplate { name: "order_update".into(), language: "en_US".into(), body: "Hello {{1}}, your order {{2}} has an update. Reply to continue the conversation.".into() },
-                WhatsAppTemplate { name: "reconnect".into(), language: "en_US".into(), body: "Hi {{1}}, we replied to your question. Reply here to pick up where we left off.".into() },
+                WhatsAppTemplate {
+                    name: "order_update".into(),
+                    language: "en_US".into(),
+                    body: "Hello {{1}}, your order {{2}} has an update. Reply to continue the conversation.".into(),
+                },
+                WhatsAppTemplate {
+                    name: "reconnect".into(),
+                    language: "en_US".into(),
+                    body: "Hi {{1}}, we replied to your question. Reply here to pick up where we left off.".into(),
+                },
             ],
         })
         .collect()
 }
 
-const FIRST: &[&str] = &["Maya", "Liam", "Sofia", "Noah", "Aiko", "Mateo", "Zara", "Jonas", "Priya", "Omar", "Lena", "Kofi", "Ines", "Tariq", "Elif", "Yuki"];
-const LAST: &[&str] = &["Hansen", "Rossi", "Nakamura", "Silva", "Novak", "Dubois", "Haddad", "Schmidt", "Moreau", "Olsen", "Costa", "Reyes"];
+const FIRST: &[&str] = &[
+    "Maya", "Liam", "Sofia", "Noah", "Aiko", "Mateo", "Zara", "Jonas", "Priya", "Omar", "Lena", "Kofi", "Ines",
+    "Tariq", "Elif", "Yuki",
+];
+const LAST: &[&str] = &[
+    "Hansen", "Rossi", "Nakamura", "Silva", "Novak", "Dubois", "Haddad", "Schmidt", "Moreau", "Olsen", "Costa", "Reyes",
+];
 const CUSTOMER_LINES: &[&str] = &[
     "Hi, I can't log in to my account since this morning.",
     "Is the premium plan billed monthly or yearly?",
@@ -147,11 +172,13 @@ pub fn conversations(spec: &DemoSpec, now: Timestamp) -> Result<Vec<DemoConversa
             name: format!("{first} {last}"),
             email: (channel != Channel::WhatsApp || i % 2 == 0)
                 .then(|| format!("{}.{}{}@example.com", first.to_lowercase(), last.to_lowercase(), i)),
-            phone: (channel == Channel::WhatsApp || i % 3 == 0).then(|| format!("+47 4{:03} {:04}", i % 1000, (i * 7919) % 10000)),
+            phone: (channel == Channel::WhatsApp || i % 3 == 0)
+                .then(|| format!("+47 4{:03} {:04}", i % 1000, (i * 7919) % 10000)),
             notes: None,
         };
         // The crew member this conversation is handled by, if any (a representative of the team).
-        let reps: Vec<&AgentId> = team.members.iter().filter(|m| m.role == Role::Representative).map(|m| &m.agent).collect();
+        let reps: Vec<&AgentId> =
+            team.members.iter().filter(|m| m.role == Role::Representative).map(|m| &m.agent).collect();
         let handler = reps[i % reps.len()].clone();
 
         let n = spec.messages_per_conversation.max(2);
@@ -180,13 +207,15 @@ pub fn conversations(spec: &DemoSpec, now: Timestamp) -> Result<Vec<DemoConversa
                     (0, false) => (Author::Customer, customer_last),
                     (1, true) => (Author::Customer, customer_last),
                     _ => {
-                        let author = if from_end % 2 == usize::from(crew_last) { Author::Customer } else { doc::crew(&handler) };
+                        let author =
+                            if from_end % 2 == usize::from(crew_last) { Author::Customer } else { doc::crew(&handler) };
                         (author, customer_last.plus(-(from_end as i64) * 2 * Timestamp::MINUTE))
                     }
                 };
                 let lines = if author == Author::Customer { CUSTOMER_LINES } else { CREW_LINES };
                 let text = lines[(i + k) % lines.len()].to_owned();
-                let message = Message { id: MessageId(format!("{id}-m{k:05}")), at, author, body: MessageBody::Text { text } };
+                let message =
+                    Message { id: MessageId(format!("{id}-m{k:05}")), at, author, body: MessageBody::Text { text } };
                 doc::add_message(tx, &message)?;
             }
             let in_room = matches!(scenario, Scenario::SoonWithCrew | Scenario::FreshWithCrew | Scenario::Answered);

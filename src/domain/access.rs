@@ -43,27 +43,29 @@ pub fn may_see(team: &Team, agent: &AgentId, s: &ConversationSummary) -> bool {
     match team.role_of(agent) {
         None => false,
         Some(Role::Admin) => true,
-        Some(Role::Representative) => {
-            team.mode == TeamMode::Open || !is_handled_by_other(s, agent)
-        }
+        Some(Role::Representative) => team.mode == TeamMode::Open || !is_handled_by_other(s, agent),
     }
 }
 
 /// What JOIN would do, or why it is not offered.
-pub fn join_kind(team: &Team, agent: &AgentId, s: &ConversationSummary, now: Timestamp) -> Result<JoinKind, DomainError> {
+pub fn join_kind(
+    team: &Team,
+    agent: &AgentId,
+    s: &ConversationSummary,
+    now: Timestamp,
+) -> Result<JoinKind, DomainError> {
     let role = member_role(team, agent)?;
     if s.is_in_room(agent) {
         return Err(DomainError::AlreadyInRoom);
     }
-    if is_closed(s, team, now) {
-        return Err(DomainError::Closed);
-    }
+    // Joining a closed conversation is allowed (to follow up); grabbing one is not.
     match (team.mode, role) {
         (TeamMode::Open, _) | (TeamMode::Grab, Role::Admin) => Ok(JoinKind::Join),
         (TeamMode::Grab, Role::Representative) => match &s.owner {
             Some(owner) if owner == agent => Ok(JoinKind::Join),
             Some(_) => Err(DomainError::HandledByAnother),
             None if s.grab_requests.contains(agent) => Err(DomainError::GrabAlreadyRequested),
+            None if is_closed(s, team, now) => Err(DomainError::Closed),
             None => Ok(JoinKind::Grab),
         },
     }
@@ -118,15 +120,19 @@ pub fn grab_state(agent: &AgentId, s: &ConversationSummary) -> GrabState {
     }
 }
 
-/// May this agent send this message now? Checks membership, the room, closure and the WhatsApp window.
-pub fn may_send(team: &Team, agent: &AgentId, s: &ConversationSummary, body: &MessageBody, now: Timestamp) -> Result<(), DomainError> {
+/// May this agent send this message now? Checks membership, the room and the WhatsApp window.
+pub fn may_send(
+    team: &Team,
+    agent: &AgentId,
+    s: &ConversationSummary,
+    body: &MessageBody,
+    now: Timestamp,
+) -> Result<(), DomainError> {
     member_role(team, agent)?;
     if !s.is_in_room(agent) {
         return Err(DomainError::NotInRoom);
     }
-    if is_closed(s, team, now) {
-        return Err(DomainError::Closed);
-    }
+    // Crew may follow up in a closed conversation; it stays closed until the customer writes.
     match whatsapp_window_open(s, now) {
         Some(false) if body.is_free_form() => return Err(DomainError::WhatsAppWindowClosed),
         None if !body.is_free_form() => return Err(DomainError::WhatsAppTemplateOutsideWhatsApp),
@@ -160,10 +166,10 @@ pub fn may_edit_customer(team: &Team, agent: &AgentId, s: &ConversationSummary) 
 
 /// The relay's grab arbitration: the first request it received wins; once decided, never changes.
 /// `requests_in_arrival_order` is the order in which the relay received the grab requests.
-pub fn decide_grab<'a>(current_owner: Option<&'a AgentId>, team: &Team, requests_in_arrival_order: &'a [AgentId]) -> Option<&'a AgentId> {
-    current_owner.or_else(|| {
-        requests_in_arrival_order
-            .iter()
-            .find(|a| team.role_of(a) == Some(Role::Representative))
-    })
+pub fn decide_grab<'a>(
+    current_owner: Option<&'a AgentId>,
+    team: &Team,
+    requests_in_arrival_order: &'a [AgentId],
+) -> Option<&'a AgentId> {
+    current_owner.or_else(|| requests_in_arrival_order.iter().find(|a| team.role_of(a) == Some(Role::Representative)))
 }

@@ -107,7 +107,13 @@ pub fn in_view(view: View, s: &ConversationSummary, team: &Team, agent: &AgentId
     }
 }
 
-pub fn matches_selection(sel: Selection, s: &ConversationSummary, team: &Team, agent: &AgentId, now: Timestamp) -> bool {
+pub fn matches_selection(
+    sel: Selection,
+    s: &ConversationSummary,
+    team: &Team,
+    agent: &AgentId,
+    now: Timestamp,
+) -> bool {
     match sel {
         Selection::View(v) => in_view(v, s, team, agent, now),
         Selection::Status(st) => may_see(team, agent, s) && st.holds(s, team, now),
@@ -179,9 +185,9 @@ where
 
 fn sort_rows(rows: &mut [&ConversationSummary], sort: Sort) {
     match sort {
-        Sort::NewestActivity => rows.sort_by(|a, b| {
-            b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id))
-        }),
+        Sort::NewestActivity => {
+            rows.sort_by(|a, b| b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id)))
+        }
         // Longest waiting first; conversations where nobody waits come last, newest first.
         Sort::LongestWaiting => rows.sort_by(|a, b| match (a.waiting_since, b.waiting_since) {
             (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.id.cmp(&b.id)),

@@ -82,9 +82,7 @@ impl Timestamp {
     /// The wall clock. Only the edges (app, relay, demo) call this; rules take `now` as input.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn now() -> Timestamp {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         Timestamp(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
     }
 }
@@ -237,10 +235,10 @@ pub struct CustomerEdit {
 impl CustomerEdit {
     /// Checks the edit before it is written: names are not blank, emails look like emails.
     pub fn validate(&self) -> Result<(), DomainError> {
-        if let Some(name) = &self.name {
-            if name.trim().is_empty() {
-                return Err(DomainError::InvalidCustomer("the name cannot be empty".to_owned()));
-            }
+        if let Some(name) = &self.name
+            && name.trim().is_empty()
+        {
+            return Err(DomainError::InvalidCustomer("the name cannot be empty".to_owned()));
         }
         if let Some(email) = &self.email {
             let e = email.trim();
@@ -250,10 +248,10 @@ impl CustomerEdit {
         }
         if let Some(phone) = &self.phone {
             let p = phone.trim();
-            if !p.is_empty()
-                && !p.chars().all(|c| c.is_ascii_digit() || " +-()".contains(c))
-            {
-                return Err(DomainError::InvalidCustomer("the phone number may hold digits, spaces, + - ( ) only".to_owned()));
+            if !p.is_empty() && !p.chars().all(|c| c.is_ascii_digit() || " +-()".contains(c)) {
+                return Err(DomainError::InvalidCustomer(
+                    "the phone number may hold digits, spaces, + - ( ) only".to_owned(),
+                ));
             }
         }
         Ok(())
@@ -317,9 +315,7 @@ impl AuthorKind {
         }
     }
     pub fn parse(value: &str) -> Option<AuthorKind> {
-        [AuthorKind::Customer, AuthorKind::Crew, AuthorKind::System]
-            .into_iter()
-            .find(|k| k.as_str() == value)
+        [AuthorKind::Customer, AuthorKind::Crew, AuthorKind::System].into_iter().find(|k| k.as_str() == value)
     }
 }
 
@@ -327,15 +323,32 @@ impl AuthorKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MessageBody {
-    Text { text: String },
+    Text {
+        text: String,
+    },
     /// A message template (📃) with its placeholders already filled in.
-    Template { template: String, text: String },
+    Template {
+        template: String,
+        text: String,
+    },
     /// An approved WhatsApp template (💬) with its parameters.
-    WhatsAppTemplate { template: String, language: String, params: Vec<String>, text: String },
+    WhatsAppTemplate {
+        template: String,
+        language: String,
+        params: Vec<String>,
+        text: String,
+    },
     /// A file (📎) in the relay's blob store, referenced by content hash.
-    Attachment { blob: String, file_name: String, mime: String, size: u64 },
+    Attachment {
+        blob: String,
+        file_name: String,
+        mime: String,
+        size: u64,
+    },
     /// A conference invitation (📹).
-    ConferenceInvitation { url: String },
+    ConferenceInvitation {
+        url: String,
+    },
 }
 
 impl MessageBody {
@@ -462,7 +475,9 @@ pub enum DomainError {
     GrabAlreadyRequested,
     #[error("the conversation is closed; it reopens when the customer writes again")]
     Closed,
-    #[error("the last WhatsApp message from the customer is more than 24 hours old: only an approved WhatsApp template can be sent")]
+    #[error(
+        "the last WhatsApp message from the customer is more than 24 hours old: only an approved WhatsApp template can be sent"
+    )]
     WhatsAppWindowClosed,
     #[error("WhatsApp templates can only be sent in WhatsApp conversations")]
     WhatsAppTemplateOutsideWhatsApp,
@@ -479,3 +494,6 @@ pub enum DomainError {
     #[error("thresholds must satisfy 0 < soon-to-be < overdue < auto-close")]
     InvalidThresholds,
 }
+
+#[cfg(test)]
+mod tests;

@@ -62,10 +62,10 @@ pub enum Closure {
 
 /// Closed by hand (and no customer message since), or silent longer than auto-close.
 pub fn closure(s: &ConversationSummary, team: &Team, now: Timestamp) -> Option<Closure> {
-    if let Some(closed_at) = s.closed_at {
-        if s.last_customer_message_at.is_none_or(|m| m <= closed_at) {
-            return Some(Closure::Manual);
-        }
+    if let Some(closed_at) = s.closed_at
+        && s.last_customer_message_at.is_none_or(|m| m <= closed_at)
+    {
+        return Some(Closure::Manual);
     }
     let last_customer = s.last_customer_message_at.unwrap_or(s.created_at);
     (now.since(last_customer) > team.thresholds.auto_close).then_some(Closure::Automatic)
@@ -102,14 +102,8 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 6] = [
-        Status::Online,
-        Status::Overdue,
-        Status::SoonToBe,
-        Status::RepNeeded,
-        Status::Pending,
-        Status::Closed,
-    ];
+    pub const ALL: [Status; 6] =
+        [Status::Online, Status::Overdue, Status::SoonToBe, Status::RepNeeded, Status::Pending, Status::Closed];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -134,9 +128,7 @@ impl Status {
         let t = &team.thresholds;
         match self {
             Status::Online => s.channel == Channel::WebWidget && s.presence.online,
-            Status::SoonToBe => {
-                waiting_for(s, team, now).is_some_and(|w| w > t.soon_to_be && w <= t.overdue)
-            }
+            Status::SoonToBe => waiting_for(s, team, now).is_some_and(|w| w > t.soon_to_be && w <= t.overdue),
             Status::Overdue => waiting_for(s, team, now).is_some_and(|w| w > t.overdue),
             Status::RepNeeded => s.waiting_since.is_some() && crew_present(s, team) == 0,
             Status::Pending => s.waiting_since.is_some() && crew_present(s, team) > 0,
@@ -153,10 +145,7 @@ impl Status {
 /// WhatsApp's customer-service window: free-form replies only within 24 h of the customer's last
 /// message on WhatsApp. `None` for other channels (no window applies).
 pub fn whatsapp_window_open(s: &ConversationSummary, now: Timestamp) -> Option<bool> {
-    (s.channel == Channel::WhatsApp).then(|| {
-        s.last_customer_message_at
-            .is_some_and(|m| now.since(m) < WHATSAPP_WINDOW)
-    })
+    (s.channel == Channel::WhatsApp).then(|| s.last_customer_message_at.is_some_and(|m| now.since(m) < WHATSAPP_WINDOW))
 }
 
 pub const WHATSAPP_WINDOW: i64 = 24 * Timestamp::HOUR;

@@ -22,7 +22,9 @@ pub const SCHEMA_VERSION: i64 = 1;
 pub enum DocError {
     #[error("the conversation data is corrupt and was not applied: {0}")]
     Corrupt(String),
-    #[error("the conversation was written by a newer Crewdesk (document schema {found}, this build reads up to {supported}); update Crewdesk")]
+    #[error(
+        "the conversation was written by a newer Crewdesk (document schema {found}, this build reads up to {supported}); update Crewdesk"
+    )]
     UnknownSchema { found: i64, supported: i64 },
     #[error("the conversation document is malformed: {0}")]
     Malformed(String),
@@ -70,7 +72,9 @@ pub fn create(actor: ActorId, new: &NewConversation) -> Result<Automerge, DocErr
         let customer = tx.put_object(ROOT, "customer", ObjType::Map)?;
         tx.put(&customer, "id", new.customer.id.as_str())?;
         tx.put(&customer, "name", new.customer.name.as_str())?;
-        for (key, value) in [("email", &new.customer.email), ("phone", &new.customer.phone), ("notes", &new.customer.notes)] {
+        for (key, value) in
+            [("email", &new.customer.email), ("phone", &new.customer.phone), ("notes", &new.customer.notes)]
+        {
             put_opt_str(tx, &customer, key, value.as_deref())?;
         }
         tx.put_object(ROOT, "messages", ObjType::Map)?;
@@ -231,8 +235,8 @@ pub fn message<R: ReadDoc>(doc: &R, id: &str) -> Result<Option<Message>, DocErro
         return Ok(None);
     };
     let json = read_json(doc, &obj)?;
-    let message: Message = serde_json::from_value(json)
-        .map_err(|e| DocError::Malformed(format!("message {id}: {e}")))?;
+    let message: Message =
+        serde_json::from_value(json).map_err(|e| DocError::Malformed(format!("message {id}: {e}")))?;
     if message.id.as_str() != id {
         return Err(DocError::Malformed(format!("message {id} carries id {}", message.id)));
     }
@@ -276,6 +280,50 @@ pub fn messages_added(doc: &Automerge, before: &[ChangeHash], after: &[ChangeHas
         }
     }
     Ok(out)
+}
+
+/// Splits automerge's binary format (a document save and/or change chunks, as `save`,
+/// `save_after` and `save_incremental` produce) into verified changes. Unlike automerge's
+/// `load_incremental`, which skips what it cannot parse, any damage is an error here.
+pub fn parse_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, DocError> {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    let corrupt = |what: &str| DocError::Corrupt(what.to_owned());
+    let mut changes = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if rest.len() < 10 || rest[..4] != MAGIC {
+            return Err(corrupt("not automerge data (bad magic bytes)"));
+        }
+        let chunk_type = rest[8];
+        // Data length: unsigned LEB128 after magic (4), checksum (4) and type (1).
+        let (mut len, mut shift, mut pos) = (0_u64, 0_u32, 9_usize);
+        loop {
+            let byte = *rest.get(pos).ok_or_else(|| corrupt("truncated chunk header"))?;
+            pos += 1;
+            len |= u64::from(byte & 0x7f).checked_shl(shift).ok_or_else(|| corrupt("chunk length overflows"))?;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err(corrupt("chunk length overflows"));
+            }
+        }
+        let end = usize::try_from(len).ok().and_then(|l| pos.checked_add(l)).filter(|&e| e <= rest.len());
+        let end = end.ok_or_else(|| corrupt("truncated chunk"))?;
+        let chunk = &rest[..end];
+        match chunk_type {
+            0 => {
+                let options = automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
+                let doc = Automerge::load_with_options(chunk, options)?;
+                changes.extend(doc.get_changes(&[]));
+            }
+            1 | 2 => changes.push(automerge::Change::try_from(chunk).map_err(|e| DocError::Corrupt(e.to_string()))?),
+            other => return Err(DocError::Corrupt(format!("unsupported chunk type {other}"))),
+        }
+        rest = &rest[end..];
+    }
+    Ok(changes)
 }
 
 pub fn new_message_id(rng: &mut impl rand::Rng) -> MessageId {

@@ -33,7 +33,9 @@ pub enum ReplicaError {
     Storage(#[from] rusqlite::Error),
     #[error("a stored row could not be read: {0}")]
     StoredRow(#[from] serde_json::Error),
-    #[error("this replica was written by a newer Crewdesk (storage schema {found}, this build knows {supported}); update Crewdesk")]
+    #[error(
+        "this replica was written by a newer Crewdesk (storage schema {found}, this build knows {supported}); update Crewdesk"
+    )]
     NewerSchema { found: i64, supported: i64 },
     #[error("this replica belongs to {owner}; open another data directory to sign in as {requested}")]
     WrongAgent { owner: AgentId, requested: AgentId },
@@ -83,10 +85,10 @@ impl DocCache {
     fn put(&mut self, id: ConversationId, doc: Automerge) {
         self.tick += 1;
         self.docs.insert(id, (doc, self.tick));
-        if self.docs.len() > DOC_CACHE {
-            if let Some(oldest) = self.docs.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) {
-                self.docs.remove(&oldest);
-            }
+        if self.docs.len() > DOC_CACHE
+            && let Some(oldest) = self.docs.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone())
+        {
+            self.docs.remove(&oldest);
         }
     }
 }
@@ -132,15 +134,7 @@ impl Replica {
             }
         }
         let index = store::load_summaries(&conn)?.into_iter().map(|s| (s.id.clone(), s)).collect();
-        Ok(Replica {
-            conn,
-            agent,
-            actor,
-            teams,
-            index,
-            cache: DocCache { tick: 0, docs: HashMap::new() },
-            rng,
-        })
+        Ok(Replica { conn, agent, actor, teams, index, cache: DocCache { tick: 0, docs: HashMap::new() }, rng })
     }
 
     pub fn agent(&self) -> &AgentId {
@@ -204,10 +198,10 @@ impl Replica {
 
     fn visible(&self, id: &ConversationId) -> Result<(&Team, &ConversationSummary), ReplicaError> {
         let summary = self.index.get(id).ok_or_else(|| ReplicaError::UnknownConversation(id.clone()))?;
-        let team = self.teams.get(&summary.team).ok_or_else(|| ReplicaError::UnknownTeam {
-            conversation: id.clone(),
-            team: summary.team.clone(),
-        })?;
+        let team = self
+            .teams
+            .get(&summary.team)
+            .ok_or_else(|| ReplicaError::UnknownTeam { conversation: id.clone(), team: summary.team.clone() })?;
         if !access::may_see(team, &self.agent, summary) {
             // Not visible is reported like not present: no existence leak through the API.
             return Err(ReplicaError::UnknownConversation(id.clone()));
@@ -275,7 +269,12 @@ impl Replica {
     }
 
     /// 📃 a team template with its placeholders filled from the customer and this agent.
-    pub fn send_template(&mut self, id: &ConversationId, template: &str, at: Timestamp) -> Result<MessageId, ReplicaError> {
+    pub fn send_template(
+        &mut self,
+        id: &ConversationId,
+        template: &str,
+        at: Timestamp,
+    ) -> Result<MessageId, ReplicaError> {
         let (team, summary) = self.visible(id)?;
         let t = team
             .templates
@@ -289,7 +288,13 @@ impl Replica {
     }
 
     /// 💬 an approved WhatsApp template with its parameters (allowed outside the 24 h window).
-    pub fn send_whatsapp_template(&mut self, id: &ConversationId, template: &str, params: Vec<String>, at: Timestamp) -> Result<MessageId, ReplicaError> {
+    pub fn send_whatsapp_template(
+        &mut self,
+        id: &ConversationId,
+        template: &str,
+        params: Vec<String>,
+        at: Timestamp,
+    ) -> Result<MessageId, ReplicaError> {
         let (team, _) = self.visible(id)?;
         let t = team
             .whatsapp_templates
@@ -297,17 +302,18 @@ impl Replica {
             .find(|t| t.name == template)
             .ok_or_else(|| ReplicaError::UnknownTemplate(team.id.clone(), template.to_owned()))?;
         let text = fill_whatsapp_template(t, &params)?;
-        let body = MessageBody::WhatsAppTemplate { template: t.name.clone(), language: t.language.clone(), params, text };
+        let body =
+            MessageBody::WhatsAppTemplate { template: t.name.clone(), language: t.language.clone(), params, text };
         self.send(id, body, at)
     }
 
     /// Opens a conversation (what a channel gateway does when a customer first writes, and what an
     /// agent does to start an email thread). The agent must belong to the team.
     pub fn create_conversation(&mut self, new: &NewConversation, first: Option<Message>) -> Result<(), ReplicaError> {
-        let team = self.teams.get(&new.team).ok_or_else(|| ReplicaError::UnknownTeam {
-            conversation: new.id.clone(),
-            team: new.team.clone(),
-        })?;
+        let team = self
+            .teams
+            .get(&new.team)
+            .ok_or_else(|| ReplicaError::UnknownTeam { conversation: new.id.clone(), team: new.team.clone() })?;
         team.member(&self.agent).ok_or(DomainError::NotAMember)?;
         if self.index.contains_key(&new.id) || store::load_chunks(&self.conn, &new.id)?.is_some() {
             return Err(DocError::Malformed(format!("conversation {} already exists", new.id)).into());
@@ -317,9 +323,7 @@ impl Replica {
         }
         let mut created = doc::create(self.actor.clone(), new)?;
         if let Some(m) = &first {
-            created
-                .transact::<_, _, DocError>(|tx| doc::add_message(tx, m))
-                .map_err(|f| f.error)?;
+            created.transact::<_, _, DocError>(|tx| doc::add_message(tx, m)).map_err(|f| f.error)?;
         }
         let chunk = created.save();
         let messages: Vec<Message> = first.into_iter().collect();
@@ -330,7 +334,12 @@ impl Replica {
 
     /// Records a customer's message in a conversation this replica holds. Channel gateways on the
     /// relay do this for real customers; replicas use it for demo data and tests.
-    pub fn record_customer_message(&mut self, id: &ConversationId, body: MessageBody, at: Timestamp) -> Result<MessageId, ReplicaError> {
+    pub fn record_customer_message(
+        &mut self,
+        id: &ConversationId,
+        body: MessageBody,
+        at: Timestamp,
+    ) -> Result<MessageId, ReplicaError> {
         body.validate()?;
         self.visible(id)?;
         let message = Message { id: doc::new_message_id(&mut self.rng), at, author: Author::Customer, body };
@@ -388,10 +397,15 @@ impl Replica {
     /// Merges changes from another replica (or the relay). Corrupt bytes or a document from a newer
     /// schema are refused with an error and leave the stored replica untouched.
     pub fn apply_changes(&mut self, id: &ConversationId, bytes: &[u8]) -> Result<Applied, ReplicaError> {
-        self.merge_remote(id, |d| d.load_incremental(bytes).map(|_| ()))
+        let changes = doc::parse_changes(bytes)?;
+        self.merge_remote(id, |d| d.apply_changes(changes))
     }
 
-    pub fn generate_sync_message(&mut self, id: &ConversationId, state: &mut sync::State) -> Result<Option<sync::Message>, ReplicaError> {
+    pub fn generate_sync_message(
+        &mut self,
+        id: &ConversationId,
+        state: &mut sync::State,
+    ) -> Result<Option<sync::Message>, ReplicaError> {
         let d = self.take_doc(id)?.unwrap_or_else(|| Automerge::new().with_actor(self.actor.clone()));
         let message = d.generate_sync_message(state);
         self.cache.put(id.clone(), d);
@@ -400,7 +414,12 @@ impl Replica {
 
     /// Merges an automerge sync message. On error the caller must reset `state` (the peer's view of
     /// us may now be wrong); the stored replica is untouched.
-    pub fn receive_sync_message(&mut self, id: &ConversationId, state: &mut sync::State, message: sync::Message) -> Result<Applied, ReplicaError> {
+    pub fn receive_sync_message(
+        &mut self,
+        id: &ConversationId,
+        state: &mut sync::State,
+        message: sync::Message,
+    ) -> Result<Applied, ReplicaError> {
         self.merge_remote(id, |d| d.receive_sync_message(state, message))
     }
 
@@ -434,7 +453,13 @@ impl Replica {
 
     /// Writes chunk, new messages and the recomputed index row in one transaction, then updates the
     /// in-memory index. Returns the new row.
-    fn persist(&mut self, id: &ConversationId, d: &Automerge, chunk: &[u8], messages: &[Message]) -> Result<ConversationSummary, ReplicaError> {
+    fn persist(
+        &mut self,
+        id: &ConversationId,
+        d: &Automerge,
+        chunk: &[u8],
+        messages: &[Message],
+    ) -> Result<ConversationSummary, ReplicaError> {
         let header = doc::read_header(d)?;
         if &header.id != id {
             return Err(DocError::Malformed(format!("document {id} claims to be conversation {}", header.id)).into());
@@ -500,7 +525,10 @@ impl Replica {
 
     /// Imports whole documents (demo data, benchmarks) in one transaction: much faster than one
     /// commit per conversation. Each is validated exactly like a remote change.
-    pub fn import_documents(&mut self, docs: impl IntoIterator<Item = (ConversationId, Vec<u8>)>) -> Result<usize, ReplicaError> {
+    pub fn import_documents(
+        &mut self,
+        docs: impl IntoIterator<Item = (ConversationId, Vec<u8>)>,
+    ) -> Result<usize, ReplicaError> {
         let tx = self.conn.transaction()?;
         let mut rows = Vec::new();
         for (id, bytes) in docs {
@@ -510,7 +538,9 @@ impl Replica {
             }
             let header = doc::read_header(&d)?;
             if header.id != id {
-                return Err(DocError::Malformed(format!("document {id} claims to be conversation {}", header.id)).into());
+                return Err(
+                    DocError::Malformed(format!("document {id} claims to be conversation {}", header.id)).into()
+                );
             }
             let messages = doc::all_messages(&d)?;
             store::append_chunk(&tx, &id, &bytes)?;
@@ -535,7 +565,12 @@ impl Replica {
 }
 
 /// The index row of a conversation: its document's header plus the message-derived figures.
-fn summarize(header: doc::DocHeader, stats: store::MessageStats, message_count: u32, presence: Presence) -> ConversationSummary {
+fn summarize(
+    header: doc::DocHeader,
+    stats: store::MessageStats,
+    message_count: u32,
+    presence: Presence,
+) -> ConversationSummary {
     ConversationSummary {
         id: header.id,
         team: header.team,

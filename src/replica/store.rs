@@ -41,9 +41,7 @@ fn migrate(conn: &Connection) -> Result<(), ReplicaError> {
 }
 
 pub fn meta(conn: &Connection, key: &str) -> Result<Option<String>, ReplicaError> {
-    Ok(conn
-        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()?)
+    Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
 }
 
 pub fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<(), ReplicaError> {
@@ -107,9 +105,7 @@ pub struct MessageStats {
 
 pub fn message_stats(tx: &Connection, id: &ConversationId) -> Result<MessageStats, ReplicaError> {
     let last_message = tx
-        .prepare_cached(
-            "SELECT body FROM messages WHERE conversation_id = ?1 ORDER BY at DESC, id DESC LIMIT 1",
-        )?
+        .prepare_cached("SELECT body FROM messages WHERE conversation_id = ?1 ORDER BY at DESC, id DESC LIMIT 1")?
         .query_row([id.as_str()], |r| r.get::<_, String>(0))
         .optional()?
         .map(|body| serde_json::from_str::<Message>(&body))
@@ -160,9 +156,8 @@ pub fn upsert_summary(tx: &Transaction<'_>, s: &ConversationSummary) -> Result<(
 }
 
 pub fn load_summaries(conn: &Connection) -> Result<Vec<ConversationSummary>, ReplicaError> {
-    let mut stmt = conn.prepare(
-        "SELECT c.summary, p.body FROM conversations c LEFT JOIN presence p ON p.conversation_id = c.id",
-    )?;
+    let mut stmt =
+        conn.prepare("SELECT c.summary, p.body FROM conversations c LEFT JOIN presence p ON p.conversation_id = c.id")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
     let mut out = Vec::new();
     for row in rows {
@@ -177,8 +172,7 @@ pub fn load_summaries(conn: &Connection) -> Result<Vec<ConversationSummary>, Rep
 }
 
 pub fn messages(conn: &Connection, id: &ConversationId) -> Result<Vec<Message>, ReplicaError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT body FROM messages WHERE conversation_id = ?1 ORDER BY at, id")?;
+    let mut stmt = conn.prepare_cached("SELECT body FROM messages WHERE conversation_id = ?1 ORDER BY at, id")?;
     let rows = stmt.query_map([id.as_str()], |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
     for body in rows {
@@ -187,7 +181,11 @@ pub fn messages(conn: &Connection, id: &ConversationId) -> Result<Vec<Message>, 
     Ok(out)
 }
 
-pub fn set_presence(conn: &Connection, id: &ConversationId, presence: &crate::domain::Presence) -> Result<(), ReplicaError> {
+pub fn set_presence(
+    conn: &Connection,
+    id: &ConversationId,
+    presence: &crate::domain::Presence,
+) -> Result<(), ReplicaError> {
     conn.execute(
         "INSERT INTO presence (conversation_id, body) VALUES (?1, ?2)
          ON CONFLICT (conversation_id) DO UPDATE SET body = excluded.body",
