@@ -1,1 +1,146 @@
-fn main() {}
+//! Replica benchmark at 10k conversations / 500k messages: list + filter + counts, opening a
+//! 1k-message conversation, durable send, size on disk and RSS. Prints a table; run with
+//! `cargo bench --bench replica` (CREWDESK_BENCH_CONVERSATIONS / _MESSAGES to change the scale).
+
+use crewdesk::demo::{self, DemoSpec};
+use crewdesk::domain::filter::{Filter, Selection, View};
+use crewdesk::domain::status::Status;
+use crewdesk::domain::{AgentId, ConversationId, MessageBody, Timestamp};
+use crewdesk::replica::Replica;
+use std::time::{Duration, Instant};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn proc_status(field: &str) -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(|l| l[field.len()..].trim().to_owned()))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores, {} {}", std::env::consts::OS, std::env::consts::ARCH)
+}
+
+fn main() {
+    let conversations = env_usize("CREWDESK_BENCH_CONVERSATIONS", 10_000);
+    let per_conversation = env_usize("CREWDESK_BENCH_MESSAGES", 50);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bench.sqlite3");
+    let mut ada = Replica::open(&path, AgentId::from("ada")).expect("open");
+    let now = Timestamp::now();
+
+    let started = Instant::now();
+    demo::fill(&mut ada, &DemoSpec { conversations, messages_per_conversation: per_conversation, seed: 1 }, now)
+        .expect("demo data");
+    // One long conversation of 1,000 messages to open.
+    let big = DemoSpec { conversations: 1, messages_per_conversation: 1_000, seed: 2 };
+    let mut long = demo::conversations(&big, now).expect("long conversation");
+    let long = long.pop().expect("one");
+    let long_id = ConversationId::from("conv-long");
+    let bytes = {
+        // Rename the generated conversation so it does not clash with the 10k.
+        let mut d = long.document;
+        d.transact::<_, _, automerge::AutomergeError>(|tx| {
+            use automerge::transaction::Transactable;
+            tx.put(automerge::ROOT, "id", long_id.as_str())?;
+            Ok(())
+        })
+        .expect("rename");
+        d.save()
+    };
+    ada.import_documents([(long_id.clone(), bytes)]).expect("import long");
+    let generated = started.elapsed();
+    let total_messages = conversations * per_conversation.max(2) + 1_000;
+
+    // List + filter + all counts, for every entry of the red block.
+    let mut selections: Vec<Selection> = vec![Selection::View(View::AllChatroom), Selection::View(View::Joined)];
+    selections.extend(Status::ALL.into_iter().map(Selection::Status));
+    let mut list_samples = Vec::new();
+    let mut listed = 0;
+    for round in 0..50 {
+        for sel in &selections {
+            let filter =
+                Filter { selection: *sel, team: (round % 2 == 1).then(|| demo::SUPPORT.into()), ..Filter::default() };
+            let t = Instant::now();
+            let l = ada.list(&filter, now);
+            list_samples.push(t.elapsed());
+            listed = listed.max(l.total);
+        }
+    }
+
+    // Open the 1,000-message conversation (index row + materialized messages).
+    let mut open_samples = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        let detail = ada.conversation(&long_id, now).expect("open");
+        open_samples.push(t.elapsed());
+        assert_eq!(detail.messages.len(), 1_000);
+    }
+
+    // Durable send: automerge change + chunk + message row + index row, fsynced commit.
+    ada.join(&long_id, now).ok();
+    let target = ConversationId::from("conv-00002");
+    ada.join(&target, now).ok();
+    let mut send_samples = Vec::new();
+    for i in 0..1_000 {
+        let id = if i % 2 == 0 { &long_id } else { &target };
+        let t = Instant::now();
+        ada.send(id, MessageBody::Text { text: format!("benchmark reply {i}") }, now.plus(i)).expect("send");
+        send_samples.push(t.elapsed());
+    }
+
+    let size: u64 = ["", "-wal", "-shm"]
+        .iter()
+        .filter_map(|suffix| std::fs::metadata(format!("{}{suffix}", path.display())).ok())
+        .map(|m| m.len())
+        .sum();
+
+    println!("Crewdesk replica benchmark");
+    println!("machine: {}", machine());
+    println!(
+        "data: {conversations} conversations, {total_messages} messages (generated and imported in {:.1} s)",
+        generated.as_secs_f64()
+    );
+    println!();
+    println!("| measure | p50 | p99 | target |");
+    println!("|---|---|---|---|");
+    println!(
+        "| list + filter + all counts ({} samples, up to {listed} matches) | {} | {} | p99 < 5 ms |",
+        list_samples.len(),
+        ms(percentile(&mut list_samples, 0.5)),
+        ms(percentile(&mut list_samples, 0.99))
+    );
+    println!(
+        "| open a 1,000-message conversation | {} | {} | < 10 ms |",
+        ms(percentile(&mut open_samples, 0.5)),
+        ms(percentile(&mut open_samples, 0.99))
+    );
+    println!(
+        "| durable send (fsynced) | {} | {} | p99 < 1 ms |",
+        ms(percentile(&mut send_samples, 0.5)),
+        ms(percentile(&mut send_samples, 0.99))
+    );
+    println!();
+    println!("replica on disk: {:.1} MiB", size as f64 / (1024.0 * 1024.0));
+    println!("RSS: {} (peak {})", proc_status("VmRSS:"), proc_status("VmHWM:"));
+}
