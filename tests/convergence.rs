@@ -1,6 +1,7 @@
 //! Property: replicas that act concurrently and exchange changes in any order (whole documents,
 //! single incremental chunks out of order, or automerge sync messages) end with identical
 //! documents, identical index rows and identical materialized messages.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod common;
 

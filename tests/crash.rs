@@ -1,4 +1,5 @@
 //! A process killed with SIGKILL right after acknowledged writes loses none of them.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The replica end to end on disk: agent actions, index rows, demo data, reopen, bad input.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod common;
 

@@ -159,7 +159,8 @@ fn role_rules_in_open_mode() {
     let s = conv();
     let now = T0.plus(MIN);
     // (agent, may_see, join_kind, may_grab)
-    let table: &[(&str, bool, Result<JoinKind, DomainError>, Result<(), DomainError>)] = &[
+    type Row = (&'static str, bool, Result<JoinKind, DomainError>, Result<(), DomainError>);
+    let table: &[Row] = &[
         ("admin", true, Ok(JoinKind::Join), Err(DomainError::NotGrabMode)),
         ("rep1", true, Ok(JoinKind::Join), Err(DomainError::NotGrabMode)),
         ("stranger", false, Err(DomainError::NotAMember), Err(DomainError::NotAMember)),
@@ -269,7 +270,7 @@ fn filters_and_counts() {
         f(&mut s);
         s
     };
-    let rows = vec![
+    let rows = [
         mk("soon-rep-needed", &|_| {}),
         mk("pending-mine", &|s| {
             s.owner = Some("rep1".into());

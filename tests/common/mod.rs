@@ -1,4 +1,5 @@
 //! Helpers shared by the replica tests: replicas on demo teams in temp directories.
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use crewdesk::demo;
