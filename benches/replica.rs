@@ -56,7 +56,7 @@ fn main() {
     let big = DemoSpec { conversations: 1, messages_per_conversation: 1_000, seed: 2 };
     let mut long = demo::conversations(&big, now).expect("long conversation");
     let long = long.pop().expect("one");
-    let long_id = ConversationId::from("conv-long");
+    let long_id = ConversationId(crewdesk::sync::document_id::encode(&[0xff; 16]));
     let bytes = {
         // Rename the generated conversation so it does not clash with the 10k.
         let mut d = long.document;
@@ -99,7 +99,7 @@ fn main() {
 
     // Durable send: automerge change + chunk + message row + index row, fsynced commit.
     ada.join(&long_id, now).ok();
-    let target = ConversationId::from("conv-00002");
+    let target = demo::conversation_id(2);
     ada.join(&target, now).ok();
     let mut send_samples = Vec::new();
     for i in 0..1_000 {

@@ -154,6 +154,13 @@ pub struct DemoConversation {
     pub presence: Option<Presence>,
 }
 
+/// The id of demo conversation `i`: a valid automerge-repo document id, stable across runs.
+pub fn conversation_id(i: usize) -> ConversationId {
+    let mut bytes = *b"crewdesk-demo\0\0\0";
+    bytes[12..16].copy_from_slice(&(i as u32).to_be_bytes());
+    ConversationId(crate::sync::document_id::encode(&bytes))
+}
+
 /// Generates the demo conversations (deterministic for a seed and `now`).
 pub fn conversations(spec: &DemoSpec, now: Timestamp) -> Result<Vec<DemoConversation>, DocError> {
     let mut rng = StdRng::seed_from_u64(spec.seed);
@@ -193,7 +200,7 @@ pub fn conversations(spec: &DemoSpec, now: Timestamp) -> Result<Vec<DemoConversa
         let customer_last = now.plus(-last_customer_ago - (i as i64 % 13) * Timestamp::SECOND);
         let crew_last = matches!(scenario, Scenario::Answered | Scenario::ClosedByHand | Scenario::ClosedBySilence);
         let created_at = customer_last.plus(-(n as i64) * 2 * Timestamp::MINUTE);
-        let id = ConversationId(format!("conv-{i:05}"));
+        let id = conversation_id(i);
         let mut d = doc::create(
             actor.clone(),
             &NewConversation { id: id.clone(), team: team.id.clone(), channel, customer: customer.clone(), created_at },

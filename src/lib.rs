@@ -2,6 +2,7 @@
 //! a conversation index) and demo data. No sockets and no UI; the domain builds for wasm.
 
 pub mod domain;
+pub mod sync;
 
 #[cfg(feature = "replica")]
 pub mod demo;

@@ -157,7 +157,7 @@ fn reopen_gives_the_same_state() {
     let (summaries, messages, heads, online) = {
         let mut ada = open(dir.path(), "ada");
         demo::fill(&mut ada, &DemoSpec { conversations: 30, messages_per_conversation: 8, seed: 3 }, now).unwrap();
-        let id = ConversationId::from("conv-00002");
+        let id = demo::conversation_id(2);
         ada.join(&id, now).ok();
         ada.send(&id, text("still here after reopen"), now).unwrap();
         let online = ada.list(&Filter::default(), now).counts.online;
@@ -165,7 +165,7 @@ fn reopen_gives_the_same_state() {
         (ada.stored_summaries().unwrap(), ada.stored_messages(&id).unwrap(), ada.heads(&id).unwrap(), online)
     };
     let mut ada = Replica::open(db_path(dir.path(), "ada"), AgentId::from("ada")).unwrap();
-    let id = ConversationId::from("conv-00002");
+    let id = demo::conversation_id(2);
     assert_eq!(ada.stored_summaries().unwrap(), summaries);
     assert_eq!(ada.stored_messages(&id).unwrap(), messages);
     assert_eq!(ada.heads(&id).unwrap(), heads);

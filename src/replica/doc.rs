@@ -326,6 +326,11 @@ pub fn parse_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, DocError> {
     Ok(changes)
 }
 
+/// A new conversation id: a random automerge-repo document id.
+pub fn new_conversation_id(rng: &mut impl rand::Rng) -> ConversationId {
+    ConversationId(crate::sync::document_id::encode(&rng.random()))
+}
+
 pub fn new_message_id(rng: &mut impl rand::Rng) -> MessageId {
     MessageId(random_id(rng))
 }

@@ -1,0 +1,5 @@
+//! The sync protocol shared by replicas and the relay: automerge-repo's WebSocket wire format
+//! (CBOR messages) and its document ids (bs58check of 16 bytes). Pure data in, data out.
+
+pub mod document_id;
+pub mod wire;
