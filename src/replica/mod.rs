@@ -152,6 +152,25 @@ impl Replica {
         Ok(())
     }
 
+    /// Replaces every team by what the relay reports: teams the relay no longer lists are gone,
+    /// so a replica can never keep (or grant itself) access the relay does not give.
+    pub fn set_teams(&mut self, teams: Vec<Team>) -> Result<(), ReplicaError> {
+        for team in &teams {
+            team.thresholds.validate()?;
+        }
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM teams", [])?;
+        for team in &teams {
+            tx.execute(
+                "INSERT INTO teams (id, body) VALUES (?1, ?2)",
+                rusqlite::params![team.id.as_str(), serde_json::to_string(team)?],
+            )?;
+        }
+        tx.commit()?;
+        self.teams = teams.into_iter().map(|t| (t.id.clone(), t)).collect();
+        Ok(())
+    }
+
     /// The teams this agent belongs to.
     pub fn teams(&self) -> Vec<&Team> {
         self.teams.values().filter(|t| t.member(&self.agent).is_some()).collect()
@@ -327,7 +346,7 @@ impl Replica {
         }
         let chunk = created.save();
         let messages: Vec<Message> = first.into_iter().collect();
-        self.persist(&new.id, &created, &chunk, &messages)?;
+        self.persist(&new.id, &created, &chunk, &messages, true)?;
         self.cache.put(new.id.clone(), created);
         Ok(())
     }
@@ -366,7 +385,7 @@ impl Replica {
         let before = d.get_heads();
         d.transact(edit).map_err(|f| f.error)?;
         let chunk = d.save_after(&before);
-        self.persist(id, &d, &chunk, messages)?;
+        self.persist(id, &d, &chunk, messages, true)?;
         self.cache.put(id.clone(), d);
         Ok(())
     }
@@ -382,6 +401,46 @@ impl Replica {
 
     pub fn heads(&mut self, id: &ConversationId) -> Result<Vec<ChangeHash>, ReplicaError> {
         self.with_doc(id, |d| d.get_heads())
+    }
+
+    /// The relay advertised `relay_heads` for a conversation (it only advertises what it has
+    /// fsynced): local changes they cover leave the outbox. Returns whether the conversation is
+    /// now fully synced.
+    pub fn confirm_synced(&mut self, id: &ConversationId, relay_heads: &[ChangeHash]) -> Result<bool, ReplicaError> {
+        let Some(pending) = store::outbox_heads(&self.conn, id)? else { return Ok(true) };
+        let covered = self.with_doc(id, |d| {
+            let known: Vec<ChangeHash> = relay_heads
+                .iter()
+                .copied()
+                .filter(|h| automerge::ReadDoc::get_change_by_hash(d, h).is_some())
+                .collect();
+            let not_covered: std::collections::HashSet<ChangeHash> =
+                d.get_changes(&known).iter().map(|c| c.hash()).collect();
+            parse_heads(&pending).iter().all(|h| !not_covered.contains(h))
+        })?;
+        if covered {
+            store::outbox_remove(&self.conn, id, &pending)?;
+        }
+        Ok(covered)
+    }
+
+    /// Local changes not yet durable on the relay: how many, and in which conversations.
+    pub fn unsynced(&self) -> Result<(usize, Vec<ConversationId>), ReplicaError> {
+        store::outbox_total(&self.conn)
+    }
+
+    /// How many of this document's changes `peer_heads` do not cover (unknown hashes ignored):
+    /// with the relay's advertised heads, the changes not yet durable on the relay.
+    pub fn changes_not_covered(
+        &mut self,
+        id: &ConversationId,
+        peer_heads: &[ChangeHash],
+    ) -> Result<usize, ReplicaError> {
+        self.with_doc(id, |d| {
+            let known: Vec<ChangeHash> =
+                peer_heads.iter().copied().filter(|h| automerge::ReadDoc::get_change_by_hash(d, h).is_some()).collect();
+            d.get_changes(&known).len()
+        })
     }
 
     /// Changes after `heads` in automerge's binary format (all of them when `heads` is empty).
@@ -439,7 +498,7 @@ impl Replica {
         let chunk = d.save_after(&before);
         let summary = if doc::check_schema(&d)? {
             let messages = if known { doc::messages_added(&d, &before, &after)? } else { doc::all_messages(&d)? };
-            Some(Box::new(self.persist(id, &d, &chunk, &messages)?))
+            Some(Box::new(self.persist(id, &d, &chunk, &messages, false)?))
         } else {
             // Changes that do not yet create the conversation: keep them, index nothing.
             let tx = self.conn.transaction()?;
@@ -459,6 +518,7 @@ impl Replica {
         d: &Automerge,
         chunk: &[u8],
         messages: &[Message],
+        local: bool,
     ) -> Result<ConversationSummary, ReplicaError> {
         let header = doc::read_header(d)?;
         if &header.id != id {
@@ -473,6 +533,9 @@ impl Replica {
         let stats = store::message_stats(&tx, id)?;
         let summary = summarize(header, stats, previous_count + added, presence);
         store::upsert_summary(&tx, &summary)?;
+        if local {
+            store::outbox_add(&tx, id, &heads_text(&d.get_heads()))?;
+        }
         tx.commit()?;
         self.index.insert(id.clone(), summary.clone());
         Ok(summary)
@@ -588,6 +651,14 @@ fn summarize(
         message_count,
         presence,
     }
+}
+
+fn heads_text(heads: &[ChangeHash]) -> String {
+    heads.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn parse_heads(text: &str) -> Vec<ChangeHash> {
+    text.split(',').filter_map(|h| h.parse().ok()).collect()
 }
 
 fn hex_bytes(hex: &str) -> Vec<u8> {

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use std::path::Path;
 
 /// Append-only: a released migration is never edited; new ones are added at the end.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_replica.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_replica.sql"), include_str!("migrations/0002_outbox.sql")];
 
 pub fn schema_version() -> i64 {
     MIGRATIONS.len() as i64
@@ -192,4 +192,39 @@ pub fn set_presence(
         params![id.as_str(), serde_json::to_string(presence)?],
     )?;
     Ok(())
+}
+
+/// Counts one more local change of a conversation as not yet durable on the relay.
+pub fn outbox_add(tx: &Transaction<'_>, id: &ConversationId, heads: &str) -> Result<(), ReplicaError> {
+    tx.prepare_cached(
+        "INSERT INTO outbox (doc_id, changes, heads) VALUES (?1, 1, ?2)
+         ON CONFLICT (doc_id) DO UPDATE SET changes = changes + 1, heads = excluded.heads",
+    )?
+    .execute(params![id.as_str(), heads])?;
+    Ok(())
+}
+
+pub fn outbox_heads(conn: &Connection, id: &ConversationId) -> Result<Option<String>, ReplicaError> {
+    Ok(conn
+        .prepare_cached("SELECT heads FROM outbox WHERE doc_id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn outbox_remove(conn: &Connection, id: &ConversationId, heads: &str) -> Result<(), ReplicaError> {
+    // Only if no newer local change arrived meanwhile.
+    conn.prepare_cached("DELETE FROM outbox WHERE doc_id = ?1 AND heads = ?2")?.execute(params![id.as_str(), heads])?;
+    Ok(())
+}
+
+pub fn outbox_total(conn: &Connection) -> Result<(usize, Vec<ConversationId>), ReplicaError> {
+    let mut stmt = conn.prepare_cached("SELECT doc_id, changes FROM outbox ORDER BY doc_id")?;
+    let mut total = 0;
+    let mut ids = Vec::new();
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (id, n) = row?;
+        total += usize::try_from(n).unwrap_or(0);
+        ids.push(ConversationId(id));
+    }
+    Ok((total, ids))
 }

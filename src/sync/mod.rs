@@ -2,4 +2,6 @@
 //! (CBOR messages) and its document ids (bs58check of 16 bytes). Pure data in, data out.
 
 pub mod document_id;
+#[cfg(feature = "replica")]
+pub mod session;
 pub mod wire;

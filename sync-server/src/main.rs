@@ -1,1 +1,158 @@
-fn main() {}
+//! The relay binary: parses flags and environment, then serves or administers accounts.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use crewdesk::domain::{AgentId, Member, Team, TeamId, Thresholds};
+use std::path::PathBuf;
+use sync_server::store::{Store, parse_mode, parse_role};
+use sync_server::{Config, run};
+
+#[derive(Parser)]
+#[command(name = "sync-server", about = "The Crewdesk relay: sync, accounts, tokens, grab decisions")]
+struct Cli {
+    /// Where the relay keeps its SQLite database.
+    #[arg(long, env = "CREWDESK_DATA_DIR", default_value = "crewdesk-relay-data", global = true)]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve WebSocket sync and the HTTP API.
+    Serve {
+        #[arg(long, env = "CREWDESK_LISTEN", default_value = "127.0.0.1:3030")]
+        listen: std::net::SocketAddr,
+        /// Largest accepted WebSocket message in bytes.
+        #[arg(long, env = "CREWDESK_MAX_FRAME_BYTES", default_value_t = 8 * 1024 * 1024)]
+        max_frame_bytes: usize,
+    },
+    /// Create or update a team.
+    Team {
+        id: String,
+        #[arg(long)]
+        name: String,
+        /// open or grab
+        #[arg(long, default_value = "open")]
+        mode: String,
+        #[arg(long, default_value_t = 180)]
+        soon_to_be_secs: i64,
+        #[arg(long, default_value_t = 300)]
+        overdue_secs: i64,
+        #[arg(long, default_value_t = 86_400)]
+        auto_close_secs: i64,
+    },
+    /// Add an agent to a team (or change their role there).
+    AddAgent {
+        agent: String,
+        #[arg(long)]
+        team: String,
+        #[arg(long)]
+        name: String,
+        /// representative or admin
+        #[arg(long, default_value = "representative")]
+        role: String,
+    },
+    /// Remove an agent from a team.
+    RemoveAgent {
+        agent: String,
+        #[arg(long)]
+        team: String,
+    },
+    /// Issue a token for an agent; it is printed once and stored only as a hash.
+    IssueToken {
+        agent: String,
+        #[arg(long, default_value = "desktop")]
+        label: String,
+    },
+    /// Revoke an agent's tokens (all, or the one given).
+    RevokeToken {
+        agent: String,
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// List teams, members and tokens.
+    List,
+    /// Create the demo teams and agents, load the demo conversations, print a token per agent.
+    SeedDemo,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { listen, max_frame_bytes } => {
+            let config = Config { data_dir: cli.data_dir, listen, max_frame_bytes, ..Config::default() };
+            let listener =
+                tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            run(listener, config, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+        }
+        command => admin(&Store::open(&cli.data_dir)?, command),
+    }
+}
+
+fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Team { id, name, mode, soon_to_be_secs, overdue_secs, auto_close_secs } => {
+            let thresholds = Thresholds {
+                soon_to_be: soon_to_be_secs * 1000,
+                overdue: overdue_secs * 1000,
+                auto_close: auto_close_secs * 1000,
+            };
+            let existing = store.teams()?.into_iter().find(|t| t.id.as_str() == id);
+            let team = Team {
+                id: TeamId(id.clone()),
+                name,
+                mode: parse_mode(&mode)?,
+                thresholds,
+                members: Vec::new(),
+                templates: existing.as_ref().map(|t| t.templates.clone()).unwrap_or_default(),
+                whatsapp_templates: existing.map(|t| t.whatsapp_templates).unwrap_or_default(),
+            };
+            store.put_team(&team)?;
+            println!("team {id} saved");
+        }
+        Command::AddAgent { agent, team, name, role } => {
+            store.add_member(
+                &TeamId(team.clone()),
+                &Member { agent: AgentId(agent.clone()), name, role: parse_role(&role)? },
+            )?;
+            println!("{agent} is {role} in {team}");
+        }
+        Command::RemoveAgent { agent, team } => {
+            let removed = store.remove_member(&TeamId(team.clone()), &AgentId(agent.clone()))?;
+            println!(
+                "{}",
+                if removed { format!("{agent} removed from {team}") } else { format!("{agent} was not in {team}") }
+            );
+        }
+        Command::IssueToken { agent, label } => println!("{}", store.issue_token(&AgentId(agent), &label)?),
+        Command::RevokeToken { agent, token } => {
+            println!("{} token(s) revoked", store.revoke_tokens(&AgentId(agent), token.as_deref())?)
+        }
+        Command::List => print!("{}", store.describe()?),
+        Command::SeedDemo => {
+            let now = crewdesk::domain::Timestamp::now();
+            for team in crewdesk::demo::teams() {
+                store.put_team(&team)?;
+            }
+            for c in crewdesk::demo::conversations(&crewdesk::demo::DemoSpec::default(), now)? {
+                let header = crewdesk::replica::doc::read_header(&c.document)?;
+                if store.load_document(c.id.as_str())?.is_none() {
+                    store.append_chunk(c.id.as_str(), &header.team, &c.document.save())?;
+                }
+            }
+            for (agent, ..) in crewdesk::demo::AGENTS {
+                println!("{agent} {}", store.issue_token(&AgentId::from(*agent), "demo")?);
+            }
+        }
+        Command::Serve { .. } => unreachable!("handled in main"),
+    }
+    Ok(())
+}

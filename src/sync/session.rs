@@ -1,0 +1,127 @@
+//! The replica side of a connection to the relay, sans IO: fed the wire messages the relay sends,
+//! it applies them to the replica and returns the messages to send back. The relay only advertises
+//! heads it has fsynced, so when its heads cover a local change the replica's outbox lets it go:
+//! "synced" means "durable on the relay".
+
+use super::wire::{PeerMetadata, WireMessage};
+use crate::domain::ConversationId;
+use crate::replica::{Applied, Replica, ReplicaError};
+use automerge::sync;
+use std::collections::{BTreeSet, HashMap};
+
+/// Something the app should know about after a message from the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The handshake completed.
+    Connected { relay_peer: String },
+    /// A conversation changed on this replica because of the relay.
+    Changed(ConversationId),
+    /// The relay does not have (or will not share) this conversation.
+    Unavailable(ConversationId),
+    /// The relay refused something; the message says what and why.
+    RelayError(String),
+}
+
+pub struct ClientSession {
+    peer_id: String,
+    relay_peer: Option<String>,
+    states: HashMap<ConversationId, sync::State>,
+}
+
+impl ClientSession {
+    /// A fresh session for one connection. Sync states start empty on every connection: reusing a
+    /// stale state makes peers loop.
+    pub fn new(peer_id: impl Into<String>) -> ClientSession {
+        ClientSession { peer_id: peer_id.into(), relay_peer: None, states: HashMap::new() }
+    }
+
+    pub fn join(&self) -> WireMessage {
+        WireMessage::Join {
+            sender_id: self.peer_id.clone(),
+            peer_metadata: PeerMetadata { storage_id: None, is_ephemeral: true },
+            supported_protocol_versions: vec!["1".into()],
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.relay_peer.is_some()
+    }
+
+    /// After the handshake: offer every conversation the replica holds and ask for those the relay
+    /// listed that the replica lacks.
+    pub fn start(
+        &mut self,
+        replica: &mut Replica,
+        relay_documents: &[ConversationId],
+    ) -> Result<Vec<WireMessage>, ReplicaError> {
+        let mut ids: BTreeSet<ConversationId> = replica.document_ids()?.into_iter().collect();
+        ids.extend(relay_documents.iter().cloned());
+        let mut out = Vec::new();
+        for id in ids {
+            out.extend(self.offer(replica, &id)?);
+        }
+        Ok(out)
+    }
+
+    /// What to send after a local change to `id` (nothing while disconnected).
+    pub fn offer(&mut self, replica: &mut Replica, id: &ConversationId) -> Result<Option<WireMessage>, ReplicaError> {
+        let Some(relay) = self.relay_peer.clone() else { return Ok(None) };
+        let have = !replica.heads(id).unwrap_or_default().is_empty();
+        let state = self.states.entry(id.clone()).or_default();
+        let Some(m) = replica.generate_sync_message(id, state)? else { return Ok(None) };
+        let (sender_id, target_id, document_id, data) = (self.peer_id.clone(), relay, id.0.clone(), m.encode());
+        Ok(Some(if have {
+            WireMessage::Sync { sender_id, target_id, document_id, data }
+        } else {
+            WireMessage::Request { sender_id, target_id, document_id, data }
+        }))
+    }
+
+    /// Handles one message from the relay: returns what to send back and what happened.
+    pub fn receive(
+        &mut self,
+        replica: &mut Replica,
+        message: WireMessage,
+    ) -> Result<(Vec<WireMessage>, Vec<SessionEvent>), ReplicaError> {
+        let mut out = Vec::new();
+        let mut events = Vec::new();
+        match message {
+            WireMessage::Peer { sender_id, .. } => {
+                self.relay_peer = Some(sender_id.clone());
+                events.push(SessionEvent::Connected { relay_peer: sender_id });
+            }
+            WireMessage::Sync { document_id, data, .. } | WireMessage::Request { document_id, data, .. } => {
+                let id = ConversationId(document_id);
+                let message = match sync::Message::decode(&data) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        events.push(SessionEvent::RelayError(format!("malformed sync message for {id}: {e}")));
+                        return Ok((out, events));
+                    }
+                };
+                let state = self.states.entry(id.clone()).or_default();
+                match replica.receive_sync_message(&id, state, message) {
+                    Ok(Applied::Stored { .. }) => events.push(SessionEvent::Changed(id.clone())),
+                    Ok(Applied::NothingNew) => {}
+                    Err(e) => {
+                        // Start this conversation's sync over; the relay resends what we lack.
+                        *state = sync::State::new();
+                        events.push(SessionEvent::RelayError(format!("conversation {id}: {e}")));
+                    }
+                }
+                if let Some(theirs) = self.states.get(&id).and_then(|s| s.their_heads.clone()) {
+                    replica.confirm_synced(&id, &theirs)?;
+                }
+                out.extend(self.offer(replica, &id)?);
+            }
+            WireMessage::DocUnavailable { document_id, .. } => {
+                let id = ConversationId(document_id);
+                self.states.remove(&id);
+                events.push(SessionEvent::Unavailable(id));
+            }
+            WireMessage::Error { message, .. } => events.push(SessionEvent::RelayError(message)),
+            WireMessage::Join { .. } | WireMessage::Ephemeral { .. } | WireMessage::Other { .. } => {}
+        }
+        Ok((out, events))
+    }
+}

@@ -1,0 +1,266 @@
+//! Keeps a replica in sync with the relay: fetches the agent's teams, connects over WebSocket,
+//! runs the sans-IO `ClientSession`, reconnects with backoff and jitter after any failure (sleep,
+//! lost network, relay restart), and publishes the sync status (online, unsynced changes).
+
+use crewdesk::domain::ConversationId;
+use crewdesk::domain::Team;
+use crewdesk::replica::Replica;
+use crewdesk::sync::session::{ClientSession, SessionEvent};
+use crewdesk::sync::wire::WireMessage;
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{debug, info, warn};
+
+/// What the app shows: online or offline, and how many local changes the relay has not yet
+/// made durable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStatus {
+    pub connected: bool,
+    pub unsynced_changes: usize,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the relay refused the token (it is unknown or revoked); ask an admin for a new one")]
+    Unauthorized,
+    #[error("cannot reach the relay: {0}")]
+    Unreachable(String),
+    #[error("the relay answered something unexpected: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Replica(#[from] crewdesk::replica::ReplicaError),
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `http://host:port` of the relay.
+    pub relay_url: String,
+    pub token: String,
+    /// Backoff bounds between reconnects (doubling, with jitter).
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(relay_url: impl Into<String>, token: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            relay_url: relay_url.into().trim_end_matches('/').to_owned(),
+            token: token.into(),
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+pub type SharedReplica = Arc<Mutex<Replica>>;
+
+/// A running sync driver. Dropping it stops syncing.
+pub struct SyncClient {
+    status: watch::Receiver<SyncStatus>,
+    changed: mpsc::Sender<ConversationId>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SyncClient {
+    /// Starts syncing `replica` with the relay. `events` receives what the relay changed.
+    pub fn spawn(config: ClientConfig, replica: SharedReplica, events: mpsc::Sender<SessionEvent>) -> SyncClient {
+        let (status_tx, status) = watch::channel(SyncStatus::default());
+        let (changed, changed_rx) = mpsc::channel(1024);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(drive(config, replica, events, status_tx, changed_rx, stop_rx));
+        SyncClient { status, changed, stop, task }
+    }
+
+    /// Tells the driver a conversation changed locally, so it is sent now (or after reconnect).
+    pub fn changed(&self, id: ConversationId) {
+        // A full queue only delays: everything is offered again on the next connection.
+        let _ = self.changed.try_send(id);
+    }
+
+    pub fn status(&self) -> watch::Receiver<SyncStatus> {
+        self.status.clone()
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn lock(replica: &SharedReplica) -> std::sync::MutexGuard<'_, Replica> {
+    replica.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn drive(
+    config: ClientConfig,
+    replica: SharedReplica,
+    events: mpsc::Sender<SessionEvent>,
+    status: watch::Sender<SyncStatus>,
+    mut changed: mpsc::Receiver<ConversationId>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = config.min_backoff;
+    let peer_id = format!("crewdesk-replica-{}", lock(&replica).agent());
+    loop {
+        let result = tokio::select! {
+            r = session(&config, &replica, &events, &status, &mut changed, &peer_id, &mut backoff) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let error = match result {
+            Ok(()) => None,
+            Err(e) => {
+                warn!(%e, "sync connection ended");
+                Some(e.to_string())
+            }
+        };
+        publish(&status, &replica, false, error);
+        let jitter = rand::rng().random_range(0.5..1.5);
+        let sleep = tokio::time::sleep(backoff.mul_f64(jitter));
+        tokio::pin!(sleep);
+        backoff = (backoff * 2).min(config.max_backoff);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                // Offline changes: keep the count of unsynced changes current.
+                Some(_) = changed.recv() => publish(&status, &replica, false, None),
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Me {
+    teams: Vec<Team>,
+    documents: Vec<String>,
+}
+
+async fn session(
+    config: &ClientConfig,
+    replica: &SharedReplica,
+    events: &mpsc::Sender<SessionEvent>,
+    status: &watch::Sender<SyncStatus>,
+    changed: &mut mpsc::Receiver<ConversationId>,
+    peer_id: &str,
+    backoff: &mut Duration,
+) -> Result<(), ClientError> {
+    // Teams and roles come from the relay, which is their truth.
+    let me = reqwest::Client::new()
+        .get(format!("{}/api/me", config.relay_url))
+        .bearer_auth(&config.token)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+    if me.status() == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(ClientError::Unauthorized);
+    }
+    let me: Me = me
+        .error_for_status()
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .json()
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    lock(replica).set_teams(me.teams)?;
+
+    let ws_url = format!("{}/?token={}", config.relay_url.replacen("http", "ws", 1), config.token);
+    let (ws, _) =
+        tokio_tungstenite::connect_async(ws_url).await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+    let (mut sink, mut stream) = ws.split();
+    let mut s = ClientSession::new(peer_id);
+    send(&mut sink, s.join()).await?;
+    // Handshake.
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .map_err(|_| ClientError::Unreachable("no answer to join".into()))?;
+        match frame {
+            Some(Ok(Message::Binary(b))) => {
+                let m = WireMessage::decode(&b).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                if let WireMessage::Error { message, .. } = &m {
+                    return Err(if message.contains("authentication") {
+                        ClientError::Unauthorized
+                    } else {
+                        ClientError::Protocol(message.clone())
+                    });
+                }
+                let (_, evs) = s.receive(&mut lock(replica), m)?;
+                if evs.iter().any(|e| matches!(e, SessionEvent::Connected { .. })) {
+                    break;
+                }
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(ClientError::Unreachable(e.to_string())),
+            None => return Err(ClientError::Unreachable("closed during handshake".into())),
+        }
+    }
+    info!("connected to the relay");
+    *backoff = config.min_backoff;
+    let documents: Vec<ConversationId> = me.documents.into_iter().map(ConversationId).collect();
+    let first = s.start(&mut lock(replica), &documents)?;
+    for m in first {
+        send(&mut sink, m).await?;
+    }
+    publish(status, replica, true, None);
+    loop {
+        tokio::select! {
+            frame = stream.next() => {
+                let b = match frame {
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Close(_))) | None => return Err(ClientError::Unreachable("the relay closed the connection".into())),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(ClientError::Unreachable(e.to_string())),
+                };
+                let m = match WireMessage::decode(&b) {
+                    Ok(m) => m,
+                    Err(e) => { debug!(%e, "undecodable frame from the relay"); continue; }
+                };
+                let (out, evs) = s.receive(&mut lock(replica), m)?;
+                for m in out {
+                    send(&mut sink, m).await?;
+                }
+                let mut error = None;
+                for e in evs {
+                    if let SessionEvent::RelayError(message) = &e {
+                        error = Some(message.clone());
+                    }
+                    let _ = events.try_send(e);
+                }
+                publish(status, replica, true, error);
+            }
+            id = changed.recv() => {
+                let Some(id) = id else { return Ok(()) };
+                let offer = s.offer(&mut lock(replica), &id)?;
+                if let Some(m) = offer {
+                    send(&mut sink, m).await?;
+                }
+                publish(status, replica, true, None);
+            }
+        }
+    }
+}
+
+fn publish(status: &watch::Sender<SyncStatus>, replica: &SharedReplica, connected: bool, error: Option<String>) {
+    let unsynced = lock(replica).unsynced().map_or(0, |(n, _)| n);
+    status.send_if_modified(|st| {
+        let next =
+            SyncStatus { connected, unsynced_changes: unsynced, last_error: error.or_else(|| st.last_error.clone()) };
+        let modified = *st != next;
+        *st = next;
+        modified
+    });
+}
+
+async fn send<S>(sink: &mut S, m: WireMessage) -> Result<(), ClientError>
+where
+    S: SinkExt<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    sink.send(Message::Binary(m.encode().into())).await.map_err(|e| ClientError::Unreachable(e.to_string()))
+}

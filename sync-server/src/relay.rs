@@ -1,0 +1,625 @@
+//! The relay's connections and documents. One async task per connection reads frames and hands
+//! sync messages to the document they name; each document is processed under its own lock, and a
+//! change is committed (fsynced) before any sync message that advertises it is generated.
+
+use crate::Config;
+use crate::store::{Agent, Store, StoreError};
+use automerge::sync::{self, SyncDoc};
+use automerge::{ActorId, Automerge};
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use crewdesk::domain::access::decide_grab;
+use crewdesk::domain::{AgentId, TeamId, TeamMode};
+use crewdesk::replica::doc;
+use crewdesk::sync::document_id;
+use crewdesk::sync::wire::{PeerMetadata, WireMessage};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+type ConnId = u64;
+
+/// Serves the relay on `listener` until `shutdown` completes, then closes every connection.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = Arc::new(Store::open(&config.data_dir)?);
+    let storage_id = store.storage_id()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let relay = Arc::new(Relay {
+        store,
+        peer_id: format!("crewdesk-relay-{storage_id}"),
+        storage_id,
+        actor: ActorId::random(),
+        config,
+        docs: Mutex::new(HashMap::new()),
+        sessions: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+        stop: stop_rx.clone(),
+    });
+    let app = Router::new()
+        .route("/", get(websocket))
+        .route("/sync", get(websocket))
+        .route("/health", get(health))
+        .route("/api/me", get(me))
+        .with_state(relay.clone());
+    info!(addr = %listener.local_addr()?, data = %relay.config.data_dir.display(), "relay listening");
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut stop_wait = stop_rx;
+    axum::serve(listener, app).with_graceful_shutdown(async move { stopped(&mut stop_wait).await }).await?;
+    info!("relay stopped");
+    Ok(())
+}
+
+pub struct Relay {
+    store: Arc<Store>,
+    peer_id: String,
+    storage_id: String,
+    actor: ActorId,
+    config: Config,
+    docs: Mutex<HashMap<String, Arc<AsyncMutex<DocEntry>>>>,
+    sessions: Mutex<HashMap<ConnId, Session>>,
+    next_conn: AtomicU64,
+    stop: watch::Receiver<bool>,
+}
+
+/// What the relay knows of one connection, shared with the documents it syncs.
+#[derive(Clone)]
+struct Session {
+    conn: ConnId,
+    agent: Arc<Agent>,
+    peer_id: String,
+    tx: mpsc::Sender<WireMessage>,
+    overloaded: Arc<Notify>,
+}
+
+impl Session {
+    /// Queues a message; a connection that cannot keep up is closed (it resyncs when it comes back).
+    fn send(&self, message: WireMessage) {
+        if self.tx.try_send(message).is_err() {
+            self.overloaded.notify_one();
+        }
+    }
+    fn error(&self, relay_peer: &str, message: impl Into<String>) {
+        self.send(WireMessage::Error {
+            sender_id: relay_peer.to_owned(),
+            target_id: self.peer_id.clone(),
+            message: message.into(),
+        });
+    }
+}
+
+#[derive(Default)]
+struct DocEntry {
+    loaded: bool,
+    stored: Option<StoredDoc>,
+    /// Documents a connection is creating: not stored (nor visible to anyone) until their first
+    /// change shows a conversation of a team the agent belongs to.
+    pending: HashMap<ConnId, (Automerge, sync::State)>,
+    peers: HashMap<ConnId, (Session, sync::State)>,
+}
+
+struct StoredDoc {
+    doc: Automerge,
+    team: TeamId,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+fn bearer(headers: &HeaderMap, query: &TokenQuery) -> Option<String> {
+    query.token.clone().or_else(|| {
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned)
+    })
+}
+
+impl Relay {
+    async fn authenticate(&self, token: Option<String>) -> Result<Option<Agent>, StoreError> {
+        let Some(token) = token else { return Ok(None) };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.authenticate(&token))
+            .await
+            .map_err(|e| StoreError::Invalid(e.to_string()))?
+    }
+
+    fn entry(&self, id: &str) -> Arc<AsyncMutex<DocEntry>> {
+        let mut docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
+        docs.entry(id.to_owned()).or_default().clone()
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| StoreError::Invalid(e.to_string()))?
+    }
+
+    async fn ensure_loaded(&self, id: &str, e: &mut DocEntry) -> Result<(), StoreError> {
+        if e.loaded {
+            return Ok(());
+        }
+        let owned = id.to_owned();
+        if let Some((team, bytes)) = self.blocking(move |s| s.load_document(&owned)).await? {
+            let doc = Automerge::load(&bytes)
+                .map_err(|err| StoreError::Invalid(format!("stored document {id} is unreadable: {err}")))?;
+            e.stored = Some(StoredDoc { doc: doc.with_actor(self.actor.clone()), team });
+        }
+        e.loaded = true;
+        Ok(())
+    }
+
+    /// A `request` or `sync` from a connection.
+    async fn handle_sync(&self, session: &Session, doc_id: String, data: Vec<u8>, is_request: bool) {
+        let unavailable = || WireMessage::DocUnavailable {
+            sender_id: self.peer_id.clone(),
+            target_id: session.peer_id.clone(),
+            document_id: doc_id.clone(),
+        };
+        if !document_id::is_valid(&doc_id) {
+            session.send(unavailable());
+            return;
+        }
+        let message = match sync::Message::decode(&data) {
+            Ok(m) => m,
+            Err(e) => {
+                session.error(
+                    &self.peer_id,
+                    format!("document {doc_id}: the sync message is malformed ({e}); it was ignored"),
+                );
+                return;
+            }
+        };
+        let entry = self.entry(&doc_id);
+        let mut e = entry.lock().await;
+        if let Err(err) = self.ensure_loaded(&doc_id, &mut e).await {
+            warn!(%doc_id, %err, "cannot load document");
+            session.error(&self.peer_id, "the relay could not read this conversation; try again later");
+            return;
+        }
+        let e = &mut *e;
+        match &mut e.stored {
+            Some(stored) => {
+                if session.agent.role_in(&stored.team).is_none() {
+                    // Exactly like a missing document: no existence leak.
+                    session.send(unavailable());
+                    return;
+                }
+                let (_, state) = e.peers.entry(session.conn).or_insert_with(|| (session.clone(), sync::State::new()));
+                let before = stored.doc.get_heads();
+                let owner_before = doc::read_header(&stored.doc).ok().and_then(|h| h.owner);
+                if let Err(err) = stored.doc.receive_sync_message(state, message) {
+                    *state = sync::State::new();
+                    session.error(
+                        &self.peer_id,
+                        format!("document {doc_id}: the sync message could not be applied ({err})"),
+                    );
+                    return;
+                }
+                let changed = stored.doc.get_heads() != before;
+                if let Err(reason) = match changed {
+                    true => self.commit_client_change(&doc_id, stored, &before, owner_before.as_ref()).await,
+                    false => Ok(()),
+                } {
+                    // Refused or not stored: drop the in-memory change; the connection starts over.
+                    e.loaded = false;
+                    e.stored = None;
+                    e.peers.remove(&session.conn);
+                    session.error(&self.peer_id, reason);
+                    return;
+                }
+                advertise(&self.peer_id, &doc_id, &mut stored.doc, &mut e.peers);
+            }
+            None => self.handle_pending(session, &doc_id, message, is_request, e).await,
+        }
+    }
+
+    /// Validates and stores what a client changed, then decides grabs. The change is fsynced before
+    /// this returns, so the heads advertised afterwards are durable.
+    async fn commit_client_change(
+        &self,
+        doc_id: &str,
+        stored: &mut StoredDoc,
+        before: &[automerge::ChangeHash],
+        owner_before: Option<&AgentId>,
+    ) -> Result<(), String> {
+        match doc::check_schema(&stored.doc) {
+            Ok(true) => {}
+            Ok(false) => return Err(format!("document {doc_id}: the change removed the conversation; refused")),
+            Err(e) => return Err(format!("document {doc_id}: {e}; refused")),
+        }
+        let header = doc::read_header(&stored.doc).map_err(|e| format!("document {doc_id}: {e}; refused"))?;
+        if header.id.as_str() != doc_id || header.team != stored.team {
+            return Err(format!("document {doc_id}: a conversation cannot change its id or team; refused"));
+        }
+        if header.owner.as_ref() != owner_before {
+            return Err(format!("document {doc_id}: only the relay records who won a grab; refused"));
+        }
+        let chunk = stored.doc.save_after(before);
+        let (id, team) = (doc_id.to_owned(), stored.team.clone());
+        self.blocking(move |s| s.append_chunk(&id, &team, &chunk)).await.map_err(|e| {
+            warn!(%doc_id, %e, "storing a change failed");
+            "the relay could not store your change; it will be sent again".to_owned()
+        })?;
+        self.decide_grab(doc_id, stored, header).await
+    }
+
+    /// Grab-mode teams: the first grab request the relay received wins; the winner is written
+    /// into the conversation by the relay (and stored) before anyone hears of it.
+    async fn decide_grab(&self, doc_id: &str, stored: &mut StoredDoc, header: doc::DocHeader) -> Result<(), String> {
+        if header.owner.is_some() || header.grab_requests.is_empty() {
+            return Ok(());
+        }
+        let teams = self.blocking(|s| s.teams()).await.map_err(|e| e.to_string())?;
+        let Some(team) = teams.into_iter().find(|t| t.id == stored.team) else { return Ok(()) };
+        if team.mode != TeamMode::Grab {
+            return Ok(());
+        }
+        // Requests that arrived together are ordered by the time they were made.
+        let mut requests = header.grab_requests;
+        requests.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        let agents: Vec<AgentId> = requests.into_iter().map(|(a, _)| a).collect();
+        let id = doc_id.to_owned();
+        let order = self.blocking(move |s| s.log_grabs(&id, &agents)).await.map_err(|e| e.to_string())?;
+        let Some(winner) = decide_grab(None, &team, &order).cloned() else { return Ok(()) };
+        let before = stored.doc.get_heads();
+        stored
+            .doc
+            .transact::<_, _, doc::DocError>(|tx| doc::record_owner(tx, &winner))
+            .map_err(|f| f.error.to_string())?;
+        let chunk = stored.doc.save_after(&before);
+        let (id, team_id) = (doc_id.to_owned(), stored.team.clone());
+        self.blocking(move |s| s.append_chunk(&id, &team_id, &chunk)).await.map_err(|e| e.to_string())?;
+        info!(%doc_id, %winner, "grab decided");
+        Ok(())
+    }
+
+    async fn handle_pending(
+        &self,
+        session: &Session,
+        doc_id: &str,
+        message: sync::Message,
+        is_request: bool,
+        e: &mut DocEntry,
+    ) {
+        let unavailable = WireMessage::DocUnavailable {
+            sender_id: self.peer_id.clone(),
+            target_id: session.peer_id.clone(),
+            document_id: doc_id.to_owned(),
+        };
+        let (pdoc, pstate) = e.pending.entry(session.conn).or_insert_with(|| (Automerge::new(), sync::State::new()));
+        if pdoc.receive_sync_message(pstate, message).is_err() {
+            e.pending.remove(&session.conn);
+            session.send(unavailable);
+            return;
+        }
+        let has_content = matches!(doc::check_schema(pdoc), Ok(true));
+        if !has_content {
+            if is_request || pdoc.get_heads().is_empty() && pstate.their_heads.as_ref().is_none_or(Vec::is_empty) {
+                e.pending.remove(&session.conn);
+                session.send(unavailable);
+            } else if let Some(m) = pdoc.generate_sync_message(pstate) {
+                // Ask for the changes of the new document.
+                session.send(WireMessage::Sync {
+                    sender_id: self.peer_id.clone(),
+                    target_id: session.peer_id.clone(),
+                    document_id: doc_id.to_owned(),
+                    data: m.encode(),
+                });
+            }
+            return;
+        }
+        let Some((pdoc, pstate)) = e.pending.remove(&session.conn) else { return };
+        let header = match doc::read_header(&pdoc) {
+            Ok(h) if h.id.as_str() == doc_id && h.owner.is_none() && session.agent.role_in(&h.team).is_some() => h,
+            _ => {
+                session.send(unavailable);
+                return;
+            }
+        };
+        let full = pdoc.save();
+        let (id, team) = (doc_id.to_owned(), header.team.clone());
+        if let Err(err) = self.blocking(move |s| s.append_chunk(&id, &team, &full)).await {
+            warn!(%doc_id, %err, "storing a new document failed");
+            session.error(&self.peer_id, "the relay could not store this conversation; it will be sent again");
+            return;
+        }
+        info!(%doc_id, team = %header.team, agent = %session.agent.id, "conversation created");
+        let mut stored = StoredDoc { doc: pdoc.with_actor(self.actor.clone()), team: header.team.clone() };
+        if let Err(reason) = self.decide_grab(doc_id, &mut stored, header).await {
+            session.error(&self.peer_id, reason);
+        }
+        e.peers.insert(session.conn, (session.clone(), pstate));
+        // Announce the new conversation to everyone else connected who may see it.
+        let others: Vec<Session> = {
+            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions
+                .values()
+                .filter(|s| s.conn != session.conn && s.agent.role_in(&stored.team).is_some())
+                .cloned()
+                .collect()
+        };
+        for s in others {
+            e.peers.entry(s.conn).or_insert_with(|| (s.clone(), sync::State::new()));
+        }
+        e.stored = Some(stored);
+        if let Some(stored) = &mut e.stored {
+            advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
+        }
+    }
+
+    async fn handle_ephemeral(&self, session: &Session, doc_id: String, count: u64, session_id: String, data: Vec<u8>) {
+        let entry = self.entry(&doc_id);
+        let e = entry.lock().await;
+        let Some(stored) = &e.stored else { return };
+        if session.agent.role_in(&stored.team).is_none() {
+            return;
+        }
+        for (conn, (peer, _)) in &e.peers {
+            if *conn != session.conn {
+                peer.send(WireMessage::Ephemeral {
+                    sender_id: session.peer_id.clone(),
+                    target_id: peer.peer_id.clone(),
+                    document_id: doc_id.clone(),
+                    count,
+                    session_id: session_id.clone(),
+                    data: data.clone(),
+                });
+            }
+        }
+    }
+
+    async fn disconnect(&self, conn: ConnId, touched: &HashSet<String>) {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn);
+        for id in touched {
+            let entry = self.entry(id);
+            let mut e = entry.lock().await;
+            e.peers.remove(&conn);
+            e.pending.remove(&conn);
+        }
+        // Documents announced to this connection hold a stale entry until their next change; they
+        // skip closed channels (try_send fails) and are removed here when known.
+    }
+}
+
+/// Sends every peer of a document whatever sync message it needs now. Called only after changes
+/// are stored, so the heads it advertises are durable.
+fn advertise(relay_peer: &str, doc_id: &str, doc: &mut Automerge, peers: &mut HashMap<ConnId, (Session, sync::State)>) {
+    peers.retain(|_, (session, _)| !session.tx.is_closed());
+    for (session, state) in peers.values_mut() {
+        if let Some(m) = doc.generate_sync_message(state) {
+            session.send(WireMessage::Sync {
+                sender_id: relay_peer.to_owned(),
+                target_id: session.peer_id.clone(),
+                document_id: doc_id.to_owned(),
+                data: m.encode(),
+            });
+        }
+    }
+}
+
+async fn health(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
+    let connections = relay.sessions.lock().map(|s| s.len()).unwrap_or(0);
+    let documents = relay.docs.lock().map(|d| d.len()).unwrap_or(0);
+    axum::Json(serde_json::json!({ "status": "ok", "connections": connections, "documents_loaded": documents }))
+}
+
+/// The signed-in agent, their teams (membership and roles as the relay knows them) and the ids of
+/// their teams' conversations: what a replica needs to mirror before syncing.
+async fn me(State(relay): State<Arc<Relay>>, headers: HeaderMap, Query(q): Query<TokenQuery>) -> Response {
+    let agent = match relay.authenticate(bearer(&headers, &q)).await {
+        Ok(Some(a)) => a,
+        Ok(None) => return (StatusCode::UNAUTHORIZED, "missing, unknown or revoked token").into_response(),
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let team_ids: Vec<TeamId> = agent.teams.iter().map(|(t, _)| t.clone()).collect();
+    let result = relay
+        .blocking(move |s| {
+            let teams: Vec<_> = s.teams()?.into_iter().filter(|t| team_ids.contains(&t.id)).collect();
+            let documents = s.documents_of(&team_ids)?;
+            Ok((teams, documents))
+        })
+        .await;
+    match result {
+        Ok((teams, documents)) => axum::Json(serde_json::json!({
+            "agent": { "id": agent.id, "name": agent.name },
+            "teams": teams,
+            "documents": documents,
+            "relay_storage_id": relay.storage_id,
+        }))
+        .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn websocket(
+    State(relay): State<Arc<Relay>>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let agent = relay.authenticate(bearer(&headers, &q)).await;
+    let max = relay.config.max_frame_bytes;
+    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| async move {
+        match agent {
+            Ok(Some(agent)) => {
+                let conn = relay.next_conn.fetch_add(1, Ordering::Relaxed);
+                let span = info_span!("connection", conn, agent = %agent.id);
+                connection(relay, socket, conn, Arc::new(agent)).instrument(span).await;
+            }
+            Ok(None) => refuse(socket, "authentication failed: missing, unknown or revoked token").await,
+            Err(e) => refuse(socket, &format!("the relay cannot check tokens right now: {e}")).await,
+        }
+    })
+}
+
+/// Accepts the upgrade only to say why, then closes (a plain 401 crashes some Node clients).
+async fn refuse(mut socket: WebSocket, reason: &str) {
+    let error = WireMessage::Error { sender_id: String::new(), target_id: String::new(), message: reason.to_owned() };
+    let _ = socket.send(Message::Binary(error.encode().into())).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: 4001,
+            reason: reason.chars().take(100).collect::<String>().into(),
+        })))
+        .await;
+}
+
+async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: Arc<Agent>) {
+    let (mut sink, mut stream) = socket.split();
+    // Handshake: the first message must be `join`.
+    let join = tokio::time::timeout(relay.config.handshake_timeout, stream.next()).await;
+    let peer_id = match join {
+        Ok(Some(Ok(Message::Binary(frame)))) => match WireMessage::decode(&frame) {
+            Ok(WireMessage::Join { sender_id, supported_protocol_versions, .. }) => {
+                if !supported_protocol_versions.iter().any(|v| v == "1") {
+                    let m = WireMessage::Error {
+                        sender_id: relay.peer_id.clone(),
+                        target_id: sender_id,
+                        message: "unsupported protocol version".into(),
+                    };
+                    let _ = sink.send(Message::Binary(m.encode().into())).await;
+                    return;
+                }
+                sender_id
+            }
+            _ => {
+                let m = WireMessage::Error {
+                    sender_id: relay.peer_id.clone(),
+                    target_id: String::new(),
+                    message: "expected a join message first".into(),
+                };
+                let _ = sink.send(Message::Binary(m.encode().into())).await;
+                return;
+            }
+        },
+        _ => return,
+    };
+    let peer = WireMessage::Peer {
+        sender_id: relay.peer_id.clone(),
+        target_id: peer_id.clone(),
+        peer_metadata: PeerMetadata { storage_id: Some(relay.storage_id.clone()), is_ephemeral: false },
+        selected_protocol_version: "1".into(),
+    };
+    if sink.send(Message::Binary(peer.encode().into())).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<WireMessage>(relay.config.outbound_queue);
+    let overloaded = Arc::new(Notify::new());
+    let session = Session { conn, agent: agent.clone(), peer_id: peer_id.clone(), tx, overloaded: overloaded.clone() };
+    relay.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(conn, session.clone());
+    debug!(%peer_id, "joined");
+
+    let keepalive = relay.config.keepalive;
+    let mut stop = relay.stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut ping = tokio::time::interval(keepalive);
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => if sink.send(Message::Binary(m.encode().into())).await.is_err() { break },
+                    None => break,
+                },
+                _ = ping.tick() => if sink.send(Message::Ping(Vec::new().into())).await.is_err() { break },
+                _ = stopped(&mut stop) => {
+                    let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "relay shutting down".into() }))).await;
+                    break;
+                }
+            }
+        }
+    });
+
+    let mut touched: HashSet<String> = HashSet::new();
+    let mut stop = relay.stop.clone();
+    let mut strikes = 0;
+    loop {
+        let frame = tokio::select! {
+            f = tokio::time::timeout(keepalive * 3, stream.next()) => f,
+            _ = overloaded.notified() => {
+                warn!("connection too slow; dropped (it will resync on reconnect)");
+                break;
+            }
+            _ = stopped(&mut stop) => break,
+        };
+        let message = match frame {
+            Err(_) => {
+                debug!("silent for too long; dropped");
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                debug!(%e, "connection error");
+                break;
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        let frame = match message {
+            Message::Binary(b) => b,
+            Message::Text(_) => {
+                session.error(&relay.peer_id, "text frames are not part of the protocol; send binary CBOR");
+                strikes += 1;
+                if strikes > 10 {
+                    break;
+                }
+                continue;
+            }
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        match WireMessage::decode(&frame) {
+            Ok(WireMessage::Request { document_id, data, .. }) => {
+                touched.insert(document_id.clone());
+                relay.handle_sync(&session, document_id, data, true).await;
+            }
+            Ok(WireMessage::Sync { document_id, data, .. }) => {
+                touched.insert(document_id.clone());
+                relay.handle_sync(&session, document_id, data, false).await;
+            }
+            Ok(WireMessage::Ephemeral { document_id, count, session_id, data, .. }) => {
+                relay.handle_ephemeral(&session, document_id, count, session_id, data).await;
+            }
+            Ok(WireMessage::Join { .. } | WireMessage::Peer { .. }) => {
+                session.error(&relay.peer_id, "already joined");
+            }
+            Ok(WireMessage::Error { message, .. }) => debug!(%message, "peer reported an error"),
+            Ok(WireMessage::DocUnavailable { .. } | WireMessage::Other { .. }) => {}
+            Err(e) => {
+                session.error(&relay.peer_id, format!("malformed message: {e}"));
+                strikes += 1;
+                if strikes > 10 {
+                    warn!("too many malformed messages; dropped");
+                    break;
+                }
+            }
+        }
+    }
+    relay.disconnect(conn, &touched).await;
+    drop(session);
+    writer.abort();
+    debug!("disconnected");
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped at once, so this future stays `Send`.
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,353 @@
+//! The relay's SQLite: accounts, tokens (hashed), documents as fsynced chunks, the grab log.
+//! WAL with synchronous=FULL: a commit that returned is on disk.
+
+use crewdesk::domain::{AgentId, Member, Role, Team, TeamId, TeamMode};
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_relay.sql")];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("relay storage failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("a stored row could not be read: {0}")]
+    Row(#[from] serde_json::Error),
+    #[error("the relay data was written by a newer Crewdesk (schema {found}, this build knows {supported})")]
+    NewerSchema { found: i64, supported: i64 },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// An authenticated agent and the teams they belong to, with their role in each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Agent {
+    pub id: AgentId,
+    pub name: String,
+    pub teams: Vec<(TeamId, Role)>,
+}
+
+impl Agent {
+    pub fn role_in(&self, team: &TeamId) -> Option<Role> {
+        self.teams.iter().find(|(t, _)| t == team).map(|(_, r)| *r)
+    }
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+pub fn hash_token(token: &str) -> String {
+    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_millis() -> i64 {
+    crewdesk::domain::Timestamp::now().0
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Invalid(format!("cannot create data directory {}: {e}", dir.display())))?;
+        let conn = Connection::open(dir.join("relay.sqlite3"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if found > known {
+            return Err(StoreError::NewerSchema { found, supported: known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.commit()?;
+        }
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This relay's stable storage id (automerge-repo peers use it to remember sync state).
+    pub fn storage_id(&self) -> Result<String, StoreError> {
+        let conn = self.conn();
+        if let Some(id) =
+            conn.query_row("SELECT value FROM meta WHERE key = 'storage_id'", [], |r| r.get(0)).optional()?
+        {
+            return Ok(id);
+        }
+        let id = crewdesk::sync::document_id::encode(&rand::random());
+        conn.execute("INSERT INTO meta (key, value) VALUES ('storage_id', ?1)", [&id])?;
+        Ok(id)
+    }
+
+    // ---- accounts ------------------------------------------------------------------------------
+
+    pub fn put_team(&self, team: &Team) -> Result<(), StoreError> {
+        team.thresholds.validate().map_err(|e| StoreError::Invalid(e.to_string()))?;
+        if team.id.as_str().trim().is_empty() || team.name.trim().is_empty() {
+            return Err(StoreError::Invalid("a team needs an id and a name".into()));
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let body = Team { members: Vec::new(), ..team.clone() };
+        tx.execute(
+            "INSERT INTO teams (id, name, mode, body) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, mode = excluded.mode, body = excluded.body",
+            params![team.id.as_str(), team.name, mode_str(team.mode), serde_json::to_string(&body)?],
+        )?;
+        for m in &team.members {
+            add_member_tx(&tx, &team.id, m)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn add_member(&self, team: &TeamId, member: &Member) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let exists: bool =
+            tx.query_row("SELECT count(*) FROM teams WHERE id = ?1", [team.as_str()], |r| r.get::<_, i64>(0))? > 0;
+        if !exists {
+            return Err(StoreError::Invalid(format!("no team `{team}`; create it first")));
+        }
+        add_member_tx(&tx, team, member)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_member(&self, team: &TeamId, agent: &AgentId) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM memberships WHERE team = ?1 AND agent = ?2", [team.as_str(), agent.as_str()])?
+            > 0)
+    }
+
+    /// Every team with its members, as replicas receive them.
+    pub fn teams(&self) -> Result<Vec<Team>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT body FROM teams ORDER BY id")?;
+        let mut teams: Vec<Team> = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .map(|b| Ok(serde_json::from_str(&b?)?))
+            .collect::<Result<_, StoreError>>()?;
+        let mut stmt = conn.prepare(
+            "SELECT m.team, m.agent, a.name, m.role FROM memberships m JOIN agents a ON a.id = m.agent ORDER BY m.team, m.agent",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+        })?;
+        for row in rows {
+            let (team, agent, name, role) = row?;
+            if let Some(t) = teams.iter_mut().find(|t| t.id.as_str() == team) {
+                t.members.push(Member { agent: AgentId(agent), name, role: parse_role(&role)? });
+            }
+        }
+        Ok(teams)
+    }
+
+    /// Issues a new token for an agent; returns the token (only its hash is stored).
+    pub fn issue_token(&self, agent: &AgentId, label: &str) -> Result<String, StoreError> {
+        let conn = self.conn();
+        let exists: i64 =
+            conn.query_row("SELECT count(*) FROM agents WHERE id = ?1", [agent.as_str()], |r| r.get(0))?;
+        if exists == 0 {
+            return Err(StoreError::Invalid(format!("no agent `{agent}`; add them to a team first")));
+        }
+        let token = format!("cdt_{}", crewdesk::sync::document_id::encode(&rand::random()));
+        conn.execute(
+            "INSERT INTO tokens (hash, agent, label, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![hash_token(&token), agent.as_str(), label, now_millis()],
+        )?;
+        Ok(token)
+    }
+
+    /// Revokes every token of an agent, or the one token given. Returns how many were revoked.
+    pub fn revoke_tokens(&self, agent: &AgentId, token: Option<&str>) -> Result<usize, StoreError> {
+        let conn = self.conn();
+        let n = match token {
+            Some(t) => conn.execute(
+                "UPDATE tokens SET revoked_at = ?1 WHERE agent = ?2 AND hash = ?3 AND revoked_at IS NULL",
+                params![now_millis(), agent.as_str(), hash_token(t)],
+            )?,
+            None => conn.execute(
+                "UPDATE tokens SET revoked_at = ?1 WHERE agent = ?2 AND revoked_at IS NULL",
+                params![now_millis(), agent.as_str()],
+            )?,
+        };
+        Ok(n)
+    }
+
+    /// The agent a valid (issued, not revoked) token belongs to.
+    pub fn authenticate(&self, token: &str) -> Result<Option<Agent>, StoreError> {
+        if token.is_empty() || token.len() > 200 {
+            return Ok(None);
+        }
+        let conn = self.conn();
+        let agent: Option<(String, String)> = conn
+            .query_row(
+                "SELECT a.id, a.name FROM tokens t JOIN agents a ON a.id = t.agent WHERE t.hash = ?1 AND t.revoked_at IS NULL",
+                [hash_token(token)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((id, name)) = agent else { return Ok(None) };
+        let mut stmt = conn.prepare("SELECT team, role FROM memberships WHERE agent = ?1 ORDER BY team")?;
+        let teams = stmt
+            .query_map([&id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .map(|row| {
+                let (team, role) = row?;
+                Ok((TeamId(team), parse_role(&role)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Some(Agent { id: AgentId(id), name, teams }))
+    }
+
+    /// The accounts as a table for the admin CLI (tokens by label and state, never the token).
+    pub fn describe(&self) -> Result<String, StoreError> {
+        let mut out = String::new();
+        for team in self.teams()? {
+            out.push_str(&format!("team {} \"{}\" ({} mode)\n", team.id, team.name, mode_str(team.mode)));
+            for m in &team.members {
+                out.push_str(&format!("  {} \"{}\" {}\n", m.agent, m.name, role_str(m.role)));
+            }
+        }
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT agent, label, revoked_at IS NOT NULL FROM tokens ORDER BY agent, created_at")?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?)))? {
+            let (agent, label, revoked) = row?;
+            out.push_str(&format!("token for {agent} \"{label}\"{}\n", if revoked { " (revoked)" } else { "" }));
+        }
+        Ok(out)
+    }
+
+    // ---- documents -----------------------------------------------------------------------------
+
+    /// A stored document's team and bytes (all chunks concatenated).
+    pub fn load_document(&self, id: &str) -> Result<Option<(TeamId, Vec<u8>)>, StoreError> {
+        let conn = self.conn();
+        let team: Option<String> =
+            conn.query_row("SELECT team FROM documents WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        let Some(team) = team else { return Ok(None) };
+        let mut stmt = conn.prepare_cached("SELECT bytes FROM doc_chunks WHERE doc_id = ?1 ORDER BY seq")?;
+        let mut bytes = Vec::new();
+        for chunk in stmt.query_map([id], |r| r.get::<_, Vec<u8>>(0))? {
+            bytes.extend(chunk?);
+        }
+        Ok(Some((TeamId(team), bytes)))
+    }
+
+    /// Appends a chunk (creating the document row on first write) and commits with fsync.
+    pub fn append_chunk(&self, id: &str, team: &TeamId, chunk: &[u8]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("INSERT OR IGNORE INTO documents (id, team) VALUES (?1, ?2)", [id, team.as_str()])?;
+        tx.prepare_cached(
+            "INSERT INTO doc_chunks (doc_id, seq, bytes)
+             VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM doc_chunks WHERE doc_id = ?1), ?2)",
+        )?
+        .execute(params![id, chunk])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Replaces a document's chunks by one full save.
+    pub fn compact(&self, id: &str, full: &[u8]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM doc_chunks WHERE doc_id = ?1", [id])?;
+        tx.execute("INSERT INTO doc_chunks (doc_id, seq, bytes) VALUES (?1, 1, ?2)", params![id, full])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn chunk_count(&self, id: &str) -> Result<usize, StoreError> {
+        Ok(self.conn().query_row("SELECT count(*) FROM doc_chunks WHERE doc_id = ?1", [id], |r| r.get::<_, i64>(0))?
+            as usize)
+    }
+
+    /// Documents of the given teams with their ids (for a replica catching up).
+    pub fn documents_of(&self, teams: &[TeamId]) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT id FROM documents WHERE team = ?1 ORDER BY id")?;
+        let mut out = Vec::new();
+        for t in teams {
+            for id in stmt.query_map([t.as_str()], |r| r.get::<_, String>(0))? {
+                out.push(id?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records grab requests in arrival order; returns the full order for the document.
+    pub fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for a in agents {
+            tx.execute(
+                "INSERT OR IGNORE INTO grab_log (doc_id, agent, received_at) VALUES (?1, ?2, ?3)",
+                params![doc, a.as_str(), now_millis()],
+            )?;
+        }
+        let order = {
+            let mut stmt = tx.prepare("SELECT agent FROM grab_log WHERE doc_id = ?1 ORDER BY seq")?;
+            stmt.query_map([doc], |r| r.get::<_, String>(0))?.map(|a| a.map(AgentId)).collect::<Result<Vec<_>, _>>()?
+        };
+        tx.commit()?;
+        Ok(order)
+    }
+}
+
+fn add_member_tx(tx: &rusqlite::Transaction<'_>, team: &TeamId, m: &Member) -> Result<(), StoreError> {
+    if m.agent.as_str().trim().is_empty() || m.agent.as_str().len() > 100 {
+        return Err(StoreError::Invalid("an agent id must be 1 to 100 characters".into()));
+    }
+    tx.execute(
+        "INSERT INTO agents (id, name) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+        [m.agent.as_str(), &m.name],
+    )?;
+    tx.execute(
+        "INSERT INTO memberships (team, agent, role) VALUES (?1, ?2, ?3)
+         ON CONFLICT (team, agent) DO UPDATE SET role = excluded.role",
+        [team.as_str(), m.agent.as_str(), role_str(m.role)],
+    )?;
+    Ok(())
+}
+
+pub fn mode_str(mode: TeamMode) -> &'static str {
+    match mode {
+        TeamMode::Open => "open",
+        TeamMode::Grab => "grab",
+    }
+}
+
+pub fn role_str(role: Role) -> &'static str {
+    match role {
+        Role::Representative => "representative",
+        Role::Admin => "admin",
+    }
+}
+
+pub fn parse_role(role: &str) -> Result<Role, StoreError> {
+    match role {
+        "representative" | "rep" => Ok(Role::Representative),
+        "admin" => Ok(Role::Admin),
+        other => Err(StoreError::Invalid(format!("unknown role `{other}` (representative or admin)"))),
+    }
+}
+
+pub fn parse_mode(mode: &str) -> Result<TeamMode, StoreError> {
+    match mode {
+        "open" => Ok(TeamMode::Open),
+        "grab" => Ok(TeamMode::Grab),
+        other => Err(StoreError::Invalid(format!("unknown team mode `{other}` (open or grab)"))),
+    }
+}

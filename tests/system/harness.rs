@@ -1,0 +1,179 @@
+//! Test harness: a real relay on 127.0.0.1:0 in this process (stoppable and restartable on the same
+//! port and data), demo accounts, replicas with sync drivers, and a raw protocol client.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
+use crewdesk::demo;
+use crewdesk::domain::{AgentId, ConversationId};
+use crewdesk::replica::Replica;
+use crewdesk::sync::wire::{PeerMetadata, WireMessage};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use sync_client::{ClientConfig, SharedReplica, SyncClient};
+use sync_server::store::Store;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+pub struct TestRelay {
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestRelay {
+    /// Starts a relay on a free loopback port with the demo teams; returns it and a token per agent.
+    pub async fn start(data: PathBuf) -> (TestRelay, HashMap<String, String>) {
+        let store = Store::open(&data).unwrap();
+        for team in demo::teams() {
+            store.put_team(&team).unwrap();
+        }
+        let tokens = demo::AGENTS
+            .iter()
+            .map(|(a, ..)| (a.to_string(), store.issue_token(&AgentId::from(*a), "test").unwrap()))
+            .collect();
+        drop(store);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut relay = TestRelay { addr, data, stop: None, task: None };
+        relay.serve(listener);
+        (relay, tokens)
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let (tx, rx) = oneshot::channel();
+        let config = sync_server::Config {
+            data_dir: self.data.clone(),
+            listen: self.addr,
+            keepalive: Duration::from_secs(1),
+            ..sync_server::Config::default()
+        };
+        self.stop = Some(tx);
+        self.task = Some(tokio::spawn(async move {
+            sync_server::run(listener, config, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        }));
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task).await.expect("relay stops").unwrap();
+        }
+    }
+
+    /// Starts again on the same port with the same data.
+    pub async fn restart(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot rebind {}: {e}", self.addr),
+            }
+        };
+        self.serve(listener);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A replica with its sync driver.
+pub struct Agent {
+    pub replica: SharedReplica,
+    pub client: SyncClient,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    pub fn start(relay: &TestRelay, tokens: &HashMap<String, String>, agent: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let replica = Replica::open(dir.path().join("replica.sqlite3"), AgentId::from(agent)).unwrap();
+        let replica = Arc::new(Mutex::new(replica));
+        let (events, mut rx) = mpsc::channel(1024);
+        // Events are not needed by these tests; keep the channel drained.
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let mut config = ClientConfig::new(relay.url(), tokens[agent].clone());
+        config.max_backoff = Duration::from_millis(500);
+        let client = SyncClient::spawn(config, replica.clone(), events);
+        Agent { replica, client, _dir: dir }
+    }
+
+    pub fn with<T>(&self, f: impl FnOnce(&mut Replica) -> T) -> T {
+        f(&mut self.replica.lock().unwrap())
+    }
+
+    /// Runs an action and tells the driver the conversation changed.
+    pub fn act<T>(&self, id: &ConversationId, f: impl FnOnce(&mut Replica) -> T) -> T {
+        let out = self.with(f);
+        self.client.changed(id.clone());
+        out
+    }
+}
+
+/// Polls `cond` until it holds or `secs` pass.
+pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A bare protocol client, for hostile and access tests.
+pub struct RawClient {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl RawClient {
+    pub async fn connect(relay: &TestRelay, token: Option<&str>) -> RawClient {
+        let url = match token {
+            Some(t) => format!("ws://{}/?token={t}", relay.addr),
+            None => format!("ws://{}/", relay.addr),
+        };
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        RawClient { ws }
+    }
+
+    pub async fn send(&mut self, m: &WireMessage) {
+        self.ws.send(Message::Binary(m.encode().into())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, m: Message) -> bool {
+        self.ws.send(m).await.is_ok()
+    }
+
+    pub async fn join(&mut self) -> WireMessage {
+        let join = WireMessage::Join {
+            sender_id: "raw".into(),
+            peer_metadata: PeerMetadata::default(),
+            supported_protocol_versions: vec!["1".into()],
+        };
+        self.send(&join).await;
+        self.next().await.expect("an answer to join")
+    }
+
+    /// The next protocol message, or `None` when the connection closes (5 s at most).
+    pub async fn next(&mut self) -> Option<WireMessage> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), self.ws.next()).await.ok()?? {
+                Ok(Message::Binary(b)) => return Some(WireMessage::decode(&b).unwrap()),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+}

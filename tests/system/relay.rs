@@ -1,0 +1,272 @@
+//! The relay end to end on loopback: replicas converge through it, offline work is delivered after
+//! a restart, access is per team, grabs have exactly one winner, hostile input is refused.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use crewdesk::demo;
+use crewdesk::domain::access::GrabState;
+use crewdesk::domain::{
+    Author, Channel, ConversationId, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp,
+};
+use crewdesk::replica::doc::{self, NewConversation};
+use crewdesk::sync::wire::WireMessage;
+use system_tests::{Agent, RawClient, TestRelay, eventually};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+fn new_conversation(team: &str, channel: Channel) -> (NewConversation, Message) {
+    let id = doc::new_conversation_id(&mut rand::rng());
+    let now = Timestamp::now();
+    let new = NewConversation {
+        id: id.clone(),
+        team: TeamId::from(team),
+        channel,
+        customer: Customer {
+            id: CustomerId::from("cust-1"),
+            name: "Maya Hansen".into(),
+            email: Some("maya@example.com".into()),
+            ..Default::default()
+        },
+        created_at: now,
+    };
+    let first = Message {
+        id: MessageId::from("m-first"),
+        at: now,
+        author: Author::Customer,
+        body: MessageBody::Text { text: "Hello?".into() },
+    };
+    (new, first)
+}
+
+fn text(t: &str) -> MessageBody {
+    MessageBody::Text { text: t.into() }
+}
+
+fn message_texts(agent: &Agent, id: &ConversationId) -> Vec<String> {
+    agent.with(|r| {
+        r.stored_messages(id)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| match m.body {
+                MessageBody::Text { text } => text,
+                other => format!("{other:?}"),
+            })
+            .collect()
+    })
+}
+
+async fn connected(agent: &Agent) {
+    let mut status = agent.client.status();
+    tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| s.connected))
+        .await
+        .expect("connects")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_see_each_other_through_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    let carol = Agent::start(&relay, &tokens, "carol");
+    connected(&bob).await;
+    connected(&carol).await;
+    let (new, first) = new_conversation(demo::SALES, Channel::WebWidget);
+    let id = new.id.clone();
+    bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    bob.act(&id, |r| r.send(&id, text("Hi Maya, Bob here."), Timestamp::now()).unwrap());
+    eventually(10, "carol sees bob's reply", || message_texts(&carol, &id) == ["Hello?", "Hi Maya, Bob here."]).await;
+    carol.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    carol.act(&id, |r| r.send(&id, text("Carol too."), Timestamp::now()).unwrap());
+    eventually(10, "bob sees carol's reply", || message_texts(&bob, &id).len() == 3).await;
+    eventually(10, "index rows converge", || {
+        bob.with(|r| r.stored_summaries().unwrap()) == carol.with(|r| r.stored_summaries().unwrap())
+    })
+    .await;
+    eventually(10, "everything is durable on the relay", || {
+        bob.with(|r| r.unsynced().unwrap().0) == 0 && carol.with(|r| r.unsynced().unwrap().0) == 0
+    })
+    .await;
+    assert_eq!(bob.with(|r| r.summary(&id).unwrap().crew_in_room.len()), 2);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_sends_are_delivered_once_in_order_after_the_relay_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    let carol = Agent::start(&relay, &tokens, "carol");
+    connected(&bob).await;
+    let (new, first) = new_conversation(demo::SALES, Channel::Email);
+    let id = new.id.clone();
+    bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    eventually(10, "carol has the conversation", || message_texts(&carol, &id).len() == 1).await;
+    eventually(10, "bob is fully synced", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+
+    relay.stop().await;
+    let mut status = bob.client.status();
+    tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| !s.connected)).await.unwrap().unwrap();
+    let base = Timestamp::now();
+    for i in 0..5 {
+        bob.act(&id, |r| r.send(&id, text(&format!("offline {i}")), base.plus(i)).unwrap());
+    }
+    assert_eq!(bob.with(|r| r.unsynced().unwrap()), (5, vec![id.clone()]), "five changes wait for the relay");
+    eventually(5, "the status shows them", || bob.client.status().borrow().unsynced_changes == 5).await;
+
+    relay.restart().await;
+    let expected: Vec<String> =
+        std::iter::once("Hello?".to_owned()).chain((0..5).map(|i| format!("offline {i}"))).collect();
+    eventually(20, "carol receives the offline messages", || message_texts(&carol, &id) == expected).await;
+    eventually(10, "bob's outbox empties", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+    // Once each: the relay's stored document holds each message once, in order.
+    assert_eq!(message_texts(&bob, &id), expected);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_is_per_team_and_refusals_look_like_missing_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    connected(&bob).await;
+    let (new, first) = new_conversation(demo::SALES, Channel::WhatsApp);
+    let sales_id = new.id.clone();
+    bob.act(&sales_id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    eventually(10, "stored on the relay", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+
+    // dave is only in Support: the Sales conversation is "unavailable", like one that does not exist.
+    let mut dave = RawClient::connect(&relay, Some(&tokens["dave"])).await;
+    assert!(matches!(dave.join().await, WireMessage::Peer { .. }));
+    let empty_sync = automerge::sync::Message::decode(&{
+        let mut state = automerge::sync::State::new();
+        automerge::sync::SyncDoc::generate_sync_message(&automerge::Automerge::new(), &mut state).unwrap().encode()
+    })
+    .unwrap()
+    .encode();
+    let missing = doc::new_conversation_id(&mut rand::rng());
+    for doc_id in [sales_id.0.clone(), missing.0.clone()] {
+        dave.send(&WireMessage::Request {
+            sender_id: "raw".into(),
+            target_id: "relay".into(),
+            document_id: doc_id.clone(),
+            data: empty_sync.clone(),
+        })
+        .await;
+        match dave.next().await.unwrap() {
+            WireMessage::DocUnavailable { document_id, .. } => assert_eq!(document_id, doc_id),
+            other => panic!("expected doc-unavailable, got {other:?}"),
+        }
+    }
+
+    // Tokens: missing, unknown and revoked are refused with an error and a closed connection.
+    let store = sync_server::store::Store::open(dir.path()).unwrap();
+    assert_eq!(store.revoke_tokens(&"carol".into(), None).unwrap(), 1);
+    for token in [None, Some("cdt_not-a-token"), Some(tokens["carol"].as_str())] {
+        let mut client = RawClient::connect(&relay, token).await;
+        match client.next().await {
+            Some(WireMessage::Error { message, .. }) => assert!(message.contains("authentication failed"), "{message}"),
+            other => panic!("expected an error for {token:?}, got {other:?}"),
+        }
+        assert_eq!(client.next().await, None, "connection closed");
+    }
+    // The HTTP API refuses a revoked token too, and answers a valid one.
+    assert_eq!(http_status(&relay, "/api/me", Some(&tokens["carol"])).await, 401);
+    assert_eq!(http_status(&relay, "/api/me", None).await, 401);
+    assert_eq!(http_status(&relay, "/api/me", Some(&tokens["dave"])).await, 200);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grab_race_has_exactly_one_owner_on_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let ada = Agent::start(&relay, &tokens, "ada");
+    let reps: Vec<Agent> = ["bob", "dave", "erin"].iter().map(|a| Agent::start(&relay, &tokens, a)).collect();
+    connected(&ada).await;
+    for r in &reps {
+        connected(r).await;
+    }
+    let (new, first) = new_conversation(demo::SUPPORT, Channel::WebWidget);
+    let id = new.id.clone();
+    ada.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    for r in &reps {
+        eventually(10, "the representative has the conversation", || r.with(|x| x.summary(&id).is_some())).await;
+    }
+    // The relay is down: every grab is made offline and waits for confirmation.
+    eventually(10, "ada's conversation is on the relay", || ada.with(|r| r.unsynced().unwrap().0) == 0).await;
+    relay.stop().await;
+    let now = Timestamp::now();
+    for (i, r) in reps.iter().enumerate() {
+        r.act(&id, |x| x.grab(&id, now.plus(i as i64)).unwrap());
+        assert_eq!(r.with(|x| x.conversation(&id, now).unwrap().grab), GrabState::AwaitingConfirmation);
+    }
+    relay.restart().await;
+    let states = || {
+        reps.iter()
+            .map(|r| r.with(|x| x.conversation(&id, Timestamp::now()).map(|d| d.grab).unwrap_or(GrabState::Lost)))
+            .collect::<Vec<_>>()
+    };
+    eventually(20, "everyone knows the winner", || {
+        let owners: Vec<_> =
+            reps.iter().chain([&ada]).map(|r| r.with(|x| x.summary(&id).and_then(|s| s.owner.clone()))).collect();
+        owners.iter().all(|o| o.is_some() && *o == owners[0])
+    })
+    .await;
+    let states = states();
+    assert_eq!(states.iter().filter(|s| **s == GrabState::Won).count(), 1, "{states:?}");
+    assert_eq!(states.iter().filter(|s| **s == GrabState::Lost).count(), 2, "{states:?}");
+    let owner = ada.with(|x| x.summary(&id).unwrap().owner.clone().unwrap());
+    assert!(ada.with(|x| x.summary(&id).unwrap().crew_in_room.contains(&owner)), "the winner is in the room");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_gets_an_error_and_everyone_else_keeps_syncing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    let carol = Agent::start(&relay, &tokens, "carol");
+    connected(&bob).await;
+    connected(&carol).await;
+    let (new, first) = new_conversation(demo::SALES, Channel::Email);
+    let id = new.id.clone();
+    bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    eventually(10, "carol has it", || message_texts(&carol, &id).len() == 1).await;
+
+    let mut evil = RawClient::connect(&relay, Some(&tokens["erin"])).await;
+    assert!(matches!(evil.join().await, WireMessage::Peer { .. }));
+    // Malformed CBOR, a text frame, and garbage where a sync message belongs: each gets an error.
+    assert!(evil.send_raw(WsMessage::Binary(vec![0xff, 0x00, 0x13].into())).await);
+    assert!(matches!(evil.next().await, Some(WireMessage::Error { message, .. }) if message.contains("malformed")));
+    assert!(evil.send_raw(WsMessage::Text("hello".into())).await);
+    assert!(matches!(evil.next().await, Some(WireMessage::Error { message, .. }) if message.contains("binary")));
+    evil.send(&WireMessage::Sync {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.0.clone(),
+        data: b"garbage".to_vec(),
+    })
+    .await;
+    assert!(matches!(evil.next().await, Some(WireMessage::Error { message, .. }) if message.contains("malformed")));
+    // An oversized frame closes that connection.
+    let _ = evil.send_raw(WsMessage::Binary(vec![0_u8; 9 * 1024 * 1024].into())).await;
+    assert_eq!(evil.next().await, None);
+
+    // Everyone else is still served, and the stored conversation is intact.
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    bob.act(&id, |r| r.send(&id, text("still here"), Timestamp::now()).unwrap());
+    eventually(10, "carol still syncs", || message_texts(&carol, &id) == ["Hello?", "still here"]).await;
+    relay.stop().await;
+}
+
+async fn http_status(relay: &TestRelay, path: &str, token: Option<&str>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n", relay.addr);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap()
+}
