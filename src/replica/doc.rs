@@ -429,6 +429,8 @@ fn scalar_json(s: &ScalarValue) -> Json {
         ScalarValue::Str(s) => Json::String(s.to_string()),
         ScalarValue::Int(i) | ScalarValue::Timestamp(i) => Json::from(*i),
         ScalarValue::Uint(u) => Json::from(*u),
+        // JavaScript clients write every number as a float: whole ones read back as integers.
+        ScalarValue::F64(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Json::from(*f as i64),
         ScalarValue::F64(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
         ScalarValue::Counter(c) => Json::from(i64::from(c)),
         ScalarValue::Boolean(b) => Json::Bool(*b),

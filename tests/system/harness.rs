@@ -94,7 +94,9 @@ impl TestRelay {
 /// A replica with its sync driver.
 pub struct Agent {
     pub replica: SharedReplica,
-    pub client: SyncClient,
+    /// `None` while disconnected.
+    pub client: Option<SyncClient>,
+    config: ClientConfig,
     _dir: tempfile::TempDir,
 }
 
@@ -103,13 +105,32 @@ impl Agent {
         let dir = tempfile::tempdir().unwrap();
         let replica = Replica::open(dir.path().join("replica.sqlite3"), AgentId::from(agent)).unwrap();
         let replica = Arc::new(Mutex::new(replica));
-        let (events, mut rx) = mpsc::channel(1024);
-        // Events are not needed by these tests; keep the channel drained.
-        tokio::spawn(async move { while rx.recv().await.is_some() {} });
         let mut config = ClientConfig::new(relay.url(), tokens[agent].clone());
         config.max_backoff = Duration::from_millis(500);
-        let client = SyncClient::spawn(config, replica.clone(), events);
-        Agent { replica, client, _dir: dir }
+        let mut agent = Agent { replica, client: None, config, _dir: dir };
+        agent.reconnect();
+        agent
+    }
+
+    /// The sync driver (panics while disconnected).
+    pub fn client(&self) -> &SyncClient {
+        self.client.as_ref().expect("connected agent")
+    }
+
+    /// Stops syncing, as when the network goes away; local work goes on.
+    pub async fn disconnect(&mut self) {
+        if let Some(client) = self.client.take() {
+            client.shutdown().await;
+        }
+    }
+
+    pub fn reconnect(&mut self) {
+        if self.client.is_none() {
+            let (events, mut rx) = mpsc::channel(1024);
+            // Events are not needed by these tests; keep the channel drained.
+            tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            self.client = Some(SyncClient::spawn(self.config.clone(), self.replica.clone(), events));
+        }
     }
 
     pub fn with<T>(&self, f: impl FnOnce(&mut Replica) -> T) -> T {
@@ -119,7 +140,9 @@ impl Agent {
     /// Runs an action and tells the driver the conversation changed.
     pub fn act<T>(&self, id: &ConversationId, f: impl FnOnce(&mut Replica) -> T) -> T {
         let out = self.with(f);
-        self.client.changed(id.clone());
+        if let Some(client) = &self.client {
+            client.changed(id.clone());
+        }
         out
     }
 }

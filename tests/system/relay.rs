@@ -54,7 +54,7 @@ fn message_texts(agent: &Agent, id: &ConversationId) -> Vec<String> {
 }
 
 async fn connected(agent: &Agent) {
-    let mut status = agent.client.status();
+    let mut status = agent.client().status();
     tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| s.connected))
         .await
         .expect("connects")
@@ -105,14 +105,14 @@ async fn offline_sends_are_delivered_once_in_order_after_the_relay_restarts() {
     eventually(10, "bob is fully synced", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
 
     relay.stop().await;
-    let mut status = bob.client.status();
+    let mut status = bob.client().status();
     tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| !s.connected)).await.unwrap().unwrap();
     let base = Timestamp::now();
     for i in 0..5 {
         bob.act(&id, |r| r.send(&id, text(&format!("offline {i}")), base.plus(i)).unwrap());
     }
     assert_eq!(bob.with(|r| r.unsynced().unwrap()), (5, vec![id.clone()]), "five changes wait for the relay");
-    eventually(5, "the status shows them", || bob.client.status().borrow().unsynced_changes == 5).await;
+    eventually(5, "the status shows them", || bob.client().status().borrow().unsynced_changes == 5).await;
 
     relay.restart().await;
     let expected: Vec<String> =
@@ -269,4 +269,197 @@ async fn http_status(relay: &TestRelay, path: &str, token: Option<&str>) -> u16 
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn npm_automerge_repo_client_reads_and_appends() {
+    let interop = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop");
+    assert!(
+        interop.join("node_modules/@automerge/automerge-repo").exists(),
+        "the npm clients are not installed: run `npm ci --prefix tests/interop` (cargo xtask test does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    connected(&bob).await;
+    let (new, first) = new_conversation(demo::SALES, Channel::WebWidget);
+    let id = new.id.clone();
+    bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    bob.act(&id, |r| r.send(&id, text("Written in Rust"), Timestamp::now()).unwrap());
+    eventually(10, "stored on the relay", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+
+    let url = format!("ws://{}/?token={}", relay.addr, tokens["carol"]);
+    let output = tokio::process::Command::new("node")
+        .arg(interop.join("append.mjs"))
+        .args([url.as_str(), id.as_str(), "m-from-npm", "Written by an npm automerge-repo client"])
+        .output()
+        .await
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "node failed: {stdout} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains(r#"messages: ["Hello?","Written in Rust"]"#), "{stdout}");
+    assert!(stdout.contains("synced"), "{stdout}");
+    eventually(10, "the Rust replica sees the npm client's message", || {
+        message_texts(&bob, &id).last().map(String::as_str) == Some("Written by an npm automerge-repo client")
+    })
+    .await;
+    let summary = bob.with(|r| r.summary(&id).unwrap().clone());
+    assert_eq!(summary.message_count, 3);
+    assert!(summary.waiting_since.is_some(), "a customer message waits for a reply");
+
+    // A token for a team without this conversation gets "unavailable" from the npm client too.
+    let url = format!("ws://{}/?token={}", relay.addr, tokens["dave"]);
+    let output = tokio::process::Command::new("node")
+        .arg(interop.join("append.mjs"))
+        .args([url.as_str(), id.as_str(), "m-denied", "should not arrive"])
+        .output()
+        .await
+        .expect("node runs");
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("unavailable"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_simultaneous_grabs_some_offline_have_one_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, mut tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let store = sync_server::store::Store::open(dir.path()).unwrap();
+    let names: Vec<String> = (0..50).map(|i| format!("rep{i:02}")).collect();
+    for name in &names {
+        let member = crewdesk::domain::Member {
+            agent: name.as_str().into(),
+            name: name.clone(),
+            role: crewdesk::domain::Role::Representative,
+        };
+        store.add_member(&TeamId::from(demo::SUPPORT), &member).unwrap();
+        tokens.insert(name.clone(), store.issue_token(&name.as_str().into(), "test").unwrap());
+    }
+    let ada = Agent::start(&relay, &tokens, "ada");
+    let mut reps: Vec<Agent> = names.iter().map(|n| Agent::start(&relay, &tokens, n)).collect();
+    let (new, first) = new_conversation(demo::SUPPORT, Channel::WhatsApp);
+    let id = new.id.clone();
+    connected(&ada).await;
+    ada.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    for r in &reps {
+        eventually(30, "every representative has the conversation", || r.with(|x| x.summary(&id).is_some())).await;
+    }
+    // Every fifth representative is offline when grabbing.
+    for r in reps.iter_mut().step_by(5) {
+        r.disconnect().await;
+    }
+    let now = Timestamp::now();
+    let mut requested = 0;
+    for (i, r) in reps.iter().enumerate() {
+        // Online representatives may already have heard of a winner: then the rules refuse.
+        match r.act(&id, |x| x.grab(&id, now.plus(i as i64 % 7))) {
+            Ok(()) => requested += 1,
+            Err(crewdesk::replica::ReplicaError::UnknownConversation(_)) => {
+                assert!(i % 5 != 0, "offline grabs always go through")
+            }
+            Err(e) => panic!("unexpected refusal: {e}"),
+        }
+    }
+    assert!(requested >= 10, "{requested} grabs");
+    for r in reps.iter_mut() {
+        r.reconnect();
+    }
+    let everyone = || {
+        reps.iter().chain([&ada]).map(|r| r.with(|x| x.summary(&id).and_then(|s| s.owner.clone()))).collect::<Vec<_>>()
+    };
+    eventually(60, "all 51 replicas agree on one owner", || {
+        let owners = everyone();
+        owners[0].is_some() && owners.iter().all(|o| *o == owners[0])
+    })
+    .await;
+    let states: Vec<Option<GrabState>> = reps
+        .iter()
+        .map(|r| r.with(|x| x.summary(&id).map(|s| crewdesk::domain::access::grab_state(x.agent(), s))))
+        .collect();
+    assert_eq!(states.iter().filter(|s| **s == Some(GrabState::Won)).count(), 1, "exactly one representative won");
+    assert_eq!(
+        states.iter().filter(|s| **s == Some(GrabState::Lost)).count(),
+        requested - 1,
+        "every other representative who grabbed is told they lost"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cannot_record_itself_as_grab_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let ada = Agent::start(&relay, &tokens, "ada");
+    connected(&ada).await;
+    let (new, first) = new_conversation(demo::SUPPORT, Channel::Email);
+    let id = new.id.clone();
+    ada.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    eventually(10, "stored", || ada.with(|r| r.unsynced().unwrap().0) == 0).await;
+
+    // dave fetches the document with the bare protocol, writes himself in as owner, and syncs.
+    let mut dave = RawClient::connect(&relay, Some(&tokens["dave"])).await;
+    assert!(matches!(dave.join().await, WireMessage::Peer { .. }));
+    let mut copy = automerge::Automerge::new();
+    let mut state = automerge::sync::State::new();
+    use automerge::sync::SyncDoc;
+    let m = copy.generate_sync_message(&mut state).unwrap();
+    dave.send(&WireMessage::Request {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.0.clone(),
+        data: m.encode(),
+    })
+    .await;
+    for _ in 0..10 {
+        match dave.next().await {
+            Some(WireMessage::Sync { data, .. }) => {
+                copy.receive_sync_message(&mut state, automerge::sync::Message::decode(&data).unwrap()).unwrap();
+                if doc::check_schema(&copy).unwrap_or(false) {
+                    break;
+                }
+                if let Some(m) = copy.generate_sync_message(&mut state) {
+                    dave.send(&WireMessage::Sync {
+                        sender_id: "raw".into(),
+                        target_id: "relay".into(),
+                        document_id: id.0.clone(),
+                        data: m.encode(),
+                    })
+                    .await;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(doc::check_schema(&copy).unwrap(), "dave received the conversation");
+    copy.transact::<_, _, doc::DocError>(|tx| doc::record_owner(tx, &"dave".into())).unwrap();
+    while let Some(m) = copy.generate_sync_message(&mut state) {
+        dave.send(&WireMessage::Sync {
+            sender_id: "raw".into(),
+            target_id: "relay".into(),
+            document_id: id.0.clone(),
+            data: m.encode(),
+        })
+        .await;
+        match dave.next().await {
+            Some(WireMessage::Error { message, .. }) => {
+                assert!(message.contains("only the relay records who won a grab"), "{message}");
+                break;
+            }
+            Some(WireMessage::Sync { data, .. }) => {
+                copy.receive_sync_message(&mut state, automerge::sync::Message::decode(&data).unwrap()).unwrap();
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Nobody else ever sees the forged owner, and the stored document has none.
+    let bob = Agent::start(&relay, &tokens, "bob");
+    eventually(10, "bob has the conversation", || bob.with(|r| r.summary(&id).is_some())).await;
+    assert_eq!(bob.with(|r| r.summary(&id).unwrap().owner.clone()), None);
+    assert_eq!(ada.with(|r| r.summary(&id).unwrap().owner.clone()), None);
+    relay.stop().await;
 }

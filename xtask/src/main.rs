@@ -72,7 +72,26 @@ fn prerequisites() -> Result {
     if !targets.lines().any(|l| l.trim() == "wasm32-unknown-unknown") {
         step("rustup", &["target", "add", "wasm32-unknown-unknown"], &[])?;
     }
+    // The interop tests drive unmodified npm automerge-repo clients with Node.js.
+    if output_ok("node", &["--version"]).is_none() {
+        apt(&["nodejs", "npm"])?;
+    }
+    if !root().join("tests/interop/node_modules/@automerge/automerge-repo").exists() {
+        step("npm", &["ci", "--prefix", "tests/interop", "--no-audit", "--no-fund"], &[])?;
+    }
     Ok(())
+}
+
+/// Installs Debian packages that are missing (one `apt-get update` first).
+fn apt(packages: &[&str]) -> Result {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| output_ok("dpkg", &["-s", p]).is_none()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step("apt-get", &["update", "-qq"], &[])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    step("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])
 }
 
 fn test() -> Result {

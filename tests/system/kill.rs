@@ -1,0 +1,128 @@
+//! The relay process killed with SIGKILL at random moments while agents write, then restarted:
+//! no change any replica counted as synced is lost, and every replica converges.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use crewdesk::demo;
+use crewdesk::domain::{Author, Channel, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp};
+use crewdesk::replica::doc::{self, NewConversation};
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use system_tests::{Agent, TestRelay, eventually};
+
+fn relay_binary() -> PathBuf {
+    // cargo builds the workspace's binaries next to the test executables' parent directory.
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("sync-server");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+fn spawn_relay(data: &Path, port: u16) -> Child {
+    Command::new(relay_binary())
+        .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_listening(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the relay did not start on port {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_load_loses_no_acknowledged_change() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let dir = tempfile::tempdir().unwrap();
+    // Accounts, then the relay's port: the test relay only lends us its setup and a free port.
+    let (mut setup, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    setup.stop().await;
+    let port = setup.addr.port();
+    let mut child = spawn_relay(dir.path(), port);
+    wait_listening(port).await;
+
+    let agents: Vec<(&str, Agent)> =
+        ["bob", "carol", "erin"].into_iter().map(|a| (a, Agent::start(&setup, &tokens, a))).collect();
+    let now = Timestamp::now();
+    let id = doc::new_conversation_id(&mut rng);
+    let new = NewConversation {
+        id: id.clone(),
+        team: TeamId::from(demo::SALES),
+        channel: Channel::Email,
+        customer: Customer { id: CustomerId::from("c"), name: "Kill Test".into(), ..Default::default() },
+        created_at: now,
+    };
+    let first = Message {
+        id: MessageId::from("first"),
+        at: now,
+        author: Author::Customer,
+        body: MessageBody::Text { text: "start".into() },
+    };
+    agents[0].1.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    for (_, a) in &agents {
+        eventually(20, "everyone has the conversation", || a.with(|r| r.summary(&id).is_some())).await;
+        a.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    }
+
+    // Acknowledged = sent before a moment at which that replica's outbox was empty.
+    let mut acked: BTreeSet<MessageId> = BTreeSet::new();
+    let mut sent: HashMap<&str, Vec<MessageId>> = HashMap::new();
+    let mut kills = 0;
+    for round in 0..120 {
+        let (name, agent) = &agents[round % agents.len()];
+        let mid = agent.act(&id, |r| {
+            r.send(&id, MessageBody::Text { text: format!("{name} {round}") }, Timestamp::now()).unwrap()
+        });
+        sent.entry(name).or_default().push(mid);
+        for (name, agent) in &agents {
+            if agent.with(|r| r.unsynced().unwrap().0) == 0 {
+                acked.extend(sent.remove(name).unwrap_or_default());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(2..15))).await;
+        if round % 30 == 17 {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            kills += 1;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(10..200))).await;
+            child = spawn_relay(dir.path(), port);
+            wait_listening(port).await;
+        }
+    }
+    assert_eq!(kills, 4);
+    for (_, agent) in &agents {
+        eventually(30, "every outbox empties after the last restart", || agent.with(|r| r.unsynced().unwrap().0) == 0)
+            .await;
+    }
+    // Everything is durable now: every message sent counts as acknowledged.
+    acked.extend(sent.into_values().flatten());
+    assert!(acked.len() > 60, "only {} acknowledged messages", acked.len());
+    let reference: Vec<Message> = agents[0].1.with(|r| r.stored_messages(&id).unwrap());
+    for (_, agent) in &agents {
+        eventually(30, "replicas converge", || agent.with(|r| r.stored_messages(&id).unwrap()) == reference).await;
+    }
+    // The relay's own storage (read after one more SIGKILL) holds every acknowledged message.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let store = sync_server::store::Store::open(dir.path()).unwrap();
+    let (_, bytes) = store.load_document(id.as_str()).unwrap().unwrap();
+    let stored = automerge::Automerge::load(&bytes).unwrap();
+    let on_relay: BTreeSet<MessageId> = doc::all_messages(&stored).unwrap().into_iter().map(|m| m.id).collect();
+    let missing: Vec<_> = acked.difference(&on_relay).collect();
+    assert!(missing.is_empty(), "acknowledged but lost on the relay: {missing:?}");
+    assert_eq!(reference.len(), 1 + 120, "no message lost or duplicated");
+}
