@@ -150,25 +150,6 @@ async fn session(
     peer_id: &str,
     backoff: &mut Duration,
 ) -> Result<(), ClientError> {
-    // Teams and roles come from the relay, which is their truth.
-    let me = reqwest::Client::new()
-        .get(format!("{}/api/me", config.relay_url))
-        .bearer_auth(&config.token)
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .map_err(|e| ClientError::Unreachable(e.to_string()))?;
-    if me.status() == reqwest::StatusCode::UNAUTHORIZED {
-        return Err(ClientError::Unauthorized);
-    }
-    let me: Me = me
-        .error_for_status()
-        .map_err(|e| ClientError::Protocol(e.to_string()))?
-        .json()
-        .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
-    lock(replica).set_teams(me.teams)?;
-
     let ws_url = format!("{}/?token={}", config.relay_url.replacen("http", "ws", 1), config.token);
     let (ws, _) =
         tokio_tungstenite::connect_async(ws_url).await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
@@ -200,6 +181,26 @@ async fn session(
             None => return Err(ClientError::Unreachable("closed during handshake".into())),
         }
     }
+    // Teams and roles come from the relay, which is their truth. Asked only after the handshake:
+    // the relay announces conversations created from then on, and this list has the older ones.
+    let me = reqwest::Client::new()
+        .get(format!("{}/api/me", config.relay_url))
+        .bearer_auth(&config.token)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+    if me.status() == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(ClientError::Unauthorized);
+    }
+    let me: Me = me
+        .error_for_status()
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .json()
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    lock(replica).set_teams(me.teams)?;
+
     info!("connected to the relay");
     *backoff = config.min_backoff;
     let documents: Vec<ConversationId> = me.documents.into_iter().map(ConversationId).collect();

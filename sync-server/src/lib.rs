@@ -24,6 +24,42 @@ pub struct Config {
     pub outbound_queue: usize,
     /// A client must send `join` within this time after connecting.
     pub handshake_timeout: Duration,
+    /// Conversation documents kept in memory; the least recently used beyond this are dropped
+    /// (their sync states stay) and read again from SQLite when next needed.
+    pub max_loaded_documents: usize,
+}
+
+/// The config file's shape: every field optional, defaults filled from `Config::default()`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    max_frame_bytes: Option<usize>,
+    keepalive_secs: Option<u64>,
+    outbound_queue: Option<usize>,
+    max_loaded_documents: Option<usize>,
+}
+
+impl Config {
+    /// Reads a TOML config file; unknown keys and bad values are errors that name the file.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Config> {
+        use anyhow::Context;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let file: ConfigFile =
+            toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+        let d = Config::default();
+        Ok(Config {
+            data_dir: file.data_dir.unwrap_or(d.data_dir),
+            listen: file.listen.unwrap_or(d.listen),
+            max_frame_bytes: file.max_frame_bytes.unwrap_or(d.max_frame_bytes),
+            keepalive: file.keepalive_secs.map_or(d.keepalive, Duration::from_secs),
+            outbound_queue: file.outbound_queue.unwrap_or(d.outbound_queue),
+            handshake_timeout: d.handshake_timeout,
+            max_loaded_documents: file.max_loaded_documents.unwrap_or(d.max_loaded_documents),
+        })
+    }
 }
 
 impl Default for Config {
@@ -35,6 +71,7 @@ impl Default for Config {
             keepalive: Duration::from_secs(5),
             outbound_queue: 1024,
             handshake_timeout: Duration::from_secs(5),
+            max_loaded_documents: 2_000,
         }
     }
 }

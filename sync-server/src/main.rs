@@ -10,9 +10,13 @@ use sync_server::{Config, run};
 #[derive(Parser)]
 #[command(name = "sync-server", about = "The Crewdesk relay: sync, accounts, tokens, grab decisions")]
 struct Cli {
-    /// Where the relay keeps its SQLite database.
-    #[arg(long, env = "CREWDESK_DATA_DIR", default_value = "crewdesk-relay-data", global = true)]
-    data_dir: PathBuf,
+    /// A TOML file with any of: data_dir, listen, max_frame_bytes, keepalive_secs, outbound_queue,
+    /// max_loaded_documents. Flags and CREWDESK_* variables override it.
+    #[arg(long, env = "CREWDESK_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Where the relay keeps its SQLite database [default: crewdesk-relay-data].
+    #[arg(long, env = "CREWDESK_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -21,11 +25,12 @@ struct Cli {
 enum Command {
     /// Serve WebSocket sync and the HTTP API.
     Serve {
-        #[arg(long, env = "CREWDESK_LISTEN", default_value = "127.0.0.1:3030")]
-        listen: std::net::SocketAddr,
-        /// Largest accepted WebSocket message in bytes.
-        #[arg(long, env = "CREWDESK_MAX_FRAME_BYTES", default_value_t = 8 * 1024 * 1024)]
-        max_frame_bytes: usize,
+        /// Address to listen on [default: 127.0.0.1:3030].
+        #[arg(long, env = "CREWDESK_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+        /// Largest accepted WebSocket message in bytes [default: 8 MiB].
+        #[arg(long, env = "CREWDESK_MAX_FRAME_BYTES")]
+        max_frame_bytes: Option<usize>,
     },
     /// Create or update a team.
     Team {
@@ -83,9 +88,18 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let cli = Cli::parse();
+    let mut config = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = cli.data_dir {
+        config.data_dir = dir;
+    }
     match cli.command {
         Command::Serve { listen, max_frame_bytes } => {
-            let config = Config { data_dir: cli.data_dir, listen, max_frame_bytes, ..Config::default() };
+            config.listen = listen.unwrap_or(config.listen);
+            config.max_frame_bytes = max_frame_bytes.unwrap_or(config.max_frame_bytes);
+            let listen = config.listen;
             let listener =
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             run(listener, config, async {
@@ -93,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await
         }
-        command => admin(&Store::open(&cli.data_dir)?, command),
+        command => admin(&Store::open(&config.data_dir)?, command),
     }
 }
 

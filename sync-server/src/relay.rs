@@ -45,6 +45,7 @@ pub async fn run(
         config,
         docs: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
+        recent: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         stop: stop_rx.clone(),
     });
@@ -73,6 +74,8 @@ pub struct Relay {
     config: Config,
     docs: Mutex<HashMap<String, Arc<AsyncMutex<DocEntry>>>>,
     sessions: Mutex<HashMap<ConnId, Session>>,
+    /// When each loaded document was last used, for evicting the least recently used.
+    recent: Mutex<HashMap<String, u64>>,
     next_conn: AtomicU64,
     stop: watch::Receiver<bool>,
 }
@@ -389,6 +392,52 @@ impl Relay {
         }
     }
 
+    /// Marks a document as just used and drops the least recently used loaded documents beyond
+    /// `max_loaded_documents`. Their sync states stay; the document is read again when needed.
+    async fn touch(&self, id: &str) {
+        let tick = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let evict: Vec<String> = {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.insert(id.to_owned(), tick);
+            let over = recent.len().saturating_sub(self.config.max_loaded_documents);
+            if over == 0 {
+                return;
+            }
+            let mut by_age: Vec<(u64, String)> = recent.iter().map(|(k, t)| (*t, k.clone())).collect();
+            by_age.sort();
+            let out: Vec<String> = by_age.into_iter().take(over).map(|(_, k)| k).collect();
+            for k in &out {
+                recent.remove(k);
+            }
+            out
+        };
+        for doc_id in evict {
+            let entry = self.entry(&doc_id);
+            // A document being worked on right now stays; it is evicted on a later pass.
+            let Ok(mut e) = entry.try_lock() else { continue };
+            if e.pending.is_empty() {
+                e.stored = None;
+                e.loaded = false;
+            }
+            drop(e);
+            drop(entry);
+            self.forget_if_unused(&doc_id);
+        }
+    }
+
+    /// Removes a document's entry when nobody syncs it and no task holds it, so memory follows the
+    /// active documents. Checked under the map's lock, so no second entry can appear meanwhile.
+    fn forget_if_unused(&self, id: &str) {
+        let mut docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = docs.get(id).is_some_and(|entry| {
+            Arc::strong_count(entry) == 1 && entry.try_lock().is_ok_and(|e| e.peers.is_empty() && e.pending.is_empty())
+        });
+        if idle {
+            docs.remove(id);
+            self.recent.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        }
+    }
+
     async fn disconnect(&self, conn: ConnId, touched: &HashSet<String>) {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn);
         for id in touched {
@@ -396,9 +445,13 @@ impl Relay {
             let mut e = entry.lock().await;
             e.peers.remove(&conn);
             e.pending.remove(&conn);
+            drop(e);
+            drop(entry);
+            // Nobody else syncs it: free the memory; it is read from SQLite when asked for again.
+            self.forget_if_unused(id);
         }
-        // Documents announced to this connection hold a stale entry until their next change; they
-        // skip closed channels (try_send fails) and are removed here when known.
+        // Documents announced to this connection hold a stale entry until their next change, when
+        // `advertise` drops peers whose channel is closed.
     }
 }
 
@@ -521,13 +574,15 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
         peer_metadata: PeerMetadata { storage_id: Some(relay.storage_id.clone()), is_ephemeral: false },
         selected_protocol_version: "1".into(),
     };
-    if sink.send(Message::Binary(peer.encode().into())).await.is_err() {
-        return;
-    }
+    // Registered before the client hears `peer`: conversations created from now on are announced.
     let (tx, mut rx) = mpsc::channel::<WireMessage>(relay.config.outbound_queue);
     let overloaded = Arc::new(Notify::new());
     let session = Session { conn, agent: agent.clone(), peer_id: peer_id.clone(), tx, overloaded: overloaded.clone() };
     relay.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(conn, session.clone());
+    if sink.send(Message::Binary(peer.encode().into())).await.is_err() {
+        relay.disconnect(conn, &HashSet::new()).await;
+        return;
+    }
     debug!(%peer_id, "joined");
 
     let keepalive = relay.config.keepalive;
@@ -589,11 +644,13 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
         match WireMessage::decode(&frame) {
             Ok(WireMessage::Request { document_id, data, .. }) => {
                 touched.insert(document_id.clone());
-                relay.handle_sync(&session, document_id, data, true).await;
+                relay.handle_sync(&session, document_id.clone(), data, true).await;
+                relay.touch(&document_id).await;
             }
             Ok(WireMessage::Sync { document_id, data, .. }) => {
                 touched.insert(document_id.clone());
-                relay.handle_sync(&session, document_id, data, false).await;
+                relay.handle_sync(&session, document_id.clone(), data, false).await;
+                relay.touch(&document_id).await;
             }
             Ok(WireMessage::Ephemeral { document_id, count, session_id, data, .. }) => {
                 relay.handle_ephemeral(&session, document_id, count, session_id, data).await;
