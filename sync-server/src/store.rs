@@ -96,7 +96,7 @@ impl Store {
             return Err(StoreError::Invalid("a team needs an id and a name".into()));
         }
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let body = Team { members: Vec::new(), ..team.clone() };
         tx.execute(
             "INSERT INTO teams (id, name, mode, body) VALUES (?1, ?2, ?3, ?4)
@@ -112,7 +112,7 @@ impl Store {
 
     pub fn add_member(&self, team: &TeamId, member: &Member) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let exists: bool =
             tx.query_row("SELECT count(*) FROM teams WHERE id = ?1", [team.as_str()], |r| r.get::<_, i64>(0))? > 0;
         if !exists {
@@ -248,7 +248,7 @@ impl Store {
     /// Appends a chunk (creating the document row on first write) and commits with fsync.
     pub fn append_chunk(&self, id: &str, team: &TeamId, chunk: &[u8]) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute("INSERT OR IGNORE INTO documents (id, team) VALUES (?1, ?2)", [id, team.as_str()])?;
         tx.prepare_cached(
             "INSERT INTO doc_chunks (doc_id, seq, bytes)
@@ -262,7 +262,7 @@ impl Store {
     /// Replaces a document's chunks by one full save.
     pub fn compact(&self, id: &str, full: &[u8]) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM doc_chunks WHERE doc_id = ?1", [id])?;
         tx.execute("INSERT INTO doc_chunks (doc_id, seq, bytes) VALUES (?1, 1, ?2)", params![id, full])?;
         tx.commit()?;
@@ -290,7 +290,7 @@ impl Store {
     /// Records grab requests in arrival order; returns the full order for the document.
     pub fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for a in agents {
             tx.execute(
                 "INSERT OR IGNORE INTO grab_log (doc_id, agent, received_at) VALUES (?1, ?2, ?3)",
