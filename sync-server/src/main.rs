@@ -156,12 +156,13 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             for team in crewdesk::demo::teams() {
                 store.put_team(&team)?;
             }
+            let mut docs = Vec::new();
             for c in crewdesk::demo::conversations(&crewdesk::demo::DemoSpec::default(), now)? {
                 let header = crewdesk::replica::doc::read_header(&c.document)?;
-                if store.load_document(c.id.as_str())?.is_none() {
-                    store.append_chunk(c.id.as_str(), &header.team, &c.document.save())?;
-                }
+                docs.push((c.id.0, header.team, c.document.save()));
             }
+            let added = store.import_documents(&docs)?;
+            eprintln!("{added} demo conversations loaded");
             for (agent, ..) in crewdesk::demo::AGENTS {
                 println!("{agent} {}", store.issue_token(&AgentId::from(*agent), "demo")?);
             }

@@ -37,7 +37,10 @@ pub async fn run(
     let store = Arc::new(Store::open(&config.data_dir)?);
     let storage_id = store.storage_id()?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (commits, commit_rx) = mpsc::channel(4096);
+    tokio::spawn(committer(store.clone(), commit_rx));
     let relay = Arc::new(Relay {
+        commits,
         store,
         peer_id: format!("crewdesk-relay-{storage_id}"),
         storage_id,
@@ -78,6 +81,41 @@ pub struct Relay {
     recent: Mutex<HashMap<String, u64>>,
     next_conn: AtomicU64,
     stop: watch::Receiver<bool>,
+    commits: mpsc::Sender<Commit>,
+}
+
+/// A chunk waiting for the group commit, and who to tell when it is on disk.
+struct Commit {
+    doc: String,
+    team: TeamId,
+    chunk: Vec<u8>,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Group commit: every chunk waiting when the previous commit finished goes into one transaction
+/// and one fsync. Each caller is answered only after its chunk is durable.
+async fn committer(store: Arc<Store>, mut rx: mpsc::Receiver<Commit>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let store = store.clone();
+        let (batch, result) = tokio::task::spawn_blocking(move || {
+            let rows: Vec<(&str, &TeamId, &[u8])> =
+                batch.iter().map(|c| (c.doc.as_str(), &c.team, c.chunk.as_slice())).collect();
+            let result = store.append_chunks(&rows).map_err(|e| e.to_string());
+            (batch, result)
+        })
+        .await
+        .unwrap_or_else(|e| (Vec::new(), Err(e.to_string())));
+        for c in batch {
+            let _ = c.done.send(result.clone());
+        }
+    }
 }
 
 /// What the relay knows of one connection, shared with the documents it syncs.
@@ -158,6 +196,14 @@ impl Relay {
         tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| StoreError::Invalid(e.to_string()))?
     }
 
+    /// Stores a chunk durably (group commit); returns once it is fsynced.
+    async fn commit(&self, doc: &str, team: &TeamId, chunk: Vec<u8>) -> Result<(), String> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let c = Commit { doc: doc.to_owned(), team: team.clone(), chunk, done };
+        self.commits.send(c).await.map_err(|_| "the relay is shutting down".to_owned())?;
+        wait.await.map_err(|_| "the relay is shutting down".to_owned())?
+    }
+
     async fn ensure_loaded(&self, id: &str, e: &mut DocEntry) -> Result<(), StoreError> {
         if e.loaded {
             return Ok(());
@@ -231,7 +277,28 @@ impl Relay {
                     session.error(&self.peer_id, reason);
                     return;
                 }
-                advertise(&self.peer_id, &doc_id, &mut stored.doc, &mut e.peers);
+                if changed {
+                    advertise(&self.peer_id, &doc_id, &mut stored.doc, &mut e.peers);
+                } else if let Some((peer, state)) = e.peers.get_mut(&session.conn) {
+                    // Nothing new: only the sender may need an answer, and usually not even that
+                    // (an acknowledgement of heads we both have).
+                    let heads = stored.doc.get_heads();
+                    let settled = state.have_responded
+                        && state.last_sent_heads == heads
+                        && state.their_heads.as_ref() == Some(&heads)
+                        && state.their_need.as_ref().is_none_or(Vec::is_empty);
+                    if settled {
+                        return;
+                    }
+                    if let Some(m) = stored.doc.generate_sync_message(state) {
+                        peer.send(WireMessage::Sync {
+                            sender_id: self.peer_id.clone(),
+                            target_id: peer.peer_id.clone(),
+                            document_id: doc_id.clone(),
+                            data: m.encode(),
+                        });
+                    }
+                }
             }
             None => self.handle_pending(session, &doc_id, message, is_request, e).await,
         }
@@ -259,8 +326,7 @@ impl Relay {
             return Err(format!("document {doc_id}: only the relay records who won a grab; refused"));
         }
         let chunk = stored.doc.save_after(before);
-        let (id, team) = (doc_id.to_owned(), stored.team.clone());
-        self.blocking(move |s| s.append_chunk(&id, &team, &chunk)).await.map_err(|e| {
+        self.commit(doc_id, &stored.team, chunk).await.map_err(|e| {
             warn!(%doc_id, %e, "storing a change failed");
             "the relay could not store your change; it will be sent again".to_owned()
         })?;
@@ -291,8 +357,7 @@ impl Relay {
             .transact::<_, _, doc::DocError>(|tx| doc::record_owner(tx, &winner))
             .map_err(|f| f.error.to_string())?;
         let chunk = stored.doc.save_after(&before);
-        let (id, team_id) = (doc_id.to_owned(), stored.team.clone());
-        self.blocking(move |s| s.append_chunk(&id, &team_id, &chunk)).await.map_err(|e| e.to_string())?;
+        self.commit(doc_id, &stored.team, chunk).await?;
         info!(%doc_id, %winner, "grab decided");
         Ok(())
     }
@@ -340,9 +405,7 @@ impl Relay {
                 return;
             }
         };
-        let full = pdoc.save();
-        let (id, team) = (doc_id.to_owned(), header.team.clone());
-        if let Err(err) = self.blocking(move |s| s.append_chunk(&id, &team, &full)).await {
+        if let Err(err) = self.commit(doc_id, &header.team, pdoc.save()).await {
             warn!(%doc_id, %err, "storing a new document failed");
             session.error(&self.peer_id, "the relay could not store this conversation; it will be sent again");
             return;
@@ -513,17 +576,20 @@ async fn websocket(
 ) -> Response {
     let agent = relay.authenticate(bearer(&headers, &q)).await;
     let max = relay.config.max_frame_bytes;
-    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| async move {
-        match agent {
-            Ok(Some(agent)) => {
-                let conn = relay.next_conn.fetch_add(1, Ordering::Relaxed);
-                let span = info_span!("connection", conn, agent = %agent.id);
-                connection(relay, socket, conn, Arc::new(agent)).instrument(span).await;
+    // Small per-connection buffers: a thousand idle agents should not cost a thousand large buffers.
+    ws.max_message_size(max).max_frame_size(max).read_buffer_size(16 * 1024).write_buffer_size(16 * 1024).on_upgrade(
+        move |socket| async move {
+            match agent {
+                Ok(Some(agent)) => {
+                    let conn = relay.next_conn.fetch_add(1, Ordering::Relaxed);
+                    let span = info_span!("connection", conn, agent = %agent.id);
+                    connection(relay, socket, conn, Arc::new(agent)).instrument(span).await;
+                }
+                Ok(None) => refuse(socket, "authentication failed: missing, unknown or revoked token").await,
+                Err(e) => refuse(socket, &format!("the relay cannot check tokens right now: {e}")).await,
             }
-            Ok(None) => refuse(socket, "authentication failed: missing, unknown or revoked token").await,
-            Err(e) => refuse(socket, &format!("the relay cannot check tokens right now: {e}")).await,
-        }
-    })
+        },
+    )
 }
 
 /// Accepts the upgrade only to say why, then closes (a plain 401 crashes some Node clients).

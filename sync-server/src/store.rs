@@ -247,16 +247,42 @@ impl Store {
 
     /// Appends a chunk (creating the document row on first write) and commits with fsync.
     pub fn append_chunk(&self, id: &str, team: &TeamId, chunk: &[u8]) -> Result<(), StoreError> {
+        self.append_chunks(&[(id, team, chunk)])
+    }
+
+    /// Appends chunks of any documents in one transaction and one fsync (group commit); in order
+    /// for chunks of the same document.
+    pub fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute("INSERT OR IGNORE INTO documents (id, team) VALUES (?1, ?2)", [id, team.as_str()])?;
-        tx.prepare_cached(
-            "INSERT INTO doc_chunks (doc_id, seq, bytes)
-             VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM doc_chunks WHERE doc_id = ?1), ?2)",
-        )?
-        .execute(params![id, chunk])?;
+        for (id, team, chunk) in chunks {
+            tx.prepare_cached("INSERT OR IGNORE INTO documents (id, team) VALUES (?1, ?2)")?
+                .execute([*id, team.as_str()])?;
+            tx.prepare_cached(
+                "INSERT INTO doc_chunks (doc_id, seq, bytes)
+                 VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM doc_chunks WHERE doc_id = ?1), ?2)",
+            )?
+            .execute(params![id, chunk])?;
+        }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Stores many new documents in one transaction (seeding, imports). Existing ids are skipped.
+    pub fn import_documents(&self, docs: &[(String, TeamId, Vec<u8>)]) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut added = 0;
+        for (id, team, bytes) in docs {
+            if tx.execute("INSERT OR IGNORE INTO documents (id, team) VALUES (?1, ?2)", [id.as_str(), team.as_str()])?
+                == 1
+            {
+                tx.execute("INSERT INTO doc_chunks (doc_id, seq, bytes) VALUES (?1, 1, ?2)", params![id, bytes])?;
+                added += 1;
+            }
+        }
+        tx.commit()?;
+        Ok(added)
     }
 
     /// Replaces a document's chunks by one full save.

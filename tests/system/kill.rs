@@ -24,13 +24,24 @@ fn relay_binary() -> PathBuf {
     bin
 }
 
-fn spawn_relay(data: &Path, port: u16) -> Child {
+/// The relay process; killed when dropped, so a failing test leaves nothing running.
+struct RelayProcess(Child);
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_relay(data: &Path, port: u16) -> RelayProcess {
     Command::new(relay_binary())
         .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(RelayProcess)
         .unwrap()
 }
 
@@ -95,8 +106,8 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(2..15))).await;
         if round % 30 == 17 {
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
+            child.0.kill().unwrap(); // SIGKILL
+            child.0.wait().unwrap();
             kills += 1;
             tokio::time::sleep(Duration::from_millis(rng.random_range(10..200))).await;
             child = spawn_relay(dir.path(), port);
@@ -116,8 +127,8 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
         eventually(30, "replicas converge", || agent.with(|r| r.stored_messages(&id).unwrap()) == reference).await;
     }
     // The relay's own storage (read after one more SIGKILL) holds every acknowledged message.
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     let store = sync_server::store::Store::open(dir.path()).unwrap();
     let (_, bytes) = store.load_document(id.as_str()).unwrap().unwrap();
     let stored = automerge::Automerge::load(&bytes).unwrap();

@@ -1,0 +1,530 @@
+//! Relay load benchmark. In one run, the same load against the Crewdesk relay and against the
+//! reference automerge-repo sync server (Node, `tests/interop/reference-server.mjs`): N agents on
+//! M conversations each send K messages; it prints throughput, fan-out latency p50/p99 and each
+//! server's memory, and the ratios. Then: a replica's offline catch-up of 10k changes over 100
+//! conversations, and the relay's memory with 10k stored conversations of which 100 are active.
+//! Run with `cargo bench -p sync-server --bench relay` (CREWDESK_LOAD_AGENTS, _CONVERSATIONS,
+//! _MESSAGES change the load).
+
+#![allow(clippy::unwrap_used)] // a benchmark harness: any failure aborts the measurement
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{ActorId, Automerge, ChangeHash};
+use crewdesk::demo;
+use crewdesk::domain::{
+    AgentId, Author, Channel, ConversationId, Customer, CustomerId, Member, Message, MessageBody, MessageId, Role,
+    Team, TeamId, TeamMode, Thresholds, Timestamp,
+};
+use crewdesk::replica::Replica;
+use crewdesk::replica::doc::{self, NewConversation};
+use crewdesk::sync::wire::{PeerMetadata, WireMessage};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use sync_server::store::Store;
+use tokio::sync::Barrier;
+use tokio_tungstenite::tungstenite::Message as Ws;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and stime are 14th and 15th.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// (VmRSS, VmHWM) of a process in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn wait_listening(port: u16) {
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("server on {port} did not start");
+}
+
+fn interop_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop")
+}
+
+/// A server process that is killed when dropped, even when the benchmark panics.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Server {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+fn start_relay(data: &Path, port: u16) -> Server {
+    Command::new(env!("CARGO_BIN_EXE_sync-server"))
+        .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Server)
+        .expect("relay binary")
+}
+
+fn start_reference(data: &Path, port: u16) -> Server {
+    Command::new("node")
+        .arg(interop_dir().join("reference-server.mjs"))
+        .args([port.to_string(), data.to_str().unwrap().to_owned()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create("/tmp/crewdesk-reference-server.log").map_or_else(|_| Stdio::null(), Stdio::from))
+        .spawn()
+        .map(Server)
+        .expect("node (run `npm ci --prefix tests/interop`)")
+}
+
+fn conversation(i: usize, team: &str) -> (ConversationId, Automerge) {
+    let id = demo::conversation_id(900_000 + i);
+    let now = Timestamp::now();
+    let new = NewConversation {
+        id: id.clone(),
+        team: TeamId::from(team),
+        channel: Channel::WebWidget,
+        customer: Customer { id: CustomerId(format!("load-{i}")), name: format!("Load {i}"), ..Default::default() },
+        created_at: now,
+    };
+    let mut d = doc::create(ActorId::from(format!("seed{i}").as_bytes()), &new).unwrap();
+    let first = Message {
+        id: MessageId::from("first"),
+        at: now,
+        author: Author::Customer,
+        body: MessageBody::Text { text: "hello".into() },
+    };
+    d.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &first)).unwrap();
+    (id, d)
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(port: u16, token: &str, peer: &str) -> Socket {
+    for attempt in 1.. {
+        match try_connect(port, token, peer).await {
+            Ok(ws) => return ws,
+            Err(e) if attempt < 5 => {
+                eprintln!("connect {peer}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("connect {peer}: {e}"),
+        }
+    }
+    unreachable!()
+}
+
+async fn try_connect(port: u16, token: &str, peer: &str) -> Result<Socket, String> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/?token={token}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let join = WireMessage::Join {
+        sender_id: peer.into(),
+        peer_metadata: PeerMetadata::default(),
+        supported_protocol_versions: vec!["1".into()],
+    };
+    ws.send(Ws::Binary(join.encode().into())).await.map_err(|e| e.to_string())?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Ws::Binary(b))) => match WireMessage::decode(&b).map_err(|e| e.to_string())? {
+                WireMessage::Peer { .. } => return Ok(ws),
+                other => return Err(format!("handshake: {other:?}")),
+            },
+            Some(Ok(_)) => continue,
+            other => return Err(format!("handshake failed: {other:?}")),
+        }
+    }
+}
+
+fn sync_frame(peer: &str, doc_id: &str, m: sync::Message) -> Ws {
+    Ws::Binary(
+        WireMessage::Sync {
+            sender_id: peer.into(),
+            target_id: "server".into(),
+            document_id: doc_id.into(),
+            data: m.encode(),
+        }
+        .encode()
+        .into(),
+    )
+}
+
+/// Pushes documents into a server through the protocol and waits until it has them.
+async fn seed_through_protocol(port: u16, token: &str, docs: &[(ConversationId, Automerge)]) {
+    let mut ws = connect(port, token, "seeder").await;
+    for (id, d) in docs {
+        let mut state = sync::State::new();
+        if let Some(m) = d.generate_sync_message(&mut state) {
+            ws.send(sync_frame("seeder", id.as_str(), m)).await.unwrap();
+        }
+        let mut d = d.clone();
+        loop {
+            let b = match ws.next().await {
+                Some(Ok(Ws::Binary(b))) => b,
+                Some(Ok(_)) => continue,
+                other => panic!("seeding failed: {other:?}"),
+            };
+            if let WireMessage::Sync { data, .. } = WireMessage::decode(&b).unwrap() {
+                d.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap()).unwrap();
+            }
+            match d.generate_sync_message(&mut state) {
+                Some(m) => ws.send(sync_frame("seeder", id.as_str(), m)).await.unwrap(),
+                None if state.their_heads.as_deref() == Some(&d.get_heads()[..]) => break,
+                None => {}
+            }
+        }
+    }
+}
+
+struct LoadResult {
+    /// Connections the server closed or reset during the run.
+    dropped: usize,
+    sent: usize,
+    delivered: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+/// N agents; agent i follows conversation i % M; each sends K messages `every` apart.
+async fn load(
+    port: u16,
+    tokens: &[String],
+    docs: &[(ConversationId, Automerge)],
+    k: usize,
+    every: Duration,
+) -> LoadResult {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    // Each run writes with its own actors: a second run on the same server must not reuse them.
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let n = tokens.len();
+    let sent_at: Arc<Mutex<HashMap<ChangeHash, Instant>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let barrier = Arc::new(Barrier::new(n + 1));
+    // Agents stay connected until everyone is done: one leaving early could take with it a change
+    // the server has not asked for yet.
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let subscribers = |c: usize| (0..n).filter(|i| i % docs.len() == c).count();
+    let mut tasks = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let (id, d) = &docs[i % docs.len()];
+        let (id, mut d) = (id.clone(), d.clone().with_actor(ActorId::from(format!("run{run}agent{i}").as_bytes())));
+        let expected = (subscribers(i % docs.len()) - 1) * k;
+        let (token, sent_at, latencies, barrier, done) =
+            (token.clone(), sent_at.clone(), latencies.clone(), barrier.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let peer = format!("agent{i}");
+            let mut ws = connect(port, &token, &peer).await;
+            let mut state = sync::State::new();
+            if let Some(m) = d.generate_sync_message(&mut state) {
+                ws.send(sync_frame(&peer, id.as_str(), m)).await.unwrap();
+            }
+            barrier.wait().await;
+            // Agents start at random offsets within one interval, as real agents do.
+            let offset = Duration::from_millis((i as u64 * 7919) % every.as_millis().max(1) as u64);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+            let (mut mine, mut received, mut finished, mut dropped) = (0, 0, false, false);
+            let deadline = tokio::time::sleep(Duration::from_secs(60));
+            tokio::pin!(deadline);
+            let mut check = tokio::time::interval(Duration::from_millis(20));
+            while done.load(std::sync::atomic::Ordering::SeqCst) < n {
+                if !finished && mine == k && received >= expected {
+                    finished = true;
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                tokio::select! {
+                    frame = ws.next() => {
+                        let b = match frame {
+                            Some(Ok(Ws::Binary(b))) => b,
+                            Some(Ok(_)) => continue,
+                            _ => { dropped = true; break }
+                        };
+                        let Ok(WireMessage::Sync { data, .. }) = WireMessage::decode(&b) else { continue };
+                        let before = d.get_heads();
+                        d.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap()).unwrap();
+                        let now = Instant::now();
+                        for c in d.get_changes(&before) {
+                            if c.actor_id() != d.get_actor() {
+                                if let Some(t) = sent_at.lock().unwrap().get(&c.hash()) {
+                                    latencies.lock().unwrap().push(now - *t);
+                                    received += 1;
+                                }
+                            }
+                        }
+                        if let Some(m) = d.generate_sync_message(&mut state) {
+                            if ws.send(sync_frame(&peer, id.as_str(), m)).await.is_err() { dropped = true; break }
+                        }
+                    }
+                    _ = tick.tick(), if mine < k => {
+                        let m = Message { id: MessageId(format!("r{run}a{i}-{mine}")), at: Timestamp::now(), author: Author::Crew { agent: AgentId(format!("agent{i}")) }, body: MessageBody::Text { text: format!("load {i} {mine}") } };
+                        d.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &m)).unwrap();
+                        let hash = d.get_last_local_change().expect("just made").hash();
+                        sent_at.lock().unwrap().insert(hash, Instant::now());
+                        mine += 1;
+                        if let Some(m) = d.generate_sync_message(&mut state) {
+                            if ws.send(sync_frame(&peer, id.as_str(), m)).await.is_err() { dropped = true; break }
+                        }
+                    }
+                    _ = check.tick() => {}
+                    _ = &mut deadline => break,
+                }
+            }
+            if !finished {
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            (mine, received, dropped)
+        }));
+    }
+    barrier.wait().await;
+    let started = Instant::now();
+    let (mut sent, mut delivered, mut dropped) = (0, 0, 0);
+    for t in tasks {
+        let (s, r, d) = t.await.unwrap();
+        sent += s;
+        delivered += r;
+        dropped += usize::from(d);
+    }
+    let elapsed = started.elapsed();
+    let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
+    latencies.sort();
+    LoadResult { sent, delivered, elapsed, latencies, dropped }
+}
+
+fn pct(v: &[Duration], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
+}
+
+fn load_team(n: usize) -> (Team, Vec<String>) {
+    let members: Vec<Member> = (0..n)
+        .map(|i| Member { agent: AgentId(format!("agent{i}")), name: format!("Agent {i}"), role: Role::Representative })
+        .collect();
+    let team = Team {
+        id: TeamId::from("load"),
+        name: "Load".into(),
+        mode: TeamMode::Open,
+        thresholds: Thresholds::default(),
+        members,
+        templates: vec![],
+        whatsapp_templates: vec![],
+    };
+    let names = (0..n).map(|i| format!("agent{i}")).collect();
+    (team, names)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n = env_usize("CREWDESK_LOAD_AGENTS", 1000);
+    let m = env_usize("CREWDESK_LOAD_CONVERSATIONS", 100);
+    let k = env_usize("CREWDESK_LOAD_MESSAGES", 5);
+    let docs: Vec<(ConversationId, Automerge)> = (0..m).map(|i| conversation(i, "load")).collect();
+    println!(
+        "Crewdesk relay benchmark: {n} agents, {m} conversations, {k} messages per agent, at a saturating and a paced rate"
+    );
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |c| c.get()),
+        std::env::consts::ARCH
+    );
+
+    let saturating = Duration::from_millis(100);
+    let paced = Duration::from_millis(env_usize("CREWDESK_LOAD_PACED_MS", 2000) as u64);
+    let mut rows = Vec::new();
+
+    // Crewdesk relay, as its own process.
+    let dir = tempfile::tempdir().unwrap();
+    let (team, names) = load_team(n);
+    let tokens: Vec<String> = {
+        let store = Store::open(dir.path()).unwrap();
+        store.put_team(&team).unwrap();
+        names.iter().map(|a| store.issue_token(&AgentId(a.clone()), "load").unwrap()).collect()
+    };
+    let port = free_port();
+    let relay = start_relay(dir.path(), port);
+    wait_listening(port).await;
+    eprintln!("seeding the Crewdesk relay");
+    seed_through_protocol(port, &tokens[0], &docs).await;
+    for every in [saturating, paced] {
+        eprintln!("load on the Crewdesk relay, a message every {every:?} per agent");
+        let cpu = cpu_seconds(relay.id());
+        let r = load(port, &tokens, &docs, k, every).await;
+        rows.push(("Crewdesk relay", every, cpu_seconds(relay.id()) - cpu, memory_kib(relay.id()), r));
+    }
+    drop(relay);
+
+    // The reference automerge-repo sync server, same load.
+    let ref_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let reference = start_reference(ref_dir.path(), port);
+    wait_listening(port).await;
+    let anonymous: Vec<String> = (0..n).map(|_| "none".to_owned()).collect();
+    eprintln!("seeding the reference server");
+    seed_through_protocol(port, "none", &docs).await;
+    for every in [saturating, paced] {
+        eprintln!("load on the reference server, a message every {every:?} per agent");
+        let cpu = cpu_seconds(reference.id());
+        let r = load(port, &anonymous, &docs, k, every).await;
+        rows.push((
+            "reference automerge-repo sync server",
+            every,
+            cpu_seconds(reference.id()) - cpu,
+            memory_kib(reference.id()),
+            r,
+        ));
+    }
+    drop(reference);
+
+    println!();
+    println!(
+        "| server | load | sent | fan-out deliveries (complete) | deliveries/s | fan-out p50 | fan-out p99 | server CPU per delivery | RSS (peak) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let per_conversation = n / m;
+    for (name, every, cpu, mem, r) in &rows {
+        println!(
+            "| {name} | a message every {} ms per agent | {} | {} of {}{} | {:.0} | {:.1} ms | {:.1} ms | {:.0} µs | {} MiB ({} MiB) |",
+            every.as_millis(),
+            r.sent,
+            r.delivered,
+            r.sent * (per_conversation - 1),
+            if r.dropped > 0 { format!(", {} connections dropped by the server", r.dropped) } else { String::new() },
+            r.delivered as f64 / r.elapsed.as_secs_f64(),
+            pct(&r.latencies, 0.5),
+            pct(&r.latencies, 0.99),
+            cpu * 1e6 / r.delivered.max(1) as f64,
+            mem.0 / 1024,
+            mem.1 / 1024
+        );
+    }
+    let throughput = |r: &LoadResult| r.delivered as f64 / r.elapsed.as_secs_f64();
+    println!();
+    println!(
+        "saturating throughput ratio (Crewdesk / reference): {:.2}x",
+        throughput(&rows[0].4) / throughput(&rows[2].4)
+    );
+    println!("peak memory ratio (Crewdesk / reference): {:.2}", rows[1].3.1 as f64 / rows[3].3.1.max(1) as f64);
+
+    catch_up().await;
+    stored_versus_active().await;
+}
+
+/// A replica comes back with 10k offline changes over 100 conversations.
+async fn catch_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token, docs) = {
+        let store = Store::open(dir.path()).unwrap();
+        for t in demo::teams() {
+            store.put_team(&t).unwrap();
+        }
+        let docs: Vec<(ConversationId, Automerge)> = (0..100).map(|i| conversation(i, demo::SALES)).collect();
+        let rows: Vec<(String, TeamId, Vec<u8>)> =
+            docs.iter().map(|(id, d)| (id.0.clone(), TeamId::from(demo::SALES), d.save())).collect();
+        store.import_documents(&rows).unwrap();
+        (store.issue_token(&AgentId::from("bob"), "bench").unwrap(), docs)
+    };
+    let port = free_port();
+    let relay = start_relay(dir.path(), port);
+    wait_listening(port).await;
+    let rdir = tempfile::tempdir().unwrap();
+    let replica = Arc::new(Mutex::new(Replica::open(rdir.path().join("r.sqlite3"), AgentId::from("bob")).unwrap()));
+    let (events, mut rx) = tokio::sync::mpsc::channel(10_000);
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let config = sync_client::ClientConfig::new(format!("http://127.0.0.1:{port}"), token);
+    let client = sync_client::SyncClient::spawn(config.clone(), replica.clone(), events.clone());
+    let all_there = || docs.iter().all(|(id, _)| replica.lock().unwrap().summary(id).is_some());
+    while !all_there() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.shutdown().await;
+    // Offline: 100 changes in each of the 100 conversations.
+    let now = Timestamp::now();
+    {
+        let mut r = replica.lock().unwrap();
+        for (id, _) in &docs {
+            r.join(id, now).unwrap();
+            for j in 0..99 {
+                r.send(id, MessageBody::Text { text: format!("offline {j}") }, now.plus(j)).unwrap();
+            }
+        }
+        assert_eq!(r.unsynced().unwrap().0, 10_000);
+    }
+    let started = Instant::now();
+    let client = sync_client::SyncClient::spawn(config, replica.clone(), events);
+    while replica.lock().unwrap().unsynced().unwrap().0 > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    client.shutdown().await;
+    println!();
+    println!(
+        "offline catch-up: 10,000 changes over 100 conversations durable on the relay in {:.0} ms (reconnect included)",
+        took.as_secs_f64() * 1e3
+    );
+    drop(relay);
+}
+
+/// The relay's memory with 10k stored conversations of which 100 are active.
+async fn stored_versus_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let (team, names) = load_team(100);
+    let all: Vec<(ConversationId, Automerge)> = (0..10_000).map(|i| conversation(i, "load")).collect();
+    let tokens: Vec<String> = {
+        let store = Store::open(dir.path()).unwrap();
+        store.put_team(&team).unwrap();
+        let rows: Vec<(String, TeamId, Vec<u8>)> =
+            all.iter().map(|(id, d)| (id.0.clone(), TeamId::from("load"), d.save())).collect();
+        store.import_documents(&rows).unwrap();
+        names.iter().map(|a| store.issue_token(&AgentId(a.clone()), "load").unwrap()).collect()
+    };
+    let port = free_port();
+    let relay = start_relay(dir.path(), port);
+    wait_listening(port).await;
+    let idle = memory_kib(relay.id());
+    let active: Vec<(ConversationId, Automerge)> = all.into_iter().step_by(100).collect();
+    let r = load(port, &tokens, &active, 3, Duration::from_millis(100)).await;
+    let busy = memory_kib(relay.id());
+    println!(
+        "10,000 stored conversations, 100 active ({} messages): relay RSS {} MiB idle, {} MiB under load (peak {} MiB)",
+        r.sent,
+        idle.0 / 1024,
+        busy.0 / 1024,
+        busy.1 / 1024
+    );
+    drop(relay);
+}
