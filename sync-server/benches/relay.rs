@@ -278,16 +278,14 @@ async fn load(
                         d.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap()).unwrap();
                         let now = Instant::now();
                         for c in d.get_changes(&before) {
-                            if c.actor_id() != d.get_actor() {
-                                if let Some(t) = sent_at.lock().unwrap().get(&c.hash()) {
+                            if c.actor_id() != d.get_actor()
+                                && let Some(t) = sent_at.lock().unwrap().get(&c.hash()) {
                                     latencies.lock().unwrap().push(now - *t);
                                     received += 1;
                                 }
-                            }
                         }
-                        if let Some(m) = d.generate_sync_message(&mut state) {
-                            if ws.send(sync_frame(&peer, id.as_str(), m)).await.is_err() { dropped = true; break }
-                        }
+                        if let Some(m) = d.generate_sync_message(&mut state)
+                            && ws.send(sync_frame(&peer, id.as_str(), m)).await.is_err() { dropped = true; break }
                     }
                     _ = tick.tick(), if mine < k => {
                         let m = Message { id: MessageId(format!("r{run}a{i}-{mine}")), at: Timestamp::now(), author: Author::Crew { agent: AgentId(format!("agent{i}")) }, body: MessageBody::Text { text: format!("load {i} {mine}") } };
@@ -295,9 +293,8 @@ async fn load(
                         let hash = d.get_last_local_change().expect("just made").hash();
                         sent_at.lock().unwrap().insert(hash, Instant::now());
                         mine += 1;
-                        if let Some(m) = d.generate_sync_message(&mut state) {
-                            if ws.send(sync_frame(&peer, id.as_str(), m)).await.is_err() { dropped = true; break }
-                        }
+                        if let Some(m) = d.generate_sync_message(&mut state)
+                            && ws.send(sync_frame(&peer, id.as_str(), m)).await.is_err() { dropped = true; break }
                     }
                     _ = check.tick() => {}
                     _ = &mut deadline => break,
