@@ -276,3 +276,52 @@ fn whatsapp_window_is_enforced_on_send() {
         Err(ReplicaError::Denied(DomainError::TemplateParams { expected: 1, given: 0 }))
     ));
 }
+
+#[test]
+fn search_finds_customer_details_and_message_text_and_is_injection_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bob = open(dir.path(), "bob");
+    let id = ConversationId::from("s1");
+    bob.create_conversation(
+        &new_conversation("s1", demo::SALES, Channel::Email),
+        Some(customer_message("m1", T0, "My parcel to Trondheim is late")),
+    )
+    .unwrap();
+    bob.create_conversation(
+        &new_conversation("s2", demo::SALES, Channel::Email),
+        Some(customer_message("m2", T0, "Invoice question")),
+    )
+    .unwrap();
+    let f = Filter::default();
+    let ids = |bob: &Replica, q: &str| {
+        bob.list_search(&f, T0, q).unwrap().rows.into_iter().map(|r| r.id.0).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&bob, "trondh"), vec!["s1"], "prefix of a word in a message");
+    assert_eq!(ids(&bob, "parcel late"), vec!["s1"], "every word must match");
+    assert_eq!(ids(&bob, "s2@example"), vec!["s2"], "customer email");
+    assert_eq!(ids(&bob, "Customer s1"), vec!["s1"], "customer name");
+    assert!(ids(&bob, "\" OR 1=1 --").is_empty(), "hostile input is only words");
+    assert!(bob.list_search(&f, T0, "NEAR( AND \"").is_ok());
+    bob.join(&id, T0).unwrap();
+    bob.send(&id, text("Tracking number 4471 sent"), T0.plus(1000)).unwrap();
+    assert_eq!(ids(&bob, "4471"), vec!["s1"], "new messages are indexed in the same transaction");
+    bob.edit_customer(&id, &CustomerEdit { phone: Some("+47 5550 1234".into()), ..Default::default() }).unwrap();
+    assert_eq!(ids(&bob, "5550"), vec!["s1"], "edited customer details are re-indexed");
+}
+
+#[test]
+fn unread_until_marked_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bob = open(dir.path(), "bob");
+    let id = ConversationId::from("u1");
+    bob.create_conversation(
+        &new_conversation("u1", demo::SALES, Channel::Email),
+        Some(customer_message("m1", T0, "Hi")),
+    )
+    .unwrap();
+    assert_eq!(bob.seen_counts().unwrap().get(&id), None);
+    bob.mark_read(&id).unwrap();
+    assert_eq!(bob.seen_counts().unwrap().get(&id), Some(&1));
+    bob.record_customer_message(&id, text("again"), T0.plus(1)).unwrap();
+    assert_eq!(bob.summary(&id).unwrap().message_count, 2, "one more than seen: unread");
+}

@@ -186,6 +186,40 @@ impl Replica {
         Listing { rows: listing.rows.into_iter().cloned().collect(), total: listing.total, counts: listing.counts }
     }
 
+    /// The list with a search: only conversations whose messages or customer details (name,
+    /// email, phone) match every word of `search`, from the full-text index.
+    pub fn list_search(
+        &self,
+        filter: &Filter,
+        now: Timestamp,
+        search: &str,
+    ) -> Result<Listing<ConversationSummary>, ReplicaError> {
+        if search.trim().is_empty() {
+            return Ok(self.list(filter, now));
+        }
+        let ids: std::collections::HashSet<ConversationId> =
+            store::search(&self.conn, search, 5_000)?.into_iter().collect();
+        let listing = filter::evaluate(
+            self.index.values().filter(|s| ids.contains(&s.id)),
+            |t| self.teams.get(t),
+            &self.agent,
+            now,
+            filter,
+        );
+        Ok(Listing { rows: listing.rows.into_iter().cloned().collect(), total: listing.total, counts: listing.counts })
+    }
+
+    /// How many messages of each conversation this agent has seen (for unread markers).
+    pub fn seen_counts(&self) -> Result<HashMap<ConversationId, u32>, ReplicaError> {
+        store::seen(&self.conn)
+    }
+
+    /// Marks a conversation as read up to its current messages.
+    pub fn mark_read(&mut self, id: &ConversationId) -> Result<(), ReplicaError> {
+        let count = self.visible(id)?.1.message_count;
+        store::mark_seen(&self.conn, id, count)
+    }
+
     /// Representatives' Notifications panel: grabbable conversations and grabs awaiting the relay.
     pub fn notifications(&self, now: Timestamp) -> Vec<(ConversationSummary, GrabState)> {
         let mut out: Vec<_> = self

@@ -8,7 +8,11 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use std::path::Path;
 
 /// Append-only: a released migration is never edited; new ones are added at the end.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_replica.sql"), include_str!("migrations/0002_outbox.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_replica.sql"),
+    include_str!("migrations/0002_outbox.sql"),
+    include_str!("migrations/0003_search_and_reads.sql"),
+];
 
 pub fn schema_version() -> i64 {
     MIGRATIONS.len() as i64
@@ -87,10 +91,14 @@ pub fn insert_messages(tx: &Transaction<'_>, id: &ConversationId, messages: &[Me
     let mut stmt = tx.prepare_cached(
         "INSERT OR IGNORE INTO messages (conversation_id, at, id, author_kind, body) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
+    let mut search = tx.prepare_cached("INSERT INTO search (doc_id, kind, text) VALUES (?1, 'message', ?2)")?;
     let mut added = 0;
     for m in messages {
         let body = serde_json::to_string(m)?;
-        added += stmt.execute(params![id.as_str(), m.at.0, m.id.as_str(), m.author.kind().as_str(), body])? as u32;
+        if stmt.execute(params![id.as_str(), m.at.0, m.id.as_str(), m.author.kind().as_str(), body])? == 1 {
+            added += 1;
+            search.execute(params![id.as_str(), searchable_text(&m.body)])?;
+        }
     }
     Ok(added)
 }
@@ -152,6 +160,59 @@ pub fn upsert_summary(tx: &Transaction<'_>, s: &ConversationSummary) -> Result<(
         s.waiting_since.map(|t| t.0),
         body
     ])?;
+    index_customer(tx, s)?;
+    Ok(())
+}
+
+fn searchable_text(body: &crate::domain::MessageBody) -> String {
+    use crate::domain::MessageBody;
+    match body {
+        MessageBody::Text { text }
+        | MessageBody::Template { text, .. }
+        | MessageBody::WhatsAppTemplate { text, .. } => text.clone(),
+        MessageBody::Attachment { file_name, .. } => file_name.clone(),
+        MessageBody::ConferenceInvitation { .. } => String::new(),
+    }
+}
+
+/// Re-indexes a conversation's customer details for search.
+pub fn index_customer(tx: &Transaction<'_>, s: &ConversationSummary) -> Result<(), ReplicaError> {
+    tx.prepare_cached("DELETE FROM search WHERE doc_id = ?1 AND kind = 'customer'")?.execute([s.id.as_str()])?;
+    let c = &s.customer;
+    let text = [Some(c.name.as_str()), c.email.as_deref(), c.phone.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+    tx.prepare_cached("INSERT INTO search (doc_id, kind, text) VALUES (?1, 'customer', ?2)")?
+        .execute(params![s.id.as_str(), text])?;
+    Ok(())
+}
+
+/// Conversations whose messages or customer details match every word of `query` (prefixes).
+pub fn search(conn: &Connection, query: &str, limit: usize) -> Result<Vec<ConversationId>, ReplicaError> {
+    // Each word becomes a quoted prefix term, so user input can never be FTS syntax.
+    let terms: Vec<String> =
+        query.split_whitespace().take(8).map(|w| format!("\"{}\"*", w.replace('"', "\"\""))).collect();
+    if terms.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare_cached("SELECT DISTINCT doc_id FROM search WHERE search MATCH ?1 LIMIT ?2")?;
+    let rows = stmt.query_map(params![terms.join(" AND "), limit as i64], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?.into_iter().map(ConversationId).collect())
+}
+
+pub fn seen(conn: &Connection) -> Result<std::collections::HashMap<ConversationId, u32>, ReplicaError> {
+    let mut stmt = conn.prepare_cached("SELECT doc_id, seen FROM reads")?;
+    let rows = stmt.query_map([], |r| Ok((ConversationId(r.get(0)?), r.get::<_, u32>(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn mark_seen(conn: &Connection, id: &ConversationId, count: u32) -> Result<(), ReplicaError> {
+    conn.execute(
+        "INSERT INTO reads (doc_id, seen) VALUES (?1, ?2) ON CONFLICT (doc_id) DO UPDATE SET seen = max(seen, excluded.seen)",
+        params![id.as_str(), count],
+    )?;
     Ok(())
 }
 

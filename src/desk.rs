@@ -1,0 +1,152 @@
+//! What the desktop app shows, computed by the core's rules: one row of the list, the open
+//! conversation, a Notifications entry, the session. Pure data shared by the Tauri shell (which
+//! builds it) and the yew UI (which renders it), so the UI never re-implements a rule.
+
+use crate::domain::access::{self, GrabState, JoinKind};
+use crate::domain::filter::Counts;
+use crate::domain::status::{self, ConversationSummary, Status};
+use crate::domain::{AgentId, Message, MessageTemplate, Role, Team, TeamId, TeamMode, Timestamp, WhatsAppTemplate};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeamView {
+    pub id: TeamId,
+    pub name: String,
+    pub mode: TeamMode,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrewMember {
+    pub id: AgentId,
+    pub name: String,
+}
+
+/// Who is signed in, and where.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub signed_in: bool,
+    pub agent: Option<CrewMember>,
+    pub relay_url: Option<String>,
+    pub teams: Vec<TeamView>,
+}
+
+/// One row of the yellow block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowView {
+    pub summary: ConversationSummary,
+    pub team_name: String,
+    pub badges: Vec<Status>,
+    pub waiting_ms: Option<i64>,
+    /// What JOIN does here, if it is offered.
+    pub join: Option<JoinKind>,
+    pub in_room: bool,
+    pub unread: bool,
+    /// Local changes the relay has not yet made durable.
+    pub unsynced: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListView {
+    pub rows: Vec<RowView>,
+    pub total: usize,
+    pub counts: Counts,
+}
+
+/// The green block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetailView {
+    pub row: RowView,
+    pub messages: Vec<Message>,
+    pub team_mode: TeamMode,
+    pub crew: Vec<CrewMember>,
+    pub grab: GrabState,
+    pub may_leave: bool,
+    pub may_close: bool,
+    pub may_edit_customer: bool,
+    /// Why the composer is disabled, or `None` when the agent may write.
+    pub composer_blocked: Option<String>,
+    pub whatsapp_window_open: Option<bool>,
+    pub email_fallback: bool,
+    pub templates: Vec<MessageTemplate>,
+    pub whatsapp_templates: Vec<WhatsAppTemplate>,
+    /// Names of agents by id, for message authors.
+    pub names: Vec<CrewMember>,
+}
+
+/// One entry of the Notifications panel (representatives of grab-mode teams).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationView {
+    pub row: RowView,
+    pub grab: GrabState,
+    pub may_grab: bool,
+}
+
+pub fn row_view(
+    s: &ConversationSummary,
+    team: &Team,
+    agent: &AgentId,
+    now: Timestamp,
+    seen: u32,
+    unsynced: bool,
+) -> RowView {
+    RowView {
+        team_name: team.name.clone(),
+        badges: Status::badges(s, team, now),
+        waiting_ms: status::waiting_for(s, team, now),
+        join: access::join_kind(team, agent, s, now).ok(),
+        in_room: s.is_in_room(agent),
+        unread: s.message_count > seen
+            && s.last_message.as_ref().is_some_and(|m| m.author == crate::domain::AuthorKind::Customer),
+        unsynced,
+        summary: s.clone(),
+    }
+}
+
+/// Builds the green block from the index row, the materialized messages and the team.
+pub fn detail_view(row: RowView, messages: Vec<Message>, team: &Team, agent: &AgentId, now: Timestamp) -> DetailView {
+    let s = &row.summary;
+    let probe = crate::domain::MessageBody::Text { text: "probe".into() };
+    let composer_blocked = match access::may_send(team, agent, s, &probe, now) {
+        Ok(()) => None,
+        // Outside the WhatsApp window the composer stays usable for approved templates.
+        Err(crate::domain::DomainError::WhatsAppWindowClosed) => None,
+        Err(e) => Some(e.to_string()),
+    };
+    let name_of = |id: &AgentId| team.member(id).map_or_else(|| id.to_string(), |m| m.name.clone());
+    DetailView {
+        crew: s.crew_in_room.iter().map(|a| CrewMember { id: a.clone(), name: name_of(a) }).collect(),
+        grab: access::grab_state(agent, s),
+        may_leave: access::may_leave(team, agent, s).is_ok(),
+        may_close: access::may_close(team, agent, s, now).is_ok(),
+        may_edit_customer: access::may_edit_customer(team, agent, s).is_ok(),
+        composer_blocked,
+        whatsapp_window_open: status::whatsapp_window_open(s, now),
+        email_fallback: status::email_fallback_active(s),
+        templates: team.templates.clone(),
+        whatsapp_templates: team.whatsapp_templates.clone(),
+        names: team.members.iter().map(|m| CrewMember { id: m.agent.clone(), name: m.name.clone() }).collect(),
+        team_mode: team.mode,
+        messages,
+        row,
+    }
+}
+
+pub fn team_views(teams: &[&Team], agent: &AgentId) -> Vec<TeamView> {
+    teams
+        .iter()
+        .filter_map(|t| {
+            t.role_of(agent).map(|role| TeamView { id: t.id.clone(), name: t.name.clone(), mode: t.mode, role })
+        })
+        .collect()
+}
+
+/// "3:07" style waiting time.
+pub fn format_waiting(ms: i64) -> String {
+    let secs = ms / 1000;
+    if secs >= 3600 {
+        format!("{}h {:02}m", secs / 3600, (secs / 60) % 60)
+    } else {
+        format!("{}:{:02}", secs / 60, secs % 60)
+    }
+}
