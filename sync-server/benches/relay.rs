@@ -109,7 +109,7 @@ fn start_reference(data: &Path, port: u16) -> Server {
         .stderr(std::fs::File::create("/tmp/crewdesk-reference-server.log").map_or_else(|_| Stdio::null(), Stdio::from))
         .spawn()
         .map(Server)
-        .expect("node (run `npm ci --prefix tests/interop`)")
+        .expect("node (run `npm install --prefix tests/interop`)")
 }
 
 fn conversation(i: usize, team: &str) -> (ConversationId, Automerge) {

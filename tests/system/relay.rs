@@ -276,7 +276,7 @@ async fn npm_automerge_repo_client_reads_and_appends() {
     let interop = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop");
     assert!(
         interop.join("node_modules/@automerge/automerge-repo").exists(),
-        "the npm clients are not installed: run `npm ci --prefix tests/interop` (cargo xtask test does)"
+        "the npm clients are not installed: run `npm install --prefix tests/interop` (cargo xtask test does)"
     );
     let dir = tempfile::tempdir().unwrap();
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
