@@ -1,0 +1,198 @@
+//! Thin commands: each checks nothing itself; the replica applies the core's rules and the desk
+//! view models carry what the UI shows.
+
+use crate::desk::{self, AppState, Desk, Settings, emit_changed};
+use crate::error::{CommandError, CommandResult};
+use crewdesk::desk::{
+    CrewMember, DetailView, ListView, NotificationView, RowView, SessionView, detail_view, row_view, team_views,
+};
+use crewdesk::domain::access::{self, JoinKind};
+use crewdesk::domain::filter::Filter;
+use crewdesk::domain::{ConversationId, CustomerEdit, MessageBody, Timestamp};
+use std::sync::Arc;
+use sync_client::SyncStatus;
+use tauri::{AppHandle, State};
+
+async fn current(state: &State<'_, AppState>) -> CommandResult<Arc<Desk>> {
+    state.desk.lock().await.clone().ok_or(CommandError::NotSignedIn)
+}
+
+fn session_of(desk: Option<&Desk>) -> SessionView {
+    let Some(desk) = desk else { return SessionView::default() };
+    let r = desk.lock();
+    SessionView {
+        signed_in: true,
+        agent: Some(CrewMember { id: desk.settings.agent.clone(), name: desk.settings.agent_name.clone() }),
+        relay_url: Some(desk.settings.relay_url.clone()),
+        teams: team_views(&r.teams(), r.agent()),
+    }
+}
+
+#[tauri::command]
+pub async fn session(state: State<'_, AppState>) -> CommandResult<SessionView> {
+    Ok(session_of(state.desk.lock().await.as_deref()))
+}
+
+/// First run: checks the relay address and token with the relay, remembers them, opens the desk.
+#[tauri::command]
+pub async fn sign_in(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    relay_url: String,
+    token: String,
+) -> CommandResult<SessionView> {
+    let (agent, agent_name) = desk::who_am_i(&relay_url, &token).await?;
+    let settings = Settings {
+        relay_url: relay_url.trim().trim_end_matches('/').to_owned(),
+        token: token.trim().to_owned(),
+        agent,
+        agent_name,
+    };
+    let opened = desk::open(&app, settings, true)?;
+    let mut slot = state.desk.lock().await;
+    *slot = Some(opened);
+    Ok(session_of(slot.as_deref()))
+}
+
+fn rows(
+    desk: &Desk,
+    listing: Vec<crewdesk::domain::status::ConversationSummary>,
+    now: Timestamp,
+) -> CommandResult<Vec<RowView>> {
+    let r = desk.lock();
+    let seen = r.seen_counts()?;
+    let (_, unsynced) = r.unsynced()?;
+    Ok(listing
+        .iter()
+        .filter_map(|s| {
+            let team = r.team(&s.team)?;
+            Some(row_view(s, team, r.agent(), now, seen.get(&s.id).copied().unwrap_or(0), unsynced.contains(&s.id)))
+        })
+        .collect())
+}
+
+#[tauri::command]
+pub async fn list(state: State<'_, AppState>, filter: Filter, search: Option<String>) -> CommandResult<ListView> {
+    let desk = current(&state).await?;
+    let now = Timestamp::now();
+    let listing = desk.lock().list_search(&filter, now, search.as_deref().unwrap_or(""))?;
+    Ok(ListView { rows: rows(&desk, listing.rows, now)?, total: listing.total, counts: listing.counts })
+}
+
+#[tauri::command]
+pub async fn notifications(state: State<'_, AppState>) -> CommandResult<Vec<NotificationView>> {
+    let desk = current(&state).await?;
+    let now = Timestamp::now();
+    let entries = desk.lock().notifications(now);
+    let summaries: Vec<_> = entries.iter().map(|(s, _)| s.clone()).collect();
+    let row_views = rows(&desk, summaries, now)?;
+    let r = desk.lock();
+    Ok(entries
+        .into_iter()
+        .zip(row_views)
+        .map(|((s, grab), row)| {
+            let may_grab = r.team(&s.team).is_some_and(|t| access::may_grab(t, r.agent(), &s, now).is_ok());
+            NotificationView { row, grab, may_grab }
+        })
+        .collect())
+}
+
+#[tauri::command]
+pub async fn conversation(state: State<'_, AppState>, id: ConversationId) -> CommandResult<DetailView> {
+    let desk = current(&state).await?;
+    let now = Timestamp::now();
+    let mut r = desk.lock();
+    let detail = r.conversation(&id, now)?;
+    r.mark_read(&id)?;
+    let team = r.team(&detail.summary.team).ok_or_else(|| CommandError::Invalid("unknown team".into()))?;
+    let unsynced = r.unsynced()?.1.contains(&id);
+    let count = detail.summary.message_count;
+    let row = row_view(&detail.summary, team, r.agent(), now, count, unsynced);
+    Ok(detail_view(row, detail.messages, team, r.agent(), now))
+}
+
+/// Runs an agent action on the replica, wakes the sync driver and tells the window.
+async fn act<T>(
+    app: &AppHandle,
+    state: &State<'_, AppState>,
+    id: &ConversationId,
+    f: impl FnOnce(&mut crewdesk::replica::Replica) -> Result<T, crewdesk::replica::ReplicaError>,
+) -> CommandResult<T> {
+    let desk = current(state).await?;
+    let out = f(&mut desk.lock())?;
+    desk.client.changed(id.clone());
+    emit_changed(app, vec![id.clone()]);
+    Ok(out)
+}
+
+#[tauri::command]
+pub async fn join(app: AppHandle, state: State<'_, AppState>, id: ConversationId) -> CommandResult<JoinKind> {
+    act(&app, &state, &id, |r| r.join(&id, Timestamp::now())).await
+}
+
+#[tauri::command]
+pub async fn grab(app: AppHandle, state: State<'_, AppState>, id: ConversationId) -> CommandResult<()> {
+    act(&app, &state, &id, |r| r.grab(&id, Timestamp::now())).await
+}
+
+#[tauri::command]
+pub async fn leave(app: AppHandle, state: State<'_, AppState>, id: ConversationId) -> CommandResult<()> {
+    act(&app, &state, &id, |r| r.leave(&id)).await
+}
+
+#[tauri::command]
+pub async fn close(app: AppHandle, state: State<'_, AppState>, id: ConversationId) -> CommandResult<()> {
+    act(&app, &state, &id, |r| r.close(&id, Timestamp::now())).await
+}
+
+#[tauri::command]
+pub async fn send(app: AppHandle, state: State<'_, AppState>, id: ConversationId, text: String) -> CommandResult<()> {
+    let body = MessageBody::Text { text: text.trim_end().to_owned() };
+    act(&app, &state, &id, |r| r.send(&id, body, Timestamp::now()).map(|_| ())).await
+}
+
+#[tauri::command]
+pub async fn send_template(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    id: ConversationId,
+    template: String,
+) -> CommandResult<()> {
+    act(&app, &state, &id, |r| r.send_template(&id, &template, Timestamp::now()).map(|_| ())).await
+}
+
+#[tauri::command]
+pub async fn send_whatsapp_template(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    id: ConversationId,
+    template: String,
+    params: Vec<String>,
+) -> CommandResult<()> {
+    act(&app, &state, &id, |r| r.send_whatsapp_template(&id, &template, params, Timestamp::now()).map(|_| ())).await
+}
+
+/// 📹 an unguessable meeting link, sent as an invitation.
+#[tauri::command]
+pub async fn send_conference(app: AppHandle, state: State<'_, AppState>, id: ConversationId) -> CommandResult<()> {
+    let room = crewdesk::replica::doc::random_id(&mut rand::rng());
+    let body = MessageBody::ConferenceInvitation { url: format!("https://meet.jit.si/crewdesk-{room}") };
+    act(&app, &state, &id, |r| r.send(&id, body, Timestamp::now()).map(|_| ())).await
+}
+
+#[tauri::command]
+pub async fn edit_customer(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    id: ConversationId,
+    edit: CustomerEdit,
+) -> CommandResult<()> {
+    act(&app, &state, &id, |r| r.edit_customer(&id, &edit)).await
+}
+
+#[tauri::command]
+pub async fn sync_status(state: State<'_, AppState>) -> CommandResult<SyncStatus> {
+    let desk = current(&state).await?;
+    let status = desk.client.status().borrow().clone();
+    Ok(status)
+}

@@ -1,0 +1,176 @@
+//! The signed-in desk: the replica, its sync driver, the settings that reopen it, and the
+//! forwarding of changes to the window (events, not polling) and to OS notifications.
+
+use crate::error::{CommandError, CommandResult};
+use crate::notify::Notifier;
+use crewdesk::domain::{AgentId, ConversationId};
+use crewdesk::replica::Replica;
+use crewdesk::sync::session::SessionEvent;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use sync_client::{ClientConfig, SharedReplica, SyncClient, SyncStatus};
+use tauri::{AppHandle, Emitter, Manager};
+
+/// What the app remembers between runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Settings {
+    pub relay_url: String,
+    pub token: String,
+    pub agent: AgentId,
+    pub agent_name: String,
+}
+
+pub struct Desk {
+    pub replica: SharedReplica,
+    pub client: SyncClient,
+    pub settings: Settings,
+}
+
+impl Desk {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Replica> {
+        self.replica.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+pub struct AppState {
+    pub desk: tokio::sync::Mutex<Option<Arc<Desk>>>,
+}
+
+fn settings_path(app: &AppHandle) -> CommandResult<PathBuf> {
+    let dir = app.path().app_config_dir().map_err(|e| CommandError::Settings(e.to_string()))?;
+    Ok(dir.join("settings.json"))
+}
+
+pub fn data_dir(app: &AppHandle) -> CommandResult<PathBuf> {
+    let dir = app.path().app_data_dir().map_err(|e| CommandError::Settings(e.to_string()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| CommandError::Settings(format!("{}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+pub fn load_settings(app: &AppHandle) -> Option<Settings> {
+    let text = std::fs::read_to_string(settings_path(app).ok()?).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn save_settings(app: &AppHandle, settings: &Settings) -> CommandResult<()> {
+    let path = settings_path(app)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| CommandError::Settings(e.to_string()))?;
+    }
+    let text = serde_json::to_string_pretty(settings).map_err(|e| CommandError::Settings(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| CommandError::Settings(e.to_string()))
+}
+
+#[derive(Deserialize)]
+struct Me {
+    agent: MeAgent,
+}
+
+#[derive(Deserialize)]
+struct MeAgent {
+    id: AgentId,
+    name: String,
+}
+
+/// Checks a relay URL and token with the relay and returns who they belong to.
+pub async fn who_am_i(relay_url: &str, token: &str) -> CommandResult<(AgentId, String)> {
+    let url = relay_url.trim().trim_end_matches('/');
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(CommandError::Invalid("the relay address starts with http:// or https://".into()));
+    }
+    let response = reqwest::Client::new()
+        .get(format!("{url}/api/me"))
+        .bearer_auth(token.trim())
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| CommandError::Relay(format!("cannot reach the relay at {url}: {e}")))?;
+    if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(CommandError::Relay("the relay does not accept this token; ask your admin for a new one".into()));
+    }
+    let me: Me = response
+        .error_for_status()
+        .map_err(|e| CommandError::Relay(e.to_string()))?
+        .json()
+        .await
+        .map_err(|e| CommandError::Relay(format!("unexpected answer from the relay: {e}")))?;
+    Ok((me.agent.id, me.agent.name))
+}
+
+/// Opens the agent's replica, starts syncing and forwards what happens to the window.
+pub fn open(app: &AppHandle, settings: Settings, remember: bool) -> CommandResult<Arc<Desk>> {
+    if remember {
+        save_settings(app, &settings)?;
+    }
+    let dir = data_dir(app)?;
+    let replica = Replica::open(replica_path(&dir, &settings.agent), settings.agent.clone())?;
+    let replica: SharedReplica = Arc::new(Mutex::new(replica));
+    let (events, rx) = tokio::sync::mpsc::channel(4096);
+    let client = SyncClient::spawn(ClientConfig::new(&settings.relay_url, &settings.token), replica.clone(), events);
+    let desk = Arc::new(Desk { replica, client, settings });
+    let notifier = Notifier::load(app.clone(), &dir, &desk)?;
+    spawn_forwarders(app.clone(), desk.clone(), rx, notifier);
+    Ok(desk)
+}
+
+fn replica_path(dir: &Path, agent: &AgentId) -> PathBuf {
+    let safe: String = agent
+        .as_str()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    dir.join(format!("replica-{safe}.sqlite3"))
+}
+
+#[derive(Clone, Serialize)]
+struct Changed {
+    ids: Vec<ConversationId>,
+}
+
+/// Tells the window something changed, so it reloads what it shows.
+pub fn emit_changed(app: &AppHandle, ids: Vec<ConversationId>) {
+    let _ = app.emit("desk-changed", Changed { ids });
+}
+
+fn spawn_forwarders(
+    app: AppHandle,
+    desk: Arc<Desk>,
+    mut rx: tokio::sync::mpsc::Receiver<SessionEvent>,
+    notifier: Notifier,
+) {
+    let notifier = Arc::new(Mutex::new(notifier));
+    let (app2, desk2, notifier2) = (app.clone(), desk.clone(), notifier.clone());
+    tauri::async_runtime::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            match event {
+                SessionEvent::Changed(id) => {
+                    notifier.lock().unwrap_or_else(|p| p.into_inner()).conversation_changed(&desk, &id);
+                    emit_changed(&app, vec![id]);
+                }
+                SessionEvent::RelayError(message) => {
+                    let _ = app.emit("relay-error", message);
+                }
+                SessionEvent::Connected { .. } => emit_changed(&app, Vec::new()),
+                SessionEvent::Unavailable(_) => {}
+            }
+        }
+    });
+    let mut status = desk2.client.status();
+    let app3 = app2.clone();
+    tauri::async_runtime::spawn(async move {
+        while status.changed().await.is_ok() {
+            let s: SyncStatus = status.borrow().clone();
+            let _ = app3.emit("sync-status", s);
+        }
+    });
+    // Statuses move with the clock (Soon to be, Overdue, auto-close): re-evaluate every 10 s.
+    tauri::async_runtime::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            notifier2.lock().unwrap_or_else(|p| p.into_inner()).check_overdue(&desk2);
+            emit_changed(&app2, Vec::new());
+        }
+    });
+}

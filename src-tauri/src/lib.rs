@@ -1,0 +1,79 @@
+//! The Crewdesk desktop shell: opens the agent's replica in the app data directory, runs the sync
+//! driver, exposes thin commands to the yew UI and pushes change events to it. The same library is
+//! the mobile entry point; desktop-only code stays behind `cfg(desktop)`.
+
+mod commands;
+mod desk;
+mod error;
+mod notify;
+
+use desk::{AppState, Settings};
+use tauri::Manager;
+
+#[cfg_attr(mobile, tauri::mobile_entry_point)]
+pub fn run() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .try_init()
+        .ok();
+    let result = tauri::Builder::default()
+        .plugin(tauri_plugin_notification::init())
+        .manage(AppState::default())
+        .setup(|app| {
+            let handle = app.handle().clone();
+            tauri::async_runtime::spawn(async move { restore(handle).await });
+            #[cfg(desktop)]
+            if let Some(window) = app.get_webview_window("main") {
+                let _ = window.set_title("Crewdesk");
+            }
+            Ok(())
+        })
+        .invoke_handler(tauri::generate_handler![
+            commands::session,
+            commands::sign_in,
+            commands::list,
+            commands::notifications,
+            commands::conversation,
+            commands::join,
+            commands::grab,
+            commands::leave,
+            commands::close,
+            commands::send,
+            commands::send_template,
+            commands::send_whatsapp_template,
+            commands::send_conference,
+            commands::edit_customer,
+            commands::sync_status,
+        ])
+        .run(tauri::generate_context!());
+    if let Err(e) = result {
+        eprintln!("Crewdesk could not start: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Opens the desk without asking when possible: from `CREWDESK_RELAY_URL` + `CREWDESK_TOKEN`
+/// (the run command and the E2E tests), else from the settings of an earlier sign-in (works
+/// offline). Otherwise the window shows the sign-in form.
+async fn restore(app: tauri::AppHandle) {
+    let from_env = match (std::env::var("CREWDESK_RELAY_URL"), std::env::var("CREWDESK_TOKEN")) {
+        (Ok(url), Ok(token)) => match desk::who_am_i(&url, &token).await {
+            Ok((agent, agent_name)) => Some(Settings { relay_url: url, token, agent, agent_name }),
+            Err(e) => {
+                tracing::warn!(%e, "CREWDESK_RELAY_URL/CREWDESK_TOKEN rejected; falling back to saved settings");
+                None
+            }
+        },
+        _ => None,
+    };
+    let remember = from_env.is_some();
+    let Some(settings) = from_env.or_else(|| desk::load_settings(&app)) else { return };
+    match desk::open(&app, settings, remember) {
+        Ok(opened) => {
+            let state = app.state::<AppState>();
+            *state.desk.lock().await = Some(opened);
+            desk::emit_changed(&app, Vec::new());
+        }
+        Err(e) => tracing::error!(%e, "cannot open the replica"),
+    }
+}

@@ -1,0 +1,231 @@
+//! Crewdesk's desk: the red block (views, teams, statuses with live counts), the yellow block (the
+//! list), the green block (the conversation), Notifications at the bottom left and the sync state.
+
+mod api;
+mod views;
+
+use api::{IdArgs, NoArgs, call};
+use crewdesk::desk::{DetailView, ListView, NotificationView, SessionView};
+use crewdesk::domain::Channel;
+use crewdesk::domain::filter::{Filter, Selection, Sort};
+use serde::{Deserialize, Serialize};
+use std::rc::Rc;
+use yew::prelude::*;
+
+/// The shell's sync status (online, unsynced changes).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct SyncStatus {
+    pub connected: bool,
+    pub unsynced_changes: usize,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct Desk {
+    pub session: SessionView,
+    pub filter: Filter,
+    pub search: String,
+    pub list: Option<ListView>,
+    pub selected: Option<String>,
+    pub cursor: usize,
+    pub detail: Option<DetailView>,
+    pub notifications: Vec<NotificationView>,
+    pub sync: SyncStatus,
+    pub error: Option<String>,
+    /// Bumped by every change event: reloads what is shown.
+    pub revision: u64,
+}
+
+pub enum Action {
+    Session(SessionView),
+    Select(Selection),
+    Team(Option<crewdesk::domain::TeamId>),
+    ToggleChannel(Channel),
+    Sort(Sort),
+    Search(String),
+    Loaded(ListView),
+    Open(String),
+    Move(i64),
+    Detail(Option<DetailView>),
+    Notifications(Vec<NotificationView>),
+    Sync(SyncStatus),
+    Error(Option<String>),
+    Changed,
+}
+
+impl Reducible for Desk {
+    type Action = Action;
+    fn reduce(self: Rc<Self>, action: Action) -> Rc<Self> {
+        let mut d = (*self).clone();
+        match action {
+            Action::Session(s) => d.session = s,
+            Action::Select(sel) => {
+                d.filter.selection = sel;
+                d.cursor = 0;
+            }
+            Action::Team(t) => d.filter.team = t,
+            Action::ToggleChannel(c) => {
+                if let Some(i) = d.filter.channels.iter().position(|x| *x == c) {
+                    d.filter.channels.remove(i);
+                } else {
+                    d.filter.channels.push(c);
+                }
+            }
+            Action::Sort(s) => d.filter.sort = s,
+            Action::Search(q) => d.search = q,
+            Action::Loaded(l) => {
+                d.cursor = d.cursor.min(l.rows.len().saturating_sub(1));
+                d.list = Some(l);
+            }
+            Action::Open(id) => {
+                if let Some(i) = d.list.as_ref().and_then(|l| l.rows.iter().position(|r| r.summary.id.0 == id)) {
+                    d.cursor = i;
+                }
+                d.selected = Some(id);
+            }
+            Action::Move(delta) => {
+                let n = d.list.as_ref().map_or(0, |l| l.rows.len());
+                if n > 0 {
+                    d.cursor = (d.cursor as i64 + delta).clamp(0, n as i64 - 1) as usize;
+                }
+            }
+            Action::Detail(v) => d.detail = v,
+            Action::Notifications(n) => d.notifications = n,
+            Action::Sync(s) => d.sync = s,
+            Action::Error(e) => d.error = e,
+            Action::Changed => d.revision += 1,
+        }
+        Rc::new(d)
+    }
+}
+
+pub type DeskHandle = UseReducerHandle<Desk>;
+
+#[derive(Serialize)]
+struct ListArgs<'a> {
+    filter: &'a Filter,
+    search: &'a str,
+}
+
+/// Runs a command and reports its error, if any, in the error bar.
+pub fn run_command<A: Serialize + 'static>(desk: &DeskHandle, cmd: &'static str, args: A) {
+    let desk = desk.clone();
+    wasm_bindgen_futures::spawn_local(async move {
+        match call::<A, serde::de::IgnoredAny>(cmd, &args).await {
+            Ok(_) => desk.dispatch(Action::Error(None)),
+            Err(e) => desk.dispatch(Action::Error(Some(e))),
+        }
+        desk.dispatch(Action::Changed);
+    });
+}
+
+#[function_component(App)]
+fn app() -> Html {
+    let desk = use_reducer(|| Desk {
+        session: SessionView::default(),
+        filter: Filter { limit: 300, ..Filter::default() },
+        search: String::new(),
+        list: None,
+        selected: None,
+        cursor: 0,
+        detail: None,
+        notifications: Vec::new(),
+        sync: SyncStatus::default(),
+        error: None,
+        revision: 0,
+    });
+
+    // Events from the shell: changes (reload) and sync status. No polling.
+    {
+        let desk = desk.clone();
+        use_effect_with((), move |_| {
+            let d = desk.clone();
+            api::listen("desk-changed", move |_| d.dispatch(Action::Changed));
+            let d = desk.clone();
+            api::listen("sync-status", move |payload| {
+                if let Ok(s) = serde_wasm_bindgen::from_value::<SyncStatus>(payload) {
+                    d.dispatch(Action::Sync(s));
+                }
+            });
+            let d = desk.clone();
+            api::listen("relay-error", move |payload| d.dispatch(Action::Error(payload.as_string())));
+            || ()
+        });
+    }
+
+    // Reload session, list, notifications and sync state whenever something changed.
+    {
+        let desk = desk.clone();
+        let key = (desk.revision, desk.filter.clone(), desk.search.clone());
+        use_effect_with(key, move |(_, filter, search)| {
+            let (filter, search) = (filter.clone(), search.clone());
+            wasm_bindgen_futures::spawn_local(async move {
+                if let Ok(s) = call::<_, SessionView>("session", &NoArgs {}).await {
+                    let signed_in = s.signed_in;
+                    if s != desk.session {
+                        desk.dispatch(Action::Session(s));
+                    }
+                    if !signed_in {
+                        return;
+                    }
+                }
+                match call::<_, ListView>("list", &ListArgs { filter: &filter, search: &search }).await {
+                    Ok(l) => desk.dispatch(Action::Loaded(l)),
+                    Err(e) => desk.dispatch(Action::Error(Some(e))),
+                }
+                if let Ok(n) = call::<_, Vec<NotificationView>>("notifications", &NoArgs {}).await {
+                    desk.dispatch(Action::Notifications(n));
+                }
+                if let Ok(s) = call::<_, SyncStatus>("sync_status", &NoArgs {}).await {
+                    desk.dispatch(Action::Sync(s));
+                }
+            });
+            || ()
+        });
+    }
+
+    // The open conversation follows the selection and every change.
+    {
+        let desk = desk.clone();
+        let key = (desk.revision, desk.selected.clone());
+        use_effect_with(key, move |(_, selected)| {
+            if let Some(id) = selected.clone() {
+                wasm_bindgen_futures::spawn_local(async move {
+                    match call::<_, DetailView>("conversation", &IdArgs { id: &id }).await {
+                        Ok(v) => desk.dispatch(Action::Detail(Some(v))),
+                        Err(e) => {
+                            desk.dispatch(Action::Detail(None));
+                            desk.dispatch(Action::Error(Some(e)));
+                        }
+                    }
+                });
+            }
+            || ()
+        });
+    }
+
+    if !desk.session.signed_in {
+        return html! { <views::SignIn desk={desk.clone()} /> };
+    }
+    let error = desk.error.clone().map(|e| {
+        let d = desk.clone();
+        html! {
+            <div class="error-bar" role="alert">
+                <span>{ e }</span>
+                <button class="link" onclick={Callback::from(move |_| d.dispatch(Action::Error(None)))}>{ "Dismiss" }</button>
+            </div>
+        }
+    });
+    html! {
+        <div class={classes!("desk", desk.selected.is_some().then_some("has-open"))}>
+            <views::Sidebar desk={desk.clone()} />
+            <views::ListPane desk={desk.clone()} />
+            <views::ConversationPane desk={desk.clone()} />
+            { for error }
+        </div>
+    }
+}
+
+fn main() {
+    yew::Renderer::<App>::new().render();
+}
