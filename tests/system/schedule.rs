@@ -91,14 +91,14 @@ async fn run(seed: u64) {
     for id in &conversations {
         let holders: Vec<&Agent> = agents.iter().filter(|a| a.with(|r| r.summary(id).is_some())).collect();
         assert!(holders.len() >= 3, "seed {seed}: {id} reached only {} replicas", holders.len());
-        let reference =
-            holders[0].with(|r| (r.summary(id).cloned(), r.stored_messages(id).unwrap(), r.heads(id).unwrap()));
-        for h in &holders {
-            eventually(30, &format!("seed {seed}: {id} converges"), || {
-                h.with(|r| (r.summary(id).cloned(), r.stored_messages(id).unwrap(), r.heads(id).unwrap())) == reference
-            })
-            .await;
-        }
+        let state =
+            |h: &Agent| h.with(|r| (r.summary(id).cloned(), r.stored_messages(id).unwrap(), r.heads(id).unwrap()));
+        eventually(30, &format!("seed {seed}: {id} converges"), || {
+            let all: Vec<_> = holders.iter().map(|h| state(h)).collect();
+            all.iter().all(|x| *x == all[0])
+        })
+        .await;
+        let reference = state(holders[0]);
         let ids: std::collections::BTreeSet<_> = reference.1.iter().map(|m| m.id.clone()).collect();
         assert_eq!(ids.len(), reference.1.len(), "seed {seed}: duplicated message");
         total += reference.1.len();
