@@ -37,16 +37,16 @@ pub struct Desk {
 }
 
 pub enum Action {
-    Session(SessionView),
+    Session(Box<SessionView>),
     Select(Selection),
     Team(Option<crewdesk::domain::TeamId>),
     ToggleChannel(Channel),
     Sort(Sort),
     Search(String),
-    Loaded(ListView),
+    Loaded(Box<ListView>),
     Open(String),
     Move(i64),
-    Detail(Option<DetailView>),
+    Detail(Option<Box<DetailView>>),
     Notifications(Vec<NotificationView>),
     Sync(SyncStatus),
     Error(Option<String>),
@@ -58,7 +58,7 @@ impl Reducible for Desk {
     fn reduce(self: Rc<Self>, action: Action) -> Rc<Self> {
         let mut d = (*self).clone();
         match action {
-            Action::Session(s) => d.session = s,
+            Action::Session(s) => d.session = *s,
             Action::Select(sel) => {
                 d.filter.selection = sel;
                 d.cursor = 0;
@@ -74,6 +74,7 @@ impl Reducible for Desk {
             Action::Sort(s) => d.filter.sort = s,
             Action::Search(q) => d.search = q,
             Action::Loaded(l) => {
+                let l = *l;
                 d.cursor = d.cursor.min(l.rows.len().saturating_sub(1));
                 d.list = Some(l);
             }
@@ -89,7 +90,7 @@ impl Reducible for Desk {
                     d.cursor = (d.cursor as i64 + delta).clamp(0, n as i64 - 1) as usize;
                 }
             }
-            Action::Detail(v) => d.detail = v,
+            Action::Detail(v) => d.detail = v.map(|b| *b),
             Action::Notifications(n) => d.notifications = n,
             Action::Sync(s) => d.sync = s,
             Action::Error(e) => d.error = e,
@@ -163,14 +164,14 @@ fn app() -> Html {
                 if let Ok(s) = call::<_, SessionView>("session", &NoArgs {}).await {
                     let signed_in = s.signed_in;
                     if s != desk.session {
-                        desk.dispatch(Action::Session(s));
+                        desk.dispatch(Action::Session(Box::new(s)));
                     }
                     if !signed_in {
                         return;
                     }
                 }
                 match call::<_, ListView>("list", &ListArgs { filter: &filter, search: &search }).await {
-                    Ok(l) => desk.dispatch(Action::Loaded(l)),
+                    Ok(l) => desk.dispatch(Action::Loaded(Box::new(l))),
                     Err(e) => desk.dispatch(Action::Error(Some(e))),
                 }
                 if let Ok(n) = call::<_, Vec<NotificationView>>("notifications", &NoArgs {}).await {
@@ -192,7 +193,7 @@ fn app() -> Html {
             if let Some(id) = selected.clone() {
                 wasm_bindgen_futures::spawn_local(async move {
                     match call::<_, DetailView>("conversation", &IdArgs { id: &id }).await {
-                        Ok(v) => desk.dispatch(Action::Detail(Some(v))),
+                        Ok(v) => desk.dispatch(Action::Detail(Some(Box::new(v)))),
                         Err(e) => {
                             desk.dispatch(Action::Detail(None));
                             desk.dispatch(Action::Error(Some(e)));

@@ -62,7 +62,7 @@ pub fn sign_in(props: &DeskProps) -> Html {
             wasm_bindgen_futures::spawn_local(async move {
                 match call::<_, crewdesk::desk::SessionView>("sign_in", &args).await {
                     Ok(s) => {
-                        desk.dispatch(Action::Session(s));
+                        desk.dispatch(Action::Session(Box::new(s)));
                         desk.dispatch(Action::Changed);
                     }
                     Err(e) => error.set(Some(e)),
@@ -316,10 +316,9 @@ pub fn list_pane(props: &DeskProps) -> Html {
 }
 
 pub fn focus(id: &str) {
-    if let Some(el) = web_sys::window().and_then(|w| w.document()).and_then(|d| d.get_element_by_id(id)) {
-        if let Ok(el) = el.dyn_into::<web_sys::HtmlElement>() {
-            let _ = el.focus();
-        }
+    let element = web_sys::window().and_then(|w| w.document()).and_then(|d| d.get_element_by_id(id));
+    if let Some(el) = element.and_then(|el| el.dyn_into::<web_sys::HtmlElement>().ok()) {
+        let _ = el.focus();
     }
 }
 
