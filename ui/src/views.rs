@@ -215,7 +215,7 @@ fn notifications(props: &DeskProps) -> Html {
                     GrabState::None => html! {},
                 };
                 html! {
-                    <div class="note" onclick={open}>
+                    <div class="note" onclick={open} data-id={n.row.summary.id.0.clone()}>
                         <div class="note-main">
                             <span>{ channel_icon(n.row.summary.channel) }{ " " }{ n.row.summary.customer.name.clone() }</span>
                             <small class="muted">{ n.row.team_name.clone() }{ n.row.waiting_ms.map(|w| format!(" · waiting {}", format_waiting(w))).unwrap_or_default() }</small>

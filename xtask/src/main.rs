@@ -60,8 +60,67 @@ fn output_ok(program: &str, args: &[&str]) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Debian packages: Tauri's WebKitGTK stack, the E2E stack (Xvfb, WebKitWebDriver, screenshots),
+/// a color emoji font for the UI's icons, Python for the E2E driver.
+const APT_PACKAGES: &[&str] = &[
+    "libwebkit2gtk-4.1-dev",
+    "libgtk-3-dev",
+    "libayatana-appindicator3-dev",
+    "librsvg2-dev",
+    "libsoup-3.0-dev",
+    "libssl-dev",
+    "pkg-config",
+    "build-essential",
+    "xvfb",
+    "xauth",
+    "webkit2gtk-driver",
+    "imagemagick",
+    "fonts-noto-color-emoji",
+    "python3-venv",
+];
+
+/// The wasm-bindgen CLI must equal the `wasm-bindgen` crate pinned in `ui/Cargo.toml`.
+const WASM_BINDGEN: &str = "0.2.130";
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = env::var_os("CARGO_HOME").map_or_else(
+        || env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from).join(".cargo"),
+        PathBuf::from,
+    );
+    home.join("bin").join(name)
+}
+
+/// Tools built from crates.io, each installed only when missing (trunk takes ~10 min cold).
+fn tools() -> Result {
+    let wb = output_ok("wasm-bindgen", &["--version"]).unwrap_or_default();
+    if !wb.contains(WASM_BINDGEN) {
+        step("cargo", &["install", "wasm-bindgen-cli", "--version", &format!("={WASM_BINDGEN}")], &[])?;
+    }
+    if output_ok("trunk", &["--version"]).is_none() {
+        // trunk 0.22 declares a newer rustc than it needs; it builds and runs on this one.
+        step("cargo", &["install", "trunk", "--locked", "--ignore-rust-version"], &[])?;
+    }
+    if output_ok("tauri-driver", &["--help"]).is_none() && !cargo_bin("tauri-driver").exists() {
+        step("cargo", &["install", "tauri-driver", "--version", "^2", "--locked"], &[])?;
+    }
+    Ok(())
+}
+
+/// Builds the UI into `ui/dist` (the desktop shell embeds it at compile time).
+fn build_ui() -> Result {
+    println!("\n==> trunk build (ui)");
+    let status = Command::new("trunk")
+        .arg("build")
+        .env("CARGO_TARGET_DIR", target_dir())
+        .current_dir(root().join("ui"))
+        .status()
+        .map_err(|e| format!("could not start trunk: {e}"))?;
+    if status.success() { Ok(()) } else { Err("the UI build failed".into()) }
+}
+
 /// Installs the toolchain pieces the tests need, only when missing.
 fn prerequisites() -> Result {
+    apt(APT_PACKAGES)?;
     let components = output_ok("rustup", &["component", "list", "--installed"]).unwrap_or_default();
     for component in ["rustfmt", "clippy"] {
         if !components.lines().any(|l| l.starts_with(component)) {
@@ -76,6 +135,7 @@ fn prerequisites() -> Result {
     if output_ok("node", &["--version"]).is_none() {
         apt(&["nodejs", "npm"])?;
     }
+    tools()?;
     if !root().join("tests/interop/node_modules/@automerge/automerge-repo").exists() {
         // `npm install` with the committed lock file (`npm ci` trips over optional native packages).
         step("npm", &["install", "--prefix", "tests/interop", "--no-audit", "--no-fund"], &[])?;
@@ -97,6 +157,7 @@ fn apt(packages: &[&str]) -> Result {
 
 fn test() -> Result {
     prerequisites()?;
+    build_ui()?;
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     // The domain rules also compile for the browser (the UI reuses them).
@@ -112,6 +173,7 @@ fn test() -> Result {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
+    e2e()?;
     println!("\nAll checks and tests passed.");
     Ok(())
 }
@@ -122,5 +184,93 @@ fn bench() -> Result {
 
 fn run() -> Result {
     prerequisites()?;
-    cargo(&["run", "-p", "crewdesk", "--example", "desk"])
+    build_ui()?;
+    cargo(&["build", "-p", "sync-server", "-p", "crewdesk-desktop", "--features", "crewdesk-desktop/custom-protocol"])?;
+    let bin = target_dir().join("debug");
+    let home = env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    let demo = home.join(".local/share/crewdesk-demo");
+    let relay_data = demo.join("relay");
+    // Fresh demo data on every run, so the statuses match the clock.
+    let _ = std::fs::remove_dir_all(&demo);
+    std::fs::create_dir_all(&demo).map_err(|e| e.to_string())?;
+    let relay_bin = bin.join("sync-server");
+    let seeded = Command::new(&relay_bin)
+        .args(["--data-dir".as_ref(), relay_data.as_os_str(), "seed-demo".as_ref()])
+        .output()
+        .map_err(|e| format!("could not start the relay: {e}"))?;
+    if !seeded.status.success() {
+        return Err(format!("seeding the demo failed: {}", String::from_utf8_lossy(&seeded.stderr)));
+    }
+    let tokens: Vec<(String, String)> = String::from_utf8_lossy(&seeded.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(a, t)| (a.to_owned(), t.to_owned())))
+        .collect();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())?;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut relay = Command::new(&relay_bin)
+        .args(["--data-dir".as_ref(), relay_data.as_os_str(), "serve".as_ref(), "--listen".as_ref(), format!("127.0.0.1:{port}").as_ref()])
+        .spawn()
+        .map_err(|e| format!("could not start the relay: {e}"))?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let token = |agent: &str| tokens.iter().find(|(a, _)| a == agent).map(|(_, t)| t.clone()).unwrap_or_default();
+    println!("\nCrewdesk demo: relay at {url} (data in {})", relay_data.display());
+    println!("The app opens signed in as bob (representative in Sales and Support).");
+    println!("Open a second window as another agent, each with its own data directory:");
+    for (agent, t) in &tokens {
+        println!("  {agent:<6} XDG_DATA_HOME=/tmp/crewdesk-{agent} XDG_CONFIG_HOME=/tmp/crewdesk-{agent} CREWDESK_RELAY_URL={url} CREWDESK_TOKEN={t} {}", bin.join("crewdesk").display());
+    }
+    let mut app = Command::new(bin.join("crewdesk"));
+    app.env("CREWDESK_RELAY_URL", &url)
+        .env("CREWDESK_TOKEN", token("bob"))
+        .env("XDG_DATA_HOME", demo.join("bob/data"))
+        .env("XDG_CONFIG_HOME", demo.join("bob/config"));
+    if env::var_os("DISPLAY").is_none() && env::var_os("WAYLAND_DISPLAY").is_none() {
+        return Err(format!("no display: run it in a desktop session (the relay was at {url})")).inspect_err(|_| {
+            let _ = relay.kill();
+        });
+    }
+    let status = app.status().map_err(|e| format!("could not start the app: {e}"));
+    let _ = relay.kill();
+    let _ = relay.wait();
+    status.map(|_| ())
+}
+
+/// End-to-end: the real desktop app under Xvfb, driven through tauri-driver and WebKitWebDriver
+/// by `tests/e2e/desk_e2e.py` (selenium in a virtualenv), against a real relay.
+fn e2e() -> Result {
+    cargo(&["build", "-p", "sync-server", "-p", "crewdesk-desktop", "--features", "crewdesk-desktop/custom-protocol"])?;
+    let venv = home_cache().join("crewdesk-e2e-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        step("python3", &["-m", "venv", venv.to_str().unwrap_or("/tmp/venv")], &[])?;
+    }
+    if output_ok(python.to_str().unwrap_or("python3"), &["-c", "import selenium"]).is_none() {
+        step(python.to_str().unwrap_or("python3"), &["-m", "pip", "install", "--quiet", "selenium==4.27.1"], &[])?;
+    }
+    let bin = target_dir().join("debug");
+    let driver = if output_ok("tauri-driver", &["--help"]).is_some() { PathBuf::from("tauri-driver") } else { cargo_bin("tauri-driver") };
+    let artifacts = root().join("artifacts");
+    step(
+        "xvfb-run",
+        &[
+            "-a",
+            "-s",
+            "-screen 0 1280x800x24",
+            python.to_str().unwrap_or("python3"),
+            root().join("tests/e2e/desk_e2e.py").to_str().unwrap_or(""),
+            "--app",
+            bin.join("crewdesk").to_str().unwrap_or(""),
+            "--relay",
+            bin.join("sync-server").to_str().unwrap_or(""),
+            "--driver",
+            driver.to_str().unwrap_or("tauri-driver"),
+            "--artifacts",
+            artifacts.to_str().unwrap_or("artifacts"),
+        ],
+        &[],
+    )
+}
+
+fn home_cache() -> PathBuf {
+    env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from).join(".cache")
 }
