@@ -150,3 +150,118 @@ pub fn format_waiting(ms: i64) -> String {
         format!("{}:{:02}", secs / 60, secs % 60)
     }
 }
+
+/// An OS notification the agent should get, with a key that makes it happen once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DueNotification {
+    pub key: String,
+    pub title: String,
+    pub body: String,
+}
+
+/// The OS notifications a conversation deserves for this agent now: a customer message in a
+/// conversation the agent is in, a new conversation a representative of a grab-mode team can grab,
+/// a conversation turning overdue (in the room, or grab-able). Never for crew messages — the
+/// agent's own included. Keys identify the event, so a notification is shown once.
+pub fn notifications_due(s: &ConversationSummary, team: &Team, agent: &AgentId, now: Timestamp) -> Vec<DueNotification> {
+    let mut out = Vec::new();
+    let customer = &s.customer.name;
+    if let (Some(last), Some(at)) = (&s.last_message, s.last_customer_message_at) {
+        if last.author == crate::domain::AuthorKind::Customer && s.is_in_room(agent) {
+            out.push(DueNotification { key: format!("message:{}:{}", s.id, at.0), title: format!("{customer} wrote"), body: last.text.clone() });
+        }
+    }
+    let grabbable = access::in_notifications(team, agent, s, now) && access::grab_state(agent, s) == GrabState::None;
+    if grabbable {
+        out.push(DueNotification {
+            key: format!("grab:{}", s.id),
+            title: format!("New conversation in {}", team.name),
+            body: format!("{customer} is waiting: grab it from Notifications"),
+        });
+    }
+    if Status::Overdue.holds(s, team, now) && (s.is_in_room(agent) || grabbable) {
+        out.push(DueNotification {
+            key: format!("overdue:{}:{}", s.id, s.waiting_since.map_or(0, |w| w.0)),
+            title: format!("{customer} is overdue"),
+            body: "Waiting for a reply for too long".into(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::status::MessagePreview;
+    use crate::domain::{AuthorKind, Channel, Customer, Member, Presence, Thresholds};
+
+    fn team(mode: TeamMode) -> Team {
+        Team {
+            id: "t".into(),
+            name: "Support".into(),
+            mode,
+            thresholds: Thresholds::default(),
+            members: vec![
+                Member { agent: "rep".into(), name: "Rep".into(), role: Role::Representative },
+                Member { agent: "admin".into(), name: "Admin".into(), role: Role::Admin },
+            ],
+            templates: vec![],
+            whatsapp_templates: vec![],
+        }
+    }
+
+    fn summary(author: AuthorKind, in_room: bool) -> ConversationSummary {
+        let t0 = Timestamp(1_800_000_000_000);
+        ConversationSummary {
+            id: "c".into(),
+            team: "t".into(),
+            channel: Channel::Email,
+            customer: Customer { name: "Maya".into(), ..Default::default() },
+            created_at: t0,
+            last_message: Some(MessagePreview { at: t0, author, text: "hi".into() }),
+            last_customer_message_at: Some(t0),
+            last_crew_message_at: None,
+            waiting_since: (author == AuthorKind::Customer).then_some(t0),
+            crew_in_room: if in_room { vec!["rep".into()] } else { vec![] },
+            closed_at: None,
+            owner: if in_room { Some("rep".into()) } else { None },
+            grab_requests: vec![],
+            message_count: 1,
+            presence: Presence::default(),
+        }
+    }
+
+    fn keys(s: &ConversationSummary, t: &Team, agent: &str, after_ms: i64) -> Vec<String> {
+        notifications_due(s, t, &agent.into(), s.created_at.plus(after_ms)).into_iter().map(|n| n.key.split(':').next().unwrap_or("").to_owned()).collect()
+    }
+
+    #[test]
+    fn customer_messages_notify_the_crew_in_the_room_only() {
+        let t = team(TeamMode::Open);
+        assert_eq!(keys(&summary(AuthorKind::Customer, true), &t, "rep", 1000), vec!["message"]);
+        assert!(keys(&summary(AuthorKind::Customer, false), &t, "rep", 1000).is_empty());
+        // A crew message (the agent's own, say) never notifies.
+        assert!(keys(&summary(AuthorKind::Crew, true), &t, "rep", 1000).is_empty());
+    }
+
+    #[test]
+    fn grab_mode_representatives_hear_of_new_conversations_admins_do_not() {
+        let t = team(TeamMode::Grab);
+        let s = summary(AuthorKind::Customer, false);
+        assert_eq!(keys(&s, &t, "rep", 1000), vec!["grab"]);
+        assert!(keys(&s, &t, "admin", 1000).is_empty());
+        assert_eq!(keys(&s, &t, "rep", 6 * 60_000), vec!["grab", "overdue"]);
+    }
+
+    #[test]
+    fn overdue_notifies_once_per_wait() {
+        let t = team(TeamMode::Open);
+        let s = summary(AuthorKind::Customer, true);
+        let due = notifications_due(&s, &t, &"rep".into(), s.created_at.plus(5 * 60_000 + 1));
+        assert_eq!(due.len(), 2);
+        assert!(due[1].key.starts_with("overdue:c:"), "{:?}", due[1]);
+        // The same wait keeps the same key, so it is shown once.
+        let later = notifications_due(&s, &t, &"rep".into(), s.created_at.plus(9 * 60_000));
+        assert_eq!(due[1].key, later[1].key);
+    }
+}

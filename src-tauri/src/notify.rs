@@ -4,9 +4,9 @@
 
 use crate::desk::Desk;
 use crate::error::{CommandError, CommandResult};
-use crewdesk::domain::access::{self, GrabState};
+use crewdesk::desk::notifications_due;
 use crewdesk::domain::status::Status;
-use crewdesk::domain::{AuthorKind, ConversationId, Timestamp};
+use crewdesk::domain::{ConversationId, Timestamp};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use tauri::AppHandle;
@@ -45,38 +45,12 @@ impl Notifier {
         }
     }
 
-    /// The notifications a conversation deserves now, as (key, title, body).
+    /// The notifications a conversation deserves now (the rule lives in the core).
     fn keys(&self, desk: &Desk, id: &ConversationId) -> Vec<(String, String, String)> {
         let r = desk.lock();
-        let (Some(s), agent) = (r.summary(id), r.agent().clone()) else { return Vec::new() };
+        let Some(s) = r.summary(id) else { return Vec::new() };
         let Some(team) = r.team(&s.team) else { return Vec::new() };
-        let now = Timestamp::now();
-        let mut out = Vec::new();
-        let customer = &s.customer.name;
-        if let (Some(last), Some(at)) = (&s.last_message, s.last_customer_message_at) {
-            // Only customer messages: the agent's own (and colleagues') replies never notify.
-            if last.author == AuthorKind::Customer && s.is_in_room(&agent) {
-                out.push((format!("message:{id}:{}", at.0), format!("{customer} wrote"), last.text.clone()));
-            }
-        }
-        if access::in_notifications(team, &agent, s, now) && access::grab_state(&agent, s) == GrabState::None {
-            out.push((
-                format!("grab:{id}"),
-                format!("New conversation in {}", team.name),
-                format!("{customer} is waiting: grab it from Notifications"),
-            ));
-        }
-        if Status::Overdue.holds(s, team, now)
-            && (s.is_in_room(&agent) || access::in_notifications(team, &agent, s, now))
-        {
-            let since = s.waiting_since.map_or(0, |w| w.0);
-            out.push((
-                format!("overdue:{id}:{since}"),
-                format!("{customer} is overdue"),
-                "Waiting for a reply for too long".into(),
-            ));
-        }
-        out
+        notifications_due(s, team, r.agent(), Timestamp::now()).into_iter().map(|n| (n.key, n.title, n.body)).collect()
     }
 
     pub fn conversation_changed(&mut self, desk: &Desk, id: &ConversationId) {
