@@ -163,12 +163,21 @@ pub struct DueNotification {
 /// conversation the agent is in, a new conversation a representative of a grab-mode team can grab,
 /// a conversation turning overdue (in the room, or grab-able). Never for crew messages — the
 /// agent's own included. Keys identify the event, so a notification is shown once.
-pub fn notifications_due(s: &ConversationSummary, team: &Team, agent: &AgentId, now: Timestamp) -> Vec<DueNotification> {
+pub fn notifications_due(
+    s: &ConversationSummary,
+    team: &Team,
+    agent: &AgentId,
+    now: Timestamp,
+) -> Vec<DueNotification> {
     let mut out = Vec::new();
     let customer = &s.customer.name;
     if let (Some(last), Some(at)) = (&s.last_message, s.last_customer_message_at) {
         if last.author == crate::domain::AuthorKind::Customer && s.is_in_room(agent) {
-            out.push(DueNotification { key: format!("message:{}:{}", s.id, at.0), title: format!("{customer} wrote"), body: last.text.clone() });
+            out.push(DueNotification {
+                key: format!("message:{}:{}", s.id, at.0),
+                title: format!("{customer} wrote"),
+                body: last.text.clone(),
+            });
         }
     }
     let grabbable = access::in_notifications(team, agent, s, now) && access::grab_state(agent, s) == GrabState::None;
@@ -232,7 +241,10 @@ mod tests {
     }
 
     fn keys(s: &ConversationSummary, t: &Team, agent: &str, after_ms: i64) -> Vec<String> {
-        notifications_due(s, t, &agent.into(), s.created_at.plus(after_ms)).into_iter().map(|n| n.key.split(':').next().unwrap_or("").to_owned()).collect()
+        notifications_due(s, t, &agent.into(), s.created_at.plus(after_ms))
+            .into_iter()
+            .map(|n| n.key.split(':').next().unwrap_or("").to_owned())
+            .collect()
     }
 
     #[test]

@@ -205,10 +205,19 @@ fn run() -> Result {
         .lines()
         .filter_map(|l| l.split_once(' ').map(|(a, t)| (a.to_owned(), t.to_owned())))
         .collect();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())?;
     let url = format!("http://127.0.0.1:{port}");
     let mut relay = Command::new(&relay_bin)
-        .args(["--data-dir".as_ref(), relay_data.as_os_str(), "serve".as_ref(), "--listen".as_ref(), format!("127.0.0.1:{port}").as_ref()])
+        .args([
+            "--data-dir".as_ref(),
+            relay_data.as_os_str(),
+            "serve".as_ref(),
+            "--listen".as_ref(),
+            format!("127.0.0.1:{port}").as_ref(),
+        ])
         .spawn()
         .map_err(|e| format!("could not start the relay: {e}"))?;
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -217,7 +226,10 @@ fn run() -> Result {
     println!("The app opens signed in as bob (representative in Sales and Support).");
     println!("Open a second window as another agent, each with its own data directory:");
     for (agent, t) in &tokens {
-        println!("  {agent:<6} XDG_DATA_HOME=/tmp/crewdesk-{agent} XDG_CONFIG_HOME=/tmp/crewdesk-{agent} CREWDESK_RELAY_URL={url} CREWDESK_TOKEN={t} {}", bin.join("crewdesk").display());
+        println!(
+            "  {agent:<6} XDG_DATA_HOME=/tmp/crewdesk-{agent} XDG_CONFIG_HOME=/tmp/crewdesk-{agent} CREWDESK_RELAY_URL={url} CREWDESK_TOKEN={t} {}",
+            bin.join("crewdesk").display()
+        );
     }
     let mut app = Command::new(bin.join("crewdesk"));
     app.env("CREWDESK_RELAY_URL", &url)
@@ -248,7 +260,11 @@ fn e2e() -> Result {
         step(python.to_str().unwrap_or("python3"), &["-m", "pip", "install", "--quiet", "selenium==4.27.1"], &[])?;
     }
     let bin = target_dir().join("debug");
-    let driver = if output_ok("tauri-driver", &["--help"]).is_some() { PathBuf::from("tauri-driver") } else { cargo_bin("tauri-driver") };
+    let driver = if output_ok("tauri-driver", &["--help"]).is_some() {
+        PathBuf::from("tauri-driver")
+    } else {
+        cargo_bin("tauri-driver")
+    };
     let artifacts = root().join("artifacts");
     step(
         "xvfb-run",
