@@ -171,14 +171,15 @@ pub fn notifications_due(
 ) -> Vec<DueNotification> {
     let mut out = Vec::new();
     let customer = &s.customer.name;
-    if let (Some(last), Some(at)) = (&s.last_message, s.last_customer_message_at) {
-        if last.author == crate::domain::AuthorKind::Customer && s.is_in_room(agent) {
-            out.push(DueNotification {
-                key: format!("message:{}:{}", s.id, at.0),
-                title: format!("{customer} wrote"),
-                body: last.text.clone(),
-            });
-        }
+    if let (Some(last), Some(at)) = (&s.last_message, s.last_customer_message_at)
+        && last.author == crate::domain::AuthorKind::Customer
+        && s.is_in_room(agent)
+    {
+        out.push(DueNotification {
+            key: format!("message:{}:{}", s.id, at.0),
+            title: format!("{customer} wrote"),
+            body: last.text.clone(),
+        });
     }
     let grabbable = access::in_notifications(team, agent, s, now) && access::grab_state(agent, s) == GrabState::None;
     if grabbable {
