@@ -172,6 +172,34 @@ pub async fn send_whatsapp_template(
     act(&app, &state, &id, |r| r.send_whatsapp_template(&id, &template, params, Timestamp::now()).map(|_| ())).await
 }
 
+/// Largest attachment accepted from the file picker.
+const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
+
+/// 📎 a picked file: kept in the local content-addressed blob store (app data `blobs/<sha256>`) and
+/// sent as an attachment message that references it by hash.
+#[tauri::command]
+pub async fn attach(app: AppHandle, state: State<'_, AppState>, id: ConversationId, file_name: String, mime: String, bytes: Vec<u8>) -> CommandResult<()> {
+    use sha2::{Digest, Sha256};
+    if bytes.is_empty() {
+        return Err(CommandError::Invalid("the file is empty".into()));
+    }
+    if bytes.len() > MAX_ATTACHMENT_BYTES {
+        return Err(CommandError::Invalid("attachments are limited to 10 MB".into()));
+    }
+    // Only the last path component, without control characters: names are shown, never used as paths.
+    let file_name: String = file_name.rsplit(['/', '\\']).next().unwrap_or("file").chars().filter(|c| !c.is_control()).take(200).collect();
+    let hash: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let dir = desk::data_dir(&app)?.join("blobs");
+    std::fs::create_dir_all(&dir).map_err(|e| CommandError::Settings(e.to_string()))?;
+    let path = dir.join(&hash);
+    if !path.exists() {
+        std::fs::write(&path, &bytes).map_err(|e| CommandError::Settings(format!("cannot keep the file: {e}")))?;
+    }
+    let mime = if mime.trim().is_empty() { "application/octet-stream".to_owned() } else { mime };
+    let body = MessageBody::Attachment { blob: format!("sha256:{hash}"), file_name, mime, size: bytes.len() as u64 };
+    act(&app, &state, &id, |r| r.send(&id, body, Timestamp::now()).map(|_| ())).await
+}
+
 /// 📹 an unguessable meeting link, sent as an invitation.
 #[tauri::command]
 pub async fn send_conference(app: AppHandle, state: State<'_, AppState>, id: ConversationId) -> CommandResult<()> {

@@ -42,6 +42,7 @@ pub fn run() {
             commands::send_template,
             commands::send_whatsapp_template,
             commands::send_conference,
+            commands::attach,
             commands::edit_customer,
             commands::sync_status,
         ])

@@ -59,6 +59,9 @@ impl ClientConfig {
 
 pub type SharedReplica = Arc<Mutex<Replica>>;
 
+/// How long the connection may stay silent before it counts as lost (the relay pings every 5 s).
+const SILENCE_LIMIT: Duration = Duration::from_secs(20);
+
 /// A running sync driver. Dropping it stops syncing.
 pub struct SyncClient {
     status: watch::Receiver<SyncStatus>,
@@ -211,7 +214,12 @@ async fn session(
     publish(status, replica, true, None);
     loop {
         tokio::select! {
-            frame = stream.next() => {
+            // The relay pings every few seconds: silence this long means the connection is gone
+            // (a laptop that slept, a network that vanished) even if the socket never says so.
+            frame = tokio::time::timeout(SILENCE_LIMIT, stream.next()) => {
+                let Ok(frame) = frame else {
+                    return Err(ClientError::Unreachable("no word from the relay for 20 s".into()));
+                };
                 let b = match frame {
                     Some(Ok(Message::Binary(b))) => b,
                     Some(Ok(Message::Close(_))) | None => return Err(ClientError::Unreachable("the relay closed the connection".into())),

@@ -184,8 +184,17 @@ def main():
         wait_for("bob sees his message", lambda: hello in bob.messages())
         carol.open(conversation)
         wait_for("carol sees bob's message", lambda: hello in carol.messages())
-        bob.screenshot(os.path.join(args.artifacts, "desk-three-blocks.png"))
         print("ok: message seen by a second agent")
+
+        # 📎: a picked file is sent as an attachment message (by content hash) and shown to both.
+        picked = os.path.join(workdir, "delivery-note.txt")
+        with open(picked, "w") as f:
+            f.write("Parcel 4471, left at the reception.\n" * 200)
+        bob.css("#file-picker")[0].send_keys(picked)
+        wait_for("bob sees the attachment", lambda: any("📎 delivery-note.txt" in m for m in bob.messages()))
+        wait_for("carol sees the attachment", lambda: any("📎 delivery-note.txt" in m for m in carol.messages()))
+        bob.screenshot(os.path.join(args.artifacts, "desk-three-blocks.png"))
+        print("ok: attachment")
 
         # The relay goes down: the message waits (not synced), then arrives after the restart.
         relay.kill()

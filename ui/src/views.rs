@@ -508,6 +508,24 @@ struct SendArgs {
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AttachArgs {
+    id: String,
+    file_name: String,
+    mime: String,
+    bytes: Vec<u8>,
+}
+
+const MAX_ATTACHMENT_BYTES: f64 = 10.0 * 1024.0 * 1024.0;
+
+fn click(id: &str) {
+    let element = web_sys::window().and_then(|w| w.document()).and_then(|d| d.get_element_by_id(id));
+    if let Some(el) = element.and_then(|el| el.dyn_into::<web_sys::HtmlElement>().ok()) {
+        el.click();
+    }
+}
+
+#[derive(Serialize)]
 struct TemplateArgs {
     id: String,
     template: String,
@@ -588,6 +606,27 @@ fn composer(props: &ComposerProps) -> Html {
         _ => html! {},
     };
     let is_whatsapp = v.whatsapp_window_open.is_some();
+    let attach = {
+        let (d, id) = (props.desk.clone(), id.clone());
+        Callback::from(move |e: Event| {
+            let Some(input) = e.target().and_then(|t| t.dyn_into::<web_sys::HtmlInputElement>().ok()) else { return };
+            let Some(file) = input.files().and_then(|f| f.get(0)) else { return };
+            input.set_value("");
+            let (d, id) = (d.clone(), id.clone());
+            wasm_bindgen_futures::spawn_local(async move {
+                if file.size() > MAX_ATTACHMENT_BYTES {
+                    d.dispatch(Action::Error(Some(format!("{} is larger than 10 MB", file.name()))));
+                    return;
+                }
+                let Ok(buffer) = wasm_bindgen_futures::JsFuture::from(file.array_buffer()).await else {
+                    d.dispatch(Action::Error(Some(format!("could not read {}", file.name()))));
+                    return;
+                };
+                let bytes = js_sys::Uint8Array::new(&buffer).to_vec();
+                run_command(&d, "attach", AttachArgs { id, file_name: file.name(), mime: file.type_(), bytes });
+            });
+        })
+    };
     html! {
         <footer class="composer">
             { menu_html }
@@ -597,7 +636,9 @@ fn composer(props: &ComposerProps) -> Html {
             <textarea id="composer" rows="3" placeholder={ if window_closed { "Only WhatsApp templates can be sent now" } else { "Write a reply… (Enter sends, Shift+Enter new line)" } }
                 value={(*text).clone()} oninput={on_input} onkeydown={on_key} disabled={window_closed} />
             <div class="tools">
-                <button class="icon" title="Attachments arrive with the channels release" disabled=true>{ "📎" }</button>
+                <input type="file" id="file-picker" class="hidden" onchange={attach} />
+                <button class="icon" title="Attach a file or image" id="attach" disabled={window_closed}
+                    onclick={Callback::from(|_| click("file-picker"))}>{ "📎" }</button>
                 <button class="icon" title="Message templates" id="templates" onclick={toggle("templates")} disabled={window_closed}>{ "📃" }</button>
                 <button class="icon" title={ if is_whatsapp { "WhatsApp templates" } else { "WhatsApp templates (WhatsApp conversations only)" } } id="wa-templates" onclick={toggle("whatsapp")} disabled={!is_whatsapp}>{ "💬" }</button>
                 <button class="icon" title="Send a conference link" id="conference" disabled={window_closed}
