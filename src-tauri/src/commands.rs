@@ -178,7 +178,14 @@ const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
 /// 📎 a picked file: kept in the local content-addressed blob store (app data `blobs/<sha256>`) and
 /// sent as an attachment message that references it by hash.
 #[tauri::command]
-pub async fn attach(app: AppHandle, state: State<'_, AppState>, id: ConversationId, file_name: String, mime: String, bytes: Vec<u8>) -> CommandResult<()> {
+pub async fn attach(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    id: ConversationId,
+    file_name: String,
+    mime: String,
+    bytes: Vec<u8>,
+) -> CommandResult<()> {
     use sha2::{Digest, Sha256};
     if bytes.is_empty() {
         return Err(CommandError::Invalid("the file is empty".into()));
@@ -187,7 +194,8 @@ pub async fn attach(app: AppHandle, state: State<'_, AppState>, id: Conversation
         return Err(CommandError::Invalid("attachments are limited to 10 MB".into()));
     }
     // Only the last path component, without control characters: names are shown, never used as paths.
-    let file_name: String = file_name.rsplit(['/', '\\']).next().unwrap_or("file").chars().filter(|c| !c.is_control()).take(200).collect();
+    let file_name: String =
+        file_name.rsplit(['/', '\\']).next().unwrap_or("file").chars().filter(|c| !c.is_control()).take(200).collect();
     let hash: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     let dir = desk::data_dir(&app)?.join("blobs");
     std::fs::create_dir_all(&dir).map_err(|e| CommandError::Settings(e.to_string()))?;
