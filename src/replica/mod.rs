@@ -256,8 +256,12 @@ impl Replica {
             .get(&summary.team)
             .ok_or_else(|| ReplicaError::UnknownTeam { conversation: id.clone(), team: summary.team.clone() })?;
         if !access::may_see(team, &self.agent, summary) {
-            // Not visible is reported like not present: no existence leak through the API.
-            return Err(ReplicaError::UnknownConversation(id.clone()));
+            // A team member who cannot see it any more lost it to another representative; anyone
+            // else is told nothing more than "not here".
+            return Err(match team.member(&self.agent) {
+                Some(_) => DomainError::HandledByAnother.into(),
+                None => ReplicaError::UnknownConversation(id.clone()),
+            });
         }
         Ok((team, summary))
     }

@@ -22,6 +22,7 @@ from selenium.common.exceptions import StaleElementReferenceException, WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.common.options import ArgOptions
+from selenium.webdriver.remote.file_detector import UselessFileDetector
 
 STATUSES = ["online", "overdue", "soon", "rep-needed", "pending", "closed"]
 
@@ -90,6 +91,8 @@ class App:
         options.set_capability("browserName", "wry")
         options.set_capability("tauri:options", {"application": args.app})
         self.d = webdriver.Remote(command_executor=f"http://127.0.0.1:{port}", options=options)
+        # The app runs on this machine: file inputs take local paths (no upload command in WebKitWebDriver).
+        self.d.file_detector = UselessFileDetector()
         wait_for(f"{name}'s desk", lambda: self.d.find_elements(By.CSS_SELECTOR, "#view-all"), 60)
 
     def css(self, selector):
@@ -211,7 +214,12 @@ def main():
         print("ok: sent offline, delivered after the relay restarted")
 
         # CLOSE: the conversation moves to Closed.
-        bob.click("#close")
+        def close_it():
+            if bob.css("#close"):
+                bob.css("#close")[0].click()
+                time.sleep(0.5)
+            return "Closed" in bob.text(".head-actions")
+        wait_for("CLOSE takes effect", close_it)
         bob.click("#status-closed")
         wait_for("the conversation is under Closed", lambda: bob.css(bob.row(conversation)))
         print("ok: CLOSE")
@@ -224,18 +232,34 @@ def main():
         notes = wait_for("bob's Notifications", lambda: bob.css(".note button.grab"))
         target = notes[0].find_element(By.XPATH, "./ancestor::div[contains(@class,'note')]").get_attribute("data-id")
         wait_for("dave sees the same conversation", lambda: dave.css(f'.note[data-id="{target}"] button.grab'))
-        dave.css(f'.note[data-id="{target}"] button.grab')[0].click()
-        bob.css(f'.note[data-id="{target}"] button.grab')[0].click()
+        # Both grab while the relay is unreachable, so neither can know of the other: both wait for
+        # confirmation, and the relay decides when it is back.
+        relay.kill()
+        for a in (bob, dave):
+            wait_for(f"{a.name} is offline", lambda: "Offline" in a.text("#sync-state"), 40)
+        for a in (dave, bob):
+            a.click(f'.note[data-id="{target}"] button.grab')
+            wait_for(f"{a.name}'s grab awaits confirmation", lambda: "Awaiting confirmation" in a.text(f'.note[data-id="{target}"]'))
+        dave.screenshot(os.path.join(args.artifacts, "desk-grab-awaiting.png"))
+        relay.start()
 
         def outcome(app):
             note = app.css(f'.note[data-id="{target}"]')
-            return note[0].text if note else "won"
-        wait_for("one wins, the other is told", lambda: sorted(["won" if outcome(a) == "won" else ("lost" if "Taken by another" in outcome(a) else "?")
-                                                              for a in (bob, dave)]) == ["lost", "won"], 60)
-        loser = bob if "Taken by another" in outcome(bob) else dave
+            if not note:
+                return "won"
+            return "lost" if "Taken by another" in note[0].text else "waiting"
+        wait_for("one wins, the other is told", lambda: sorted(outcome(a) for a in (bob, dave)) == ["lost", "won"], 60)
+        loser = bob if outcome(bob) == "lost" else dave
         loser.screenshot(os.path.join(args.artifacts, "desk-grab-lost.png"))
         print("ok: grab race, one owner, the other told")
         print("E2E passed; screenshots in", args.artifacts)
+    except BaseException:
+        for a in apps:
+            try:
+                a.screenshot(os.path.join(args.artifacts, f"failure-{a.name}.png"))
+            except Exception:  # noqa: BLE001 - best effort evidence
+                pass
+        raise
     finally:
         for a in apps:
             try:

@@ -359,7 +359,7 @@ async fn fifty_simultaneous_grabs_some_offline_have_one_owner() {
         // Online representatives may already have heard of a winner: then the rules refuse.
         match r.act(&id, |x| x.grab(&id, now.plus(i as i64 % 7))) {
             Ok(()) => requested += 1,
-            Err(crewdesk::replica::ReplicaError::UnknownConversation(_)) => {
+            Err(crewdesk::replica::ReplicaError::Denied(crewdesk::domain::DomainError::HandledByAnother)) => {
                 assert!(i % 5 != 0, "offline grabs always go through")
             }
             Err(e) => panic!("unexpected refusal: {e}"),
