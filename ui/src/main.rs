@@ -34,6 +34,9 @@ pub struct Desk {
     pub error: Option<String>,
     /// Bumped by every change event: reloads what is shown.
     pub revision: u64,
+    /// The revision the shown list and notifications were loaded for: answers to older requests
+    /// that arrive late are dropped, so the screen never goes back to a stale state.
+    pub shown: u64,
 }
 
 pub enum Action {
@@ -43,11 +46,11 @@ pub enum Action {
     ToggleChannel(Channel),
     Sort(Sort),
     Search(String),
-    Loaded(Box<ListView>),
+    Loaded(u64, Box<ListView>),
     Open(String),
     Move(i64),
     Detail(Option<Box<DetailView>>),
-    Notifications(Vec<NotificationView>),
+    Notifications(u64, Vec<NotificationView>),
     Sync(SyncStatus),
     Error(Option<String>),
     Changed,
@@ -73,8 +76,10 @@ impl Reducible for Desk {
             }
             Action::Sort(s) => d.filter.sort = s,
             Action::Search(q) => d.search = q,
-            Action::Loaded(l) => {
+            Action::Loaded(rev, _) if rev < d.shown => {}
+            Action::Loaded(rev, l) => {
                 let l = *l;
+                d.shown = rev;
                 d.cursor = d.cursor.min(l.rows.len().saturating_sub(1));
                 d.list = Some(l);
             }
@@ -91,7 +96,8 @@ impl Reducible for Desk {
                 }
             }
             Action::Detail(v) => d.detail = v.map(|b| *b),
-            Action::Notifications(n) => d.notifications = n,
+            Action::Notifications(rev, _) if rev < d.shown => {}
+            Action::Notifications(_, n) => d.notifications = n,
             Action::Sync(s) => d.sync = s,
             Action::Error(e) => d.error = e,
             Action::Changed => d.revision += 1,
@@ -134,6 +140,7 @@ fn app() -> Html {
         sync: SyncStatus::default(),
         error: None,
         revision: 0,
+        shown: 0,
     });
 
     // Events from the shell: changes (reload) and sync status. No polling.
@@ -158,8 +165,8 @@ fn app() -> Html {
     {
         let desk = desk.clone();
         let key = (desk.revision, desk.filter.clone(), desk.search.clone());
-        use_effect_with(key, move |(_, filter, search)| {
-            let (filter, search) = (filter.clone(), search.clone());
+        use_effect_with(key, move |(revision, filter, search)| {
+            let (revision, filter, search) = (*revision, filter.clone(), search.clone());
             wasm_bindgen_futures::spawn_local(async move {
                 if let Ok(s) = call::<_, SessionView>("session", &NoArgs {}).await {
                     let signed_in = s.signed_in;
@@ -171,11 +178,11 @@ fn app() -> Html {
                     }
                 }
                 match call::<_, ListView>("list", &ListArgs { filter: &filter, search: &search }).await {
-                    Ok(l) => desk.dispatch(Action::Loaded(Box::new(l))),
+                    Ok(l) => desk.dispatch(Action::Loaded(revision, Box::new(l))),
                     Err(e) => desk.dispatch(Action::Error(Some(e))),
                 }
                 if let Ok(n) = call::<_, Vec<NotificationView>>("notifications", &NoArgs {}).await {
-                    desk.dispatch(Action::Notifications(n));
+                    desk.dispatch(Action::Notifications(revision, n));
                 }
                 if let Ok(s) = call::<_, SyncStatus>("sync_status", &NoArgs {}).await {
                     desk.dispatch(Action::Sync(s));
