@@ -152,7 +152,13 @@ struct DocEntry {
     /// change shows a conversation of a team the agent belongs to.
     pending: HashMap<ConnId, (Automerge, sync::State)>,
     peers: HashMap<ConnId, (Session, sync::State)>,
+    /// A fan-out is already scheduled: changes arriving meanwhile go out with it.
+    fanout_scheduled: bool,
 }
+
+/// Changes arriving within this window are fanned out together: one message per peer carries
+/// them all. Everything sent is still committed first.
+const FANOUT_COALESCE: std::time::Duration = std::time::Duration::from_millis(3);
 
 struct StoredDoc {
     doc: Automerge,
@@ -219,7 +225,7 @@ impl Relay {
     }
 
     /// A `request` or `sync` from a connection.
-    async fn handle_sync(&self, session: &Session, doc_id: String, data: Vec<u8>, is_request: bool) {
+    async fn handle_sync(self: &Arc<Self>, session: &Session, doc_id: String, data: Vec<u8>, is_request: bool) {
         let unavailable = || WireMessage::DocUnavailable {
             sender_id: self.peer_id.clone(),
             target_id: session.peer_id.clone(),
@@ -278,7 +284,22 @@ impl Relay {
                     return;
                 }
                 if changed {
-                    advertise(&self.peer_id, &doc_id, &mut stored.doc, &mut e.peers);
+                    if !e.fanout_scheduled {
+                        e.fanout_scheduled = true;
+                        let (relay, entry, doc_id) = (self.clone(), entry.clone(), doc_id.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(FANOUT_COALESCE).await;
+                            let mut e = entry.lock().await;
+                            e.fanout_scheduled = false;
+                            if let Err(err) = relay.ensure_loaded(&doc_id, &mut e).await {
+                                warn!(%doc_id, %err, "cannot reload document for fan-out");
+                            }
+                            let e = &mut *e;
+                            if let Some(stored) = &mut e.stored {
+                                advertise(&relay.peer_id, &doc_id, &mut stored.doc, &mut e.peers);
+                            }
+                        });
+                    }
                 } else if let Some((peer, state)) = e.peers.get_mut(&session.conn) {
                     // Nothing new: only the sender may need an answer, and usually not even that
                     // (an acknowledgement of heads we both have).
