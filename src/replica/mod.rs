@@ -3,6 +3,7 @@
 //! or merged change. Listing and opening conversations never load automerge documents.
 
 pub mod doc;
+pub mod sqlite;
 mod store;
 
 use crate::domain::access::{self, GrabState, JoinKind};

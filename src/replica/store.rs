@@ -19,29 +19,10 @@ pub fn schema_version() -> i64 {
 }
 
 pub fn open(path: &Path) -> Result<Connection, ReplicaError> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // WAL with synchronous=FULL: every acknowledged commit is fsynced and survives a crash.
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    migrate(&conn)?;
-    Ok(conn)
-}
-
-fn migrate(conn: &Connection) -> Result<(), ReplicaError> {
-    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let known = schema_version();
-    if found > known {
-        return Err(ReplicaError::NewerSchema { found, supported: known });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i as i64 + 1)?;
-        tx.commit()?;
-    }
-    Ok(())
+    super::sqlite::open(path, MIGRATIONS).map_err(|e| match e {
+        super::sqlite::OpenError::Sqlite(e) => ReplicaError::Storage(e),
+        super::sqlite::OpenError::NewerSchema { found, supported } => ReplicaError::NewerSchema { found, supported },
+    })
 }
 
 pub fn meta(conn: &Connection, key: &str) -> Result<Option<String>, ReplicaError> {

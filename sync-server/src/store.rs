@@ -51,22 +51,12 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Invalid(format!("cannot create data directory {}: {e}", dir.display())))?;
-        let conn = Connection::open(dir.join("relay.sqlite3"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let known = MIGRATIONS.len() as i64;
-        if found > known {
-            return Err(StoreError::NewerSchema { found, supported: known });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
-            let tx = conn.unchecked_transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", i as i64 + 1)?;
-            tx.commit()?;
-        }
+        let conn = crewdesk::replica::sqlite::open(&dir.join("relay.sqlite3"), MIGRATIONS).map_err(|e| match e {
+            crewdesk::replica::sqlite::OpenError::Sqlite(e) => StoreError::Sqlite(e),
+            crewdesk::replica::sqlite::OpenError::NewerSchema { found, supported } => {
+                StoreError::NewerSchema { found, supported }
+            }
+        })?;
         Ok(Store { conn: Mutex::new(conn) })
     }
 

@@ -3,8 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 use crewdesk::demo;
-use crewdesk::domain::{AgentId, ConversationId};
+use crewdesk::domain::{
+    AgentId, Author, Channel, ConversationId, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp,
+};
 use crewdesk::replica::Replica;
+use crewdesk::replica::doc::NewConversation;
 use crewdesk::sync::wire::{PeerMetadata, WireMessage};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 use sync_client::{ClientConfig, SharedReplica, SyncClient};
 use sync_server::store::Store;
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::Message as Frame;
 
 pub struct TestRelay {
     pub addr: SocketAddr,
@@ -172,10 +175,10 @@ impl RawClient {
     }
 
     pub async fn send(&mut self, m: &WireMessage) {
-        self.ws.send(Message::Binary(m.encode().into())).await.unwrap();
+        self.ws.send(Frame::Binary(m.encode().into())).await.unwrap();
     }
 
-    pub async fn send_raw(&mut self, m: Message) -> bool {
+    pub async fn send_raw(&mut self, m: Frame) -> bool {
         self.ws.send(m).await.is_ok()
     }
 
@@ -193,10 +196,35 @@ impl RawClient {
     pub async fn next(&mut self) -> Option<WireMessage> {
         loop {
             match tokio::time::timeout(Duration::from_secs(5), self.ws.next()).await.ok()?? {
-                Ok(Message::Binary(b)) => return Some(WireMessage::decode(&b).unwrap()),
-                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(Frame::Binary(b)) => return Some(WireMessage::decode(&b).unwrap()),
+                Ok(Frame::Close(_)) | Err(_) => return None,
                 Ok(_) => continue,
             }
         }
     }
+}
+
+/// A new web-widget-or-other conversation of `team` with one customer message, as a gateway makes it.
+pub fn new_conversation(team: &str, channel: Channel) -> (NewConversation, Message) {
+    let id = crewdesk::replica::doc::new_conversation_id(&mut rand::rng());
+    let now = Timestamp::now();
+    let new = NewConversation {
+        id: id.clone(),
+        team: TeamId::from(team),
+        channel,
+        customer: Customer {
+            id: CustomerId::from("cust-1"),
+            name: "Maya Hansen".into(),
+            email: Some("maya@example.com".into()),
+            ..Default::default()
+        },
+        created_at: now,
+    };
+    let first = Message {
+        id: MessageId::from("m-first"),
+        at: now,
+        author: Author::Customer,
+        body: MessageBody::Text { text: "Hello?".into() },
+    };
+    (new, first)
 }

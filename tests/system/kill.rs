@@ -3,14 +3,14 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use crewdesk::demo;
-use crewdesk::domain::{Author, Channel, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp};
-use crewdesk::replica::doc::{self, NewConversation};
+use crewdesk::domain::{Channel, Message, MessageBody, MessageId, Timestamp};
+use crewdesk::replica::doc::{self};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use system_tests::{Agent, TestRelay, eventually};
+use system_tests::{Agent, TestRelay, eventually, new_conversation};
 
 fn relay_binary() -> PathBuf {
     // The workspace's binaries live next to the test executables' parent directory; build the
@@ -76,21 +76,8 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
 
     let agents: Vec<(&str, Agent)> =
         ["bob", "carol", "erin"].into_iter().map(|a| (a, Agent::start(&setup, &tokens, a))).collect();
-    let now = Timestamp::now();
-    let id = doc::new_conversation_id(&mut rng);
-    let new = NewConversation {
-        id: id.clone(),
-        team: TeamId::from(demo::SALES),
-        channel: Channel::Email,
-        customer: Customer { id: CustomerId::from("c"), name: "Kill Test".into(), ..Default::default() },
-        created_at: now,
-    };
-    let first = Message {
-        id: MessageId::from("first"),
-        at: now,
-        author: Author::Customer,
-        body: MessageBody::Text { text: "start".into() },
-    };
+    let (new, first) = new_conversation(demo::SALES, Channel::Email);
+    let id = new.id.clone();
     agents[0].1.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
     for (_, a) in &agents {
         eventually(20, "everyone has the conversation", || a.with(|r| r.summary(&id).is_some())).await;
@@ -123,9 +110,16 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
         }
     }
     assert_eq!(kills, 4);
-    for (_, agent) in &agents {
-        eventually(30, "every outbox empties after the last restart", || agent.with(|r| r.unsynced().unwrap().0) == 0)
-            .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while agents.iter().any(|(_, a)| a.with(|r| r.unsynced().unwrap().0) > 0) {
+        if std::time::Instant::now() > deadline {
+            for (name, a) in &agents {
+                let status = a.client().status().borrow().clone();
+                eprintln!("{name}: unsynced {:?}, status {status:?}", a.with(|r| r.unsynced().unwrap()));
+            }
+            panic!("timed out waiting for: every outbox empties after the last restart");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Everything is durable now: every message sent counts as acknowledged.
     acked.extend(sent.into_values().flatten());

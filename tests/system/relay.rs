@@ -4,37 +4,11 @@
 
 use crewdesk::demo;
 use crewdesk::domain::access::GrabState;
-use crewdesk::domain::{
-    Author, Channel, ConversationId, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp,
-};
-use crewdesk::replica::doc::{self, NewConversation};
+use crewdesk::domain::{Channel, ConversationId, MessageBody, TeamId, Timestamp};
+use crewdesk::replica::doc::{self};
 use crewdesk::sync::wire::WireMessage;
-use system_tests::{Agent, RawClient, TestRelay, eventually};
+use system_tests::{Agent, RawClient, TestRelay, eventually, new_conversation};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-
-fn new_conversation(team: &str, channel: Channel) -> (NewConversation, Message) {
-    let id = doc::new_conversation_id(&mut rand::rng());
-    let now = Timestamp::now();
-    let new = NewConversation {
-        id: id.clone(),
-        team: TeamId::from(team),
-        channel,
-        customer: Customer {
-            id: CustomerId::from("cust-1"),
-            name: "Maya Hansen".into(),
-            email: Some("maya@example.com".into()),
-            ..Default::default()
-        },
-        created_at: now,
-    };
-    let first = Message {
-        id: MessageId::from("m-first"),
-        at: now,
-        author: Author::Customer,
-        body: MessageBody::Text { text: "Hello?".into() },
-    };
-    (new, first)
-}
 
 fn text(t: &str) -> MessageBody {
     MessageBody::Text { text: t.into() }

@@ -4,13 +4,10 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use crewdesk::demo;
-use crewdesk::domain::{
-    Author, Channel, Customer, CustomerEdit, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp,
-};
-use crewdesk::replica::doc::{self, NewConversation};
+use crewdesk::domain::{Channel, CustomerEdit, MessageBody, Timestamp};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
-use system_tests::{Agent, TestRelay, eventually};
+use system_tests::{Agent, TestRelay, eventually, new_conversation};
 
 const AGENTS: [&str; 5] = ["ada", "bob", "carol", "dave", "erin"];
 
@@ -19,25 +16,11 @@ async fn run(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let mut agents: Vec<Agent> = AGENTS.iter().map(|a| Agent::start(&relay, &tokens, a)).collect();
-    let now = Timestamp::now();
     let mut conversations = Vec::new();
     for (i, team) in [demo::SALES, demo::SUPPORT].into_iter().enumerate() {
-        let id = doc::new_conversation_id(&mut rng);
-        let new = NewConversation {
-            id: id.clone(),
-            team: TeamId::from(team),
-            channel: Channel::ALL[i],
-            customer: Customer { id: CustomerId::from("c"), name: format!("Customer {i}"), ..Default::default() },
-            created_at: now,
-        };
-        let first = Message {
-            id: MessageId::from("first"),
-            at: now,
-            author: Author::Customer,
-            body: MessageBody::Text { text: "hello".into() },
-        };
-        agents[0].act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
-        conversations.push(id);
+        let (new, first) = new_conversation(team, Channel::ALL[i]);
+        agents[0].act(&new.id, |r| r.create_conversation(&new, Some(first)).unwrap());
+        conversations.push(new.id);
     }
     let mut texts = 0;
     for step in 0..60 {
