@@ -75,6 +75,10 @@ fn main() {
     // List + filter + all counts, for every entry of the red block.
     let mut selections: Vec<Selection> = vec![Selection::View(View::AllChatroom), Selection::View(View::Joined)];
     selections.extend(Status::ALL.into_iter().map(Selection::Status));
+    // Warm up (first touches of the index pages), then measure.
+    for sel in &selections {
+        let _ = ada.list(&Filter { selection: *sel, ..Filter::default() }, now);
+    }
     let mut list_samples = Vec::new();
     let mut listed = 0;
     for round in 0..50 {

@@ -148,7 +148,10 @@ where
         if team.member(agent).is_none() {
             continue;
         }
-        counts.teams.entry(team.id.clone()).or_insert(0);
+        // One map entry per team, created once (not a key clone per row).
+        if !counts.teams.contains_key(&team.id) {
+            counts.teams.insert(team.id.clone(), 0);
+        }
         if !filter.channels.is_empty() && !filter.channels.contains(&s.channel) {
             continue;
         }
@@ -157,7 +160,9 @@ where
         }
         let closed = is_closed(s, team, now);
         if !closed {
-            *counts.teams.entry(team.id.clone()).or_insert(0) += 1;
+            if let Some(n) = counts.teams.get_mut(&team.id) {
+                *n += 1;
+            }
         }
         if filter.team.as_ref().is_some_and(|t| t != &s.team) {
             continue;

@@ -48,6 +48,9 @@ pub enum ReplicaError {
     UnknownTemplate(TeamId, String),
 }
 
+/// A search lists at most this many conversations (the list shows fewer; refine the words).
+const SEARCH_LIMIT: usize = 500;
+
 /// How many conversation documents stay loaded; the rest are read from SQLite on demand.
 const DOC_CACHE: usize = 64;
 /// A document with more chunks than this is rewritten as one full save when next loaded.
@@ -199,7 +202,7 @@ impl Replica {
             return Ok(self.list(filter, now));
         }
         let ids: std::collections::HashSet<ConversationId> =
-            store::search(&self.conn, search, 5_000)?.into_iter().collect();
+            store::search(&self.conn, search, SEARCH_LIMIT)?.into_iter().collect();
         let listing = filter::evaluate(
             self.index.values().filter(|s| ids.contains(&s.id)),
             |t| self.teams.get(t),
@@ -566,12 +569,13 @@ impl Replica {
         let previous = self.index.get(id);
         let presence = previous.map(|s| s.presence.clone()).unwrap_or_default();
         let previous_count = previous.map_or(0, |s| s.message_count);
+        let customer_changed = previous.is_none_or(|s| s.customer != header.customer);
         let tx = self.conn.transaction()?;
         store::append_chunk(&tx, id, chunk)?;
         let added = store::insert_messages(&tx, id, messages)?;
         let stats = store::message_stats(&tx, id)?;
         let summary = summarize(header, stats, previous_count + added, presence);
-        store::upsert_summary(&tx, &summary)?;
+        store::upsert_summary(&tx, &summary, customer_changed)?;
         if local {
             store::outbox_add(&tx, id, &heads_text(&d.get_heads()))?;
         }
@@ -649,7 +653,7 @@ impl Replica {
             let added = store::insert_messages(&tx, &id, &messages)?;
             let stats = store::message_stats(&tx, &id)?;
             let summary = summarize(header, stats, added, Presence::default());
-            store::upsert_summary(&tx, &summary)?;
+            store::upsert_summary(&tx, &summary, true)?;
             rows.push(summary);
         }
         tx.commit()?;

@@ -12,6 +12,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_replica.sql"),
     include_str!("migrations/0002_outbox.sql"),
     include_str!("migrations/0003_search_and_reads.sql"),
+    include_str!("migrations/0004_search_keys.sql"),
 ];
 
 pub fn schema_version() -> i64 {
@@ -19,10 +20,14 @@ pub fn schema_version() -> i64 {
 }
 
 pub fn open(path: &Path) -> Result<Connection, ReplicaError> {
-    super::sqlite::open(path, MIGRATIONS).map_err(|e| match e {
+    let conn = super::sqlite::open(path, MIGRATIONS).map_err(|e| match e {
         super::sqlite::OpenError::Sqlite(e) => ReplicaError::Storage(e),
         super::sqlite::OpenError::NewerSchema { found, supported } => ReplicaError::NewerSchema { found, supported },
-    })
+    })?;
+    // Checkpoint the WAL every ~32 MB instead of every 4 MB: a checkpoint runs inside the commit
+    // that triggers it, so rarer checkpoints keep the durable send's tail short.
+    conn.pragma_update(None, "wal_autocheckpoint", 8000)?;
+    Ok(conn)
 }
 
 pub fn meta(conn: &Connection, key: &str) -> Result<Option<String>, ReplicaError> {
@@ -119,7 +124,12 @@ pub fn message_stats(tx: &Connection, id: &ConversationId) -> Result<MessageStat
     Ok(MessageStats { last_message, last_customer_message_at, last_crew_message_at, waiting_since })
 }
 
-pub fn upsert_summary(tx: &Transaction<'_>, s: &ConversationSummary) -> Result<(), ReplicaError> {
+/// Writes the index row; re-indexes the customer for search only when `customer_changed`.
+pub fn upsert_summary(
+    tx: &Transaction<'_>,
+    s: &ConversationSummary,
+    customer_changed: bool,
+) -> Result<(), ReplicaError> {
     // Presence is ephemeral and lives in its own table; the stored row is the document's view.
     let body = if s.presence == Default::default() {
         serde_json::to_string(s)?
@@ -141,7 +151,9 @@ pub fn upsert_summary(tx: &Transaction<'_>, s: &ConversationSummary) -> Result<(
         s.waiting_since.map(|t| t.0),
         body
     ])?;
-    index_customer(tx, s)?;
+    if customer_changed {
+        index_customer(tx, s)?;
+    }
     Ok(())
 }
 
@@ -156,17 +168,24 @@ fn searchable_text(body: &crate::domain::MessageBody) -> String {
     }
 }
 
-/// Re-indexes a conversation's customer details for search.
+/// Re-indexes a conversation's customer details for search: one row at a fixed negative rowid per
+/// conversation, replaced by rowid (no scan of the index).
 pub fn index_customer(tx: &Transaction<'_>, s: &ConversationSummary) -> Result<(), ReplicaError> {
-    tx.prepare_cached("DELETE FROM search WHERE doc_id = ?1 AND kind = 'customer'")?.execute([s.id.as_str()])?;
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO search_keys (doc_id, key) VALUES (?1, (SELECT coalesce(max(key), 0) + 1 FROM search_keys))",
+    )?
+    .execute([s.id.as_str()])?;
+    let key: i64 =
+        tx.prepare_cached("SELECT key FROM search_keys WHERE doc_id = ?1")?.query_row([s.id.as_str()], |r| r.get(0))?;
+    tx.prepare_cached("DELETE FROM search WHERE rowid = ?1")?.execute([-key])?;
     let c = &s.customer;
     let text = [Some(c.name.as_str()), c.email.as_deref(), c.phone.as_deref()]
         .into_iter()
         .flatten()
         .collect::<Vec<_>>()
         .join(" ");
-    tx.prepare_cached("INSERT INTO search (doc_id, kind, text) VALUES (?1, 'customer', ?2)")?
-        .execute(params![s.id.as_str(), text])?;
+    tx.prepare_cached("INSERT INTO search (rowid, doc_id, kind, text) VALUES (?1, ?2, 'customer', ?3)")?
+        .execute(params![-key, s.id.as_str(), text])?;
     Ok(())
 }
 
