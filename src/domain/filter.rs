@@ -159,10 +159,8 @@ where
             continue;
         }
         let closed = is_closed(s, team, now);
-        if !closed {
-            if let Some(n) = counts.teams.get_mut(&team.id) {
-                *n += 1;
-            }
+        if !closed && let Some(n) = counts.teams.get_mut(&team.id) {
+            *n += 1;
         }
         if filter.team.as_ref().is_some_and(|t| t != &s.team) {
             continue;
