@@ -105,7 +105,8 @@ class App:
         els = self.css(selector)
         if not els:
             return False
-        els[0].click()
+        # A click on the element itself: rows and notes move as the lists re-sort.
+        self.d.execute_script("arguments[0].click()", els[0])
         return True
 
     def text(self, selector):
@@ -119,8 +120,15 @@ class App:
         return f'li.row[data-id="{conversation}"]'
 
     def open(self, conversation):
-        self.click(self.row(conversation))
-        wait_for(f"{self.name}: conversation open", lambda: self.css(".conversation .messages"))
+        # Rows move as activity changes the order: click the element itself (not a screen position)
+        # and check that this very conversation is the one open.
+        def opened():
+            rows = self.css(self.row(conversation))
+            if rows and not self.css(self.row(conversation) + ".selected"):
+                self.d.execute_script("arguments[0].click()", rows[0])
+                time.sleep(0.3)
+            return self.css(self.row(conversation) + ".selected") and self.css(".conversation .messages")
+        wait_for(f"{self.name}: conversation {conversation} open", opened)
 
     def messages(self):
         return [e.text for e in self.css(".messages li p")]
@@ -174,9 +182,15 @@ def main():
                       and r.find_element(By.CSS_SELECTOR, "button.join").text == "JOIN"]
         assert candidates, "a Sales conversation with JOIN"
         conversation = candidates[0].get_attribute("data-id")
-        candidates[0].find_element(By.CSS_SELECTOR, "button.join").click()
+        bob.click(bob.row(conversation) + " button.join")
         bob.open(conversation)
-        wait_for("LEAVE after JOIN", lambda: bob.css("#leave"))
+
+        def joined():
+            if bob.css("#conv-join"):
+                bob.click("#conv-join")
+                time.sleep(0.3)
+            return bob.css("#leave")
+        wait_for("LEAVE after JOIN", joined)
         print("ok: JOIN")
 
         # A message bob sends reaches carol's screen through the relay.
