@@ -120,7 +120,16 @@ impl ClientSession {
                 events.push(SessionEvent::Unavailable(id));
             }
             WireMessage::Error { message, .. } => events.push(SessionEvent::RelayError(message)),
-            WireMessage::Join { .. } | WireMessage::Ephemeral { .. } | WireMessage::Other { .. } => {}
+            WireMessage::Ephemeral { document_id, data, .. } => {
+                let id = ConversationId(document_id);
+                if let Some(p) = super::presence::decode(&data)
+                    && replica.summary(&id).is_some()
+                {
+                    replica.set_presence(&id, p)?;
+                    events.push(SessionEvent::Changed(id));
+                }
+            }
+            WireMessage::Join { .. } | WireMessage::Other { .. } => {}
         }
         Ok((out, events))
     }

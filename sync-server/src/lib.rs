@@ -5,6 +5,7 @@
 
 pub mod relay;
 pub mod store;
+mod widget;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -49,6 +49,8 @@ pub async fn run(
         docs: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         recent: Mutex::new(HashMap::new()),
+        presence: Mutex::new(HashMap::new()),
+        changes: tokio::sync::broadcast::channel(1024).0,
         next_conn: AtomicU64::new(1),
         stop: stop_rx.clone(),
     });
@@ -57,6 +59,7 @@ pub async fn run(
         .route("/sync", get(websocket))
         .route("/health", get(health))
         .route("/api/me", get(me))
+        .merge(crate::widget::routes())
         .with_state(relay.clone());
     info!(addr = %listener.local_addr()?, data = %relay.config.data_dir.display(), "relay listening");
     tokio::spawn(async move {
@@ -79,6 +82,10 @@ pub struct Relay {
     sessions: Mutex<HashMap<ConnId, Session>>,
     /// When each loaded document was last used, for evicting the least recently used.
     recent: Mutex<HashMap<String, u64>>,
+    /// Web-widget customers' presence per conversation: ephemeral, never stored.
+    presence: Mutex<HashMap<String, crewdesk::domain::Presence>>,
+    /// Conversation ids whose stored document just changed (for widget sessions to stream replies).
+    pub(crate) changes: tokio::sync::broadcast::Sender<String>,
     next_conn: AtomicU64,
     stop: watch::Receiver<bool>,
     commits: mpsc::Sender<Commit>,
@@ -260,6 +267,12 @@ impl Relay {
                     session.send(unavailable());
                     return;
                 }
+                if !e.peers.contains_key(&session.conn) {
+                    // A new follower of this conversation hears the customer's presence at once.
+                    if let Some(p) = self.presence_of(&doc_id) {
+                        session.send(self.presence_message(&doc_id, &session.peer_id, &p));
+                    }
+                }
                 let (_, state) = e.peers.entry(session.conn).or_insert_with(|| (session.clone(), sync::State::new()));
                 let before = stored.doc.get_heads();
                 let owner_before = doc::read_header(&stored.doc).ok().and_then(|h| h.owner);
@@ -351,6 +364,7 @@ impl Relay {
             warn!(%doc_id, %e, "storing a change failed");
             "the relay could not store your change; it will be sent again".to_owned()
         })?;
+        let _ = self.changes.send(doc_id.to_owned());
         self.decide_grab(doc_id, stored, header).await
     }
 
@@ -520,6 +534,105 @@ impl Relay {
             docs.remove(id);
             self.recent.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         }
+    }
+
+    pub(crate) fn presence_of(&self, doc_id: &str) -> Option<crewdesk::domain::Presence> {
+        self.presence.lock().unwrap_or_else(|p| p.into_inner()).get(doc_id).cloned()
+    }
+
+    fn presence_message(&self, doc_id: &str, target: &str, p: &crewdesk::domain::Presence) -> WireMessage {
+        let count = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        WireMessage::Ephemeral {
+            sender_id: self.peer_id.clone(),
+            target_id: target.to_owned(),
+            document_id: doc_id.to_owned(),
+            count,
+            session_id: self.storage_id.clone(),
+            data: crewdesk::sync::presence::encode(p),
+        }
+    }
+
+    /// Records a web-widget customer's presence and tells every follower of the conversation.
+    pub(crate) async fn set_presence(&self, doc_id: &str, p: crewdesk::domain::Presence) {
+        self.presence.lock().unwrap_or_else(|p| p.into_inner()).insert(doc_id.to_owned(), p.clone());
+        let entry = self.entry(doc_id);
+        let e = entry.lock().await;
+        for (peer, _) in e.peers.values() {
+            peer.send(self.presence_message(doc_id, &peer.peer_id, &p));
+        }
+    }
+
+    /// Applies a change made by the relay itself (widget customers' messages), commits it and
+    /// fans it out like any other change.
+    pub(crate) async fn change_as_relay<F>(&self, doc_id: &str, f: F) -> Result<(), String>
+    where
+        F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), doc::DocError>,
+    {
+        let entry = self.entry(doc_id);
+        let mut e = entry.lock().await;
+        self.ensure_loaded(doc_id, &mut e).await.map_err(|e| e.to_string())?;
+        let e = &mut *e;
+        let Some(stored) = &mut e.stored else { return Err("no such conversation".into()) };
+        let before = stored.doc.get_heads();
+        if let Err(f) = stored.doc.transact(f) {
+            return Err(f.error.to_string());
+        }
+        let chunk = stored.doc.save_after(&before);
+        if let Err(err) = self.commit(doc_id, &stored.team, chunk).await {
+            // Not stored: forget the in-memory change.
+            e.loaded = false;
+            e.stored = None;
+            return Err(err);
+        }
+        let _ = self.changes.send(doc_id.to_owned());
+        advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
+        Ok(())
+    }
+
+    /// Creates a conversation on the relay (widget customers) and announces it to the team.
+    pub(crate) async fn create_as_relay(
+        &self,
+        new: &doc::NewConversation,
+        first: &crewdesk::domain::Message,
+    ) -> Result<(), String> {
+        let mut d = doc::create(self.actor.clone(), new).map_err(|e| e.to_string())?;
+        d.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, first)).map_err(|f| f.error.to_string())?;
+        self.commit(new.id.as_str(), &new.team, d.save()).await?;
+        let entry = self.entry(new.id.as_str());
+        let mut e = entry.lock().await;
+        e.loaded = true;
+        let others: Vec<Session> = {
+            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.values().filter(|s| s.agent.role_in(&new.team).is_some()).cloned().collect()
+        };
+        for s in others {
+            e.peers.entry(s.conn).or_insert_with(|| (s.clone(), sync::State::new()));
+        }
+        let e = &mut *e;
+        e.stored = Some(StoredDoc { doc: d, team: new.team.clone() });
+        if let Some(stored) = &mut e.stored {
+            advertise(&self.peer_id, new.id.as_str(), &mut stored.doc, &mut e.peers);
+        }
+        Ok(())
+    }
+
+    /// A stored conversation's messages (for a widget session's history).
+    pub(crate) async fn messages_of(&self, doc_id: &str) -> Result<Vec<crewdesk::domain::Message>, String> {
+        let entry = self.entry(doc_id);
+        let mut e = entry.lock().await;
+        self.ensure_loaded(doc_id, &mut e).await.map_err(|e| e.to_string())?;
+        match &e.stored {
+            Some(stored) => doc::all_messages(&stored.doc).map_err(|e| e.to_string()),
+            None => Err("no such conversation".into()),
+        }
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
+        self.stop.clone()
     }
 
     async fn disconnect(&self, conn: ConnId, touched: &HashSet<String>) {
@@ -763,7 +876,7 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
     debug!("disconnected");
 }
 
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped at once, so this future stays `Send`.
     let _ = rx.wait_for(|s| *s).await;
 }

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_relay.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_relay.sql"), include_str!("migrations/0002_widget.sql")];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -301,6 +301,29 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Creates a widget session for a conversation; returns the token (stored only as a hash).
+    pub fn create_widget_session(&self, doc_id: &str, location: Option<&str>) -> Result<String, StoreError> {
+        let token = format!("cws_{}", crewdesk::sync::document_id::encode(&rand::random()));
+        self.conn().execute(
+            "INSERT INTO widget_sessions (token_hash, doc_id, location, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![hash_token(&token), doc_id, location, now_millis()],
+        )?;
+        Ok(token)
+    }
+
+    /// The conversation and location of a widget session token.
+    pub fn widget_session(&self, token: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+        if token.is_empty() || token.len() > 200 {
+            return Ok(None);
+        }
+        Ok(self
+            .conn()
+            .query_row("SELECT doc_id, location FROM widget_sessions WHERE token_hash = ?1", [hash_token(token)], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?)
     }
 
     /// Records grab requests in arrival order; returns the full order for the document.

@@ -437,3 +437,95 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
     assert_eq!(ada.with(|r| r.summary(&id).unwrap().owner.clone()), None);
     relay.stop().await;
 }
+
+async fn http_post_json(relay: &TestRelay, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        relay.addr,
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
+    use futures_util::{SinkExt, StreamExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    connected(&bob).await;
+
+    // A customer starts a chat; hostile text is stored and shown as text, never as HTML.
+    let hostile = "<script>alert('x')</script> Hello & welcome";
+    let body = format!(
+        r#"{{"name":"Maya Hansen","email":"maya@example.com","text":"{}","location":"Europe/Oslo · nb-NO"}}"#,
+        hostile.replace('\'', "\\u0027")
+    );
+    let (status, answer) = http_post_json(&relay, "/api/widget/sales/conversations", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let session = answer.split("\"session\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap().to_owned();
+    let id = ConversationId(
+        answer.split("\"conversation\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap().to_owned(),
+    );
+    eventually(10, "bob sees the new web-widget conversation", || message_texts(&bob, &id) == [hostile]).await;
+
+    // Bad input is refused with a clear error; unknown teams and sessions too.
+    assert_eq!(http_post_json(&relay, "/api/widget/sales/conversations", r#"{"name":"","text":"hi"}"#).await.0, 400);
+    assert_eq!(http_post_json(&relay, "/api/widget/nope/conversations", r#"{"name":"A","text":"hi"}"#).await.0, 404);
+    assert!(
+        tokio_tungstenite::connect_async(format!("ws://{}/api/widget/ws?session=cws_forged", relay.addr))
+            .await
+            .is_err()
+    );
+
+    // The customer's browser connects: the crew sees Online and the location within a second.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/api/widget/ws?session={session}", relay.addr)).await.unwrap();
+    eventually(5, "online with location on bob's replica", || {
+        bob.with(|r| r.summary(&id).map(|s| (s.presence.online, s.presence.location.clone())))
+            == Some((true, Some("Europe/Oslo · nb-NO".into())))
+    })
+    .await;
+    let mut received = String::new();
+    while !received.contains("welcome") {
+        if let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) = ws.next().await {
+            received.push_str(&t);
+        }
+    }
+    assert!(received.contains("\"from\":\"customer\""), "{received}");
+
+    // The crew replies; the widget receives it. The customer writes back; the crew sees it.
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    bob.act(&id, |r| r.send(&id, text("Hi Maya, how can I help?"), Timestamp::now()).unwrap());
+    let mut crew_reply = false;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !crew_reply && std::time::Instant::now() < deadline {
+        if let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) =
+            tokio::time::timeout(std::time::Duration::from_secs(1), ws.next()).await
+        {
+            crew_reply = t.contains("Hi Maya, how can I help?") && t.contains("\"from\":\"crew\"");
+        }
+    }
+    assert!(crew_reply, "the widget shows the crew's reply");
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(r#"{"text":"Thanks!"}"#.into())).await.unwrap();
+    eventually(10, "bob sees the customer's reply", || {
+        message_texts(&bob, &id).last().map(String::as_str) == Some("Thanks!")
+    })
+    .await;
+
+    // The customer leaves: offline, with a last-active time.
+    ws.close(None).await.unwrap();
+    eventually(5, "offline on bob's replica", || {
+        bob.with(|r| r.summary(&id).map(|s| (s.presence.online, s.presence.last_active.is_some())))
+            == Some((false, true))
+    })
+    .await;
+    relay.stop().await;
+}

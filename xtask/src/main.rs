@@ -224,6 +224,7 @@ fn run() -> Result {
     let token = |agent: &str| tokens.iter().find(|(a, _)| a == agent).map(|(_, t)| t.clone()).unwrap_or_default();
     println!("\nCrewdesk demo: relay at {url} (data in {})", relay_data.display());
     println!("The app opens signed in as bob (representative in Sales and Support).");
+    println!("Chat as a customer of Sales in a browser: {url}/widget/demo");
     println!("Open a second window as another agent, each with its own data directory:");
     for (agent, t) in &tokens {
         println!(
