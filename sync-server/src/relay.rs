@@ -275,7 +275,7 @@ impl Relay {
                 }
                 let (_, state) = e.peers.entry(session.conn).or_insert_with(|| (session.clone(), sync::State::new()));
                 let before = stored.doc.get_heads();
-                let owner_before = doc::read_header(&stored.doc).ok().and_then(|h| h.owner);
+                let header_before = doc::read_header(&stored.doc).ok();
                 if let Err(err) = stored.doc.receive_sync_message(state, message) {
                     *state = sync::State::new();
                     session.error(
@@ -286,7 +286,10 @@ impl Relay {
                 }
                 let changed = stored.doc.get_heads() != before;
                 if let Err(reason) = match changed {
-                    true => self.commit_client_change(&doc_id, stored, &before, owner_before.as_ref()).await,
+                    true => {
+                        self.commit_client_change(&doc_id, stored, &before, header_before.as_ref(), &session.agent.id)
+                            .await
+                    }
                     false => Ok(()),
                 } {
                     // Refused or not stored: drop the in-memory change; the connection starts over.
@@ -345,7 +348,8 @@ impl Relay {
         doc_id: &str,
         stored: &mut StoredDoc,
         before: &[automerge::ChangeHash],
-        owner_before: Option<&AgentId>,
+        header_before: Option<&doc::DocHeader>,
+        agent: &AgentId,
     ) -> Result<(), String> {
         match doc::check_schema(&stored.doc) {
             Ok(true) => {}
@@ -356,8 +360,19 @@ impl Relay {
         if header.id.as_str() != doc_id || header.team != stored.team {
             return Err(format!("document {doc_id}: a conversation cannot change its id or team; refused"));
         }
-        if header.owner.as_ref() != owner_before {
+        if header.owner.as_ref() != header_before.and_then(|h| h.owner.as_ref()) {
             return Err(format!("document {doc_id}: only the relay records who won a grab; refused"));
+        }
+        // An agent joins, leaves and asks to grab only for themselves.
+        let room_before: HashSet<&AgentId> = header_before.map(|h| h.crew_in_room.iter().collect()).unwrap_or_default();
+        let room_after: HashSet<&AgentId> = header.crew_in_room.iter().collect();
+        if room_before.symmetric_difference(&room_after).any(|a| *a != agent) {
+            return Err(format!("document {doc_id}: agents join and leave only for themselves; refused"));
+        }
+        let grabs_before: HashSet<&(AgentId, crewdesk::domain::Timestamp)> =
+            header_before.map(|h| h.grab_requests.iter().collect()).unwrap_or_default();
+        if header.grab_requests.iter().filter(|g| !grabs_before.contains(g)).any(|(a, _)| a != agent) {
+            return Err(format!("document {doc_id}: agents ask to grab only for themselves; refused"));
         }
         let chunk = stored.doc.save_after(before);
         self.commit(doc_id, &stored.team, chunk).await.map_err(|e| {

@@ -410,6 +410,44 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
         }
     }
     assert!(doc::check_schema(&copy).unwrap(), "dave received the conversation");
+    // Forgeries dave tries, one at a time (each from the relay's last state): putting bob in the room,
+    // asking to grab in erin's name, and finally recording himself as the owner.
+    let forgeries: [(&str, fn(&mut automerge::transaction::Transaction<'_>) -> Result<(), doc::DocError>); 2] = [
+        ("join and leave only for themselves", |tx| doc::set_in_room(tx, &"bob".into(), true)),
+        ("grab only for themselves", |tx| doc::request_grab(tx, &"erin".into(), Timestamp(1))),
+    ];
+    for (refusal, forge) in forgeries {
+        let mut attempt = copy.fork();
+        let mut attempt_state = automerge::sync::State::new();
+        attempt.transact::<_, _, doc::DocError>(forge).unwrap();
+        let mut refused = false;
+        for _ in 0..10 {
+            let Some(m) = attempt.generate_sync_message(&mut attempt_state) else { break };
+            dave.send(&WireMessage::Sync {
+                sender_id: "raw".into(),
+                target_id: "relay".into(),
+                document_id: id.0.clone(),
+                data: m.encode(),
+            })
+            .await;
+            match dave.next().await {
+                Some(WireMessage::Error { message, .. }) => {
+                    assert!(message.contains(refusal), "{message}");
+                    refused = true;
+                    break;
+                }
+                Some(WireMessage::Sync { data, .. }) => {
+                    attempt
+                        .receive_sync_message(&mut attempt_state, automerge::sync::Message::decode(&data).unwrap())
+                        .unwrap();
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(refused, "the relay refused: {refusal}");
+    }
+    // Start over with a fresh view of the relay for the last forgery.
+    state = automerge::sync::State::new();
     copy.transact::<_, _, doc::DocError>(|tx| doc::record_owner(tx, &"dave".into())).unwrap();
     while let Some(m) = copy.generate_sync_message(&mut state) {
         dave.send(&WireMessage::Sync {
@@ -435,6 +473,8 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
     eventually(10, "bob has the conversation", || bob.with(|r| r.summary(&id).is_some())).await;
     assert_eq!(bob.with(|r| r.summary(&id).unwrap().owner.clone()), None);
     assert_eq!(ada.with(|r| r.summary(&id).unwrap().owner.clone()), None);
+    let s = bob.with(|r| r.summary(&id).unwrap().clone());
+    assert!(s.crew_in_room.is_empty() && s.grab_requests.is_empty(), "no forged room entry or grab request: {s:?}");
     relay.stop().await;
 }
 
