@@ -412,7 +412,8 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
     assert!(doc::check_schema(&copy).unwrap(), "dave received the conversation");
     // Forgeries dave tries, one at a time (each from the relay's last state): putting bob in the room,
     // asking to grab in erin's name, and finally recording himself as the owner.
-    let forgeries: [(&str, fn(&mut automerge::transaction::Transaction<'_>) -> Result<(), doc::DocError>); 2] = [
+    type Forge = fn(&mut automerge::transaction::Transaction<'_>) -> Result<(), doc::DocError>;
+    let forgeries: [(&str, Forge); 2] = [
         ("join and leave only for themselves", |tx| doc::set_in_room(tx, &"bob".into(), true)),
         ("grab only for themselves", |tx| doc::request_grab(tx, &"erin".into(), Timestamp(1))),
     ];
