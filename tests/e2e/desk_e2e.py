@@ -250,6 +250,25 @@ def main():
         wait_for("the conversation is under Closed", lambda: bob.css(bob.row(conversation)))
         print("ok: CLOSE")
 
+        # Keyboard only: move through the Joined list, open, focus the composer, send.
+        bob.click("#view-joined")
+        wait_for("Joined rows", lambda: len(bob.css("li.row")) >= 2)
+        bob.d.execute_script("document.getElementById('conversation-list').focus()")
+        keys = bob.d.switch_to.active_element
+        keys.send_keys(Keys.ARROW_DOWN)
+        keys.send_keys(Keys.ENTER)
+        second = wait_for("the second row is open", lambda: bob.css("li.row.selected") and bob.css("li.row")[1].get_attribute("class").find("selected") >= 0 and bob.css("li.row")[1].get_attribute("data-id"))
+        wait_for("its conversation shows", lambda: bob.css("#composer"))
+        bob.d.execute_script("document.getElementById('conversation-list').focus()")
+        bob.d.switch_to.active_element.send_keys("r")
+        wait_for("r focuses the composer", lambda: bob.d.switch_to.active_element.get_attribute("id") == "composer")
+        typed = "Typed without the mouse"
+        bob.d.switch_to.active_element.send_keys(typed)
+        bob.d.switch_to.active_element.send_keys(Keys.ENTER)
+        wait_for("the keyboard message is sent", lambda: typed in bob.messages())
+        assert bob.css(bob.row(second) + ".selected"), "sent in the conversation opened with the keyboard"
+        print("ok: keyboard use")
+
         # Grab: bob and dave (both representatives of the grab-mode Support team) grab the same one.
         dave = App("dave", args, relay, workdir)
         apps.append(dave)
