@@ -369,6 +369,17 @@ impl MessageBody {
         out
     }
 
+    /// The whole text a person reads in this message (search, email).
+    pub fn text_content(&self) -> String {
+        match self {
+            MessageBody::Text { text }
+            | MessageBody::Template { text, .. }
+            | MessageBody::WhatsAppTemplate { text, .. } => text.clone(),
+            MessageBody::Attachment { file_name, .. } => format!("📎 {file_name}"),
+            MessageBody::ConferenceInvitation { url } => format!("📹 Join the video call: {url}"),
+        }
+    }
+
     /// Message bodies are checked before they are written: nothing empty, nothing absurdly large.
     pub fn validate(&self) -> Result<(), DomainError> {
         let text_len = match self {

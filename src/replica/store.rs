@@ -83,7 +83,7 @@ pub fn insert_messages(tx: &Transaction<'_>, id: &ConversationId, messages: &[Me
         let body = serde_json::to_string(m)?;
         if stmt.execute(params![id.as_str(), m.at.0, m.id.as_str(), m.author.kind().as_str(), body])? == 1 {
             added += 1;
-            search.execute(params![id.as_str(), searchable_text(&m.body)])?;
+            search.execute(params![id.as_str(), m.body.text_content()])?;
         }
     }
     Ok(added)
@@ -155,17 +155,6 @@ pub fn upsert_summary(
         index_customer(tx, s)?;
     }
     Ok(())
-}
-
-fn searchable_text(body: &crate::domain::MessageBody) -> String {
-    use crate::domain::MessageBody;
-    match body {
-        MessageBody::Text { text }
-        | MessageBody::Template { text, .. }
-        | MessageBody::WhatsAppTemplate { text, .. } => text.clone(),
-        MessageBody::Attachment { file_name, .. } => file_name.clone(),
-        MessageBody::ConferenceInvitation { .. } => String::new(),
-    }
 }
 
 /// Re-indexes a conversation's customer details for search: one row at a fixed negative rowid per

@@ -3,6 +3,7 @@
 //! authenticates every connection by token, limits each agent to their teams' conversations,
 //! never advertises heads it has not fsynced, and decides grabs.
 
+mod mailer;
 pub mod relay;
 pub mod store;
 mod widget;
@@ -25,6 +26,11 @@ pub struct Config {
     pub outbound_queue: usize,
     /// A client must send `join` within this time after connecting.
     pub handshake_timeout: Duration,
+    /// SMTP server (`host:port`, plain, e.g. a local relay MTA) for the email fallback; `None` keeps
+    /// fallback emails queued until one is configured.
+    pub smtp: Option<String>,
+    /// Sender of fallback emails.
+    pub mail_from: String,
     /// Conversation documents kept in memory; the least recently used beyond this are dropped
     /// (their sync states stay) and read again from SQLite when next needed.
     pub max_loaded_documents: usize,
@@ -40,6 +46,8 @@ struct ConfigFile {
     keepalive_secs: Option<u64>,
     outbound_queue: Option<usize>,
     max_loaded_documents: Option<usize>,
+    smtp: Option<String>,
+    mail_from: Option<String>,
 }
 
 impl Config {
@@ -59,6 +67,8 @@ impl Config {
             outbound_queue: file.outbound_queue.unwrap_or(d.outbound_queue),
             handshake_timeout: d.handshake_timeout,
             max_loaded_documents: file.max_loaded_documents.unwrap_or(d.max_loaded_documents),
+            smtp: file.smtp.or(d.smtp),
+            mail_from: file.mail_from.unwrap_or(d.mail_from),
         })
     }
 }
@@ -73,6 +83,8 @@ impl Default for Config {
             outbound_queue: 1024,
             handshake_timeout: Duration::from_secs(5),
             max_loaded_documents: 2_000,
+            smtp: None,
+            mail_from: "Crewdesk <no-reply@crewdesk.invalid>".into(),
         }
     }
 }

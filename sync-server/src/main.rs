@@ -31,6 +31,12 @@ enum Command {
         /// Largest accepted WebSocket message in bytes [default: 8 MiB].
         #[arg(long, env = "CREWDESK_MAX_FRAME_BYTES")]
         max_frame_bytes: Option<usize>,
+        /// SMTP server for the email fallback, `host:port` (plain SMTP, e.g. a local MTA).
+        #[arg(long, env = "CREWDESK_SMTP")]
+        smtp: Option<String>,
+        /// Sender address of fallback emails.
+        #[arg(long, env = "CREWDESK_MAIL_FROM")]
+        mail_from: Option<String>,
     },
     /// Create or update a team.
     Team {
@@ -96,7 +102,9 @@ async fn main() -> anyhow::Result<()> {
         config.data_dir = dir;
     }
     match cli.command {
-        Command::Serve { listen, max_frame_bytes } => {
+        Command::Serve { listen, max_frame_bytes, smtp, mail_from } => {
+            config.smtp = smtp.or(config.smtp);
+            config.mail_from = mail_from.unwrap_or(config.mail_from);
             config.listen = listen.unwrap_or(config.listen);
             config.max_frame_bytes = max_frame_bytes.unwrap_or(config.max_frame_bytes);
             let listen = config.listen;

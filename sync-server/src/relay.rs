@@ -39,7 +39,16 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (commits, commit_rx) = mpsc::channel(4096);
     tokio::spawn(committer(store.clone(), commit_rx));
+    let mail_wake = Arc::new(Notify::new());
+    tokio::spawn(crate::mailer::run(
+        store.clone(),
+        config.smtp.clone(),
+        config.mail_from.clone(),
+        mail_wake.clone(),
+        stop_rx.clone(),
+    ));
     let relay = Arc::new(Relay {
+        mail_wake,
         commits,
         store,
         peer_id: format!("crewdesk-relay-{storage_id}"),
@@ -89,6 +98,8 @@ pub struct Relay {
     next_conn: AtomicU64,
     stop: watch::Receiver<bool>,
     commits: mpsc::Sender<Commit>,
+    /// Wakes the email fallback sender when messages are queued.
+    mail_wake: Arc<Notify>,
 }
 
 /// A chunk waiting for the group commit, and who to tell when it is on disk.
@@ -380,7 +391,54 @@ impl Relay {
             "the relay could not store your change; it will be sent again".to_owned()
         })?;
         let _ = self.changes.send(doc_id.to_owned());
+        self.queue_email_fallback(doc_id, stored, before, &header).await;
         self.decide_grab(doc_id, stored, header).await
+    }
+
+    /// Web-widget customers who are offline and left an email address get crew messages by email
+    /// ("Customer is offline. Email fallback activated" in the desktop app).
+    async fn queue_email_fallback(
+        &self,
+        doc_id: &str,
+        stored: &StoredDoc,
+        before: &[automerge::ChangeHash],
+        header: &doc::DocHeader,
+    ) {
+        if header.channel != crewdesk::domain::Channel::WebWidget {
+            return;
+        }
+        let Some(to) = header.customer.email.clone().filter(|e| !e.trim().is_empty()) else { return };
+        if self.presence_of(doc_id).is_some_and(|p| p.online) {
+            return;
+        }
+        let Ok(added) = doc::messages_added(&stored.doc, before, &stored.doc.get_heads()) else { return };
+        let teams = self.blocking(|s| s.teams()).await.unwrap_or_default();
+        let team = teams.iter().find(|t| t.id == stored.team);
+        let emails: Vec<crate::store::QueuedEmail> = added
+            .into_iter()
+            .filter_map(|m| {
+                let crewdesk::domain::Author::Crew { agent } = &m.author else { return None };
+                let agent_name =
+                    team.and_then(|t| t.member(agent)).map_or_else(|| agent.to_string(), |m| m.name.clone());
+                let text = m.body.text_content();
+                Some(crate::store::QueuedEmail {
+                    message_id: format!("{doc_id}/{}", m.id),
+                    doc_id: doc_id.to_owned(),
+                    to: to.clone(),
+                    customer: header.customer.name.clone(),
+                    agent: agent_name,
+                    text,
+                    created_at: crewdesk::domain::Timestamp::now().0,
+                })
+            })
+            .collect();
+        if emails.is_empty() {
+            return;
+        }
+        if let Err(e) = self.blocking(move |s| s.queue_emails(&emails)).await {
+            warn!(%doc_id, %e, "fallback emails not queued");
+        }
+        self.mail_wake.notify_one();
     }
 
     /// Grab-mode teams: the first grab request the relay received wins; the winner is written

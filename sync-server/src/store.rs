@@ -7,7 +7,11 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_relay.sql"), include_str!("migrations/0002_widget.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_relay.sql"),
+    include_str!("migrations/0002_widget.sql"),
+    include_str!("migrations/0003_email_outbox.sql"),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -326,6 +330,67 @@ impl Store {
             .optional()?)
     }
 
+    /// Queues crew messages for the email fallback; a message already queued is not queued again.
+    pub fn queue_emails(&self, emails: &[QueuedEmail]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for e in emails {
+            tx.execute(
+                "INSERT OR IGNORE INTO email_outbox (message_id, doc_id, to_addr, customer, agent, text, created_at, next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![e.message_id, e.doc_id, e.to, e.customer, e.agent, e.text, e.created_at],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Unsent emails whose next attempt is due, oldest first.
+    pub fn due_emails(&self, now: i64) -> Result<Vec<QueuedEmail>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT message_id, doc_id, to_addr, customer, agent, text, created_at FROM email_outbox
+             WHERE sent_at IS NULL AND next_attempt_at <= ?1 ORDER BY created_at, message_id LIMIT 500",
+        )?;
+        let rows = stmt.query_map([now], |r| {
+            Ok(QueuedEmail {
+                message_id: r.get(0)?,
+                doc_id: r.get(1)?,
+                to: r.get(2)?,
+                customer: r.get(3)?,
+                agent: r.get(4)?,
+                text: r.get(5)?,
+                created_at: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn mark_emails_sent(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for id in ids {
+            tx.execute("UPDATE email_outbox SET sent_at = ?2 WHERE message_id = ?1", params![id, now])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A failed attempt: try again after a backoff that doubles (1 s … 5 min).
+    pub fn retry_emails(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for id in ids {
+            tx.execute(
+                "UPDATE email_outbox SET attempts = attempts + 1,
+                   next_attempt_at = ?2 + min(300000, 1000 * (1 << min(attempts, 9))) WHERE message_id = ?1",
+                params![id, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Records grab requests in arrival order; returns the full order for the document.
     pub fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError> {
         let mut conn = self.conn();
@@ -389,4 +454,16 @@ pub fn parse_mode(mode: &str) -> Result<TeamMode, StoreError> {
         "grab" => Ok(TeamMode::Grab),
         other => Err(StoreError::Invalid(format!("unknown team mode `{other}` (open or grab)"))),
     }
+}
+
+/// A crew message waiting to be emailed to an offline web-widget customer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedEmail {
+    pub message_id: String,
+    pub doc_id: String,
+    pub to: String,
+    pub customer: String,
+    pub agent: String,
+    pub text: String,
+    pub created_at: i64,
 }

@@ -23,6 +23,8 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 pub struct TestRelay {
     pub addr: SocketAddr,
     pub data: PathBuf,
+    /// The SMTP server for the email fallback, if the test runs one.
+    pub smtp: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -41,7 +43,7 @@ impl TestRelay {
         drop(store);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut relay = TestRelay { addr, data, stop: None, task: None };
+        let mut relay = TestRelay { addr, data, smtp: None, stop: None, task: None };
         relay.serve(listener);
         (relay, tokens)
     }
@@ -52,6 +54,7 @@ impl TestRelay {
             data_dir: self.data.clone(),
             listen: self.addr,
             keepalive: Duration::from_secs(1),
+            smtp: self.smtp.clone(),
             ..sync_server::Config::default()
         };
         self.stop = Some(tx);
@@ -71,6 +74,15 @@ impl TestRelay {
         if let Some(task) = self.task.take() {
             tokio::time::timeout(Duration::from_secs(10), task).await.expect("relay stops").unwrap();
         }
+    }
+
+    /// Starts a relay whose email fallback goes to `smtp` (host:port).
+    pub async fn start_with_smtp(data: PathBuf, smtp: String) -> (TestRelay, HashMap<String, String>) {
+        let (mut relay, tokens) = TestRelay::start(data).await;
+        relay.stop().await;
+        relay.smtp = Some(smtp);
+        relay.restart().await;
+        (relay, tokens)
     }
 
     /// Starts again on the same port with the same data.
@@ -227,4 +239,63 @@ pub fn new_conversation(team: &str, channel: Channel) -> (NewConversation, Messa
         body: MessageBody::Text { text: "Hello?".into() },
     };
     (new, first)
+}
+
+/// A real (minimal) SMTP server on loopback that keeps every message it accepts.
+pub struct SmtpSink {
+    pub addr: SocketAddr,
+    pub mails: Arc<Mutex<Vec<String>>>,
+}
+
+impl SmtpSink {
+    pub async fn start() -> SmtpSink {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mails: Arc<Mutex<Vec<String>>> = Arc::default();
+        let store = mails.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    let _ = write.write_all(b"220 sink ready\r\n").await;
+                    let mut data: Option<String> = None;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if let Some(body) = data.as_mut() {
+                            if line == "." {
+                                store.lock().unwrap().push(std::mem::take(body));
+                                data = None;
+                                let _ = write.write_all(b"250 queued\r\n").await;
+                            } else {
+                                body.push_str(&line);
+                                body.push('\n');
+                            }
+                            continue;
+                        }
+                        let verb = line.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "EHLO" | "HELO" => b"250 sink\r\n",
+                            "DATA" => {
+                                data = Some(String::new());
+                                b"354 end with .\r\n"
+                            }
+                            "QUIT" => {
+                                let _ = write.write_all(b"221 bye\r\n").await;
+                                break;
+                            }
+                            _ => b"250 ok\r\n",
+                        };
+                        let _ = write.write_all(reply).await;
+                    }
+                });
+            }
+        });
+        SmtpSink { addr, mails }
+    }
+
+    pub fn received(&self) -> Vec<String> {
+        self.mails.lock().unwrap().clone()
+    }
 }

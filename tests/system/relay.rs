@@ -570,3 +570,61 @@ async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
     .await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_fallback_sends_each_message_once_batched_while_the_customer_is_offline() {
+    use futures_util::StreamExt;
+    let sink = system_tests::SmtpSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start_with_smtp(dir.path().to_owned(), sink.addr.to_string()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    connected(&bob).await;
+    let (status, answer) = http_post_json(
+        &relay,
+        "/api/widget/sales/conversations",
+        r#"{"name":"Maya Hansen","email":"maya@example.com","text":"Where is my parcel?"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let session = answer.split("\"session\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap().to_owned();
+    let id = ConversationId(
+        answer.split("\"conversation\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap().to_owned(),
+    );
+    eventually(10, "bob has the conversation", || bob.with(|r| r.summary(&id).is_some())).await;
+    // The customer closed the page: the desktop shows the fallback, and replies go by email.
+    assert!(bob.with(|r| r.conversation(&id, Timestamp::now()).unwrap().email_fallback));
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    for t in ["Hi Maya!", "Your parcel left our warehouse today.", "Tracking: 4471."] {
+        bob.act(&id, |r| r.send(&id, text(t), Timestamp::now()).unwrap());
+    }
+    eventually(15, "one email arrives", || !sink.received().is_empty()).await;
+    // Nothing more arrives for those messages: each is sent exactly once.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mails = sink.received();
+    assert_eq!(mails.len(), 1, "three quick messages, one email: {mails:?}");
+    for t in ["Hi Maya!", "Your parcel left our warehouse today.", "Tracking: 4471."] {
+        assert!(mails[0].contains(t), "{t} in {}", mails[0]);
+    }
+    assert!(mails[0].contains("maya@example.com"), "{}", mails[0]);
+    assert!(mails[0].contains("Bob Okafor"), "{}", mails[0]);
+
+    // Back online in the widget: replies go there, not by email.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/api/widget/ws?session={session}", relay.addr)).await.unwrap();
+    eventually(5, "online again", || bob.with(|r| r.summary(&id).is_some_and(|s| s.presence.online))).await;
+    bob.act(&id, |r| r.send(&id, text("Anything else?"), Timestamp::now()).unwrap());
+    let mut seen = false;
+    while !seen {
+        if let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await
+        {
+            seen = t.contains("Anything else?");
+        } else {
+            break;
+        }
+    }
+    assert!(seen, "the widget shows the reply");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(sink.received().len(), 1, "no email while the customer is online");
+    relay.stop().await;
+}
