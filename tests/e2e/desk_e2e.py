@@ -47,8 +47,48 @@ def wait_for(what, cond, timeout=30.0):
     raise AssertionError(f"timed out waiting for: {what} (last error: {last})")
 
 
+class SmtpSink:
+    """A minimal SMTP server on loopback that keeps what it accepts (the email fallback's receiver)."""
+
+    def __init__(self):
+        import socketserver
+        import threading
+        self.mails = []
+        sink = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                self.wfile.write(b"220 sink\r\n")
+                data = None
+                for raw in self.rfile:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if data is not None:
+                        if line == ".":
+                            sink.mails.append(data)
+                            data = None
+                            self.wfile.write(b"250 queued\r\n")
+                        else:
+                            data += line + "\n"
+                        continue
+                    verb = line.split(" ")[0].upper()
+                    if verb == "DATA":
+                        data = ""
+                        self.wfile.write(b"354 end with .\r\n")
+                    elif verb == "QUIT":
+                        self.wfile.write(b"221 bye\r\n")
+                        return
+                    else:
+                        self.wfile.write(b"250 ok\r\n")
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 class Relay:
-    def __init__(self, binary, workdir):
+    def __init__(self, binary, workdir, smtp_port=None):
+        self.smtp_port = smtp_port
         self.binary, self.data, self.port = binary, os.path.join(workdir, "relay"), free_port()
         out = subprocess.run([binary, "--data-dir", self.data, "seed-demo"], check=True, capture_output=True, text=True)
         self.tokens = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
@@ -60,7 +100,8 @@ class Relay:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self):
-        self.proc = subprocess.Popen([self.binary, "--data-dir", self.data, "serve", "--listen", f"127.0.0.1:{self.port}"],
+        smtp = ["--smtp", f"127.0.0.1:{self.smtp_port}"] if self.smtp_port else []
+        self.proc = subprocess.Popen([self.binary, "--data-dir", self.data, "serve", "--listen", f"127.0.0.1:{self.port}"] + smtp,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for("the relay listens", lambda: socket.create_connection(("127.0.0.1", self.port), timeout=1).close() or True, 20)
 
@@ -171,7 +212,8 @@ def main():
     args = p.parse_args()
     os.makedirs(args.artifacts, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="crewdesk-e2e-")
-    relay = Relay(args.relay, workdir)
+    smtp = SmtpSink()
+    relay = Relay(args.relay, workdir, smtp.port)
     apps = []
     try:
         bob = App("bob", args, relay, workdir)
@@ -295,6 +337,55 @@ def main():
         loser = bob if outcome(bob) == "lost" else dave
         loser.screenshot(os.path.join(args.artifacts, "desk-grab-lost.png"))
         print("ok: grab race, one owner, the other told")
+
+        # The web widget in headless Chromium: a customer writes; the agent sees Online and the
+        # location; the agent's reply appears in the widget; after the customer leaves, the next reply
+        # arrives by email exactly once.
+        from selenium.webdriver.chrome.service import Service
+        chrome_options = webdriver.ChromeOptions()
+        for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={workdir}/chromium"]:
+            chrome_options.add_argument(flag)
+        chrome_options.binary_location = "/usr/bin/chromium"
+        browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=chrome_options)
+        try:
+            browser.get(f"{relay.url}/widget/demo")
+            wait_for("the widget", lambda: browser.find_elements(By.ID, "crewdesk-send"))
+            browser.find_element(By.ID, "crewdesk-name").send_keys("Ola Nordmann")
+            browser.find_element(By.ID, "crewdesk-email").send_keys("ola@example.com")
+            browser.find_element(By.ID, "crewdesk-text").send_keys("<b>Hei!</b> Is my order shipped?")
+            browser.find_element(By.ID, "crewdesk-send").click()
+            wait_for("the widget shows the message", lambda: browser.find_elements(By.CSS_SELECTOR, ".crewdesk-msg"))
+            assert not browser.find_elements(By.CSS_SELECTOR, "#crewdesk-messages b"), "text is never HTML"
+            bob.click("#view-all")
+            row = wait_for("bob sees the widget conversation", lambda: [r for r in bob.css("li.row") if "Ola Nordmann" in r.text])
+            widget_conversation = row[0].get_attribute("data-id")
+            bob.open(widget_conversation)
+            wait_for("Online and Location in the header", lambda: "Online" in bob.text(".conv-head") and "Location:" in bob.text(".conv-head"))
+            assert "Location: unknown" not in bob.text(".conv-head"), bob.text(".conv-head")
+
+            def joined_widget():
+                if bob.css("#conv-join"):
+                    bob.click("#conv-join")
+                    time.sleep(0.3)
+                return bob.css("#composer")
+            wait_for("bob joins", joined_widget)
+            bob.screenshot(os.path.join(args.artifacts, "desk-web-widget-online.png"))
+            bob.send("Hello Ola, it left the warehouse today.")
+            wait_for("the widget shows the reply", lambda: any("it left the warehouse" in m.text for m in browser.find_elements(By.CSS_SELECTOR, ".crewdesk-msg")))
+            browser.save_screenshot(os.path.join(args.artifacts, "widget.png"))
+        finally:
+            browser.quit()
+        wait_for("offline with email fallback", lambda: "Email fallback activated" in bob.text(".composer"), 30)
+        bob.send("We also emailed you the tracking number.")
+        # (Earlier replies to offline demo customers were emailed too; count Ola's.)
+        to_ola = lambda: [m for m in smtp.mails if "ola@example.com" in m]
+        wait_for("the email arrives", to_ola, 30)
+        time.sleep(4)
+        assert len(to_ola()) == 1, f"exactly one email to the customer: {to_ola()}"
+        assert "We also emailed you the tracking number." in to_ola()[0]
+        assert "it left the warehouse" not in to_ola()[0], "replies seen in the widget are not emailed"
+        print("ok: web widget in Chromium, presence, reply, email fallback once")
         print("E2E passed; screenshots in", args.artifacts)
     except BaseException:
         for a in apps:

@@ -75,6 +75,8 @@ const APT_PACKAGES: &[&str] = &[
     "xauth",
     "webkit2gtk-driver",
     "imagemagick",
+    "chromium",
+    "chromium-driver",
     "fonts-noto-color-emoji",
     "python3-venv",
 ];
