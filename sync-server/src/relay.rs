@@ -524,22 +524,22 @@ impl Relay {
             session.error(&self.peer_id, reason);
         }
         e.peers.insert(session.conn, (session.clone(), pstate));
-        // Announce the new conversation to everyone else connected who may see it.
-        let others: Vec<Session> = {
+        self.announce(doc_id, e, stored);
+    }
+
+    /// Makes a newly stored conversation live: every connected agent of its team follows it (the
+    /// followers it already has keep their sync state) and hears of it now.
+    fn announce(&self, doc_id: &str, e: &mut DocEntry, stored: StoredDoc) {
+        let team_sessions: Vec<Session> = {
             let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            sessions
-                .values()
-                .filter(|s| s.conn != session.conn && s.agent.role_in(&stored.team).is_some())
-                .cloned()
-                .collect()
+            sessions.values().filter(|s| s.agent.role_in(&stored.team).is_some()).cloned().collect()
         };
-        for s in others {
+        for s in team_sessions {
             e.peers.entry(s.conn).or_insert_with(|| (s.clone(), sync::State::new()));
         }
-        e.stored = Some(stored);
-        if let Some(stored) = &mut e.stored {
-            advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
-        }
+        e.loaded = true;
+        let stored = e.stored.insert(stored);
+        advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
     }
 
     async fn handle_ephemeral(&self, session: &Session, doc_id: String, count: u64, session_id: String, data: Vec<u8>) {
@@ -673,19 +673,7 @@ impl Relay {
         self.commit(new.id.as_str(), &new.team, d.save()).await?;
         let entry = self.entry(new.id.as_str());
         let mut e = entry.lock().await;
-        e.loaded = true;
-        let others: Vec<Session> = {
-            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            sessions.values().filter(|s| s.agent.role_in(&new.team).is_some()).cloned().collect()
-        };
-        for s in others {
-            e.peers.entry(s.conn).or_insert_with(|| (s.clone(), sync::State::new()));
-        }
-        let e = &mut *e;
-        e.stored = Some(StoredDoc { doc: d, team: new.team.clone() });
-        if let Some(stored) = &mut e.stored {
-            advertise(&self.peer_id, new.id.as_str(), &mut stored.doc, &mut e.peers);
-        }
+        self.announce(new.id.as_str(), &mut e, StoredDoc { doc: d, team: new.team.clone() });
         Ok(())
     }
 

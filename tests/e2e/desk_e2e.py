@@ -183,6 +183,15 @@ class App:
             return self.css(self.row(conversation) + ".selected") and self.css(".conversation .messages")
         wait_for(f"{self.name}: conversation {conversation} open", opened)
 
+    def join_open(self):
+        """JOIN the open conversation (retried while the header still offers it) until LEAVE shows."""
+        def joined():
+            if self.css("#conv-join"):
+                self.click("#conv-join")
+                time.sleep(0.3)
+            return self.css("#leave") and self.css("#composer")
+        wait_for(f"{self.name}: LEAVE and the composer after JOIN", joined)
+
     def messages(self):
         return [e.text for e in self.css(".messages li p")]
 
@@ -238,13 +247,7 @@ def main():
         conversation = candidates[0].get_attribute("data-id")
         bob.click(bob.row(conversation) + " button.join")
         bob.open(conversation)
-
-        def joined():
-            if bob.css("#conv-join"):
-                bob.click("#conv-join")
-                time.sleep(0.3)
-            return bob.css("#leave")
-        wait_for("LEAVE after JOIN", joined)
+        bob.join_open()
         print("ok: JOIN")
 
         # A message bob sends reaches carol's screen through the relay.
@@ -364,12 +367,7 @@ def main():
             wait_for("Online and Location in the header", lambda: "Online" in bob.text(".conv-head") and "Location:" in bob.text(".conv-head"))
             assert "Location: unknown" not in bob.text(".conv-head"), bob.text(".conv-head")
 
-            def joined_widget():
-                if bob.css("#conv-join"):
-                    bob.click("#conv-join")
-                    time.sleep(0.3)
-                return bob.css("#composer")
-            wait_for("bob joins", joined_widget)
+            bob.join_open()
             bob.screenshot(os.path.join(args.artifacts, "desk-web-widget-online.png"))
             bob.send("Hello Ola, it left the warehouse today.")
             wait_for("the widget shows the reply", lambda: any("it left the warehouse" in m.text for m in browser.find_elements(By.CSS_SELECTOR, ".crewdesk-msg")))
