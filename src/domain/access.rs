@@ -2,7 +2,7 @@
 //! their team but never grab; in a grab-mode team a conversation handled by one representative is
 //! neither visible nor joinable for the other representatives.
 
-use super::status::{ConversationSummary, is_closed, whatsapp_window_open};
+use super::status::{ConversationSummary, is_closed, whatsapp_window_open, whatsapp_window_open_since};
 use super::{AgentId, DomainError, MessageBody, Role, Team, TeamMode, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -134,11 +134,24 @@ pub fn may_send(
     }
     // Crew may follow up in a closed conversation; it stays closed until the customer writes.
     match whatsapp_window_open(s, now) {
-        Some(false) if body.is_free_form() => return Err(DomainError::WhatsAppWindowClosed),
+        Some(_) => may_deliver_on_whatsapp(s.last_customer_message_at, body, now)?,
         None if !body.is_free_form() => return Err(DomainError::WhatsAppTemplateOutsideWhatsApp),
-        _ => {}
+        None => {}
     }
     body.validate()
+}
+
+/// What WhatsApp itself accepts: free-form messages only inside the 24 h window, approved
+/// templates at any time. The relay checks this again when it hands a message to WhatsApp.
+pub fn may_deliver_on_whatsapp(
+    last_customer_message_at: Option<Timestamp>,
+    body: &MessageBody,
+    now: Timestamp,
+) -> Result<(), DomainError> {
+    if body.is_free_form() && !whatsapp_window_open_since(last_customer_message_at, now) {
+        return Err(DomainError::WhatsAppWindowClosed);
+    }
+    Ok(())
 }
 
 pub fn may_leave(team: &Team, agent: &AgentId, s: &ConversationSummary) -> Result<(), DomainError> {

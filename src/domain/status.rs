@@ -145,7 +145,12 @@ impl Status {
 /// WhatsApp's customer-service window: free-form replies only within 24 h of the customer's last
 /// message on WhatsApp. `None` for other channels (no window applies).
 pub fn whatsapp_window_open(s: &ConversationSummary, now: Timestamp) -> Option<bool> {
-    (s.channel == Channel::WhatsApp).then(|| s.last_customer_message_at.is_some_and(|m| now.since(m) < WHATSAPP_WINDOW))
+    (s.channel == Channel::WhatsApp).then(|| whatsapp_window_open_since(s.last_customer_message_at, now))
+}
+
+/// The window itself, from the time of the customer's last WhatsApp message (none: closed).
+pub fn whatsapp_window_open_since(last_customer_message_at: Option<Timestamp>, now: Timestamp) -> bool {
+    last_customer_message_at.is_some_and(|m| now.since(m) < WHATSAPP_WINDOW)
 }
 
 pub const WHATSAPP_WINDOW: i64 = 24 * Timestamp::HOUR;

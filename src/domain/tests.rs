@@ -357,3 +357,16 @@ fn customer_edit_validation() {
             .is_ok()
     );
 }
+
+#[test]
+fn whatsapp_delivery_follows_the_24_hour_window() {
+    let text = MessageBody::Text { text: "hello".into() };
+    let wa =
+        MessageBody::WhatsAppTemplate { template: "x".into(), language: "en".into(), params: vec![], text: "x".into() };
+    let last = Some(T0);
+    assert_eq!(may_deliver_on_whatsapp(last, &text, T0.plus(24 * 60 * MIN - 1)), Ok(()));
+    assert_eq!(may_deliver_on_whatsapp(last, &text, T0.plus(24 * 60 * MIN)), Err(DomainError::WhatsAppWindowClosed));
+    assert_eq!(may_deliver_on_whatsapp(None, &text, T0), Err(DomainError::WhatsAppWindowClosed));
+    assert_eq!(may_deliver_on_whatsapp(last, &wa, T0.plus(48 * 60 * MIN)), Ok(()));
+    assert_eq!(may_deliver_on_whatsapp(None, &wa, T0), Ok(()));
+}

@@ -6,6 +6,7 @@
 mod mailer;
 pub mod relay;
 pub mod store;
+pub mod whatsapp;
 mod widget;
 
 use std::net::SocketAddr;
@@ -34,6 +35,8 @@ pub struct Config {
     /// Conversation documents kept in memory; the least recently used beyond this are dropped
     /// (their sync states stay) and read again from SQLite when next needed.
     pub max_loaded_documents: usize,
+    /// The WhatsApp Cloud API channel; `None` leaves it off.
+    pub whatsapp: Option<whatsapp::WhatsAppConfig>,
 }
 
 /// The config file's shape: every field optional, defaults filled from `Config::default()`.
@@ -48,6 +51,7 @@ struct ConfigFile {
     max_loaded_documents: Option<usize>,
     smtp: Option<String>,
     mail_from: Option<String>,
+    whatsapp: Option<whatsapp::WhatsAppConfig>,
 }
 
 impl Config {
@@ -69,6 +73,7 @@ impl Config {
             max_loaded_documents: file.max_loaded_documents.unwrap_or(d.max_loaded_documents),
             smtp: file.smtp.or(d.smtp),
             mail_from: file.mail_from.unwrap_or(d.mail_from),
+            whatsapp: file.whatsapp,
         })
     }
 }
@@ -85,6 +90,7 @@ impl Default for Config {
             max_loaded_documents: 2_000,
             smtp: None,
             mail_from: "Crewdesk <no-reply@crewdesk.invalid>".into(),
+            whatsapp: None,
         }
     }
 }

@@ -21,6 +21,48 @@ struct Cli {
     command: Command,
 }
 
+/// The WhatsApp Cloud API channel (see README, "WhatsApp"). Setting the team turns it on; the
+/// other values then come from the Meta app's dashboard.
+#[derive(clap::Args)]
+struct WhatsAppFlags {
+    /// The team whose conversations WhatsApp messages become.
+    #[arg(long, env = "CREWDESK_WHATSAPP_TEAM")]
+    whatsapp_team: Option<String>,
+    /// The verify token typed in when subscribing the webhook.
+    #[arg(long, env = "CREWDESK_WHATSAPP_VERIFY_TOKEN", hide_env_values = true)]
+    whatsapp_verify_token: Option<String>,
+    /// The Meta app's secret (webhook signatures).
+    #[arg(long, env = "CREWDESK_WHATSAPP_APP_SECRET", hide_env_values = true)]
+    whatsapp_app_secret: Option<String>,
+    /// Access token for the Graph API.
+    #[arg(long, env = "CREWDESK_WHATSAPP_ACCESS_TOKEN", hide_env_values = true)]
+    whatsapp_access_token: Option<String>,
+    /// The sending phone number's id.
+    #[arg(long, env = "CREWDESK_WHATSAPP_PHONE_NUMBER_ID")]
+    whatsapp_phone_number_id: Option<String>,
+    /// Graph API base URL [default: https://graph.facebook.com/v21.0].
+    #[arg(long, env = "CREWDESK_WHATSAPP_API_BASE")]
+    whatsapp_api_base: Option<String>,
+}
+
+impl WhatsAppFlags {
+    fn into_config(self) -> anyhow::Result<Option<sync_server::whatsapp::WhatsAppConfig>> {
+        let Some(team) = self.whatsapp_team else { return Ok(None) };
+        let need = |v: Option<String>, name: &str| {
+            v.filter(|v| !v.trim().is_empty())
+                .with_context(|| format!("WhatsApp is on (--whatsapp-team) but --{name} is missing"))
+        };
+        Ok(Some(sync_server::whatsapp::WhatsAppConfig {
+            team: TeamId(team),
+            verify_token: need(self.whatsapp_verify_token, "whatsapp-verify-token")?,
+            app_secret: need(self.whatsapp_app_secret, "whatsapp-app-secret")?,
+            access_token: need(self.whatsapp_access_token, "whatsapp-access-token")?,
+            phone_number_id: need(self.whatsapp_phone_number_id, "whatsapp-phone-number-id")?,
+            api_base: self.whatsapp_api_base.unwrap_or_else(sync_server::whatsapp::default_api_base),
+        }))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve WebSocket sync and the HTTP API.
@@ -37,6 +79,8 @@ enum Command {
         /// Sender address of fallback emails.
         #[arg(long, env = "CREWDESK_MAIL_FROM")]
         mail_from: Option<String>,
+        #[command(flatten)]
+        whatsapp: WhatsAppFlags,
     },
     /// Create or update a team.
     Team {
@@ -82,6 +126,19 @@ enum Command {
         #[arg(long)]
         token: Option<String>,
     },
+    /// Add or replace an approved WhatsApp template of a team (as approved in WhatsApp Manager).
+    WhatsappTemplate {
+        team: String,
+        /// The template's name in WhatsApp Manager, e.g. order_update.
+        #[arg(long)]
+        name: String,
+        /// Its language code, e.g. en_US.
+        #[arg(long)]
+        language: String,
+        /// Its body with numbered parameters, e.g. "Hello {{1}}, your order {{2}} shipped."
+        #[arg(long)]
+        body: String,
+    },
     /// List teams, members and tokens.
     List,
     /// Create the demo teams and agents, load the demo conversations, print a token per agent.
@@ -102,7 +159,10 @@ async fn main() -> anyhow::Result<()> {
         config.data_dir = dir;
     }
     match cli.command {
-        Command::Serve { listen, max_frame_bytes, smtp, mail_from } => {
+        Command::Serve { listen, max_frame_bytes, smtp, mail_from, whatsapp } => {
+            if let Some(wa) = whatsapp.into_config()? {
+                config.whatsapp = Some(wa);
+            }
             config.smtp = smtp.or(config.smtp);
             config.mail_from = mail_from.unwrap_or(config.mail_from);
             config.listen = listen.unwrap_or(config.listen);
@@ -157,6 +217,21 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
         Command::IssueToken { agent, label } => println!("{}", store.issue_token(&AgentId(agent), &label)?),
         Command::RevokeToken { agent, token } => {
             println!("{} token(s) revoked", store.revoke_tokens(&AgentId(agent), token.as_deref())?)
+        }
+        Command::WhatsappTemplate { team, name, language, body } => {
+            let mut t = store
+                .teams()?
+                .into_iter()
+                .find(|t| t.id.as_str() == team)
+                .with_context(|| format!("no team {team}; create it with `sync-server team {team} --name ...`"))?;
+            anyhow::ensure!(
+                !name.trim().is_empty() && !language.trim().is_empty() && !body.trim().is_empty(),
+                "name, language and body must not be empty"
+            );
+            t.whatsapp_templates.retain(|w| !(w.name == name && w.language == language));
+            t.whatsapp_templates.push(crewdesk::domain::WhatsAppTemplate { name: name.clone(), language, body });
+            store.put_team(&t)?;
+            println!("WhatsApp template {name} saved for {team}");
         }
         Command::List => print!("{}", store.describe()?),
         Command::SeedDemo => {

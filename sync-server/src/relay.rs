@@ -47,8 +47,11 @@ pub async fn run(
         mail_wake.clone(),
         stop_rx.clone(),
     ));
+    let whatsapp_wake = Arc::new(Notify::new());
     let relay = Arc::new(Relay {
         mail_wake,
+        whatsapp_wake: whatsapp_wake.clone(),
+        whatsapp_inbound: AsyncMutex::new(()),
         commits,
         store,
         peer_id: format!("crewdesk-relay-{storage_id}"),
@@ -63,12 +66,16 @@ pub async fn run(
         next_conn: AtomicU64::new(1),
         stop: stop_rx.clone(),
     });
+    if let Some(wa) = relay.config.whatsapp.clone() {
+        tokio::spawn(crate::whatsapp::run(relay.clone(), wa, whatsapp_wake, stop_rx.clone()));
+    }
     let app = Router::new()
         .route("/", get(websocket))
         .route("/sync", get(websocket))
         .route("/health", get(health))
         .route("/api/me", get(me))
         .merge(crate::widget::routes())
+        .merge(crate::whatsapp::routes())
         .with_state(relay.clone());
     info!(addr = %listener.local_addr()?, data = %relay.config.data_dir.display(), "relay listening");
     tokio::spawn(async move {
@@ -100,6 +107,10 @@ pub struct Relay {
     commits: mpsc::Sender<Commit>,
     /// Wakes the email fallback sender when messages are queued.
     mail_wake: Arc<Notify>,
+    /// Wakes the WhatsApp sender when messages are queued.
+    whatsapp_wake: Arc<Notify>,
+    /// Serializes inbound WhatsApp webhooks.
+    whatsapp_inbound: AsyncMutex<()>,
 }
 
 /// A chunk waiting for the group commit, and who to tell when it is on disk.
@@ -212,7 +223,7 @@ impl Relay {
         docs.entry(id.to_owned()).or_default().clone()
     }
 
-    async fn blocking<T: Send + 'static>(
+    pub(crate) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -392,6 +403,7 @@ impl Relay {
         })?;
         let _ = self.changes.send(doc_id.to_owned());
         self.queue_email_fallback(doc_id, stored, before, &header).await;
+        self.queue_whatsapp(doc_id, stored, before, &header).await;
         self.decide_grab(doc_id, stored, header).await
     }
 
@@ -439,6 +451,37 @@ impl Relay {
             warn!(%doc_id, %e, "fallback emails not queued");
         }
         self.mail_wake.notify_one();
+    }
+
+    /// Crew messages in WhatsApp conversations go to the Graph API through a durable outbox.
+    async fn queue_whatsapp(
+        &self,
+        doc_id: &str,
+        stored: &StoredDoc,
+        before: &[automerge::ChangeHash],
+        header: &doc::DocHeader,
+    ) {
+        if header.channel != crewdesk::domain::Channel::WhatsApp || self.config.whatsapp.is_none() {
+            return;
+        }
+        let Ok(added) = doc::messages_added(&stored.doc, before, &stored.doc.get_heads()) else { return };
+        if !added.iter().any(|m| matches!(m.author, crewdesk::domain::Author::Crew { .. })) {
+            return;
+        }
+        let Ok(all) = doc::all_messages(&stored.doc) else { return };
+        let rows = crate::whatsapp::outbound_rows(doc_id, header, &added, &all);
+        if let Err(e) = self.blocking(move |s| s.queue_whatsapp(&rows)).await {
+            warn!(%doc_id, %e, "WhatsApp messages not queued");
+        }
+        self.whatsapp_wake.notify_one();
+    }
+
+    pub(crate) fn whatsapp(&self) -> Option<&crate::whatsapp::WhatsAppConfig> {
+        self.config.whatsapp.as_ref()
+    }
+
+    pub(crate) fn whatsapp_inbound_lock(&self) -> &AsyncMutex<()> {
+        &self.whatsapp_inbound
     }
 
     /// Grab-mode teams: the first grab request the relay received wins; the winner is written

@@ -11,6 +11,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_relay.sql"),
     include_str!("migrations/0002_widget.sql"),
     include_str!("migrations/0003_email_outbox.sql"),
+    include_str!("migrations/0004_whatsapp.sql"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -391,6 +392,100 @@ impl Store {
         Ok(())
     }
 
+    /// True when this WhatsApp message id was already turned into a conversation change.
+    pub fn whatsapp_seen(&self, wamid: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM whatsapp_inbound WHERE wamid = ?1", [wamid], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    pub fn mark_whatsapp_seen(&self, wamid: &str, doc_id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO whatsapp_inbound (wamid, doc_id, received_at) VALUES (?1, ?2, ?3)",
+            params![wamid, doc_id, now_millis()],
+        )?;
+        Ok(())
+    }
+
+    /// The conversation of a WhatsApp contact in a team, if one was started.
+    pub fn whatsapp_contact(&self, team: &TeamId, wa_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT doc_id FROM whatsapp_contacts WHERE team = ?1 AND wa_id = ?2",
+                [team.as_str(), wa_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn set_whatsapp_contact(&self, team: &TeamId, wa_id: &str, doc_id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO whatsapp_contacts (team, wa_id, doc_id) VALUES (?1, ?2, ?3)
+             ON CONFLICT (team, wa_id) DO UPDATE SET doc_id = excluded.doc_id",
+            [team.as_str(), wa_id, doc_id],
+        )?;
+        Ok(())
+    }
+
+    /// Queues crew messages for WhatsApp; a message already queued is not queued again.
+    pub fn queue_whatsapp(&self, rows: &[QueuedWhatsApp]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for m in rows {
+            tx.execute(
+                "INSERT OR IGNORE INTO whatsapp_outbox (message_id, doc_id, payload, refused, created_at, next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                params![m.message_id, m.doc_id, m.payload, m.refused, m.created_at],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// WhatsApp messages neither sent nor given up on, whose next attempt is due, oldest first.
+    pub fn due_whatsapp(&self, now: i64) -> Result<Vec<QueuedWhatsApp>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT message_id, doc_id, payload, refused, created_at FROM whatsapp_outbox
+             WHERE sent_at IS NULL AND failed IS NULL AND next_attempt_at <= ?1 ORDER BY created_at, message_id LIMIT 200",
+        )?;
+        let rows = stmt.query_map([now], |r| {
+            Ok(QueuedWhatsApp {
+                message_id: r.get(0)?,
+                doc_id: r.get(1)?,
+                payload: r.get(2)?,
+                refused: r.get(3)?,
+                created_at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The outcome of one attempt: sent (with WhatsApp's message id), failed for good, or retry
+    /// after a backoff that doubles (1 s … 5 min).
+    pub fn whatsapp_attempted(&self, message_id: &str, outcome: &WhatsAppOutcome, now: i64) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match outcome {
+            WhatsAppOutcome::Sent { wamid } => conn.execute(
+                "UPDATE whatsapp_outbox SET sent_at = ?2, wamid = ?3, attempts = attempts + 1 WHERE message_id = ?1",
+                params![message_id, now, wamid],
+            )?,
+            WhatsAppOutcome::Failed { reason } => conn.execute(
+                "UPDATE whatsapp_outbox SET failed = ?2, attempts = attempts + 1 WHERE message_id = ?1",
+                params![message_id, reason],
+            )?,
+            WhatsAppOutcome::Retry => conn.execute(
+                "UPDATE whatsapp_outbox SET attempts = attempts + 1,
+                   next_attempt_at = ?2 + min(300000, 1000 * (1 << min(attempts, 9))) WHERE message_id = ?1",
+                params![message_id, now],
+            )?,
+        };
+        Ok(())
+    }
+
     /// Records grab requests in arrival order; returns the full order for the document.
     pub fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError> {
         let mut conn = self.conn();
@@ -466,4 +561,22 @@ pub struct QueuedEmail {
     pub agent: String,
     pub text: String,
     pub created_at: i64,
+}
+
+/// A crew message waiting to be handed to WhatsApp: the Graph API request body, or why the 24 h
+/// rule refused it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedWhatsApp {
+    pub message_id: String,
+    pub doc_id: String,
+    pub payload: String,
+    pub refused: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WhatsAppOutcome {
+    Sent { wamid: String },
+    Failed { reason: String },
+    Retry,
 }

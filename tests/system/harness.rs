@@ -23,8 +23,8 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 pub struct TestRelay {
     pub addr: SocketAddr,
     pub data: PathBuf,
-    /// The SMTP server for the email fallback, if the test runs one.
-    pub smtp: Option<String>,
+    /// Settings a test adds to the defaults (SMTP server, WhatsApp, ...); kept across restarts.
+    pub settings: Arc<dyn Fn(&mut sync_server::Config) + Send + Sync>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -43,20 +43,20 @@ impl TestRelay {
         drop(store);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut relay = TestRelay { addr, data, smtp: None, stop: None, task: None };
+        let mut relay = TestRelay { addr, data, settings: Arc::new(|_| {}), stop: None, task: None };
         relay.serve(listener);
         (relay, tokens)
     }
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
         let (tx, rx) = oneshot::channel();
-        let config = sync_server::Config {
+        let mut config = sync_server::Config {
             data_dir: self.data.clone(),
             listen: self.addr,
             keepalive: Duration::from_secs(1),
-            smtp: self.smtp.clone(),
             ..sync_server::Config::default()
         };
+        (self.settings)(&mut config);
         self.stop = Some(tx);
         self.task = Some(tokio::spawn(async move {
             sync_server::run(listener, config, async {
@@ -76,11 +76,14 @@ impl TestRelay {
         }
     }
 
-    /// Starts a relay whose email fallback goes to `smtp` (host:port).
-    pub async fn start_with_smtp(data: PathBuf, smtp: String) -> (TestRelay, HashMap<String, String>) {
+    /// Starts a relay with settings added to the defaults.
+    pub async fn start_with(
+        data: PathBuf,
+        settings: impl Fn(&mut sync_server::Config) + Send + Sync + 'static,
+    ) -> (TestRelay, HashMap<String, String>) {
         let (mut relay, tokens) = TestRelay::start(data).await;
         relay.stop().await;
-        relay.smtp = Some(smtp);
+        relay.settings = Arc::new(settings);
         relay.restart().await;
         (relay, tokens)
     }
@@ -153,6 +156,29 @@ impl Agent {
     }
 
     /// Runs an action and tells the driver the conversation changed.
+    /// Waits (at most 10 s) until the sync driver is connected.
+    pub async fn connected(&self) {
+        let mut status = self.client().status();
+        tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.connected))
+            .await
+            .expect("connects")
+            .unwrap();
+    }
+
+    /// The texts of a conversation's messages as this replica has them (other bodies as debug text).
+    pub fn message_texts(&self, id: &ConversationId) -> Vec<String> {
+        self.with(|r| {
+            r.stored_messages(id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| match m.body {
+                    MessageBody::Text { text } => text,
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        })
+    }
+
     pub fn act<T>(&self, id: &ConversationId, f: impl FnOnce(&mut Replica) -> T) -> T {
         let out = self.with(f);
         if let Some(client) = &self.client {
@@ -298,4 +324,94 @@ impl SmtpSink {
     pub fn received(&self) -> Vec<String> {
         self.mails.lock().unwrap().clone()
     }
+}
+
+/// A stand-in for the WhatsApp Cloud API's `POST /{version}/{phone-number-id}/messages`: it checks
+/// the bearer token and the payload's shape the way the Graph API does, answers like it, and keeps
+/// every message it accepted.
+pub struct GraphStandIn {
+    /// What to configure as the API base (`http://127.0.0.1:PORT/v21.0`).
+    pub base: String,
+    pub accepted: Arc<Mutex<Vec<serde_json::Value>>>,
+    pub refused: Arc<Mutex<Vec<String>>>,
+}
+
+impl GraphStandIn {
+    pub async fn start(phone_number_id: &str, access_token: &str) -> GraphStandIn {
+        use axum::http::{HeaderMap, StatusCode};
+        let accepted: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let refused: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (ok, bad) = (accepted.clone(), refused.clone());
+        let expected_auth = format!("Bearer {access_token}");
+        let path = format!("/v21.0/{phone_number_id}/messages");
+        let handler = move |headers: HeaderMap, body: axum::body::Bytes| {
+            let (ok, bad, expected_auth) = (ok.clone(), bad.clone(), expected_auth.clone());
+            async move {
+                let error = |status: StatusCode, message: String| {
+                    bad.lock().unwrap().push(message.clone());
+                    (status, axum::Json(serde_json::json!({ "error": { "message": message, "code": 100 } })))
+                };
+                if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected_auth.as_str()) {
+                    return error(StatusCode::UNAUTHORIZED, "Invalid OAuth access token".into());
+                }
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                    return error(StatusCode::BAD_REQUEST, "body is not JSON".into());
+                };
+                if let Err(e) = check_graph_message(&v) {
+                    return error(StatusCode::BAD_REQUEST, e);
+                }
+                let n = {
+                    let mut all = ok.lock().unwrap();
+                    all.push(v);
+                    all.len()
+                };
+                (
+                    StatusCode::OK,
+                    axum::Json(
+                        serde_json::json!({ "messaging_product": "whatsapp", "messages": [{ "id": format!("wamid.standin-{n}") }] }),
+                    ),
+                )
+            }
+        };
+        let app = axum::Router::new().route(&path, axum::routing::post(handler));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        GraphStandIn { base: format!("http://{addr}/v21.0"), accepted, refused }
+    }
+
+    pub fn accepted(&self) -> Vec<serde_json::Value> {
+        self.accepted.lock().unwrap().clone()
+    }
+}
+
+/// The Graph API's rules for a text or template message, as far as the relay uses them.
+fn check_graph_message(v: &serde_json::Value) -> Result<(), String> {
+    let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).ok_or_else(|| format!("{p} missing or not a string"));
+    if s("/messaging_product")? != "whatsapp" {
+        return Err("messaging_product must be whatsapp".into());
+    }
+    if !s("/to")?.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("to must be a phone number in international format".into());
+    }
+    match s("/type")? {
+        "text" => {
+            if s("/text/body")?.trim().is_empty() {
+                return Err("text.body is empty".into());
+            }
+        }
+        "template" => {
+            s("/template/name")?;
+            s("/template/language/code")?;
+            for c in v.pointer("/template/components").and_then(|c| c.as_array()).ok_or("components missing")? {
+                for p in c.get("parameters").and_then(|p| p.as_array()).ok_or("parameters missing")? {
+                    if p.get("type").and_then(|t| t.as_str()) != Some("text") || p.get("text").is_none() {
+                        return Err("template parameters must be {type: text, text}".into());
+                    }
+                }
+            }
+        }
+        other => return Err(format!("unsupported type {other}")),
+    }
+    Ok(())
 }

@@ -14,44 +14,23 @@ fn text(t: &str) -> MessageBody {
     MessageBody::Text { text: t.into() }
 }
 
-fn message_texts(agent: &Agent, id: &ConversationId) -> Vec<String> {
-    agent.with(|r| {
-        r.stored_messages(id)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|m| match m.body {
-                MessageBody::Text { text } => text,
-                other => format!("{other:?}"),
-            })
-            .collect()
-    })
-}
-
-async fn connected(agent: &Agent) {
-    let mut status = agent.client().status();
-    tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| s.connected))
-        .await
-        .expect("connects")
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_see_each_other_through_the_relay() {
     let dir = tempfile::tempdir().unwrap();
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let bob = Agent::start(&relay, &tokens, "bob");
     let carol = Agent::start(&relay, &tokens, "carol");
-    connected(&bob).await;
-    connected(&carol).await;
+    bob.connected().await;
+    carol.connected().await;
     let (new, first) = new_conversation(demo::SALES, Channel::WebWidget);
     let id = new.id.clone();
     bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
     bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
     bob.act(&id, |r| r.send(&id, text("Hi Maya, Bob here."), Timestamp::now()).unwrap());
-    eventually(10, "carol sees bob's reply", || message_texts(&carol, &id) == ["Hello?", "Hi Maya, Bob here."]).await;
+    eventually(10, "carol sees bob's reply", || carol.message_texts(&id) == ["Hello?", "Hi Maya, Bob here."]).await;
     carol.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
     carol.act(&id, |r| r.send(&id, text("Carol too."), Timestamp::now()).unwrap());
-    eventually(10, "bob sees carol's reply", || message_texts(&bob, &id).len() == 3).await;
+    eventually(10, "bob sees carol's reply", || bob.message_texts(&id).len() == 3).await;
     eventually(10, "index rows converge", || {
         bob.with(|r| r.stored_summaries().unwrap()) == carol.with(|r| r.stored_summaries().unwrap())
     })
@@ -70,12 +49,12 @@ async fn offline_sends_are_delivered_once_in_order_after_the_relay_restarts() {
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let bob = Agent::start(&relay, &tokens, "bob");
     let carol = Agent::start(&relay, &tokens, "carol");
-    connected(&bob).await;
+    bob.connected().await;
     let (new, first) = new_conversation(demo::SALES, Channel::Email);
     let id = new.id.clone();
     bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
     bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
-    eventually(10, "carol has the conversation", || message_texts(&carol, &id).len() == 1).await;
+    eventually(10, "carol has the conversation", || carol.message_texts(&id).len() == 1).await;
     eventually(10, "bob is fully synced", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
 
     relay.stop().await;
@@ -91,10 +70,10 @@ async fn offline_sends_are_delivered_once_in_order_after_the_relay_restarts() {
     relay.restart().await;
     let expected: Vec<String> =
         std::iter::once("Hello?".to_owned()).chain((0..5).map(|i| format!("offline {i}"))).collect();
-    eventually(20, "carol receives the offline messages", || message_texts(&carol, &id) == expected).await;
+    eventually(20, "carol receives the offline messages", || carol.message_texts(&id) == expected).await;
     eventually(10, "bob's outbox empties", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
     // Once each: the relay's stored document holds each message once, in order.
-    assert_eq!(message_texts(&bob, &id), expected);
+    assert_eq!(bob.message_texts(&id), expected);
     relay.stop().await;
 }
 
@@ -103,7 +82,7 @@ async fn access_is_per_team_and_refusals_look_like_missing_documents() {
     let dir = tempfile::tempdir().unwrap();
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let bob = Agent::start(&relay, &tokens, "bob");
-    connected(&bob).await;
+    bob.connected().await;
     let (new, first) = new_conversation(demo::SALES, Channel::WhatsApp);
     let sales_id = new.id.clone();
     bob.act(&sales_id, |r| r.create_conversation(&new, Some(first)).unwrap());
@@ -157,9 +136,9 @@ async fn grab_race_has_exactly_one_owner_on_every_replica() {
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let ada = Agent::start(&relay, &tokens, "ada");
     let reps: Vec<Agent> = ["bob", "dave", "erin"].iter().map(|a| Agent::start(&relay, &tokens, a)).collect();
-    connected(&ada).await;
+    ada.connected().await;
     for r in &reps {
-        connected(r).await;
+        r.connected().await;
     }
     let (new, first) = new_conversation(demo::SUPPORT, Channel::WebWidget);
     let id = new.id.clone();
@@ -201,12 +180,12 @@ async fn hostile_input_gets_an_error_and_everyone_else_keeps_syncing() {
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let bob = Agent::start(&relay, &tokens, "bob");
     let carol = Agent::start(&relay, &tokens, "carol");
-    connected(&bob).await;
-    connected(&carol).await;
+    bob.connected().await;
+    carol.connected().await;
     let (new, first) = new_conversation(demo::SALES, Channel::Email);
     let id = new.id.clone();
     bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
-    eventually(10, "carol has it", || message_texts(&carol, &id).len() == 1).await;
+    eventually(10, "carol has it", || carol.message_texts(&id).len() == 1).await;
 
     let mut evil = RawClient::connect(&relay, Some(&tokens["erin"])).await;
     assert!(matches!(evil.join().await, WireMessage::Peer { .. }));
@@ -230,7 +209,7 @@ async fn hostile_input_gets_an_error_and_everyone_else_keeps_syncing() {
     // Everyone else is still served, and the stored conversation is intact.
     bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
     bob.act(&id, |r| r.send(&id, text("still here"), Timestamp::now()).unwrap());
-    eventually(10, "carol still syncs", || message_texts(&carol, &id) == ["Hello?", "still here"]).await;
+    eventually(10, "carol still syncs", || carol.message_texts(&id) == ["Hello?", "still here"]).await;
     relay.stop().await;
 }
 
@@ -255,7 +234,7 @@ async fn npm_automerge_repo_client_reads_and_appends() {
     let dir = tempfile::tempdir().unwrap();
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let bob = Agent::start(&relay, &tokens, "bob");
-    connected(&bob).await;
+    bob.connected().await;
     let (new, first) = new_conversation(demo::SALES, Channel::WebWidget);
     let id = new.id.clone();
     bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
@@ -275,7 +254,7 @@ async fn npm_automerge_repo_client_reads_and_appends() {
     assert!(stdout.contains(r#"messages: ["Hello?","Written in Rust"]"#), "{stdout}");
     assert!(stdout.contains("synced"), "{stdout}");
     eventually(10, "the Rust replica sees the npm client's message", || {
-        message_texts(&bob, &id).last().map(String::as_str) == Some("Written by an npm automerge-repo client")
+        bob.message_texts(&id).last().map(String::as_str) == Some("Written by an npm automerge-repo client")
     })
     .await;
     let summary = bob.with(|r| r.summary(&id).unwrap().clone());
@@ -318,7 +297,7 @@ async fn fifty_simultaneous_grabs_some_offline_have_one_owner() {
     let mut reps: Vec<Agent> = names.iter().map(|n| Agent::start(&relay, &tokens, n)).collect();
     let (new, first) = new_conversation(demo::SUPPORT, Channel::WhatsApp);
     let id = new.id.clone();
-    connected(&ada).await;
+    ada.connected().await;
     ada.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
     for r in &reps {
         eventually(30, "every representative has the conversation", || r.with(|x| x.summary(&id).is_some())).await;
@@ -369,7 +348,7 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
     let dir = tempfile::tempdir().unwrap();
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let ada = Agent::start(&relay, &tokens, "ada");
-    connected(&ada).await;
+    ada.connected().await;
     let (new, first) = new_conversation(demo::SUPPORT, Channel::Email);
     let id = new.id.clone();
     ada.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
@@ -501,7 +480,7 @@ async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
     let dir = tempfile::tempdir().unwrap();
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let bob = Agent::start(&relay, &tokens, "bob");
-    connected(&bob).await;
+    bob.connected().await;
 
     // A customer starts a chat; hostile text is stored and shown as text, never as HTML.
     let hostile = "<script>alert('x')</script> Hello & welcome";
@@ -515,7 +494,7 @@ async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
     let id = ConversationId(
         answer.split("\"conversation\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap().to_owned(),
     );
-    eventually(10, "bob sees the new web-widget conversation", || message_texts(&bob, &id) == [hostile]).await;
+    eventually(10, "bob sees the new web-widget conversation", || bob.message_texts(&id) == [hostile]).await;
 
     // Bad input is refused with a clear error; unknown teams and sessions too.
     assert_eq!(http_post_json(&relay, "/api/widget/sales/conversations", r#"{"name":"","text":"hi"}"#).await.0, 400);
@@ -557,7 +536,7 @@ async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
     assert!(crew_reply, "the widget shows the crew's reply");
     ws.send(tokio_tungstenite::tungstenite::Message::Text(r#"{"text":"Thanks!"}"#.into())).await.unwrap();
     eventually(10, "bob sees the customer's reply", || {
-        message_texts(&bob, &id).last().map(String::as_str) == Some("Thanks!")
+        bob.message_texts(&id).last().map(String::as_str) == Some("Thanks!")
     })
     .await;
 
@@ -575,10 +554,11 @@ async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
 async fn email_fallback_sends_each_message_once_batched_while_the_customer_is_offline() {
     use futures_util::StreamExt;
     let sink = system_tests::SmtpSink::start().await;
+    let smtp = sink.addr.to_string();
     let dir = tempfile::tempdir().unwrap();
-    let (mut relay, tokens) = TestRelay::start_with_smtp(dir.path().to_owned(), sink.addr.to_string()).await;
+    let (mut relay, tokens) = TestRelay::start_with(dir.path().to_owned(), move |c| c.smtp = Some(smtp.clone())).await;
     let bob = Agent::start(&relay, &tokens, "bob");
-    connected(&bob).await;
+    bob.connected().await;
     let (status, answer) = http_post_json(
         &relay,
         "/api/widget/sales/conversations",

@@ -1,0 +1,400 @@
+//! The WhatsApp Cloud API channel.
+//!
+//! Inbound: Meta calls `GET /api/whatsapp/webhook` once to verify the subscription (the verify
+//! token handshake) and then `POST`s every customer message there, signed with the app secret
+//! (`X-Hub-Signature-256`). The relay checks the signature before it reads the body, turns each
+//! message into a change of that contact's conversation (one per contact and team, created on the
+//! first message), and remembers WhatsApp's message id so that a retried webhook changes nothing.
+//!
+//! Outbound: crew messages in WhatsApp conversations are queued durably when the relay commits
+//! them, checked against the 24 h customer-service window (the root crate's rule), and sent to
+//! `{api_base}/{phone_number_id}/messages`. Transient failures are retried with backoff; a message
+//! WhatsApp refuses, or one the window forbids, is reported in the conversation.
+
+use crate::relay::Relay;
+use crate::store::{QueuedWhatsApp, WhatsAppOutcome};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use crewdesk::domain::access::may_deliver_on_whatsapp;
+use crewdesk::domain::{Author, Channel, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp};
+use crewdesk::replica::doc::{self, NewConversation};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+/// How the relay reaches the WhatsApp Cloud API (all from the Meta app's dashboard).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhatsAppConfig {
+    /// The team whose conversations WhatsApp messages become.
+    pub team: TeamId,
+    /// The string you type as "Verify token" when subscribing the webhook.
+    pub verify_token: String,
+    /// The app secret: webhook bodies are signed with it.
+    pub app_secret: String,
+    /// A system user's access token with the whatsapp_business_messaging permission.
+    pub access_token: String,
+    /// The sending phone number's id (not the phone number itself).
+    pub phone_number_id: String,
+    /// The Graph API base, versioned.
+    #[serde(default = "default_api_base")]
+    pub api_base: String,
+}
+
+pub fn default_api_base() -> String {
+    "https://graph.facebook.com/v21.0".to_owned()
+}
+
+pub fn routes() -> Router<Arc<Relay>> {
+    Router::new().route("/api/whatsapp/webhook", get(verify).post(webhook))
+}
+
+#[derive(serde::Deserialize)]
+struct VerifyQuery {
+    #[serde(rename = "hub.mode")]
+    mode: Option<String>,
+    #[serde(rename = "hub.verify_token")]
+    verify_token: Option<String>,
+    #[serde(rename = "hub.challenge")]
+    challenge: Option<String>,
+}
+
+fn plain(status: StatusCode, text: impl Into<String>) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text.into()).into_response()
+}
+
+/// Constant-time comparison of secrets.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn verify(State(relay): State<Arc<Relay>>, Query(q): Query<VerifyQuery>) -> Response {
+    let Some(config) = relay.whatsapp() else { return plain(StatusCode::NOT_FOUND, "WhatsApp is not configured") };
+    let token_ok = q.verify_token.as_deref().is_some_and(|t| same_secret(t.as_bytes(), config.verify_token.as_bytes()));
+    match (q.mode.as_deref(), token_ok, q.challenge) {
+        (Some("subscribe"), true, Some(challenge)) => plain(StatusCode::OK, challenge),
+        _ => plain(StatusCode::FORBIDDEN, "verification failed: wrong mode or verify token"),
+    }
+}
+
+/// Checks `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body with the app secret>`.
+pub fn signature_valid(app_secret: &str, body: &[u8], header: Option<&str>) -> bool {
+    let Some(hex) = header.and_then(|h| h.strip_prefix("sha256=")) else { return false };
+    let Some(given) = decode_hex(hex) else { return false };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(app_secret.as_bytes()) else { return false };
+    mac.update(body);
+    mac.verify_slice(&given).is_ok()
+}
+
+/// The header value WhatsApp sends for `body` (used by tests and tools that replay webhooks).
+pub fn sign(app_secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(app_secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(body);
+    format!("sha256={}", to_hex(&mac.finalize().into_bytes()))
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+}
+
+#[derive(serde::Deserialize)]
+struct Payload {
+    object: String,
+    #[serde(default)]
+    entry: Vec<Entry>,
+}
+
+#[derive(serde::Deserialize)]
+struct Entry {
+    #[serde(default)]
+    changes: Vec<Change>,
+}
+
+#[derive(serde::Deserialize)]
+struct Change {
+    field: String,
+    value: ChangeValue,
+}
+
+#[derive(serde::Deserialize)]
+struct ChangeValue {
+    #[serde(default)]
+    contacts: Vec<Contact>,
+    #[serde(default)]
+    messages: Vec<Inbound>,
+}
+
+#[derive(serde::Deserialize)]
+struct Contact {
+    wa_id: String,
+    profile: Option<Profile>,
+}
+
+#[derive(serde::Deserialize)]
+struct Profile {
+    name: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Inbound {
+    from: String,
+    id: String,
+    timestamp: String,
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<TextBody>,
+}
+
+#[derive(serde::Deserialize)]
+struct TextBody {
+    body: String,
+}
+
+async fn webhook(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(config) = relay.whatsapp().cloned() else {
+        return plain(StatusCode::NOT_FOUND, "WhatsApp is not configured");
+    };
+    let signature = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok());
+    if !signature_valid(&config.app_secret, &body, signature) {
+        warn!("WhatsApp webhook with a missing or wrong signature refused");
+        return plain(StatusCode::UNAUTHORIZED, "X-Hub-Signature-256 is missing or does not match the body");
+    }
+    let payload: Payload = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, format!("not a WhatsApp webhook payload: {e}")),
+    };
+    if payload.object != "whatsapp_business_account" {
+        return plain(StatusCode::OK, "ignored: not a WhatsApp Business Account event");
+    }
+    let team = config.team.clone();
+    if !relay.blocking(move |s| Ok(s.teams()?.iter().any(|t| t.id == team))).await.unwrap_or(false) {
+        warn!(team = %config.team, "the WhatsApp team does not exist on this relay; create it with `sync-server team`");
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready: the WhatsApp team does not exist");
+    }
+    // One webhook at a time: two deliveries of a first message must not start two conversations.
+    let _one = relay.whatsapp_inbound_lock().lock().await;
+    for change in payload.entry.iter().flat_map(|e| &e.changes).filter(|c| c.field == "messages") {
+        for m in &change.value.messages {
+            let name = change.value.contacts.iter().find(|c| c.wa_id == m.from).and_then(|c| c.profile.as_ref());
+            if let Err(e) = receive(&relay, &config.team, m, name.map(|p| p.name.as_str())).await {
+                // WhatsApp retries on anything but 200; what was stored is skipped then.
+                warn!(%e, wamid = %m.id, "WhatsApp message not stored");
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "not stored; retry later");
+            }
+        }
+    }
+    plain(StatusCode::OK, "ok")
+}
+
+/// Turns one inbound WhatsApp message into a change of the contact's conversation, once.
+async fn receive(relay: &Arc<Relay>, team: &TeamId, m: &Inbound, name: Option<&str>) -> Result<(), String> {
+    let wamid = m.id.clone();
+    if wamid.is_empty() || wamid.len() > 200 {
+        return Ok(());
+    }
+    if blocking(relay, move |s| s.whatsapp_seen(&wamid)).await? {
+        return Ok(());
+    }
+    if m.from.is_empty() || m.from.len() > 20 || !m.from.bytes().all(|b| b.is_ascii_digit()) {
+        warn!(from = %m.from, "WhatsApp message from an invalid number ignored");
+        return Ok(());
+    }
+    let now = Timestamp::now();
+    // WhatsApp's own timestamp (seconds) is when the customer wrote: the 24 h window counts from it.
+    let at = m.timestamp.parse::<i64>().ok().map(|s| Timestamp(s.saturating_mul(1000))).filter(|t| t.0 > 0);
+    let at = at.map_or(now, |t| t.min(now));
+    let text = match (&m.kind[..], &m.text) {
+        ("text", Some(t)) if !t.body.trim().is_empty() => t.body.clone(),
+        (kind, _) => format!("The customer sent a WhatsApp {kind} message, which Crewdesk does not show yet."),
+    };
+    let body = MessageBody::Text { text };
+    body.validate().map_err(|e| e.to_string())?;
+    // The message id follows from WhatsApp's, so storing it twice writes the same message.
+    let id = MessageId(format!("wa-{}", &to_hex(&Sha256::digest(m.id.as_bytes()))[..32]));
+    let message = Message { id, at, author: Author::Customer, body };
+    let (t, from) = (team.clone(), m.from.clone());
+    let known = blocking(relay, move |s| s.whatsapp_contact(&t, &from)).await?;
+    let exists = match &known {
+        Some(doc_id) => {
+            let id = doc_id.clone();
+            blocking(relay, move |s| Ok(s.load_document(&id)?.is_some())).await?
+        }
+        None => false,
+    };
+    let doc_id = match known {
+        Some(doc_id) if exists => {
+            relay.change_as_relay(&doc_id, |tx| doc::add_message(tx, &message)).await?;
+            doc_id
+        }
+        known => {
+            // The contact's conversation id is stored before the conversation, so a crash in between
+            // leads to the same conversation on retry, not a second one.
+            let id = known.map_or_else(|| doc::new_conversation_id(&mut rand::rng()), crewdesk::domain::ConversationId);
+            let (t, from, doc_id) = (team.clone(), m.from.clone(), id.0.clone());
+            blocking(relay, move |s| s.set_whatsapp_contact(&t, &from, &doc_id)).await?;
+            let phone = format!("+{}", m.from);
+            let new = NewConversation {
+                id: id.clone(),
+                team: team.clone(),
+                channel: Channel::WhatsApp,
+                customer: Customer {
+                    id: CustomerId(format!("whatsapp-{}", m.from)),
+                    name: name
+                        .map(|n| n.chars().filter(|c| !c.is_control()).take(100).collect::<String>())
+                        .filter(|n| !n.trim().is_empty())
+                        .unwrap_or_else(|| phone.clone()),
+                    email: None,
+                    phone: Some(phone),
+                    notes: None,
+                },
+                created_at: at,
+            };
+            relay.create_as_relay(&new, &message).await?;
+            info!(doc_id = %id, "WhatsApp conversation started");
+            id.0
+        }
+    };
+    let wamid = m.id.clone();
+    blocking(relay, move |s| s.mark_whatsapp_seen(&wamid, &doc_id)).await
+}
+
+async fn blocking<T: Send + 'static>(
+    relay: &Arc<Relay>,
+    f: impl FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, String> {
+    relay.blocking(f).await.map_err(|e| e.to_string())
+}
+
+/// The Graph API request body for a crew message to `to` (the contact's WhatsApp id).
+pub fn outbound_payload(to: &str, body: &MessageBody) -> serde_json::Value {
+    match body {
+        MessageBody::WhatsAppTemplate { template, language, params, .. } => serde_json::json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": to,
+            "type": "template",
+            "template": {
+                "name": template,
+                "language": { "code": language },
+                "components": if params.is_empty() { serde_json::json!([]) } else { serde_json::json!([{
+                    "type": "body",
+                    "parameters": params.iter().map(|p| serde_json::json!({ "type": "text", "text": p })).collect::<Vec<_>>(),
+                }]) },
+            },
+        }),
+        body => serde_json::json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": to,
+            "type": "text",
+            "text": { "preview_url": false, "body": body.text_content() },
+        }),
+    }
+}
+
+/// The outbox rows for the crew messages a change added to a WhatsApp conversation. The 24 h
+/// window is checked now, against the customer's last message in the document.
+pub fn outbound_rows(doc_id: &str, header: &doc::DocHeader, added: &[Message], all: &[Message]) -> Vec<QueuedWhatsApp> {
+    let Some(to) = header.customer.phone.as_deref().map(|p| p.trim_start_matches('+').to_owned()) else {
+        return Vec::new();
+    };
+    let last_customer = all.iter().filter(|m| m.author == Author::Customer).map(|m| m.at).max();
+    let now = Timestamp::now();
+    added
+        .iter()
+        .filter(|m| matches!(m.author, Author::Crew { .. }))
+        .map(|m| QueuedWhatsApp {
+            message_id: format!("{doc_id}/{}", m.id),
+            doc_id: doc_id.to_owned(),
+            payload: outbound_payload(&to, &m.body).to_string(),
+            refused: may_deliver_on_whatsapp(last_customer, &m.body, now).err().map(|e| e.to_string()),
+            created_at: now.0,
+        })
+        .collect()
+}
+
+/// Sends queued crew messages to the Graph API until the relay stops.
+pub async fn run(relay: Arc<Relay>, config: WhatsAppConfig, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    let client = match reqwest::Client::builder().timeout(Duration::from_secs(20)).build() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%e, "no HTTP client for WhatsApp; outbound WhatsApp messages stay queued");
+            return;
+        }
+    };
+    let url = format!("{}/{}/messages", config.api_base.trim_end_matches('/'), config.phone_number_id);
+    loop {
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = crate::relay::stopped(&mut stop) => return,
+        }
+        let Ok(due) = blocking(&relay, |s| s.due_whatsapp(Timestamp::now().0)).await else { continue };
+        for row in due {
+            let outcome = match &row.refused {
+                Some(reason) => WhatsAppOutcome::Failed { reason: reason.clone() },
+                None => send(&client, &url, &config.access_token, &row.payload).await,
+            };
+            if let WhatsAppOutcome::Failed { reason } = &outcome {
+                warn!(message = %row.message_id, %reason, "WhatsApp message not delivered");
+                let note = Message {
+                    id: doc::new_message_id(&mut rand::rng()),
+                    at: Timestamp::now(),
+                    author: Author::System,
+                    body: MessageBody::Text { text: format!("Not delivered on WhatsApp: {reason}") },
+                };
+                if let Err(e) = relay.change_as_relay(&row.doc_id, |tx| doc::add_message(tx, &note)).await {
+                    warn!(%e, "the delivery failure could not be noted in the conversation");
+                }
+            }
+            let id = row.message_id.clone();
+            if let Err(e) = blocking(&relay, move |s| s.whatsapp_attempted(&id, &outcome, Timestamp::now().0)).await {
+                warn!(%e, "WhatsApp outbox not updated");
+            }
+        }
+    }
+}
+
+/// One attempt: 2xx is sent, 4xx is WhatsApp refusing this message (final), anything else is retried.
+async fn send(client: &reqwest::Client, url: &str, token: &str, payload: &str) -> WhatsAppOutcome {
+    let response = client
+        .post(url)
+        .bearer_auth(token)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(payload.to_owned())
+        .send()
+        .await;
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(%e, "WhatsApp API unreachable; will retry");
+            return WhatsAppOutcome::Retry;
+        }
+    };
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if status.is_success() {
+        let wamid = body.pointer("/messages/0/id").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        WhatsAppOutcome::Sent { wamid }
+    } else if status.is_client_error() && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
+        let reason = body.pointer("/error/message").and_then(|v| v.as_str()).unwrap_or("refused by WhatsApp");
+        WhatsAppOutcome::Failed { reason: format!("{reason} (HTTP {})", status.as_u16()) }
+    } else {
+        warn!(%status, "WhatsApp API error; will retry");
+        WhatsAppOutcome::Retry
+    }
+}

@@ -1,0 +1,169 @@
+//! The WhatsApp Cloud API channel end to end: Meta's webhook handshake and signed deliveries
+//! (retries change nothing), conversations on the crew's replicas, replies and templates handed to
+//! a local stand-in of the Graph API, and the 24 h window enforced on both sides.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use crewdesk::domain::{Author, Channel, ConversationId, DomainError, Message, MessageBody, Timestamp};
+use crewdesk::replica::ReplicaError;
+use crewdesk::replica::doc;
+use std::time::Duration;
+use sync_server::whatsapp::{WhatsAppConfig, sign};
+use system_tests::{Agent, GraphStandIn, TestRelay, eventually};
+
+const SECRET: &str = "app-secret-for-tests";
+
+fn webhook_body(wamid: &str, from: &str, name: &str, text: &str, at_secs: i64) -> String {
+    serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "102290129340398", "changes": [{ "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": { "display_phone_number": "15550783881", "phone_number_id": "106540352242922" },
+            "contacts": [{ "profile": { "name": name }, "wa_id": from }],
+            "messages": [{ "from": from, "id": wamid, "timestamp": at_secs.to_string(), "type": "text", "text": { "body": text } }],
+        }}]}],
+    })
+    .to_string()
+}
+
+async fn post_webhook(relay: &TestRelay, body: &str, signature: Option<String>) -> u16 {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/api/whatsapp/webhook", relay.url()))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(s) = signature {
+        request = request.header("x-hub-signature-256", s);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+fn whatsapp_conversations(agent: &Agent) -> Vec<ConversationId> {
+    agent.with(|r| {
+        r.stored_summaries().unwrap().into_iter().filter(|s| s.channel == Channel::WhatsApp).map(|s| s.id).collect()
+    })
+}
+
+fn conversation_of(agent: &Agent, phone: &str) -> Option<ConversationId> {
+    agent.with(|r| {
+        r.stored_summaries()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.channel == Channel::WhatsApp && s.customer.phone.as_deref() == Some(phone))
+            .map(|s| s.id)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
+    let graph = GraphStandIn::start("106540352242922", "graph-access-token").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = WhatsAppConfig {
+        team: "sales".into(),
+        verify_token: "verify-me".into(),
+        app_secret: SECRET.into(),
+        access_token: "graph-access-token".into(),
+        phone_number_id: "106540352242922".into(),
+        api_base: graph.base.clone(),
+    };
+    let (mut relay, tokens) =
+        TestRelay::start_with(dir.path().to_owned(), move |c| c.whatsapp = Some(config.clone())).await;
+    let http = reqwest::Client::new();
+
+    // Meta's subscription handshake: the challenge comes back only for the right verify token.
+    let verify = |token: &str| {
+        http.get(format!(
+            "{}/api/whatsapp/webhook?hub.mode=subscribe&hub.verify_token={token}&hub.challenge=1158201444",
+            relay.url()
+        ))
+        .send()
+    };
+    let ok = verify("verify-me").await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    assert_eq!(ok.text().await.unwrap(), "1158201444");
+    assert_eq!(verify("wrong").await.unwrap().status().as_u16(), 403);
+
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let now_secs = Timestamp::now().0 / 1000;
+
+    // Unsigned, wrongly signed or tampered deliveries are refused and change nothing.
+    let first = webhook_body("wamid.AAA1", "4915112345678", "Kofi Mensah", "Has my order shipped?", now_secs);
+    assert_eq!(post_webhook(&relay, &first, None).await, 401);
+    assert_eq!(post_webhook(&relay, &first, Some(sign("another-secret", first.as_bytes()))).await, 401);
+    let tampered = first.replace("Has my order shipped?", "Give me a refund");
+    assert_eq!(post_webhook(&relay, &tampered, Some(sign(SECRET, first.as_bytes()))).await, 401);
+    assert_eq!(post_webhook(&relay, "{not json", Some(sign(SECRET, b"{not json"))).await, 400);
+
+    // A signed delivery starts a WhatsApp conversation for the team; a retry changes nothing.
+    assert_eq!(post_webhook(&relay, &first, Some(sign(SECRET, first.as_bytes()))).await, 200);
+    eventually(10, "bob has the WhatsApp conversation", || conversation_of(&bob, "+4915112345678").is_some()).await;
+    let id = conversation_of(&bob, "+4915112345678").unwrap();
+    let s = bob.with(|r| r.summary(&id).unwrap().clone());
+    assert_eq!(s.customer.name, "Kofi Mensah");
+    assert_eq!(s.team.as_str(), "sales");
+    assert_eq!(post_webhook(&relay, &first, Some(sign(SECRET, first.as_bytes()))).await, 200);
+    let second = webhook_body("wamid.AAA2", "4915112345678", "Kofi Mensah", "Order A-1001.", now_secs + 1);
+    assert_eq!(post_webhook(&relay, &second, Some(sign(SECRET, second.as_bytes()))).await, 200);
+    assert_eq!(post_webhook(&relay, &first, Some(sign(SECRET, first.as_bytes()))).await, 200);
+    eventually(10, "the second message arrives", || bob.message_texts(&id).len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(bob.message_texts(&id), ["Has my order shipped?", "Order A-1001."]);
+    assert_eq!(whatsapp_conversations(&bob).len(), 1, "one conversation per contact");
+
+    // Inside the window a free-text reply goes to the Graph API, once.
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    bob.act(&id, |r| r.send(&id, MessageBody::Text { text: "Yes, it left today.".into() }, Timestamp::now()).unwrap());
+    eventually(10, "the reply reaches WhatsApp", || !graph.accepted().is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = graph.accepted();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["to"], "4915112345678");
+    assert_eq!(sent[0]["type"], "text");
+    assert_eq!(sent[0]["text"]["body"], "Yes, it left today.");
+    assert!(graph.refused.lock().unwrap().is_empty(), "{:?}", graph.refused.lock().unwrap());
+
+    // A customer who last wrote 25 hours ago: free text is refused on the replica, a template goes out.
+    let old = webhook_body("wamid.BBB1", "447700900123", "Lena Fischer", "Hello?", now_secs - 25 * 3600);
+    assert_eq!(post_webhook(&relay, &old, Some(sign(SECRET, old.as_bytes()))).await, 200);
+    eventually(10, "bob has Lena's conversation", || conversation_of(&bob, "+447700900123").is_some()).await;
+    let late = conversation_of(&bob, "+447700900123").unwrap();
+    bob.act(&late, |r| r.join(&late, Timestamp::now()).unwrap());
+    let refused = bob.with(|r| r.send(&late, MessageBody::Text { text: "Hi".into() }, Timestamp::now()));
+    assert!(
+        matches!(refused, Err(ReplicaError::Denied(DomainError::WhatsAppWindowClosed))),
+        "free text outside the window: {refused:?}"
+    );
+    bob.act(&late, |r| {
+        r.send_whatsapp_template(&late, "order_update", vec!["Lena".into(), "A-2002".into()], Timestamp::now()).unwrap()
+    });
+    eventually(10, "the template reaches WhatsApp", || graph.accepted().len() == 2).await;
+    let template = &graph.accepted()[1];
+    assert_eq!(template["to"], "447700900123");
+    assert_eq!(template["type"], "template");
+    assert_eq!(template["template"]["name"], "order_update");
+    assert_eq!(template["template"]["language"]["code"], "en_US");
+    assert_eq!(template["template"]["components"][0]["parameters"][0]["text"], "Lena");
+    assert_eq!(template["template"]["components"][0]["parameters"][1]["text"], "A-2002");
+
+    // A replica that skips the rule (an old build, a hand-made change): the relay checks the window
+    // again, does not hand the text to WhatsApp, and says so in the conversation.
+    let sneaky = Message {
+        id: doc::new_message_id(&mut rand::rng()),
+        at: Timestamp::now(),
+        author: doc::crew(&"bob".into()),
+        body: MessageBody::Text { text: "Free text after 25 hours".into() },
+    };
+    bob.act(&late, |r| {
+        let mut d = automerge::Automerge::load(&r.document_bytes(&late).unwrap()).unwrap();
+        let before = d.get_heads();
+        d.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &sneaky)).unwrap();
+        r.apply_changes(&late, &d.save_after(&before)).unwrap();
+    });
+    eventually(10, "the crew is told it was not delivered", || {
+        bob.with(|r| r.stored_messages(&late).unwrap().iter().any(|m| m.author == Author::System))
+    })
+    .await;
+    let note = bob.message_texts(&late).into_iter().find(|t| t.starts_with("Not delivered on WhatsApp")).unwrap();
+    assert!(note.contains("24 hours"), "{note}");
+    assert_eq!(graph.accepted().len(), 2, "nothing more was sent: {:?}", graph.accepted());
+    relay.stop().await;
+}
