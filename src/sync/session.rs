@@ -26,13 +26,21 @@ pub struct ClientSession {
     peer_id: String,
     relay_peer: Option<String>,
     states: HashMap<ConversationId, sync::State>,
+    /// Presence that arrived before its conversation did (the relay tells a new follower at once,
+    /// the document takes a few sync rounds); applied when the conversation arrives.
+    early_presence: HashMap<ConversationId, crate::domain::Presence>,
 }
 
 impl ClientSession {
     /// A fresh session for one connection. Sync states start empty on every connection: reusing a
     /// stale state makes peers loop.
     pub fn new(peer_id: impl Into<String>) -> ClientSession {
-        ClientSession { peer_id: peer_id.into(), relay_peer: None, states: HashMap::new() }
+        ClientSession {
+            peer_id: peer_id.into(),
+            relay_peer: None,
+            states: HashMap::new(),
+            early_presence: HashMap::new(),
+        }
     }
 
     pub fn join(&self) -> WireMessage {
@@ -101,7 +109,14 @@ impl ClientSession {
                 };
                 let state = self.states.entry(id.clone()).or_default();
                 match replica.receive_sync_message(&id, state, message) {
-                    Ok(Applied::Stored { .. }) => events.push(SessionEvent::Changed(id.clone())),
+                    Ok(Applied::Stored { .. }) => {
+                        if replica.summary(&id).is_some()
+                            && let Some(p) = self.early_presence.remove(&id)
+                        {
+                            replica.set_presence(&id, p)?;
+                        }
+                        events.push(SessionEvent::Changed(id.clone()))
+                    }
                     Ok(Applied::NothingNew) => {}
                     Err(e) => {
                         // Start this conversation's sync over; the relay resends what we lack.
@@ -122,11 +137,14 @@ impl ClientSession {
             WireMessage::Error { message, .. } => events.push(SessionEvent::RelayError(message)),
             WireMessage::Ephemeral { document_id, data, .. } => {
                 let id = ConversationId(document_id);
-                if let Some(p) = super::presence::decode(&data)
-                    && replica.summary(&id).is_some()
-                {
-                    replica.set_presence(&id, p)?;
-                    events.push(SessionEvent::Changed(id));
+                if let Some(p) = super::presence::decode(&data) {
+                    if replica.summary(&id).is_some() {
+                        replica.set_presence(&id, p)?;
+                        events.push(SessionEvent::Changed(id));
+                    } else if self.states.contains_key(&id) {
+                        // Only for conversations this session is syncing: nothing else is kept.
+                        self.early_presence.insert(id, p);
+                    }
                 }
             }
             WireMessage::Join { .. } | WireMessage::Other { .. } => {}

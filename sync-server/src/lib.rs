@@ -3,6 +3,7 @@
 //! authenticates every connection by token, limits each agent to their teams' conversations,
 //! never advertises heads it has not fsynced, and decides grabs.
 
+mod geoip;
 mod mailer;
 pub mod relay;
 pub mod store;
@@ -37,6 +38,12 @@ pub struct Config {
     pub max_loaded_documents: usize,
     /// The WhatsApp Cloud API channel; `None` leaves it off.
     pub whatsapp: Option<whatsapp::WhatsAppConfig>,
+    /// A MaxMind DB file (e.g. GeoLite2-City.mmdb) for web-widget customers' location.
+    pub geoip: Option<PathBuf>,
+    /// Take the customer's address from `X-Forwarded-For` (only behind a reverse proxy that sets it).
+    pub trust_forwarded_for: bool,
+    /// Web-widget conversations one address may start per 10 minutes.
+    pub widget_starts_per_ip: usize,
 }
 
 /// The config file's shape: every field optional, defaults filled from `Config::default()`.
@@ -52,6 +59,9 @@ struct ConfigFile {
     smtp: Option<String>,
     mail_from: Option<String>,
     whatsapp: Option<whatsapp::WhatsAppConfig>,
+    geoip: Option<PathBuf>,
+    trust_forwarded_for: Option<bool>,
+    widget_starts_per_ip: Option<usize>,
 }
 
 impl Config {
@@ -74,6 +84,9 @@ impl Config {
             smtp: file.smtp.or(d.smtp),
             mail_from: file.mail_from.unwrap_or(d.mail_from),
             whatsapp: file.whatsapp,
+            geoip: file.geoip,
+            trust_forwarded_for: file.trust_forwarded_for.unwrap_or(d.trust_forwarded_for),
+            widget_starts_per_ip: file.widget_starts_per_ip.unwrap_or(d.widget_starts_per_ip),
         })
     }
 }
@@ -91,6 +104,9 @@ impl Default for Config {
             smtp: None,
             mail_from: "Crewdesk <no-reply@crewdesk.invalid>".into(),
             whatsapp: None,
+            geoip: None,
+            trust_forwarded_for: false,
+            widget_starts_per_ip: 10,
         }
     }
 }

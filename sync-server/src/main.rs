@@ -79,6 +79,15 @@ enum Command {
         /// Sender address of fallback emails.
         #[arg(long, env = "CREWDESK_MAIL_FROM")]
         mail_from: Option<String>,
+        /// A MaxMind DB file (e.g. GeoLite2-City.mmdb) to locate web-widget customers.
+        #[arg(long, env = "CREWDESK_GEOIP")]
+        geoip: Option<PathBuf>,
+        /// Take customers' addresses from X-Forwarded-For (only behind a proxy that sets it).
+        #[arg(long, env = "CREWDESK_TRUST_FORWARDED_FOR")]
+        trust_forwarded_for: bool,
+        /// Web-widget conversations one address may start per 10 minutes [default: 10].
+        #[arg(long, env = "CREWDESK_WIDGET_STARTS_PER_IP")]
+        widget_starts_per_ip: Option<usize>,
         #[command(flatten)]
         whatsapp: WhatsAppFlags,
     },
@@ -159,7 +168,19 @@ async fn main() -> anyhow::Result<()> {
         config.data_dir = dir;
     }
     match cli.command {
-        Command::Serve { listen, max_frame_bytes, smtp, mail_from, whatsapp } => {
+        Command::Serve {
+            listen,
+            max_frame_bytes,
+            smtp,
+            mail_from,
+            geoip,
+            trust_forwarded_for,
+            widget_starts_per_ip,
+            whatsapp,
+        } => {
+            config.geoip = geoip.or(config.geoip);
+            config.trust_forwarded_for |= trust_forwarded_for;
+            config.widget_starts_per_ip = widget_starts_per_ip.unwrap_or(config.widget_starts_per_ip);
             if let Some(wa) = whatsapp.into_config()? {
                 config.whatsapp = Some(wa);
             }

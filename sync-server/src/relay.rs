@@ -47,11 +47,17 @@ pub async fn run(
         mail_wake.clone(),
         stop_rx.clone(),
     ));
+    let geoip = match &config.geoip {
+        Some(path) => Some(crate::geoip::GeoIp::open(path)?),
+        None => None,
+    };
     let whatsapp_wake = Arc::new(Notify::new());
     let relay = Arc::new(Relay {
         mail_wake,
         whatsapp_wake: whatsapp_wake.clone(),
         whatsapp_inbound: AsyncMutex::new(()),
+        geoip,
+        widget_starts: Mutex::new(HashMap::new()),
         commits,
         store,
         peer_id: format!("crewdesk-relay-{storage_id}"),
@@ -83,6 +89,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let mut stop_wait = stop_rx;
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(async move { stopped(&mut stop_wait).await }).await?;
     info!("relay stopped");
     Ok(())
@@ -111,6 +118,9 @@ pub struct Relay {
     whatsapp_wake: Arc<Notify>,
     /// Serializes inbound WhatsApp webhooks.
     whatsapp_inbound: AsyncMutex<()>,
+    pub(crate) geoip: Option<crate::geoip::GeoIp>,
+    /// When each address started its recent web-widget conversations.
+    pub(crate) widget_starts: Mutex<HashMap<std::net::IpAddr, Vec<std::time::Instant>>>,
 }
 
 /// A chunk waiting for the group commit, and who to tell when it is on disk.
@@ -729,6 +739,10 @@ impl Relay {
             Some(stored) => doc::all_messages(&stored.doc).map_err(|e| e.to_string()),
             None => Err("no such conversation".into()),
         }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
     }
 
     pub(crate) fn store(&self) -> &Arc<Store> {

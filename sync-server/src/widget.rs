@@ -6,14 +6,15 @@
 use crate::relay::Relay;
 use axum::Router;
 use axum::extract::ws::{Message as Ws, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use crewdesk::domain::{
     Author, Channel, Customer, CustomerEdit, CustomerId, Message, MessageBody, MessageId, Presence, TeamId, Timestamp,
 };
 use crewdesk::replica::doc::{self, NewConversation};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -43,7 +44,45 @@ fn bad(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-async fn start(State(relay): State<Arc<Relay>>, Path(team): Path<String>, body: Option<axum::Json<Start>>) -> Response {
+/// How long an address's started conversations count against its limit.
+const START_WINDOW: Duration = Duration::from_secs(600);
+
+/// The customer's address: the TCP peer, or the first `X-Forwarded-For` entry behind a trusted proxy.
+fn client_ip(relay: &Relay, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    if relay.config().trust_forwarded_for
+        && let Some(ip) = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    {
+        return ip;
+    }
+    peer.ip()
+}
+
+/// Counts a conversation start for `ip`; false when the address has used up its starts.
+fn allow_start(relay: &Relay, ip: IpAddr) -> bool {
+    let mut starts = relay.widget_starts.lock().unwrap_or_else(|p| p.into_inner());
+    if starts.len() > 100_000 {
+        starts.retain(|_, times| times.iter().any(|t| t.elapsed() < START_WINDOW));
+    }
+    let times = starts.entry(ip).or_default();
+    times.retain(|t| t.elapsed() < START_WINDOW);
+    if times.len() >= relay.config().widget_starts_per_ip {
+        return false;
+    }
+    times.push(Instant::now());
+    true
+}
+
+async fn start(
+    State(relay): State<Arc<Relay>>,
+    Path(team): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Option<axum::Json<Start>>,
+) -> Response {
     let Some(axum::Json(body)) = body else {
         return bad(StatusCode::BAD_REQUEST, "expected JSON: {name, email?, text, location?}");
     };
@@ -62,6 +101,10 @@ async fn start(State(relay): State<Arc<Relay>>, Path(team): Path<String>, body: 
     let text = MessageBody::Text { text: body.text };
     if let Err(e) = text.validate() {
         return bad(StatusCode::BAD_REQUEST, &e.to_string());
+    }
+    let ip = client_ip(&relay, peer, &headers);
+    if !allow_start(&relay, ip) {
+        return bad(StatusCode::TOO_MANY_REQUESTS, "too many conversations started from your address; try again later");
     }
     let now = Timestamp::now();
     let id = doc::new_conversation_id(&mut rand::rng());
@@ -83,7 +126,12 @@ async fn start(State(relay): State<Arc<Relay>>, Path(team): Path<String>, body: 
         warn!(%e, "widget conversation not created");
         return bad(StatusCode::SERVICE_UNAVAILABLE, "the conversation could not be started; try again");
     }
-    let location: Option<String> = body.location.map(|l| l.chars().filter(|c| !c.is_control()).take(120).collect());
+    // The GeoIP database when it knows the address, else what the browser reported.
+    let location: Option<String> = relay
+        .geoip
+        .as_ref()
+        .and_then(|g| g.locate(ip))
+        .or_else(|| body.location.map(|l| l.chars().filter(|c| !c.is_control()).take(120).collect()));
     let (store, doc_id) = (relay.store().clone(), id.0.clone());
     match tokio::task::spawn_blocking(move || store.create_widget_session(&doc_id, location.as_deref())).await {
         Ok(Ok(session)) => axum::Json(serde_json::json!({ "session": session, "conversation": id })).into_response(),

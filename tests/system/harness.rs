@@ -415,3 +415,5 @@ fn check_graph_message(v: &serde_json::Value) -> Result<(), String> {
     }
     Ok(())
 }
+
+pub mod mmdb;

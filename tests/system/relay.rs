@@ -608,3 +608,65 @@ async fn email_fallback_sends_each_message_once_batched_while_the_customer_is_of
     assert_eq!(sink.received().len(), 1, "no email while the customer is online");
     relay.stop().await;
 }
+
+fn answer_field(answer: &str, field: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(answer).unwrap();
+    v[field].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widget_location_comes_from_geoip_and_starts_are_limited_per_address() {
+    use system_tests::mmdb::{GeoEntry, write};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("test-city.mmdb");
+    std::fs::write(
+        &db,
+        write(&[
+            GeoEntry {
+                network: [127, 0, 0, 0].into(),
+                prefix: 8,
+                city: "Loopville",
+                country: "Testland",
+                iso_code: "TL",
+            },
+            GeoEntry { network: [10, 0, 0, 0].into(), prefix: 8, city: "Tentown", country: "Netland", iso_code: "NL" },
+        ]),
+    )
+    .unwrap();
+    // A database that cannot be read stops the relay with an error naming the file.
+    let broken = dir.path().join("broken.mmdb");
+    std::fs::write(&broken, b"not a database").unwrap();
+    let config =
+        sync_server::Config { data_dir: dir.path().join("other"), geoip: Some(broken.clone()), ..Default::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = sync_server::run(listener, config, async {}).await.unwrap_err().to_string();
+    assert!(error.contains("broken.mmdb"), "{error}");
+
+    let data = dir.path().join("relay");
+    let (mut relay, tokens) = TestRelay::start_with(data, move |c| {
+        c.geoip = Some(db.clone());
+        c.widget_starts_per_ip = 2;
+    })
+    .await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let start = r#"{"name":"Ines","text":"Hi","location":"Europe/Lisbon · pt-PT"}"#;
+    let (status, answer) = http_post_json(&relay, "/api/widget/sales/conversations", start).await;
+    assert_eq!(status, 200, "{answer}");
+    let (session, id) = (answer_field(&answer, "session"), ConversationId(answer_field(&answer, "conversation")));
+    // The customer's browser connects at once, before bob's replica has the conversation: the
+    // presence still reaches bob.
+    let (_ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/api/widget/ws?session={session}", relay.addr)).await.unwrap();
+    eventually(5, "the GeoIP location on bob's replica", || {
+        bob.with(|r| r.summary(&id).and_then(|s| s.presence.location.clone())) == Some("Loopville, Testland".into())
+    })
+    .await;
+
+    // One address may start only so many conversations; the next gets a clear 429.
+    assert_eq!(http_post_json(&relay, "/api/widget/sales/conversations", start).await.0, 200);
+    let (status, answer) = http_post_json(&relay, "/api/widget/sales/conversations", start).await;
+    assert_eq!(status, 429, "{answer}");
+    assert!(answer.contains("too many conversations"), "{answer}");
+    relay.stop().await;
+}
