@@ -172,11 +172,9 @@ pub async fn send_whatsapp_template(
     act(&app, &state, &id, |r| r.send_whatsapp_template(&id, &template, params, Timestamp::now()).map(|_| ())).await
 }
 
-/// Largest attachment accepted from the file picker.
-const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
-
-/// 📎 a picked file: kept in the local content-addressed blob store (app data `blobs/<sha256>`) and
-/// sent as an attachment message that references it by hash.
+/// 📎 a picked file: checked (size, type from its content), kept in the local content-addressed
+/// blob store (app data `blobs/<sha256>`), sent as an attachment message that references it by
+/// hash, and queued for upload to the relay's blob store (at once when online, else on reconnect).
 #[tauri::command]
 pub async fn attach(
     app: AppHandle,
@@ -186,26 +184,149 @@ pub async fn attach(
     mime: String,
     bytes: Vec<u8>,
 ) -> CommandResult<()> {
-    use sha2::{Digest, Sha256};
+    use crewdesk::domain::attachment::{MAX_ATTACHMENT_BYTES, accepted_type};
     if bytes.is_empty() {
         return Err(CommandError::Invalid("the file is empty".into()));
     }
     if bytes.len() > MAX_ATTACHMENT_BYTES {
         return Err(CommandError::Invalid("attachments are limited to 10 MB".into()));
     }
+    let mime = accepted_type(&mime, &bytes).map_err(CommandError::Invalid)?;
     // Only the last path component, without control characters: names are shown, never used as paths.
     let file_name: String =
         file_name.rsplit(['/', '\\']).next().unwrap_or("file").chars().filter(|c| !c.is_control()).take(200).collect();
-    let hash: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-    let dir = desk::data_dir(&app)?.join("blobs");
+    let hash = crewdesk::sync::blob_hash(&bytes);
+    keep_blob(&app, &hash, &bytes)?;
+    let body = MessageBody::Attachment {
+        blob: format!("sha256:{hash}"),
+        file_name,
+        mime: mime.clone(),
+        size: bytes.len() as u64,
+    };
+    act(&app, &state, &id, |r| {
+        r.send(&id, body, Timestamp::now())?;
+        r.queue_blob_upload(&id, &hash, &mime)
+    })
+    .await?;
+    current(&state).await?.client.upload_now();
+    Ok(())
+}
+
+/// Stores a file in the local blob store under its hash (write to a temporary name, then rename).
+fn keep_blob(app: &AppHandle, hash: &str, bytes: &[u8]) -> CommandResult<std::path::PathBuf> {
+    let dir = desk::data_dir(app)?.join("blobs");
     std::fs::create_dir_all(&dir).map_err(|e| CommandError::Settings(e.to_string()))?;
-    let path = dir.join(&hash);
+    let path = dir.join(hash);
     if !path.exists() {
-        std::fs::write(&path, &bytes).map_err(|e| CommandError::Settings(format!("cannot keep the file: {e}")))?;
+        let tmp = dir.join(format!(".{hash}.tmp"));
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| CommandError::Settings(format!("cannot keep the file: {e}")))?;
     }
-    let mime = if mime.trim().is_empty() { "application/octet-stream".to_owned() } else { mime };
-    let body = MessageBody::Attachment { blob: format!("sha256:{hash}"), file_name, mime, size: bytes.len() as u64 };
-    act(&app, &state, &id, |r| r.send(&id, body, Timestamp::now()).map(|_| ())).await
+    Ok(path)
+}
+
+/// The attachment's bytes: from the local blob store, else downloaded from the relay (checked
+/// against its hash) and kept.
+async fn blob_bytes(app: &AppHandle, desk: &Desk, id: &ConversationId, hash: &str) -> CommandResult<Vec<u8>> {
+    let valid = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+    if !valid {
+        return Err(CommandError::Invalid("not an attachment address".into()));
+    }
+    let local = desk::data_dir(app)?.join("blobs").join(hash);
+    if let Ok(bytes) = std::fs::read(&local) {
+        return Ok(bytes);
+    }
+    let config = sync_client::ClientConfig::new(&desk.settings.relay_url, &desk.settings.token);
+    let bytes =
+        sync_client::download_blob(&config, id, hash, false).await.map_err(|e| CommandError::Relay(e.to_string()))?;
+    keep_blob(app, hash, &bytes)?;
+    Ok(bytes)
+}
+
+fn attachment_of(desk: &Desk, id: &ConversationId, blob: &str) -> CommandResult<(String, String, String)> {
+    let messages = desk.lock().stored_messages(id)?;
+    messages
+        .into_iter()
+        .find_map(|m| match m.body {
+            MessageBody::Attachment { blob: b, file_name, mime, .. } if b == blob => {
+                Some((b.trim_start_matches("sha256:").to_owned(), file_name, mime))
+            }
+            _ => None,
+        })
+        .ok_or_else(|| CommandError::Invalid("no such attachment in this conversation".into()))
+}
+
+/// An image attachment as a `data:` URL for the conversation view: the relay's thumbnail, or the
+/// local file when it is here already.
+#[tauri::command]
+pub async fn attachment_preview(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    id: ConversationId,
+    blob: String,
+) -> CommandResult<String> {
+    let desk = current(&state).await?;
+    let (hash, _, mime) = attachment_of(&desk, &id, &blob)?;
+    if !mime.starts_with("image/") {
+        return Err(CommandError::Invalid("only images have a preview".into()));
+    }
+    let local = desk::data_dir(&app)?.join("blobs").join(&hash);
+    let (mime, bytes) = match std::fs::read(&local) {
+        Ok(bytes) => (mime, bytes),
+        Err(_) => {
+            let config = sync_client::ClientConfig::new(&desk.settings.relay_url, &desk.settings.token);
+            let thumb = sync_client::download_blob(&config, &id, &hash, true).await;
+            ("image/png".to_owned(), thumb.map_err(|e| CommandError::Relay(e.to_string()))?)
+        }
+    };
+    Ok(format!("data:{mime};base64,{}", base64_encode(&bytes)))
+}
+
+/// Saves an attachment into the Downloads folder (downloading it first if needed); returns where.
+#[tauri::command]
+pub async fn save_attachment(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    id: ConversationId,
+    blob: String,
+) -> CommandResult<String> {
+    use tauri::Manager;
+    let desk = current(&state).await?;
+    let (hash, file_name, _) = attachment_of(&desk, &id, &blob)?;
+    let bytes = blob_bytes(&app, &desk, &id, &hash).await?;
+    let dir = match app.path().download_dir() {
+        Ok(d) => d,
+        Err(_) => desk::data_dir(&app)?.join("downloads"),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| CommandError::Settings(e.to_string()))?;
+    let safe: String =
+        file_name.chars().map(|c| if c == '/' || c == '\\' || c.is_control() { '_' } else { c }).collect();
+    let safe = if safe.trim_matches('.').is_empty() { "attachment".to_owned() } else { safe };
+    let mut path = dir.join(&safe);
+    let mut n = 1;
+    while path.exists() {
+        path = dir.join(format!("({n}) {safe}"));
+        n += 1;
+    }
+    std::fs::write(&path, bytes).map_err(|e| CommandError::Settings(format!("cannot save the file: {e}")))?;
+    Ok(path.display().to_string())
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// 📹 an unguessable meeting link, sent as an invitation.
@@ -231,4 +352,17 @@ pub async fn sync_status(state: State<'_, AppState>) -> CommandResult<SyncStatus
     let desk = current(&state).await?;
     let status = desk.client.status().borrow().clone();
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_standard_alphabet_and_padding() {
+        assert_eq!(super::base64_encode(b""), "");
+        assert_eq!(super::base64_encode(b"f"), "Zg==");
+        assert_eq!(super::base64_encode(b"fo"), "Zm8=");
+        assert_eq!(super::base64_encode(b"foo"), "Zm9v");
+        assert_eq!(super::base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(super::base64_encode(&[0xff, 0xfe, 0x00]), "//4A");
+    }
 }

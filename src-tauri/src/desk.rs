@@ -108,7 +108,9 @@ pub fn open(app: &AppHandle, settings: Settings, remember: bool) -> CommandResul
     let replica = Replica::open(replica_path(&dir, &settings.agent), settings.agent.clone())?;
     let replica: SharedReplica = Arc::new(Mutex::new(replica));
     let (events, rx) = tokio::sync::mpsc::channel(4096);
-    let client = SyncClient::spawn(ClientConfig::new(&settings.relay_url, &settings.token), replica.clone(), events);
+    let mut config = ClientConfig::new(&settings.relay_url, &settings.token);
+    config.blob_dir = Some(dir.join("blobs"));
+    let client = SyncClient::spawn(config, replica.clone(), events);
     let desk = Arc::new(Desk { replica, client, settings });
     let notifier = Notifier::load(app.clone(), &dir, &desk)?;
     spawn_forwarders(app.clone(), desk.clone(), rx, notifier);

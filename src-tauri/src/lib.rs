@@ -43,6 +43,8 @@ pub fn run() {
             commands::send_whatsapp_template,
             commands::send_conference,
             commands::attach,
+            commands::attachment_preview,
+            commands::save_attachment,
             commands::edit_customer,
             commands::sync_status,
         ])

@@ -2,6 +2,7 @@
 //! pure functions that decide statuses, access and filters. No IO here; this module builds for wasm.
 
 pub mod access;
+pub mod attachment;
 pub mod filter;
 pub mod status;
 

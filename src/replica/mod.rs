@@ -466,6 +466,29 @@ impl Replica {
         Ok(covered)
     }
 
+    /// Remembers that an attachment picked here must reach the relay's blob store.
+    pub fn queue_blob_upload(&mut self, id: &ConversationId, hash: &str, mime: &str) -> Result<(), ReplicaError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO blob_uploads (doc_id, hash, mime, queued_at) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![id.as_str(), hash, mime, Timestamp::now().0],
+        )?;
+        Ok(())
+    }
+
+    /// Attachments waiting for upload, oldest first: (conversation, sha256 hex, type).
+    pub fn pending_blob_uploads(&self) -> Result<Vec<(ConversationId, String, String)>, ReplicaError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT doc_id, hash, mime FROM blob_uploads ORDER BY queued_at, doc_id, hash")?;
+        let rows = stmt.query_map([], |r| Ok((ConversationId(r.get(0)?), r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The relay has the attachment (or refused it for good): stop trying.
+    pub fn blob_upload_done(&mut self, id: &ConversationId, hash: &str) -> Result<(), ReplicaError> {
+        self.conn.execute("DELETE FROM blob_uploads WHERE doc_id = ?1 AND hash = ?2", [id.as_str(), hash])?;
+        Ok(())
+    }
+
     /// Local changes not yet durable on the relay: how many, and in which conversations.
     pub fn unsynced(&self) -> Result<(usize, Vec<ConversationId>), ReplicaError> {
         store::outbox_total(&self.conn)

@@ -13,6 +13,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_outbox.sql"),
     include_str!("migrations/0003_search_and_reads.sql"),
     include_str!("migrations/0004_search_keys.sql"),
+    include_str!("migrations/0005_blob_uploads.sql"),
 ];
 
 pub fn schema_version() -> i64 {

@@ -6,3 +6,9 @@ pub mod presence;
 #[cfg(feature = "replica")]
 pub mod session;
 pub mod wire;
+
+/// An attachment's content address: sha256 in lowercase hex (messages say `sha256:<this>`).
+pub fn blob_hash(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -11,7 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info, warn};
 
@@ -21,6 +21,8 @@ use tracing::{debug, info, warn};
 pub struct SyncStatus {
     pub connected: bool,
     pub unsynced_changes: usize,
+    /// Attachments picked here that the relay does not have yet.
+    pub pending_uploads: usize,
     pub last_error: Option<String>,
 }
 
@@ -44,6 +46,8 @@ pub struct ClientConfig {
     /// Backoff bounds between reconnects (doubling, with jitter).
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// The local blob store (files named by their sha256) that queued attachments are read from.
+    pub blob_dir: Option<std::path::PathBuf>,
 }
 
 impl ClientConfig {
@@ -53,6 +57,7 @@ impl ClientConfig {
             token: token.into(),
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
+            blob_dir: None,
         }
     }
 }
@@ -68,6 +73,7 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 /// A running sync driver. Dropping it stops syncing.
 pub struct SyncClient {
     status: watch::Receiver<SyncStatus>,
+    upload_wake: Arc<Notify>,
     changed: mpsc::Sender<ConversationId>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -77,10 +83,25 @@ impl SyncClient {
     /// Starts syncing `replica` with the relay. `events` receives what the relay changed.
     pub fn spawn(config: ClientConfig, replica: SharedReplica, events: mpsc::Sender<SessionEvent>) -> SyncClient {
         let (status_tx, status) = watch::channel(SyncStatus::default());
+        let status_tx = Arc::new(status_tx);
         let (changed, changed_rx) = mpsc::channel(1024);
         let (stop, stop_rx) = watch::channel(false);
+        let upload_wake = Arc::new(Notify::new());
+        tokio::spawn(uploader(
+            config.clone(),
+            replica.clone(),
+            status_tx.clone(),
+            status.clone(),
+            upload_wake.clone(),
+            stop_rx.clone(),
+        ));
         let task = tokio::spawn(drive(config, replica, events, status_tx, changed_rx, stop_rx));
-        SyncClient { status, changed, stop, task }
+        SyncClient { status, upload_wake, changed, stop, task }
+    }
+
+    /// Tells the uploader an attachment was queued, so it goes now (or once online).
+    pub fn upload_now(&self) {
+        self.upload_wake.notify_one();
     }
 
     /// Tells the driver a conversation changed locally, so it is sent now (or after reconnect).
@@ -107,7 +128,7 @@ async fn drive(
     config: ClientConfig,
     replica: SharedReplica,
     events: mpsc::Sender<SessionEvent>,
-    status: watch::Sender<SyncStatus>,
+    status: Arc<watch::Sender<SyncStatus>>,
     mut changed: mpsc::Receiver<ConversationId>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -274,9 +295,14 @@ async fn session(
 
 fn publish(status: &watch::Sender<SyncStatus>, replica: &SharedReplica, connected: bool, error: Option<String>) {
     let unsynced = lock(replica).unsynced().map_or(0, |(n, _)| n);
+    let pending_uploads = lock(replica).pending_blob_uploads().map_or(0, |p| p.len());
     status.send_if_modified(|st| {
-        let next =
-            SyncStatus { connected, unsynced_changes: unsynced, last_error: error.or_else(|| st.last_error.clone()) };
+        let next = SyncStatus {
+            connected,
+            unsynced_changes: unsynced,
+            pending_uploads,
+            last_error: error.or_else(|| st.last_error.clone()),
+        };
         let modified = *st != next;
         *st = next;
         modified
@@ -289,4 +315,112 @@ where
     S::Error: std::fmt::Display,
 {
     sink.send(Message::Binary(m.encode().into())).await.map_err(|e| ClientError::Unreachable(e.to_string()))
+}
+
+/// Uploads queued attachments to the relay's blob store whenever connected: picked offline, they
+/// go out once the relay is reachable. A refusal (too large, wrong type) is final and reported.
+async fn uploader(
+    config: ClientConfig,
+    replica: SharedReplica,
+    status: Arc<watch::Sender<SyncStatus>>,
+    mut connected: watch::Receiver<SyncStatus>,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(dir) = config.blob_dir.clone() else { return };
+    let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(120)).build() else { return };
+    loop {
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = connected.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !connected.borrow().connected {
+            continue;
+        }
+        let Ok(pending) = lock(&replica).pending_blob_uploads() else { continue };
+        for (doc, hash, mime) in pending {
+            let mut error = None;
+            let done = match tokio::fs::read(dir.join(&hash)).await {
+                Err(e) => {
+                    error = Some(format!("an attachment cannot be uploaded: its local file is gone ({e})"));
+                    true
+                }
+                Ok(bytes) => {
+                    let url = format!("{}/api/conversations/{}/blobs/{hash}", config.relay_url, doc.as_str());
+                    let sent = client
+                        .put(url)
+                        .bearer_auth(&config.token)
+                        .header(reqwest::header::CONTENT_TYPE, mime.as_str())
+                        .body(bytes)
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status().is_success() => true,
+                        // The conversation has not reached the relay yet: try again later.
+                        Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => false,
+                        Ok(r)
+                            if r.status().is_client_error() && r.status() != reqwest::StatusCode::TOO_MANY_REQUESTS =>
+                        {
+                            let body: serde_json::Value = r.json().await.unwrap_or_default();
+                            let why = body["error"].as_str().unwrap_or("refused").to_owned();
+                            error = Some(format!("the relay refused an attachment: {why}"));
+                            true
+                        }
+                        Ok(r) => {
+                            warn!(status = %r.status(), "attachment upload failed; will retry");
+                            false
+                        }
+                        Err(e) => {
+                            warn!(%e, "attachment upload failed; will retry");
+                            false
+                        }
+                    }
+                }
+            };
+            if done && let Err(e) = lock(&replica).blob_upload_done(&doc, &hash) {
+                warn!(%e, "upload queue not updated");
+            }
+            let pending_uploads = lock(&replica).pending_blob_uploads().map_or(0, |p| p.len());
+            status.send_if_modified(|st| {
+                let modified = st.pending_uploads != pending_uploads || error.is_some();
+                st.pending_uploads = pending_uploads;
+                if let Some(e) = error.take() {
+                    st.last_error = Some(e);
+                }
+                modified
+            });
+        }
+    }
+}
+
+/// Downloads an attachment (or its thumbnail) sent in a conversation; full files are checked
+/// against their hash.
+pub async fn download_blob(
+    config: &ClientConfig,
+    doc: &ConversationId,
+    hash: &str,
+    thumbnail: bool,
+) -> Result<Vec<u8>, ClientError> {
+    let mut url = format!("{}/api/conversations/{}/blobs/{hash}", config.relay_url, doc.as_str());
+    if thumbnail {
+        url.push_str("?thumbnail=1");
+    }
+    let r = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(&config.token)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+    if r.status() == reqwest::StatusCode::NOT_FOUND {
+        return Err(ClientError::Protocol("the relay does not have this attachment (yet)".into()));
+    }
+    let bytes = r.error_for_status().map_err(|e| ClientError::Protocol(e.to_string()))?.bytes().await;
+    let bytes = bytes.map_err(|e| ClientError::Unreachable(e.to_string()))?.to_vec();
+    if !thumbnail && crewdesk::sync::blob_hash(&bytes) != hash {
+        return Err(ClientError::Protocol("the downloaded attachment does not match its hash".into()));
+    }
+    Ok(bytes)
 }

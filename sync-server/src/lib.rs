@@ -3,7 +3,9 @@
 //! authenticates every connection by token, limits each agent to their teams' conversations,
 //! never advertises heads it has not fsynced, and decides grabs.
 
+mod blobs;
 mod geoip;
+mod limits;
 mod mailer;
 pub mod relay;
 pub mod store;
@@ -44,6 +46,8 @@ pub struct Config {
     pub trust_forwarded_for: bool,
     /// Web-widget conversations one address may start per 10 minutes.
     pub widget_starts_per_ip: usize,
+    /// Largest attachment accepted, in bytes.
+    pub max_blob_bytes: usize,
 }
 
 /// The config file's shape: every field optional, defaults filled from `Config::default()`.
@@ -62,6 +66,7 @@ struct ConfigFile {
     geoip: Option<PathBuf>,
     trust_forwarded_for: Option<bool>,
     widget_starts_per_ip: Option<usize>,
+    max_blob_bytes: Option<usize>,
 }
 
 impl Config {
@@ -87,6 +92,7 @@ impl Config {
             geoip: file.geoip,
             trust_forwarded_for: file.trust_forwarded_for.unwrap_or(d.trust_forwarded_for),
             widget_starts_per_ip: file.widget_starts_per_ip.unwrap_or(d.widget_starts_per_ip),
+            max_blob_bytes: file.max_blob_bytes.unwrap_or(d.max_blob_bytes),
         })
     }
 }
@@ -107,6 +113,7 @@ impl Default for Config {
             geoip: None,
             trust_forwarded_for: false,
             widget_starts_per_ip: 10,
+            max_blob_bytes: 10 * 1024 * 1024,
         }
     }
 }

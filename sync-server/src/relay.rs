@@ -57,7 +57,8 @@ pub async fn run(
         whatsapp_wake: whatsapp_wake.clone(),
         whatsapp_inbound: AsyncMutex::new(()),
         geoip,
-        widget_starts: Mutex::new(HashMap::new()),
+        widget_starts: crate::limits::Limiter::new(config.widget_starts_per_ip, std::time::Duration::from_secs(600)),
+        widget_uploads: crate::limits::Limiter::new(20, std::time::Duration::from_secs(600)),
         commits,
         store,
         peer_id: format!("crewdesk-relay-{storage_id}"),
@@ -82,6 +83,7 @@ pub async fn run(
         .route("/api/me", get(me))
         .merge(crate::widget::routes())
         .merge(crate::whatsapp::routes())
+        .merge(crate::blobs::routes(relay.config.max_blob_bytes))
         .with_state(relay.clone());
     info!(addr = %listener.local_addr()?, data = %relay.config.data_dir.display(), "relay listening");
     tokio::spawn(async move {
@@ -119,8 +121,10 @@ pub struct Relay {
     /// Serializes inbound WhatsApp webhooks.
     whatsapp_inbound: AsyncMutex<()>,
     pub(crate) geoip: Option<crate::geoip::GeoIp>,
-    /// When each address started its recent web-widget conversations.
-    pub(crate) widget_starts: Mutex<HashMap<std::net::IpAddr, Vec<std::time::Instant>>>,
+    /// Web-widget conversations started per address (10 minutes).
+    pub(crate) widget_starts: crate::limits::Limiter<std::net::IpAddr>,
+    /// Files sent by widget customers per conversation (10 minutes).
+    widget_uploads: crate::limits::Limiter<String>,
 }
 
 /// A chunk waiting for the group commit, and who to tell when it is on disk.
@@ -205,11 +209,11 @@ struct StoredDoc {
 }
 
 #[derive(serde::Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
+pub(crate) struct TokenQuery {
+    pub(crate) token: Option<String>,
 }
 
-fn bearer(headers: &HeaderMap, query: &TokenQuery) -> Option<String> {
+pub(crate) fn bearer(headers: &HeaderMap, query: &TokenQuery) -> Option<String> {
     query.token.clone().or_else(|| {
         headers
             .get(axum::http::header::AUTHORIZATION)
@@ -220,7 +224,7 @@ fn bearer(headers: &HeaderMap, query: &TokenQuery) -> Option<String> {
 }
 
 impl Relay {
-    async fn authenticate(&self, token: Option<String>) -> Result<Option<Agent>, StoreError> {
+    pub(crate) async fn authenticate(&self, token: Option<String>) -> Result<Option<Agent>, StoreError> {
         let Some(token) = token else { return Ok(None) };
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.authenticate(&token))
@@ -739,6 +743,10 @@ impl Relay {
             Some(stored) => doc::all_messages(&stored.doc).map_err(|e| e.to_string()),
             None => Err("no such conversation".into()),
         }
+    }
+
+    pub(crate) fn allow_widget_upload(&self, doc_id: &str) -> bool {
+        self.widget_uploads.allow(doc_id.to_owned())
     }
 
     pub(crate) fn config(&self) -> &Config {

@@ -12,6 +12,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_widget.sql"),
     include_str!("migrations/0003_email_outbox.sql"),
     include_str!("migrations/0004_whatsapp.sql"),
+    include_str!("migrations/0005_blobs.sql"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -392,6 +393,48 @@ impl Store {
         Ok(())
     }
 
+    /// The team of a stored conversation (without loading it).
+    pub fn document_team(&self, id: &str) -> Result<Option<TeamId>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT team FROM documents WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .map(TeamId))
+    }
+
+    /// Records a stored blob (its file is already on disk) and the conversation it was sent in.
+    pub fn put_blob(&self, blob: &BlobInfo, doc_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO blobs (hash, size, mime, thumbnail, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![blob.hash, blob.size as i64, blob.mime, blob.thumbnail, now_millis()],
+        )?;
+        tx.execute("INSERT OR IGNORE INTO blob_refs (hash, doc_id) VALUES (?1, ?2)", [&blob.hash, doc_id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A blob as sent in `doc_id`; `None` when it was never sent there (or does not exist).
+    pub fn blob_in(&self, hash: &str, doc_id: &str) -> Result<Option<BlobInfo>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT b.hash, b.size, b.mime, b.thumbnail FROM blobs b JOIN blob_refs r ON r.hash = b.hash
+                 WHERE b.hash = ?1 AND r.doc_id = ?2",
+                [hash, doc_id],
+                |r| {
+                    Ok(BlobInfo {
+                        hash: r.get(0)?,
+                        size: r.get::<_, i64>(1)? as u64,
+                        mime: r.get(2)?,
+                        thumbnail: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
     /// True when this WhatsApp message id was already turned into a conversation change.
     pub fn whatsapp_seen(&self, wamid: &str) -> Result<bool, StoreError> {
         Ok(self
@@ -579,4 +622,13 @@ pub enum WhatsAppOutcome {
     Sent { wamid: String },
     Failed { reason: String },
     Retry,
+}
+
+/// An attachment in the relay's blob store.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BlobInfo {
+    pub hash: String,
+    pub size: u64,
+    pub mime: String,
+    pub thumbnail: bool,
 }

@@ -44,9 +44,6 @@ fn bad(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-/// How long an address's started conversations count against its limit.
-const START_WINDOW: Duration = Duration::from_secs(600);
-
 /// The customer's address: the TCP peer, or the first `X-Forwarded-For` entry behind a trusted proxy.
 fn client_ip(relay: &Relay, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
     if relay.config().trust_forwarded_for
@@ -59,21 +56,6 @@ fn client_ip(relay: &Relay, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
         return ip;
     }
     peer.ip()
-}
-
-/// Counts a conversation start for `ip`; false when the address has used up its starts.
-fn allow_start(relay: &Relay, ip: IpAddr) -> bool {
-    let mut starts = relay.widget_starts.lock().unwrap_or_else(|p| p.into_inner());
-    if starts.len() > 100_000 {
-        starts.retain(|_, times| times.iter().any(|t| t.elapsed() < START_WINDOW));
-    }
-    let times = starts.entry(ip).or_default();
-    times.retain(|t| t.elapsed() < START_WINDOW);
-    if times.len() >= relay.config().widget_starts_per_ip {
-        return false;
-    }
-    times.push(Instant::now());
-    true
 }
 
 async fn start(
@@ -103,7 +85,7 @@ async fn start(
         return bad(StatusCode::BAD_REQUEST, &e.to_string());
     }
     let ip = client_ip(&relay, peer, &headers);
-    if !allow_start(&relay, ip) {
+    if !relay.widget_starts.allow(ip) {
         return bad(StatusCode::TOO_MANY_REQUESTS, "too many conversations started from your address; try again later");
     }
     let now = Timestamp::now();
@@ -152,6 +134,16 @@ struct WidgetMessage {
     text: String,
     /// A conference invitation's link (shown as a Join button).
     join_url: Option<String>,
+    /// A file: its sha256 (the widget downloads it with its session) and what it is.
+    attachment: Option<WidgetAttachment>,
+}
+
+#[derive(serde::Serialize)]
+struct WidgetAttachment {
+    blob: String,
+    file_name: String,
+    mime: String,
+    size: u64,
 }
 
 fn widget_message(m: &Message) -> Option<WidgetMessage> {
@@ -160,11 +152,16 @@ fn widget_message(m: &Message) -> Option<WidgetMessage> {
         Author::Crew { .. } => "crew",
         Author::System => return None,
     };
-    let (text, join_url) = match &m.body {
-        MessageBody::ConferenceInvitation { url } => ("Join the video call".to_owned(), Some(url.clone())),
-        body => (body.preview(), None),
+    let (text, join_url, attachment) = match &m.body {
+        MessageBody::ConferenceInvitation { url } => ("Join the video call".to_owned(), Some(url.clone()), None),
+        MessageBody::Attachment { blob, file_name, mime, size } => {
+            let blob = blob.strip_prefix("sha256:").unwrap_or(blob).to_owned();
+            let a = WidgetAttachment { blob, file_name: file_name.clone(), mime: mime.clone(), size: *size };
+            (file_name.clone(), None, Some(a))
+        }
+        body => (body.preview(), None, None),
     };
-    Some(WidgetMessage { id: m.id.clone(), at: m.at, from, text, join_url })
+    Some(WidgetMessage { id: m.id.clone(), at: m.at, from, text, join_url, attachment })
 }
 
 async fn chat(State(relay): State<Arc<Relay>>, Query(q): Query<SessionQuery>, ws: WebSocketUpgrade) -> Response {
@@ -262,20 +259,37 @@ const WIDGET_JS: &str = r#"(() => {
   const email = document.createElement("input"); email.placeholder = "Email (optional)"; email.id = "crewdesk-email";
   const text = document.createElement("textarea"); text.placeholder = "Type a message"; text.id = "crewdesk-text"; text.rows = 2;
   const send = document.createElement("button"); send.textContent = "Send"; send.id = "crewdesk-send";
-  form.append(name, email, text, send); box.append(head, list, form); document.body.append(box);
-  let ws = null;
+  const file = document.createElement("input"); file.type = "file"; file.id = "crewdesk-file"; file.title = "Send a file"; file.style.display = "none";
+  form.append(name, email, text, file, send); box.append(head, list, form); document.body.append(box);
+  let ws = null, session = null;
+  const shown = new Set();
   const show = (m) => {
+    if (shown.has(m.id)) return; shown.add(m.id);
     const row = document.createElement("div"); row.className = "crewdesk-msg " + m.from;
     row.style.cssText = "margin:4px 0;padding:6px 8px;border-radius:8px;max-width:85%;" + (m.from === "crew" ? "background:#e8f3f1" : "background:#f1f3f6;margin-left:auto");
     row.textContent = m.text;
+    if (m.attachment && session) {
+      const url = base + "/api/widget/blobs/" + encodeURIComponent(m.attachment.blob) + "?session=" + encodeURIComponent(session);
+      row.textContent = "";
+      if (m.attachment.mime.startsWith("image/")) { const img = document.createElement("img"); img.src = url + "&thumbnail=1"; img.alt = m.attachment.file_name; img.className = "crewdesk-thumb"; img.style.cssText = "display:block;max-width:100%;border-radius:6px"; row.append(img); }
+      const a = document.createElement("a"); a.href = url; a.target = "_blank"; a.rel = "noopener"; a.className = "crewdesk-file";
+      a.textContent = "📎 " + m.attachment.file_name + " (" + Math.max(1, Math.round(m.attachment.size / 1024)) + " KB)"; row.append(a);
+    }
     if (m.join_url && /^https?:\/\//.test(m.join_url)) { const a = document.createElement("a"); a.href = m.join_url; a.target = "_blank"; a.textContent = " Join"; a.className = "crewdesk-join"; row.append(a); }
     list.append(row); list.scrollTop = list.scrollHeight;
   };
-  const connect = (session) => {
+  const connect = (s) => {
+    session = s; file.style.display = "";
     ws = new WebSocket(base.replace(/^http/, "ws") + "/api/widget/ws?session=" + encodeURIComponent(session));
     ws.onmessage = (e) => { const d = JSON.parse(e.data); if (d.type === "messages") d.messages.forEach(show); if (d.type === "error") alert(d.error); };
     ws.onclose = () => setTimeout(() => connect(session), 3000);
     name.style.display = email.style.display = "none";
+  };
+  file.onchange = async () => {
+    const f = file.files[0]; if (!f || !session) return;
+    const r = await fetch(base + "/api/widget/blobs?session=" + encodeURIComponent(session), { method: "POST", headers: { "content-type": f.type || "application/octet-stream", "x-file-name": encodeURIComponent(f.name) }, body: f });
+    file.value = "";
+    if (!r.ok) { const d = await r.json().catch(() => ({ error: "the file was not sent" })); alert(d.error); }
   };
   const saved = localStorage.getItem(key);
   if (saved) connect(saved);

@@ -86,6 +86,19 @@ class SmtpSink:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+def png(width, height):
+    """A small RGB PNG with a gradient, written without image libraries."""
+    import struct
+    import zlib
+    rows = b"".join(b"\x00" + b"".join(bytes((x * 255 // width, y * 255 // height, 140)) for x in range(width))
+                    for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
 class Relay:
     def __init__(self, binary, workdir, smtp_port=None):
         self.smtp_port = smtp_port
@@ -267,8 +280,23 @@ def main():
         bob.css("#file-picker")[0].send_keys(picked)
         wait_for("bob sees the attachment", lambda: any("📎 delivery-note.txt" in m for m in bob.messages()))
         wait_for("carol sees the attachment", lambda: any("📎 delivery-note.txt" in m for m in carol.messages()))
+        # Carol never had the file: Save downloads it from the relay's blob store (it went up when
+        # bob sent it) into her Downloads folder.
+        carol.click(".messages li .save-attachment")
+        note = wait_for("carol saved the file", lambda: [e.text for e in carol.css(".attachment-note") if e.text.startswith("Saved to ")], 30)[0]
+        saved = note[len("Saved to "):]
+        with open(saved, "rb") as f, open(picked, "rb") as original:
+            assert f.read() == original.read(), f"{saved} differs from what bob sent"
+        os.remove(saved)
+        # An image: carol sees a preview made by the relay.
+        photo = os.path.join(workdir, "shelf.png")
+        with open(photo, "wb") as f:
+            f.write(png(480, 320))
+        bob.css("#file-picker")[0].send_keys(photo)
+        wait_for("carol sees the photo's preview", lambda: carol.css(".messages .attachment img.thumb"), 30)
         bob.screenshot(os.path.join(args.artifacts, "desk-three-blocks.png"))
-        print("ok: attachment")
+        carol.screenshot(os.path.join(args.artifacts, "desk-attachment-preview.png"))
+        print("ok: attachments (upload, save, image preview)")
 
         # The relay goes down: the message waits (not synced), then arrives after the restart.
         relay.kill()

@@ -125,6 +125,7 @@ impl Agent {
         let replica = Arc::new(Mutex::new(replica));
         let mut config = ClientConfig::new(relay.url(), tokens[agent].clone());
         config.max_backoff = Duration::from_millis(500);
+        config.blob_dir = Some(dir.path().join("blobs"));
         let mut agent = Agent { replica, client: None, config, _dir: dir };
         agent.reconnect();
         agent
@@ -156,6 +157,33 @@ impl Agent {
     }
 
     /// Runs an action and tells the driver the conversation changed.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// 📎 as the desktop app does it: the file goes into the local blob store, the message into
+    /// the conversation, and the upload into the queue. Returns the blob's hash.
+    pub fn attach(&self, id: &ConversationId, file_name: &str, mime: &str, bytes: &[u8]) -> String {
+        let hash = crewdesk::sync::blob_hash(bytes);
+        let dir = self.config.blob_dir.clone().unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(&hash), bytes).unwrap();
+        let body = MessageBody::Attachment {
+            blob: format!("sha256:{hash}"),
+            file_name: file_name.into(),
+            mime: mime.into(),
+            size: bytes.len() as u64,
+        };
+        self.act(id, |r| {
+            r.send(id, body, Timestamp::now()).unwrap();
+            r.queue_blob_upload(id, &hash, mime).unwrap();
+        });
+        if let Some(client) = &self.client {
+            client.upload_now();
+        }
+        hash
+    }
+
     /// Waits (at most 10 s) until the sync driver is connected.
     pub async fn connected(&self) {
         let mut status = self.client().status();

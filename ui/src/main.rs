@@ -17,6 +17,8 @@ use yew::prelude::*;
 pub struct SyncStatus {
     pub connected: bool,
     pub unsynced_changes: usize,
+    #[serde(default)]
+    pub pending_uploads: usize,
     pub last_error: Option<String>,
 }
 

@@ -183,12 +183,17 @@ impl AllTeams for crewdesk::domain::filter::Counts {
 #[function_component(SyncBadge)]
 fn sync_badge(props: &DeskProps) -> Html {
     let s = &props.desk.sync;
-    let (class, text) = match (s.connected, s.unsynced_changes) {
+    let (class, mut text) = match (s.connected, s.unsynced_changes) {
         (true, 0) => ("sync online", "Online · synced".to_owned()),
         (true, n) => ("sync online", format!("Online · syncing {n}")),
         (false, 0) => ("sync offline", "Offline".to_owned()),
         (false, n) => ("sync offline", format!("Offline · {n} not synced")),
     };
+    match s.pending_uploads {
+        0 => {}
+        1 => text.push_str(" · 1 file to upload"),
+        n => text.push_str(&format!(" · {n} files to upload")),
+    }
     html! { <span id="sync-state" class={class} title={s.last_error.clone().unwrap_or_default()}>{ text }</span> }
 }
 
@@ -481,7 +486,9 @@ fn messages(props: &ViewProps) -> Html {
                     MessageBody::Text { text } => html! { <p>{ text.clone() }</p> },
                     MessageBody::Template { template, text } => html! { <p>{ text.clone() }<small class="muted">{ format!(" 📃 {template}") }</small></p> },
                     MessageBody::WhatsAppTemplate { template, text, .. } => html! { <p>{ text.clone() }<small class="muted">{ format!(" 💬 {template}") }</small></p> },
-                    MessageBody::Attachment { file_name, size, .. } => html! { <p>{ format!("📎 {file_name} ({} KB)", size / 1024) }</p> },
+                    MessageBody::Attachment { blob, file_name, mime, size } => html! {
+                        <Attachment id={v.row.summary.id.0.clone()} blob={blob.clone()} file_name={file_name.clone()} mime={mime.clone()} size={*size} />
+                    },
                     MessageBody::ConferenceInvitation { url } => html! { <p>{ "📹 Conference invitation: " }<span class="url">{ url.clone() }</span></p> },
                 };
                 html! {
@@ -492,6 +499,72 @@ fn messages(props: &ViewProps) -> Html {
                 }
             }) }
         </ol>
+    }
+}
+
+#[derive(Properties, PartialEq)]
+struct AttachmentProps {
+    id: String,
+    blob: String,
+    file_name: String,
+    mime: String,
+    size: u64,
+}
+
+#[derive(Serialize)]
+struct BlobArgs {
+    id: String,
+    blob: String,
+}
+
+/// 📎 in a conversation: images show a preview (the relay's thumbnail, or the local file); every
+/// file can be saved to Downloads.
+#[function_component(Attachment)]
+fn attachment(props: &AttachmentProps) -> Html {
+    let preview = use_state(|| None::<String>);
+    let note = use_state(|| None::<String>);
+    {
+        let (preview, id, blob, image) =
+            (preview.clone(), props.id.clone(), props.blob.clone(), props.mime.starts_with("image/"));
+        use_effect_with(props.blob.clone(), move |_| {
+            if image {
+                wasm_bindgen_futures::spawn_local(async move {
+                    // The sender's upload may still be on its way (or the sender offline): ask again.
+                    for _ in 0..40 {
+                        let args = BlobArgs { id: id.clone(), blob: blob.clone() };
+                        if let Ok(url) = call::<_, String>("attachment_preview", &args).await {
+                            preview.set(Some(url));
+                            return;
+                        }
+                        gloo_timers::future::TimeoutFuture::new(3_000).await;
+                    }
+                });
+            }
+            || ()
+        });
+    }
+    let save = {
+        let (note, id, blob) = (note.clone(), props.id.clone(), props.blob.clone());
+        Callback::from(move |_: MouseEvent| {
+            let (note, id, blob) = (note.clone(), id.clone(), blob.clone());
+            note.set(Some("Saving…".into()));
+            wasm_bindgen_futures::spawn_local(async move {
+                match call::<_, String>("save_attachment", &BlobArgs { id, blob }).await {
+                    Ok(path) => note.set(Some(format!("Saved to {path}"))),
+                    Err(e) => note.set(Some(e)),
+                }
+            });
+        })
+    };
+    let kb = props.size.div_ceil(1024).max(1);
+    html! {
+        <div class="attachment">
+            if let Some(src) = (*preview).clone() { <img class="thumb" src={src} alt={props.file_name.clone()} /> }
+            <p>{ format!("📎 {} ({kb} KB)", props.file_name) }
+                <button class="link save-attachment" onclick={save}>{ "Save" }</button>
+            </p>
+            if let Some(n) = (*note).clone() { <p class="small muted attachment-note">{ n }</p> }
+        </div>
     }
 }
 

@@ -1,0 +1,289 @@
+//! Attachments: a content-addressed blob store on the relay. Files live under
+//! `<data_dir>/blobs/<aa>/<sha256>` (written to a temporary file, fsynced, then renamed), image
+//! thumbnails under `<data_dir>/blobs/thumbs/<sha256>.png`, and SQLite records each blob and the
+//! conversations it was sent in. Agents upload with their token into a conversation of their
+//! teams; widget customers upload into their own conversation. A download is allowed exactly when
+//! the conversation it was sent in is: anything else is a 404, like a missing file.
+
+use crate::relay::{Relay, TokenQuery, bearer};
+use crate::store::BlobInfo;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use crewdesk::domain::{Author, Message, MessageBody, Timestamp};
+use crewdesk::replica::doc;
+use std::io::Write;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+pub fn routes(max_bytes: usize) -> Router<Arc<Relay>> {
+    Router::new()
+        .route("/api/conversations/{doc}/blobs/{hash}", get(agent_download).put(agent_upload))
+        .route("/api/widget/blobs", post(widget_upload))
+        .route("/api/widget/blobs/{hash}", get(widget_download))
+        .layer(DefaultBodyLimit::max(max_bytes))
+}
+
+fn bad(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+fn not_found() -> Response {
+    bad(StatusCode::NOT_FOUND, "no such file in this conversation")
+}
+
+fn valid_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn blob_path(dir: &FsPath, hash: &str) -> PathBuf {
+    dir.join(&hash[..2]).join(hash)
+}
+
+fn thumb_path(dir: &FsPath, hash: &str) -> PathBuf {
+    dir.join("thumbs").join(format!("{hash}.png"))
+}
+
+/// Writes `bytes` to `path` durably: temporary file, fsync, rename, fsync of the directory.
+fn write_durably(path: &FsPath, bytes: &[u8]) -> std::io::Result<()> {
+    let parent = path.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
+    std::fs::create_dir_all(parent)?;
+    let tmp = parent.join(format!(".{}.tmp", rand::random::<u64>()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(parent)?.sync_all()
+}
+
+/// A PNG thumbnail (at most 320×320) of an image; `Err` when the image cannot be decoded.
+fn thumbnail(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("the image cannot be read: {e}"))?;
+    // Decompression bombs: refuse huge dimensions before allocating.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(12_000);
+    limits.max_image_height = Some(12_000);
+    limits.max_alloc = Some(256 * 1024 * 1024);
+    reader.limits(limits);
+    let image = reader.decode().map_err(|e| format!("the image cannot be read: {e}"))?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.thumbnail(320, 320).write_to(&mut out, image::ImageFormat::Png).map_err(|e| e.to_string())?;
+    Ok(out.into_inner())
+}
+
+/// Checks and stores an upload sent in `doc_id`. `expected` is the hash the uploader named.
+async fn store_upload(
+    relay: &Arc<Relay>,
+    doc_id: &str,
+    declared: &str,
+    bytes: Bytes,
+    expected: Option<&str>,
+) -> Result<BlobInfo, Response> {
+    if bytes.is_empty() {
+        return Err(bad(StatusCode::BAD_REQUEST, "the file is empty"));
+    }
+    let dir = relay.config().data_dir.join("blobs");
+    let (declared, doc_id) = (declared.to_owned(), doc_id.to_owned());
+    let expected = expected.map(str::to_owned);
+    let stored = tokio::task::spawn_blocking(move || -> Result<BlobInfo, (StatusCode, String)> {
+        let hash = crewdesk::sync::blob_hash(&bytes);
+        if expected.as_ref().is_some_and(|e| *e != hash) {
+            return Err((StatusCode::BAD_REQUEST, "the content does not match the hash in the address".into()));
+        }
+        let mime = crewdesk::domain::attachment::accepted_type(&declared, &bytes)
+            .map_err(|e| (StatusCode::UNSUPPORTED_MEDIA_TYPE, e))?;
+        let thumb = if mime.starts_with("image/") {
+            Some(thumbnail(&bytes).map_err(|e| (StatusCode::UNSUPPORTED_MEDIA_TYPE, e))?)
+        } else {
+            None
+        };
+        let io = |e: std::io::Error| (StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be stored: {e}"));
+        let path = blob_path(&dir, &hash);
+        if !path.exists() {
+            write_durably(&path, &bytes).map_err(io)?;
+        }
+        if let Some(t) = &thumb {
+            write_durably(&thumb_path(&dir, &hash), t).map_err(io)?;
+        }
+        Ok(BlobInfo { hash, size: bytes.len() as u64, mime, thumbnail: thumb.is_some() })
+    })
+    .await
+    .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|(status, e)| bad(status, e))?;
+    let info = stored.clone();
+    relay
+        .blocking(move |s| s.put_blob(&info, &doc_id))
+        .await
+        .map_err(|e| bad(StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be recorded: {e}")))?;
+    Ok(stored)
+}
+
+#[derive(serde::Deserialize)]
+struct DownloadQuery {
+    token: Option<String>,
+    session: Option<String>,
+    thumbnail: Option<String>,
+}
+
+/// Serves a blob sent in `doc_id` (or its thumbnail) as a download, never as a page.
+async fn serve(relay: &Arc<Relay>, doc_id: String, hash: String, want_thumbnail: bool) -> Response {
+    if !valid_hash(&hash) {
+        return not_found();
+    }
+    let h = hash.clone();
+    let Ok(Some(info)) = relay.blocking(move |s| s.blob_in(&h, &doc_id)).await else { return not_found() };
+    let dir = relay.config().data_dir.join("blobs");
+    let (path, mime) = match want_thumbnail {
+        true if info.thumbnail => (thumb_path(&dir, &hash), "image/png".to_owned()),
+        true => return not_found(),
+        false => (blob_path(&dir, &hash), info.mime),
+    };
+    let Ok(bytes) = tokio::fs::read(&path).await else { return not_found() };
+    let mut response = bytes.into_response();
+    let headers = response.headers_mut();
+    let content_type = HeaderValue::from_str(&mime).unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("sandbox; default-src 'none'"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable"));
+    if !mime.starts_with("image/") {
+        headers.insert(header::CONTENT_DISPOSITION, HeaderValue::from_static("attachment"));
+    }
+    response
+}
+
+/// The conversation's id when the token's agent belongs to its team; `None` looks like "missing".
+async fn agent_conversation(
+    relay: &Arc<Relay>,
+    headers: &HeaderMap,
+    token: Option<String>,
+    doc_id: &str,
+) -> Option<()> {
+    let q = TokenQuery { token };
+    let agent = relay.authenticate(bearer(headers, &q)).await.ok()??;
+    let id = doc_id.to_owned();
+    let team = relay.blocking(move |s| s.document_team(&id)).await.ok()??;
+    agent.role_in(&team).map(|_| ())
+}
+
+async fn agent_upload(
+    State(relay): State<Arc<Relay>>,
+    Path((doc_id, hash)): Path<(String, String)>,
+    Query(q): Query<DownloadQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !valid_hash(&hash) {
+        return bad(StatusCode::BAD_REQUEST, "the address must end with the file's sha256 in lowercase hex");
+    }
+    if agent_conversation(&relay, &headers, q.token, &doc_id).await.is_none() {
+        return bad(StatusCode::NOT_FOUND, "no such conversation");
+    }
+    let declared = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    match store_upload(&relay, &doc_id, declared, body, Some(&hash)).await {
+        Ok(info) => (StatusCode::CREATED, axum::Json(info)).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn agent_download(
+    State(relay): State<Arc<Relay>>,
+    Path((doc_id, hash)): Path<(String, String)>,
+    Query(q): Query<DownloadQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if agent_conversation(&relay, &headers, q.token, &doc_id).await.is_none() {
+        return not_found();
+    }
+    serve(&relay, doc_id, hash, q.thumbnail.is_some()).await
+}
+
+async fn widget_doc(relay: &Arc<Relay>, session: Option<String>) -> Option<String> {
+    let token = session?;
+    relay.blocking(move |s| s.widget_session(&token)).await.ok()?.map(|(doc, _)| doc)
+}
+
+/// A widget customer sends a file: stored, then added to their conversation as a message.
+async fn widget_upload(
+    State(relay): State<Arc<Relay>>,
+    Query(q): Query<DownloadQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(doc_id) = widget_doc(&relay, q.session).await else {
+        return bad(StatusCode::UNAUTHORIZED, "unknown session");
+    };
+    if !relay.allow_widget_upload(&doc_id) {
+        return bad(StatusCode::TOO_MANY_REQUESTS, "too many files in a short time; wait a few minutes");
+    }
+    let declared = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let name = headers.get("x-file-name").and_then(|v| v.to_str().ok()).map(percent_decode).unwrap_or_default();
+    let file_name: String =
+        name.rsplit(['/', '\\']).next().unwrap_or("").chars().filter(|c| !c.is_control()).take(200).collect();
+    let file_name = if file_name.trim().is_empty() { "file".to_owned() } else { file_name };
+    let info = match store_upload(&relay, &doc_id, declared, body, None).await {
+        Ok(info) => info,
+        Err(r) => return r,
+    };
+    let message = Message {
+        id: doc::new_message_id(&mut rand::rng()),
+        at: Timestamp::now(),
+        author: Author::Customer,
+        body: MessageBody::Attachment {
+            blob: format!("sha256:{}", info.hash),
+            file_name,
+            mime: info.mime.clone(),
+            size: info.size,
+        },
+    };
+    match relay.change_as_relay(&doc_id, |tx| doc::add_message(tx, &message)).await {
+        Ok(()) => (StatusCode::CREATED, axum::Json(info)).into_response(),
+        Err(e) => bad(StatusCode::SERVICE_UNAVAILABLE, format!("the file was stored but not sent: {e}")),
+    }
+}
+
+async fn widget_download(
+    State(relay): State<Arc<Relay>>,
+    Path(hash): Path<String>,
+    Query(q): Query<DownloadQuery>,
+) -> Response {
+    let Some(doc_id) = widget_doc(&relay, q.session).await else { return not_found() };
+    serve(&relay, doc_id, hash, q.thumbnail.is_some()).await
+}
+
+/// `%XX` escapes (the widget sends file names with encodeURIComponent); bad escapes stay as they are.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (bytes.get(i + 1).and_then(|b| hex(*b)), bytes.get(i + 2).and_then(|b| hex(*b)))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_percent_decoded() {
+        assert_eq!(percent_decode("Rechnung%20M%C3%A4rz.pdf"), "Rechnung März.pdf");
+        assert_eq!(percent_decode("100%.txt"), "100%.txt");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+}

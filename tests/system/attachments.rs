@@ -1,0 +1,173 @@
+//! Attachments through the relay's blob store: picked offline and uploaded on reconnect, checked
+//! (hash, size, type from content), thumbnailed, downloaded by the team and the widget customer of
+//! that conversation only, sent by widget customers too, and kept across a relay restart.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use crewdesk::domain::{Author, ConversationId, MessageBody, Timestamp};
+use std::time::Duration;
+use system_tests::{Agent, TestRelay, eventually};
+
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// Starts a web-widget conversation in `team`; returns (session, conversation).
+async fn widget_conversation(relay: &TestRelay, team: &str, name: &str) -> (String, ConversationId) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/widget/{team}/conversations", relay.url()))
+        .json(&serde_json::json!({ "name": name, "text": "I will send you a photo." }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    (v["session"].as_str().unwrap().to_owned(), ConversationId(v["conversation"].as_str().unwrap().to_owned()))
+}
+
+async fn get(url: String, token: Option<&str>) -> (u16, Vec<u8>, String) {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    let kind = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    (status, r.bytes().await.unwrap().to_vec(), kind)
+}
+
+async fn put(
+    relay: &TestRelay,
+    token: &str,
+    id: &ConversationId,
+    hash: &str,
+    mime: &str,
+    body: Vec<u8>,
+) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .put(format!("{}/api/conversations/{}/blobs/{hash}", relay.url(), id.0))
+        .bearer_auth(token)
+        .header("content-type", mime)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_upload_after_reconnect_and_download_only_where_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start_with(dir.path().to_owned(), |c| c.max_blob_bytes = 256 * 1024).await;
+    let mut bob = Agent::start(&relay, &tokens, "bob");
+    let carol = Agent::start(&relay, &tokens, "carol");
+    bob.connected().await;
+    carol.connected().await;
+    let (session, id) = widget_conversation(&relay, "sales", "Noor").await;
+    eventually(10, "bob has the conversation", || bob.with(|r| r.summary(&id).is_some())).await;
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+
+    // Picked while offline: the message waits, and so does the upload.
+    bob.disconnect().await;
+    let photo = png(640, 480);
+    let hash = bob.attach(&id, "parcel.png", "image/png", &photo);
+    assert_eq!(bob.with(|r| r.pending_blob_uploads().unwrap().len()), 1);
+    let blob_url = |query: &str| format!("{}/api/conversations/{}/blobs/{hash}{query}", relay.url(), id.0);
+    assert_eq!(get(blob_url(""), Some(&tokens["carol"])).await.0, 404, "not on the relay yet");
+
+    // Back online: the file goes up, the message reaches carol, and carol can open it.
+    bob.reconnect();
+    bob.connected().await;
+    eventually(15, "the upload finished", || bob.client().status().borrow().pending_uploads == 0).await;
+    assert!(bob.with(|r| r.pending_blob_uploads().unwrap().is_empty()));
+    eventually(10, "carol sees the attachment", || {
+        carol.with(|r| {
+            r.stored_messages(&id)
+                .unwrap()
+                .iter()
+                .any(|m| matches!(&m.body, MessageBody::Attachment { file_name, .. } if file_name == "parcel.png"))
+        })
+    })
+    .await;
+    let downloaded = sync_client::download_blob(carol.config(), &id, &hash, false).await.unwrap();
+    assert_eq!(downloaded, photo);
+    let thumb = sync_client::download_blob(carol.config(), &id, &hash, true).await.unwrap();
+    let thumb = image::load_from_memory(&thumb).unwrap();
+    assert!(thumb.width() <= 320 && thumb.height() <= 320 && thumb.width() > 0, "{}x{}", thumb.width(), thumb.height());
+
+    // Downloads are authorized like the conversation: another team, no token, a forged token or
+    // the blob under another conversation all look like a missing file.
+    assert_eq!(get(blob_url(""), Some(&tokens["dave"])).await.0, 404);
+    assert_eq!(get(blob_url(""), None).await.0, 404);
+    assert_eq!(get(blob_url(""), Some("forged")).await.0, 404);
+    let (other_session, other) = widget_conversation(&relay, "sales", "Ola").await;
+    let elsewhere = format!("{}/api/conversations/{}/blobs/{hash}", relay.url(), other.0);
+    assert_eq!(get(elsewhere, Some(&tokens["carol"])).await.0, 404);
+
+    // The widget customer of this conversation gets it; another customer does not.
+    let widget_url = |s: &str| format!("{}/api/widget/blobs/{hash}?session={s}", relay.url());
+    let (status, bytes, kind) = get(widget_url(&session), None).await;
+    assert_eq!((status, kind.as_str()), (200, "image/png"));
+    assert_eq!(bytes, photo);
+    assert_eq!(get(widget_url(&other_session), None).await.0, 404);
+
+    // Refused uploads say why, and nothing is stored.
+    let token = &tokens["bob"];
+    let pdf = b"%PDF-1.7 invoice".to_vec();
+    let pdf_hash = crewdesk::sync::blob_hash(&pdf);
+    let (status, answer) = put(&relay, token, &id, &pdf_hash, "image/png", pdf.clone()).await;
+    assert_eq!(status, 415, "{answer}");
+    assert!(answer.contains("not image/png"), "{answer}");
+    let html = b"<html><script>alert(1)</script></html>".to_vec();
+    let (status, answer) = put(&relay, token, &id, &crewdesk::sync::blob_hash(&html), "text/html", html).await;
+    assert_eq!(status, 415, "{answer}");
+    let (status, answer) = put(&relay, token, &id, &hash, "application/pdf", pdf.clone()).await;
+    assert_eq!(status, 400, "content that does not match its address: {answer}");
+    let big = "a line of a long log file\n".repeat(12_000).into_bytes();
+    let (status, _) = put(&relay, token, &id, &crewdesk::sync::blob_hash(&big), "text/plain", big).await;
+    assert_eq!(status, 413, "over the relay's size limit");
+    let (status, _) = put(&relay, &tokens["dave"], &id, &pdf_hash, "application/pdf", pdf.clone()).await;
+    assert_eq!(status, 404, "not into another team's conversation");
+    assert_eq!(get(format!("{}/api/conversations/{}/blobs/{pdf_hash}", relay.url(), id.0), Some(token)).await.0, 404);
+    let (status, answer) = put(&relay, token, &id, &pdf_hash, "application/pdf", pdf.clone()).await;
+    assert_eq!(status, 201, "{answer}");
+
+    // A widget customer sends a file: it becomes their message, and the crew can open it.
+    let notes = "Order 4471\nDelivered to the neighbour?\n".as_bytes().to_vec();
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/widget/blobs?session={session}", relay.url()))
+        .header("content-type", "text/plain")
+        .header("x-file-name", "notes%20%C3%A4.txt")
+        .body(notes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let notes_hash = crewdesk::sync::blob_hash(&notes);
+    eventually(10, "bob sees the customer's file", || {
+        bob.with(|r| {
+            r.stored_messages(&id).unwrap().iter().any(|m| {
+                m.author == Author::Customer
+                    && matches!(&m.body, MessageBody::Attachment { file_name, blob, .. } if file_name == "notes ä.txt" && blob.ends_with(&notes_hash))
+            })
+        })
+    })
+    .await;
+    assert_eq!(sync_client::download_blob(bob.config(), &id, &notes_hash, false).await.unwrap(), notes);
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/widget/blobs?session=cws_forged", relay.url()))
+        .body(notes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+
+    // Stored durably: after a restart the files are still there.
+    relay.stop().await;
+    relay.restart().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(sync_client::download_blob(carol.config(), &id, &hash, false).await.unwrap(), photo);
+    relay.stop().await;
+}
