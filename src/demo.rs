@@ -71,6 +71,7 @@ pub fn teams() -> Vec<Team> {
                     body: "Hi {{1}}, we replied to your question. Reply here to pick up where we left off.".into(),
                 },
             ],
+            conference_base: None,
         })
         .collect()
 }

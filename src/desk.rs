@@ -217,6 +217,7 @@ mod tests {
             ],
             templates: vec![],
             whatsapp_templates: vec![],
+            conference_base: None,
         }
     }
 

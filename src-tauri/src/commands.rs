@@ -333,8 +333,15 @@ fn base64_encode(bytes: &[u8]) -> String {
 #[tauri::command]
 pub async fn send_conference(app: AppHandle, state: State<'_, AppState>, id: ConversationId) -> CommandResult<()> {
     let room = crewdesk::replica::doc::random_id(&mut rand::rng());
-    let body = MessageBody::ConferenceInvitation { url: format!("https://meet.jit.si/crewdesk-{room}") };
-    act(&app, &state, &id, |r| r.send(&id, body, Timestamp::now()).map(|_| ())).await
+    act(&app, &state, &id, |r| {
+        let team = r
+            .summary(&id)
+            .and_then(|s| r.team(&s.team))
+            .ok_or(crewdesk::replica::ReplicaError::UnknownConversation(id.clone()))?;
+        let body = MessageBody::ConferenceInvitation { url: crewdesk::domain::conference_url(team, &room) };
+        r.send(&id, body, Timestamp::now()).map(|_| ())
+    })
+    .await
 }
 
 #[tauri::command]

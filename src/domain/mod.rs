@@ -203,6 +203,31 @@ pub struct Team {
     pub templates: Vec<MessageTemplate>,
     #[serde(default)]
     pub whatsapp_templates: Vec<WhatsAppTemplate>,
+    /// Where 📹 meeting links point (a Jitsi Meet style server); `None` uses `DEFAULT_CONFERENCE_BASE`.
+    #[serde(default)]
+    pub conference_base: Option<String>,
+}
+
+/// The public Jitsi Meet server: a meeting exists as soon as someone opens its URL.
+pub const DEFAULT_CONFERENCE_BASE: &str = "https://meet.jit.si/";
+
+/// Checks a conference provider base: an http(s) URL without query or fragment.
+pub fn validate_conference_base(base: &str) -> Result<(), DomainError> {
+    let rest = base.strip_prefix("https://").or_else(|| base.strip_prefix("http://"));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') && !base.contains(['?', '#', ' ']) => Ok(()),
+        _ => Err(DomainError::InvalidConferenceUrl),
+    }
+}
+
+/// 📹 an unguessable meeting URL on the team's provider; `room` is random (128 bits).
+pub fn conference_url(team: &Team, room: &str) -> String {
+    let base = team
+        .conference_base
+        .as_deref()
+        .filter(|b| validate_conference_base(b).is_ok())
+        .unwrap_or(DEFAULT_CONFERENCE_BASE);
+    format!("{}/crewdesk-{room}", base.trim_end_matches('/'))
 }
 
 impl Team {

@@ -21,6 +21,7 @@ fn team(mode: TeamMode) -> Team {
         ],
         templates: vec![],
         whatsapp_templates: vec![],
+        conference_base: None,
     }
 }
 
@@ -369,4 +370,18 @@ fn whatsapp_delivery_follows_the_24_hour_window() {
     assert_eq!(may_deliver_on_whatsapp(None, &text, T0), Err(DomainError::WhatsAppWindowClosed));
     assert_eq!(may_deliver_on_whatsapp(last, &wa, T0.plus(48 * 60 * MIN)), Ok(()));
     assert_eq!(may_deliver_on_whatsapp(None, &wa, T0), Ok(()));
+}
+
+#[test]
+fn conference_links_use_the_team_provider_and_are_checked() {
+    let mut t = team(TeamMode::Open);
+    assert_eq!(conference_url(&t, "abc"), "https://meet.jit.si/crewdesk-abc");
+    t.conference_base = Some("https://meet.example.com/rooms/".into());
+    assert_eq!(conference_url(&t, "abc"), "https://meet.example.com/rooms/crewdesk-abc");
+    t.conference_base = Some("javascript:alert(1)".into());
+    assert_eq!(conference_url(&t, "abc"), "https://meet.jit.si/crewdesk-abc", "a bad base falls back");
+    assert!(validate_conference_base("https://meet.example.com").is_ok());
+    for bad in ["ftp://x", "https://", "https:///x", "https://x/?a=1", "meet.example.com"] {
+        assert_eq!(validate_conference_base(bad), Err(DomainError::InvalidConferenceUrl), "{bad}");
+    }
 }

@@ -340,6 +340,7 @@ fn load_team(n: usize) -> (Team, Vec<String>) {
         members,
         templates: vec![],
         whatsapp_templates: vec![],
+        conference_base: None,
     };
     let names = (0..n).map(|i| format!("agent{i}")).collect();
     (team, names)

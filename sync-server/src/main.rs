@@ -105,6 +105,9 @@ enum Command {
         overdue_secs: i64,
         #[arg(long, default_value_t = 86_400)]
         auto_close_secs: i64,
+        /// Where 📹 meeting links point, a Jitsi Meet style server [default: https://meet.jit.si/].
+        #[arg(long)]
+        conference_base: Option<String>,
     },
     /// Add an agent to a team (or change their role there).
     AddAgent {
@@ -202,7 +205,12 @@ async fn main() -> anyhow::Result<()> {
 
 fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Team { id, name, mode, soon_to_be_secs, overdue_secs, auto_close_secs } => {
+        Command::Team { id, name, mode, soon_to_be_secs, overdue_secs, auto_close_secs, conference_base } => {
+            if let Some(base) = &conference_base {
+                crewdesk::domain::validate_conference_base(base).with_context(|| {
+                    format!("--conference-base {base}: expected an http(s) URL like https://meet.example.com/")
+                })?;
+            }
             let thresholds = Thresholds {
                 soon_to_be: soon_to_be_secs * 1000,
                 overdue: overdue_secs * 1000,
@@ -216,7 +224,8 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                 thresholds,
                 members: Vec::new(),
                 templates: existing.as_ref().map(|t| t.templates.clone()).unwrap_or_default(),
-                whatsapp_templates: existing.map(|t| t.whatsapp_templates).unwrap_or_default(),
+                whatsapp_templates: existing.as_ref().map(|t| t.whatsapp_templates.clone()).unwrap_or_default(),
+                conference_base: conference_base.or_else(|| existing.and_then(|t| t.conference_base)),
             };
             store.put_team(&team)?;
             println!("team {id} saved");

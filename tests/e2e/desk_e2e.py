@@ -399,7 +399,19 @@ def main():
             bob.screenshot(os.path.join(args.artifacts, "desk-web-widget-online.png"))
             bob.send("Hello Ola, it left the warehouse today.")
             wait_for("the widget shows the reply", lambda: any("it left the warehouse" in m.text for m in browser.find_elements(By.CSS_SELECTOR, ".crewdesk-msg")))
+            # 📹: the invitation shows as a Join link in the widget.
+            bob.click("#conference")
+            join = wait_for("the widget shows Join", lambda: browser.find_elements(By.CSS_SELECTOR, "a.crewdesk-join"))
+            assert join[0].get_attribute("href").startswith("https://meet.jit.si/crewdesk-"), join[0].get_attribute("href")
+            # 📎 from the customer: a photo sent in the widget reaches the agent with a preview.
+            photo = os.path.join(workdir, "damaged-box.png")
+            with open(photo, "wb") as f:
+                f.write(png(320, 240))
+            browser.find_element(By.ID, "crewdesk-file").send_keys(photo)
+            wait_for("the widget shows its photo", lambda: browser.find_elements(By.CSS_SELECTOR, "#crewdesk-messages img.crewdesk-thumb"))
+            wait_for("bob sees the customer's photo", lambda: bob.css(".messages .msg.customer .attachment img.thumb"), 30)
             browser.save_screenshot(os.path.join(args.artifacts, "widget.png"))
+            bob.screenshot(os.path.join(args.artifacts, "desk-widget-photo.png"))
         finally:
             browser.quit()
         wait_for("offline with email fallback", lambda: "Email fallback activated" in bob.text(".composer"), 30)
@@ -411,7 +423,7 @@ def main():
         assert len(to_ola()) == 1, f"exactly one email to the customer: {to_ola()}"
         assert "We also emailed you the tracking number." in to_ola()[0]
         assert "it left the warehouse" not in to_ola()[0], "replies seen in the widget are not emailed"
-        print("ok: web widget in Chromium, presence, reply, email fallback once")
+        print("ok: web widget in Chromium, presence, reply, Join link, customer photo, email fallback once")
         print("E2E passed; screenshots in", args.artifacts)
     except BaseException:
         for a in apps:

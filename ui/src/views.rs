@@ -556,10 +556,20 @@ fn attachment(props: &AttachmentProps) -> Html {
             });
         })
     };
+    // A preview that loads while the newest messages are in view keeps them in view.
+    let keep_bottom = Callback::from(|e: Event| {
+        let Some(img) = e.target_dyn_into::<web_sys::Element>() else { return };
+        if let Ok(Some(list)) = img.closest(".messages") {
+            let below = list.scroll_height() - list.scroll_top() - list.client_height();
+            if below <= img.client_height() + 80 {
+                list.set_scroll_top(list.scroll_height());
+            }
+        }
+    });
     let kb = props.size.div_ceil(1024).max(1);
     html! {
         <div class="attachment">
-            if let Some(src) = (*preview).clone() { <img class="thumb" src={src} alt={props.file_name.clone()} /> }
+            if let Some(src) = (*preview).clone() { <img class="thumb" src={src} alt={props.file_name.clone()} onload={keep_bottom} /> }
             <p>{ format!("📎 {} ({kb} KB)", props.file_name) }
                 <button class="link save-attachment" onclick={save}>{ "Save" }</button>
             </p>
