@@ -275,8 +275,7 @@ pub async fn attachment_preview(
     let (mime, bytes) = match std::fs::read(&local) {
         Ok(bytes) => (mime, bytes),
         Err(_) => {
-            let config = sync_client::ClientConfig::new(&desk.settings.relay_url, &desk.settings.token);
-            let thumb = sync_client::download_blob(&config, &id, &hash, true).await;
+            let thumb = sync_client::download_blob(&desk.relay(), &id, &hash, true).await;
             ("image/png".to_owned(), thumb.map_err(|e| CommandError::Relay(e.to_string()))?)
         }
     };

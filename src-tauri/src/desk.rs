@@ -28,6 +28,11 @@ pub struct Desk {
 }
 
 impl Desk {
+    /// Where and as whom to reach the relay over HTTP (attachments).
+    pub fn relay(&self) -> ClientConfig {
+        ClientConfig::new(&self.settings.relay_url, &self.settings.token)
+    }
+
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Replica> {
         self.replica.lock().unwrap_or_else(|p| p.into_inner())
     }
