@@ -271,7 +271,7 @@ const WIDGET_JS: &str = r#"(() => {
     if (m.attachment && session) {
       const url = base + "/api/widget/blobs/" + encodeURIComponent(m.attachment.blob) + "?session=" + encodeURIComponent(session);
       row.textContent = "";
-      if (m.attachment.mime.startsWith("image/")) { const img = document.createElement("img"); img.src = url + "&thumbnail=1"; img.alt = m.attachment.file_name; img.className = "crewdesk-thumb"; img.style.cssText = "display:block;max-width:100%;border-radius:6px"; row.append(img); }
+      if (m.attachment.mime.startsWith("image/")) { const img = document.createElement("img"); img.src = url + "&thumbnail=1"; img.alt = m.attachment.file_name; img.className = "crewdesk-thumb"; img.onload = () => { list.scrollTop = list.scrollHeight; }; img.style.cssText = "display:block;max-width:100%;border-radius:6px"; row.append(img); }
       const a = document.createElement("a"); a.href = url; a.target = "_blank"; a.rel = "noopener"; a.className = "crewdesk-file";
       a.textContent = "📎 " + m.attachment.file_name + " (" + Math.max(1, Math.round(m.attachment.size / 1024)) + " KB)"; row.append(a);
     }
