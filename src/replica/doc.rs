@@ -282,6 +282,48 @@ pub fn messages_added(doc: &Automerge, before: &[ChangeHash], after: &[ChangeHas
     Ok(out)
 }
 
+/// What a change did to the messages: the messages it added, and whether it touched (edited,
+/// replaced or deleted) any message that existed before it. Sent messages are history: the relay
+/// refuses changes that touch them.
+pub fn message_changes(
+    doc: &Automerge,
+    before: &[ChangeHash],
+    after: &[ChangeHash],
+) -> Result<(Vec<Message>, bool), DocError> {
+    if before.is_empty() {
+        return Ok((all_messages(doc)?, false));
+    }
+    let messages = map_obj(doc, &ROOT, "messages")?;
+    let existed: std::collections::HashSet<String> = doc.keys_at(&messages, before).collect();
+    let mut added: Vec<String> = Vec::new();
+    let mut touched = false;
+    for patch in doc.diff(before, after) {
+        if patch.obj == messages {
+            match patch.action {
+                PatchAction::PutMap { key, .. } if !existed.contains(&key) => added.push(key),
+                _ => touched = true,
+            }
+        } else if patch.obj == ROOT {
+            // The messages map itself replaced or removed.
+            touched |= matches!(&patch.action, PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } if key == "messages");
+        } else if let Some((_, automerge::Prop::Map(id))) = patch.path.get(1)
+            && matches!(patch.path.first(), Some((_, automerge::Prop::Map(k))) if k == "messages")
+            && existed.contains(id)
+        {
+            touched = true;
+        }
+    }
+    added.sort();
+    added.dedup();
+    let mut out = Vec::with_capacity(added.len());
+    for id in added {
+        if let Some(m) = message(doc, &id)? {
+            out.push(m);
+        }
+    }
+    Ok((out, touched))
+}
+
 /// Splits automerge's binary format (a document save and/or change chunks, as `save`,
 /// `save_after` and `save_incremental` produce) into verified changes. Unlike automerge's
 /// `load_incremental`, which skips what it cannot parse, any damage is an error here.

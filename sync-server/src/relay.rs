@@ -410,14 +410,27 @@ impl Relay {
         if header.grab_requests.iter().filter(|g| !grabs_before.contains(g)).any(|(a, _)| a != agent) {
             return Err(format!("document {doc_id}: agents ask to grab only for themselves; refused"));
         }
+        // Sent messages are history, and an agent writes only in their own name.
+        let (added, touched) = doc::message_changes(&stored.doc, before, &stored.doc.get_heads())
+            .map_err(|e| format!("document {doc_id}: {e}; refused"))?;
+        if touched {
+            return Err(format!("document {doc_id}: sent messages cannot be changed or deleted; refused"));
+        }
+        if added.iter().any(|m| match &m.author {
+            crewdesk::domain::Author::Crew { agent: a } => a != agent,
+            crewdesk::domain::Author::Customer => false,
+            crewdesk::domain::Author::System => true,
+        }) {
+            return Err(format!("document {doc_id}: agents send messages only in their own name; refused"));
+        }
         let chunk = stored.doc.save_after(before);
         self.commit(doc_id, &stored.team, chunk).await.map_err(|e| {
             warn!(%doc_id, %e, "storing a change failed");
             "the relay could not store your change; it will be sent again".to_owned()
         })?;
         let _ = self.changes.send(doc_id.to_owned());
-        self.queue_email_fallback(doc_id, stored, before, &header).await;
-        self.queue_whatsapp(doc_id, stored, before, &header).await;
+        self.queue_email_fallback(doc_id, &stored.team, &added, &header).await;
+        self.queue_whatsapp(doc_id, stored, &added, &header).await;
         self.decide_grab(doc_id, stored, header).await
     }
 
@@ -426,8 +439,8 @@ impl Relay {
     async fn queue_email_fallback(
         &self,
         doc_id: &str,
-        stored: &StoredDoc,
-        before: &[automerge::ChangeHash],
+        team: &TeamId,
+        added: &[crewdesk::domain::Message],
         header: &doc::DocHeader,
     ) {
         if header.channel != crewdesk::domain::Channel::WebWidget {
@@ -437,11 +450,13 @@ impl Relay {
         if self.presence_of(doc_id).is_some_and(|p| p.online) {
             return;
         }
-        let Ok(added) = doc::messages_added(&stored.doc, before, &stored.doc.get_heads()) else { return };
+        if !added.iter().any(|m| matches!(m.author, crewdesk::domain::Author::Crew { .. })) {
+            return;
+        }
         let teams = self.blocking(|s| s.teams()).await.unwrap_or_default();
-        let team = teams.iter().find(|t| t.id == stored.team);
+        let team = teams.iter().find(|t| &t.id == team);
         let emails: Vec<crate::store::QueuedEmail> = added
-            .into_iter()
+            .iter()
             .filter_map(|m| {
                 let crewdesk::domain::Author::Crew { agent } = &m.author else { return None };
                 let agent_name =
@@ -472,18 +487,17 @@ impl Relay {
         &self,
         doc_id: &str,
         stored: &StoredDoc,
-        before: &[automerge::ChangeHash],
+        added: &[crewdesk::domain::Message],
         header: &doc::DocHeader,
     ) {
         if header.channel != crewdesk::domain::Channel::WhatsApp || self.config.whatsapp.is_none() {
             return;
         }
-        let Ok(added) = doc::messages_added(&stored.doc, before, &stored.doc.get_heads()) else { return };
         if !added.iter().any(|m| matches!(m.author, crewdesk::domain::Author::Crew { .. })) {
             return;
         }
         let Ok(all) = doc::all_messages(&stored.doc) else { return };
-        let rows = crate::whatsapp::outbound_rows(doc_id, header, &added, &all);
+        let rows = crate::whatsapp::outbound_rows(doc_id, header, added, &all);
         if let Err(e) = self.blocking(move |s| s.queue_whatsapp(&rows)).await {
             warn!(%doc_id, %e, "WhatsApp messages not queued");
         }

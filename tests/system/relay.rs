@@ -4,7 +4,7 @@
 
 use crewdesk::demo;
 use crewdesk::domain::access::GrabState;
-use crewdesk::domain::{Channel, ConversationId, MessageBody, TeamId, Timestamp};
+use crewdesk::domain::{Author, Channel, ConversationId, Message, MessageBody, TeamId, Timestamp};
 use crewdesk::replica::doc::{self};
 use crewdesk::sync::wire::WireMessage;
 use system_tests::{Agent, RawClient, TestRelay, eventually, new_conversation};
@@ -392,9 +392,43 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
     // Forgeries dave tries, one at a time (each from the relay's last state): putting bob in the room,
     // asking to grab in erin's name, and finally recording himself as the owner.
     type Forge = fn(&mut automerge::transaction::Transaction<'_>) -> Result<(), doc::DocError>;
-    let forgeries: [(&str, Forge); 2] = [
+    let forgeries: [(&str, Forge); 6] = [
         ("join and leave only for themselves", |tx| doc::set_in_room(tx, &"bob".into(), true)),
         ("grab only for themselves", |tx| doc::request_grab(tx, &"erin".into(), Timestamp(1))),
+        ("cannot be changed or deleted", |tx| {
+            use automerge::ReadDoc;
+            use automerge::transaction::Transactable;
+            let (_, messages) = tx.get(automerge::ROOT, "messages")?.unwrap();
+            let (_, first) = tx.get(&messages, "m-first")?.unwrap();
+            let (_, body) = tx.get(&first, "body")?.unwrap();
+            tx.put(&body, "text", "I never asked anything")?;
+            Ok(())
+        }),
+        ("cannot be changed or deleted", |tx| {
+            use automerge::ReadDoc;
+            use automerge::transaction::Transactable;
+            let (_, messages) = tx.get(automerge::ROOT, "messages")?.unwrap();
+            tx.delete(&messages, "m-first")?;
+            Ok(())
+        }),
+        ("only in their own name", |tx| {
+            let m = Message {
+                id: "m-erin".into(),
+                at: Timestamp(2),
+                author: doc::crew(&"erin".into()),
+                body: text("Refund approved"),
+            };
+            doc::add_message(tx, &m)
+        }),
+        ("only in their own name", |tx| {
+            let m = Message {
+                id: "m-system".into(),
+                at: Timestamp(2),
+                author: Author::System,
+                body: text("Closed by admin"),
+            };
+            doc::add_message(tx, &m)
+        }),
     ];
     for (refusal, forge) in forgeries {
         let mut attempt = copy.fork();
@@ -455,6 +489,7 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
     assert_eq!(ada.with(|r| r.summary(&id).unwrap().owner.clone()), None);
     let s = bob.with(|r| r.summary(&id).unwrap().clone());
     assert!(s.crew_in_room.is_empty() && s.grab_requests.is_empty(), "no forged room entry or grab request: {s:?}");
+    assert_eq!(bob.message_texts(&id), ["Hello?"], "no forged, edited or deleted message");
     relay.stop().await;
 }
 
