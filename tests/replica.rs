@@ -325,3 +325,63 @@ fn unread_until_marked_read() {
     bob.record_customer_message(&id, text("again"), T0.plus(1)).unwrap();
     assert_eq!(bob.summary(&id).unwrap().message_count, 2, "one more than seen: unread");
 }
+
+#[test]
+fn message_changes_tell_added_messages_from_touched_history() {
+    use automerge::ReadDoc;
+    use automerge::transaction::Transactable;
+    let new = new_conversation("c-history", demo::SALES, Channel::Email);
+    let mut d = doc::create(automerge::ActorId::random(), &new).unwrap();
+    d.transact::<_, _, DocError>(|tx| doc::add_message(tx, &customer_message("m1", Timestamp(1), "Hello?"))).unwrap();
+    let before = d.get_heads();
+    let check = |f: &dyn Fn(&mut automerge::transaction::Transaction<'_>) -> Result<(), DocError>| {
+        let mut fork = d.fork();
+        fork.transact::<_, _, DocError>(|tx| f(tx)).unwrap();
+        let (added, touched) = doc::message_changes(&fork, &before).unwrap();
+        (added.into_iter().map(|m| m.id.to_string()).collect::<Vec<_>>(), touched)
+    };
+    let reply = |tx: &mut automerge::transaction::Transaction<'_>| {
+        doc::add_message(
+            tx,
+            &crewdesk::domain::Message {
+                author: doc::crew(&"bob".into()),
+                ..customer_message("m2", Timestamp(2), "Hi!")
+            },
+        )
+    };
+    assert_eq!(check(&reply), (vec!["m2".to_owned()], false));
+    // Other parts of the conversation change freely.
+    assert_eq!(check(&|tx| doc::set_in_room(tx, &"bob".into(), true)), (vec![], false));
+    let edit = CustomerEdit { notes: Some("VIP".into()), ..CustomerEdit::default() };
+    assert_eq!(check(&|tx| doc::edit_customer(tx, &edit)), (vec![], false));
+    // Sent messages do not.
+    let edit_text = |tx: &mut automerge::transaction::Transaction<'_>| {
+        let (_, messages) = tx.get(automerge::ROOT, "messages")?.unwrap();
+        let (_, m1) = tx.get(&messages, "m1")?.unwrap();
+        let (_, body) = tx.get(&m1, "body")?.unwrap();
+        tx.put(&body, "text", "Goodbye")?;
+        Ok(())
+    };
+    assert_eq!(check(&edit_text), (vec![], true));
+    let delete = |tx: &mut automerge::transaction::Transaction<'_>| {
+        let (_, messages) = tx.get(automerge::ROOT, "messages")?.unwrap();
+        tx.delete(&messages, "m1")?;
+        Ok(())
+    };
+    assert_eq!(check(&delete), (vec![], true));
+    let replace = |tx: &mut automerge::transaction::Transaction<'_>| {
+        doc::add_message(tx, &customer_message("m1", Timestamp(3), "Forged"))
+    };
+    assert_eq!(check(&replace), (vec![], true));
+    let wipe = |tx: &mut automerge::transaction::Transaction<'_>| {
+        tx.put_object(automerge::ROOT, "messages", automerge::ObjType::Map)?;
+        Ok(())
+    };
+    assert!(check(&wipe).1);
+    // A new message and an edit of an old one in the same change: touched.
+    let both = |tx: &mut automerge::transaction::Transaction<'_>| {
+        reply(tx)?;
+        edit_text(tx)
+    };
+    assert_eq!(check(&both), (vec!["m2".to_owned()], true));
+}

@@ -282,39 +282,62 @@ pub fn messages_added(doc: &Automerge, before: &[ChangeHash], after: &[ChangeHas
     Ok(out)
 }
 
-/// What a change did to the messages: the messages it added, and whether it touched (edited,
-/// replaced or deleted) any message that existed before it. Sent messages are history: the relay
-/// refuses changes that touch them.
-pub fn message_changes(
-    doc: &Automerge,
-    before: &[ChangeHash],
-    after: &[ChangeHash],
-) -> Result<(Vec<Message>, bool), DocError> {
+/// What the changes since `before` did to the messages: the messages they added, and whether they
+/// touched (edited, replaced or deleted) any message that existed at `before`. Sent messages are
+/// history: the relay refuses changes that touch them. Reads only the new changes' operations and
+/// the objects they name, so the cost follows the size of the change, not of the conversation.
+pub fn message_changes(doc: &Automerge, before: &[ChangeHash]) -> Result<(Vec<Message>, bool), DocError> {
     if before.is_empty() {
         return Ok((all_messages(doc)?, false));
     }
     let messages = map_obj(doc, &ROOT, "messages")?;
-    let existed: std::collections::HashSet<String> = doc.keys_at(&messages, before).collect();
-    let mut added: Vec<String> = Vec::new();
+    let messages_id = messages.to_string();
+    let existed = |id: &str| -> Result<bool, DocError> { Ok(doc.get_at(&messages, id, before)?.is_some()) };
+    // The message (if any) an object lies inside, by walking up from it.
+    let owner = |obj: &str| -> Result<Option<String>, DocError> {
+        let id = doc.import_obj(obj)?;
+        Ok(doc.parents(&id)?.find(|p| p.obj == messages).and_then(|p| match p.prop {
+            automerge::Prop::Map(key) => Some(key),
+            automerge::Prop::Seq(_) => None,
+        }))
+    };
+    let mut added = std::collections::BTreeSet::new();
+    let mut owners: std::collections::HashMap<String, Option<String>> = std::collections::HashMap::new();
     let mut touched = false;
-    for patch in doc.diff(before, after) {
-        if patch.obj == messages {
-            match patch.action {
-                PatchAction::PutMap { key, .. } if !existed.contains(&key) => added.push(key),
-                _ => touched = true,
+    for change in doc.get_changes(before) {
+        for op in change.decode().operations {
+            let obj = op.obj.to_string();
+            let key = match &op.key {
+                automerge::legacy::Key::Map(k) => Some(k.to_string()),
+                automerge::legacy::Key::Seq(_) => None,
+            };
+            if obj == "_root" {
+                // The messages map itself replaced or removed.
+                touched |= key.as_deref() == Some("messages");
+            } else if obj == messages_id {
+                match key {
+                    Some(k) if !existed(&k)? => {
+                        added.insert(k);
+                    }
+                    _ => touched = true,
+                }
+            } else {
+                let inside = match owners.get(&obj) {
+                    Some(o) => o.clone(),
+                    None => {
+                        let o = owner(&obj)?;
+                        owners.insert(obj, o.clone());
+                        o
+                    }
+                };
+                if let Some(id) = inside
+                    && existed(&id)?
+                {
+                    touched = true;
+                }
             }
-        } else if patch.obj == ROOT {
-            // The messages map itself replaced or removed.
-            touched |= matches!(&patch.action, PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } if key == "messages");
-        } else if let Some((_, automerge::Prop::Map(id))) = patch.path.get(1)
-            && matches!(patch.path.first(), Some((_, automerge::Prop::Map(k))) if k == "messages")
-            && existed.contains(id)
-        {
-            touched = true;
         }
     }
-    added.sort();
-    added.dedup();
     let mut out = Vec::with_capacity(added.len());
     for id in added {
         if let Some(m) = message(doc, &id)? {

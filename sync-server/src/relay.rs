@@ -411,8 +411,8 @@ impl Relay {
             return Err(format!("document {doc_id}: agents ask to grab only for themselves; refused"));
         }
         // Sent messages are history, and an agent writes only in their own name.
-        let (added, touched) = doc::message_changes(&stored.doc, before, &stored.doc.get_heads())
-            .map_err(|e| format!("document {doc_id}: {e}; refused"))?;
+        let (added, touched) =
+            doc::message_changes(&stored.doc, before).map_err(|e| format!("document {doc_id}: {e}; refused"))?;
         if touched {
             return Err(format!("document {doc_id}: sent messages cannot be changed or deleted; refused"));
         }
