@@ -284,57 +284,70 @@ pub fn messages_added(doc: &Automerge, before: &[ChangeHash], after: &[ChangeHas
 
 /// What the changes since `before` did to the messages: the messages they added, and whether they
 /// touched (edited, replaced or deleted) any message that existed at `before`. Sent messages are
-/// history: the relay refuses changes that touch them. Reads only the new changes' operations and
-/// the objects they name, so the cost follows the size of the change, not of the conversation.
+/// history: the relay refuses changes that touch them. Reads only the new changes' operations (and,
+/// for objects older than them, where those objects sit), so the cost follows the size of the
+/// change, not of the conversation.
 pub fn message_changes(doc: &Automerge, before: &[ChangeHash]) -> Result<(Vec<Message>, bool), DocError> {
+    use automerge::legacy::{Key, OpType};
+    use std::collections::{BTreeSet, HashMap, HashSet};
     if before.is_empty() {
         return Ok((all_messages(doc)?, false));
     }
     let messages = map_obj(doc, &ROOT, "messages")?;
     let messages_id = messages.to_string();
-    let existed = |id: &str| -> Result<bool, DocError> { Ok(doc.get_at(&messages, id, before)?.is_some()) };
-    // The message (if any) an object lies inside, by walking up from it.
-    let owner = |obj: &str| -> Result<Option<String>, DocError> {
-        let id = doc.import_obj(obj)?;
-        Ok(doc.parents(&id)?.find(|p| p.obj == messages).and_then(|p| match p.prop {
-            automerge::Prop::Map(key) => Some(key),
-            automerge::Prop::Seq(_) => None,
-        }))
-    };
-    let mut added = std::collections::BTreeSet::new();
-    let mut owners: std::collections::HashMap<String, Option<String>> = std::collections::HashMap::new();
+    let changes: Vec<automerge::ExpandedChange> = doc.get_changes(before).into_iter().map(|c| c.decode()).collect();
+    let op_id = |c: &automerge::ExpandedChange, i: usize| format!("{}@{}", c.start_op.get() + i as u64, c.actor_id);
+    let new_ops: HashSet<String> =
+        changes.iter().flat_map(|c| (0..c.operations.len()).map(move |i| op_id(c, i))).collect();
+    // The message each object lies in (`None`: outside the messages): objects made by these changes
+    // inherit it from where they were made; older objects are looked up once.
+    let mut owner: HashMap<String, Option<String>> = HashMap::new();
+    let mut added = BTreeSet::new();
     let mut touched = false;
-    for change in doc.get_changes(before) {
-        for op in change.decode().operations {
+    for c in &changes {
+        for (i, op) in c.operations.iter().enumerate() {
             let obj = op.obj.to_string();
             let key = match &op.key {
-                automerge::legacy::Key::Map(k) => Some(k.to_string()),
-                automerge::legacy::Key::Seq(_) => None,
+                Key::Map(k) => Some(k.to_string()),
+                Key::Seq(_) => None,
             };
-            if obj == "_root" {
+            let overwrites_old = op.pred.iter().any(|p| !new_ops.contains(&p.to_string()));
+            let inside = if obj == "_root" {
                 // The messages map itself replaced or removed.
                 touched |= key.as_deref() == Some("messages");
+                None
             } else if obj == messages_id {
-                match key {
-                    Some(k) if !existed(&k)? => {
-                        added.insert(k);
-                    }
-                    _ => touched = true,
+                let Some(k) = key else {
+                    touched = true;
+                    continue;
+                };
+                // An older value under this key (overwritten, deleted, or left in conflict) is a
+                // message that existed before.
+                let older = doc.get_all(&messages, k.as_str())?.iter().any(|(_, v)| !new_ops.contains(&v.to_string()));
+                if overwrites_old || older {
+                    touched = true;
+                } else if !matches!(op.action, OpType::Delete) {
+                    added.insert(k.clone());
                 }
+                Some(k)
             } else {
-                let inside = match owners.get(&obj) {
+                match owner.get(&obj) {
                     Some(o) => o.clone(),
                     None => {
-                        let o = owner(&obj)?;
-                        owners.insert(obj, o.clone());
+                        // Made before these changes: inside a message means inside a sent message.
+                        let id = doc.import_obj(&obj)?;
+                        let o = doc.parents(&id)?.find(|p| p.obj == messages).and_then(|p| match p.prop {
+                            automerge::Prop::Map(key) => Some(key),
+                            automerge::Prop::Seq(_) => None,
+                        });
+                        touched |= o.is_some();
+                        owner.insert(obj, o.clone());
                         o
                     }
-                };
-                if let Some(id) = inside
-                    && existed(&id)?
-                {
-                    touched = true;
                 }
+            };
+            if matches!(op.action, OpType::Make(_)) {
+                owner.insert(op_id(c, i), inside);
             }
         }
     }

@@ -39,7 +39,7 @@ fn valid_hash(hash: &str) -> bool {
     hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-fn blob_path(dir: &FsPath, hash: &str) -> PathBuf {
+pub(crate) fn blob_path(dir: &FsPath, hash: &str) -> PathBuf {
     dir.join(&hash[..2]).join(hash)
 }
 

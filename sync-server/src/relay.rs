@@ -851,7 +851,7 @@ async fn websocket(
     let agent = relay.authenticate(bearer(&headers, &q)).await;
     let max = relay.config.max_frame_bytes;
     // Small per-connection buffers: a thousand idle agents should not cost a thousand large buffers.
-    ws.max_message_size(max).max_frame_size(max).read_buffer_size(16 * 1024).write_buffer_size(16 * 1024).on_upgrade(
+    ws.max_message_size(max).max_frame_size(max).read_buffer_size(4 * 1024).write_buffer_size(4 * 1024).on_upgrade(
         move |socket| async move {
             match agent {
                 Ok(Some(agent)) => {

@@ -296,6 +296,15 @@ pub fn outbound_payload(to: &str, body: &MessageBody) -> serde_json::Value {
                 }]) },
             },
         }),
+        // Files go up to WhatsApp's media endpoint when sent (see `media_message`); the row keeps
+        // which blob to upload.
+        MessageBody::Attachment { blob, file_name, mime, .. } => serde_json::json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": to,
+            "type": if mime == "image/jpeg" || mime == "image/png" { "image" } else { "document" },
+            "crewdesk_blob": { "hash": blob.trim_start_matches("sha256:"), "mime": mime, "file_name": file_name },
+        }),
         body => serde_json::json!({
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
@@ -304,6 +313,47 @@ pub fn outbound_payload(to: &str, body: &MessageBody) -> serde_json::Value {
             "text": { "preview_url": false, "body": body.text_content() },
         }),
     }
+}
+
+/// For a file: uploads it to `{api_base}/{phone_number_id}/media` and returns the message that
+/// refers to WhatsApp's media id. Other messages go out as they are.
+async fn media_message(
+    relay: &Relay,
+    client: &reqwest::Client,
+    config: &WhatsAppConfig,
+    payload: &str,
+) -> Result<String, WhatsAppOutcome> {
+    let Ok(mut message) = serde_json::from_str::<serde_json::Value>(payload) else {
+        return Err(WhatsAppOutcome::Failed { reason: "the queued message is damaged".into() });
+    };
+    let Some(blob) = message.as_object_mut().and_then(|m| m.remove("crewdesk_blob")) else {
+        return Ok(payload.to_owned());
+    };
+    let field = |k: &str| blob.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let (hash, mime, file_name) = (field("hash"), field("mime"), field("file_name"));
+    let path = crate::blobs::blob_path(&relay.config().data_dir.join("blobs"), &hash);
+    // The sender's app uploads the file after the message: until it is here, try again later.
+    let Ok(bytes) = tokio::fs::read(&path).await else { return Err(WhatsAppOutcome::Retry) };
+    let part = reqwest::multipart::Part::bytes(bytes).file_name(file_name.clone()).mime_str(&mime);
+    let Ok(part) = part else { return Err(WhatsAppOutcome::Failed { reason: format!("unusable file type {mime}") }) };
+    let form = reqwest::multipart::Form::new()
+        .text("messaging_product", "whatsapp")
+        .text("type", mime.clone())
+        .part("file", part);
+    let url = format!("{}/{}/media", config.api_base.trim_end_matches('/'), config.phone_number_id);
+    let response = client.post(url).bearer_auth(&config.access_token).multipart(form).send().await;
+    let id = match outcome_of(response).await {
+        Ok(body) => body.get("id").and_then(|v| v.as_str()).unwrap_or_default().to_owned(),
+        Err(outcome) => return Err(outcome),
+    };
+    let kind = message.get("type").and_then(|v| v.as_str()).unwrap_or("document").to_owned();
+    let media = if kind == "image" {
+        serde_json::json!({ "id": id })
+    } else {
+        serde_json::json!({ "id": id, "filename": file_name })
+    };
+    message[kind.as_str()] = media;
+    Ok(message.to_string())
 }
 
 /// The outbox rows for the crew messages a change added to a WhatsApp conversation. The 24 h
@@ -347,7 +397,10 @@ pub async fn run(relay: Arc<Relay>, config: WhatsAppConfig, wake: Arc<Notify>, m
         for row in due {
             let outcome = match &row.refused {
                 Some(reason) => WhatsAppOutcome::Failed { reason: reason.clone() },
-                None => send(&client, &url, &config.access_token, &row.payload).await,
+                None => match media_message(&relay, &client, &config, &row.payload).await {
+                    Ok(payload) => send(&client, &url, &config.access_token, &payload).await,
+                    Err(outcome) => outcome,
+                },
             };
             if let WhatsAppOutcome::Failed { reason } = &outcome {
                 warn!(message = %row.message_id, %reason, "WhatsApp message not delivered");
@@ -378,23 +431,32 @@ async fn send(client: &reqwest::Client, url: &str, token: &str, payload: &str) -
         .body(payload.to_owned())
         .send()
         .await;
+    match outcome_of(response).await {
+        Ok(body) => WhatsAppOutcome::Sent {
+            wamid: body.pointer("/messages/0/id").and_then(|v| v.as_str()).unwrap_or_default().to_owned(),
+        },
+        Err(outcome) => outcome,
+    }
+}
+
+/// A Graph API answer: its JSON body on 2xx; a final failure on 4xx (but 429); retry otherwise.
+async fn outcome_of(response: Result<reqwest::Response, reqwest::Error>) -> Result<serde_json::Value, WhatsAppOutcome> {
     let response = match response {
         Ok(r) => r,
         Err(e) => {
             warn!(%e, "WhatsApp API unreachable; will retry");
-            return WhatsAppOutcome::Retry;
+            return Err(WhatsAppOutcome::Retry);
         }
     };
     let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     if status.is_success() {
-        let wamid = body.pointer("/messages/0/id").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-        WhatsAppOutcome::Sent { wamid }
+        Ok(body)
     } else if status.is_client_error() && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
         let reason = body.pointer("/error/message").and_then(|v| v.as_str()).unwrap_or("refused by WhatsApp");
-        WhatsAppOutcome::Failed { reason: format!("{reason} (HTTP {})", status.as_u16()) }
+        Err(WhatsAppOutcome::Failed { reason: format!("{reason} (HTTP {})", status.as_u16()) })
     } else {
         warn!(%status, "WhatsApp API error; will retry");
-        WhatsAppOutcome::Retry
+        Err(WhatsAppOutcome::Retry)
     }
 }

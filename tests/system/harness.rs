@@ -354,6 +354,9 @@ impl SmtpSink {
     }
 }
 
+/// A media upload the Graph API stand-in received: its type and bytes.
+pub type Upload = (String, Vec<u8>);
+
 /// A stand-in for the WhatsApp Cloud API's `POST /{version}/{phone-number-id}/messages`: it checks
 /// the bearer token and the payload's shape the way the Graph API does, answers like it, and keeps
 /// every message it accepted.
@@ -362,6 +365,8 @@ pub struct GraphStandIn {
     pub base: String,
     pub accepted: Arc<Mutex<Vec<serde_json::Value>>>,
     pub refused: Arc<Mutex<Vec<String>>>,
+    /// Uploaded media: (type, bytes); media ids are `media-1`, `media-2`, ... in this order.
+    pub media: Arc<Mutex<Vec<Upload>>>,
 }
 
 impl GraphStandIn {
@@ -369,6 +374,7 @@ impl GraphStandIn {
         use axum::http::{HeaderMap, StatusCode};
         let accepted: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
         let refused: Arc<Mutex<Vec<String>>> = Arc::default();
+        let media: Arc<Mutex<Vec<Upload>>> = Arc::default();
         let (ok, bad) = (accepted.clone(), refused.clone());
         let expected_auth = format!("Bearer {access_token}");
         let path = format!("/v21.0/{phone_number_id}/messages");
@@ -401,11 +407,51 @@ impl GraphStandIn {
                 )
             }
         };
-        let app = axum::Router::new().route(&path, axum::routing::post(handler));
+        // `POST /{version}/{phone-number-id}/media`: multipart with messaging_product, type and file.
+        let (uploads, media_auth) = (media.clone(), format!("Bearer {access_token}"));
+        let media_handler = move |headers: HeaderMap, mut form: axum::extract::Multipart| {
+            let (uploads, media_auth) = (uploads.clone(), media_auth.clone());
+            async move {
+                let refuse = |status: StatusCode, message: &str| {
+                    (status, axum::Json(serde_json::json!({ "error": { "message": message, "code": 100 } })))
+                };
+                if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(media_auth.as_str()) {
+                    return refuse(StatusCode::UNAUTHORIZED, "Invalid OAuth access token");
+                }
+                let mut fields: HashMap<String, Vec<u8>> = HashMap::new();
+                let mut file_type = None;
+                while let Ok(Some(field)) = form.next_field().await {
+                    let name = field.name().unwrap_or_default().to_owned();
+                    if name == "file" {
+                        file_type = field.content_type().map(str::to_owned);
+                    }
+                    fields.insert(name, field.bytes().await.unwrap().to_vec());
+                }
+                let text = |k: &str| fields.get(k).map(|v| String::from_utf8_lossy(v).into_owned());
+                if text("messaging_product").as_deref() != Some("whatsapp") {
+                    return refuse(StatusCode::BAD_REQUEST, "messaging_product must be whatsapp");
+                }
+                let (Some(kind), Some(file)) = (text("type"), fields.get("file")) else {
+                    return refuse(StatusCode::BAD_REQUEST, "type and file are required");
+                };
+                if file.is_empty() || file_type.as_deref() != Some(kind.as_str()) {
+                    return refuse(StatusCode::BAD_REQUEST, "the file is empty or its type differs from type");
+                }
+                let n = {
+                    let mut all = uploads.lock().unwrap();
+                    all.push((kind, file.clone()));
+                    all.len()
+                };
+                (StatusCode::OK, axum::Json(serde_json::json!({ "id": format!("media-{n}") })))
+            }
+        };
+        let app = axum::Router::new()
+            .route(&path, axum::routing::post(handler))
+            .route(&format!("/v21.0/{phone_number_id}/media"), axum::routing::post(media_handler));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        GraphStandIn { base: format!("http://{addr}/v21.0"), accepted, refused }
+        GraphStandIn { base: format!("http://{addr}/v21.0"), accepted, refused, media }
     }
 
     pub fn accepted(&self) -> Vec<serde_json::Value> {
@@ -438,6 +484,13 @@ fn check_graph_message(v: &serde_json::Value) -> Result<(), String> {
                     }
                 }
             }
+        }
+        "image" => {
+            s("/image/id")?;
+        }
+        "document" => {
+            s("/document/id")?;
+            s("/document/filename")?;
         }
         other => return Err(format!("unsupported type {other}")),
     }

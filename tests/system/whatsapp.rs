@@ -121,6 +121,32 @@ async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
     assert_eq!(sent[0]["text"]["body"], "Yes, it left today.");
     assert!(graph.refused.lock().unwrap().is_empty(), "{:?}", graph.refused.lock().unwrap());
 
+    // Files: uploaded to WhatsApp's media endpoint once the relay has them, then sent by media id.
+    let photo = {
+        let image = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 200]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    bob.attach(&id, "label.png", "image/png", &photo);
+    let pdf = b"%PDF-1.4 delivery note".to_vec();
+    bob.attach(&id, "delivery-note.pdf", "application/pdf", &pdf);
+    eventually(15, "both files reach WhatsApp", || graph.accepted().len() == 3).await;
+    // (The two may go in either order: each waits for its own upload from bob's app.)
+    let media = graph.media.lock().unwrap().clone();
+    let media_id = |bytes: &[u8]| format!("media-{}", media.iter().position(|(_, b)| b == bytes).unwrap() + 1);
+    assert_eq!(media.len(), 2);
+    assert!(
+        media.contains(&("image/png".to_owned(), photo.clone()))
+            && media.contains(&("application/pdf".to_owned(), pdf.clone()))
+    );
+    let sent = graph.accepted();
+    let of_type = |t: &str| sent.iter().find(|m| m["type"] == t).unwrap().clone();
+    assert_eq!(of_type("image")["image"]["id"], media_id(&photo).as_str());
+    assert_eq!(of_type("document")["document"]["id"], media_id(&pdf).as_str());
+    assert_eq!(of_type("document")["document"]["filename"], "delivery-note.pdf");
+    assert!(sent.iter().all(|m| m.get("crewdesk_blob").is_none()), "internal fields never reach WhatsApp");
+
     // A customer who last wrote 25 hours ago: free text is refused on the replica, a template goes out.
     let old = webhook_body("wamid.BBB1", "447700900123", "Lena Fischer", "Hello?", now_secs - 25 * 3600);
     assert_eq!(post_webhook(&relay, &old, Some(sign(SECRET, old.as_bytes()))).await, 200);
@@ -135,8 +161,8 @@ async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
     bob.act(&late, |r| {
         r.send_whatsapp_template(&late, "order_update", vec!["Lena".into(), "A-2002".into()], Timestamp::now()).unwrap()
     });
-    eventually(10, "the template reaches WhatsApp", || graph.accepted().len() == 2).await;
-    let template = &graph.accepted()[1];
+    eventually(10, "the template reaches WhatsApp", || graph.accepted().len() == 4).await;
+    let template = &graph.accepted()[3];
     assert_eq!(template["to"], "447700900123");
     assert_eq!(template["type"], "template");
     assert_eq!(template["template"]["name"], "order_update");
@@ -164,6 +190,6 @@ async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
     .await;
     let note = bob.message_texts(&late).into_iter().find(|t| t.starts_with("Not delivered on WhatsApp")).unwrap();
     assert!(note.contains("24 hours"), "{note}");
-    assert_eq!(graph.accepted().len(), 2, "nothing more was sent: {:?}", graph.accepted());
+    assert_eq!(graph.accepted().len(), 4, "nothing more was sent: {:?}", graph.accepted());
     relay.stop().await;
 }
