@@ -705,3 +705,40 @@ async fn widget_location_comes_from_geoip_and_starts_are_limited_per_address() {
     assert!(answer.contains("too many conversations"), "{answer}");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_relay_address_is_reached_over_tls() {
+    // A server that is not speaking TLS: the client must try a TLS handshake (and fail on it), not
+    // refuse the address for want of TLS support.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(b"HTTP/1.1 400 Not TLS\r\n\r\n").await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let replica = crewdesk::replica::Replica::open(dir.path().join("r.sqlite3"), "bob".into()).unwrap();
+    let replica = std::sync::Arc::new(std::sync::Mutex::new(replica));
+    let (events, _rx) = tokio::sync::mpsc::channel(16);
+    let client = sync_client::SyncClient::spawn(
+        sync_client::ClientConfig::new(format!("https://{addr}"), "token"),
+        replica,
+        events,
+    );
+    let mut status = client.status();
+    let error = tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| s.last_error.is_some()))
+        .await
+        .unwrap()
+        .unwrap()
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(!error.contains("not compiled") && !error.contains("not supported"), "{error}");
+    assert!(
+        error.to_lowercase().contains("tls") || error.contains("InvalidContentType") || error.contains("corrupt"),
+        "{error}"
+    );
+    client.shutdown().await;
+}
