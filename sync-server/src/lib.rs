@@ -5,6 +5,7 @@
 
 mod blobs;
 mod geoip;
+mod import;
 mod limits;
 mod mailer;
 pub mod relay;

@@ -84,6 +84,7 @@ pub async fn run(
         .merge(crate::widget::routes())
         .merge(crate::whatsapp::routes())
         .merge(crate::blobs::routes(relay.config.max_blob_bytes))
+        .merge(crate::import::routes())
         .with_state(relay.clone());
     info!(addr = %listener.local_addr()?, data = %relay.config.data_dir.display(), "relay listening");
     tokio::spawn(async move {
@@ -416,12 +417,16 @@ impl Relay {
         if touched {
             return Err(format!("document {doc_id}: sent messages cannot be changed or deleted; refused"));
         }
-        if added.iter().any(|m| match &m.author {
-            crewdesk::domain::Author::Crew { agent: a } => a != agent,
-            crewdesk::domain::Author::Customer => false,
-            crewdesk::domain::Author::System => true,
-        }) {
-            return Err(format!("document {doc_id}: agents send messages only in their own name; refused"));
+        for m in &added {
+            match &m.author {
+                crewdesk::domain::Author::Crew { agent: a } if a == agent => {}
+                crewdesk::domain::Author::Customer => {
+                    return Err(format!(
+                        "document {doc_id}: customer messages come only from the customer's channel or an admin's import; refused"
+                    ));
+                }
+                _ => return Err(format!("document {doc_id}: agents send messages only in their own name; refused")),
+            }
         }
         let chunk = stored.doc.save_after(before);
         self.commit(doc_id, &stored.team, chunk).await.map_err(|e| {

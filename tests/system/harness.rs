@@ -3,11 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 use crewdesk::demo;
-use crewdesk::domain::{
-    AgentId, Author, Channel, ConversationId, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp,
-};
+use crewdesk::domain::{AgentId, Channel, ConversationId, MessageBody, Timestamp};
 use crewdesk::replica::Replica;
-use crewdesk::replica::doc::NewConversation;
 use crewdesk::sync::wire::{PeerMetadata, WireMessage};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -107,6 +104,39 @@ impl TestRelay {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// A customer's conversation with their first message ("Hello?", id `m-first`), imported by an
+    /// admin of `team` (customer messages never come from replicas).
+    pub async fn customer_conversation(&self, admin_token: &str, team: &str, channel: Channel) -> ConversationId {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/import/conversations", self.url()))
+            .bearer_auth(admin_token)
+            .json(&serde_json::json!({
+                "team": team,
+                "channel": channel,
+                "customer": { "name": "Maya Hansen", "email": "maya@example.com" },
+                "text": "Hello?",
+                "id": "m-first",
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let v: serde_json::Value = r.json().await.unwrap();
+        ConversationId(v["conversation"].as_str().unwrap().to_owned())
+    }
+
+    /// The customer writes (through an admin's import); false when the relay refused or was down.
+    pub async fn customer_writes(&self, admin_token: &str, id: &ConversationId, text: &str, at: Timestamp) -> bool {
+        let sent = reqwest::Client::new()
+            .post(format!("{}/api/import/conversations/{}/messages", self.url(), id.0))
+            .bearer_auth(admin_token)
+            .json(&serde_json::json!({ "text": text, "at": at.0 }))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        sent.is_ok_and(|r| r.status().is_success())
+    }
 }
 
 /// A replica with its sync driver.
@@ -182,6 +212,11 @@ impl Agent {
             client.upload_now();
         }
         hash
+    }
+
+    /// Waits (at most 20 s) until this replica has the conversation.
+    pub async fn has(&self, id: &ConversationId) {
+        eventually(20, "the replica has the conversation", || self.with(|r| r.summary(id).is_some())).await;
     }
 
     /// Waits (at most 10 s) until the sync driver is connected.
@@ -268,31 +303,6 @@ impl RawClient {
             }
         }
     }
-}
-
-/// A new web-widget-or-other conversation of `team` with one customer message, as a gateway makes it.
-pub fn new_conversation(team: &str, channel: Channel) -> (NewConversation, Message) {
-    let id = crewdesk::replica::doc::new_conversation_id(&mut rand::rng());
-    let now = Timestamp::now();
-    let new = NewConversation {
-        id: id.clone(),
-        team: TeamId::from(team),
-        channel,
-        customer: Customer {
-            id: CustomerId::from("cust-1"),
-            name: "Maya Hansen".into(),
-            email: Some("maya@example.com".into()),
-            ..Default::default()
-        },
-        created_at: now,
-    };
-    let first = Message {
-        id: MessageId::from("m-first"),
-        at: now,
-        author: Author::Customer,
-        body: MessageBody::Text { text: "Hello?".into() },
-    };
-    (new, first)
 }
 
 /// A real (minimal) SMTP server on loopback that keeps every message it accepts.

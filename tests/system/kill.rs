@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use system_tests::{Agent, TestRelay, eventually, new_conversation};
+use system_tests::{Agent, TestRelay, eventually};
 
 fn relay_binary() -> PathBuf {
     // The workspace's binaries live next to the test executables' parent directory; build the
@@ -76,9 +76,7 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
 
     let agents: Vec<(&str, Agent)> =
         ["bob", "carol", "erin"].into_iter().map(|a| (a, Agent::start(&setup, &tokens, a))).collect();
-    let (new, first) = new_conversation(demo::SALES, Channel::Email);
-    let id = new.id.clone();
-    agents[0].1.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    let id = setup.customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
     for (_, a) in &agents {
         eventually(20, "everyone has the conversation", || a.with(|r| r.summary(&id).is_some())).await;
         a.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());

@@ -7,7 +7,7 @@ use crewdesk::domain::access::GrabState;
 use crewdesk::domain::{Author, Channel, ConversationId, Message, MessageBody, TeamId, Timestamp};
 use crewdesk::replica::doc::{self};
 use crewdesk::sync::wire::WireMessage;
-use system_tests::{Agent, RawClient, TestRelay, eventually, new_conversation};
+use system_tests::{Agent, RawClient, TestRelay, eventually};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 fn text(t: &str) -> MessageBody {
@@ -22,9 +22,8 @@ async fn two_agents_see_each_other_through_the_relay() {
     let carol = Agent::start(&relay, &tokens, "carol");
     bob.connected().await;
     carol.connected().await;
-    let (new, first) = new_conversation(demo::SALES, Channel::WebWidget);
-    let id = new.id.clone();
-    bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    bob.has(&id).await;
     bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
     bob.act(&id, |r| r.send(&id, text("Hi Maya, Bob here."), Timestamp::now()).unwrap());
     eventually(10, "carol sees bob's reply", || carol.message_texts(&id) == ["Hello?", "Hi Maya, Bob here."]).await;
@@ -50,9 +49,8 @@ async fn offline_sends_are_delivered_once_in_order_after_the_relay_restarts() {
     let bob = Agent::start(&relay, &tokens, "bob");
     let carol = Agent::start(&relay, &tokens, "carol");
     bob.connected().await;
-    let (new, first) = new_conversation(demo::SALES, Channel::Email);
-    let id = new.id.clone();
-    bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
+    bob.has(&id).await;
     bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
     eventually(10, "carol has the conversation", || carol.message_texts(&id).len() == 1).await;
     eventually(10, "bob is fully synced", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
@@ -83,9 +81,7 @@ async fn access_is_per_team_and_refusals_look_like_missing_documents() {
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let bob = Agent::start(&relay, &tokens, "bob");
     bob.connected().await;
-    let (new, first) = new_conversation(demo::SALES, Channel::WhatsApp);
-    let sales_id = new.id.clone();
-    bob.act(&sales_id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    let sales_id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WhatsApp).await;
     eventually(10, "stored on the relay", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
 
     // dave is only in Support: the Sales conversation is "unavailable", like one that does not exist.
@@ -140,9 +136,7 @@ async fn grab_race_has_exactly_one_owner_on_every_replica() {
     for r in &reps {
         r.connected().await;
     }
-    let (new, first) = new_conversation(demo::SUPPORT, Channel::WebWidget);
-    let id = new.id.clone();
-    ada.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    let id = relay.customer_conversation(&tokens["ada"], demo::SUPPORT, Channel::WebWidget).await;
     for r in &reps {
         eventually(10, "the representative has the conversation", || r.with(|x| x.summary(&id).is_some())).await;
     }
@@ -182,9 +176,7 @@ async fn hostile_input_gets_an_error_and_everyone_else_keeps_syncing() {
     let carol = Agent::start(&relay, &tokens, "carol");
     bob.connected().await;
     carol.connected().await;
-    let (new, first) = new_conversation(demo::SALES, Channel::Email);
-    let id = new.id.clone();
-    bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
     eventually(10, "carol has it", || carol.message_texts(&id).len() == 1).await;
 
     let mut evil = RawClient::connect(&relay, Some(&tokens["erin"])).await;
@@ -235,9 +227,8 @@ async fn npm_automerge_repo_client_reads_and_appends() {
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let bob = Agent::start(&relay, &tokens, "bob");
     bob.connected().await;
-    let (new, first) = new_conversation(demo::SALES, Channel::WebWidget);
-    let id = new.id.clone();
-    bob.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    bob.has(&id).await;
     bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
     bob.act(&id, |r| r.send(&id, text("Written in Rust"), Timestamp::now()).unwrap());
     eventually(10, "stored on the relay", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
@@ -245,7 +236,7 @@ async fn npm_automerge_repo_client_reads_and_appends() {
     let url = format!("ws://{}/?token={}", relay.addr, tokens["carol"]);
     let output = tokio::process::Command::new("node")
         .arg(interop.join("append.mjs"))
-        .args([url.as_str(), id.as_str(), "m-from-npm", "Written by an npm automerge-repo client"])
+        .args([url.as_str(), id.as_str(), "m-from-npm", "Written by an npm automerge-repo client", "carol"])
         .output()
         .await
         .expect("node runs");
@@ -259,13 +250,14 @@ async fn npm_automerge_repo_client_reads_and_appends() {
     .await;
     let summary = bob.with(|r| r.summary(&id).unwrap().clone());
     assert_eq!(summary.message_count, 3);
-    assert!(summary.waiting_since.is_some(), "a customer message waits for a reply");
+    let last = bob.with(|r| r.stored_messages(&id).unwrap().pop().unwrap());
+    assert_eq!(last.author, doc::crew(&"carol".into()), "written in carol's name, as her token says");
 
     // A token for a team without this conversation gets "unavailable" from the npm client too.
     let url = format!("ws://{}/?token={}", relay.addr, tokens["dave"]);
     let output = tokio::process::Command::new("node")
         .arg(interop.join("append.mjs"))
-        .args([url.as_str(), id.as_str(), "m-denied", "should not arrive"])
+        .args([url.as_str(), id.as_str(), "m-denied", "should not arrive", "dave"])
         .output()
         .await
         .expect("node runs");
@@ -295,10 +287,8 @@ async fn fifty_simultaneous_grabs_some_offline_have_one_owner() {
     }
     let ada = Agent::start(&relay, &tokens, "ada");
     let mut reps: Vec<Agent> = names.iter().map(|n| Agent::start(&relay, &tokens, n)).collect();
-    let (new, first) = new_conversation(demo::SUPPORT, Channel::WhatsApp);
-    let id = new.id.clone();
+    let id = relay.customer_conversation(&tokens["ada"], demo::SUPPORT, Channel::WhatsApp).await;
     ada.connected().await;
-    ada.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
     for r in &reps {
         eventually(30, "every representative has the conversation", || r.with(|x| x.summary(&id).is_some())).await;
     }
@@ -349,10 +339,8 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let ada = Agent::start(&relay, &tokens, "ada");
     ada.connected().await;
-    let (new, first) = new_conversation(demo::SUPPORT, Channel::Email);
-    let id = new.id.clone();
-    ada.act(&id, |r| r.create_conversation(&new, Some(first)).unwrap());
-    eventually(10, "stored", || ada.with(|r| r.unsynced().unwrap().0) == 0).await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SUPPORT, Channel::Email).await;
+    ada.has(&id).await;
 
     // dave fetches the document with the bare protocol, writes himself in as owner, and syncs.
     let mut dave = RawClient::connect(&relay, Some(&tokens["dave"])).await;
@@ -392,7 +380,7 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
     // Forgeries dave tries, one at a time (each from the relay's last state): putting bob in the room,
     // asking to grab in erin's name, and finally recording himself as the owner.
     type Forge = fn(&mut automerge::transaction::Transaction<'_>) -> Result<(), doc::DocError>;
-    let forgeries: [(&str, Forge); 6] = [
+    let forgeries: [(&str, Forge); 7] = [
         ("join and leave only for themselves", |tx| doc::set_in_room(tx, &"bob".into(), true)),
         ("grab only for themselves", |tx| doc::request_grab(tx, &"erin".into(), Timestamp(1))),
         ("cannot be changed or deleted", |tx| {
@@ -418,6 +406,11 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
                 author: doc::crew(&"erin".into()),
                 body: text("Refund approved"),
             };
+            doc::add_message(tx, &m)
+        }),
+        ("come only from the customer's channel", |tx| {
+            let m =
+                Message { id: "m-cust".into(), at: Timestamp(2), author: Author::Customer, body: text("Refund me") };
             doc::add_message(tx, &m)
         }),
         ("only in their own name", |tx| {
@@ -741,4 +734,50 @@ async fn an_https_relay_address_is_reached_over_tls() {
         "{error}"
     );
     client.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_import_customer_conversations_and_nobody_else_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    let post = |path: String, token: &str, body: serde_json::Value| {
+        let request = reqwest::Client::new().post(format!("{}{path}", relay.url())).bearer_auth(token).json(&body);
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let start = |team: &str| serde_json::json!({ "team": team, "channel": "email", "customer": { "name": "Rosa Diaz", "email": "rosa@example.com" }, "text": "Imported question", "id": "ticket-17" });
+    // Only an admin of the team: a representative is told so, anyone else learns nothing.
+    assert_eq!(post("/api/import/conversations".into(), &tokens["bob"], start(demo::SALES)).await.0, 403);
+    assert_eq!(post("/api/import/conversations".into(), &tokens["dave"], start(demo::SALES)).await.0, 404);
+    assert_eq!(post("/api/import/conversations".into(), "forged", start(demo::SALES)).await.0, 404);
+    let (status, answer) =
+        post("/api/import/conversations".into(), &tokens["ada"], serde_json::json!({ "team": "sales" })).await;
+    assert_eq!(status, 400, "{answer}");
+    let mut bad = start(demo::SALES);
+    bad["customer"]["email"] = "not an email".into();
+    assert_eq!(post("/api/import/conversations".into(), &tokens["ada"], bad).await.0, 400);
+
+    let (status, answer) = post("/api/import/conversations".into(), &tokens["erin"], start(demo::SALES)).await;
+    assert_eq!(status, 201, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let id = ConversationId(v["conversation"].as_str().unwrap().to_owned());
+    bob.has(&id).await;
+    let s = bob.with(|r| r.summary(&id).unwrap().clone());
+    assert_eq!((s.channel, s.customer.name.as_str()), (Channel::Email, "Rosa Diaz"));
+    assert!(s.waiting_since.is_some(), "an imported customer message waits for a reply");
+
+    // More customer messages; with an id the import is idempotent.
+    let path = format!("/api/import/conversations/{}/messages", id.0);
+    let follow_up = serde_json::json!({ "text": "Any news?", "id": "ticket-17-2" });
+    assert_eq!(post(path.clone(), &tokens["erin"], follow_up.clone()).await.0, 201);
+    assert_eq!(post(path.clone(), &tokens["erin"], follow_up).await.0, 200);
+    assert_eq!(post(path.clone(), &tokens["bob"], serde_json::json!({ "text": "forged" })).await.0, 403);
+    assert_eq!(post(path.clone(), &tokens["dave"], serde_json::json!({ "text": "forged" })).await.0, 404);
+    assert_eq!(post(path, &tokens["erin"], serde_json::json!({ "text": "   " })).await.0, 400);
+    eventually(10, "bob sees the follow-up once", || bob.message_texts(&id) == ["Imported question", "Any news?"])
+        .await;
+    relay.stop().await;
 }

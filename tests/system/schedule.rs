@@ -7,7 +7,7 @@ use crewdesk::demo;
 use crewdesk::domain::{Channel, CustomerEdit, MessageBody, Timestamp};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
-use system_tests::{Agent, TestRelay, eventually, new_conversation};
+use system_tests::{Agent, TestRelay, eventually};
 
 const AGENTS: [&str; 5] = ["ada", "bob", "carol", "dave", "erin"];
 
@@ -18,9 +18,7 @@ async fn run(seed: u64) {
     let mut agents: Vec<Agent> = AGENTS.iter().map(|a| Agent::start(&relay, &tokens, a)).collect();
     let mut conversations = Vec::new();
     for (i, team) in [demo::SALES, demo::SUPPORT].into_iter().enumerate() {
-        let (new, first) = new_conversation(team, Channel::ALL[i]);
-        agents[0].act(&new.id, |r| r.create_conversation(&new, Some(first)).unwrap());
-        conversations.push(new.id);
+        conversations.push(relay.customer_conversation(&tokens["ada"], team, Channel::ALL[i]).await);
     }
     let mut texts = 0;
     for step in 0..60 {
@@ -49,9 +47,8 @@ async fn run(seed: u64) {
                 });
             }
             7 => {
-                if agents[a].act(&id, |r| {
-                    r.record_customer_message(&id, MessageBody::Text { text: format!("customer {step}") }, at).is_ok()
-                }) {
+                // The customer writes (through the relay, never through a replica).
+                if relay.customer_writes(&tokens["ada"], &id, &format!("customer {step}"), at).await {
                     texts += 1;
                 }
             }
