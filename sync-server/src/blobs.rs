@@ -84,8 +84,23 @@ async fn store_upload(
     bytes: Bytes,
     expected: Option<&str>,
 ) -> Result<BlobInfo, Response> {
+    store_bytes(relay, doc_id, declared, bytes, expected).await.map_err(|(status, e)| bad(status, e))
+}
+
+/// Checks a file (hash, type from its content, size), stores it durably with its thumbnail and
+/// records that it was sent in `doc_id`. Errors carry the HTTP status that fits them.
+pub(crate) async fn store_bytes(
+    relay: &Arc<Relay>,
+    doc_id: &str,
+    declared: &str,
+    bytes: Bytes,
+    expected: Option<&str>,
+) -> Result<BlobInfo, (StatusCode, String)> {
     if bytes.is_empty() {
-        return Err(bad(StatusCode::BAD_REQUEST, "the file is empty"));
+        return Err((StatusCode::BAD_REQUEST, "the file is empty".into()));
+    }
+    if bytes.len() > relay.config().max_blob_bytes {
+        return Err((StatusCode::PAYLOAD_TOO_LARGE, "the file is larger than this relay accepts".into()));
     }
     let dir = relay.config().data_dir.join("blobs");
     let (declared, doc_id) = (declared.to_owned(), doc_id.to_owned());
@@ -113,13 +128,12 @@ async fn store_upload(
         Ok(BlobInfo { hash, size: bytes.len() as u64, mime, thumbnail: thumb.is_some() })
     })
     .await
-    .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|(status, e)| bad(status, e))?;
+    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let info = stored.clone();
     relay
         .blocking(move |s| s.put_blob(&info, &doc_id))
         .await
-        .map_err(|e| bad(StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be recorded: {e}")))?;
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be recorded: {e}")))?;
     Ok(stored)
 }
 

@@ -157,6 +157,20 @@ struct Inbound {
     #[serde(rename = "type")]
     kind: String,
     text: Option<TextBody>,
+    image: Option<Media>,
+    document: Option<Media>,
+    sticker: Option<Media>,
+    audio: Option<Media>,
+    video: Option<Media>,
+}
+
+/// A media message's reference: the file is fetched from the Graph API by its id.
+#[derive(serde::Deserialize)]
+struct Media {
+    id: String,
+    mime_type: Option<String>,
+    filename: Option<String>,
+    caption: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -217,59 +231,152 @@ async fn receive(relay: &Arc<Relay>, team: &TeamId, m: &Inbound, name: Option<&s
     // WhatsApp's own timestamp (seconds) is when the customer wrote: the 24 h window counts from it.
     let at = m.timestamp.parse::<i64>().ok().map(|s| Timestamp(s.saturating_mul(1000))).filter(|t| t.0 > 0);
     let at = at.map_or(now, |t| t.min(now));
-    let text = match (&m.kind[..], &m.text) {
-        ("text", Some(t)) if !t.body.trim().is_empty() => t.body.clone(),
-        (kind, _) => format!("The customer sent a WhatsApp {kind} message, which Crewdesk does not show yet."),
-    };
-    let body = MessageBody::Text { text };
-    body.validate().map_err(|e| e.to_string())?;
-    // The message id follows from WhatsApp's, so storing it twice writes the same message.
-    let id = MessageId(format!("wa-{}", &to_hex(&Sha256::digest(m.id.as_bytes()))[..32]));
-    let message = Message { id, at, author: Author::Customer, body };
+    // The contact's conversation id is stored before the conversation, so a crash in between leads
+    // to the same conversation on retry, not a second one.
     let (t, from) = (team.clone(), m.from.clone());
     let known = blocking(relay, move |s| s.whatsapp_contact(&t, &from)).await?;
     let exists = match &known {
         Some(doc_id) => {
             let id = doc_id.clone();
-            blocking(relay, move |s| Ok(s.load_document(&id)?.is_some())).await?
+            blocking(relay, move |s| Ok(s.document_team(&id)?.is_some())).await?
         }
         None => false,
     };
-    let doc_id = match known {
-        Some(doc_id) if exists => {
-            relay.change_as_relay(&doc_id, |tx| doc::add_message(tx, &message)).await?;
-            doc_id
+    let doc_id = known.unwrap_or_else(|| doc::new_conversation_id(&mut rand::rng()).0);
+    if !exists {
+        let (t, from, id) = (team.clone(), m.from.clone(), doc_id.clone());
+        blocking(relay, move |s| s.set_whatsapp_contact(&t, &from, &id)).await?;
+    }
+    // Message ids follow from WhatsApp's, so storing a message twice writes the same message.
+    let base = format!("wa-{}", &to_hex(&Sha256::digest(m.id.as_bytes()))[..32]);
+    let mut messages = Vec::new();
+    for (suffix, body) in bodies(relay, &doc_id, m).await? {
+        body.validate().map_err(|e| e.to_string())?;
+        messages.push(Message { id: MessageId(format!("{base}{suffix}")), at, author: Author::Customer, body });
+    }
+    let Some(first) = messages.first() else { return Ok(()) };
+    if exists {
+        relay
+            .change_as_relay(&doc_id, |tx| messages.iter().try_for_each(|message| doc::add_message(tx, message)))
+            .await?;
+    } else {
+        let phone = format!("+{}", m.from);
+        let new = NewConversation {
+            id: crewdesk::domain::ConversationId(doc_id.clone()),
+            team: team.clone(),
+            channel: Channel::WhatsApp,
+            customer: Customer {
+                id: CustomerId(format!("whatsapp-{}", m.from)),
+                name: name
+                    .map(|n| n.chars().filter(|c| !c.is_control()).take(100).collect::<String>())
+                    .filter(|n| !n.trim().is_empty())
+                    .unwrap_or_else(|| phone.clone()),
+                email: None,
+                phone: Some(phone),
+                notes: None,
+            },
+            created_at: at,
+        };
+        relay.create_as_relay(&new, first).await?;
+        if messages.len() > 1 {
+            relay
+                .change_as_relay(&doc_id, |tx| {
+                    messages[1..].iter().try_for_each(|message| doc::add_message(tx, message))
+                })
+                .await?;
         }
-        known => {
-            // The contact's conversation id is stored before the conversation, so a crash in between
-            // leads to the same conversation on retry, not a second one.
-            let id = known.map_or_else(|| doc::new_conversation_id(&mut rand::rng()), crewdesk::domain::ConversationId);
-            let (t, from, doc_id) = (team.clone(), m.from.clone(), id.0.clone());
-            blocking(relay, move |s| s.set_whatsapp_contact(&t, &from, &doc_id)).await?;
-            let phone = format!("+{}", m.from);
-            let new = NewConversation {
-                id: id.clone(),
-                team: team.clone(),
-                channel: Channel::WhatsApp,
-                customer: Customer {
-                    id: CustomerId(format!("whatsapp-{}", m.from)),
-                    name: name
-                        .map(|n| n.chars().filter(|c| !c.is_control()).take(100).collect::<String>())
-                        .filter(|n| !n.trim().is_empty())
-                        .unwrap_or_else(|| phone.clone()),
-                    email: None,
-                    phone: Some(phone),
-                    notes: None,
-                },
-                created_at: at,
-            };
-            relay.create_as_relay(&new, &message).await?;
-            info!(doc_id = %id, "WhatsApp conversation started");
-            id.0
-        }
-    };
+        info!(%doc_id, "WhatsApp conversation started");
+    }
     let wamid = m.id.clone();
     blocking(relay, move |s| s.mark_whatsapp_seen(&wamid, &doc_id)).await
+}
+
+/// What a WhatsApp message becomes: its text; or its file (fetched from the Graph API into the blob
+/// store) and caption; or a note for kinds Crewdesk does not show. Each with the suffix of its id.
+async fn bodies(relay: &Arc<Relay>, doc_id: &str, m: &Inbound) -> Result<Vec<(&'static str, MessageBody)>, String> {
+    let note = |kind: &str| {
+        let text = format!("The customer sent a WhatsApp {kind} message, which Crewdesk does not show yet.");
+        vec![("", MessageBody::Text { text })]
+    };
+    let media = match m.kind.as_str() {
+        "text" => {
+            return Ok(match &m.text {
+                Some(t) if !t.body.trim().is_empty() => vec![("", MessageBody::Text { text: t.body.clone() })],
+                _ => note("empty"),
+            });
+        }
+        "image" => &m.image,
+        "document" => &m.document,
+        "sticker" => &m.sticker,
+        "audio" => &m.audio,
+        "video" => &m.video,
+        kind => return Ok(note(kind)),
+    };
+    let Some(media) = media else { return Ok(note(&m.kind)) };
+    let Some(config) = relay.whatsapp().cloned() else { return Ok(note(&m.kind)) };
+    let (bytes, mime) = fetch_media(&config, &media.id, relay.config().max_blob_bytes).await?;
+    if bytes.is_empty() {
+        return Ok(note(&m.kind));
+    }
+    let mime = media.mime_type.clone().unwrap_or(mime);
+    let info = match crate::blobs::store_bytes(relay, doc_id, &mime, bytes.into(), None).await {
+        Ok(info) => info,
+        // Not a kind of file the relay keeps (audio, video, ...): say so instead.
+        Err((axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE | axum::http::StatusCode::PAYLOAD_TOO_LARGE, _)) => {
+            return Ok(note(&m.kind));
+        }
+        Err((_, e)) => return Err(e),
+    };
+    let extension = info.mime.rsplit('/').next().unwrap_or("bin").to_owned();
+    let file_name = media
+        .filename
+        .as_deref()
+        .map(|n| {
+            n.rsplit(['/', '\\']).next().unwrap_or(n).chars().filter(|c| !c.is_control()).take(200).collect::<String>()
+        })
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| format!("whatsapp-{}.{extension}", m.kind));
+    let mut out = vec![(
+        "",
+        MessageBody::Attachment { blob: format!("sha256:{}", info.hash), file_name, mime: info.mime, size: info.size },
+    )];
+    if let Some(caption) = media.caption.as_ref().filter(|c| !c.trim().is_empty()) {
+        out.push(("-caption", MessageBody::Text { text: caption.clone() }));
+    }
+    Ok(out)
+}
+
+/// Downloads a customer's media: its URL from `{api_base}/{media_id}`, then the file, both with the
+/// access token. Failures are errors (the webhook answers 503 and WhatsApp retries).
+async fn fetch_media(config: &WhatsAppConfig, media_id: &str, max: usize) -> Result<(Vec<u8>, String), String> {
+    if media_id.is_empty() || !media_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(format!("invalid media id {media_id:?}"));
+    }
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().map_err(|e| e.to_string())?;
+    let meta: serde_json::Value = client
+        .get(format!("{}/{media_id}", config.api_base.trim_end_matches('/')))
+        .bearer_auth(&config.access_token)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| format!("WhatsApp media {media_id}: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("WhatsApp media {media_id}: {e}"))?;
+    let url = meta["url"].as_str().ok_or_else(|| format!("WhatsApp media {media_id}: no url"))?;
+    let mime = meta["mime_type"].as_str().unwrap_or("application/octet-stream").to_owned();
+    let response = client
+        .get(url)
+        .bearer_auth(&config.access_token)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| format!("WhatsApp media {media_id}: {e}"))?;
+    if response.content_length().is_some_and(|n| n as usize > max) {
+        return Ok((Vec::new(), mime));
+    }
+    let bytes = response.bytes().await.map_err(|e| format!("WhatsApp media {media_id}: {e}"))?;
+    Ok((bytes.to_vec(), mime))
 }
 
 async fn blocking<T: Send + 'static>(

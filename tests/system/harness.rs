@@ -377,6 +377,8 @@ pub struct GraphStandIn {
     pub refused: Arc<Mutex<Vec<String>>>,
     /// Uploaded media: (type, bytes); media ids are `media-1`, `media-2`, ... in this order.
     pub media: Arc<Mutex<Vec<Upload>>>,
+    /// Media customers sent, by media id, for the relay to fetch.
+    pub inbound: Arc<Mutex<HashMap<String, Upload>>>,
 }
 
 impl GraphStandIn {
@@ -455,13 +457,54 @@ impl GraphStandIn {
                 (StatusCode::OK, axum::Json(serde_json::json!({ "id": format!("media-{n}") })))
             }
         };
-        let app = axum::Router::new()
-            .route(&path, axum::routing::post(handler))
-            .route(&format!("/v21.0/{phone_number_id}/media"), axum::routing::post(media_handler));
+        // Customers' media: `GET /{version}/{media-id}` names a URL, which gives the file; both need the token.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let inbound: Arc<Mutex<HashMap<String, Upload>>> = Arc::default();
+        let auth = format!("Bearer {access_token}");
+        let authorized = move |headers: &HeaderMap| {
+            headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(auth.as_str())
+        };
+        let (files, ok_auth) = (inbound.clone(), authorized.clone());
+        let media_url = move |headers: HeaderMap, axum::extract::Path(id): axum::extract::Path<String>| {
+            let (files, ok_auth) = (files.clone(), ok_auth.clone());
+            async move {
+                let known = files.lock().unwrap().get(&id).map(|(mime, _)| mime.clone());
+                match (ok_auth(&headers), known) {
+                    (false, _) => (
+                        StatusCode::UNAUTHORIZED,
+                        axum::Json(serde_json::json!({ "error": { "message": "Invalid OAuth access token" } })),
+                    ),
+                    (true, None) => (
+                        StatusCode::NOT_FOUND,
+                        axum::Json(serde_json::json!({ "error": { "message": "no such media" } })),
+                    ),
+                    (true, Some(mime)) => (
+                        StatusCode::OK,
+                        axum::Json(
+                            serde_json::json!({ "id": id, "mime_type": mime, "url": format!("http://{addr}/files/{id}") }),
+                        ),
+                    ),
+                }
+            }
+        };
+        let files = inbound.clone();
+        let media_file = move |headers: HeaderMap, axum::extract::Path(id): axum::extract::Path<String>| {
+            let (files, ok_auth) = (files.clone(), authorized.clone());
+            async move {
+                match (ok_auth(&headers), files.lock().unwrap().get(&id).cloned()) {
+                    (true, Some((_, bytes))) => (StatusCode::OK, bytes),
+                    _ => (StatusCode::NOT_FOUND, Vec::new()),
+                }
+            }
+        };
+        let app = axum::Router::new()
+            .route(&path, axum::routing::post(handler))
+            .route(&format!("/v21.0/{phone_number_id}/media"), axum::routing::post(media_handler))
+            .route("/v21.0/{id}", axum::routing::get(media_url))
+            .route("/files/{id}", axum::routing::get(media_file));
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        GraphStandIn { base: format!("http://{addr}/v21.0"), accepted, refused, media }
+        GraphStandIn { base: format!("http://{addr}/v21.0"), accepted, refused, media, inbound }
     }
 
     pub fn accepted(&self) -> Vec<serde_json::Value> {

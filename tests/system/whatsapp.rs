@@ -13,13 +13,18 @@ use system_tests::{Agent, GraphStandIn, TestRelay, eventually};
 const SECRET: &str = "app-secret-for-tests";
 
 fn webhook_body(wamid: &str, from: &str, name: &str, text: &str, at_secs: i64) -> String {
+    let message = serde_json::json!({ "from": from, "id": wamid, "timestamp": at_secs.to_string(), "type": "text", "text": { "body": text } });
+    webhook_with(from, name, message)
+}
+
+fn webhook_with(from: &str, name: &str, message: serde_json::Value) -> String {
     serde_json::json!({
         "object": "whatsapp_business_account",
         "entry": [{ "id": "102290129340398", "changes": [{ "field": "messages", "value": {
             "messaging_product": "whatsapp",
             "metadata": { "display_phone_number": "15550783881", "phone_number_id": "106540352242922" },
             "contacts": [{ "profile": { "name": name }, "wa_id": from }],
-            "messages": [{ "from": from, "id": wamid, "timestamp": at_secs.to_string(), "type": "text", "text": { "body": text } }],
+            "messages": [message],
         }}]}],
     })
     .to_string()
@@ -146,6 +151,48 @@ async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
     assert_eq!(of_type("document")["document"]["id"], media_id(&pdf).as_str());
     assert_eq!(of_type("document")["document"]["filename"], "delivery-note.pdf");
     assert!(sent.iter().all(|m| m.get("crewdesk_blob").is_none()), "internal fields never reach WhatsApp");
+
+    // The customer sends a photo with a caption: the relay fetches it from the Graph API into the
+    // blob store, and the crew gets it as an attachment. Audio is not kept: the crew gets a note.
+    graph.inbound.lock().unwrap().insert("1180355432".into(), ("image/png".into(), photo.clone()));
+    let image = webhook_with(
+        "4915112345678",
+        "Kofi Mensah",
+        serde_json::json!({ "from": "4915112345678", "id": "wamid.IMG1", "timestamp": now_secs.to_string(), "type": "image",
+            "image": { "id": "1180355432", "mime_type": "image/png", "sha256": "x", "caption": "The box arrived like this" } }),
+    );
+    assert_eq!(post_webhook(&relay, &image, Some(sign(SECRET, image.as_bytes()))).await, 200);
+    graph.inbound.lock().unwrap().insert("99001".into(), ("audio/ogg".into(), b"OggS\0\x02voice".to_vec()));
+    let audio = webhook_with(
+        "4915112345678",
+        "Kofi Mensah",
+        serde_json::json!({ "from": "4915112345678", "id": "wamid.AUD1", "timestamp": now_secs.to_string(), "type": "audio",
+            "audio": { "id": "99001", "mime_type": "audio/ogg" } }),
+    );
+    assert_eq!(post_webhook(&relay, &audio, Some(sign(SECRET, audio.as_bytes()))).await, 200);
+    eventually(10, "bob sees the photo, its caption and the note", || {
+        let texts = bob.message_texts(&id);
+        texts.iter().any(|t| t == "The box arrived like this") && texts.iter().any(|t| t.contains("audio message"))
+    })
+    .await;
+    let from_customer = bob.with(|r| r.stored_messages(&id).unwrap());
+    let hash = from_customer
+        .iter()
+        .find_map(|m| match (&m.author, &m.body) {
+            (Author::Customer, MessageBody::Attachment { blob, mime, .. }) if mime == "image/png" => {
+                Some(blob.trim_start_matches("sha256:").to_owned())
+            }
+            _ => None,
+        })
+        .expect("the photo is an attachment from the customer");
+    assert_eq!(sync_client::download_blob(bob.config(), &id, &hash, false).await.unwrap(), photo);
+    assert_eq!(post_webhook(&relay, &image, Some(sign(SECRET, image.as_bytes()))).await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        bob.message_texts(&id).iter().filter(|t| *t == "The box arrived like this").count(),
+        1,
+        "a retried photo changes nothing"
+    );
 
     // A customer who last wrote 25 hours ago: free text is refused on the replica, a template goes out.
     let old = webhook_body("wamid.BBB1", "447700900123", "Lena Fischer", "Hello?", now_secs - 25 * 3600);
