@@ -218,6 +218,8 @@ struct LoadResult {
     delivered: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// CPU seconds the load generator itself used during the run (it shares the machine).
+    generator_cpu: f64,
 }
 
 /// N agents; agent i follows conversation i % M; each sends K messages `every` apart.
@@ -308,6 +310,7 @@ async fn load(
     }
     barrier.wait().await;
     let started = Instant::now();
+    let generator_started = cpu_seconds(std::process::id());
     let (mut sent, mut delivered, mut dropped) = (0, 0, 0);
     for t in tasks {
         let (s, r, d) = t.await.unwrap();
@@ -318,7 +321,8 @@ async fn load(
     let elapsed = started.elapsed();
     let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
     latencies.sort();
-    LoadResult { sent, delivered, elapsed, latencies, dropped }
+    let generator_cpu = cpu_seconds(std::process::id()) - generator_started;
+    LoadResult { sent, delivered, elapsed, latencies, dropped, generator_cpu }
 }
 
 fn pct(v: &[Duration], p: f64) -> f64 {
@@ -413,13 +417,13 @@ async fn main() {
 
     println!();
     println!(
-        "| server | load | sent | fan-out deliveries (complete) | deliveries/s | fan-out p50 | fan-out p99 | server CPU per delivery | RSS (peak) |"
+        "| server | load | sent | fan-out deliveries (complete) | deliveries/s | fan-out p50 | fan-out p99 | server CPU per delivery | server / generator CPU (cores) | RSS (peak) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let per_conversation = n / m;
     for (name, every, cpu, mem, r) in &rows {
         println!(
-            "| {name} | a message every {} ms per agent | {} | {} of {}{} | {:.0} | {:.1} ms | {:.1} ms | {:.0} µs | {} MiB ({} MiB) |",
+            "| {name} | a message every {} ms per agent | {} | {} of {}{} | {:.0} | {:.1} ms | {:.1} ms | {:.0} µs | {:.2} / {:.2} | {} MiB ({} MiB) |",
             every.as_millis(),
             r.sent,
             r.delivered,
@@ -429,6 +433,8 @@ async fn main() {
             pct(&r.latencies, 0.5),
             pct(&r.latencies, 0.99),
             cpu * 1e6 / r.delivered.max(1) as f64,
+            cpu / r.elapsed.as_secs_f64(),
+            r.generator_cpu / r.elapsed.as_secs_f64(),
             mem.0 / 1024,
             mem.1 / 1024
         );
