@@ -252,6 +252,8 @@ async fn load(
             let peer = format!("agent{i}");
             let mut ws = connect(port, &token, &peer).await;
             let mut state = sync::State::new();
+            // Agents write only in conversations they have joined.
+            d.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &AgentId(format!("agent{i}")), true)).unwrap();
             if let Some(m) = d.generate_sync_message(&mut state) {
                 ws.send(sync_frame(&peer, id.as_str(), m)).await.unwrap();
             }

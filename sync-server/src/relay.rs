@@ -324,7 +324,7 @@ impl Relay {
                 let changed = stored.doc.get_heads() != before;
                 if let Err(reason) = match changed {
                     true => {
-                        self.commit_client_change(&doc_id, stored, &before, header_before.as_ref(), &session.agent.id)
+                        self.commit_client_change(&doc_id, stored, &before, header_before.as_ref(), &session.agent)
                             .await
                     }
                     false => Ok(()),
@@ -386,8 +386,9 @@ impl Relay {
         stored: &mut StoredDoc,
         before: &[automerge::ChangeHash],
         header_before: Option<&doc::DocHeader>,
-        agent: &AgentId,
+        who: &Agent,
     ) -> Result<(), String> {
+        let agent = &who.id;
         match doc::check_schema(&stored.doc) {
             Ok(true) => {}
             Ok(false) => return Err(format!("document {doc_id}: the change removed the conversation; refused")),
@@ -427,6 +428,24 @@ impl Relay {
                 }
                 _ => return Err(format!("document {doc_id}: agents send messages only in their own name; refused")),
             }
+        }
+        // The room rules of the core, for what they say about changes: messages come from agents in
+        // the room (joined in the same change, or leaving in it, counts), closing and editing the
+        // customer's details from them or from admins of the team.
+        let in_room = room_before.contains(agent) || room_after.contains(agent);
+        let admin = who.role_in(&stored.team) == Some(crewdesk::domain::Role::Admin);
+        if !added.is_empty() && !in_room {
+            return Err(format!(
+                "document {doc_id}: agents send messages only in conversations they have joined; refused"
+            ));
+        }
+        if header.closed_at != header_before.and_then(|h| h.closed_at) && !(in_room || admin) {
+            return Err(format!("document {doc_id}: only agents in the conversation, or admins, close it; refused"));
+        }
+        if header_before.is_some_and(|h| h.customer != header.customer) && !(in_room || admin) {
+            return Err(format!(
+                "document {doc_id}: only agents in the conversation, or admins, edit the customer's details; refused"
+            ));
         }
         let chunk = stored.doc.save_after(before);
         self.commit(doc_id, &stored.team, chunk).await.map_err(|e| {

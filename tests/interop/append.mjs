@@ -16,6 +16,7 @@ try {
   const texts = Object.values(doc.messages).sort((a, b) => a.at - b.at || (a.id < b.id ? -1 : 1)).map((m) => m.body.text)
   console.log("messages:", JSON.stringify(texts))
   handle.change((d) => {
+    d.room[agent] = true // join, then write: messages come from agents in the room
     d.messages[messageId] = { id: messageId, at: Date.now(), author: { kind: "crew", agent }, body: { kind: "text", text } }
   })
   const storageId = repo.getStorageIdOfPeer(repo.peers[0])

@@ -380,7 +380,7 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
     // Forgeries dave tries, one at a time (each from the relay's last state): putting bob in the room,
     // asking to grab in erin's name, and finally recording himself as the owner.
     type Forge = fn(&mut automerge::transaction::Transaction<'_>) -> Result<(), doc::DocError>;
-    let forgeries: [(&str, Forge); 7] = [
+    let forgeries: [(&str, Forge); 10] = [
         ("join and leave only for themselves", |tx| doc::set_in_room(tx, &"bob".into(), true)),
         ("grab only for themselves", |tx| doc::request_grab(tx, &"erin".into(), Timestamp(1))),
         ("cannot be changed or deleted", |tx| {
@@ -407,6 +407,15 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
                 body: text("Refund approved"),
             };
             doc::add_message(tx, &m)
+        }),
+        ("only in conversations they have joined", |tx| {
+            let m =
+                Message { id: "m-dave".into(), at: Timestamp(2), author: doc::crew(&"dave".into()), body: text("Hi") };
+            doc::add_message(tx, &m)
+        }),
+        ("or admins, close it", |tx| doc::close(tx, Timestamp(3))),
+        ("or admins, edit the customer's details", |tx| {
+            doc::edit_customer(tx, &crewdesk::domain::CustomerEdit { notes: Some("VIP".into()), ..Default::default() })
         }),
         ("come only from the customer's channel", |tx| {
             let m =
