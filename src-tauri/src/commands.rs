@@ -229,8 +229,7 @@ fn keep_blob(app: &AppHandle, hash: &str, bytes: &[u8]) -> CommandResult<std::pa
 /// The attachment's bytes: from the local blob store, else downloaded from the relay (checked
 /// against its hash) and kept.
 async fn blob_bytes(app: &AppHandle, desk: &Desk, id: &ConversationId, hash: &str) -> CommandResult<Vec<u8>> {
-    let valid = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
-    if !valid {
+    if !crewdesk::sync::is_blob_hash(hash) {
         return Err(CommandError::Invalid("not an attachment address".into()));
     }
     let local = desk::data_dir(app)?.join("blobs").join(hash);

@@ -7,8 +7,18 @@ pub mod presence;
 pub mod session;
 pub mod wire;
 
-/// An attachment's content address: sha256 in lowercase hex (messages say `sha256:<this>`).
-pub fn blob_hash(bytes: &[u8]) -> String {
+/// SHA-256 in lowercase hex (content addresses, token hashes, ids derived from other ids).
+pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An attachment's content address: sha256 in lowercase hex (messages say `sha256:<this>`).
+pub fn blob_hash(bytes: &[u8]) -> String {
+    sha256_hex(bytes)
+}
+
+/// True for a well-formed content address (64 lowercase hex digits); anything else names no file.
+pub fn is_blob_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }

@@ -35,10 +35,6 @@ fn not_found() -> Response {
     bad(StatusCode::NOT_FOUND, "no such file in this conversation")
 }
 
-fn valid_hash(hash: &str) -> bool {
-    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
-
 pub(crate) fn blob_path(dir: &FsPath, hash: &str) -> PathBuf {
     dir.join(&hash[..2]).join(hash)
 }
@@ -146,7 +142,7 @@ struct DownloadQuery {
 
 /// Serves a blob sent in `doc_id` (or its thumbnail) as a download, never as a page.
 async fn serve(relay: &Arc<Relay>, doc_id: String, hash: String, want_thumbnail: bool) -> Response {
-    if !valid_hash(&hash) {
+    if !crewdesk::sync::is_blob_hash(&hash) {
         return not_found();
     }
     let h = hash.clone();
@@ -192,7 +188,7 @@ async fn agent_upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !valid_hash(&hash) {
+    if !crewdesk::sync::is_blob_hash(&hash) {
         return bad(StatusCode::BAD_REQUEST, "the address must end with the file's sha256 in lowercase hex");
     }
     if agent_conversation(&relay, &headers, q.token, &doc_id).await.is_none() {

@@ -3,7 +3,6 @@
 
 use crewdesk::domain::{AgentId, Member, Role, Team, TeamId, TeamMode};
 use rusqlite::{Connection, OptionalExtension, params};
-use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -46,7 +45,7 @@ pub struct Store {
 }
 
 pub fn hash_token(token: &str) -> String {
-    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    crewdesk::sync::sha256_hex(token.as_bytes())
 }
 
 fn now_millis() -> i64 {

@@ -23,7 +23,7 @@ use crewdesk::domain::access::may_deliver_on_whatsapp;
 use crewdesk::domain::{Author, Channel, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp};
 use crewdesk::replica::doc::{self, NewConversation};
 use hmac::{Hmac, KeyInit, Mac};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -248,7 +248,7 @@ async fn receive(relay: &Arc<Relay>, team: &TeamId, m: &Inbound, name: Option<&s
         blocking(relay, move |s| s.set_whatsapp_contact(&t, &from, &id)).await?;
     }
     // Message ids follow from WhatsApp's, so storing a message twice writes the same message.
-    let base = format!("wa-{}", &to_hex(&Sha256::digest(m.id.as_bytes()))[..32]);
+    let base = format!("wa-{}", &crewdesk::sync::sha256_hex(m.id.as_bytes())[..32]);
     let mut messages = Vec::new();
     for (suffix, body) in bodies(relay, &doc_id, m).await? {
         body.validate().map_err(|e| e.to_string())?;
