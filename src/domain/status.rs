@@ -158,7 +158,10 @@ pub const WHATSAPP_WINDOW: i64 = 24 * Timestamp::HOUR;
 /// "Customer is offline. Email fallback activated": a web-widget customer who is offline and has
 /// an email address receives crew messages by email.
 pub fn email_fallback_active(s: &ConversationSummary) -> bool {
-    s.channel == Channel::WebWidget
-        && !s.presence.online
-        && s.customer.email.as_deref().is_some_and(|e| !e.trim().is_empty())
+    email_fallback_applies(s.channel, s.presence.online, s.customer.email.as_deref())
+}
+
+/// The same rule from its parts (the relay has the customer's presence, not a summary).
+pub fn email_fallback_applies(channel: Channel, customer_online: bool, email: Option<&str>) -> bool {
+    channel == Channel::WebWidget && !customer_online && email.is_some_and(|e| !e.trim().is_empty())
 }

@@ -467,13 +467,12 @@ impl Relay {
         added: &[crewdesk::domain::Message],
         header: &doc::DocHeader,
     ) {
-        if header.channel != crewdesk::domain::Channel::WebWidget {
+        let online = self.presence_of(doc_id).is_some_and(|p| p.online);
+        let email = header.customer.email.as_deref();
+        if !crewdesk::domain::status::email_fallback_applies(header.channel, online, email) {
             return;
         }
-        let Some(to) = header.customer.email.clone().filter(|e| !e.trim().is_empty()) else { return };
-        if self.presence_of(doc_id).is_some_and(|p| p.online) {
-            return;
-        }
+        let Some(to) = header.customer.email.clone() else { return };
         if !added.iter().any(|m| matches!(m.author, crewdesk::domain::Author::Crew { .. })) {
             return;
         }
