@@ -5,14 +5,7 @@
 
 use crewdesk::domain::{Author, ConversationId, MessageBody, Timestamp};
 use std::time::Duration;
-use system_tests::{Agent, TestRelay, eventually};
-
-fn png(width: u32, height: u32) -> Vec<u8> {
-    let image = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
-    let mut out = std::io::Cursor::new(Vec::new());
-    image.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
+use system_tests::{Agent, TestRelay, eventually, png};
 
 /// Starts a web-widget conversation in `team`; returns (session, conversation).
 async fn widget_conversation(relay: &TestRelay, team: &str, name: &str) -> (String, ConversationId) {

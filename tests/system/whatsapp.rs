@@ -8,7 +8,7 @@ use crewdesk::replica::ReplicaError;
 use crewdesk::replica::doc;
 use std::time::Duration;
 use sync_server::whatsapp::{WhatsAppConfig, sign};
-use system_tests::{Agent, GraphStandIn, TestRelay, eventually};
+use system_tests::{Agent, GraphStandIn, TestRelay, eventually, png};
 
 const SECRET: &str = "app-secret-for-tests";
 
@@ -127,12 +127,7 @@ async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
     assert!(graph.refused.lock().unwrap().is_empty(), "{:?}", graph.refused.lock().unwrap());
 
     // Files: uploaded to WhatsApp's media endpoint once the relay has them, then sent by media id.
-    let photo = {
-        let image = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 200]));
-        let mut out = std::io::Cursor::new(Vec::new());
-        image.write_to(&mut out, image::ImageFormat::Png).unwrap();
-        out.into_inner()
-    };
+    let photo = png(64, 48);
     bob.attach(&id, "label.png", "image/png", &photo);
     let pdf = b"%PDF-1.4 delivery note".to_vec();
     bob.attach(&id, "delivery-note.pdf", "application/pdf", &pdf);
