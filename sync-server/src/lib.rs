@@ -21,7 +21,11 @@ use std::time::Duration;
 /// `CREWDESK_*` environment variables.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Where blobs are kept, and the SQLite database unless `store` names PostgreSQL.
     pub data_dir: PathBuf,
+    /// `postgres://…` to share one PostgreSQL database between several relay instances, or
+    /// `sqlite://DIR`; `None` is SQLite in `data_dir`.
+    pub store: Option<String>,
     pub listen: SocketAddr,
     /// Largest WebSocket message accepted (bigger ones close the connection with an error).
     pub max_frame_bytes: usize,
@@ -56,6 +60,7 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     data_dir: Option<PathBuf>,
+    store: Option<String>,
     listen: Option<SocketAddr>,
     max_frame_bytes: Option<usize>,
     keepalive_secs: Option<u64>,
@@ -81,6 +86,7 @@ impl Config {
         let d = Config::default();
         Ok(Config {
             data_dir: file.data_dir.unwrap_or(d.data_dir),
+            store: file.store,
             listen: file.listen.unwrap_or(d.listen),
             max_frame_bytes: file.max_frame_bytes.unwrap_or(d.max_frame_bytes),
             keepalive: file.keepalive_secs.map_or(d.keepalive, Duration::from_secs),
@@ -102,6 +108,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("crewdesk-relay-data"),
+            store: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 3030)),
             max_frame_bytes: 8 * 1024 * 1024,
             keepalive: Duration::from_secs(5),
@@ -115,6 +122,16 @@ impl Default for Config {
             trust_forwarded_for: false,
             widget_starts_per_ip: 10,
             max_blob_bytes: 10 * 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// The store this configuration names.
+    pub fn store_url(&self) -> Result<store::StoreUrl, store::StoreError> {
+        match &self.store {
+            Some(url) => store::StoreUrl::parse(url),
+            None => Ok(store::StoreUrl::Sqlite(self.data_dir.clone())),
         }
     }
 }

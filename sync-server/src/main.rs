@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crewdesk::domain::{AgentId, Member, Team, TeamId, Thresholds};
 use std::path::PathBuf;
-use sync_server::store::{Store, parse_mode, parse_role};
+use sync_server::store::{Store, StoreUrl, parse_mode, parse_role};
 use sync_server::{Config, run};
 
 #[derive(Parser)]
@@ -17,6 +17,10 @@ struct Cli {
     /// Where the relay keeps its SQLite database [default: crewdesk-relay-data].
     #[arg(long, env = "CREWDESK_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// Where accounts and conversations are stored: sqlite://DIR (the default, in the data
+    /// directory) or postgres://USER@HOST:PORT/DATABASE, shared by several relay instances.
+    #[arg(long, env = "CREWDESK_STORE", global = true, hide_env_values = true)]
+    store: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -155,6 +159,16 @@ enum Command {
     List,
     /// Create the demo teams and agents, load the demo conversations, print a token per agent.
     SeedDemo,
+    /// Copy a deployment from SQLite into an empty PostgreSQL database, then verify row counts
+    /// and every conversation's heads. Stop the relay first (or copy again afterwards).
+    Migrate {
+        /// The SQLite store: sqlite://DIR, the relay's data directory.
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database: postgres://USER@HOST:PORT/DATABASE.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[tokio::main]
@@ -169,6 +183,9 @@ async fn main() -> anyhow::Result<()> {
     };
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
+    }
+    if let Some(store) = cli.store {
+        config.store = Some(store);
     }
     match cli.command {
         Command::Serve {
@@ -199,7 +216,22 @@ async fn main() -> anyhow::Result<()> {
             })
             .await
         }
-        command => admin(&Store::open(&config.data_dir)?, command),
+        Command::Migrate { from, to } => {
+            let from = match StoreUrl::parse(&from)? {
+                StoreUrl::Sqlite(dir) => dir,
+                StoreUrl::Postgres(_) => anyhow::bail!("--from must be sqlite://DIR"),
+            };
+            let StoreUrl::Postgres(to) = StoreUrl::parse(&to)? else { anyhow::bail!("--to must be postgres://...") };
+            let report =
+                tokio::task::spawn_blocking(move || sync_server::store::migrate::migrate(&from, &to)).await??;
+            println!("{report}");
+            Ok(())
+        }
+        command => {
+            // The store blocks (PostgreSQL's driver runs on a runtime of its own).
+            let url = config.store_url()?;
+            tokio::task::spawn_blocking(move || admin(&Store::connect(&url)?, command)).await?
+        }
     }
 }
 
@@ -280,7 +312,7 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                 println!("{agent} {}", store.issue_token(&AgentId::from(*agent), "demo")?);
             }
         }
-        Command::Serve { .. } => unreachable!("handled in main"),
+        Command::Serve { .. } | Command::Migrate { .. } => unreachable!("handled in main"),
     }
     Ok(())
 }

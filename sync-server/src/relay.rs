@@ -34,8 +34,10 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = Arc::new(Store::open(&config.data_dir)?);
-    let storage_id = store.storage_id()?;
+    let url = config.store_url()?;
+    let store = Arc::new(tokio::task::spawn_blocking(move || Store::connect(&url)).await??);
+    let s = store.clone();
+    let storage_id = tokio::task::spawn_blocking(move || s.storage_id()).await??;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (commits, commit_rx) = mpsc::channel(4096);
     tokio::spawn(committer(store.clone(), commit_rx));
@@ -60,6 +62,7 @@ pub async fn run(
         widget_starts: crate::limits::Limiter::new(config.widget_starts_per_ip, std::time::Duration::from_secs(600)),
         widget_uploads: crate::limits::Limiter::new(20, std::time::Duration::from_secs(600)),
         commits,
+        shared: store.backend() == "postgres",
         store,
         peer_id: format!("crewdesk-relay-{storage_id}"),
         storage_id,
@@ -73,6 +76,9 @@ pub async fn run(
         next_conn: AtomicU64::new(1),
         stop: stop_rx.clone(),
     });
+    if let Some(events) = relay.store.subscribe() {
+        tokio::spawn(follow_instances(relay.clone(), events, stop_rx.clone()));
+    }
     if let Some(wa) = relay.config.whatsapp.clone() {
         tokio::spawn(crate::whatsapp::run(relay.clone(), wa, whatsapp_wake, stop_rx.clone()));
     }
@@ -100,6 +106,8 @@ pub async fn run(
 
 pub struct Relay {
     store: Arc<Store>,
+    /// Other relay instances share the store (PostgreSQL): what they commit arrives as events.
+    shared: bool,
     peer_id: String,
     storage_id: String,
     actor: ActorId,
@@ -192,6 +200,9 @@ impl Session {
 struct DocEntry {
     loaded: bool,
     stored: Option<StoredDoc>,
+    /// The position of the last stored chunk in memory (other instances' chunks after it are
+    /// read when they announce them).
+    seq: i64,
     /// Documents a connection is creating: not stored (nor visible to anyone) until their first
     /// change shows a conversation of a team the agent belongs to.
     pending: HashMap<ConnId, (Automerge, sync::State)>,
@@ -259,10 +270,11 @@ impl Relay {
             return Ok(());
         }
         let owned = id.to_owned();
-        if let Some((team, bytes)) = self.blocking(move |s| s.load_document(&owned)).await? {
-            let doc = Automerge::load(&bytes)
+        if let Some(loaded) = self.blocking(move |s| s.load_document_at(&owned)).await? {
+            let doc = Automerge::load(&loaded.bytes)
                 .map_err(|err| StoreError::Invalid(format!("stored document {id} is unreadable: {err}")))?;
-            e.stored = Some(StoredDoc { doc: doc.with_actor(self.actor.clone()), team });
+            e.stored = Some(StoredDoc { doc: doc.with_actor(self.actor.clone()), team: loaded.team });
+            e.seq = loaded.seq;
         }
         e.loaded = true;
         Ok(())
@@ -279,7 +291,7 @@ impl Relay {
             session.send(unavailable());
             return;
         }
-        let message = match sync::Message::decode(&data) {
+        let mut message = match sync::Message::decode(&data) {
             Ok(m) => m,
             Err(e) => {
                 session.error(
@@ -291,90 +303,105 @@ impl Relay {
         };
         let entry = self.entry(&doc_id);
         let mut e = entry.lock().await;
-        if let Err(err) = self.ensure_loaded(&doc_id, &mut e).await {
-            warn!(%doc_id, %err, "cannot load document");
-            session.error(&self.peer_id, "the relay could not read this conversation; try again later");
-            return;
-        }
-        let e = &mut *e;
-        match &mut e.stored {
-            Some(stored) => {
-                if session.agent.role_in(&stored.team).is_none() {
-                    // Exactly like a missing document: no existence leak.
-                    session.send(unavailable());
-                    return;
-                }
-                if !e.peers.contains_key(&session.conn) {
-                    // A new follower of this conversation hears the customer's presence at once.
-                    if let Some(p) = self.presence_of(&doc_id) {
-                        session.send(self.presence_message(&doc_id, &session.peer_id, &p));
-                    }
-                }
-                let (_, state) = e.peers.entry(session.conn).or_insert_with(|| (session.clone(), sync::State::new()));
-                let before = stored.doc.get_heads();
-                let header_before = doc::read_header(&stored.doc).ok();
-                if let Err(err) = stored.doc.receive_sync_message(state, message) {
-                    *state = sync::State::new();
-                    session.error(
-                        &self.peer_id,
-                        format!("document {doc_id}: the sync message could not be applied ({err})"),
-                    );
-                    return;
-                }
-                let changed = stored.doc.get_heads() != before;
-                if let Err(reason) = match changed {
-                    true => {
-                        self.commit_client_change(&doc_id, stored, &before, header_before.as_ref(), &session.agent)
-                            .await
-                    }
-                    false => Ok(()),
-                } {
-                    // Refused or not stored: drop the in-memory change; the connection starts over.
-                    e.loaded = false;
-                    e.stored = None;
-                    e.peers.remove(&session.conn);
-                    session.error(&self.peer_id, reason);
-                    return;
-                }
-                if changed {
-                    if !e.fanout_scheduled {
-                        e.fanout_scheduled = true;
-                        let (relay, entry, doc_id) = (self.clone(), entry.clone(), doc_id.clone());
-                        tokio::spawn(async move {
-                            tokio::time::sleep(FANOUT_COALESCE).await;
-                            let mut e = entry.lock().await;
-                            e.fanout_scheduled = false;
-                            if let Err(err) = relay.ensure_loaded(&doc_id, &mut e).await {
-                                warn!(%doc_id, %err, "cannot reload document for fan-out");
-                            }
-                            let e = &mut *e;
-                            if let Some(stored) = &mut e.stored {
-                                advertise(&relay.peer_id, &doc_id, &mut stored.doc, &mut e.peers);
-                            }
-                        });
-                    }
-                } else if let Some((peer, state)) = e.peers.get_mut(&session.conn) {
-                    // Nothing new: only the sender may need an answer, and usually not even that
-                    // (an acknowledgement of heads we both have).
-                    let heads = stored.doc.get_heads();
-                    let settled = state.have_responded
-                        && state.last_sent_heads == heads
-                        && state.their_heads.as_ref() == Some(&heads)
-                        && state.their_need.as_ref().is_none_or(Vec::is_empty);
-                    if settled {
+        let mut retried = false;
+        loop {
+            if let Err(err) = self.ensure_loaded(&doc_id, &mut e).await {
+                warn!(%doc_id, %err, "cannot load document");
+                session.error(&self.peer_id, "the relay could not read this conversation; try again later");
+                return;
+            }
+            let e = &mut *e;
+            match &mut e.stored {
+                Some(stored) => {
+                    if session.agent.role_in(&stored.team).is_none() {
+                        // Exactly like a missing document: no existence leak.
+                        session.send(unavailable());
                         return;
                     }
-                    if let Some(m) = stored.doc.generate_sync_message(state) {
-                        peer.send(WireMessage::Sync {
-                            sender_id: self.peer_id.clone(),
-                            target_id: peer.peer_id.clone(),
-                            document_id: doc_id.clone(),
-                            data: m.encode(),
-                        });
+                    if !e.peers.contains_key(&session.conn) {
+                        // A new follower of this conversation hears the customer's presence at once.
+                        if let Some(p) = self.presence_of(&doc_id) {
+                            session.send(self.presence_message(&doc_id, &session.peer_id, &p));
+                        }
+                    }
+                    let (_, state) =
+                        e.peers.entry(session.conn).or_insert_with(|| (session.clone(), sync::State::new()));
+                    let before = stored.doc.get_heads();
+                    let header_before = doc::read_header(&stored.doc).ok();
+                    if let Err(err) = stored.doc.receive_sync_message(state, message) {
+                        *state = sync::State::new();
+                        session.error(
+                            &self.peer_id,
+                            format!("document {doc_id}: the sync message could not be applied ({err})"),
+                        );
+                        return;
+                    }
+                    let changed = stored.doc.get_heads() != before;
+                    if let Err(reason) = match changed {
+                        true => {
+                            self.commit_client_change(&doc_id, stored, &before, header_before.as_ref(), &session.agent)
+                                .await
+                        }
+                        false => Ok(()),
+                    } {
+                        // Refused or not stored: drop the in-memory change; the connection starts over.
+                        e.loaded = false;
+                        e.stored = None;
+                        e.peers.remove(&session.conn);
+                        if self.shared && !retried {
+                            // The change may build on what another instance committed and this one
+                            // has not read yet (an agent who moved between instances): judge it
+                            // once more against the document as stored now.
+                            retried = true;
+                            if let Ok(m) = sync::Message::decode(&data) {
+                                message = m;
+                                continue;
+                            }
+                        }
+                        session.error(&self.peer_id, reason);
+                        return;
+                    }
+                    if changed {
+                        if !e.fanout_scheduled {
+                            e.fanout_scheduled = true;
+                            let (relay, entry, doc_id) = (self.clone(), entry.clone(), doc_id.clone());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(FANOUT_COALESCE).await;
+                                let mut e = entry.lock().await;
+                                e.fanout_scheduled = false;
+                                if let Err(err) = relay.ensure_loaded(&doc_id, &mut e).await {
+                                    warn!(%doc_id, %err, "cannot reload document for fan-out");
+                                }
+                                let e = &mut *e;
+                                if let Some(stored) = &mut e.stored {
+                                    advertise(&relay.peer_id, &doc_id, &mut stored.doc, &mut e.peers);
+                                }
+                            });
+                        }
+                    } else if let Some((peer, state)) = e.peers.get_mut(&session.conn) {
+                        // Nothing new: only the sender may need an answer, and usually not even that
+                        // (an acknowledgement of heads we both have).
+                        let heads = stored.doc.get_heads();
+                        let settled = state.have_responded
+                            && state.last_sent_heads == heads
+                            && state.their_heads.as_ref() == Some(&heads)
+                            && state.their_need.as_ref().is_none_or(Vec::is_empty);
+                        if settled {
+                            return;
+                        }
+                        if let Some(m) = stored.doc.generate_sync_message(state) {
+                            peer.send(WireMessage::Sync {
+                                sender_id: self.peer_id.clone(),
+                                target_id: peer.peer_id.clone(),
+                                document_id: doc_id.clone(),
+                                data: m.encode(),
+                            });
+                        }
                     }
                 }
+                None => self.handle_pending(session, &doc_id, message, is_request, e).await,
             }
-            None => self.handle_pending(session, &doc_id, message, is_request, e).await,
+            return;
         }
     }
 
@@ -624,16 +651,127 @@ impl Relay {
     /// Makes a newly stored conversation live: every connected agent of its team follows it (the
     /// followers it already has keep their sync state) and hears of it now.
     fn announce(&self, doc_id: &str, e: &mut DocEntry, stored: StoredDoc) {
-        let team_sessions: Vec<Session> = {
-            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            sessions.values().filter(|s| s.agent.role_in(&stored.team).is_some()).cloned().collect()
-        };
-        for s in team_sessions {
+        e.loaded = true;
+        e.stored = Some(stored);
+        self.announce_loaded(doc_id, e);
+    }
+
+    fn team_sessions(&self, team: &TeamId) -> Vec<Session> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.values().filter(|s| s.agent.role_in(team).is_some()).cloned().collect()
+    }
+
+    fn announce_loaded(&self, doc_id: &str, e: &mut DocEntry) {
+        let Some(stored) = &mut e.stored else { return };
+        for s in self.team_sessions(&stored.team) {
             e.peers.entry(s.conn).or_insert_with(|| (s.clone(), sync::State::new()));
         }
-        e.loaded = true;
-        let stored = e.stored.insert(stored);
         advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
+    }
+
+    /// Reads what other instances committed to a loaded document since this one last looked,
+    /// and passes it on to this instance's peers.
+    async fn catch_up(&self, doc_id: &str, e: &mut DocEntry) -> Result<(), StoreError> {
+        if e.stored.is_none() {
+            return Ok(());
+        }
+        let (id, since) = (doc_id.to_owned(), e.seq);
+        let (bytes, last) = self.blocking(move |s| s.chunks_since(&id, since)).await?;
+        let Some(stored) = &mut e.stored else { return Ok(()) };
+        e.seq = last;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let before = stored.doc.get_heads();
+        if let Err(err) = stored.doc.load_incremental(&bytes) {
+            // Read it whole next time.
+            e.loaded = false;
+            e.stored = None;
+            return Err(StoreError::Invalid(format!("stored changes of {doc_id} are unreadable: {err}")));
+        }
+        if stored.doc.get_heads() != before {
+            advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
+        }
+        Ok(())
+    }
+
+    /// A conversation another instance stored: followed here when agents of its team are here.
+    async fn announce_remote(&self, doc_id: &str, team: &TeamId) {
+        if self.team_sessions(team).is_empty() {
+            return;
+        }
+        let entry = self.entry(doc_id);
+        let mut e = entry.lock().await;
+        if let Err(err) = self.ensure_loaded(doc_id, &mut e).await {
+            warn!(%doc_id, %err, "cannot load a conversation another instance created");
+            return;
+        }
+        self.announce_loaded(doc_id, &mut e);
+    }
+
+    /// Applies what another relay instance reports.
+    async fn on_instance_event(&self, event: crate::store::StoreEvent) {
+        use crate::store::StoreEvent;
+        match event {
+            StoreEvent::Committed { doc_id, team, seq, created } => {
+                let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&doc_id).cloned();
+                let loaded = match entry {
+                    Some(entry) => {
+                        let mut e = entry.lock().await;
+                        if e.stored.is_some()
+                            && e.seq < seq
+                            && let Err(err) = self.catch_up(&doc_id, &mut e).await
+                        {
+                            warn!(%doc_id, %err, "cannot read another instance's change");
+                        }
+                        e.stored.is_some()
+                    }
+                    None => false,
+                };
+                if created && !loaded {
+                    self.announce_remote(&doc_id, &team).await;
+                }
+                let _ = self.changes.send(doc_id);
+            }
+            StoreEvent::Presence { doc_id, presence } => self.show_presence(&doc_id, presence).await,
+            StoreEvent::Ephemeral { doc_id, sender_id, count, session_id, data } => {
+                let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&doc_id).cloned();
+                let Some(entry) = entry else { return };
+                let e = entry.lock().await;
+                for (peer, _) in e.peers.values() {
+                    peer.send(WireMessage::Ephemeral {
+                        sender_id: sender_id.clone(),
+                        target_id: peer.peer_id.clone(),
+                        document_id: doc_id.clone(),
+                        count,
+                        session_id: session_id.clone(),
+                        data: data.clone(),
+                    });
+                }
+            }
+            StoreEvent::Resync { since } => {
+                let entries: Vec<(String, Arc<AsyncMutex<DocEntry>>)> = {
+                    let docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
+                    docs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                };
+                for (doc_id, entry) in entries {
+                    let mut e = entry.lock().await;
+                    if let Err(err) = self.catch_up(&doc_id, &mut e).await {
+                        warn!(%doc_id, %err, "cannot catch up a document");
+                    }
+                    drop(e);
+                    let _ = self.changes.send(doc_id);
+                }
+                match self.blocking(move |s| s.documents_since(since)).await {
+                    Ok(created) => {
+                        for (doc_id, team) in created {
+                            self.announce_remote(&doc_id, &team).await;
+                        }
+                    }
+                    Err(err) => warn!(%err, "cannot list new conversations"),
+                }
+            }
+        }
     }
 
     async fn handle_ephemeral(&self, session: &Session, doc_id: String, count: u64, session_id: String, data: Vec<u8>) {
@@ -653,6 +791,19 @@ impl Relay {
                     session_id: session_id.clone(),
                     data: data.clone(),
                 });
+            }
+        }
+        drop(e);
+        if self.shared {
+            let event = crate::store::StoreEvent::Ephemeral {
+                doc_id: doc_id.clone(),
+                sender_id: session.peer_id.clone(),
+                count,
+                session_id,
+                data,
+            };
+            if let Err(err) = self.blocking(move |s| s.publish(&event)).await {
+                debug!(%doc_id, %err, "ephemeral message not passed to the other relay instances");
             }
         }
     }
@@ -721,6 +872,17 @@ impl Relay {
 
     /// Records a web-widget customer's presence and tells every follower of the conversation.
     pub(crate) async fn set_presence(&self, doc_id: &str, p: crewdesk::domain::Presence) {
+        if self.shared {
+            let event = crate::store::StoreEvent::Presence { doc_id: doc_id.to_owned(), presence: p.clone() };
+            if let Err(err) = self.blocking(move |s| s.publish(&event)).await {
+                warn!(%doc_id, %err, "presence not passed to the other relay instances");
+            }
+        }
+        self.show_presence(doc_id, p).await;
+    }
+
+    /// Records a customer's presence here and tells this instance's followers of the conversation.
+    async fn show_presence(&self, doc_id: &str, p: crewdesk::domain::Presence) {
         self.presence.lock().unwrap_or_else(|p| p.into_inner()).insert(doc_id.to_owned(), p.clone());
         let entry = self.entry(doc_id);
         let e = entry.lock().await;
@@ -815,6 +977,23 @@ impl Relay {
     }
 }
 
+/// Follows the other relay instances sharing the store until the relay stops.
+async fn follow_instances(
+    relay: Arc<Relay>,
+    mut events: mpsc::Receiver<crate::store::StoreEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => relay.on_instance_event(event).await,
+                None => return,
+            },
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
 /// Sends every peer of a document whatever sync message it needs now. Called only after changes
 /// are stored, so the heads it advertises are durable.
 fn advertise(relay_peer: &str, doc_id: &str, doc: &mut Automerge, peers: &mut HashMap<ConnId, (Session, sync::State)>) {
@@ -834,7 +1013,12 @@ fn advertise(relay_peer: &str, doc_id: &str, doc: &mut Automerge, peers: &mut Ha
 async fn health(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
     let connections = relay.sessions.lock().map(|s| s.len()).unwrap_or(0);
     let documents = relay.docs.lock().map(|d| d.len()).unwrap_or(0);
-    axum::Json(serde_json::json!({ "status": "ok", "connections": connections, "documents_loaded": documents }))
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "store": relay.store.backend(),
+        "connections": connections,
+        "documents_loaded": documents,
+    }))
 }
 
 /// The signed-in agent, their teams (membership and roles as the relay knows them) and the ids of

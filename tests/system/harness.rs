@@ -20,16 +20,59 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 pub struct TestRelay {
     pub addr: SocketAddr,
     pub data: PathBuf,
+    /// `postgres://…` when the suite runs on PostgreSQL (`CREWDESK_TEST_STORE=postgres`), else SQLite in `data`.
+    pub store: Option<String>,
     /// Settings a test adds to the defaults (SMTP server, WhatsApp, ...); kept across restarts.
     pub settings: Arc<dyn Fn(&mut sync_server::Config) + Send + Sync>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The store the relay suite runs on: PostgreSQL when `CREWDESK_TEST_STORE=postgres` (a fresh
+/// database in the cluster at `CREWDESK_TEST_POSTGRES`), otherwise SQLite.
+pub fn suite_store() -> Option<String> {
+    match std::env::var("CREWDESK_TEST_STORE").as_deref() {
+        Ok("postgres") => Some(postgres_database()),
+        Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("CREWDESK_TEST_STORE={other}: expected sqlite or postgres"),
+    }
+}
+
+/// A new, empty database in the test PostgreSQL cluster (`cargo xtask test` starts one and sets
+/// `CREWDESK_TEST_POSTGRES` to its URL, e.g. `postgres://crewdesk@127.0.0.1:5433`).
+pub fn postgres_database() -> String {
+    let base = std::env::var("CREWDESK_TEST_POSTGRES").expect(
+        "CREWDESK_TEST_POSTGRES is not set: run `cargo xtask test` (it starts a throwaway PostgreSQL cluster), \
+         or point it at a PostgreSQL server URL such as postgres://crewdesk@127.0.0.1:5433",
+    );
+    let name = format!("t_{}", crewdesk::sync::document_id::encode(&rand::random()).to_lowercase());
+    let admin = format!("{base}/postgres");
+    let create = format!("CREATE DATABASE \"{name}\"");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client.batch_execute(&create).await.unwrap();
+        });
+    })
+    .join()
+    .unwrap();
+    format!("{base}/{name}")
+}
+
+fn open_store(data: &std::path::Path, url: Option<&str>) -> Store {
+    match url {
+        Some(url) => Store::connect(&sync_server::store::StoreUrl::parse(url).unwrap()).unwrap(),
+        None => Store::open(data).unwrap(),
+    }
+}
+
 impl TestRelay {
     /// Starts a relay on a free loopback port with the demo teams; returns it and a token per agent.
     pub async fn start(data: PathBuf) -> (TestRelay, HashMap<String, String>) {
-        let store = Store::open(&data).unwrap();
+        let url = suite_store();
+        let store = open_store(&data, url.as_deref());
         for team in demo::teams() {
             store.put_team(&team).unwrap();
         }
@@ -40,7 +83,7 @@ impl TestRelay {
         drop(store);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut relay = TestRelay { addr, data, settings: Arc::new(|_| {}), stop: None, task: None };
+        let mut relay = TestRelay { addr, data, store: url, settings: Arc::new(|_| {}), stop: None, task: None };
         relay.serve(listener);
         (relay, tokens)
     }
@@ -49,6 +92,7 @@ impl TestRelay {
         let (tx, rx) = oneshot::channel();
         let mut config = sync_server::Config {
             data_dir: self.data.clone(),
+            store: self.store.clone(),
             listen: self.addr,
             keepalive: Duration::from_secs(1),
             ..sync_server::Config::default()
@@ -99,6 +143,11 @@ impl TestRelay {
             }
         };
         self.serve(listener);
+    }
+
+    /// The relay's store, opened beside it (as an admin's CLI would).
+    pub fn open_store(&self) -> Store {
+        open_store(&self.data, self.store.as_deref())
     }
 
     pub fn url(&self) -> String {

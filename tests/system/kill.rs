@@ -42,8 +42,12 @@ impl Drop for RelayProcess {
     }
 }
 
-fn spawn_relay(data: &Path, port: u16) -> RelayProcess {
-    Command::new(relay_binary())
+fn spawn_relay(data: &Path, store: Option<&str>, port: u16) -> RelayProcess {
+    let mut command = Command::new(relay_binary());
+    if let Some(url) = store {
+        command.env("CREWDESK_STORE", url);
+    }
+    command
         .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -71,7 +75,7 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
     let (mut setup, tokens) = TestRelay::start(dir.path().to_owned()).await;
     setup.stop().await;
     let port = setup.addr.port();
-    let mut child = spawn_relay(dir.path(), port);
+    let mut child = spawn_relay(dir.path(), setup.store.as_deref(), port);
     wait_listening(port).await;
 
     let agents: Vec<(&str, Agent)> =
@@ -103,7 +107,7 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
             child.0.wait().unwrap();
             kills += 1;
             tokio::time::sleep(Duration::from_millis(rng.random_range(10..200))).await;
-            child = spawn_relay(dir.path(), port);
+            child = spawn_relay(dir.path(), setup.store.as_deref(), port);
             wait_listening(port).await;
         }
     }
@@ -132,7 +136,7 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
     // The relay's own storage (read after one more SIGKILL) holds every acknowledged message.
     child.0.kill().unwrap();
     child.0.wait().unwrap();
-    let store = sync_server::store::Store::open(dir.path()).unwrap();
+    let store = setup.open_store();
     let (_, bytes) = store.load_document(id.as_str()).unwrap().unwrap();
     let stored = automerge::Automerge::load(&bytes).unwrap();
     let on_relay: BTreeSet<MessageId> = doc::all_messages(&stored).unwrap().into_iter().map(|m| m.id).collect();

@@ -109,7 +109,7 @@ async fn access_is_per_team_and_refusals_look_like_missing_documents() {
     }
 
     // Tokens: missing, unknown and revoked are refused with an error and a closed connection.
-    let store = sync_server::store::Store::open(dir.path()).unwrap();
+    let store = relay.open_store();
     assert_eq!(store.revoke_tokens(&"carol".into(), None).unwrap(), 1);
     for token in [None, Some("cdt_not-a-token"), Some(tokens["carol"].as_str())] {
         let mut client = RawClient::connect(&relay, token).await;
@@ -274,7 +274,7 @@ async fn npm_automerge_repo_client_reads_and_appends() {
 async fn fifty_simultaneous_grabs_some_offline_have_one_owner() {
     let dir = tempfile::tempdir().unwrap();
     let (mut relay, mut tokens) = TestRelay::start(dir.path().to_owned()).await;
-    let store = sync_server::store::Store::open(dir.path()).unwrap();
+    let store = relay.open_store();
     let names: Vec<String> = (0..50).map(|i| format!("rep{i:02}")).collect();
     for name in &names {
         let member = crewdesk::domain::Member {

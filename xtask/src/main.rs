@@ -79,6 +79,7 @@ const APT_PACKAGES: &[&str] = &[
     "chromium-driver",
     "fonts-noto-color-emoji",
     "python3-venv",
+    "postgresql",
 ];
 
 /// The wasm-bindgen CLI must equal the `wasm-bindgen` crate pinned in `ui/Cargo.toml`.
@@ -174,10 +175,105 @@ fn test() -> Result {
         "-D",
         "warnings",
     ])?;
-    cargo(&["test", "--workspace"])?;
+    // A throwaway PostgreSQL cluster: the relay suite runs on SQLite and again on PostgreSQL, and
+    // the several-instances tests need it.
+    let pg = Postgres::start()?;
+    let url = pg.url.clone();
+    step("cargo", &["test", "--workspace"], &[("CREWDESK_TEST_POSTGRES", &url)])?;
+    let mut args = vec!["test", "-p", "system-tests"];
+    for suite in RELAY_SUITE {
+        args.extend(["--test", suite]);
+    }
+    step("cargo", &args, &[("CREWDESK_TEST_POSTGRES", &url), ("CREWDESK_TEST_STORE", "postgres")])?;
+    drop(pg);
     e2e()?;
     println!("\nAll checks and tests passed.");
     Ok(())
+}
+
+/// The system tests that make up the relay's suite, run once per storage backend.
+const RELAY_SUITE: &[&str] = &["relay", "kill", "schedule", "whatsapp", "attachments"];
+
+/// A PostgreSQL cluster in a temporary directory on a free loopback port, stopped when dropped.
+/// PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
+struct Postgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    pub url: String,
+}
+
+impl Postgres {
+    fn start() -> std::result::Result<Postgres, String> {
+        let bin = postgres_bin()?;
+        let dir = env::temp_dir().join(format!("crewdesk-test-postgres-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?
+            .port();
+        if as_root() {
+            step("chown", &["postgres:postgres", &dir.to_string_lossy()], &[])?;
+        }
+        let data = dir.join("data");
+        let pg = Postgres { dir: dir.clone(), bin: bin.clone(), url: format!("postgres://crewdesk@127.0.0.1:{port}") };
+        pg.run("initdb", &["-D", &data.to_string_lossy(), "-A", "trust", "-U", "crewdesk", "-E", "UTF8", "--no-sync"])?;
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=64MB",
+            dir.display()
+        );
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-l",
+                &dir.join("server.log").to_string_lossy(),
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        )?;
+        println!("PostgreSQL for the tests: {}", pg.url);
+        Ok(pg)
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> Result {
+        let program = self.bin.join(tool);
+        let program = program.to_string_lossy();
+        if as_root() {
+            let mut all = vec!["-u", "postgres", "--", &*program];
+            all.extend(args);
+            step("runuser", &all, &[])
+        } else {
+            step(&program, args, &[])
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = self.run("pg_ctl", &["-D", &data.to_string_lossy(), "-m", "immediate", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn as_root() -> bool {
+    output_ok("id", &["-u"]).is_some_and(|u| u.trim() == "0")
+}
+
+/// Debian keeps the server binaries in /usr/lib/postgresql/<version>/bin.
+fn postgres_bin() -> std::result::Result<PathBuf, String> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|e| format!("PostgreSQL is not installed (/usr/lib/postgresql: {e})"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin)| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).ok_or_else(|| "no initdb under /usr/lib/postgresql".to_owned())
 }
 
 fn bench() -> Result {

@@ -1,59 +1,27 @@
-//! The relay's SQLite: accounts, tokens (hashed), documents as fsynced chunks, the grab log.
-//! WAL with synchronous=FULL: a commit that returned is on disk.
+//! The embedded SQLite backend: WAL with synchronous=FULL, so a commit that returned is on disk.
+//! One connection behind a mutex (SQLite has one writer anyway; reads are short).
 
-use crewdesk::domain::{AgentId, Member, Role, Team, TeamId, TeamMode};
+use super::*;
+use crewdesk::domain::{AgentId, Member, Team, TeamId};
 use rusqlite::{Connection, OptionalExtension, params};
-use std::path::Path;
+
 use std::sync::{Mutex, MutexGuard};
 
 const MIGRATIONS: &[&str] = &[
-    include_str!("migrations/0001_relay.sql"),
-    include_str!("migrations/0002_widget.sql"),
-    include_str!("migrations/0003_email_outbox.sql"),
-    include_str!("migrations/0004_whatsapp.sql"),
-    include_str!("migrations/0005_blobs.sql"),
+    include_str!("migrations/sqlite/0001_relay.sql"),
+    include_str!("migrations/sqlite/0002_widget.sql"),
+    include_str!("migrations/sqlite/0003_email_outbox.sql"),
+    include_str!("migrations/sqlite/0004_whatsapp.sql"),
+    include_str!("migrations/sqlite/0005_blobs.sql"),
+    include_str!("migrations/sqlite/0006_document_created_at.sql"),
 ];
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("relay storage failed: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("a stored row could not be read: {0}")]
-    Row(#[from] serde_json::Error),
-    #[error("the relay data was written by a newer Crewdesk (schema {found}, this build knows {supported})")]
-    NewerSchema { found: i64, supported: i64 },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-/// An authenticated agent and the teams they belong to, with their role in each.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Agent {
-    pub id: AgentId,
-    pub name: String,
-    pub teams: Vec<(TeamId, Role)>,
-}
-
-impl Agent {
-    pub fn role_in(&self, team: &TeamId) -> Option<Role> {
-        self.teams.iter().find(|(t, _)| t == team).map(|(_, r)| *r)
-    }
-}
-
-pub struct Store {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-pub fn hash_token(token: &str) -> String {
-    crewdesk::sync::sha256_hex(token.as_bytes())
-}
-
-fn now_millis() -> i64 {
-    crewdesk::domain::Timestamp::now().0
-}
-
-impl Store {
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+impl SqliteStore {
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Invalid(format!("cannot create data directory {}: {e}", dir.display())))?;
         let conn = crewdesk::replica::sqlite::open(&dir.join("relay.sqlite3"), MIGRATIONS).map_err(|e| match e {
@@ -62,16 +30,22 @@ impl Store {
                 StoreError::NewerSchema { found, supported }
             }
         })?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back).
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+impl Storage for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
 
     /// This relay's stable storage id (automerge-repo peers use it to remember sync state).
-    pub fn storage_id(&self) -> Result<String, StoreError> {
+    fn storage_id(&self) -> Result<String, StoreError> {
         let conn = self.conn();
         if let Some(id) =
             conn.query_row("SELECT value FROM meta WHERE key = 'storage_id'", [], |r| r.get(0)).optional()?
@@ -85,7 +59,7 @@ impl Store {
 
     // ---- accounts ------------------------------------------------------------------------------
 
-    pub fn put_team(&self, team: &Team) -> Result<(), StoreError> {
+    fn put_team(&self, team: &Team) -> Result<(), StoreError> {
         team.thresholds.validate().map_err(|e| StoreError::Invalid(e.to_string()))?;
         if team.id.as_str().trim().is_empty() || team.name.trim().is_empty() {
             return Err(StoreError::Invalid("a team needs an id and a name".into()));
@@ -105,7 +79,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn add_member(&self, team: &TeamId, member: &Member) -> Result<(), StoreError> {
+    fn add_member(&self, team: &TeamId, member: &Member) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let exists: bool =
@@ -118,7 +92,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn remove_member(&self, team: &TeamId, agent: &AgentId) -> Result<bool, StoreError> {
+    fn remove_member(&self, team: &TeamId, agent: &AgentId) -> Result<bool, StoreError> {
         Ok(self
             .conn()
             .execute("DELETE FROM memberships WHERE team = ?1 AND agent = ?2", [team.as_str(), agent.as_str()])?
@@ -126,7 +100,7 @@ impl Store {
     }
 
     /// Every team with its members, as replicas receive them.
-    pub fn teams(&self) -> Result<Vec<Team>, StoreError> {
+    fn teams(&self) -> Result<Vec<Team>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT body FROM teams ORDER BY id")?;
         let mut teams: Vec<Team> = stmt
@@ -149,7 +123,7 @@ impl Store {
     }
 
     /// Issues a new token for an agent; returns the token (only its hash is stored).
-    pub fn issue_token(&self, agent: &AgentId, label: &str) -> Result<String, StoreError> {
+    fn issue_token(&self, agent: &AgentId, label: &str) -> Result<String, StoreError> {
         let conn = self.conn();
         let exists: i64 =
             conn.query_row("SELECT count(*) FROM agents WHERE id = ?1", [agent.as_str()], |r| r.get(0))?;
@@ -165,7 +139,7 @@ impl Store {
     }
 
     /// Revokes every token of an agent, or the one token given. Returns how many were revoked.
-    pub fn revoke_tokens(&self, agent: &AgentId, token: Option<&str>) -> Result<usize, StoreError> {
+    fn revoke_tokens(&self, agent: &AgentId, token: Option<&str>) -> Result<usize, StoreError> {
         let conn = self.conn();
         let n = match token {
             Some(t) => conn.execute(
@@ -181,7 +155,7 @@ impl Store {
     }
 
     /// The agent a valid (issued, not revoked) token belongs to.
-    pub fn authenticate(&self, token: &str) -> Result<Option<Agent>, StoreError> {
+    fn authenticate(&self, token: &str) -> Result<Option<Agent>, StoreError> {
         if token.is_empty() || token.len() > 200 {
             return Ok(None);
         }
@@ -205,54 +179,54 @@ impl Store {
         Ok(Some(Agent { id: AgentId(id), name, teams }))
     }
 
-    /// The accounts as a table for the admin CLI (tokens by label and state, never the token).
-    pub fn describe(&self) -> Result<String, StoreError> {
-        let mut out = String::new();
-        for team in self.teams()? {
-            out.push_str(&format!("team {} \"{}\" ({} mode)\n", team.id, team.name, mode_str(team.mode)));
-            for m in &team.members {
-                out.push_str(&format!("  {} \"{}\" {}\n", m.agent, m.name, role_str(m.role)));
-            }
-        }
+    fn token_list(&self) -> Result<Vec<(String, String, bool)>, StoreError> {
         let conn = self.conn();
         let mut stmt =
             conn.prepare("SELECT agent, label, revoked_at IS NOT NULL FROM tokens ORDER BY agent, created_at")?;
-        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?)))? {
-            let (agent, label, revoked) = row?;
-            out.push_str(&format!("token for {agent} \"{label}\"{}\n", if revoked { " (revoked)" } else { "" }));
-        }
-        Ok(out)
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     // ---- documents -----------------------------------------------------------------------------
 
-    /// A stored document's team and bytes (all chunks concatenated).
-    pub fn load_document(&self, id: &str) -> Result<Option<(TeamId, Vec<u8>)>, StoreError> {
+    fn load_document_at(&self, id: &str) -> Result<Option<StoredChunks>, StoreError> {
         let conn = self.conn();
         let team: Option<String> =
             conn.query_row("SELECT team FROM documents WHERE id = ?1", [id], |r| r.get(0)).optional()?;
         let Some(team) = team else { return Ok(None) };
-        let mut stmt = conn.prepare_cached("SELECT bytes FROM doc_chunks WHERE doc_id = ?1 ORDER BY seq")?;
-        let mut bytes = Vec::new();
-        for chunk in stmt.query_map([id], |r| r.get::<_, Vec<u8>>(0))? {
-            bytes.extend(chunk?);
+        let mut stmt = conn.prepare_cached("SELECT seq, bytes FROM doc_chunks WHERE doc_id = ?1 ORDER BY seq")?;
+        let (mut bytes, mut seq) = (Vec::new(), 0);
+        for chunk in stmt.query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))? {
+            let (s, b) = chunk?;
+            seq = s;
+            bytes.extend(b);
         }
-        Ok(Some((TeamId(team), bytes)))
+        Ok(Some(StoredChunks { team: TeamId(team), bytes, seq }))
     }
 
-    /// Appends a chunk (creating the document row on first write) and commits with fsync.
-    pub fn append_chunk(&self, id: &str, team: &TeamId, chunk: &[u8]) -> Result<(), StoreError> {
-        self.append_chunks(&[(id, team, chunk)])
+    /// One process owns an SQLite store, so every chunk after `seq` counts.
+    fn chunks_since(&self, id: &str, seq: i64) -> Result<(Vec<u8>, i64), StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT seq, bytes FROM doc_chunks WHERE doc_id = ?1 AND seq > ?2 ORDER BY seq")?;
+        let (mut bytes, mut last) = (Vec::new(), seq);
+        for chunk in stmt.query_map(params![id, seq], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))? {
+            let (s, b) = chunk?;
+            last = s;
+            bytes.extend(b);
+        }
+        Ok((bytes, last))
     }
 
     /// Appends chunks of any documents in one transaction and one fsync (group commit); in order
     /// for chunks of the same document.
-    pub fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError> {
+    fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = now_millis();
         for (id, team, chunk) in chunks {
-            tx.prepare_cached("INSERT OR IGNORE INTO documents (id, team) VALUES (?1, ?2)")?
-                .execute([*id, team.as_str()])?;
+            tx.prepare_cached("INSERT OR IGNORE INTO documents (id, team, created_at) VALUES (?1, ?2, ?3)")?
+                .execute(params![*id, team.as_str(), now])?;
             tx.prepare_cached(
                 "INSERT INTO doc_chunks (doc_id, seq, bytes)
                  VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM doc_chunks WHERE doc_id = ?1), ?2)",
@@ -264,13 +238,15 @@ impl Store {
     }
 
     /// Stores many new documents in one transaction (seeding, imports). Existing ids are skipped.
-    pub fn import_documents(&self, docs: &[(String, TeamId, Vec<u8>)]) -> Result<usize, StoreError> {
+    fn import_documents(&self, docs: &[(String, TeamId, Vec<u8>)]) -> Result<usize, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut added = 0;
+        let (mut added, now) = (0, now_millis());
         for (id, team, bytes) in docs {
-            if tx.execute("INSERT OR IGNORE INTO documents (id, team) VALUES (?1, ?2)", [id.as_str(), team.as_str()])?
-                == 1
+            if tx.execute(
+                "INSERT OR IGNORE INTO documents (id, team, created_at) VALUES (?1, ?2, ?3)",
+                params![id.as_str(), team.as_str(), now],
+            )? == 1
             {
                 tx.execute("INSERT INTO doc_chunks (doc_id, seq, bytes) VALUES (?1, 1, ?2)", params![id, bytes])?;
                 added += 1;
@@ -281,7 +257,7 @@ impl Store {
     }
 
     /// Replaces a document's chunks by one full save.
-    pub fn compact(&self, id: &str, full: &[u8]) -> Result<(), StoreError> {
+    fn compact(&self, id: &str, full: &[u8]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM doc_chunks WHERE doc_id = ?1", [id])?;
@@ -290,13 +266,13 @@ impl Store {
         Ok(())
     }
 
-    pub fn chunk_count(&self, id: &str) -> Result<usize, StoreError> {
+    fn chunk_count(&self, id: &str) -> Result<usize, StoreError> {
         Ok(self.conn().query_row("SELECT count(*) FROM doc_chunks WHERE doc_id = ?1", [id], |r| r.get::<_, i64>(0))?
             as usize)
     }
 
     /// Documents of the given teams with their ids (for a replica catching up).
-    pub fn documents_of(&self, teams: &[TeamId]) -> Result<Vec<String>, StoreError> {
+    fn documents_of(&self, teams: &[TeamId]) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached("SELECT id FROM documents WHERE team = ?1 ORDER BY id")?;
         let mut out = Vec::new();
@@ -308,8 +284,15 @@ impl Store {
         Ok(out)
     }
 
+    fn documents_since(&self, since: i64) -> Result<Vec<(String, TeamId)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, team FROM documents WHERE created_at >= ?1 ORDER BY id")?;
+        let rows = stmt.query_map([since], |r| Ok((r.get(0)?, TeamId(r.get(1)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Creates a widget session for a conversation; returns the token (stored only as a hash).
-    pub fn create_widget_session(&self, doc_id: &str, location: Option<&str>) -> Result<String, StoreError> {
+    fn create_widget_session(&self, doc_id: &str, location: Option<&str>) -> Result<String, StoreError> {
         let token = format!("cws_{}", crewdesk::sync::document_id::encode(&rand::random()));
         self.conn().execute(
             "INSERT INTO widget_sessions (token_hash, doc_id, location, created_at) VALUES (?1, ?2, ?3, ?4)",
@@ -319,7 +302,7 @@ impl Store {
     }
 
     /// The conversation and location of a widget session token.
-    pub fn widget_session(&self, token: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+    fn widget_session(&self, token: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
         if token.is_empty() || token.len() > 200 {
             return Ok(None);
         }
@@ -332,7 +315,7 @@ impl Store {
     }
 
     /// Queues crew messages for the email fallback; a message already queued is not queued again.
-    pub fn queue_emails(&self, emails: &[QueuedEmail]) -> Result<(), StoreError> {
+    fn queue_emails(&self, emails: &[QueuedEmail]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for e in emails {
@@ -347,7 +330,7 @@ impl Store {
     }
 
     /// Unsent emails whose next attempt is due, oldest first.
-    pub fn due_emails(&self, now: i64) -> Result<Vec<QueuedEmail>, StoreError> {
+    fn due_emails(&self, now: i64) -> Result<Vec<QueuedEmail>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT message_id, doc_id, to_addr, customer, agent, text, created_at FROM email_outbox
@@ -367,7 +350,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn mark_emails_sent(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
+    fn mark_emails_sent(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for id in ids {
@@ -378,7 +361,7 @@ impl Store {
     }
 
     /// A failed attempt: try again after a backoff that doubles (1 s … 5 min).
-    pub fn retry_emails(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
+    fn retry_emails(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for id in ids {
@@ -393,7 +376,7 @@ impl Store {
     }
 
     /// The team of a stored conversation (without loading it).
-    pub fn document_team(&self, id: &str) -> Result<Option<TeamId>, StoreError> {
+    fn document_team(&self, id: &str) -> Result<Option<TeamId>, StoreError> {
         Ok(self
             .conn()
             .query_row("SELECT team FROM documents WHERE id = ?1", [id], |r| r.get(0))
@@ -402,7 +385,7 @@ impl Store {
     }
 
     /// Records a stored blob (its file is already on disk) and the conversation it was sent in.
-    pub fn put_blob(&self, blob: &BlobInfo, doc_id: &str) -> Result<(), StoreError> {
+    fn put_blob(&self, blob: &BlobInfo, doc_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
@@ -415,7 +398,7 @@ impl Store {
     }
 
     /// A blob as sent in `doc_id`; `None` when it was never sent there (or does not exist).
-    pub fn blob_in(&self, hash: &str, doc_id: &str) -> Result<Option<BlobInfo>, StoreError> {
+    fn blob_in(&self, hash: &str, doc_id: &str) -> Result<Option<BlobInfo>, StoreError> {
         Ok(self
             .conn()
             .query_row(
@@ -435,7 +418,7 @@ impl Store {
     }
 
     /// True when this WhatsApp message id was already turned into a conversation change.
-    pub fn whatsapp_seen(&self, wamid: &str) -> Result<bool, StoreError> {
+    fn whatsapp_seen(&self, wamid: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn()
             .query_row("SELECT 1 FROM whatsapp_inbound WHERE wamid = ?1", [wamid], |_| Ok(()))
@@ -443,7 +426,7 @@ impl Store {
             .is_some())
     }
 
-    pub fn mark_whatsapp_seen(&self, wamid: &str, doc_id: &str) -> Result<(), StoreError> {
+    fn mark_whatsapp_seen(&self, wamid: &str, doc_id: &str) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT OR IGNORE INTO whatsapp_inbound (wamid, doc_id, received_at) VALUES (?1, ?2, ?3)",
             params![wamid, doc_id, now_millis()],
@@ -452,7 +435,7 @@ impl Store {
     }
 
     /// The conversation of a WhatsApp contact in a team, if one was started.
-    pub fn whatsapp_contact(&self, team: &TeamId, wa_id: &str) -> Result<Option<String>, StoreError> {
+    fn whatsapp_contact(&self, team: &TeamId, wa_id: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()
             .query_row(
@@ -463,7 +446,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn set_whatsapp_contact(&self, team: &TeamId, wa_id: &str, doc_id: &str) -> Result<(), StoreError> {
+    fn set_whatsapp_contact(&self, team: &TeamId, wa_id: &str, doc_id: &str) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO whatsapp_contacts (team, wa_id, doc_id) VALUES (?1, ?2, ?3)
              ON CONFLICT (team, wa_id) DO UPDATE SET doc_id = excluded.doc_id",
@@ -473,7 +456,7 @@ impl Store {
     }
 
     /// Queues crew messages for WhatsApp; a message already queued is not queued again.
-    pub fn queue_whatsapp(&self, rows: &[QueuedWhatsApp]) -> Result<(), StoreError> {
+    fn queue_whatsapp(&self, rows: &[QueuedWhatsApp]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for m in rows {
@@ -488,7 +471,7 @@ impl Store {
     }
 
     /// WhatsApp messages neither sent nor given up on, whose next attempt is due, oldest first.
-    pub fn due_whatsapp(&self, now: i64) -> Result<Vec<QueuedWhatsApp>, StoreError> {
+    fn due_whatsapp(&self, now: i64) -> Result<Vec<QueuedWhatsApp>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT message_id, doc_id, payload, refused, created_at FROM whatsapp_outbox
@@ -508,7 +491,7 @@ impl Store {
 
     /// The outcome of one attempt: sent (with WhatsApp's message id), failed for good, or retry
     /// after a backoff that doubles (1 s … 5 min).
-    pub fn whatsapp_attempted(&self, message_id: &str, outcome: &WhatsAppOutcome, now: i64) -> Result<(), StoreError> {
+    fn whatsapp_attempted(&self, message_id: &str, outcome: &WhatsAppOutcome, now: i64) -> Result<(), StoreError> {
         let conn = self.conn();
         match outcome {
             WhatsAppOutcome::Sent { wamid } => conn.execute(
@@ -529,7 +512,7 @@ impl Store {
     }
 
     /// Records grab requests in arrival order; returns the full order for the document.
-    pub fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError> {
+    fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for a in agents {
@@ -561,73 +544,4 @@ fn add_member_tx(tx: &rusqlite::Transaction<'_>, team: &TeamId, m: &Member) -> R
         [team.as_str(), m.agent.as_str(), role_str(m.role)],
     )?;
     Ok(())
-}
-
-pub fn mode_str(mode: TeamMode) -> &'static str {
-    match mode {
-        TeamMode::Open => "open",
-        TeamMode::Grab => "grab",
-    }
-}
-
-pub fn role_str(role: Role) -> &'static str {
-    match role {
-        Role::Representative => "representative",
-        Role::Admin => "admin",
-    }
-}
-
-pub fn parse_role(role: &str) -> Result<Role, StoreError> {
-    match role {
-        "representative" | "rep" => Ok(Role::Representative),
-        "admin" => Ok(Role::Admin),
-        other => Err(StoreError::Invalid(format!("unknown role `{other}` (representative or admin)"))),
-    }
-}
-
-pub fn parse_mode(mode: &str) -> Result<TeamMode, StoreError> {
-    match mode {
-        "open" => Ok(TeamMode::Open),
-        "grab" => Ok(TeamMode::Grab),
-        other => Err(StoreError::Invalid(format!("unknown team mode `{other}` (open or grab)"))),
-    }
-}
-
-/// A crew message waiting to be emailed to an offline web-widget customer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QueuedEmail {
-    pub message_id: String,
-    pub doc_id: String,
-    pub to: String,
-    pub customer: String,
-    pub agent: String,
-    pub text: String,
-    pub created_at: i64,
-}
-
-/// A crew message waiting to be handed to WhatsApp: the Graph API request body, or why the 24 h
-/// rule refused it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QueuedWhatsApp {
-    pub message_id: String,
-    pub doc_id: String,
-    pub payload: String,
-    pub refused: Option<String>,
-    pub created_at: i64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum WhatsAppOutcome {
-    Sent { wamid: String },
-    Failed { reason: String },
-    Retry,
-}
-
-/// An attachment in the relay's blob store.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct BlobInfo {
-    pub hash: String,
-    pub size: u64,
-    pub mime: String,
-    pub thumbnail: bool,
 }

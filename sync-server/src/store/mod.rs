@@ -1,0 +1,316 @@
+//! The relay's storage: accounts, tokens (hashed), documents as durable chunks, the grab log,
+//! widget sessions, the channels' outboxes and blob metadata. One trait, [`Storage`], with two
+//! backends chosen by URL: embedded SQLite (`sqlite://DIR`, the default: `DIR/relay.sqlite3`) and
+//! PostgreSQL (`postgres://…`), where several relay instances share one database.
+//!
+//! Every method blocks; the relay calls them from `spawn_blocking`. A method that returned `Ok`
+//! has committed durably (SQLite: WAL with synchronous=FULL; PostgreSQL: a committed transaction).
+
+pub mod migrate;
+mod postgres;
+mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crewdesk::domain::{AgentId, Member, Role, Team, TeamId, TeamMode};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("relay storage failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("relay storage (PostgreSQL) failed: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("a stored row could not be read: {0}")]
+    Row(#[from] serde_json::Error),
+    #[error("the relay data was written by a newer Crewdesk (schema {found}, this build knows {supported})")]
+    NewerSchema { found: i64, supported: i64 },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// An authenticated agent and the teams they belong to, with their role in each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Agent {
+    pub id: AgentId,
+    pub name: String,
+    pub teams: Vec<(TeamId, Role)>,
+}
+
+impl Agent {
+    pub fn role_in(&self, team: &TeamId) -> Option<Role> {
+        self.teams.iter().find(|(t, _)| t == team).map(|(_, r)| *r)
+    }
+}
+
+pub fn hash_token(token: &str) -> String {
+    crewdesk::sync::sha256_hex(token.as_bytes())
+}
+
+pub(crate) fn now_millis() -> i64 {
+    crewdesk::domain::Timestamp::now().0
+}
+
+/// A stored document: its team, all its chunks concatenated, and the position of its last chunk
+/// (what a later [`Storage::chunks_since`] continues from).
+pub struct StoredChunks {
+    pub team: TeamId,
+    pub bytes: Vec<u8>,
+    pub seq: i64,
+}
+
+/// What other relay instances sharing the database did (PostgreSQL only; arrives by LISTEN/NOTIFY).
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreEvent {
+    /// Another instance committed chunks of a document, up to `seq`; `created` on its first chunk.
+    Committed { doc_id: String, team: TeamId, seq: i64, created: bool },
+    /// A web-widget customer's presence, as another instance heard it.
+    Presence { doc_id: String, presence: crewdesk::domain::Presence },
+    /// An ephemeral message an agent sent through another instance.
+    Ephemeral { doc_id: String, sender_id: String, count: u64, session_id: String, data: Vec<u8> },
+    /// The notification channel was (re)opened: anything committed since `since` (milliseconds)
+    /// may have been missed and is read from the database.
+    Resync { since: i64 },
+}
+
+/// Where the relay keeps its data, parsed from `sqlite://DIR` (or a plain path) or `postgres://…`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<StoreUrl, StoreError> {
+        let url = url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(url.to_owned()));
+        }
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        if path.is_empty() || url.contains("://") && !url.starts_with("sqlite://") {
+            return Err(StoreError::Invalid(format!(
+                "unknown store `{url}`: expected sqlite://DIRECTORY or postgres://USER@HOST:PORT/DATABASE"
+            )));
+        }
+        let path = Path::new(path);
+        // The database file itself names its directory.
+        let dir = if path.extension().is_some_and(|e| e == "sqlite3") { path.parent().unwrap_or(path) } else { path };
+        Ok(StoreUrl::Sqlite(dir.to_path_buf()))
+    }
+}
+
+/// The relay's storage operations. Both backends implement all of them with the same meaning;
+/// the system tests run the relay's suite against each.
+pub trait Storage: Send + Sync {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    /// This deployment's stable storage id (automerge-repo peers use it to remember sync state).
+    /// Instances sharing a database share it: to a peer they are one storage.
+    fn storage_id(&self) -> Result<String, StoreError>;
+
+    // ---- accounts ------------------------------------------------------------------------------
+    fn put_team(&self, team: &Team) -> Result<(), StoreError>;
+    fn add_member(&self, team: &TeamId, member: &Member) -> Result<(), StoreError>;
+    fn remove_member(&self, team: &TeamId, agent: &AgentId) -> Result<bool, StoreError>;
+    /// Every team with its members, as replicas receive them.
+    fn teams(&self) -> Result<Vec<Team>, StoreError>;
+    /// Issues a new token for an agent; returns the token (only its hash is stored).
+    fn issue_token(&self, agent: &AgentId, label: &str) -> Result<String, StoreError>;
+    /// Revokes every token of an agent, or the one token given. Returns how many were revoked.
+    fn revoke_tokens(&self, agent: &AgentId, token: Option<&str>) -> Result<usize, StoreError>;
+    /// The agent a valid (issued, not revoked) token belongs to.
+    fn authenticate(&self, token: &str) -> Result<Option<Agent>, StoreError>;
+    /// Tokens as (agent, label, revoked), for listing; never the token.
+    fn token_list(&self) -> Result<Vec<(String, String, bool)>, StoreError>;
+
+    /// The accounts as a table for the admin CLI (tokens by label and state, never the token).
+    fn describe(&self) -> Result<String, StoreError> {
+        let mut out = String::new();
+        for team in self.teams()? {
+            out.push_str(&format!("team {} \"{}\" ({} mode)\n", team.id, team.name, mode_str(team.mode)));
+            for m in &team.members {
+                out.push_str(&format!("  {} \"{}\" {}\n", m.agent, m.name, role_str(m.role)));
+            }
+        }
+        for (agent, label, revoked) in self.token_list()? {
+            out.push_str(&format!("token for {agent} \"{label}\"{}\n", if revoked { " (revoked)" } else { "" }));
+        }
+        Ok(out)
+    }
+
+    // ---- documents -----------------------------------------------------------------------------
+    /// A stored document: team, bytes (all chunks concatenated) and last chunk position.
+    fn load_document_at(&self, id: &str) -> Result<Option<StoredChunks>, StoreError>;
+    /// A stored document's team and bytes.
+    fn load_document(&self, id: &str) -> Result<Option<(TeamId, Vec<u8>)>, StoreError> {
+        Ok(self.load_document_at(id)?.map(|d| (d.team, d.bytes)))
+    }
+    /// Chunks of a document stored after position `seq` by other relay instances, concatenated,
+    /// and the document's last chunk position.
+    fn chunks_since(&self, id: &str, seq: i64) -> Result<(Vec<u8>, i64), StoreError>;
+    /// Appends chunks of any documents in one transaction (group commit), creating documents on
+    /// their first chunk; in order for chunks of the same document.
+    fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError>;
+    fn append_chunk(&self, id: &str, team: &TeamId, chunk: &[u8]) -> Result<(), StoreError> {
+        self.append_chunks(&[(id, team, chunk)])
+    }
+    /// Stores many new documents in one transaction (seeding, imports). Existing ids are skipped.
+    fn import_documents(&self, docs: &[(String, TeamId, Vec<u8>)]) -> Result<usize, StoreError>;
+    /// Replaces a document's chunks by one full save.
+    fn compact(&self, id: &str, full: &[u8]) -> Result<(), StoreError>;
+    fn chunk_count(&self, id: &str) -> Result<usize, StoreError>;
+    /// Ids of the given teams' documents.
+    fn documents_of(&self, teams: &[TeamId]) -> Result<Vec<String>, StoreError>;
+    /// Documents (id, team) first stored at or after `since` (milliseconds).
+    fn documents_since(&self, since: i64) -> Result<Vec<(String, TeamId)>, StoreError>;
+    /// The team of a stored conversation (without loading it).
+    fn document_team(&self, id: &str) -> Result<Option<TeamId>, StoreError>;
+
+    // ---- web widget ----------------------------------------------------------------------------
+    /// Creates a widget session for a conversation; returns the token (stored only as a hash).
+    fn create_widget_session(&self, doc_id: &str, location: Option<&str>) -> Result<String, StoreError>;
+    /// The conversation and location of a widget session token.
+    fn widget_session(&self, token: &str) -> Result<Option<(String, Option<String>)>, StoreError>;
+
+    // ---- email fallback ------------------------------------------------------------------------
+    /// Queues crew messages for the email fallback; a message already queued is not queued again.
+    fn queue_emails(&self, emails: &[QueuedEmail]) -> Result<(), StoreError>;
+    /// Unsent emails whose next attempt is due, oldest first, claimed for a minute so that no
+    /// other relay instance sends them meanwhile.
+    fn due_emails(&self, now: i64) -> Result<Vec<QueuedEmail>, StoreError>;
+    fn mark_emails_sent(&self, ids: &[String], now: i64) -> Result<(), StoreError>;
+    /// A failed attempt: try again after a backoff that doubles (1 s … 5 min).
+    fn retry_emails(&self, ids: &[String], now: i64) -> Result<(), StoreError>;
+
+    // ---- attachments ---------------------------------------------------------------------------
+    /// Records a stored blob and the conversation it was sent in.
+    fn put_blob(&self, blob: &BlobInfo, doc_id: &str) -> Result<(), StoreError>;
+    /// A blob as sent in `doc_id`; `None` when it was never sent there (or does not exist).
+    fn blob_in(&self, hash: &str, doc_id: &str) -> Result<Option<BlobInfo>, StoreError>;
+
+    // ---- WhatsApp ------------------------------------------------------------------------------
+    /// True when this WhatsApp message id was already turned into a conversation change.
+    fn whatsapp_seen(&self, wamid: &str) -> Result<bool, StoreError>;
+    fn mark_whatsapp_seen(&self, wamid: &str, doc_id: &str) -> Result<(), StoreError>;
+    /// The conversation of a WhatsApp contact in a team, if one was started.
+    fn whatsapp_contact(&self, team: &TeamId, wa_id: &str) -> Result<Option<String>, StoreError>;
+    fn set_whatsapp_contact(&self, team: &TeamId, wa_id: &str, doc_id: &str) -> Result<(), StoreError>;
+    /// Queues crew messages for WhatsApp; a message already queued is not queued again.
+    fn queue_whatsapp(&self, rows: &[QueuedWhatsApp]) -> Result<(), StoreError>;
+    /// WhatsApp messages neither sent nor given up on, whose next attempt is due, oldest first,
+    /// claimed for a minute like [`Storage::due_emails`].
+    fn due_whatsapp(&self, now: i64) -> Result<Vec<QueuedWhatsApp>, StoreError>;
+    /// The outcome of one attempt: sent, failed for good, or retry after a doubling backoff.
+    fn whatsapp_attempted(&self, message_id: &str, outcome: &WhatsAppOutcome, now: i64) -> Result<(), StoreError>;
+
+    // ---- grabs ---------------------------------------------------------------------------------
+    /// Records grab requests in arrival order; returns the full order for the document. The
+    /// order is decided inside one transaction, so every instance reads the same order.
+    fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError>;
+
+    // ---- several instances ---------------------------------------------------------------------
+    /// The stream of what other instances do; `None` when no other instance can exist (SQLite).
+    /// Called once, by the relay.
+    fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<StoreEvent>> {
+        None
+    }
+    /// Tells the other instances (presence, ephemeral messages); a no-op without them.
+    fn publish(&self, _event: &StoreEvent) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// The relay's store: one of the backends behind [`Storage`].
+pub struct Store(Box<dyn Storage>);
+
+impl std::ops::Deref for Store {
+    type Target = dyn Storage;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl Store {
+    /// The embedded SQLite store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Ok(Store(Box::new(SqliteStore::open(dir)?)))
+    }
+
+    /// The store a URL names. Blocks (connects and migrates); call it outside async tasks.
+    pub fn connect(url: &StoreUrl) -> Result<Store, StoreError> {
+        match url {
+            StoreUrl::Sqlite(dir) => Store::open(dir),
+            StoreUrl::Postgres(url) => Ok(Store(Box::new(PgStore::connect(url)?))),
+        }
+    }
+}
+
+pub fn mode_str(mode: TeamMode) -> &'static str {
+    match mode {
+        TeamMode::Open => "open",
+        TeamMode::Grab => "grab",
+    }
+}
+
+pub fn role_str(role: Role) -> &'static str {
+    match role {
+        Role::Representative => "representative",
+        Role::Admin => "admin",
+    }
+}
+
+pub fn parse_role(role: &str) -> Result<Role, StoreError> {
+    match role {
+        "representative" | "rep" => Ok(Role::Representative),
+        "admin" => Ok(Role::Admin),
+        other => Err(StoreError::Invalid(format!("unknown role `{other}` (representative or admin)"))),
+    }
+}
+
+pub fn parse_mode(mode: &str) -> Result<TeamMode, StoreError> {
+    match mode {
+        "open" => Ok(TeamMode::Open),
+        "grab" => Ok(TeamMode::Grab),
+        other => Err(StoreError::Invalid(format!("unknown team mode `{other}` (open or grab)"))),
+    }
+}
+
+/// A crew message waiting to be emailed to an offline web-widget customer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedEmail {
+    pub message_id: String,
+    pub doc_id: String,
+    pub to: String,
+    pub customer: String,
+    pub agent: String,
+    pub text: String,
+    pub created_at: i64,
+}
+
+/// A crew message waiting to be handed to WhatsApp: the Graph API request body, or why the 24 h
+/// rule refused it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedWhatsApp {
+    pub message_id: String,
+    pub doc_id: String,
+    pub payload: String,
+    pub refused: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WhatsAppOutcome {
+    Sent { wamid: String },
+    Failed { reason: String },
+    Retry,
+}
+
+/// An attachment in the relay's blob store.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BlobInfo {
+    pub hash: String,
+    pub size: u64,
+    pub mime: String,
+    pub thumbnail: bool,
+}

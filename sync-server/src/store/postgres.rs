@@ -1,0 +1,914 @@
+//! The PostgreSQL backend: several relay instances share one database.
+//!
+//! - A commit is a committed PostgreSQL transaction; chunks of one document are written under that
+//!   document's advisory lock, so their `seq` order is their commit order.
+//! - In the same transaction the instance sends `NOTIFY crewdesk` with the document id, team and
+//!   last `seq` (never the data). Other instances LISTEN and read the chunks from the database.
+//! - When the LISTEN connection drops, the instance reconnects and reports a [`StoreEvent::Resync`],
+//!   so whatever was committed meanwhile is read from the database instead of being missed.
+//! - Grab orders and outbox claims are decided inside transactions (advisory lock, `FOR UPDATE
+//!   SKIP LOCKED`), never by one instance's memory.
+//!
+//! The driver is `tokio-postgres` with a `deadpool-postgres` pool on a small runtime of its own;
+//! the [`Storage`] methods block on it (the relay calls them from `spawn_blocking`).
+
+use super::*;
+use crewdesk::domain::{AgentId, Member, Team, TeamId};
+use deadpool_postgres::GenericClient;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::StreamExt;
+use std::future::Future;
+use std::sync::Mutex;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tracing::{info, warn};
+
+const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_relay.sql")];
+
+/// The NOTIFY channel the instances talk on.
+const CHANNEL: &str = "crewdesk";
+/// NOTIFY payloads must stay below 8000 bytes.
+const MAX_NOTE: usize = 7900;
+/// How long a claimed outbox row stays with the instance that claimed it.
+const CLAIM_MS: i64 = 60_000;
+
+pub struct PgStore {
+    rt: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    config: tokio_postgres::Config,
+    /// This process's id in notifications (it ignores its own).
+    instance: String,
+    subscribed: Mutex<bool>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Dropping a runtime inside async code panics; this one's tasks just stop.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// What goes over NOTIFY.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Note {
+    /// The instance that sent it.
+    o: String,
+    #[serde(flatten)]
+    what: NoteKind,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "k")]
+enum NoteKind {
+    #[serde(rename = "c")]
+    Committed { d: String, t: String, s: i64, n: bool },
+    #[serde(rename = "p")]
+    Presence { d: String, p: crewdesk::domain::Presence },
+    #[serde(rename = "e")]
+    Ephemeral { d: String, from: String, count: u64, session: String, data: String },
+}
+
+fn pool_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Invalid(format!("relay storage (PostgreSQL) is unavailable: {e}"))
+}
+
+impl PgStore {
+    /// Connects (checking the URL and the server), creates or upgrades the schema.
+    pub fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Invalid(format!("invalid PostgreSQL URL: {e} (expected postgres://USER@HOST:PORT/DATABASE)"))
+        })?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("crewdesk-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("cannot start the PostgreSQL driver: {e}")))?;
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = {
+            let _g = rt.enter();
+            Pool::builder(manager)
+                .max_size(16)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(std::time::Duration::from_secs(30)))
+                .create_timeout(Some(std::time::Duration::from_secs(10)))
+                .build()
+                .map_err(pool_error)?
+        };
+        let store = PgStore {
+            rt: Some(rt),
+            pool,
+            config,
+            instance: crewdesk::sync::document_id::encode(&rand::random()),
+            subscribed: Mutex::new(false),
+        };
+        store.block(async {
+            let mut c = store.client().await?;
+            migrate(&mut c).await
+        })?;
+        Ok(store)
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("the runtime lives as long as the store")
+    }
+
+    /// Runs a query future to completion on this store's runtime, from any thread.
+    pub(super) fn block<T>(&self, f: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let _g = self.rt().enter();
+        futures_executor::block_on(f)
+    }
+
+    pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    fn note(&self, what: NoteKind) -> Result<String, StoreError> {
+        Ok(serde_json::to_string(&Note { o: self.instance.clone(), what })?)
+    }
+}
+
+async fn migrate(c: &mut deadpool_postgres::Object) -> Result<(), StoreError> {
+    let tx = c.transaction().await?;
+    // Instances starting together migrate one at a time.
+    tx.execute("SELECT pg_advisory_xact_lock(7461234001)", &[]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .await?;
+    let current: i64 = tx.query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[]).await?.get(0);
+    let supported = MIGRATIONS.len() as i64;
+    if current > supported {
+        return Err(StoreError::NewerSchema { found: current, supported });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+            &[&(i as i64 + 1), &now_millis()],
+        )
+        .await?;
+        info!(version = i + 1, "PostgreSQL schema migrated");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn add_member_tx(tx: &impl GenericClient, team: &TeamId, m: &Member) -> Result<(), StoreError> {
+    if m.agent.as_str().trim().is_empty() || m.agent.as_str().len() > 100 {
+        return Err(StoreError::Invalid("an agent id must be 1 to 100 characters".into()));
+    }
+    tx.execute(
+        "INSERT INTO agents (id, name) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+        &[&m.agent.as_str(), &m.name],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO memberships (team, agent, role) VALUES ($1, $2, $3)
+         ON CONFLICT (team, agent) DO UPDATE SET role = excluded.role",
+        &[&team.as_str(), &m.agent.as_str(), &role_str(m.role)],
+    )
+    .await?;
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+impl Storage for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn storage_id(&self) -> Result<String, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let id = crewdesk::sync::document_id::encode(&rand::random());
+            c.execute("INSERT INTO meta (key, value) VALUES ('storage_id', $1) ON CONFLICT (key) DO NOTHING", &[&id])
+                .await?;
+            Ok(c.query_one("SELECT value FROM meta WHERE key = 'storage_id'", &[]).await?.get(0))
+        })
+    }
+
+    fn put_team(&self, team: &Team) -> Result<(), StoreError> {
+        team.thresholds.validate().map_err(|e| StoreError::Invalid(e.to_string()))?;
+        if team.id.as_str().trim().is_empty() || team.name.trim().is_empty() {
+            return Err(StoreError::Invalid("a team needs an id and a name".into()));
+        }
+        let body = serde_json::to_string(&Team { members: Vec::new(), ..team.clone() })?;
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute(
+                "INSERT INTO teams (id, name, mode, body) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, mode = excluded.mode, body = excluded.body",
+                &[&team.id.as_str(), &team.name, &mode_str(team.mode), &body],
+            )
+            .await?;
+            for m in &team.members {
+                add_member_tx(&tx, &team.id, m).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn add_member(&self, team: &TeamId, member: &Member) -> Result<(), StoreError> {
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            let exists: i64 = tx.query_one("SELECT count(*) FROM teams WHERE id = $1", &[&team.as_str()]).await?.get(0);
+            if exists == 0 {
+                return Err(StoreError::Invalid(format!("no team `{team}`; create it first")));
+            }
+            add_member_tx(&tx, team, member).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn remove_member(&self, team: &TeamId, agent: &AgentId) -> Result<bool, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let n = c
+                .execute("DELETE FROM memberships WHERE team = $1 AND agent = $2", &[&team.as_str(), &agent.as_str()])
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
+    fn teams(&self) -> Result<Vec<Team>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let mut teams: Vec<Team> = c
+                .query("SELECT body FROM teams ORDER BY id", &[])
+                .await?
+                .iter()
+                .map(|r| Ok(serde_json::from_str(r.get::<_, &str>(0))?))
+                .collect::<Result<_, StoreError>>()?;
+            let rows = c
+                .query(
+                    "SELECT m.team, m.agent, a.name, m.role FROM memberships m JOIN agents a ON a.id = m.agent
+                     ORDER BY m.team, m.agent",
+                    &[],
+                )
+                .await?;
+            for r in rows {
+                let team: &str = r.get(0);
+                if let Some(t) = teams.iter_mut().find(|t| t.id.as_str() == team) {
+                    t.members.push(Member { agent: AgentId(r.get(1)), name: r.get(2), role: parse_role(r.get(3))? });
+                }
+            }
+            Ok(teams)
+        })
+    }
+
+    fn issue_token(&self, agent: &AgentId, label: &str) -> Result<String, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let exists: i64 =
+                c.query_one("SELECT count(*) FROM agents WHERE id = $1", &[&agent.as_str()]).await?.get(0);
+            if exists == 0 {
+                return Err(StoreError::Invalid(format!("no agent `{agent}`; add them to a team first")));
+            }
+            let token = format!("cdt_{}", crewdesk::sync::document_id::encode(&rand::random()));
+            c.execute(
+                "INSERT INTO tokens (hash, agent, label, created_at) VALUES ($1, $2, $3, $4)",
+                &[&hash_token(&token), &agent.as_str(), &label, &now_millis()],
+            )
+            .await?;
+            Ok(token)
+        })
+    }
+
+    fn revoke_tokens(&self, agent: &AgentId, token: Option<&str>) -> Result<usize, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let n = match token {
+                Some(t) => {
+                    c.execute(
+                        "UPDATE tokens SET revoked_at = $1 WHERE agent = $2 AND hash = $3 AND revoked_at IS NULL",
+                        &[&now_millis(), &agent.as_str(), &hash_token(t)],
+                    )
+                    .await?
+                }
+                None => {
+                    c.execute(
+                        "UPDATE tokens SET revoked_at = $1 WHERE agent = $2 AND revoked_at IS NULL",
+                        &[&now_millis(), &agent.as_str()],
+                    )
+                    .await?
+                }
+            };
+            Ok(n as usize)
+        })
+    }
+
+    fn authenticate(&self, token: &str) -> Result<Option<Agent>, StoreError> {
+        if token.is_empty() || token.len() > 200 {
+            return Ok(None);
+        }
+        self.block(async {
+            let c = self.client().await?;
+            let Some(row) = c
+                .query_opt(
+                    "SELECT a.id, a.name FROM tokens t JOIN agents a ON a.id = t.agent
+                     WHERE t.hash = $1 AND t.revoked_at IS NULL",
+                    &[&hash_token(token)],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let (id, name): (String, String) = (row.get(0), row.get(1));
+            let teams = c
+                .query("SELECT team, role FROM memberships WHERE agent = $1 ORDER BY team", &[&id])
+                .await?
+                .iter()
+                .map(|r| Ok((TeamId(r.get(0)), parse_role(r.get(1))?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(Some(Agent { id: AgentId(id), name, teams }))
+        })
+    }
+
+    fn token_list(&self) -> Result<Vec<(String, String, bool)>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query("SELECT agent, label, revoked_at IS NOT NULL FROM tokens ORDER BY agent, created_at", &[])
+                .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        })
+    }
+
+    fn load_document_at(&self, id: &str) -> Result<Option<StoredChunks>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let Some(team) = c.query_opt("SELECT team FROM documents WHERE id = $1", &[&id]).await? else {
+                return Ok(None);
+            };
+            let rows = c.query("SELECT seq, bytes FROM doc_chunks WHERE doc_id = $1 ORDER BY seq", &[&id]).await?;
+            let (mut bytes, mut seq) = (Vec::new(), 0);
+            for r in rows {
+                seq = r.get(0);
+                bytes.extend_from_slice(r.get::<_, &[u8]>(1));
+            }
+            Ok(Some(StoredChunks { team: TeamId(team.get(0)), bytes, seq }))
+        })
+    }
+
+    /// Chunks other instances wrote after `seq` (this instance's own are already in its memory).
+    fn chunks_since(&self, id: &str, seq: i64) -> Result<(Vec<u8>, i64), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT seq, CASE WHEN origin <> $3 THEN bytes END FROM doc_chunks
+                     WHERE doc_id = $1 AND seq > $2 ORDER BY seq",
+                    &[&id, &seq, &self.instance],
+                )
+                .await?;
+            let (mut bytes, mut last) = (Vec::new(), seq);
+            for r in rows {
+                last = r.get(0);
+                if let Some(b) = r.get::<_, Option<&[u8]>>(1) {
+                    bytes.extend_from_slice(b);
+                }
+            }
+            Ok((bytes, last))
+        })
+    }
+
+    fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError> {
+        let mut ids: Vec<&str> = chunks.iter().map(|c| c.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let doc_ids: Vec<&str> = chunks.iter().map(|c| c.0).collect();
+        let teams: Vec<&str> = chunks.iter().map(|c| c.1.as_str()).collect();
+        let bytes: Vec<&[u8]> = chunks.iter().map(|c| c.2).collect();
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            // One document's chunks commit one transaction at a time (sorted: no deadlocks).
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(d, 0)) FROM unnest($1::text[]) AS d", &[&ids])
+                .await?;
+            let created: Vec<String> = tx
+                .query(
+                    "INSERT INTO documents (id, team, created_at)
+                     SELECT DISTINCT ON (d) d, t, $3::bigint FROM unnest($1::text[], $2::text[]) AS u(d, t)
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                    &[&doc_ids, &teams, &now_millis()],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let rows = tx
+                .query(
+                    "INSERT INTO doc_chunks (doc_id, origin, bytes)
+                     SELECT d, $3, b FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(d, b, n) ORDER BY n
+                     RETURNING doc_id, seq",
+                    &[&doc_ids, &bytes, &self.instance],
+                )
+                .await?;
+            let mut last: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+            for r in rows {
+                let seq: i64 = r.get(1);
+                let e = last.entry(r.get(0)).or_insert(seq);
+                *e = (*e).max(seq);
+            }
+            let mut notes = Vec::with_capacity(last.len());
+            for (d, s) in last {
+                let t = chunks.iter().find(|c| c.0 == d).map(|c| c.1.as_str().to_owned()).unwrap_or_default();
+                let n = created.contains(&d);
+                notes.push(self.note(NoteKind::Committed { d, t, s, n })?);
+            }
+            tx.execute("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n", &[&CHANNEL, &notes]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn import_documents(&self, docs: &[(String, TeamId, Vec<u8>)]) -> Result<usize, StoreError> {
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            let mut added = 0;
+            let now = now_millis();
+            for (id, team, bytes) in docs {
+                let n = tx
+                    .execute(
+                        "INSERT INTO documents (id, team, created_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+                        &[id, &team.as_str(), &now],
+                    )
+                    .await?;
+                if n == 1 {
+                    tx.execute(
+                        "INSERT INTO doc_chunks (doc_id, origin, bytes) VALUES ($1, $2, $3)",
+                        &[id, &self.instance, bytes],
+                    )
+                    .await?;
+                    added += 1;
+                }
+            }
+            tx.commit().await?;
+            Ok(added)
+        })
+    }
+
+    fn compact(&self, id: &str, full: &[u8]) -> Result<(), StoreError> {
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&id]).await?;
+            tx.execute("DELETE FROM doc_chunks WHERE doc_id = $1", &[&id]).await?;
+            // Written by "nobody", so every instance reads it (the document's changes dedupe).
+            tx.execute("INSERT INTO doc_chunks (doc_id, origin, bytes) VALUES ($1, '', $2)", &[&id, &full]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn chunk_count(&self, id: &str) -> Result<usize, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let n: i64 = c.query_one("SELECT count(*) FROM doc_chunks WHERE doc_id = $1", &[&id]).await?.get(0);
+            Ok(n as usize)
+        })
+    }
+
+    fn documents_of(&self, teams: &[TeamId]) -> Result<Vec<String>, StoreError> {
+        let teams: Vec<&str> = teams.iter().map(TeamId::as_str).collect();
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c.query("SELECT id FROM documents WHERE team = ANY($1) ORDER BY team, id", &[&teams]).await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    fn documents_since(&self, since: i64) -> Result<Vec<(String, TeamId)>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c.query("SELECT id, team FROM documents WHERE created_at >= $1 ORDER BY id", &[&since]).await?;
+            Ok(rows.iter().map(|r| (r.get(0), TeamId(r.get(1)))).collect())
+        })
+    }
+
+    fn document_team(&self, id: &str) -> Result<Option<TeamId>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query_opt("SELECT team FROM documents WHERE id = $1", &[&id]).await?.map(|r| TeamId(r.get(0))))
+        })
+    }
+
+    fn create_widget_session(&self, doc_id: &str, location: Option<&str>) -> Result<String, StoreError> {
+        let token = format!("cws_{}", crewdesk::sync::document_id::encode(&rand::random()));
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "INSERT INTO widget_sessions (token_hash, doc_id, location, created_at) VALUES ($1, $2, $3, $4)",
+                &[&hash_token(&token), &doc_id, &location, &now_millis()],
+            )
+            .await?;
+            Ok(())
+        })?;
+        Ok(token)
+    }
+
+    fn widget_session(&self, token: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+        if token.is_empty() || token.len() > 200 {
+            return Ok(None);
+        }
+        self.block(async {
+            let c = self.client().await?;
+            let row = c
+                .query_opt("SELECT doc_id, location FROM widget_sessions WHERE token_hash = $1", &[&hash_token(token)])
+                .await?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    fn queue_emails(&self, emails: &[QueuedEmail]) -> Result<(), StoreError> {
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            for e in emails {
+                tx.execute(
+                    "INSERT INTO email_outbox (message_id, doc_id, to_addr, customer, agent, text, created_at, next_attempt_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (message_id) DO NOTHING",
+                    &[&e.message_id, &e.doc_id, &e.to, &e.customer, &e.agent, &e.text, &e.created_at],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Claims due emails of conversations whose latest message is older than the batching window
+    /// (quick successive messages still go out together), for [`CLAIM_MS`].
+    fn due_emails(&self, now: i64) -> Result<Vec<QueuedEmail>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "WITH due AS (
+                       SELECT message_id FROM email_outbox
+                       WHERE sent_at IS NULL AND next_attempt_at <= $1 AND doc_id NOT IN (
+                         SELECT doc_id FROM email_outbox WHERE sent_at IS NULL AND created_at > $1 - $2)
+                       ORDER BY created_at, message_id LIMIT 500 FOR UPDATE SKIP LOCKED)
+                     UPDATE email_outbox o SET next_attempt_at = $1 + $3 FROM due WHERE o.message_id = due.message_id
+                     RETURNING o.message_id, o.doc_id, o.to_addr, o.customer, o.agent, o.text, o.created_at",
+                    &[&now, &crate::mailer::BATCH_WINDOW_MS, &CLAIM_MS],
+                )
+                .await?;
+            let mut out: Vec<QueuedEmail> = rows
+                .iter()
+                .map(|r| QueuedEmail {
+                    message_id: r.get(0),
+                    doc_id: r.get(1),
+                    to: r.get(2),
+                    customer: r.get(3),
+                    agent: r.get(4),
+                    text: r.get(5),
+                    created_at: r.get(6),
+                })
+                .collect();
+            out.sort_by(|a, b| (a.created_at, &a.message_id).cmp(&(b.created_at, &b.message_id)));
+            Ok(out)
+        })
+    }
+
+    fn mark_emails_sent(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute("UPDATE email_outbox SET sent_at = $2 WHERE message_id = ANY($1)", &[&ids, &now]).await?;
+            Ok(())
+        })
+    }
+
+    fn retry_emails(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "UPDATE email_outbox SET attempts = attempts + 1,
+                   next_attempt_at = $2 + least(300000, 1000 * (1::bigint << least(attempts, 9)::int))
+                 WHERE message_id = ANY($1)",
+                &[&ids, &now],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn put_blob(&self, blob: &BlobInfo, doc_id: &str) -> Result<(), StoreError> {
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute(
+                "INSERT INTO blobs (hash, size, mime, thumbnail, created_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (hash) DO NOTHING",
+                &[&blob.hash, &(blob.size as i64), &blob.mime, &blob.thumbnail, &now_millis()],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO blob_refs (hash, doc_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&blob.hash, &doc_id],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn blob_in(&self, hash: &str, doc_id: &str) -> Result<Option<BlobInfo>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let row = c
+                .query_opt(
+                    "SELECT b.hash, b.size, b.mime, b.thumbnail FROM blobs b JOIN blob_refs r ON r.hash = b.hash
+                     WHERE b.hash = $1 AND r.doc_id = $2",
+                    &[&hash, &doc_id],
+                )
+                .await?;
+            Ok(row.map(|r| BlobInfo {
+                hash: r.get(0),
+                size: r.get::<_, i64>(1) as u64,
+                mime: r.get(2),
+                thumbnail: r.get(3),
+            }))
+        })
+    }
+
+    fn whatsapp_seen(&self, wamid: &str) -> Result<bool, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query_opt("SELECT 1 FROM whatsapp_inbound WHERE wamid = $1", &[&wamid]).await?.is_some())
+        })
+    }
+
+    fn mark_whatsapp_seen(&self, wamid: &str, doc_id: &str) -> Result<(), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "INSERT INTO whatsapp_inbound (wamid, doc_id, received_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&wamid, &doc_id, &now_millis()],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn whatsapp_contact(&self, team: &TeamId, wa_id: &str) -> Result<Option<String>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let row = c
+                .query_opt(
+                    "SELECT doc_id FROM whatsapp_contacts WHERE team = $1 AND wa_id = $2",
+                    &[&team.as_str(), &wa_id],
+                )
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn set_whatsapp_contact(&self, team: &TeamId, wa_id: &str, doc_id: &str) -> Result<(), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "INSERT INTO whatsapp_contacts (team, wa_id, doc_id) VALUES ($1, $2, $3)
+                 ON CONFLICT (team, wa_id) DO UPDATE SET doc_id = excluded.doc_id",
+                &[&team.as_str(), &wa_id, &doc_id],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn queue_whatsapp(&self, rows: &[QueuedWhatsApp]) -> Result<(), StoreError> {
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            for m in rows {
+                tx.execute(
+                    "INSERT INTO whatsapp_outbox (message_id, doc_id, payload, refused, created_at, next_attempt_at)
+                     VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (message_id) DO NOTHING",
+                    &[&m.message_id, &m.doc_id, &m.payload, &m.refused, &m.created_at],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn due_whatsapp(&self, now: i64) -> Result<Vec<QueuedWhatsApp>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "WITH due AS (
+                       SELECT message_id FROM whatsapp_outbox
+                       WHERE sent_at IS NULL AND failed IS NULL AND next_attempt_at <= $1
+                       ORDER BY created_at, message_id LIMIT 200 FOR UPDATE SKIP LOCKED)
+                     UPDATE whatsapp_outbox o SET next_attempt_at = $1 + $2 FROM due WHERE o.message_id = due.message_id
+                     RETURNING o.message_id, o.doc_id, o.payload, o.refused, o.created_at",
+                    &[&now, &CLAIM_MS],
+                )
+                .await?;
+            let mut out: Vec<QueuedWhatsApp> = rows
+                .iter()
+                .map(|r| QueuedWhatsApp {
+                    message_id: r.get(0),
+                    doc_id: r.get(1),
+                    payload: r.get(2),
+                    refused: r.get(3),
+                    created_at: r.get(4),
+                })
+                .collect();
+            out.sort_by(|a, b| (a.created_at, &a.message_id).cmp(&(b.created_at, &b.message_id)));
+            Ok(out)
+        })
+    }
+
+    fn whatsapp_attempted(&self, message_id: &str, outcome: &WhatsAppOutcome, now: i64) -> Result<(), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            match outcome {
+                WhatsAppOutcome::Sent { wamid } => {
+                    c.execute(
+                        "UPDATE whatsapp_outbox SET sent_at = $2, wamid = $3, attempts = attempts + 1 WHERE message_id = $1",
+                        &[&message_id, &now, wamid],
+                    )
+                    .await?
+                }
+                WhatsAppOutcome::Failed { reason } => {
+                    c.execute(
+                        "UPDATE whatsapp_outbox SET failed = $2, attempts = attempts + 1 WHERE message_id = $1",
+                        &[&message_id, reason],
+                    )
+                    .await?
+                }
+                WhatsAppOutcome::Retry => {
+                    c.execute(
+                        "UPDATE whatsapp_outbox SET attempts = attempts + 1,
+                           next_attempt_at = $2 + least(300000, 1000 * (1::bigint << least(attempts, 9)::int))
+                         WHERE message_id = $1",
+                        &[&message_id, &now],
+                    )
+                    .await?
+                }
+            };
+            Ok(())
+        })
+    }
+
+    /// Under the document's grab lock: every instance sees the same first request.
+    fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError> {
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('grab:' || $1, 0))", &[&doc]).await?;
+            for a in agents {
+                tx.execute(
+                    "INSERT INTO grab_log (doc_id, agent, received_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&doc, &a.as_str(), &now_millis()],
+                )
+                .await?;
+            }
+            let order = tx
+                .query("SELECT agent FROM grab_log WHERE doc_id = $1 ORDER BY seq", &[&doc])
+                .await?
+                .iter()
+                .map(|r| AgentId(r.get(0)))
+                .collect();
+            tx.commit().await?;
+            Ok(order)
+        })
+    }
+
+    fn subscribe(&self) -> Option<mpsc::Receiver<StoreEvent>> {
+        let mut subscribed = self.subscribed.lock().unwrap_or_else(|p| p.into_inner());
+        if *subscribed {
+            return None;
+        }
+        *subscribed = true;
+        let (tx, rx) = mpsc::channel(4096);
+        self.rt().spawn(listen(self.config.clone(), self.instance.clone(), tx));
+        Some(rx)
+    }
+
+    fn publish(&self, event: &StoreEvent) -> Result<(), StoreError> {
+        let what = match event {
+            StoreEvent::Presence { doc_id, presence } => NoteKind::Presence { d: doc_id.clone(), p: presence.clone() },
+            StoreEvent::Ephemeral { doc_id, sender_id, count, session_id, data } => NoteKind::Ephemeral {
+                d: doc_id.clone(),
+                from: sender_id.clone(),
+                count: *count,
+                session: session_id.clone(),
+                data: hex(data),
+            },
+            // Commits announce themselves inside their transaction.
+            StoreEvent::Committed { .. } | StoreEvent::Resync { .. } => return Ok(()),
+        };
+        let note = self.note(what)?;
+        if note.len() > MAX_NOTE {
+            return Err(StoreError::Invalid("too large to pass to the other relay instances".into()));
+        }
+        self.block(async {
+            let c = self.client().await?;
+            c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &note]).await?;
+            Ok(())
+        })
+    }
+}
+
+/// Keeps a LISTEN connection open and turns other instances' notes into events. After every
+/// (re)connection it reports a resync from shortly before the last moment the previous connection
+/// was known to be alive, so nothing committed in between is missed.
+async fn listen(config: tokio_postgres::Config, instance: String, events: mpsc::Sender<StoreEvent>) {
+    let mut alive_at = now_millis();
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut conn)) => {
+                let (ntx, mut nrx) = mpsc::unbounded_channel::<String>();
+                let driver = tokio::spawn(async move {
+                    let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    while let Some(m) = messages.next().await {
+                        match m {
+                            Ok(AsyncMessage::Notification(n)) => {
+                                if ntx.send(n.payload().to_owned()).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                warn!(%e, "the LISTEN connection to PostgreSQL failed");
+                                return;
+                            }
+                        }
+                    }
+                });
+                if client.batch_execute(&format!("LISTEN {CHANNEL}")).await.is_ok() {
+                    backoff = std::time::Duration::from_millis(200);
+                    if events.send(StoreEvent::Resync { since: alive_at - 5_000 }).await.is_err() {
+                        return;
+                    }
+                    let mut check = tokio::time::interval(std::time::Duration::from_secs(2));
+                    loop {
+                        tokio::select! {
+                            n = nrx.recv() => match n {
+                                Some(payload) => {
+                                    if let Some(e) = decode(&payload, &instance) && events.send(e).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                None => break,
+                            },
+                            _ = check.tick() => {
+                                let at = now_millis();
+                                if client.simple_query("SELECT 1").await.is_err() {
+                                    break;
+                                }
+                                alive_at = at;
+                            }
+                        }
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => warn!(%e, "cannot open the LISTEN connection to PostgreSQL; retrying"),
+        }
+        if events.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+fn decode(payload: &str, me: &str) -> Option<StoreEvent> {
+    let note: Note = serde_json::from_str(payload).ok()?;
+    if note.o == me {
+        return None;
+    }
+    Some(match note.what {
+        NoteKind::Committed { d, t, s, n } => StoreEvent::Committed { doc_id: d, team: TeamId(t), seq: s, created: n },
+        NoteKind::Presence { d, p } => StoreEvent::Presence { doc_id: d, presence: p },
+        NoteKind::Ephemeral { d, from, count, session, data } => {
+            StoreEvent::Ephemeral { doc_id: d, sender_id: from, count, session_id: session, data: unhex(&data)? }
+        }
+    })
+}
