@@ -71,7 +71,11 @@ fn open_store(data: &std::path::Path, url: Option<&str>) -> Store {
 impl TestRelay {
     /// Starts a relay on a free loopback port with the demo teams; returns it and a token per agent.
     pub async fn start(data: PathBuf) -> (TestRelay, HashMap<String, String>) {
-        let url = suite_store();
+        TestRelay::start_on(data, suite_store()).await
+    }
+
+    /// Starts a relay on the given store (`None`: SQLite in `data`) with the demo accounts.
+    pub async fn start_on(data: PathBuf, url: Option<String>) -> (TestRelay, HashMap<String, String>) {
         let store = open_store(&data, url.as_deref());
         for team in demo::teams() {
             store.put_team(&team).unwrap();
@@ -127,6 +131,24 @@ impl TestRelay {
         relay.settings = Arc::new(settings);
         relay.restart().await;
         (relay, tokens)
+    }
+
+    /// Another relay instance on its own port over the same (PostgreSQL) store, with the same
+    /// settings and its own data directory.
+    pub async fn another_instance(&self, data: PathBuf) -> TestRelay {
+        assert!(self.store.is_some(), "several instances need a PostgreSQL store");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut relay = TestRelay {
+            addr,
+            data,
+            store: self.store.clone(),
+            settings: self.settings.clone(),
+            stop: None,
+            task: None,
+        };
+        relay.serve(listener);
+        relay
     }
 
     /// Starts again on the same port with the same data.
@@ -199,10 +221,15 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(relay: &TestRelay, tokens: &HashMap<String, String>, agent: &str) -> Agent {
+        Agent::start_at(relay.url(), tokens, agent)
+    }
+
+    /// An agent syncing with the relay at `relay_url`.
+    pub fn start_at(relay_url: String, tokens: &HashMap<String, String>, agent: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let replica = Replica::open(dir.path().join("replica.sqlite3"), AgentId::from(agent)).unwrap();
         let replica = Arc::new(Mutex::new(replica));
-        let mut config = ClientConfig::new(relay.url(), tokens[agent].clone());
+        let mut config = ClientConfig::new(relay_url, tokens[agent].clone());
         config.max_backoff = Duration::from_millis(500);
         config.blob_dir = Some(dir.path().join("blobs"));
         let mut agent = Agent { replica, client: None, config, _dir: dir };
@@ -220,6 +247,12 @@ impl Agent {
         if let Some(client) = self.client.take() {
             client.shutdown().await;
         }
+    }
+
+    /// Connects to another relay (instance) from now on; the agent must be disconnected.
+    pub fn move_to(&mut self, relay_url: String) {
+        assert!(self.client.is_none(), "disconnect before moving to another relay");
+        self.config.relay_url = relay_url;
     }
 
     pub fn reconnect(&mut self) {
@@ -608,3 +641,75 @@ fn check_graph_message(v: &serde_json::Value) -> Result<(), String> {
 }
 
 pub mod mmdb;
+
+/// The relay binary next to the test executables (built once if this test run did not build it).
+pub fn relay_binary() -> PathBuf {
+    use std::path::Path;
+    // The workspace's binaries live next to the test executables' parent directory; build the
+    // relay there if this test run did not (cargo builds a package's binaries only for its own tests).
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("sync-server");
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let target = bin.parent().and_then(Path::parent).unwrap();
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "sync-server", "--bin", "sync-server"])
+            .env("CARGO_TARGET_DIR", target)
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the relay binary failed");
+    });
+    assert!(bin.exists(), "{} is missing", bin.display());
+    bin
+}
+
+/// A relay process; killed when dropped, so a failing test leaves nothing running.
+pub struct RelayProcess(pub std::process::Child);
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl RelayProcess {
+    /// `sync-server serve` on `port` with `data` and, when given, a PostgreSQL store.
+    pub fn spawn(data: &std::path::Path, store: Option<&str>, port: u16) -> RelayProcess {
+        let mut command = std::process::Command::new(relay_binary());
+        if let Some(url) = store {
+            command.env("CREWDESK_STORE", url);
+        }
+        command
+            .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(RelayProcess)
+            .unwrap()
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+/// Waits (at most 5 s) until something listens on the loopback port.
+pub async fn wait_listening(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the relay did not start on port {port}");
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

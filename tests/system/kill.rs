@@ -7,65 +7,8 @@ use crewdesk::domain::{Channel, Message, MessageBody, MessageId, Timestamp};
 use crewdesk::replica::doc::{self};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use system_tests::{Agent, TestRelay, eventually};
-
-fn relay_binary() -> PathBuf {
-    // The workspace's binaries live next to the test executables' parent directory; build the
-    // relay there if this test run did not (cargo builds a package's binaries only for its own tests).
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("sync-server");
-    BUILT.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let target = bin.parent().and_then(Path::parent).unwrap();
-        let status = Command::new(cargo)
-            .args(["build", "-p", "sync-server", "--bin", "sync-server"])
-            .env("CARGO_TARGET_DIR", target)
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the relay binary failed");
-    });
-    assert!(bin.exists(), "{} is missing", bin.display());
-    bin
-}
-
-/// The relay process; killed when dropped, so a failing test leaves nothing running.
-struct RelayProcess(Child);
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_relay(data: &Path, store: Option<&str>, port: u16) -> RelayProcess {
-    let mut command = Command::new(relay_binary());
-    if let Some(url) = store {
-        command.env("CREWDESK_STORE", url);
-    }
-    command
-        .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(RelayProcess)
-        .unwrap()
-}
-
-async fn wait_listening(port: u16) {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the relay did not start on port {port}");
-}
+use system_tests::{Agent, RelayProcess, TestRelay, eventually, wait_listening};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_load_loses_no_acknowledged_change() {
@@ -75,7 +18,7 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
     let (mut setup, tokens) = TestRelay::start(dir.path().to_owned()).await;
     setup.stop().await;
     let port = setup.addr.port();
-    let mut child = spawn_relay(dir.path(), setup.store.as_deref(), port);
+    let mut child = RelayProcess::spawn(dir.path(), setup.store.as_deref(), port);
     wait_listening(port).await;
 
     let agents: Vec<(&str, Agent)> =
@@ -107,7 +50,7 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
             child.0.wait().unwrap();
             kills += 1;
             tokio::time::sleep(Duration::from_millis(rng.random_range(10..200))).await;
-            child = spawn_relay(dir.path(), setup.store.as_deref(), port);
+            child = RelayProcess::spawn(dir.path(), setup.store.as_deref(), port);
             wait_listening(port).await;
         }
     }
@@ -134,8 +77,7 @@ async fn sigkill_during_load_loses_no_acknowledged_change() {
     .await;
     let reference: Vec<Message> = agents[0].1.with(|r| r.stored_messages(&id).unwrap());
     // The relay's own storage (read after one more SIGKILL) holds every acknowledged message.
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    child.kill();
     let store = setup.open_store();
     let (_, bytes) = store.load_document(id.as_str()).unwrap().unwrap();
     let stored = automerge::Automerge::load(&bytes).unwrap();

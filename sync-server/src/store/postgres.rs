@@ -837,7 +837,8 @@ impl Storage for PgStore {
 /// Keeps a LISTEN connection open and turns other instances' notes into events. After every
 /// (re)connection it reports a resync from shortly before the last moment the previous connection
 /// was known to be alive, so nothing committed in between is missed.
-async fn listen(config: tokio_postgres::Config, instance: String, events: mpsc::Sender<StoreEvent>) {
+async fn listen(mut config: tokio_postgres::Config, instance: String, events: mpsc::Sender<StoreEvent>) {
+    config.application_name("crewdesk-listen");
     let mut alive_at = now_millis();
     let mut backoff = std::time::Duration::from_millis(200);
     loop {

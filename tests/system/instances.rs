@@ -1,0 +1,346 @@
+//! Several relay instances over one PostgreSQL database: agents on different instances see each
+//! other, move between instances, race for grabs across them, survive an instance's SIGKILL and
+//! a dropped LISTEN connection; and a SQLite deployment moves to PostgreSQL intact.
+//! Needs `CREWDESK_TEST_POSTGRES` (`cargo xtask test` starts a throwaway cluster).
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use crewdesk::demo;
+use crewdesk::domain::access::GrabState;
+use crewdesk::domain::{Channel, Member, Message, MessageBody, MessageId, Role, TeamId, Timestamp};
+use crewdesk::replica::doc;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+use sync_server::store::Store;
+use system_tests::{
+    Agent, RelayProcess, TestRelay, eventually, free_port, postgres_database, relay_binary, wait_listening,
+};
+
+/// `n` relay instances in this process over one fresh PostgreSQL database, with the demo accounts.
+async fn instances(n: usize, dir: &Path) -> (Vec<TestRelay>, HashMap<String, String>) {
+    let (first, tokens) = TestRelay::start_on(dir.join("i0"), Some(postgres_database())).await;
+    let mut all = vec![first];
+    for i in 1..n {
+        let next = all[0].another_instance(dir.join(format!("i{i}"))).await;
+        all.push(next);
+    }
+    (all, tokens)
+}
+
+/// Adds representatives `prefix00…` to a team and returns their tokens.
+fn add_reps(store: &Store, team: &str, prefix: &str, n: usize, tokens: &mut HashMap<String, String>) -> Vec<String> {
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i:02}")).collect();
+    for name in &names {
+        let member = Member { agent: name.as_str().into(), name: name.clone(), role: Role::Representative };
+        store.add_member(&TeamId::from(team), &member).unwrap();
+        tokens.insert(name.clone(), store.issue_token(&name.as_str().into(), "test").unwrap());
+    }
+    names
+}
+
+fn messages(a: &Agent, id: &crewdesk::domain::ConversationId) -> Vec<Message> {
+    a.with(|r| r.stored_messages(id).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_three_instances_converge_while_moving_between_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relays, mut tokens) = instances(3, dir.path()).await;
+    let names = add_reps(&relays[0].open_store(), demo::SALES, "rep", 6, &mut tokens);
+    let mut agents: Vec<(String, usize, Agent)> =
+        names.iter().enumerate().map(|(i, n)| (n.clone(), i % 3, Agent::start(&relays[i % 3], &tokens, n))).collect();
+    // A conversation started through instance 1 reaches agents on every instance.
+    let id = relays[1].customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
+    for (_, _, a) in &agents {
+        a.has(&id).await;
+        a.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x1257);
+    let mut expected: BTreeSet<MessageId> = BTreeSet::new();
+    expected.insert(MessageId::from("m-first"));
+    for round in 0..150 {
+        let k = rng.random_range(0..agents.len());
+        let (name, at, agent) = &mut agents[k];
+        match rng.random_range(0..10) {
+            // Off the network; back later, through another instance (a load balancer's choice).
+            0 if agent.client.is_some() => {
+                agent.disconnect().await;
+                *at = (*at + rng.random_range(1..3)) % 3;
+                agent.move_to(relays[*at].url());
+            }
+            1 if agent.client.is_none() => agent.reconnect(),
+            _ => {
+                let text = format!("{name} {round}");
+                let mid = agent.act(&id, |r| r.send(&id, MessageBody::Text { text }, Timestamp::now()).unwrap());
+                expected.insert(mid);
+            }
+        }
+        if round % 40 == 20 {
+            // The customer writes through instance 2.
+            assert!(
+                relays[2].customer_writes(&tokens["ada"], &id, &format!("customer {round}"), Timestamp::now()).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..8))).await;
+    }
+    for (_, _, a) in agents.iter_mut() {
+        a.reconnect();
+    }
+    let customer_messages = 4;
+    eventually(60, "every replica has every message, identically", || {
+        let all: Vec<Vec<Message>> = agents.iter().map(|(_, _, a)| messages(a, &id)).collect();
+        all[0].len() == expected.len() + customer_messages && all.iter().all(|m| *m == all[0])
+    })
+    .await;
+    let reference = messages(&agents[0].2, &id);
+    let ids: HashSet<&MessageId> = reference.iter().map(|m| &m.id).collect();
+    assert_eq!(ids.len(), reference.len(), "no message duplicated");
+    assert!(expected.iter().all(|m| ids.contains(m)), "no message lost");
+    for r in relays.iter_mut() {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_grabs_spread_over_three_instances_have_one_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relays, mut tokens) = instances(3, dir.path()).await;
+    let names = add_reps(&relays[0].open_store(), demo::SUPPORT, "grabber", 50, &mut tokens);
+    let ada = Agent::start(&relays[0], &tokens, "ada");
+    let mut reps: Vec<Agent> =
+        names.iter().enumerate().map(|(i, n)| Agent::start(&relays[i % 3], &tokens, n)).collect();
+    let id = relays[2].customer_conversation(&tokens["ada"], demo::SUPPORT, Channel::WhatsApp).await;
+    for r in &reps {
+        eventually(60, "every representative has the conversation", || r.with(|x| x.summary(&id).is_some())).await;
+    }
+    // Every fifth representative grabs offline and comes back through another instance.
+    for (i, r) in reps.iter_mut().enumerate().step_by(5) {
+        r.disconnect().await;
+        r.move_to(relays[(i + 1) % 3].url());
+    }
+    let now = Timestamp::now();
+    let mut requested = 0;
+    for (i, r) in reps.iter().enumerate() {
+        match r.act(&id, |x| x.grab(&id, now.plus(i as i64 % 7))) {
+            Ok(()) => requested += 1,
+            Err(crewdesk::replica::ReplicaError::Denied(crewdesk::domain::DomainError::HandledByAnother)) => {
+                assert!(i % 5 != 0, "offline grabs always go through")
+            }
+            Err(e) => panic!("unexpected refusal: {e}"),
+        }
+    }
+    assert!(requested >= 10, "{requested} grabs");
+    for r in reps.iter_mut() {
+        r.reconnect();
+    }
+    let owners = || {
+        reps.iter().chain([&ada]).map(|r| r.with(|x| x.summary(&id).and_then(|s| s.owner.clone()))).collect::<Vec<_>>()
+    };
+    eventually(90, "all 51 replicas agree on one owner", || {
+        let owners = owners();
+        owners[0].is_some() && owners.iter().all(|o| *o == owners[0])
+    })
+    .await;
+    let states: Vec<Option<GrabState>> = reps
+        .iter()
+        .map(|r| r.with(|x| x.summary(&id).map(|s| crewdesk::domain::access::grab_state(x.agent(), s))))
+        .collect();
+    assert_eq!(states.iter().filter(|s| **s == Some(GrabState::Won)).count(), 1, "exactly one representative won");
+    assert_eq!(states.iter().filter(|s| **s == Some(GrabState::Lost)).count(), requested - 1, "the others lost");
+    // The stored conversation names the same owner.
+    let (_, bytes) = relays[1].open_store().load_document(id.as_str()).unwrap().unwrap();
+    let stored = doc::read_header(&automerge::Automerge::load(&bytes).unwrap()).unwrap();
+    assert_eq!(stored.owner, owners()[0]);
+    for r in relays.iter_mut() {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_during_load_loses_nothing_and_its_agents_move_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Accounts through a relay in this process, then three relay processes on the same database.
+    let (mut setup, mut tokens) = TestRelay::start_on(dir.path().join("setup"), Some(postgres_database())).await;
+    let names = add_reps(&setup.open_store(), demo::SALES, "rep", 6, &mut tokens);
+    let id = setup.customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
+    setup.stop().await;
+    let url = setup.store.clone();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut processes: Vec<Option<RelayProcess>> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Some(RelayProcess::spawn(&dir.path().join(format!("p{i}")), url.as_deref(), *p)))
+        .collect();
+    for p in &ports {
+        wait_listening(*p).await;
+    }
+    let at = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
+    let mut agents: Vec<(String, Agent)> =
+        names.iter().enumerate().map(|(i, n)| (n.clone(), Agent::start_at(at(i % 3), &tokens, n))).collect();
+    for (_, a) in &agents {
+        a.has(&id).await;
+        a.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x0dead);
+    let mut acked: BTreeSet<MessageId> = BTreeSet::new();
+    let mut sent: HashMap<String, Vec<MessageId>> = HashMap::new();
+    for round in 0..120 {
+        let (name, agent) = &agents[round % agents.len()];
+        let mid = agent.act(&id, |r| {
+            r.send(&id, MessageBody::Text { text: format!("{name} {round}") }, Timestamp::now()).unwrap()
+        });
+        sent.entry(name.clone()).or_default().push(mid);
+        for (name, agent) in &agents {
+            if agent.with(|r| r.unsynced().unwrap().0) == 0 {
+                acked.extend(sent.remove(name).unwrap_or_default());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(2..15))).await;
+        if round == 50 {
+            // SIGKILL instance 0 mid-load; its agents come back through the other two.
+            processes[0].take().unwrap().kill();
+            for (i, (_, a)) in agents.iter_mut().enumerate().filter(|(i, _)| i % 3 == 0) {
+                a.disconnect().await;
+                a.move_to(at(1 + i % 2));
+                a.reconnect();
+            }
+        }
+    }
+    assert!(!acked.is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while agents.iter().any(|(_, a)| a.with(|r| r.unsynced().unwrap().0) > 0) {
+        assert!(std::time::Instant::now() < deadline, "replicas still have unsynced changes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually(60, "replicas converge", || {
+        let all: Vec<Vec<Message>> = agents.iter().map(|(_, a)| messages(a, &id)).collect();
+        all[0].len() == 121 && all.iter().all(|m| *m == all[0])
+    })
+    .await;
+    // PostgreSQL holds every acknowledged message.
+    let (_, bytes) = setup.open_store().load_document(id.as_str()).unwrap().unwrap();
+    let stored = automerge::Automerge::load(&bytes).unwrap();
+    let on_relay: BTreeSet<MessageId> = doc::all_messages(&stored).unwrap().into_iter().map(|m| m.id).collect();
+    let missing: Vec<_> = acked.difference(&on_relay).collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    drop(processes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_listen_connection_is_caught_up_from_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relays, tokens) = instances(2, dir.path()).await;
+    let bob = Agent::start(&relays[0], &tokens, "bob");
+    let carol = Agent::start(&relays[1], &tokens, "carol");
+    let id = relays[0].customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
+    bob.has(&id).await;
+    carol.has(&id).await;
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    let url = relays[0].store.clone().unwrap();
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // Cut both instances' LISTEN connections again and again while bob writes and a new
+    // conversation starts: notifications sent meanwhile are lost, the changes must not be.
+    let mut terminated = 0;
+    let mut second = None;
+    for i in 0..20 {
+        let rows = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = 'crewdesk-listen' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap();
+        terminated += rows.len();
+        bob.act(&id, |r| {
+            r.send(&id, MessageBody::Text { text: format!("during outage {i}") }, Timestamp::now()).unwrap()
+        });
+        if i == 10 {
+            second = Some(relays[0].customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await);
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(terminated >= 2, "the LISTEN connections were cut ({terminated})");
+    eventually(30, "carol has every message bob wrote", || carol.message_texts(&id).len() == 21).await;
+    carol.has(&second.unwrap()).await;
+    for r in relays.iter_mut() {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_moves_a_demo_deployment_to_postgres_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sqlite");
+    // A SQLite deployment: demo accounts and conversations, then live work on top.
+    let (mut relay, tokens) = TestRelay::start_on(data.clone(), None).await;
+    {
+        let store = relay.open_store();
+        let docs: Vec<_> = demo::conversations(&demo::DemoSpec::default(), Timestamp::now())
+            .unwrap()
+            .into_iter()
+            .map(|c| {
+                let team = doc::read_header(&c.document).unwrap().team;
+                (c.id.0, team, c.document.save())
+            })
+            .collect();
+        assert!(store.import_documents(&docs).unwrap() > 10);
+        store.revoke_tokens(&"dave".into(), None).unwrap();
+    }
+    let bob = Agent::start(&relay, &tokens, "bob");
+    let id = relay.customer_conversation(&tokens["ada"], demo::SUPPORT, Channel::WhatsApp).await;
+    bob.has(&id).await;
+    bob.act(&id, |r| r.grab(&id, Timestamp::now()).unwrap());
+    eventually(20, "bob owns it", || bob.with(|r| r.summary(&id).and_then(|s| s.owner.clone())).is_some()).await;
+    bob.act(&id, |r| r.send(&id, MessageBody::Text { text: "On it".into() }, Timestamp::now()).unwrap());
+    eventually(20, "synced", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+    relay.stop().await;
+
+    let pg = postgres_database();
+    let run = |args: &[&str]| std::process::Command::new(relay_binary()).args(args).output().unwrap();
+    let out = run(&["migrate", "--from", &format!("sqlite://{}", data.display()), "--to", &pg]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("identical heads"), "{stdout}");
+    // Into a database that already has data: refused, and nothing changes.
+    let again = run(&["migrate", "--from", &format!("sqlite://{}", data.display()), "--to", &pg]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("empty database"));
+
+    let (before, after) = (Store::open(&data).unwrap(), relay_store(&pg));
+    assert_eq!(before.describe().unwrap(), after.describe().unwrap(), "teams, members, roles and tokens");
+    assert_eq!(before.storage_id().unwrap(), after.storage_id().unwrap());
+    let teams = [TeamId::from(demo::SALES), TeamId::from(demo::SUPPORT)];
+    let ids = before.documents_of(&teams).unwrap();
+    let mut after_ids = after.documents_of(&teams).unwrap();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    after_ids.sort();
+    assert_eq!(sorted, after_ids);
+    for d in &ids {
+        let heads =
+            |s: &Store| automerge::Automerge::load(&s.load_document(d).unwrap().unwrap().1).unwrap().get_heads();
+        assert_eq!(heads(&before), heads(&after), "document {d}");
+    }
+    for (agent, token) in &tokens {
+        assert_eq!(before.authenticate(token).unwrap(), after.authenticate(token).unwrap(), "{agent}'s token");
+    }
+    assert!(after.authenticate(&tokens["dave"]).unwrap().is_none(), "revoked stays revoked");
+    assert_eq!(after.log_grabs(id.as_str(), &[]).unwrap(), vec!["bob".into()], "the grab log moved");
+
+    // The relay on PostgreSQL serves the same conversations to the same tokens.
+    let (mut moved, _) = TestRelay::start_on(dir.path().join("pg"), Some(pg)).await;
+    let bob_again = Agent::start(&moved, &tokens, "bob");
+    bob_again.has(&id).await;
+    eventually(20, "the migrated conversation arrives whole", || {
+        bob_again.message_texts(&id) == bob.message_texts(&id)
+    })
+    .await;
+    moved.stop().await;
+}
+
+fn relay_store(url: &str) -> Store {
+    Store::connect(&sync_server::store::StoreUrl::parse(url).unwrap()).unwrap()
+}
