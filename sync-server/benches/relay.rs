@@ -91,7 +91,16 @@ impl Server {
 }
 
 fn start_relay(data: &Path, port: u16) -> Server {
-    Command::new(env!("CARGO_BIN_EXE_sync-server"))
+    start_relay_on(data, None, port)
+}
+
+/// A relay process; with a PostgreSQL URL it is one instance of a deployment sharing that database.
+fn start_relay_on(data: &Path, store: Option<&str>, port: u16) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sync-server"));
+    if let Some(url) = store {
+        command.env("CREWDESK_STORE", url);
+    }
+    command
         .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
@@ -224,7 +233,7 @@ struct LoadResult {
 
 /// N agents; agent i follows conversation i % M; each sends K messages `every` apart.
 async fn load(
-    port: u16,
+    ports: &[u16],
     tokens: &[String],
     docs: &[(ConversationId, Automerge)],
     k: usize,
@@ -248,6 +257,9 @@ async fn load(
         let expected = (subscribers(i % docs.len()) - 1) * k;
         let (token, sent_at, latencies, barrier, done) =
             (token.clone(), sent_at.clone(), latencies.clone(), barrier.clone(), done.clone());
+        // With several instances, agent i connects to instance i % instances: the followers of
+        // one conversation are spread over the instances.
+        let port = ports[i % ports.len()];
         tasks.push(tokio::spawn(async move {
             let peer = format!("agent{i}");
             let mut ws = connect(port, &token, &peer).await;
@@ -382,21 +394,14 @@ async fn main() {
     let (team, names) = load_team(n);
     // The conversations start with a customer message, which replicas may not write: they are
     // loaded into the relay's store, as `sync-server seed-demo` does.
-    let tokens: Vec<String> = {
-        let store = Store::open(dir.path()).unwrap();
-        store.put_team(&team).unwrap();
-        let rows: Vec<(String, TeamId, Vec<u8>)> =
-            docs.iter().map(|(id, d)| (id.0.clone(), TeamId::from("load"), d.save())).collect();
-        store.import_documents(&rows).unwrap();
-        names.iter().map(|a| store.issue_token(&AgentId(a.clone()), "load").unwrap()).collect()
-    };
+    let tokens = seed_store(&Store::open(dir.path()).unwrap(), &team, &names, &docs);
     let port = free_port();
     let relay = start_relay(dir.path(), port);
     wait_listening(port).await;
     for every in [saturating, paced] {
         eprintln!("load on the Crewdesk relay, a message every {every:?} per agent");
         let cpu = cpu_seconds(relay.id());
-        let r = load(port, &tokens, &docs, k, every).await;
+        let r = load(&[port], &tokens, &docs, k, every).await;
         rows.push(("Crewdesk relay", every, cpu_seconds(relay.id()) - cpu, memory_kib(relay.id()), r));
     }
     drop(relay);
@@ -412,7 +417,7 @@ async fn main() {
     for every in [saturating, paced] {
         eprintln!("load on the reference server, a message every {every:?} per agent");
         let cpu = cpu_seconds(reference.id());
-        let r = load(port, &anonymous, &docs, k, every).await;
+        let r = load(&[port], &anonymous, &docs, k, every).await;
         rows.push((
             "reference automerge-repo sync server",
             every,
@@ -457,6 +462,109 @@ async fn main() {
 
     catch_up().await;
     stored_versus_active().await;
+    match std::env::var("CREWDESK_BENCH_POSTGRES") {
+        Ok(base) => scale_out(&base, &team, &names, &docs, k, saturating, paced).await,
+        Err(_) => {
+            eprintln!("\nscale-out on PostgreSQL skipped: set CREWDESK_BENCH_POSTGRES (`cargo xtask bench-relay` does)")
+        }
+    }
+}
+
+/// The load team, its conversations (loaded as an import would) and a token per agent.
+fn seed_store(store: &Store, team: &Team, names: &[String], docs: &[(ConversationId, Automerge)]) -> Vec<String> {
+    store.put_team(team).unwrap();
+    let rows: Vec<(String, TeamId, Vec<u8>)> =
+        docs.iter().map(|(id, d)| (id.0.clone(), team.id.clone(), d.save())).collect();
+    store.import_documents(&rows).unwrap();
+    names.iter().map(|a| store.issue_token(&AgentId(a.clone()), "load").unwrap()).collect()
+}
+
+/// A fresh database on the PostgreSQL server at `base` (postgres://USER@HOST:PORT).
+async fn new_database(base: &str) -> String {
+    let (client, conn) = tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let name = format!("bench_{}", std::process::id() as u64 * 1000 + rand::random::<u16>() as u64 % 1000);
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    format!("{base}/{name}")
+}
+
+/// The same load on one instance over SQLite, one over PostgreSQL and three over one PostgreSQL
+/// database (agents spread over the instances, so most fan-out crosses instances).
+async fn scale_out(
+    base: &str,
+    team: &Team,
+    names: &[String],
+    docs: &[(ConversationId, Automerge)],
+    k: usize,
+    saturating: Duration,
+    paced: Duration,
+) {
+    let n = names.len();
+    println!();
+    println!(
+        "Scale-out: {n} agents, {} conversations, {k} messages per agent; agent i uses instance i mod instances",
+        docs.len()
+    );
+    let mut rows = Vec::new();
+    for (label, postgres, instances) in [
+        ("1 instance, SQLite", false, 1),
+        ("1 instance, PostgreSQL", true, 1),
+        ("3 instances, one PostgreSQL", true, 3),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let url = match postgres {
+            true => Some(new_database(base).await),
+            false => None,
+        };
+        let store = match &url {
+            Some(u) => Store::connect(&sync_server::store::StoreUrl::parse(u).unwrap()).unwrap(),
+            None => Store::open(&dir.path().join("i0")).unwrap(),
+        };
+        let tokens = seed_store(&store, team, names, docs);
+        drop(store);
+        let ports: Vec<u16> = (0..instances).map(|_| free_port()).collect();
+        let servers: Vec<Server> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| start_relay_on(&dir.path().join(format!("i{i}")), url.as_deref(), *p))
+            .collect();
+        for p in &ports {
+            wait_listening(*p).await;
+        }
+        for every in [saturating, paced] {
+            eprintln!("scale-out: {label}, a message every {every:?} per agent");
+            let cpu: Vec<f64> = servers.iter().map(|s| cpu_seconds(s.id())).collect();
+            let r = load(&ports, &tokens, docs, k, every).await;
+            let cpu: Vec<f64> = servers.iter().zip(cpu).map(|(s, c)| cpu_seconds(s.id()) - c).collect();
+            let mem: Vec<(u64, u64)> = servers.iter().map(|s| memory_kib(s.id())).collect();
+            rows.push((label, every, cpu, mem, r));
+        }
+    }
+    println!();
+    println!(
+        "| deployment | load | messages/s | fan-out deliveries (complete) | fan-out p50 | fan-out p99 | CPU per instance (cores) | generator CPU (cores) | RSS per instance (peak) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (label, every, cpu, mem, r) in &rows {
+        let secs = r.elapsed.as_secs_f64();
+        println!(
+            "| {label} | a message every {} ms per agent | {:.0} | {} of {}{} | {:.1} ms | {:.1} ms | {} | {:.2} | {} |",
+            every.as_millis(),
+            r.sent as f64 / secs,
+            r.delivered,
+            r.sent * (n / docs.len() - 1),
+            if r.dropped > 0 { format!(", {} connections dropped", r.dropped) } else { String::new() },
+            pct(&r.latencies, 0.5),
+            pct(&r.latencies, 0.99),
+            cpu.iter().map(|c| format!("{:.2}", c / secs)).collect::<Vec<_>>().join(" / "),
+            r.generator_cpu / secs,
+            mem.iter().map(|m| format!("{} MiB ({} MiB)", m.0 / 1024, m.1 / 1024)).collect::<Vec<_>>().join(" / "),
+        );
+    }
+    let rate = |r: &LoadResult| r.sent as f64 / r.elapsed.as_secs_f64();
+    println!();
+    println!("saturating messages/s, 3 instances / 1 PostgreSQL instance: {:.2}x", rate(&rows[4].4) / rate(&rows[2].4));
+    println!("paced cross-instance fan-out p99 with 3 instances: {:.1} ms", pct(&rows[5].4.latencies, 0.99));
 }
 
 /// A replica comes back with 10k offline changes over 100 conversations.
@@ -532,7 +640,7 @@ async fn stored_versus_active() {
     wait_listening(port).await;
     let idle = memory_kib(relay.id());
     let active: Vec<(ConversationId, Automerge)> = all.into_iter().step_by(100).collect();
-    let r = load(port, &tokens, &active, 3, Duration::from_millis(100)).await;
+    let r = load(&[port], &tokens, &active, 3, Duration::from_millis(100)).await;
     let busy = memory_kib(relay.id());
     println!(
         "10,000 stored conversations, 100 active ({} messages): relay RSS {} MiB idle, {} MiB under load (peak {} MiB)",

@@ -39,7 +39,7 @@ pub(crate) fn blob_path(dir: &FsPath, hash: &str) -> PathBuf {
     dir.join(&hash[..2]).join(hash)
 }
 
-fn thumb_path(dir: &FsPath, hash: &str) -> PathBuf {
+pub(crate) fn thumb_path(dir: &FsPath, hash: &str) -> PathBuf {
     dir.join("thumbs").join(format!("{hash}.png"))
 }
 
@@ -101,7 +101,8 @@ pub(crate) async fn store_bytes(
     let dir = relay.config().data_dir.join("blobs");
     let (declared, doc_id) = (declared.to_owned(), doc_id.to_owned());
     let expected = expected.map(str::to_owned);
-    let stored = tokio::task::spawn_blocking(move || -> Result<BlobInfo, (StatusCode, String)> {
+    type Stored = (BlobInfo, Bytes, Option<Vec<u8>>);
+    let stored = tokio::task::spawn_blocking(move || -> Result<Stored, (StatusCode, String)> {
         let hash = crewdesk::sync::blob_hash(&bytes);
         if expected.as_ref().is_some_and(|e| *e != hash) {
             return Err((StatusCode::BAD_REQUEST, "the content does not match the hash in the address".into()));
@@ -121,10 +122,17 @@ pub(crate) async fn store_bytes(
         if let Some(t) = &thumb {
             write_durably(&thumb_path(&dir, &hash), t).map_err(io)?;
         }
-        Ok(BlobInfo { hash, size: bytes.len() as u64, mime, thumbnail: thumb.is_some() })
+        Ok((BlobInfo { hash, size: bytes.len() as u64, mime, thumbnail: thumb.is_some() }, bytes, thumb))
     })
     .await
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let (stored, bytes, thumb) = stored;
+    // Where other relay instances can read it (PostgreSQL), before anyone hears of it.
+    let hash = stored.hash.clone();
+    relay
+        .blocking(move |s| s.put_blob_bytes(&hash, &bytes, thumb.as_deref()))
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be stored: {e}")))?;
     let info = stored.clone();
     relay
         .blocking(move |s| s.put_blob(&info, &doc_id))
@@ -153,7 +161,23 @@ async fn serve(relay: &Arc<Relay>, doc_id: String, hash: String, want_thumbnail:
         true => return not_found(),
         false => (blob_path(&dir, &hash), info.mime),
     };
-    let Ok(bytes) = tokio::fs::read(&path).await else { return not_found() };
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(bytes) => bytes,
+        // Stored through another relay instance: read it from the shared store, keep a copy here.
+        Err(_) => {
+            let h = hash.clone();
+            let Ok(Some(bytes)) = relay.blocking(move |s| s.blob_bytes(&h, want_thumbnail)).await else {
+                return not_found();
+            };
+            let copy = bytes.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = write_durably(&path, &copy) {
+                    tracing::debug!(%e, "attachment not cached locally");
+                }
+            });
+            bytes
+        }
+    };
     let mut response = bytes.into_response();
     let headers = response.headers_mut();
     let content_type = HeaderValue::from_str(&mime).unwrap_or(HeaderValue::from_static("application/octet-stream"));

@@ -295,7 +295,10 @@ async fn migrate_moves_a_demo_deployment_to_postgres_intact() {
     bob.act(&id, |r| r.grab(&id, Timestamp::now()).unwrap());
     eventually(20, "bob owns it", || bob.with(|r| r.summary(&id).and_then(|s| s.owner.clone())).is_some()).await;
     bob.act(&id, |r| r.send(&id, MessageBody::Text { text: "On it".into() }, Timestamp::now()).unwrap());
+    let photo = system_tests::png(200, 100);
+    let hash = bob.attach(&id, "label.png", "image/png", &photo);
     eventually(20, "synced", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+    eventually(20, "uploaded", || bob.with(|r| r.pending_blob_uploads().unwrap().is_empty())).await;
     relay.stop().await;
 
     let pg = postgres_database();
@@ -338,9 +341,41 @@ async fn migrate_moves_a_demo_deployment_to_postgres_intact() {
         bob_again.message_texts(&id) == bob.message_texts(&id)
     })
     .await;
+    // The attachment moved into the database: the new relay (with an empty data directory) serves it.
+    assert_eq!(sync_client::download_blob(bob_again.config(), &id, &hash, false).await.unwrap(), photo);
     moved.stop().await;
 }
 
 fn relay_store(url: &str) -> Store {
     Store::connect(&sync_server::store::StoreUrl::parse(url).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attachment_sent_through_one_instance_downloads_from_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relays, tokens) = instances(2, dir.path()).await;
+    let bob = Agent::start(&relays[0], &tokens, "bob");
+    let carol = Agent::start(&relays[1], &tokens, "carol");
+    let id = relays[0].customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
+    bob.has(&id).await;
+    carol.has(&id).await;
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    bob.connected().await;
+    let photo = system_tests::png(400, 300);
+    let hash = bob.attach(&id, "receipt.png", "image/png", &photo);
+    eventually(15, "the upload finished", || bob.with(|r| r.pending_blob_uploads().unwrap().is_empty())).await;
+    eventually(15, "carol sees the attachment", || {
+        messages(&carol, &id)
+            .iter()
+            .any(|m| matches!(&m.body, MessageBody::Attachment { file_name, .. } if file_name == "receipt.png"))
+    })
+    .await;
+    // Instance 1 never received the upload: it serves the file from PostgreSQL.
+    assert!(!relays[1].data.join("blobs").join(&hash[..2]).join(&hash).exists());
+    assert_eq!(sync_client::download_blob(carol.config(), &id, &hash, false).await.unwrap(), photo);
+    let thumb = sync_client::download_blob(carol.config(), &id, &hash, true).await.unwrap();
+    assert!(image::load_from_memory(&thumb).unwrap().width() <= 320);
+    for r in relays.iter_mut() {
+        r.stop().await;
+    }
 }

@@ -11,9 +11,10 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let outcome = match args.first().map(String::as_str) {
         Some("test") => test(),
+        Some("bench-relay") => bench_relay(),
         Some("run") => run(),
         Some("bench") => bench(),
-        _ => Err("usage: cargo xtask <test|run|bench>\n  test   install what is missing, then fmt, clippy, wasm build and all tests\n  run    the product on demo data\n  bench  the replica benchmark (10k conversations, 500k messages)".to_owned()),
+        _ => Err("usage: cargo xtask <test|run|bench|bench-relay>\n  test   install what is missing, then fmt, clippy, wasm build and all tests\n  run    the product on demo data\n  bench  the replica benchmark (10k conversations, 500k messages)\n  bench-relay  the relay benchmark against the reference server, and scale-out on PostgreSQL".to_owned()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -274,6 +275,12 @@ fn postgres_bin() -> std::result::Result<PathBuf, String> {
         .collect();
     versions.sort();
     versions.pop().map(|(_, bin)| bin).ok_or_else(|| "no initdb under /usr/lib/postgresql".to_owned())
+}
+
+/// The relay benchmark, with its scale-out part on a throwaway PostgreSQL cluster.
+fn bench_relay() -> Result {
+    let pg = Postgres::start()?;
+    step("cargo", &["bench", "-p", "sync-server", "--bench", "relay"], &[("CREWDESK_BENCH_POSTGRES", &pg.url)])
 }
 
 fn bench() -> Result {

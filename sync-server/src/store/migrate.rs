@@ -64,6 +64,9 @@ pub struct Report {
     pub tables: Vec<(String, usize)>,
     pub chunks: usize,
     pub documents_verified: usize,
+    /// Attachment files copied into the database, and files the old store named but did not have.
+    pub files: usize,
+    pub files_missing: Vec<String>,
 }
 
 impl std::fmt::Display for Report {
@@ -72,6 +75,10 @@ impl std::fmt::Display for Report {
             writeln!(f, "{t:<18} {n:>8} rows copied, counts match")?;
         }
         writeln!(f, "{:<18} {:>8} rows copied, counts match", "doc_chunks", self.chunks)?;
+        writeln!(f, "{:<18} {:>8} attachment files copied", "blob_bytes", self.files)?;
+        for hash in &self.files_missing {
+            writeln!(f, "warning: attachment {hash} is recorded but its file is missing from the old data directory")?;
+        }
         write!(f, "{} documents verified: identical heads on both sides", self.documents_verified)
     }
 }
@@ -170,6 +177,25 @@ pub fn migrate(from: &Path, to: &str) -> Result<Report, StoreError> {
             let (doc, bytes): (String, Vec<u8>) = (row.get(0)?, row.get(1)?);
             tx.execute(&statement, &[&doc as &(dyn tokio_postgres::types::ToSql + Sync), &bytes]).await?;
             report.chunks += 1;
+        }
+        // Attachment bytes move into the database, so every instance can serve them.
+        let statement = tx.prepare("INSERT INTO blob_bytes (hash, bytes, thumbnail) VALUES ($1, $2, $3)").await?;
+        let blobs: Vec<(String, bool)> = {
+            let mut stmt = snapshot.prepare("SELECT hash, thumbnail FROM blobs ORDER BY hash")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))?.collect::<Result<_, _>>()?
+        };
+        let dir = from.join("blobs");
+        for (hash, thumbnail) in blobs {
+            let Ok(bytes) = std::fs::read(crate::blobs::blob_path(&dir, &hash)) else {
+                report.files_missing.push(hash);
+                continue;
+            };
+            let thumb = match thumbnail {
+                true => std::fs::read(crate::blobs::thumb_path(&dir, &hash)).ok(),
+                false => None,
+            };
+            tx.execute(&statement, &[&hash as &(dyn tokio_postgres::types::ToSql + Sync), &bytes, &thumb]).await?;
+            report.files += 1;
         }
         tx.commit().await?;
         Ok(())

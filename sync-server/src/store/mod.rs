@@ -188,6 +188,15 @@ pub trait Storage: Send + Sync {
     fn put_blob(&self, blob: &BlobInfo, doc_id: &str) -> Result<(), StoreError>;
     /// A blob as sent in `doc_id`; `None` when it was never sent there (or does not exist).
     fn blob_in(&self, hash: &str, doc_id: &str) -> Result<Option<BlobInfo>, StoreError>;
+    /// Keeps a blob's bytes (and thumbnail) where every instance can read them. SQLite: nothing to
+    /// do, the files in the data directory are the storage.
+    fn put_blob_bytes(&self, _hash: &str, _bytes: &[u8], _thumbnail: Option<&[u8]>) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// A blob's bytes (or its thumbnail's) as [`Storage::put_blob_bytes`] kept them.
+    fn blob_bytes(&self, _hash: &str, _thumbnail: bool) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
 
     // ---- WhatsApp ------------------------------------------------------------------------------
     /// True when this WhatsApp message id was already turned into a conversation change.

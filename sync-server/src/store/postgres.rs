@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tracing::{info, warn};
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_relay.sql")];
+const MIGRATIONS: &[&str] =
+    &[include_str!("migrations/postgres/0001_relay.sql"), include_str!("migrations/postgres/0002_blob_bytes.sql")];
 
 /// The NOTIFY channel the instances talk on.
 const CHANNEL: &str = "crewdesk";
@@ -116,10 +117,12 @@ impl PgStore {
         self.rt.as_ref().expect("the runtime lives as long as the store")
     }
 
-    /// Runs a query future to completion on this store's runtime, from any thread.
+    /// Runs a query future to completion on this store's runtime, from any thread. Unconstrained:
+    /// called from inside another runtime's task, tokio's cooperative budget would otherwise run
+    /// out and the pool would wait for a wake-up that only yielding to that runtime brings.
     pub(super) fn block<T>(&self, f: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
         let _g = self.rt().enter();
-        futures_executor::block_on(f)
+        futures_executor::block_on(tokio::task::unconstrained(f))
     }
 
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -648,6 +651,29 @@ impl Storage for PgStore {
                 mime: r.get(2),
                 thumbnail: r.get(3),
             }))
+        })
+    }
+
+    fn put_blob_bytes(&self, hash: &str, bytes: &[u8], thumbnail: Option<&[u8]>) -> Result<(), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "INSERT INTO blob_bytes (hash, bytes, thumbnail) VALUES ($1, $2, $3) ON CONFLICT (hash) DO NOTHING",
+                &[&hash, &bytes, &thumbnail],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn blob_bytes(&self, hash: &str, thumbnail: bool) -> Result<Option<Vec<u8>>, StoreError> {
+        let sql = match thumbnail {
+            true => "SELECT thumbnail FROM blob_bytes WHERE hash = $1",
+            false => "SELECT bytes FROM blob_bytes WHERE hash = $1",
+        };
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query_opt(sql, &[&hash]).await?.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)))
         })
     }
 
