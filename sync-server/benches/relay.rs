@@ -387,11 +387,16 @@ async fn main() {
 
     let saturating = Duration::from_millis(100);
     let paced = Duration::from_millis(env_usize("CREWDESK_LOAD_PACED_MS", 2000) as u64);
+    let (team, names) = load_team(n);
+    if std::env::var_os("CREWDESK_BENCH_SCALE_OUT_ONLY").is_some() {
+        let base = std::env::var("CREWDESK_BENCH_POSTGRES").expect("CREWDESK_BENCH_POSTGRES");
+        scale_out(&base, &team, &names, &docs, k, saturating, paced).await;
+        return;
+    }
     let mut rows = Vec::new();
 
     // Crewdesk relay, as its own process.
     let dir = tempfile::tempdir().unwrap();
-    let (team, names) = load_team(n);
     // The conversations start with a customer message, which replicas may not write: they are
     // loaded into the relay's store, as `sync-server seed-demo` does.
     let tokens = seed_store(&Store::open(dir.path()).unwrap(), &team, &names, &docs);

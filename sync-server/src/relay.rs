@@ -677,13 +677,19 @@ impl Relay {
         }
         let (id, since) = (doc_id.to_owned(), e.seq);
         let (bytes, last) = self.blocking(move |s| s.chunks_since(&id, since)).await?;
+        self.apply_remote(doc_id, e, &bytes, last)
+    }
+
+    /// Applies chunks other instances stored (up to position `last`) and passes them on.
+    fn apply_remote(&self, doc_id: &str, e: &mut DocEntry, bytes: &[u8], last: i64) -> Result<(), StoreError> {
         let Some(stored) = &mut e.stored else { return Ok(()) };
-        e.seq = last;
+        // Chunks read since an older position may repeat what is in memory: automerge skips those.
+        e.seq = e.seq.max(last);
         if bytes.is_empty() {
             return Ok(());
         }
         let before = stored.doc.get_heads();
-        if let Err(err) = stored.doc.load_incremental(&bytes) {
+        if let Err(err) = stored.doc.load_incremental(bytes) {
             // Read it whole next time.
             e.loaded = false;
             e.stored = None;
@@ -693,6 +699,62 @@ impl Relay {
             advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
         }
         Ok(())
+    }
+
+    /// Applies a batch of what other instances report. Commits are grouped by document, and the
+    /// chunks every loaded document misses are read in one query.
+    async fn on_instance_events(&self, batch: Vec<crate::store::StoreEvent>) {
+        use crate::store::StoreEvent;
+        let mut committed: std::collections::BTreeMap<String, (TeamId, i64, bool)> = Default::default();
+        for event in batch {
+            match event {
+                StoreEvent::Committed { doc_id, team, seq, created } => {
+                    let c = committed.entry(doc_id).or_insert((team, seq, created));
+                    c.1 = c.1.max(seq);
+                    c.2 |= created;
+                }
+                other => self.on_instance_event(other).await,
+            }
+        }
+        let mut behind = Vec::new();
+        let mut announce = Vec::new();
+        for (doc_id, (team, seq, created)) in &committed {
+            let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(doc_id).cloned();
+            let loaded_at = match &entry {
+                Some(entry) => {
+                    let e = entry.lock().await;
+                    e.stored.as_ref().map(|_| e.seq)
+                }
+                None => None,
+            };
+            match (loaded_at, entry) {
+                (Some(at), Some(entry)) if at < *seq => behind.push((doc_id.clone(), at, entry)),
+                (Some(_), _) => {}
+                (None, _) if *created => announce.push((doc_id.clone(), team.clone())),
+                (None, _) => {}
+            }
+        }
+        if !behind.is_empty() {
+            let wanted: Vec<(String, i64)> = behind.iter().map(|(d, at, _)| (d.clone(), *at)).collect();
+            match self.blocking(move |s| s.chunks_since_many(&wanted)).await {
+                Ok(found) => {
+                    for (doc_id, _, entry) in behind {
+                        let Some((bytes, last)) = found.get(&doc_id) else { continue };
+                        let mut e = entry.lock().await;
+                        if let Err(err) = self.apply_remote(&doc_id, &mut e, bytes, *last) {
+                            warn!(%doc_id, %err, "cannot apply another instance's change");
+                        }
+                    }
+                }
+                Err(err) => warn!(%err, "cannot read other instances' changes"),
+            }
+        }
+        for (doc_id, team) in announce {
+            self.announce_remote(&doc_id, &team).await;
+        }
+        for doc_id in committed.into_keys() {
+            let _ = self.changes.send(doc_id);
+        }
     }
 
     /// A conversation another instance stored: followed here when agents of its team are here.
@@ -713,26 +775,7 @@ impl Relay {
     async fn on_instance_event(&self, event: crate::store::StoreEvent) {
         use crate::store::StoreEvent;
         match event {
-            StoreEvent::Committed { doc_id, team, seq, created } => {
-                let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&doc_id).cloned();
-                let loaded = match entry {
-                    Some(entry) => {
-                        let mut e = entry.lock().await;
-                        if e.stored.is_some()
-                            && e.seq < seq
-                            && let Err(err) = self.catch_up(&doc_id, &mut e).await
-                        {
-                            warn!(%doc_id, %err, "cannot read another instance's change");
-                        }
-                        e.stored.is_some()
-                    }
-                    None => false,
-                };
-                if created && !loaded {
-                    self.announce_remote(&doc_id, &team).await;
-                }
-                let _ = self.changes.send(doc_id);
-            }
+            committed @ StoreEvent::Committed { .. } => Box::pin(self.on_instance_events(vec![committed])).await,
             StoreEvent::Presence { doc_id, presence } => self.show_presence(&doc_id, presence).await,
             StoreEvent::Ephemeral { doc_id, sender_id, count, session_id, data } => {
                 let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&doc_id).cloned();
@@ -986,7 +1029,17 @@ async fn follow_instances(
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(event) => relay.on_instance_event(event).await,
+                Some(event) => {
+                    // Whatever else is waiting goes in the same batch.
+                    let mut batch = vec![event];
+                    while batch.len() < 4096 {
+                        match events.try_recv() {
+                            Ok(e) => batch.push(e),
+                            Err(_) => break,
+                        }
+                    }
+                    relay.on_instance_events(batch).await;
+                }
                 None => return,
             },
             _ = stopped(&mut stop) => return,

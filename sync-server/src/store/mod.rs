@@ -149,6 +149,14 @@ pub trait Storage: Send + Sync {
     /// Chunks of a document stored after position `seq` by other relay instances, concatenated,
     /// and the document's last chunk position.
     fn chunks_since(&self, id: &str, seq: i64) -> Result<(Vec<u8>, i64), StoreError>;
+    /// [`Storage::chunks_since`] for many documents at once: (document, position) in, the
+    /// documents with their chunks and last position out.
+    fn chunks_since_many(
+        &self,
+        wanted: &[(String, i64)],
+    ) -> Result<std::collections::HashMap<String, (Vec<u8>, i64)>, StoreError> {
+        wanted.iter().map(|(id, seq)| Ok((id.clone(), self.chunks_since(id, *seq)?))).collect()
+    }
     /// Appends chunks of any documents in one transaction (group commit), creating documents on
     /// their first chunk; in order for chunks of the same document.
     fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError>;

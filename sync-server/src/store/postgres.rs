@@ -393,6 +393,35 @@ impl Storage for PgStore {
         })
     }
 
+    fn chunks_since_many(
+        &self,
+        wanted: &[(String, i64)],
+    ) -> Result<std::collections::HashMap<String, (Vec<u8>, i64)>, StoreError> {
+        let ids: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
+        let since: Vec<i64> = wanted.iter().map(|w| w.1).collect();
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT c.doc_id, c.seq, CASE WHEN c.origin <> $3 THEN c.bytes END
+                     FROM unnest($1::text[], $2::bigint[]) AS w(d, s)
+                     JOIN doc_chunks c ON c.doc_id = w.d AND c.seq > w.s
+                     ORDER BY c.doc_id, c.seq",
+                    &[&ids, &since, &self.instance],
+                )
+                .await?;
+            let mut out: std::collections::HashMap<String, (Vec<u8>, i64)> = std::collections::HashMap::new();
+            for r in rows {
+                let e = out.entry(r.get(0)).or_default();
+                e.1 = r.get(1);
+                if let Some(b) = r.get::<_, Option<&[u8]>>(2) {
+                    e.0.extend_from_slice(b);
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError> {
         let mut ids: Vec<&str> = chunks.iter().map(|c| c.0).collect();
         ids.sort_unstable();
