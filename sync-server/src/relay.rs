@@ -716,35 +716,41 @@ impl Relay {
                 other => self.on_instance_event(other).await,
             }
         }
+        // Where each loaded document is. Documents busy with their own commits are waited for
+        // together, not one after the other.
+        let positions = futures_util::future::join_all(committed.iter().map(|(doc_id, (_, seq, _))| async move {
+            let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(doc_id).cloned();
+            let Some(entry) = entry else { return (doc_id, *seq, None) };
+            let at = {
+                let e = entry.lock().await;
+                e.stored.as_ref().map(|_| e.seq)
+            };
+            (doc_id, *seq, at.map(|at| (at, entry)))
+        }))
+        .await;
         let mut behind = Vec::new();
         let mut announce = Vec::new();
-        for (doc_id, (team, seq, created)) in &committed {
-            let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(doc_id).cloned();
-            let loaded_at = match &entry {
-                Some(entry) => {
-                    let e = entry.lock().await;
-                    e.stored.as_ref().map(|_| e.seq)
-                }
-                None => None,
-            };
-            match (loaded_at, entry) {
-                (Some(at), Some(entry)) if at < *seq => behind.push((doc_id.clone(), at, entry)),
-                (Some(_), _) => {}
-                (None, _) if *created => announce.push((doc_id.clone(), team.clone())),
-                (None, _) => {}
+        for (doc_id, seq, loaded) in positions {
+            match loaded {
+                Some((at, entry)) if at < seq => behind.push((doc_id.clone(), at, entry)),
+                Some(_) => {}
+                None if committed[doc_id].2 => announce.push((doc_id.clone(), committed[doc_id].0.clone())),
+                None => {}
             }
         }
         if !behind.is_empty() {
             let wanted: Vec<(String, i64)> = behind.iter().map(|(d, at, _)| (d.clone(), *at)).collect();
             match self.blocking(move |s| s.chunks_since_many(&wanted)).await {
                 Ok(found) => {
-                    for (doc_id, _, entry) in behind {
-                        let Some((bytes, last)) = found.get(&doc_id) else { continue };
+                    let found = &found;
+                    futures_util::future::join_all(behind.into_iter().map(|(doc_id, _, entry)| async move {
+                        let Some((bytes, last)) = found.get(&doc_id) else { return };
                         let mut e = entry.lock().await;
                         if let Err(err) = self.apply_remote(&doc_id, &mut e, bytes, *last) {
                             warn!(%doc_id, %err, "cannot apply another instance's change");
                         }
-                    }
+                    }))
+                    .await;
                 }
                 Err(err) => warn!(%err, "cannot read other instances' changes"),
             }
