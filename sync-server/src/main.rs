@@ -10,11 +10,12 @@ use sync_server::{Config, run};
 #[derive(Parser)]
 #[command(name = "sync-server", about = "The Crewdesk relay: sync, accounts, tokens, grab decisions")]
 struct Cli {
-    /// A TOML file with any of: data_dir, listen, max_frame_bytes, keepalive_secs, outbound_queue,
-    /// max_loaded_documents. Flags and CREWDESK_* variables override it.
+    /// A TOML file with any of: data_dir, store, listen, max_frame_bytes, keepalive_secs,
+    /// outbound_queue, max_loaded_documents, smtp, mail_from. Flags and CREWDESK_* variables
+    /// override it.
     #[arg(long, env = "CREWDESK_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Where the relay keeps its SQLite database [default: crewdesk-relay-data].
+    /// Where the relay keeps its SQLite database and attachment files [default: crewdesk-relay-data].
     #[arg(long, env = "CREWDESK_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Where accounts and conversations are stored: sqlite://DIR (the default, in the data

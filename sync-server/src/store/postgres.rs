@@ -71,8 +71,15 @@ enum NoteKind {
     Ephemeral { d: String, from: String, count: u64, session: String, data: String },
 }
 
-fn pool_error(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Invalid(format!("relay storage (PostgreSQL) is unavailable: {e}"))
+/// The pool's error with its causes (deadpool's own message alone hides why a connection failed).
+fn pool_error(e: impl std::error::Error) -> StoreError {
+    let mut message = format!("relay storage (PostgreSQL) is unavailable: {e}");
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    StoreError::Invalid(message)
 }
 
 impl PgStore {
