@@ -209,6 +209,10 @@ struct DocEntry {
     peers: HashMap<ConnId, (Session, sync::State)>,
     /// A fan-out is already scheduled: changes arriving meanwhile go out with it.
     fanout_scheduled: bool,
+    /// Client changes applied in memory whose commit has not returned yet. While there are any,
+    /// no sync message is generated for this document (it would advertise them); the fan-out
+    /// after the last commit returns tells everyone.
+    uncommitted: usize,
 }
 
 /// Changes arriving within this window are fanned out together: one message per peer carries
@@ -259,10 +263,21 @@ impl Relay {
 
     /// Stores a chunk durably (group commit); returns once it is fsynced.
     async fn commit(&self, doc: &str, team: &TeamId, chunk: Vec<u8>) -> Result<(), String> {
+        let wait = self.enqueue_commit(doc, team, chunk).await?;
+        wait.await.map_err(|_| "the relay is shutting down".to_owned())?
+    }
+
+    /// Hands a chunk to the group commit; the receiver answers once it is durable.
+    async fn enqueue_commit(
+        &self,
+        doc: &str,
+        team: &TeamId,
+        chunk: Vec<u8>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, String> {
         let (done, wait) = tokio::sync::oneshot::channel();
         let c = Commit { doc: doc.to_owned(), team: team.clone(), chunk, done };
         self.commits.send(c).await.map_err(|_| "the relay is shutting down".to_owned())?;
-        wait.await.map_err(|_| "the relay is shutting down".to_owned())?
+        Ok(wait)
     }
 
     async fn ensure_loaded(&self, id: &str, e: &mut DocEntry) -> Result<(), StoreError> {
@@ -302,15 +317,15 @@ impl Relay {
             }
         };
         let entry = self.entry(&doc_id);
-        let mut e = entry.lock().await;
+        let mut guard = entry.lock().await;
         let mut retried = false;
         loop {
-            if let Err(err) = self.ensure_loaded(&doc_id, &mut e).await {
+            if let Err(err) = self.ensure_loaded(&doc_id, &mut guard).await {
                 warn!(%doc_id, %err, "cannot load document");
                 session.error(&self.peer_id, "the relay could not read this conversation; try again later");
                 return;
             }
-            let e = &mut *e;
+            let e = &mut *guard;
             match &mut e.stored {
                 Some(stored) => {
                     if session.agent.role_in(&stored.team).is_none() {
@@ -337,47 +352,51 @@ impl Relay {
                         return;
                     }
                     let changed = stored.doc.get_heads() != before;
-                    if let Err(reason) = match changed {
+                    let checked = match changed {
                         true => {
-                            self.commit_client_change(&doc_id, stored, &before, header_before.as_ref(), &session.agent)
-                                .await
+                            self.check_client_change(&doc_id, stored, &before, header_before.as_ref(), &session.agent)
                         }
-                        false => Ok(()),
-                    } {
-                        // Refused or not stored: drop the in-memory change; the connection starts over.
-                        e.loaded = false;
-                        e.stored = None;
-                        e.peers.remove(&session.conn);
-                        if self.shared && !retried {
-                            // The change may build on what another instance committed and this one
-                            // has not read yet (an agent who moved between instances): judge it
-                            // once more against the document as stored now.
-                            retried = true;
-                            if let Ok(m) = sync::Message::decode(&data) {
-                                message = m;
-                                continue;
+                        false => Ok(Vec::new()),
+                    };
+                    let added = match checked {
+                        Ok(added) => added,
+                        Err(reason) => {
+                            // Refused: drop the in-memory change; the connection starts over.
+                            e.loaded = false;
+                            e.stored = None;
+                            e.peers.remove(&session.conn);
+                            if self.shared && !retried {
+                                // The change may build on what another instance committed and this one
+                                // has not read yet (an agent who moved between instances): judge it
+                                // once more against the document as stored now.
+                                retried = true;
+                                if let Ok(m) = sync::Message::decode(&data) {
+                                    message = m;
+                                    continue;
+                                }
                             }
+                            session.error(&self.peer_id, reason);
+                            return;
                         }
-                        session.error(&self.peer_id, reason);
+                    };
+                    if changed {
+                        // Committed without holding the document: other messages for it (other
+                        // agents' changes joining the same group commit, acknowledgements) go on
+                        // meanwhile, and nothing is advertised until every commit has returned.
+                        let (team, chunk) = (stored.team.clone(), stored.doc.save_after(&before));
+                        e.uncommitted += 1;
+                        let wait = self.enqueue_commit(&doc_id, &team, chunk).await;
+                        drop(guard);
+                        let result = match wait {
+                            Ok(wait) => wait.await.unwrap_or_else(|_| Err("the relay is shutting down".to_owned())),
+                            Err(e) => Err(e),
+                        };
+                        self.client_change_committed(session, &entry, &doc_id, result, added).await;
                         return;
                     }
-                    if changed {
-                        if !e.fanout_scheduled {
-                            e.fanout_scheduled = true;
-                            let (relay, entry, doc_id) = (self.clone(), entry.clone(), doc_id.clone());
-                            tokio::spawn(async move {
-                                tokio::time::sleep(FANOUT_COALESCE).await;
-                                let mut e = entry.lock().await;
-                                e.fanout_scheduled = false;
-                                if let Err(err) = relay.ensure_loaded(&doc_id, &mut e).await {
-                                    warn!(%doc_id, %err, "cannot reload document for fan-out");
-                                }
-                                let e = &mut *e;
-                                if let Some(stored) = &mut e.stored {
-                                    advertise(&relay.peer_id, &doc_id, &mut stored.doc, &mut e.peers);
-                                }
-                            });
-                        }
+                    if e.uncommitted > 0 {
+                        // The answer waits for the commits in progress (the fan-out includes it).
+                        self.schedule_fanout(&entry, e, &doc_id);
                     } else if let Some((peer, state)) = e.peers.get_mut(&session.conn) {
                         // Nothing new: only the sender may need an answer, and usually not even that
                         // (an acknowledgement of heads we both have).
@@ -405,16 +424,15 @@ impl Relay {
         }
     }
 
-    /// Validates and stores what a client changed, then decides grabs. The change is fsynced before
-    /// this returns, so the heads advertised afterwards are durable.
-    async fn commit_client_change(
+    /// Checks what a client changed against the relay's rules; returns the messages it added.
+    fn check_client_change(
         &self,
         doc_id: &str,
-        stored: &mut StoredDoc,
+        stored: &StoredDoc,
         before: &[automerge::ChangeHash],
         header_before: Option<&doc::DocHeader>,
         who: &Agent,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<crewdesk::domain::Message>, String> {
         let agent = &who.id;
         match doc::check_schema(&stored.doc) {
             Ok(true) => {}
@@ -474,15 +492,80 @@ impl Relay {
                 "document {doc_id}: only agents in the conversation, or admins, edit the customer's details; refused"
             ));
         }
-        let chunk = stored.doc.save_after(before);
-        self.commit(doc_id, &stored.team, chunk).await.map_err(|e| {
-            warn!(%doc_id, %e, "storing a change failed");
-            "the relay could not store your change; it will be sent again".to_owned()
-        })?;
+        Ok(added)
+    }
+
+    /// After a client change's commit returned: on failure the in-memory document is dropped (it
+    /// is read again from storage; the replica sends the change again); on success the channels
+    /// hear of new messages, grabs are decided, and the fan-out is scheduled.
+    async fn client_change_committed(
+        self: &Arc<Self>,
+        session: &Session,
+        entry: &Arc<AsyncMutex<DocEntry>>,
+        doc_id: &str,
+        result: Result<(), String>,
+        added: Vec<crewdesk::domain::Message>,
+    ) {
+        let mut guard = entry.lock().await;
+        let e = &mut *guard;
+        e.uncommitted -= 1;
+        if let Err(err) = result {
+            warn!(%doc_id, %err, "storing a change failed");
+            e.loaded = false;
+            e.stored = None;
+            e.peers.remove(&session.conn);
+            session.error(&self.peer_id, "the relay could not store your change; it will be sent again");
+            self.schedule_fanout(entry, e, doc_id);
+            return;
+        }
         let _ = self.changes.send(doc_id.to_owned());
-        self.queue_email_fallback(doc_id, &stored.team, &added, &header).await;
-        self.queue_whatsapp(doc_id, stored, &added, &header).await;
-        self.decide_grab(doc_id, stored, header).await
+        if let Some(stored) = &mut e.stored {
+            match doc::read_header(&stored.doc) {
+                Ok(header) => {
+                    self.queue_email_fallback(doc_id, &stored.team, &added, &header).await;
+                    self.queue_whatsapp(doc_id, stored, &added, &header).await;
+                    if let Err(reason) = self.decide_grab(doc_id, stored, header).await {
+                        session.error(&self.peer_id, reason);
+                    }
+                }
+                Err(err) => warn!(%doc_id, %err, "a stored conversation cannot be read"),
+            }
+        }
+        self.schedule_fanout(entry, e, doc_id);
+    }
+
+    /// Sends every follower what it needs shortly (changes arriving meanwhile go out together),
+    /// once no commit of this document is in progress.
+    fn schedule_fanout(self: &Arc<Self>, entry: &Arc<AsyncMutex<DocEntry>>, e: &mut DocEntry, doc_id: &str) {
+        if e.fanout_scheduled {
+            return;
+        }
+        e.fanout_scheduled = true;
+        let (relay, entry, doc_id) = (self.clone(), entry.clone(), doc_id.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(FANOUT_COALESCE).await;
+            let mut e = entry.lock().await;
+            e.fanout_scheduled = false;
+            if e.uncommitted > 0 {
+                // The commit still in progress schedules the next fan-out when it returns.
+                return;
+            }
+            if let Err(err) = relay.ensure_loaded(&doc_id, &mut e).await {
+                warn!(%doc_id, %err, "cannot reload document for fan-out");
+            }
+            relay.advertise_now(&doc_id, &mut e);
+        });
+    }
+
+    /// Sends every follower what it needs now, unless client changes are still being committed
+    /// (their fan-out follows).
+    fn advertise_now(&self, doc_id: &str, e: &mut DocEntry) {
+        if e.uncommitted > 0 {
+            return;
+        }
+        if let Some(stored) = &mut e.stored {
+            advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
+        }
     }
 
     /// Web-widget customers who are offline and left an email address get crew messages by email
@@ -662,11 +745,11 @@ impl Relay {
     }
 
     fn announce_loaded(&self, doc_id: &str, e: &mut DocEntry) {
-        let Some(stored) = &mut e.stored else { return };
-        for s in self.team_sessions(&stored.team) {
+        let Some(team) = e.stored.as_ref().map(|s| s.team.clone()) else { return };
+        for s in self.team_sessions(&team) {
             e.peers.entry(s.conn).or_insert_with(|| (s.clone(), sync::State::new()));
         }
-        advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
+        self.advertise_now(doc_id, e);
     }
 
     /// Reads what other instances committed to a loaded document since this one last looked,
@@ -696,7 +779,7 @@ impl Relay {
             return Err(StoreError::Invalid(format!("stored changes of {doc_id} are unreadable: {err}")));
         }
         if stored.doc.get_heads() != before {
-            advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
+            self.advertise_now(doc_id, e);
         }
         Ok(())
     }
@@ -880,7 +963,7 @@ impl Relay {
             let entry = self.entry(&doc_id);
             // A document being worked on right now stays; it is evicted on a later pass.
             let Ok(mut e) = entry.try_lock() else { continue };
-            if e.pending.is_empty() {
+            if e.pending.is_empty() && e.uncommitted == 0 {
                 e.stored = None;
                 e.loaded = false;
             }
@@ -963,7 +1046,7 @@ impl Relay {
             return Err(err);
         }
         let _ = self.changes.send(doc_id.to_owned());
-        advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
+        self.advertise_now(doc_id, e);
         Ok(())
     }
 
