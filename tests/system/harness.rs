@@ -713,3 +713,47 @@ pub async fn wait_listening(port: u16) {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// Every representative asks to grab at once (each at a slightly different moment); those with
+/// `i % 5 == 0` are expected to be offline, so their grabs always go through. Returns how many asked.
+pub fn grab_all(reps: &[Agent], id: &ConversationId) -> usize {
+    let now = Timestamp::now();
+    let mut requested = 0;
+    for (i, r) in reps.iter().enumerate() {
+        // Online representatives may already have heard of a winner: then the rules refuse.
+        match r.act(id, |x| x.grab(id, now.plus(i as i64 % 7))) {
+            Ok(()) => requested += 1,
+            Err(crewdesk::replica::ReplicaError::Denied(crewdesk::domain::DomainError::HandledByAnother)) => {
+                assert!(i % 5 != 0, "offline grabs always go through")
+            }
+            Err(e) => panic!("unexpected refusal: {e}"),
+        }
+    }
+    requested
+}
+
+/// Waits until every replica names the same owner, then checks that exactly one representative
+/// won and every other one who asked is told they lost. Returns the owner.
+pub async fn one_owner_everywhere(reps: &[Agent], others: &[&Agent], id: &ConversationId, requested: usize) -> AgentId {
+    let owners = || {
+        reps.iter()
+            .chain(others.iter().copied())
+            .map(|r| r.with(|x| x.summary(id).and_then(|s| s.owner.clone())))
+            .collect::<Vec<_>>()
+    };
+    eventually(90, "every replica agrees on one owner", || {
+        let owners = owners();
+        owners[0].is_some() && owners.iter().all(|o| *o == owners[0])
+    })
+    .await;
+    use crewdesk::domain::access::{GrabState, grab_state};
+    let states: Vec<Option<GrabState>> =
+        reps.iter().map(|r| r.with(|x| x.summary(id).map(|s| grab_state(x.agent(), s)))).collect();
+    assert_eq!(states.iter().filter(|s| **s == Some(GrabState::Won)).count(), 1, "exactly one representative won");
+    assert_eq!(
+        states.iter().filter(|s| **s == Some(GrabState::Lost)).count(),
+        requested - 1,
+        "every other representative who grabbed is told they lost"
+    );
+    owners()[0].clone().expect("an owner")
+}

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use crewdesk::demo;
-use crewdesk::domain::access::GrabState;
 use crewdesk::domain::{Channel, Member, Message, MessageBody, MessageId, Role, TeamId, Timestamp};
 use crewdesk::replica::doc;
 use rand::{Rng, SeedableRng};
@@ -14,7 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 use sync_server::store::Store;
 use system_tests::{
-    Agent, RelayProcess, TestRelay, eventually, free_port, postgres_database, relay_binary, wait_listening,
+    Agent, RelayProcess, TestRelay, eventually, free_port, grab_all, one_owner_everywhere, postgres_database,
+    relay_binary, wait_listening,
 };
 
 /// `n` relay instances in this process over one fresh PostgreSQL database, with the demo accounts.
@@ -26,6 +26,21 @@ async fn instances(n: usize, dir: &Path) -> (Vec<TestRelay>, HashMap<String, Str
         all.push(next);
     }
     (all, tokens)
+}
+
+/// Two instances; bob (in the room) on the first, carol on the second, both with a new Sales
+/// conversation started through the first.
+async fn bob_and_carol_on_two_instances(
+    dir: &Path,
+) -> (Vec<TestRelay>, HashMap<String, String>, Agent, Agent, crewdesk::domain::ConversationId) {
+    let (relays, tokens) = instances(2, dir).await;
+    let bob = Agent::start(&relays[0], &tokens, "bob");
+    let carol = Agent::start(&relays[1], &tokens, "carol");
+    let id = relays[0].customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
+    bob.has(&id).await;
+    carol.has(&id).await;
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    (relays, tokens, bob, carol, id)
 }
 
 /// Adds representatives `prefix00…` to a team and returns their tokens.
@@ -119,39 +134,16 @@ async fn fifty_grabs_spread_over_three_instances_have_one_owner() {
         r.disconnect().await;
         r.move_to(relays[(i + 1) % 3].url());
     }
-    let now = Timestamp::now();
-    let mut requested = 0;
-    for (i, r) in reps.iter().enumerate() {
-        match r.act(&id, |x| x.grab(&id, now.plus(i as i64 % 7))) {
-            Ok(()) => requested += 1,
-            Err(crewdesk::replica::ReplicaError::Denied(crewdesk::domain::DomainError::HandledByAnother)) => {
-                assert!(i % 5 != 0, "offline grabs always go through")
-            }
-            Err(e) => panic!("unexpected refusal: {e}"),
-        }
-    }
+    let requested = grab_all(&reps, &id);
     assert!(requested >= 10, "{requested} grabs");
     for r in reps.iter_mut() {
         r.reconnect();
     }
-    let owners = || {
-        reps.iter().chain([&ada]).map(|r| r.with(|x| x.summary(&id).and_then(|s| s.owner.clone()))).collect::<Vec<_>>()
-    };
-    eventually(90, "all 51 replicas agree on one owner", || {
-        let owners = owners();
-        owners[0].is_some() && owners.iter().all(|o| *o == owners[0])
-    })
-    .await;
-    let states: Vec<Option<GrabState>> = reps
-        .iter()
-        .map(|r| r.with(|x| x.summary(&id).map(|s| crewdesk::domain::access::grab_state(x.agent(), s))))
-        .collect();
-    assert_eq!(states.iter().filter(|s| **s == Some(GrabState::Won)).count(), 1, "exactly one representative won");
-    assert_eq!(states.iter().filter(|s| **s == Some(GrabState::Lost)).count(), requested - 1, "the others lost");
+    let owner = one_owner_everywhere(&reps, &[&ada], &id, requested).await;
     // The stored conversation names the same owner.
     let (_, bytes) = relays[1].open_store().load_document(id.as_str()).unwrap().unwrap();
     let stored = doc::read_header(&automerge::Automerge::load(&bytes).unwrap()).unwrap();
-    assert_eq!(stored.owner, owners()[0]);
+    assert_eq!(stored.owner, Some(owner));
     for r in relays.iter_mut() {
         r.stop().await;
     }
@@ -230,13 +222,7 @@ async fn an_instance_killed_during_load_loses_nothing_and_its_agents_move_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_listen_connection_is_caught_up_from_the_database() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut relays, tokens) = instances(2, dir.path()).await;
-    let bob = Agent::start(&relays[0], &tokens, "bob");
-    let carol = Agent::start(&relays[1], &tokens, "carol");
-    let id = relays[0].customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
-    bob.has(&id).await;
-    carol.has(&id).await;
-    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    let (mut relays, tokens, bob, carol, id) = bob_and_carol_on_two_instances(dir.path()).await;
     let url = relays[0].store.clone().unwrap();
     let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
@@ -353,13 +339,7 @@ fn relay_store(url: &str) -> Store {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attachment_sent_through_one_instance_downloads_from_another() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut relays, tokens) = instances(2, dir.path()).await;
-    let bob = Agent::start(&relays[0], &tokens, "bob");
-    let carol = Agent::start(&relays[1], &tokens, "carol");
-    let id = relays[0].customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
-    bob.has(&id).await;
-    carol.has(&id).await;
-    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    let (mut relays, _tokens, bob, carol, id) = bob_and_carol_on_two_instances(dir.path()).await;
     bob.connected().await;
     let photo = system_tests::png(400, 300);
     let hash = bob.attach(&id, "receipt.png", "image/png", &photo);

@@ -7,7 +7,7 @@ use crewdesk::domain::access::GrabState;
 use crewdesk::domain::{Author, Channel, ConversationId, Message, MessageBody, TeamId, Timestamp};
 use crewdesk::replica::doc::{self};
 use crewdesk::sync::wire::WireMessage;
-use system_tests::{Agent, RawClient, TestRelay, eventually};
+use system_tests::{Agent, RawClient, TestRelay, eventually, grab_all, one_owner_everywhere};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 fn text(t: &str) -> MessageBody {
@@ -296,40 +296,12 @@ async fn fifty_simultaneous_grabs_some_offline_have_one_owner() {
     for r in reps.iter_mut().step_by(5) {
         r.disconnect().await;
     }
-    let now = Timestamp::now();
-    let mut requested = 0;
-    for (i, r) in reps.iter().enumerate() {
-        // Online representatives may already have heard of a winner: then the rules refuse.
-        match r.act(&id, |x| x.grab(&id, now.plus(i as i64 % 7))) {
-            Ok(()) => requested += 1,
-            Err(crewdesk::replica::ReplicaError::Denied(crewdesk::domain::DomainError::HandledByAnother)) => {
-                assert!(i % 5 != 0, "offline grabs always go through")
-            }
-            Err(e) => panic!("unexpected refusal: {e}"),
-        }
-    }
+    let requested = grab_all(&reps, &id);
     assert!(requested >= 10, "{requested} grabs");
     for r in reps.iter_mut() {
         r.reconnect();
     }
-    let everyone = || {
-        reps.iter().chain([&ada]).map(|r| r.with(|x| x.summary(&id).and_then(|s| s.owner.clone()))).collect::<Vec<_>>()
-    };
-    eventually(60, "all 51 replicas agree on one owner", || {
-        let owners = everyone();
-        owners[0].is_some() && owners.iter().all(|o| *o == owners[0])
-    })
-    .await;
-    let states: Vec<Option<GrabState>> = reps
-        .iter()
-        .map(|r| r.with(|x| x.summary(&id).map(|s| crewdesk::domain::access::grab_state(x.agent(), s))))
-        .collect();
-    assert_eq!(states.iter().filter(|s| **s == Some(GrabState::Won)).count(), 1, "exactly one representative won");
-    assert_eq!(
-        states.iter().filter(|s| **s == Some(GrabState::Lost)).count(),
-        requested - 1,
-        "every other representative who grabbed is told they lost"
-    );
+    one_owner_everywhere(&reps, &[&ada], &id, requested).await;
     relay.stop().await;
 }
 
