@@ -220,11 +220,15 @@ async fn receive(relay: &Arc<Relay>, team: &TeamId, m: &Inbound, name: Option<&s
     if wamid.is_empty() || wamid.len() > 200 {
         return Ok(());
     }
-    if blocking(relay, move |s| s.whatsapp_seen(&wamid)).await? {
-        return Ok(());
-    }
     if m.from.is_empty() || m.from.len() > 20 || !m.from.bytes().all(|b| b.is_ascii_digit()) {
         warn!(from = %m.from, "WhatsApp message from an invalid number ignored");
+        return Ok(());
+    }
+    // One contact's deliveries are handled one at a time across relay instances too, so two
+    // instances hearing from a new contact at once start one conversation, not two.
+    let key = format!("whatsapp:{team}:{}", m.from);
+    let _contact = blocking(relay, move |s| s.hold_lock(&key)).await?;
+    if blocking(relay, move |s| s.whatsapp_seen(&wamid)).await? {
         return Ok(());
     }
     let now = Timestamp::now();

@@ -235,3 +235,47 @@ async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
     assert_eq!(graph.accepted().len(), 4, "nothing more was sent: {:?}", graph.accepted());
     relay.stop().await;
 }
+
+/// Two relay instances over one PostgreSQL database hear from new contacts at the same moment
+/// (Meta delivers each message to whichever instance the load balancer picks): one conversation per
+/// contact, with both messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_contact_writing_through_two_instances_at_once_gets_one_conversation() {
+    let graph = GraphStandIn::start("106540352242922", "graph-access-token").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = WhatsAppConfig {
+        team: "sales".into(),
+        verify_token: "verify-me".into(),
+        app_secret: SECRET.into(),
+        access_token: "graph-access-token".into(),
+        phone_number_id: "106540352242922".into(),
+        api_base: graph.base.clone(),
+    };
+    let (mut a, tokens) = TestRelay::start_on(dir.path().join("a"), Some(system_tests::postgres_database())).await;
+    a.stop().await;
+    a.settings = std::sync::Arc::new(move |c| c.whatsapp = Some(config.clone()));
+    a.restart().await;
+    let mut b = a.another_instance(dir.path().join("b")).await;
+    let bob = Agent::start(&a, &tokens, "bob");
+    bob.connected().await;
+    let now_secs = Timestamp::now().0 / 1000;
+    for k in 0..5 {
+        let phone = format!("4915100000{k:02}");
+        let first = webhook_body(&format!("wamid.RACE{k}a"), &phone, "Ines Ortega", "Hello?", now_secs);
+        let second = webhook_body(&format!("wamid.RACE{k}b"), &phone, "Ines Ortega", "Anyone there?", now_secs + 1);
+        let (s1, s2) = tokio::join!(
+            post_webhook(&a, &first, Some(sign(SECRET, first.as_bytes()))),
+            post_webhook(&b, &second, Some(sign(SECRET, second.as_bytes())))
+        );
+        assert_eq!((s1, s2), (200, 200));
+    }
+    eventually(20, "one conversation per contact, each with both messages", || {
+        let all = whatsapp_conversations(&bob);
+        all.len() == 5 && all.iter().all(|id| bob.message_texts(id).len() == 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(whatsapp_conversations(&bob).len(), 5, "no second conversation arrives late");
+    a.stop().await;
+    b.stop().await;
+}

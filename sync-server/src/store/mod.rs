@@ -227,6 +227,12 @@ pub trait Storage: Send + Sync {
     fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError>;
 
     // ---- several instances ---------------------------------------------------------------------
+    /// Waits for and holds a lock named `key` across every instance sharing the store, until the
+    /// returned guard is dropped. `None` when no other instance can exist (SQLite): the caller's
+    /// own in-process lock is enough.
+    fn hold_lock(&self, _key: &str) -> Result<Option<Box<dyn std::any::Any + Send>>, StoreError> {
+        Ok(None)
+    }
     /// The stream of what other instances do; `None` when no other instance can exist (SQLite).
     /// Called once, by the relay.
     fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<StoreEvent>> {

@@ -185,6 +185,17 @@ async fn add_member_tx(tx: &impl GenericClient, team: &TeamId, m: &Member) -> Re
     Ok(())
 }
 
+/// A connection holding a session advisory lock; it never goes back to the pool.
+struct HeldLock(Option<deadpool_postgres::Object>);
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            drop(deadpool_postgres::Object::take(object));
+        }
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -857,6 +868,16 @@ impl Storage for PgStore {
                 .collect();
             tx.commit().await?;
             Ok(order)
+        })
+    }
+
+    /// A session advisory lock on a connection taken out of the pool; dropping the guard closes that
+    /// connection, which releases the lock (also when this process dies).
+    fn hold_lock(&self, key: &str) -> Result<Option<Box<dyn std::any::Any + Send>>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key]).await?;
+            Ok(Some(Box::new(HeldLock(Some(c))) as Box<dyn std::any::Any + Send>))
         })
     }
 
