@@ -215,6 +215,9 @@ struct DocEntry {
     uncommitted: usize,
 }
 
+/// A conversation read from more chunks than this is merged into one when it is loaded.
+const COMPACT_AFTER_CHUNKS: usize = 100;
+
 /// Changes arriving within this window are fanned out together: one message per peer carries
 /// them all. Everything sent is still committed first.
 const FANOUT_COALESCE: std::time::Duration = std::time::Duration::from_millis(3);
@@ -290,6 +293,16 @@ impl Relay {
                 .map_err(|err| StoreError::Invalid(format!("stored document {id} is unreadable: {err}")))?;
             e.stored = Some(StoredDoc { doc: doc.with_actor(self.actor.clone()), team: loaded.team });
             e.seq = loaded.seq;
+            if loaded.chunks > COMPACT_AFTER_CHUNKS {
+                // Every commit adds a chunk; merge them in the background so the next load is one
+                // read of one save. The store merges exactly what it holds, in one transaction.
+                let (store, id) = (self.store.clone(), id.to_owned());
+                tokio::task::spawn_blocking(move || match store.compact_stored(&id) {
+                    Ok(n) if n > 0 => debug!(doc_id = %id, chunks = n, "conversation compacted"),
+                    Ok(_) => {}
+                    Err(err) => warn!(doc_id = %id, %err, "conversation not compacted"),
+                });
+            }
         }
         e.loaded = true;
         Ok(())

@@ -741,3 +741,36 @@ async fn admins_import_customer_conversations_and_nobody_else_does() {
         .await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_conversation_is_compacted_when_loaded_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
+    bob.has(&id).await;
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    // One commit (and one stored chunk) per message.
+    for i in 0..120 {
+        bob.act(&id, |r| r.send(&id, text(&format!("reply {i}")), Timestamp::now()).unwrap());
+        eventually(10, "synced", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+    }
+    let store = relay.open_store();
+    assert!(store.chunk_count(id.as_str()).unwrap() > 100);
+    // Loaded again after a restart: merged into one chunk in the background.
+    relay.stop().await;
+    relay.restart().await;
+    let carol = Agent::start(&relay, &tokens, "carol");
+    eventually(20, "carol has every message", || carol.message_texts(&id).len() == 121).await;
+    eventually(20, "the conversation is one chunk", || store.chunk_count(id.as_str()).unwrap() == 1).await;
+    // Work goes on after the merge, and a later load has everything.
+    bob.act(&id, |r| r.send(&id, text("after the merge"), Timestamp::now()).unwrap());
+    eventually(20, "carol sees the new message", || carol.message_texts(&id).len() == 122).await;
+    relay.stop().await;
+    relay.restart().await;
+    let erin = Agent::start(&relay, &tokens, "erin");
+    eventually(20, "a fresh replica gets all 122", || erin.message_texts(&id).len() == 122).await;
+    assert_eq!(erin.message_texts(&id), bob.message_texts(&id));
+    relay.stop().await;
+}

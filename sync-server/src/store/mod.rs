@@ -58,6 +58,8 @@ pub struct StoredChunks {
     pub team: TeamId,
     pub bytes: Vec<u8>,
     pub seq: i64,
+    /// How many chunks it was stored as (many small ones are worth compacting).
+    pub chunks: usize,
 }
 
 /// What other relay instances sharing the database did (PostgreSQL only; arrives by LISTEN/NOTIFY).
@@ -167,6 +169,10 @@ pub trait Storage: Send + Sync {
     fn import_documents(&self, docs: &[(String, TeamId, Vec<u8>)]) -> Result<usize, StoreError>;
     /// Replaces a document's chunks by one full save.
     fn compact(&self, id: &str, full: &[u8]) -> Result<(), StoreError>;
+    /// Replaces a document's chunks by one full save of exactly what is stored, read and written in
+    /// one transaction (so no chunk another writer adds meanwhile is lost). Returns how many chunks
+    /// were merged (0 when there was nothing to do). The merged chunk keeps the last position.
+    fn compact_stored(&self, id: &str) -> Result<usize, StoreError>;
     fn chunk_count(&self, id: &str) -> Result<usize, StoreError>;
     /// Ids of the given teams' documents.
     fn documents_of(&self, teams: &[TeamId]) -> Result<Vec<String>, StoreError>;
@@ -267,6 +273,14 @@ impl Store {
             StoreUrl::Postgres(url) => Ok(Store(Box::new(PgStore::connect(url)?))),
         }
     }
+}
+
+/// One full save of a document stored as `bytes` (its chunks concatenated); an error leaves the
+/// stored chunks as they are.
+fn compacted(id: &str, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    automerge::Automerge::load(bytes)
+        .map(|d| d.save())
+        .map_err(|e| StoreError::Invalid(format!("document {id} cannot be compacted: {e}")))
 }
 
 pub fn mode_str(mode: TeamMode) -> &'static str {

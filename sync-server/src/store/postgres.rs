@@ -381,11 +381,12 @@ impl Storage for PgStore {
             };
             let rows = c.query("SELECT seq, bytes FROM doc_chunks WHERE doc_id = $1 ORDER BY seq", &[&id]).await?;
             let (mut bytes, mut seq) = (Vec::new(), 0);
+            let chunks = rows.len();
             for r in rows {
                 seq = r.get(0);
                 bytes.extend_from_slice(r.get::<_, &[u8]>(1));
             }
-            Ok(Some(StoredChunks { team: TeamId(team.get(0)), bytes, seq }))
+            Ok(Some(StoredChunks { team: TeamId(team.get(0)), bytes, seq, chunks }))
         })
     }
 
@@ -527,6 +528,34 @@ impl Storage for PgStore {
             tx.execute("INSERT INTO doc_chunks (doc_id, origin, bytes) VALUES ($1, '', $2)", &[&id, &full]).await?;
             tx.commit().await?;
             Ok(())
+        })
+    }
+
+    /// Under the document's lock (no other instance appends meanwhile); the merged chunk takes the
+    /// last chunk's position, so instances that are up to date do not read it again.
+    fn compact_stored(&self, id: &str) -> Result<usize, StoreError> {
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&id]).await?;
+            let rows = tx.query("SELECT seq, bytes FROM doc_chunks WHERE doc_id = $1 ORDER BY seq", &[&id]).await?;
+            if rows.len() < 2 {
+                return Ok(0);
+            }
+            let mut bytes = Vec::new();
+            for r in &rows {
+                bytes.extend_from_slice(r.get::<_, &[u8]>(1));
+            }
+            let last: i64 = rows[rows.len() - 1].get(0);
+            let full = compacted(id, &bytes)?;
+            tx.execute("DELETE FROM doc_chunks WHERE doc_id = $1 AND seq <= $2", &[&id, &last]).await?;
+            tx.execute(
+                "INSERT INTO doc_chunks (seq, doc_id, origin, bytes) VALUES ($1, $2, '', $3)",
+                &[&last, &id, &full],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(rows.len())
         })
     }
 

@@ -195,13 +195,14 @@ impl Storage for SqliteStore {
             conn.query_row("SELECT team FROM documents WHERE id = ?1", [id], |r| r.get(0)).optional()?;
         let Some(team) = team else { return Ok(None) };
         let mut stmt = conn.prepare_cached("SELECT seq, bytes FROM doc_chunks WHERE doc_id = ?1 ORDER BY seq")?;
-        let (mut bytes, mut seq) = (Vec::new(), 0);
+        let (mut bytes, mut seq, mut chunks) = (Vec::new(), 0, 0);
         for chunk in stmt.query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))? {
             let (s, b) = chunk?;
             seq = s;
+            chunks += 1;
             bytes.extend(b);
         }
-        Ok(Some(StoredChunks { team: TeamId(team), bytes, seq }))
+        Ok(Some(StoredChunks { team: TeamId(team), bytes, seq, chunks }))
     }
 
     /// One process owns an SQLite store, so every chunk after `seq` counts.
@@ -264,6 +265,30 @@ impl Storage for SqliteStore {
         tx.execute("INSERT INTO doc_chunks (doc_id, seq, bytes) VALUES (?1, 1, ?2)", params![id, full])?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn compact_stored(&self, id: &str) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (bytes, last, count) = {
+            let mut stmt = tx.prepare("SELECT seq, bytes FROM doc_chunks WHERE doc_id = ?1 ORDER BY seq")?;
+            let (mut bytes, mut last, mut count) = (Vec::new(), 0, 0);
+            for row in stmt.query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))? {
+                let (s, b) = row?;
+                last = s;
+                count += 1;
+                bytes.extend(b);
+            }
+            (bytes, last, count)
+        };
+        if count < 2 {
+            return Ok(0);
+        }
+        let full = compacted(id, &bytes)?;
+        tx.execute("DELETE FROM doc_chunks WHERE doc_id = ?1", [id])?;
+        tx.execute("INSERT INTO doc_chunks (doc_id, seq, bytes) VALUES (?1, ?2, ?3)", params![id, last, full])?;
+        tx.commit()?;
+        Ok(count)
     }
 
     fn chunk_count(&self, id: &str) -> Result<usize, StoreError> {
