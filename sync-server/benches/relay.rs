@@ -103,11 +103,11 @@ fn start_relay_on(data: &Path, store: Option<&str>, port: u16) -> Server {
     command
         .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "warn")
-        .stdout(
+        .stdout(Stdio::null())
+        .stderr(
             std::fs::File::create(format!("/tmp/crewdesk-bench-relay-{port}.log"))
                 .map_or_else(|_| Stdio::null(), Stdio::from),
         )
-        .stderr(Stdio::null())
         .spawn()
         .map(Server)
         .expect("relay binary")

@@ -145,6 +145,8 @@ async fn migrate(c: &mut deadpool_postgres::Object) -> Result<(), StoreError> {
     let tx = c.transaction().await?;
     // Instances starting together migrate one at a time.
     tx.execute("SELECT pg_advisory_xact_lock(7461234001)", &[]).await?;
+    // "already exists, skipping" notices are not news.
+    tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
     )
