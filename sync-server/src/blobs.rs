@@ -252,7 +252,7 @@ async fn widget_upload(
     let Some(doc_id) = widget_doc(&relay, q.session).await else {
         return bad(StatusCode::UNAUTHORIZED, "unknown session");
     };
-    if !relay.allow_widget_upload(&doc_id) {
+    if !relay.allow_widget_upload(&doc_id).await {
         return bad(StatusCode::TOO_MANY_REQUESTS, "too many files in a short time; wait a few minutes");
     }
     let declared = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");

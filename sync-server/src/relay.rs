@@ -131,7 +131,7 @@ pub struct Relay {
     whatsapp_inbound: AsyncMutex<()>,
     pub(crate) geoip: Option<crate::geoip::GeoIp>,
     /// Web-widget conversations started per address (10 minutes).
-    pub(crate) widget_starts: crate::limits::Limiter<std::net::IpAddr>,
+    widget_starts: crate::limits::Limiter<std::net::IpAddr>,
     /// Files sent by widget customers per conversation (10 minutes).
     widget_uploads: crate::limits::Limiter<String>,
 }
@@ -1089,8 +1089,32 @@ impl Relay {
         }
     }
 
-    pub(crate) fn allow_widget_upload(&self, doc_id: &str) -> bool {
-        self.widget_uploads.allow(doc_id.to_owned())
+    /// Files a widget customer may send per conversation (20 per 10 minutes), across instances.
+    pub(crate) async fn allow_widget_upload(&self, doc_id: &str) -> bool {
+        let key = format!("upload:{doc_id}");
+        self.allow_shared(key, 20, 600_000, || self.widget_uploads.allow(doc_id.to_owned())).await
+    }
+
+    /// Conversations one address may start (`widget_starts_per_ip` per 10 minutes), across instances.
+    pub(crate) async fn allow_widget_start(&self, ip: std::net::IpAddr) -> bool {
+        let key = format!("start:{ip}");
+        let max = self.config.widget_starts_per_ip;
+        self.allow_shared(key, max, 600_000, || self.widget_starts.allow(ip)).await
+    }
+
+    /// A limit counted in the shared store when instances share one, else by this process.
+    async fn allow_shared(&self, key: String, max: usize, window_ms: i64, local: impl FnOnce() -> bool) -> bool {
+        if !self.shared {
+            return local();
+        }
+        match self.blocking(move |s| s.allow_event(&key, max, window_ms)).await {
+            Ok(Some(allowed)) => allowed,
+            Ok(None) => local(),
+            Err(err) => {
+                warn!(%err, "shared rate limit unavailable; counting on this instance");
+                local()
+            }
+        }
     }
 
     pub(crate) fn config(&self) -> &Config {

@@ -85,7 +85,7 @@ async fn start(
         return bad(StatusCode::BAD_REQUEST, &e.to_string());
     }
     let ip = client_ip(&relay, peer, &headers);
-    if !relay.widget_starts.allow(ip) {
+    if !relay.allow_widget_start(ip).await {
         return bad(StatusCode::TOO_MANY_REQUESTS, "too many conversations started from your address; try again later");
     }
     let now = Timestamp::now();

@@ -359,3 +359,31 @@ async fn an_attachment_sent_through_one_instance_downloads_from_another() {
         r.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widget_starts_from_one_address_are_limited_across_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, _tokens) = TestRelay::start_on(dir.path().join("a"), Some(postgres_database())).await;
+    a.stop().await;
+    a.settings = std::sync::Arc::new(|c| c.widget_starts_per_ip = 3);
+    a.restart().await;
+    let mut b = a.another_instance(dir.path().join("b")).await;
+    let start = |relay: &TestRelay| {
+        reqwest::Client::new()
+            .post(format!("{}/api/widget/sales/conversations", relay.url()))
+            .header("content-type", "application/json")
+            .body(r#"{"name":"Ines","text":"Hi"}"#)
+            .send()
+    };
+    // Three starts spread over both instances use up the address's allowance on both.
+    for relay in [&a, &b, &a] {
+        assert_eq!(start(relay).await.unwrap().status().as_u16(), 200);
+    }
+    for relay in [&b, &a] {
+        let refused = start(relay).await.unwrap();
+        assert_eq!(refused.status().as_u16(), 429);
+        assert!(refused.text().await.unwrap().contains("too many conversations"));
+    }
+    a.stop().await;
+    b.stop().await;
+}

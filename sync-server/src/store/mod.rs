@@ -239,6 +239,12 @@ pub trait Storage: Send + Sync {
     fn hold_lock(&self, _key: &str) -> Result<Option<Box<dyn std::any::Any + Send>>, StoreError> {
         Ok(None)
     }
+    /// Counts an event for `key` across every instance: false (and not counted) when `max` events
+    /// happened within the last `window_ms`. `None` when no other instance can exist (SQLite): the
+    /// caller's in-memory limiter is enough.
+    fn allow_event(&self, _key: &str, _max: usize, _window_ms: i64) -> Result<Option<bool>, StoreError> {
+        Ok(None)
+    }
     /// The stream of what other instances do; `None` when no other instance can exist (SQLite).
     /// Called once, by the relay.
     fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<StoreEvent>> {

@@ -23,8 +23,11 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tracing::{info, warn};
 
-const MIGRATIONS: &[&str] =
-    &[include_str!("migrations/postgres/0001_relay.sql"), include_str!("migrations/postgres/0002_blob_bytes.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/postgres/0001_relay.sql"),
+    include_str!("migrations/postgres/0002_blob_bytes.sql"),
+    include_str!("migrations/postgres/0003_rate_events.sql"),
+];
 
 /// The NOTIFY channel the instances talk on.
 const CHANNEL: &str = "crewdesk";
@@ -909,6 +912,29 @@ impl Storage for PgStore {
             let c = self.client().await?;
             c.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key]).await?;
             Ok(Some(Box::new(HeldLock(Some(c))) as Box<dyn std::any::Any + Send>))
+        })
+    }
+
+    /// Counted under the key's lock; events older than an hour (longer than any window) are pruned
+    /// now and then.
+    fn allow_event(&self, key: &str, max: usize, window_ms: i64) -> Result<Option<bool>, StoreError> {
+        let now = now_millis();
+        let prune = rand::random::<u8>() == 0;
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('rate:' || $1, 0))", &[&key]).await?;
+            if prune {
+                tx.execute("DELETE FROM rate_events WHERE at < $1", &[&(now - 3_600_000)]).await?;
+            }
+            tx.execute("DELETE FROM rate_events WHERE key = $1 AND at <= $2", &[&key, &(now - window_ms)]).await?;
+            let used: i64 = tx.query_one("SELECT count(*) FROM rate_events WHERE key = $1", &[&key]).await?.get(0);
+            let allowed = (used as usize) < max;
+            if allowed {
+                tx.execute("INSERT INTO rate_events (key, at) VALUES ($1, $2)", &[&key, &now]).await?;
+            }
+            tx.commit().await?;
+            Ok(Some(allowed))
         })
     }
 
