@@ -127,15 +127,9 @@ pub(crate) async fn store_bytes(
     .await
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let (stored, bytes, thumb) = stored;
-    // Where other relay instances can read it (PostgreSQL), before anyone hears of it.
-    let hash = stored.hash.clone();
-    relay
-        .blocking(move |s| s.put_blob_bytes(&hash, &bytes, thumb.as_deref()))
-        .await
-        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be stored: {e}")))?;
     let info = stored.clone();
     relay
-        .blocking(move |s| s.put_blob(&info, &doc_id))
+        .blocking(move |s| s.put_blob(&info, &doc_id, &bytes, thumb.as_deref()))
         .await
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be recorded: {e}")))?;
     Ok(stored)

@@ -765,17 +765,6 @@ impl Relay {
         self.advertise_now(doc_id, e);
     }
 
-    /// Reads what other instances committed to a loaded document since this one last looked,
-    /// and passes it on to this instance's peers.
-    async fn catch_up(&self, doc_id: &str, e: &mut DocEntry) -> Result<(), StoreError> {
-        if e.stored.is_none() {
-            return Ok(());
-        }
-        let (id, since) = (doc_id.to_owned(), e.seq);
-        let (bytes, last) = self.blocking(move |s| s.chunks_since(&id, since)).await?;
-        self.apply_remote(doc_id, e, &bytes, last)
-    }
-
     /// Applies chunks other instances stored (up to position `last`) and passes them on.
     fn apply_remote(&self, doc_id: &str, e: &mut DocEntry, bytes: &[u8], last: i64) -> Result<(), StoreError> {
         let Some(stored) = &mut e.stored else { return Ok(()) };
@@ -798,23 +787,43 @@ impl Relay {
     }
 
     /// Applies a batch of what other instances report. Commits are grouped by document, and the
-    /// chunks every loaded document misses are read in one query.
+    /// chunks every loaded document misses are read in one query. A resync (the notification
+    /// channel was reopened) counts as a commit of every loaded document, then announces the
+    /// conversations created meanwhile.
     async fn on_instance_events(&self, batch: Vec<crate::store::StoreEvent>) {
         use crate::store::StoreEvent;
-        let mut committed: std::collections::BTreeMap<String, (TeamId, i64, bool)> = Default::default();
+        // Per document: the last position announced and, for a new conversation, its team.
+        let mut committed: std::collections::BTreeMap<String, (i64, Option<TeamId>)> = Default::default();
+        let mut resync_since: Option<i64> = None;
         for event in batch {
             match event {
                 StoreEvent::Committed { doc_id, team, seq, created } => {
-                    let c = committed.entry(doc_id).or_insert((team, seq, created));
-                    c.1 = c.1.max(seq);
-                    c.2 |= created;
+                    let c = committed.entry(doc_id).or_insert((seq, None));
+                    c.0 = c.0.max(seq);
+                    if created {
+                        c.1 = Some(team);
+                    }
                 }
-                other => self.on_instance_event(other).await,
+                StoreEvent::Resync { since } => {
+                    let loaded: Vec<String> =
+                        self.docs.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+                    for doc_id in loaded {
+                        committed.entry(doc_id).or_insert((i64::MAX, None)).0 = i64::MAX;
+                    }
+                    resync_since = Some(resync_since.map_or(since, |s| s.min(since)));
+                }
+                StoreEvent::Presence { doc_id, presence } => self.show_presence(&doc_id, presence).await,
+                StoreEvent::Ephemeral { doc_id, sender_id, count, session_id, data } => {
+                    let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&doc_id).cloned();
+                    if let Some(entry) = entry {
+                        forward_ephemeral(&*entry.lock().await, None, &sender_id, &doc_id, count, &session_id, &data);
+                    }
+                }
             }
         }
         // Where each loaded document is. Documents busy with their own commits are waited for
         // together, not one after the other.
-        let positions = futures_util::future::join_all(committed.iter().map(|(doc_id, (_, seq, _))| async move {
+        let positions = futures_util::future::join_all(committed.iter().map(|(doc_id, (seq, _))| async move {
             let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(doc_id).cloned();
             let Some(entry) = entry else { return (doc_id, *seq, None) };
             let at = {
@@ -827,11 +836,11 @@ impl Relay {
         let mut behind = Vec::new();
         let mut announce = Vec::new();
         for (doc_id, seq, loaded) in positions {
-            match loaded {
-                Some((at, entry)) if at < seq => behind.push((doc_id.clone(), at, entry)),
-                Some(_) => {}
-                None if committed[doc_id].2 => announce.push((doc_id.clone(), committed[doc_id].0.clone())),
-                None => {}
+            match (loaded, &committed[doc_id].1) {
+                (Some((at, entry)), _) if at < seq => behind.push((doc_id.clone(), at, entry)),
+                (Some(_), _) => {}
+                (None, Some(team)) => announce.push((doc_id.clone(), team.clone())),
+                (None, None) => {}
             }
         }
         if !behind.is_empty() {
@@ -857,6 +866,16 @@ impl Relay {
         for doc_id in committed.into_keys() {
             let _ = self.changes.send(doc_id);
         }
+        if let Some(since) = resync_since {
+            match self.blocking(move |s| s.documents_since(since)).await {
+                Ok(created) => {
+                    for (doc_id, team) in created {
+                        self.announce_remote(&doc_id, &team).await;
+                    }
+                }
+                Err(err) => warn!(%err, "cannot list new conversations"),
+            }
+        }
     }
 
     /// A conversation another instance stored: followed here when agents of its team are here.
@@ -873,49 +892,13 @@ impl Relay {
         self.announce_loaded(doc_id, &mut e);
     }
 
-    /// Applies what another relay instance reports.
-    async fn on_instance_event(&self, event: crate::store::StoreEvent) {
-        use crate::store::StoreEvent;
-        match event {
-            committed @ StoreEvent::Committed { .. } => Box::pin(self.on_instance_events(vec![committed])).await,
-            StoreEvent::Presence { doc_id, presence } => self.show_presence(&doc_id, presence).await,
-            StoreEvent::Ephemeral { doc_id, sender_id, count, session_id, data } => {
-                let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&doc_id).cloned();
-                let Some(entry) = entry else { return };
-                let e = entry.lock().await;
-                for (peer, _) in e.peers.values() {
-                    peer.send(WireMessage::Ephemeral {
-                        sender_id: sender_id.clone(),
-                        target_id: peer.peer_id.clone(),
-                        document_id: doc_id.clone(),
-                        count,
-                        session_id: session_id.clone(),
-                        data: data.clone(),
-                    });
-                }
-            }
-            StoreEvent::Resync { since } => {
-                let entries: Vec<(String, Arc<AsyncMutex<DocEntry>>)> = {
-                    let docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
-                    docs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-                };
-                for (doc_id, entry) in entries {
-                    let mut e = entry.lock().await;
-                    if let Err(err) = self.catch_up(&doc_id, &mut e).await {
-                        warn!(%doc_id, %err, "cannot catch up a document");
-                    }
-                    drop(e);
-                    let _ = self.changes.send(doc_id);
-                }
-                match self.blocking(move |s| s.documents_since(since)).await {
-                    Ok(created) => {
-                        for (doc_id, team) in created {
-                            self.announce_remote(&doc_id, &team).await;
-                        }
-                    }
-                    Err(err) => warn!(%err, "cannot list new conversations"),
-                }
-            }
+    /// Passes an event (presence, an ephemeral message) to the other relay instances, if any.
+    async fn tell_instances(&self, event: crate::store::StoreEvent) {
+        if !self.shared {
+            return;
+        }
+        if let Err(err) = self.blocking(move |s| s.publish(&event)).await {
+            warn!(%err, "not passed to the other relay instances");
         }
     }
 
@@ -926,31 +909,10 @@ impl Relay {
         if session.agent.role_in(&stored.team).is_none() {
             return;
         }
-        for (conn, (peer, _)) in &e.peers {
-            if *conn != session.conn {
-                peer.send(WireMessage::Ephemeral {
-                    sender_id: session.peer_id.clone(),
-                    target_id: peer.peer_id.clone(),
-                    document_id: doc_id.clone(),
-                    count,
-                    session_id: session_id.clone(),
-                    data: data.clone(),
-                });
-            }
-        }
+        forward_ephemeral(&e, Some(session.conn), &session.peer_id, &doc_id, count, &session_id, &data);
         drop(e);
-        if self.shared {
-            let event = crate::store::StoreEvent::Ephemeral {
-                doc_id: doc_id.clone(),
-                sender_id: session.peer_id.clone(),
-                count,
-                session_id,
-                data,
-            };
-            if let Err(err) = self.blocking(move |s| s.publish(&event)).await {
-                debug!(%doc_id, %err, "ephemeral message not passed to the other relay instances");
-            }
-        }
+        let sender_id = session.peer_id.clone();
+        self.tell_instances(crate::store::StoreEvent::Ephemeral { doc_id, sender_id, count, session_id, data }).await;
     }
 
     /// Marks a document as just used and drops the least recently used loaded documents beyond
@@ -1017,12 +979,8 @@ impl Relay {
 
     /// Records a web-widget customer's presence and tells every follower of the conversation.
     pub(crate) async fn set_presence(&self, doc_id: &str, p: crewdesk::domain::Presence) {
-        if self.shared {
-            let event = crate::store::StoreEvent::Presence { doc_id: doc_id.to_owned(), presence: p.clone() };
-            if let Err(err) = self.blocking(move |s| s.publish(&event)).await {
-                warn!(%doc_id, %err, "presence not passed to the other relay instances");
-            }
-        }
+        self.tell_instances(crate::store::StoreEvent::Presence { doc_id: doc_id.to_owned(), presence: p.clone() })
+            .await;
         self.show_presence(doc_id, p).await;
     }
 
@@ -1169,6 +1127,30 @@ async fn follow_instances(
                 None => return,
             },
             _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Passes an ephemeral message to a document's followers here (but not back to `except`).
+fn forward_ephemeral(
+    e: &DocEntry,
+    except: Option<ConnId>,
+    sender_id: &str,
+    doc_id: &str,
+    count: u64,
+    session_id: &str,
+    data: &[u8],
+) {
+    for (conn, (peer, _)) in &e.peers {
+        if Some(*conn) != except {
+            peer.send(WireMessage::Ephemeral {
+                sender_id: sender_id.to_owned(),
+                target_id: peer.peer_id.clone(),
+                document_id: doc_id.to_owned(),
+                count,
+                session_id: session_id.to_owned(),
+                data: data.to_vec(),
+            });
         }
     }
 }

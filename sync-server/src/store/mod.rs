@@ -53,7 +53,7 @@ pub(crate) fn now_millis() -> i64 {
 }
 
 /// A stored document: its team, all its chunks concatenated, and the position of its last chunk
-/// (what a later [`Storage::chunks_since`] continues from).
+/// (what a later [`Storage::chunks_since_many`] continues from).
 pub struct StoredChunks {
     pub team: TeamId,
     pub bytes: Vec<u8>,
@@ -148,17 +148,13 @@ pub trait Storage: Send + Sync {
     fn load_document(&self, id: &str) -> Result<Option<(TeamId, Vec<u8>)>, StoreError> {
         Ok(self.load_document_at(id)?.map(|d| (d.team, d.bytes)))
     }
-    /// Chunks of a document stored after position `seq` by other relay instances, concatenated,
-    /// and the document's last chunk position.
-    fn chunks_since(&self, id: &str, seq: i64) -> Result<(Vec<u8>, i64), StoreError>;
-    /// [`Storage::chunks_since`] for many documents at once: (document, position) in, the
-    /// documents with their chunks and last position out.
+    /// For each (document, position): the chunks other relay instances stored after that position,
+    /// concatenated, and the document's last chunk position. Documents with nothing after their
+    /// position may be left out.
     fn chunks_since_many(
         &self,
         wanted: &[(String, i64)],
-    ) -> Result<std::collections::HashMap<String, (Vec<u8>, i64)>, StoreError> {
-        wanted.iter().map(|(id, seq)| Ok((id.clone(), self.chunks_since(id, *seq)?))).collect()
-    }
+    ) -> Result<std::collections::HashMap<String, (Vec<u8>, i64)>, StoreError>;
     /// Appends chunks of any documents in one transaction (group commit), creating documents on
     /// their first chunk; in order for chunks of the same document.
     fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError>;
@@ -167,8 +163,6 @@ pub trait Storage: Send + Sync {
     }
     /// Stores many new documents in one transaction (seeding, imports). Existing ids are skipped.
     fn import_documents(&self, docs: &[(String, TeamId, Vec<u8>)]) -> Result<usize, StoreError>;
-    /// Replaces a document's chunks by one full save.
-    fn compact(&self, id: &str, full: &[u8]) -> Result<(), StoreError>;
     /// Replaces a document's chunks by one full save of exactly what is stored, read and written in
     /// one transaction (so no chunk another writer adds meanwhile is lost). Returns how many chunks
     /// were merged (0 when there was nothing to do). The merged chunk keeps the last position.
@@ -198,16 +192,14 @@ pub trait Storage: Send + Sync {
     fn retry_emails(&self, ids: &[String], now: i64) -> Result<(), StoreError>;
 
     // ---- attachments ---------------------------------------------------------------------------
-    /// Records a stored blob and the conversation it was sent in.
-    fn put_blob(&self, blob: &BlobInfo, doc_id: &str) -> Result<(), StoreError>;
+    /// Records a blob (already written to the data directory) and the conversation it was sent in.
+    /// PostgreSQL also keeps its bytes and thumbnail, in the same transaction, so every instance
+    /// can serve it; for SQLite the files are the storage.
+    fn put_blob(&self, blob: &BlobInfo, doc_id: &str, bytes: &[u8], thumbnail: Option<&[u8]>)
+    -> Result<(), StoreError>;
     /// A blob as sent in `doc_id`; `None` when it was never sent there (or does not exist).
     fn blob_in(&self, hash: &str, doc_id: &str) -> Result<Option<BlobInfo>, StoreError>;
-    /// Keeps a blob's bytes (and thumbnail) where every instance can read them. SQLite: nothing to
-    /// do, the files in the data directory are the storage.
-    fn put_blob_bytes(&self, _hash: &str, _bytes: &[u8], _thumbnail: Option<&[u8]>) -> Result<(), StoreError> {
-        Ok(())
-    }
-    /// A blob's bytes (or its thumbnail's) as [`Storage::put_blob_bytes`] kept them.
+    /// A blob's bytes (or its thumbnail's) as [`Storage::put_blob`] kept them in the store.
     fn blob_bytes(&self, _hash: &str, _thumbnail: bool) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(None)
     }

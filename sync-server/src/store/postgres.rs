@@ -395,28 +395,8 @@ impl Storage for PgStore {
         })
     }
 
-    /// Chunks other instances wrote after `seq` (this instance's own are already in its memory).
-    fn chunks_since(&self, id: &str, seq: i64) -> Result<(Vec<u8>, i64), StoreError> {
-        self.block(async {
-            let c = self.client().await?;
-            let rows = c
-                .query(
-                    "SELECT seq, CASE WHEN origin <> $3 THEN bytes END FROM doc_chunks
-                     WHERE doc_id = $1 AND seq > $2 ORDER BY seq",
-                    &[&id, &seq, &self.instance],
-                )
-                .await?;
-            let (mut bytes, mut last) = (Vec::new(), seq);
-            for r in rows {
-                last = r.get(0);
-                if let Some(b) = r.get::<_, Option<&[u8]>>(1) {
-                    bytes.extend_from_slice(b);
-                }
-            }
-            Ok((bytes, last))
-        })
-    }
-
+    /// Chunks other instances wrote (this instance's own are already in its memory), for all the
+    /// documents in one query.
     fn chunks_since_many(
         &self,
         wanted: &[(String, i64)],
@@ -520,19 +500,6 @@ impl Storage for PgStore {
             }
             tx.commit().await?;
             Ok(added)
-        })
-    }
-
-    fn compact(&self, id: &str, full: &[u8]) -> Result<(), StoreError> {
-        self.block(async {
-            let mut c = self.client().await?;
-            let tx = c.transaction().await?;
-            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&id]).await?;
-            tx.execute("DELETE FROM doc_chunks WHERE doc_id = $1", &[&id]).await?;
-            // Written by "nobody", so every instance reads it (the document's changes dedupe).
-            tx.execute("INSERT INTO doc_chunks (doc_id, origin, bytes) VALUES ($1, '', $2)", &[&id, &full]).await?;
-            tx.commit().await?;
-            Ok(())
         })
     }
 
@@ -696,10 +663,21 @@ impl Storage for PgStore {
         })
     }
 
-    fn put_blob(&self, blob: &BlobInfo, doc_id: &str) -> Result<(), StoreError> {
+    fn put_blob(
+        &self,
+        blob: &BlobInfo,
+        doc_id: &str,
+        bytes: &[u8],
+        thumbnail: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
         self.block(async {
             let mut c = self.client().await?;
             let tx = c.transaction().await?;
+            tx.execute(
+                "INSERT INTO blob_bytes (hash, bytes, thumbnail) VALUES ($1, $2, $3) ON CONFLICT (hash) DO NOTHING",
+                &[&blob.hash, &bytes, &thumbnail],
+            )
+            .await?;
             tx.execute(
                 "INSERT INTO blobs (hash, size, mime, thumbnail, created_at) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (hash) DO NOTHING",
@@ -732,18 +710,6 @@ impl Storage for PgStore {
                 mime: r.get(2),
                 thumbnail: r.get(3),
             }))
-        })
-    }
-
-    fn put_blob_bytes(&self, hash: &str, bytes: &[u8], thumbnail: Option<&[u8]>) -> Result<(), StoreError> {
-        self.block(async {
-            let c = self.client().await?;
-            c.execute(
-                "INSERT INTO blob_bytes (hash, bytes, thumbnail) VALUES ($1, $2, $3) ON CONFLICT (hash) DO NOTHING",
-                &[&hash, &bytes, &thumbnail],
-            )
-            .await?;
-            Ok(())
         })
     }
 

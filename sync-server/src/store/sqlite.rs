@@ -205,18 +205,25 @@ impl Storage for SqliteStore {
         Ok(Some(StoredChunks { team: TeamId(team), bytes, seq, chunks }))
     }
 
-    /// One process owns an SQLite store, so every chunk after `seq` counts.
-    fn chunks_since(&self, id: &str, seq: i64) -> Result<(Vec<u8>, i64), StoreError> {
+    /// One process owns an SQLite store, so every chunk after the position counts.
+    fn chunks_since_many(
+        &self,
+        wanted: &[(String, i64)],
+    ) -> Result<std::collections::HashMap<String, (Vec<u8>, i64)>, StoreError> {
         let conn = self.conn();
         let mut stmt =
             conn.prepare_cached("SELECT seq, bytes FROM doc_chunks WHERE doc_id = ?1 AND seq > ?2 ORDER BY seq")?;
-        let (mut bytes, mut last) = (Vec::new(), seq);
-        for chunk in stmt.query_map(params![id, seq], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))? {
-            let (s, b) = chunk?;
-            last = s;
-            bytes.extend(b);
+        let mut out = std::collections::HashMap::new();
+        for (id, seq) in wanted {
+            let (mut bytes, mut last) = (Vec::new(), *seq);
+            for chunk in stmt.query_map(params![id, seq], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))? {
+                let (s, b) = chunk?;
+                last = s;
+                bytes.extend(b);
+            }
+            out.insert(id.clone(), (bytes, last));
         }
-        Ok((bytes, last))
+        Ok(out)
     }
 
     /// Appends chunks of any documents in one transaction and one fsync (group commit); in order
@@ -255,16 +262,6 @@ impl Storage for SqliteStore {
         }
         tx.commit()?;
         Ok(added)
-    }
-
-    /// Replaces a document's chunks by one full save.
-    fn compact(&self, id: &str, full: &[u8]) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute("DELETE FROM doc_chunks WHERE doc_id = ?1", [id])?;
-        tx.execute("INSERT INTO doc_chunks (doc_id, seq, bytes) VALUES (?1, 1, ?2)", params![id, full])?;
-        tx.commit()?;
-        Ok(())
     }
 
     fn compact_stored(&self, id: &str) -> Result<usize, StoreError> {
@@ -410,7 +407,7 @@ impl Storage for SqliteStore {
     }
 
     /// Records a stored blob (its file is already on disk) and the conversation it was sent in.
-    fn put_blob(&self, blob: &BlobInfo, doc_id: &str) -> Result<(), StoreError> {
+    fn put_blob(&self, blob: &BlobInfo, doc_id: &str, _bytes: &[u8], _thumb: Option<&[u8]>) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
