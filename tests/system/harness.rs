@@ -126,7 +126,16 @@ impl TestRelay {
         data: PathBuf,
         settings: impl Fn(&mut sync_server::Config) + Send + Sync + 'static,
     ) -> (TestRelay, HashMap<String, String>) {
-        let (mut relay, tokens) = TestRelay::start(data).await;
+        TestRelay::start_on_with(data, suite_store(), settings).await
+    }
+
+    /// Starts a relay on the given store with settings added to the defaults.
+    pub async fn start_on_with(
+        data: PathBuf,
+        url: Option<String>,
+        settings: impl Fn(&mut sync_server::Config) + Send + Sync + 'static,
+    ) -> (TestRelay, HashMap<String, String>) {
+        let (mut relay, tokens) = TestRelay::start_on(data, url).await;
         relay.stop().await;
         relay.settings = Arc::new(settings);
         relay.restart().await;

@@ -363,10 +363,8 @@ async fn an_attachment_sent_through_one_instance_downloads_from_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn widget_starts_from_one_address_are_limited_across_instances() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut a, _tokens) = TestRelay::start_on(dir.path().join("a"), Some(postgres_database())).await;
-    a.stop().await;
-    a.settings = std::sync::Arc::new(|c| c.widget_starts_per_ip = 3);
-    a.restart().await;
+    let (mut a, _tokens) =
+        TestRelay::start_on_with(dir.path().join("a"), Some(postgres_database()), |c| c.widget_starts_per_ip = 3).await;
     let mut b = a.another_instance(dir.path().join("b")).await;
     let start = |relay: &TestRelay| {
         reqwest::Client::new()

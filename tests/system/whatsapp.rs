@@ -12,6 +12,18 @@ use system_tests::{Agent, GraphStandIn, TestRelay, eventually, png};
 
 const SECRET: &str = "app-secret-for-tests";
 
+/// The channel as the tests configure it, against the Graph API stand-in.
+fn whatsapp_config(graph: &GraphStandIn) -> WhatsAppConfig {
+    WhatsAppConfig {
+        team: "sales".into(),
+        verify_token: "verify-me".into(),
+        app_secret: SECRET.into(),
+        access_token: "graph-access-token".into(),
+        phone_number_id: "106540352242922".into(),
+        api_base: graph.base.clone(),
+    }
+}
+
 fn webhook_body(wamid: &str, from: &str, name: &str, text: &str, at_secs: i64) -> String {
     let message = serde_json::json!({ "from": from, "id": wamid, "timestamp": at_secs.to_string(), "type": "text", "text": { "body": text } });
     webhook_with(from, name, message)
@@ -61,14 +73,7 @@ fn conversation_of(agent: &Agent, phone: &str) -> Option<ConversationId> {
 async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
     let graph = GraphStandIn::start("106540352242922", "graph-access-token").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = WhatsAppConfig {
-        team: "sales".into(),
-        verify_token: "verify-me".into(),
-        app_secret: SECRET.into(),
-        access_token: "graph-access-token".into(),
-        phone_number_id: "106540352242922".into(),
-        api_base: graph.base.clone(),
-    };
+    let config = whatsapp_config(&graph);
     let (mut relay, tokens) =
         TestRelay::start_with(dir.path().to_owned(), move |c| c.whatsapp = Some(config.clone())).await;
     let http = reqwest::Client::new();
@@ -243,18 +248,12 @@ async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
 async fn a_new_contact_writing_through_two_instances_at_once_gets_one_conversation() {
     let graph = GraphStandIn::start("106540352242922", "graph-access-token").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = WhatsAppConfig {
-        team: "sales".into(),
-        verify_token: "verify-me".into(),
-        app_secret: SECRET.into(),
-        access_token: "graph-access-token".into(),
-        phone_number_id: "106540352242922".into(),
-        api_base: graph.base.clone(),
-    };
-    let (mut a, tokens) = TestRelay::start_on(dir.path().join("a"), Some(system_tests::postgres_database())).await;
-    a.stop().await;
-    a.settings = std::sync::Arc::new(move |c| c.whatsapp = Some(config.clone()));
-    a.restart().await;
+    let config = whatsapp_config(&graph);
+    let (mut a, tokens) =
+        TestRelay::start_on_with(dir.path().join("a"), Some(system_tests::postgres_database()), move |c| {
+            c.whatsapp = Some(config.clone())
+        })
+        .await;
     let mut b = a.another_instance(dir.path().join("b")).await;
     let bob = Agent::start(&a, &tokens, "bob");
     bob.connected().await;
