@@ -31,6 +31,15 @@ pub struct Desk {
     pub selected: Option<String>,
     pub cursor: usize,
     pub detail: Option<DetailView>,
+    /// Why the open conversation could not be read, shown in its pane with a way to try again.
+    pub detail_error: Option<String>,
+    /// The request number of the detail shown: answers to older requests are dropped, so a slow
+    /// answer for a conversation left behind never replaces the one on screen.
+    pub detail_seq: u64,
+    /// Failed reads of the open conversation in a row; each one asks again a little later.
+    pub detail_failures: u32,
+    /// Bumped to read the open conversation again without reloading everything else.
+    pub detail_retry: u32,
     pub notifications: Vec<NotificationView>,
     pub sync: SyncStatus,
     pub error: Option<String>,
@@ -51,7 +60,12 @@ pub enum Action {
     Loaded(u64, Box<ListView>),
     Open(String),
     Move(i64),
-    Detail(Option<Box<DetailView>>),
+    /// An answer to the detail request with this number: the conversation or why it failed.
+    Detail(u64, Result<Box<DetailView>, String>),
+    /// Reads the open conversation again (after a failure).
+    RetryDetail,
+    /// Leaves the open conversation (the back button on narrow screens).
+    Close,
     Notifications(u64, Vec<NotificationView>),
     Sync(SyncStatus),
     Error(Option<String>),
@@ -89,6 +103,10 @@ impl Reducible for Desk {
                 if let Some(i) = d.list.as_ref().and_then(|l| l.rows.iter().position(|r| r.summary.id.0 == id)) {
                     d.cursor = i;
                 }
+                if d.selected.as_deref() != Some(id.as_str()) {
+                    d.detail_error = None;
+                    d.detail_failures = 0;
+                }
                 d.selected = Some(id);
             }
             Action::Move(delta) => {
@@ -97,7 +115,27 @@ impl Reducible for Desk {
                     d.cursor = (d.cursor as i64 + delta).clamp(0, n as i64 - 1) as usize;
                 }
             }
-            Action::Detail(v) => d.detail = v.map(|b| *b),
+            Action::Detail(seq, _) if seq < d.detail_seq => {}
+            Action::Detail(seq, Ok(v)) => {
+                d.detail_seq = seq;
+                if d.selected.as_deref() == Some(v.row.summary.id.0.as_str()) {
+                    d.detail = Some(*v);
+                    d.detail_error = None;
+                    d.detail_failures = 0;
+                }
+            }
+            Action::Detail(seq, Err(e)) => {
+                d.detail_seq = seq;
+                d.detail_error = Some(e);
+                d.detail_failures += 1;
+            }
+            Action::RetryDetail => d.detail_retry += 1,
+            Action::Close => {
+                d.selected = None;
+                d.detail = None;
+                d.detail_error = None;
+                d.detail_failures = 0;
+            }
             Action::Notifications(rev, _) if rev < d.shown => {}
             Action::Notifications(_, n) => d.notifications = n,
             Action::Sync(s) => d.sync = s,
@@ -107,6 +145,10 @@ impl Reducible for Desk {
         Rc::new(d)
     }
 }
+
+/// Automatic new reads of the open conversation after a failure, before it waits for "Try again".
+const DETAIL_RETRIES: u32 = 5;
+const DETAIL_RETRY_MS: u32 = 1_000;
 
 pub type DeskHandle = UseReducerHandle<Desk>;
 
@@ -138,6 +180,10 @@ fn app() -> Html {
         selected: None,
         cursor: 0,
         detail: None,
+        detail_error: None,
+        detail_seq: 0,
+        detail_failures: 0,
+        detail_retry: 0,
         notifications: Vec::new(),
         sync: SyncStatus::default(),
         error: None,
@@ -194,19 +240,26 @@ fn app() -> Html {
         });
     }
 
-    // The open conversation follows the selection and every change.
+    // The open conversation follows the selection and every change. A failed read is shown in the
+    // pane and asked again after a pause (a few times, then on "Try again").
     {
         let desk = desk.clone();
-        let key = (desk.revision, desk.selected.clone());
-        use_effect_with(key, move |(_, selected)| {
+        let asked = use_mut_ref(|| 0u64);
+        let key = (desk.revision, desk.selected.clone(), desk.detail_retry);
+        use_effect_with(key, move |(_, selected, _)| {
             if let Some(id) = selected.clone() {
+                let seq = {
+                    let mut n = asked.borrow_mut();
+                    *n += 1;
+                    *n
+                };
                 wasm_bindgen_futures::spawn_local(async move {
-                    match call::<_, DetailView>("conversation", &IdArgs { id: &id }).await {
-                        Ok(v) => desk.dispatch(Action::Detail(Some(Box::new(v)))),
-                        Err(e) => {
-                            desk.dispatch(Action::Detail(None));
-                            desk.dispatch(Action::Error(Some(e)));
-                        }
+                    let answer = call::<_, DetailView>("conversation", &IdArgs { id: &id }).await;
+                    let failed = answer.is_err();
+                    desk.dispatch(Action::Detail(seq, answer.map(Box::new)));
+                    if failed && desk.detail_failures < DETAIL_RETRIES {
+                        gloo_timers::future::TimeoutFuture::new(DETAIL_RETRY_MS).await;
+                        desk.dispatch(Action::RetryDetail);
                     }
                 });
             }

@@ -372,12 +372,44 @@ fn row(props: &RowProps) -> Html {
 
 // ---- green block ------------------------------------------------------------------------------
 
+/// The green block when no conversation is on screen: nothing picked, still opening, or the read
+/// failed (with the reason and a way to try again; it is also tried again by itself a few times).
+fn empty_pane(desk: &DeskHandle) -> Html {
+    if desk.selected.is_none() {
+        return html! { <section class="conversation empty-state"><p class="muted">{ "Pick a conversation. ↑ ↓ to move, Enter to open, R to reply." }</p></section> };
+    }
+    let back = {
+        let d = desk.clone();
+        Callback::from(move |_| d.dispatch(Action::Close))
+    };
+    match desk.detail_error.clone() {
+        Some(e) => {
+            let retry = {
+                let d = desk.clone();
+                Callback::from(move |_| d.dispatch(Action::RetryDetail))
+            };
+            html! {
+                <section class="conversation empty-state" role="alert">
+                    <p>{ "This conversation could not be opened: " }{ e }</p>
+                    <p>
+                        <button class="link" onclick={retry}>{ "Try again" }</button>
+                        <button class="link back-list" onclick={back}>{ "Back to the list" }</button>
+                    </p>
+                </section>
+            }
+        }
+        None => {
+            html! { <section class="conversation empty-state"><p class="muted">{ "Opening the conversation…" }</p></section> }
+        }
+    }
+}
+
 #[function_component(ConversationPane)]
 pub fn conversation_pane(props: &DeskProps) -> Html {
     let desk = &props.desk;
     let editing = use_state(|| false);
     let Some(v) = desk.detail.clone().filter(|v| desk.selected.as_deref() == Some(v.row.summary.id.0.as_str())) else {
-        return html! { <section class="conversation empty-state"><p class="muted">{ "Pick a conversation. ↑ ↓ to move, Enter to open, R to reply." }</p></section> };
+        return empty_pane(desk);
     };
     let s = &v.row.summary;
     let id = s.id.0.clone();
@@ -387,7 +419,7 @@ pub fn conversation_pane(props: &DeskProps) -> Html {
     };
     let back = {
         let d = desk.clone();
-        Callback::from(move |_| d.dispatch(Action::Detail(None)))
+        Callback::from(move |_| d.dispatch(Action::Close))
     };
     let crew_names: Vec<String> = v.crew.iter().map(|c| c.name.clone()).collect();
     let web = s.channel == Channel::WebWidget;
