@@ -178,8 +178,10 @@ async fn session(
     backoff: &mut Duration,
 ) -> Result<(), ClientError> {
     let ws_url = format!("{}/?token={}", config.relay_url.replacen("http", "ws", 1), config.token);
-    let (ws, _) =
-        tokio_tungstenite::connect_async(ws_url).await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+    // TCP_NODELAY: a change goes out at once, not after the relay's delayed acknowledgement.
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(ws_url, None, true)
+        .await
+        .map_err(|e| ClientError::Unreachable(e.to_string()))?;
     let (mut sink, mut stream) = ws.split();
     let mut s = ClientSession::new(peer_id);
     send(&mut sink, s.join()).await?;

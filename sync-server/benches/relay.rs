@@ -162,9 +162,19 @@ async fn connect(port: u16, token: &str, peer: &str) -> Socket {
 }
 
 async fn try_connect(port: u16, token: &str, peer: &str) -> Result<Socket, String> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/?token={token}"))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+        format!("ws://127.0.0.1:{port}/?token={token}"),
+        // Small buffers (the frames are small; a 128 KiB buffer per read costs the shared CPU) and
+        // TCP_NODELAY, as a real client would set.
+        Some(
+            tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .read_buffer_size(4 * 1024)
+                .write_buffer_size(4 * 1024),
+        ),
+        true,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let join = WireMessage::Join {
         sender_id: peer.into(),
         peer_metadata: PeerMetadata::default(),
@@ -273,6 +283,29 @@ async fn load(
             if let Some(m) = d.generate_sync_message(&mut state) {
                 ws.send(sync_frame(&peer, id.as_str(), m)).await.unwrap();
             }
+            // The agent catches up with its conversation (what earlier runs wrote) before the load
+            // starts: otherwise the first second measures 1,000 agents connecting and syncing.
+            let settled = tokio::time::timeout(Duration::from_secs(30), async {
+                while state.their_heads.as_deref() != Some(&d.get_heads()[..]) {
+                    let b = match ws.next().await {
+                        Some(Ok(Ws::Binary(b))) => b,
+                        Some(Ok(_)) => continue,
+                        _ => return false,
+                    };
+                    let Ok(WireMessage::Sync { data, .. }) = WireMessage::decode(&b) else { continue };
+                    d.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap()).unwrap();
+                    if let Some(m) = d.generate_sync_message(&mut state)
+                        && ws.send(sync_frame(&peer, id.as_str(), m)).await.is_err()
+                    {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await;
+            if settled != Ok(true) {
+                eprintln!("{peer} did not catch up with its conversation before the load; it starts anyway");
+            }
             barrier.wait().await;
             // Agents start at random offsets within one interval, as real agents do.
             let offset = Duration::from_millis((i as u64 * 7919) % every.as_millis().max(1) as u64);
@@ -355,6 +388,13 @@ fn pct(v: &[Duration], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
 }
 
+/// Percentiles from p50 to the maximum, to see where a tail starts.
+fn print_latency_shape(v: &[Duration]) {
+    let ps = [0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0];
+    let shape: Vec<String> = ps.iter().map(|p| format!("p{}: {:.1} ms", p * 100.0, pct(v, *p))).collect();
+    println!("  fan-out latency {}", shape.join(", "));
+}
+
 fn load_team(n: usize) -> (Team, Vec<String>) {
     let members: Vec<Member> = (0..n)
         .map(|i| Member { agent: AgentId(format!("agent{i}")), name: format!("Agent {i}"), role: Role::Representative })
@@ -421,6 +461,22 @@ async fn main() {
         rows.push(("Crewdesk relay", every, cpu_seconds(relay.id()) - cpu, memory_kib(relay.id()), r));
     }
     drop(relay);
+    if std::env::var_os("CREWDESK_BENCH_RELAY_ONLY").is_some() {
+        // Investigating the relay alone: its rows and the shape of their latency, nothing else.
+        for (_, every, cpu, mem, r) in &rows {
+            println!(
+                "relay, a message every {} ms: {} deliveries, {:.0}/s, relay CPU {:.2} cores, generator {:.2}, RSS {} MiB",
+                every.as_millis(),
+                r.delivered,
+                r.delivered as f64 / r.elapsed.as_secs_f64(),
+                cpu / r.elapsed.as_secs_f64(),
+                r.generator_cpu / r.elapsed.as_secs_f64(),
+                mem.0 / 1024
+            );
+            print_latency_shape(&r.latencies);
+        }
+        return;
+    }
 
     // The reference automerge-repo sync server, same load.
     let ref_dir = tempfile::tempdir().unwrap();

@@ -99,6 +99,13 @@ pub async fn run(
     });
     let mut stop_wait = stop_rx;
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Small frames go out at once: with Nagle's algorithm a fan-out message can wait for the
+    // peer's delayed acknowledgement (tens of milliseconds).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            debug!(%err, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, app).with_graceful_shutdown(async move { stopped(&mut stop_wait).await }).await?;
     info!("relay stopped");
     Ok(())
