@@ -102,7 +102,7 @@ fn start_relay_on(data: &Path, store: Option<&str>, port: u16) -> Server {
     }
     command
         .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("CREWDESK_BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .stderr(
             std::fs::File::create(format!("/tmp/crewdesk-bench-relay-{port}.log"))
@@ -578,11 +578,16 @@ async fn scale_out(
         docs.len()
     );
     let mut rows = Vec::new();
+    // CREWDESK_BENCH_SCALE_OUT_ROWS=3 runs only the three-instance deployment (to look at it alone).
+    let only = std::env::var("CREWDESK_BENCH_SCALE_OUT_ROWS").ok();
     for (label, postgres, instances) in [
         ("1 instance, SQLite", false, 1),
         ("1 instance, PostgreSQL", true, 1),
         ("3 instances, one PostgreSQL", true, 3),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(_, pg, i)| only.as_deref().is_none_or(|o| o == &i.to_string() || (o == "pg" && *pg)))
+    {
         let dir = tempfile::tempdir().unwrap();
         let url = match postgres {
             true => Some(new_database(base).await),
@@ -639,6 +644,9 @@ async fn scale_out(
     }
     let rate = |r: &LoadResult| r.sent as f64 / r.elapsed.as_secs_f64();
     println!();
+    if rows.len() < 6 {
+        return;
+    }
     println!("saturating messages/s, 3 instances / 1 PostgreSQL instance: {:.2}x", rate(&rows[4].4) / rate(&rows[2].4));
     println!("paced cross-instance fan-out p99 with 3 instances: {:.1} ms", pct(&rows[5].4.cross_instance, 0.99));
 }

@@ -163,6 +163,7 @@ async fn committer(store: Arc<Store>, mut rx: mpsc::Receiver<Commit>) {
             }
         }
         let store = store.clone();
+        let started = std::time::Instant::now();
         let (batch, result) = tokio::task::spawn_blocking(move || {
             let rows: Vec<(&str, &TeamId, &[u8])> =
                 batch.iter().map(|c| (c.doc.as_str(), &c.team, c.chunk.as_slice())).collect();
@@ -171,6 +172,7 @@ async fn committer(store: Arc<Store>, mut rx: mpsc::Receiver<Commit>) {
         })
         .await
         .unwrap_or_else(|e| (Vec::new(), Err(e.to_string())));
+        debug!(chunks = batch.len(), ms = started.elapsed().as_secs_f64() * 1e3, "group commit");
         for c in batch {
             let _ = c.done.send(result.clone());
         }
@@ -802,6 +804,7 @@ impl Relay {
         // Per document: the last position announced and, for a new conversation, its team.
         let mut committed: std::collections::BTreeMap<String, (i64, Option<TeamId>)> = Default::default();
         let mut resync_since: Option<i64> = None;
+        let (started, events) = (std::time::Instant::now(), batch.len());
         for event in batch {
             match event {
                 StoreEvent::Committed { doc_id, team, seq, created } => {
@@ -840,6 +843,7 @@ impl Relay {
             (doc_id, *seq, at.map(|at| (at, entry)))
         }))
         .await;
+        let waited = started.elapsed();
         let mut behind = Vec::new();
         let mut announce = Vec::new();
         for (doc_id, seq, loaded) in positions {
@@ -883,6 +887,12 @@ impl Relay {
                 Err(err) => warn!(%err, "cannot list new conversations"),
             }
         }
+        debug!(
+            events,
+            lock_wait_ms = waited.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "other instances' events applied"
+        );
     }
 
     /// A conversation another instance stored: followed here when agents of its team are here.
