@@ -586,7 +586,7 @@ async fn scale_out(
         ("3 instances, one PostgreSQL", true, 3),
     ]
     .into_iter()
-    .filter(|(_, pg, i)| only.as_deref().is_none_or(|o| o == &i.to_string() || (o == "pg" && *pg)))
+    .filter(|(_, pg, i)| only.as_deref().is_none_or(|o| o == i.to_string() || (o == "pg" && *pg)))
     {
         let dir = tempfile::tempdir().unwrap();
         let url = match postgres {
