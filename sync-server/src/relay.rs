@@ -20,7 +20,7 @@ use crewdesk::sync::wire::{PeerMetadata, WireMessage};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
@@ -187,6 +187,8 @@ struct Session {
     peer_id: String,
     tx: mpsc::Sender<WireMessage>,
     overloaded: Arc<Notify>,
+    /// Documents this connection is creating (see `MAX_PENDING_PER_CONNECTION`).
+    pending: Arc<AtomicUsize>,
 }
 
 impl Session {
@@ -214,7 +216,7 @@ struct DocEntry {
     seq: i64,
     /// Documents a connection is creating: not stored (nor visible to anyone) until their first
     /// change shows a conversation of a team the agent belongs to.
-    pending: HashMap<ConnId, (Automerge, sync::State)>,
+    pending: HashMap<ConnId, (Automerge, sync::State, PendingSlot)>,
     peers: HashMap<ConnId, (Session, sync::State)>,
     /// A fan-out is already scheduled: changes arriving meanwhile go out with it.
     fanout_scheduled: bool,
@@ -222,6 +224,27 @@ struct DocEntry {
     /// no sync message is generated for this document (it would advertise them); the fan-out
     /// after the last commit returns tells everyone.
     uncommitted: usize,
+}
+
+/// Documents one connection may be creating at once; more are answered as unavailable, so a client
+/// cannot make the relay hold any number of unfinished documents in memory.
+const MAX_PENDING_PER_CONNECTION: usize = 64;
+
+/// One of a connection's documents in creation; dropping it frees the place.
+struct PendingSlot(Arc<AtomicUsize>);
+
+impl PendingSlot {
+    fn take(count: &Arc<AtomicUsize>) -> Option<PendingSlot> {
+        let before = count.fetch_add(1, Ordering::SeqCst);
+        let slot = PendingSlot(count.clone());
+        (before < MAX_PENDING_PER_CONNECTION).then_some(slot)
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A conversation read from more chunks than this is merged into one when it is loaded.
@@ -709,7 +732,16 @@ impl Relay {
             target_id: session.peer_id.clone(),
             document_id: doc_id.to_owned(),
         };
-        let (pdoc, pstate) = e.pending.entry(session.conn).or_insert_with(|| (Automerge::new(), sync::State::new()));
+        let (pdoc, pstate, _) = match e.pending.entry(session.conn) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let Some(slot) = PendingSlot::take(&session.pending) else {
+                    session.send(unavailable);
+                    return;
+                };
+                v.insert((Automerge::new(), sync::State::new(), slot))
+            }
+        };
         if pdoc.receive_sync_message(pstate, message).is_err() {
             e.pending.remove(&session.conn);
             session.send(unavailable);
@@ -717,7 +749,14 @@ impl Relay {
         }
         let has_content = matches!(doc::check_schema(pdoc), Ok(true));
         if !has_content {
-            if is_request || pdoc.get_heads().is_empty() && pstate.their_heads.as_ref().is_none_or(Vec::is_empty) {
+            let heads = pdoc.get_heads();
+            // Everything the client has arrived and it is not a conversation: the relay keeps
+            // conversations only, so it answers as for a document that does not exist.
+            let complete_but_other = !heads.is_empty() && pstate.their_heads.as_deref() == Some(&heads[..]);
+            if is_request
+                || complete_but_other
+                || heads.is_empty() && pstate.their_heads.as_ref().is_none_or(Vec::is_empty)
+            {
                 e.pending.remove(&session.conn);
                 session.send(unavailable);
             } else if let Some(m) = pdoc.generate_sync_message(pstate) {
@@ -731,7 +770,7 @@ impl Relay {
             }
             return;
         }
-        let Some((pdoc, pstate)) = e.pending.remove(&session.conn) else { return };
+        let Some((pdoc, pstate, _)) = e.pending.remove(&session.conn) else { return };
         let header = match doc::read_header(&pdoc) {
             Ok(h) if h.id.as_str() == doc_id && h.owner.is_none() && session.agent.role_in(&h.team).is_some() => h,
             _ => {
@@ -1302,7 +1341,14 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
     // Registered before the client hears `peer`: conversations created from now on are announced.
     let (tx, mut rx) = mpsc::channel::<WireMessage>(relay.config.outbound_queue);
     let overloaded = Arc::new(Notify::new());
-    let session = Session { conn, agent: agent.clone(), peer_id: peer_id.clone(), tx, overloaded: overloaded.clone() };
+    let session = Session {
+        conn,
+        agent: agent.clone(),
+        peer_id: peer_id.clone(),
+        tx,
+        overloaded: overloaded.clone(),
+        pending: Arc::default(),
+    };
     relay.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(conn, session.clone());
     if sink.send(Message::Binary(peer.encode().into())).await.is_err() {
         relay.disconnect(conn, &HashSet::new()).await;

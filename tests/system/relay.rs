@@ -205,6 +205,129 @@ async fn hostile_input_gets_an_error_and_everyone_else_keeps_syncing() {
     relay.stop().await;
 }
 
+/// Starts creating a document on the relay: the first sync message (heads only). The relay asks
+/// for the changes or says it will not have the document.
+async fn offer(client: &mut RawClient, id: &str, d: &automerge::Automerge, state: &mut automerge::sync::State) {
+    use automerge::sync::SyncDoc;
+    let m = d.generate_sync_message(state).expect("a first sync message");
+    client
+        .send(&WireMessage::Sync {
+            sender_id: "raw".into(),
+            target_id: "relay".into(),
+            document_id: id.to_owned(),
+            data: m.encode(),
+        })
+        .await;
+}
+
+/// A plain automerge document, not a conversation (what a general sync server would keep).
+fn plain_document(n: i64) -> automerge::Automerge {
+    use automerge::transaction::Transactable;
+    let mut d = automerge::Automerge::new();
+    d.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(automerge::ROOT, "count", n)).unwrap();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_that_are_not_conversations_are_refused_and_cannot_pile_up() {
+    use automerge::sync::SyncDoc;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let mut client = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(client.join().await, WireMessage::Peer { .. }));
+
+    // A whole document that is not a conversation: once it has arrived, it is answered as unavailable.
+    let id = crewdesk::sync::document_id::encode(&[7; 16]);
+    let mut d = plain_document(1);
+    let mut state = automerge::sync::State::new();
+    offer(&mut client, &id, &d, &mut state).await;
+    loop {
+        match next_about(&mut client, &id).await {
+            Some(WireMessage::Sync { data, .. }) => {
+                d.receive_sync_message(&mut state, automerge::sync::Message::decode(&data).unwrap()).unwrap();
+                if let Some(m) = d.generate_sync_message(&mut state) {
+                    let m = WireMessage::Sync {
+                        sender_id: "raw".into(),
+                        target_id: "relay".into(),
+                        document_id: id.clone(),
+                        data: m.encode(),
+                    };
+                    client.send(&m).await;
+                }
+            }
+            Some(WireMessage::DocUnavailable { document_id, .. }) if document_id == id => break,
+            other => panic!("expected the relay to refuse the document, got {other:?}"),
+        }
+    }
+    // Nobody can read it: it was never stored.
+    let mut other = RawClient::connect(&relay, Some(&tokens["carol"])).await;
+    assert!(matches!(other.join().await, WireMessage::Peer { .. }));
+    let mut empty = automerge::sync::State::new();
+    let request = automerge::Automerge::new().generate_sync_message(&mut empty).unwrap();
+    let request = WireMessage::Request {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.clone(),
+        data: request.encode(),
+    };
+    other.send(&request).await;
+    assert!(matches!(next_about(&mut other, &id).await, Some(WireMessage::DocUnavailable { .. })));
+
+    // Documents begun and never finished: a connection holds at most 64 at once.
+    let mut begun = Vec::new();
+    for i in 0..64_u8 {
+        let id = crewdesk::sync::document_id::encode(&[i.wrapping_add(100); 16]);
+        let (mut d, mut state) = (plain_document(i.into()), automerge::sync::State::new());
+        offer(&mut client, &id, &d, &mut state).await;
+        let Some(WireMessage::Sync { data, .. }) = next_about(&mut client, &id).await else {
+            panic!("document {i} is not asked for")
+        };
+        d.receive_sync_message(&mut state, automerge::sync::Message::decode(&data).unwrap()).unwrap();
+        begun.push((id, d, state));
+    }
+    let one_too_many = crewdesk::sync::document_id::encode(&[250; 16]);
+    offer(&mut client, &one_too_many, &plain_document(0), &mut automerge::sync::State::new()).await;
+    assert!(matches!(next_about(&mut client, &one_too_many).await, Some(WireMessage::DocUnavailable { .. })));
+    // Finishing one (it is refused, not being a conversation) frees its place.
+    let (id, d, mut state) = begun.pop().unwrap();
+    let m = d.generate_sync_message(&mut state).expect("the changes the relay asked for");
+    client
+        .send(&WireMessage::Sync {
+            sender_id: "raw".into(),
+            target_id: "relay".into(),
+            document_id: id.clone(),
+            data: m.encode(),
+        })
+        .await;
+    assert!(matches!(next_about(&mut client, &id).await, Some(WireMessage::DocUnavailable { .. })));
+    offer(&mut client, &one_too_many, &plain_document(0), &mut automerge::sync::State::new()).await;
+    assert!(matches!(next_about(&mut client, &one_too_many).await, Some(WireMessage::Sync { .. })));
+
+    // The relay serves everyone else meanwhile.
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let conversation = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
+    eventually(10, "bob has the new conversation", || bob.message_texts(&conversation).len() == 1).await;
+    relay.stop().await;
+}
+
+/// The next message about one document (announcements of others are skipped).
+async fn next_about(client: &mut RawClient, id: &str) -> Option<WireMessage> {
+    loop {
+        let m = client.next().await?;
+        let about = match &m {
+            WireMessage::Sync { document_id, .. }
+            | WireMessage::Request { document_id, .. }
+            | WireMessage::DocUnavailable { document_id, .. } => document_id == id,
+            WireMessage::Error { .. } => true,
+            _ => false,
+        };
+        if about {
+            return Some(m);
+        }
+    }
+}
+
 async fn http_status(relay: &TestRelay, path: &str, token: Option<&str>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
