@@ -257,6 +257,28 @@ const FANOUT_COALESCE: std::time::Duration = std::time::Duration::from_millis(3)
 struct StoredDoc {
     doc: Automerge,
     team: TeamId,
+    /// The conversation's header as of the heads it was read at: a change is checked against the
+    /// header before and after it, and the next change's "before" is this change's "after".
+    header: Option<(Vec<automerge::ChangeHash>, doc::DocHeader)>,
+}
+
+impl StoredDoc {
+    fn new(doc: Automerge, team: TeamId) -> StoredDoc {
+        StoredDoc { doc, team, header: None }
+    }
+
+    /// The header at the document's current heads (read again only when they moved).
+    fn header(&mut self) -> Result<doc::DocHeader, doc::DocError> {
+        let heads = self.doc.get_heads();
+        if let Some((at, header)) = &self.header
+            && *at == heads
+        {
+            return Ok(header.clone());
+        }
+        let header = doc::read_header(&self.doc)?;
+        self.header = Some((heads, header.clone()));
+        Ok(header)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -323,7 +345,7 @@ impl Relay {
         if let Some(loaded) = self.blocking(move |s| s.load_document_at(&owned)).await? {
             let doc = Automerge::load(&loaded.bytes)
                 .map_err(|err| StoreError::Invalid(format!("stored document {id} is unreadable: {err}")))?;
-            e.stored = Some(StoredDoc { doc: doc.with_actor(self.actor.clone()), team: loaded.team });
+            e.stored = Some(StoredDoc::new(doc.with_actor(self.actor.clone()), loaded.team));
             e.seq = loaded.seq;
             if loaded.chunks > COMPACT_AFTER_CHUNKS {
                 // Every commit adds a chunk; merge them in the background so the next load is one
@@ -387,7 +409,7 @@ impl Relay {
                     let (_, state) =
                         e.peers.entry(session.conn).or_insert_with(|| (session.clone(), sync::State::new()));
                     let before = stored.doc.get_heads();
-                    let header_before = doc::read_header(&stored.doc).ok();
+                    let header_before = stored.header().ok();
                     if let Err(err) = stored.doc.receive_sync_message(state, message) {
                         *state = sync::State::new();
                         session.error(
@@ -473,7 +495,7 @@ impl Relay {
     fn check_client_change(
         &self,
         doc_id: &str,
-        stored: &StoredDoc,
+        stored: &mut StoredDoc,
         before: &[automerge::ChangeHash],
         header_before: Option<&doc::DocHeader>,
         who: &Agent,
@@ -484,7 +506,7 @@ impl Relay {
             Ok(false) => return Err(format!("document {doc_id}: the change removed the conversation; refused")),
             Err(e) => return Err(format!("document {doc_id}: {e}; refused")),
         }
-        let header = doc::read_header(&stored.doc).map_err(|e| format!("document {doc_id}: {e}; refused"))?;
+        let header = stored.header().map_err(|e| format!("document {doc_id}: {e}; refused"))?;
         if header.id.as_str() != doc_id || header.team != stored.team {
             return Err(format!("document {doc_id}: a conversation cannot change its id or team; refused"));
         }
@@ -565,7 +587,7 @@ impl Relay {
         }
         let _ = self.changes.send(doc_id.to_owned());
         if let Some(stored) = &mut e.stored {
-            match doc::read_header(&stored.doc) {
+            match stored.header() {
                 Ok(header) => {
                     self.queue_email_fallback(doc_id, &stored.team, &added, &header).await;
                     self.queue_whatsapp(doc_id, stored, &added, &header).await;
@@ -784,7 +806,7 @@ impl Relay {
             return;
         }
         info!(%doc_id, team = %header.team, agent = %session.agent.id, "conversation created");
-        let mut stored = StoredDoc { doc: pdoc.with_actor(self.actor.clone()), team: header.team.clone() };
+        let mut stored = StoredDoc::new(pdoc.with_actor(self.actor.clone()), header.team.clone());
         if let Err(reason) = self.decide_grab(doc_id, &mut stored, header).await {
             session.error(&self.peer_id, reason);
         }
@@ -1088,7 +1110,7 @@ impl Relay {
         self.commit(new.id.as_str(), &new.team, d.save()).await?;
         let entry = self.entry(new.id.as_str());
         let mut e = entry.lock().await;
-        self.announce(new.id.as_str(), &mut e, StoredDoc { doc: d, team: new.team.clone() });
+        self.announce(new.id.as_str(), &mut e, StoredDoc::new(d, new.team.clone()));
         Ok(())
     }
 
