@@ -22,6 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -163,7 +164,7 @@ async fn committer(store: Arc<Store>, mut rx: mpsc::Receiver<Commit>) {
             }
         }
         let store = store.clone();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let (batch, result) = tokio::task::spawn_blocking(move || {
             let rows: Vec<(&str, &TeamId, &[u8])> =
                 batch.iter().map(|c| (c.doc.as_str(), &c.team, c.chunk.as_slice())).collect();
@@ -244,6 +245,49 @@ impl PendingSlot {
 impl Drop for PendingSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Ephemeral messages (presence and the like) are small; larger ones are refused.
+const MAX_EPHEMERAL_BYTES: usize = 4 * 1024;
+
+/// Each connection may send this many ephemeral messages a second (with a burst of
+/// `EPHEMERAL_BURST`); the rest are dropped, so one client cannot flood everyone following a
+/// conversation (whose queues would overflow and get them disconnected).
+const EPHEMERAL_PER_SECOND: f64 = 20.0;
+const EPHEMERAL_BURST: f64 = 50.0;
+
+/// A token bucket for one connection's ephemeral messages.
+struct EphemeralBudget {
+    tokens: f64,
+    at: Instant,
+    /// When the sender was last told that messages were dropped (at most once a second).
+    told: Option<Instant>,
+}
+
+enum Budget {
+    Granted,
+    Refused { tell: bool },
+}
+
+impl EphemeralBudget {
+    fn new(now: Instant) -> EphemeralBudget {
+        EphemeralBudget { tokens: EPHEMERAL_BURST, at: now, told: None }
+    }
+
+    fn take(&mut self, now: Instant) -> Budget {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * EPHEMERAL_PER_SECOND).min(EPHEMERAL_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Budget::Granted;
+        }
+        let tell = self.told.is_none_or(|t| now.saturating_duration_since(t) >= std::time::Duration::from_secs(1));
+        if tell {
+            self.told = Some(now);
+        }
+        Budget::Refused { tell }
     }
 }
 
@@ -981,7 +1025,9 @@ impl Relay {
     }
 
     async fn handle_ephemeral(&self, session: &Session, doc_id: String, count: u64, session_id: String, data: Vec<u8>) {
-        let entry = self.entry(&doc_id);
+        // Only conversations someone follows here: an ephemeral message never creates an entry.
+        let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&doc_id).cloned();
+        let Some(entry) = entry else { return };
         let e = entry.lock().await;
         let Some(stored) = &e.stored else { return };
         if session.agent.role_in(&stored.team).is_none() {
@@ -1400,6 +1446,7 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
     let mut touched: HashSet<String> = HashSet::new();
     let mut stop = relay.stop.clone();
     let mut strikes = 0;
+    let mut ephemeral_budget = EphemeralBudget::new(Instant::now());
     loop {
         let frame = tokio::select! {
             f = tokio::time::timeout(keepalive * 3, stream.next()) => f,
@@ -1446,7 +1493,21 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
                 relay.touch(&document_id).await;
             }
             Ok(WireMessage::Ephemeral { document_id, count, session_id, data, .. }) => {
-                relay.handle_ephemeral(&session, document_id, count, session_id, data).await;
+                if data.len() > MAX_EPHEMERAL_BYTES {
+                    session.error(&relay.peer_id, "ephemeral messages are limited to 4 KiB; this one was dropped");
+                    continue;
+                }
+                match ephemeral_budget.take(Instant::now()) {
+                    Budget::Granted => relay.handle_ephemeral(&session, document_id, count, session_id, data).await,
+                    Budget::Refused { tell } => {
+                        if tell {
+                            session.error(
+                                &relay.peer_id,
+                                "too many ephemeral messages (at most 20 a second); some were dropped",
+                            );
+                        }
+                    }
+                }
             }
             Ok(WireMessage::Join { .. } | WireMessage::Peer { .. }) => {
                 session.error(&relay.peer_id, "already joined");

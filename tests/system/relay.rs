@@ -311,6 +311,97 @@ async fn documents_that_are_not_conversations_are_refused_and_cannot_pile_up() {
     relay.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ephemeral_flood_is_cut_to_its_rate_and_followers_stay_connected() {
+    use automerge::sync::SyncDoc;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
+    let ephemeral = |n: u64, bytes: usize| WireMessage::Ephemeral {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.0.clone(),
+        count: n,
+        session_id: "flood".into(),
+        data: vec![7; bytes],
+    };
+    // carol follows the conversation (asks for it and gets it).
+    let mut carol = RawClient::connect(&relay, Some(&tokens["carol"])).await;
+    assert!(matches!(carol.join().await, WireMessage::Peer { .. }));
+    let (mut copy, mut state) = (automerge::Automerge::new(), automerge::sync::State::new());
+    let request = copy.generate_sync_message(&mut state).unwrap();
+    carol
+        .send(&WireMessage::Request {
+            sender_id: "raw".into(),
+            target_id: "relay".into(),
+            document_id: id.0.clone(),
+            data: request.encode(),
+        })
+        .await;
+    let Some(WireMessage::Sync { data, .. }) = next_about(&mut carol, id.as_str()).await else {
+        panic!("carol gets the conversation")
+    };
+    copy.receive_sync_message(&mut state, automerge::sync::Message::decode(&data).unwrap()).unwrap();
+    assert!(!copy.get_heads().is_empty());
+
+    // bob floods it with 1,000 ephemeral messages at once.
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    for n in 0..1_000 {
+        bob.send(&ephemeral(n, 16)).await;
+    }
+    match bob.next().await {
+        Some(WireMessage::Error { message, .. }) => assert!(message.contains("too many ephemeral"), "{message}"),
+        other => panic!("expected bob to be told, got {other:?}"),
+    }
+    // An oversized one is refused outright.
+    bob.send(&ephemeral(1_000, 5 * 1024)).await;
+    let mut told_size = false;
+    while let Some(m) = bob.next().await {
+        if let WireMessage::Error { message, .. } = m
+            && message.contains("4 KiB")
+        {
+            told_size = true;
+            break;
+        }
+    }
+    assert!(told_size, "bob is told the size limit");
+
+    // carol got the burst and what the rate allows, not the flood, and is still connected.
+    let mut received = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(std::time::Duration::from_millis(1_500), carol.next()).await {
+        match m {
+            WireMessage::Ephemeral { data, .. } => {
+                assert_eq!(data.len(), 16, "the oversized message is not passed on");
+                received += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!((50..=100).contains(&received), "carol received {received} of 1,000");
+    let m = copy.generate_sync_message(&mut state);
+    if let Some(m) = m {
+        let sync = WireMessage::Sync {
+            sender_id: "raw".into(),
+            target_id: "relay".into(),
+            document_id: id.0.clone(),
+            data: m.encode(),
+        };
+        carol.send(&sync).await;
+    }
+    // A second later bob may send again, and carol, still connected, hears it.
+    bob.send(&ephemeral(2_000, 16)).await;
+    let mut heard = false;
+    while let Some(m) = carol.next().await {
+        if matches!(m, WireMessage::Ephemeral { count: 2_000, .. }) {
+            heard = true;
+            break;
+        }
+    }
+    assert!(heard, "carol is still connected and hears bob's next message");
+    relay.stop().await;
+}
+
 /// The next message about one document (announcements of others are skipped).
 async fn next_about(client: &mut RawClient, id: &str) -> Option<WireMessage> {
     loop {
