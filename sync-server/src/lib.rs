@@ -33,7 +33,8 @@ pub struct Config {
     pub keepalive: Duration,
     /// Messages waiting for one slow connection before the relay drops it (it resyncs on reconnect).
     pub outbound_queue: usize,
-    /// A client must send `join` within this time after connecting.
+    /// A client must send its HTTP request head within this time after connecting, and a WebSocket
+    /// client its `join` within this time after the upgrade; otherwise the connection is closed.
     pub handshake_timeout: Duration,
     /// SMTP server (`host:port`, plain, e.g. a local relay MTA) for the email fallback; `None` keeps
     /// fallback emails queued until one is configured.

@@ -98,18 +98,62 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let mut stop_wait = stop_rx;
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    // Small frames go out at once: with Nagle's algorithm a fan-out message can wait for the
-    // peer's delayed acknowledgement (tens of milliseconds).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+    serve(listener, app, relay.config.handshake_timeout, stop_rx).await;
+    info!("relay stopped");
+    Ok(())
+}
+
+/// Serves HTTP/1.1 with WebSocket upgrades until `stop`. Unlike `axum::serve`, a connection that has
+/// not sent a whole request head within `head_timeout` is closed, so idle or trickling connections
+/// (slowloris) cannot pile up and take every file descriptor. On `stop`, connections finish their
+/// request (at most 5 s); upgraded WebSockets close themselves on the same signal.
+async fn serve(listener: TcpListener, app: Router, head_timeout: std::time::Duration, mut stop: watch::Receiver<bool>) {
+    use tower::Service;
+    let (open_tx, open_rx) = watch::channel(());
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait a moment rather than spin.
+                    warn!(%err, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        // Small frames go out at once: with Nagle's algorithm a fan-out message can wait for the
+        // peer's delayed acknowledgement (tens of milliseconds).
         if let Err(err) = tcp.set_nodelay(true) {
             debug!(%err, "TCP_NODELAY not set");
         }
-    });
-    axum::serve(listener, app).with_graceful_shutdown(async move { stopped(&mut stop_wait).await }).await?;
-    info!("relay stopped");
-    Ok(())
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(axum::extract::ConnectInfo(remote));
+            app.clone().call(request)
+        });
+        let (mut stop, open) = (stop.clone(), open_rx.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(head_timeout);
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service).with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => if let Err(err) = result {
+                    debug!(%err, %remote, "HTTP connection ended");
+                },
+                _ = stopped(&mut stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(open_rx);
+    // Until every HTTP connection has finished (they were told to), at most 6 s.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(6), open_tx.closed()).await;
 }
 
 pub struct Relay {

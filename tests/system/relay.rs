@@ -402,6 +402,50 @@ async fn an_ephemeral_flood_is_cut_to_its_rate_and_followers_stay_connected() {
     relay.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_trickling_connections_are_closed_and_agents_still_connect() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let started = std::time::Instant::now();
+    // 200 connections that never say anything, and one that sends its request head a byte at a time.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(tokio::net::TcpStream::connect(relay.addr).await.unwrap());
+    }
+    let mut trickle = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    trickle.write_all(b"GET /health HTTP/1.1\r\nHost: relay\r\n").await.unwrap();
+    let trickling = tokio::spawn(async move {
+        // One header byte every 200 ms: the head is never finished; the relay closes it.
+        for _ in 0..100 {
+            if trickle.write_all(b"X").await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let mut buf = [0_u8; 64];
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(1), trickle.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    });
+    // Meanwhile an agent connects and syncs as usual.
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    // Every idle connection is closed by the relay (end of stream or reset) within the head timeout.
+    for mut c in idle {
+        let mut buf = [0_u8; 16];
+        match tokio::time::timeout(std::time::Duration::from_secs(10), c.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => {}
+            other => panic!("an idle connection was not closed: {other:?}"),
+        }
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(9), "closed after {:?}", started.elapsed());
+    assert!(trickling.await.unwrap(), "the trickling connection was closed");
+    assert_eq!(http_status(&relay, "/health", None).await, 200);
+    relay.stop().await;
+}
+
 /// The next message about one document (announcements of others are skipped).
 async fn next_about(client: &mut RawClient, id: &str) -> Option<WireMessage> {
     loop {
