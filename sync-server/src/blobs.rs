@@ -6,7 +6,7 @@
 //! the conversation it was sent in is: anything else is a 404, like a missing file.
 
 use crate::relay::{Relay, TokenQuery, bearer};
-use crate::store::BlobInfo;
+use crate::store::{BlobInfo, Store};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -44,6 +44,28 @@ pub(crate) fn thumb_path(dir: &FsPath, hash: &str) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` durably: temporary file, fsync, rename, fsync of the directory.
+/// A blob's bytes (or its thumbnail's): the file in this relay's `dir`, or, when it was stored
+/// through another relay instance, the shared store's copy (kept in `dir` from then on). `None`
+/// while nobody has uploaded it yet.
+pub(crate) async fn read_blob(store: &Arc<Store>, dir: &FsPath, hash: &str, thumbnail: bool) -> Option<Vec<u8>> {
+    let path = match thumbnail {
+        true => thumb_path(dir, hash),
+        false => blob_path(dir, hash),
+    };
+    if let Ok(bytes) = tokio::fs::read(&path).await {
+        return Some(bytes);
+    }
+    let (s, h) = (store.clone(), hash.to_owned());
+    let bytes = tokio::task::spawn_blocking(move || s.blob_bytes(&h, thumbnail)).await.ok()?.ok()??;
+    let copy = bytes.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = write_durably(&path, &copy) {
+            tracing::debug!(%e, "attachment not cached locally");
+        }
+    });
+    Some(bytes)
+}
+
 fn write_durably(path: &FsPath, bytes: &[u8]) -> std::io::Result<()> {
     let parent = path.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
     std::fs::create_dir_all(parent)?;
@@ -149,29 +171,13 @@ async fn serve(relay: &Arc<Relay>, doc_id: String, hash: String, want_thumbnail:
     }
     let h = hash.clone();
     let Ok(Some(info)) = relay.blocking(move |s| s.blob_in(&h, &doc_id)).await else { return not_found() };
-    let dir = relay.config().data_dir.join("blobs");
-    let (path, mime) = match want_thumbnail {
-        true if info.thumbnail => (thumb_path(&dir, &hash), "image/png".to_owned()),
+    let mime = match want_thumbnail {
+        true if info.thumbnail => "image/png".to_owned(),
         true => return not_found(),
-        false => (blob_path(&dir, &hash), info.mime),
+        false => info.mime,
     };
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(bytes) => bytes,
-        // Stored through another relay instance: read it from the shared store, keep a copy here.
-        Err(_) => {
-            let h = hash.clone();
-            let Ok(Some(bytes)) = relay.blocking(move |s| s.blob_bytes(&h, want_thumbnail)).await else {
-                return not_found();
-            };
-            let copy = bytes.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = write_durably(&path, &copy) {
-                    tracing::debug!(%e, "attachment not cached locally");
-                }
-            });
-            bytes
-        }
-    };
+    let dir = relay.config().data_dir.join("blobs");
+    let Some(bytes) = read_blob(relay.store(), &dir, &hash, want_thumbnail).await else { return not_found() };
     let mut response = bytes.into_response();
     let headers = response.headers_mut();
     let content_type = HeaderValue::from_str(&mime).unwrap_or(HeaderValue::from_static("application/octet-stream"));

@@ -1,12 +1,16 @@
 //! The email fallback: crew messages to web-widget customers who are offline and left an email
 //! address are queued durably (one row per message) and sent by SMTP. Quick successive messages of
 //! a conversation go out together in one email; failures are retried with a doubling backoff; a
-//! message is marked sent only after the SMTP server accepted it.
+//! message is marked sent only after the SMTP server accepted it. A crew file goes with its email,
+//! once the sender's app has uploaded it (up to 10 MiB of files per email; larger ones, and files
+//! still missing after 10 minutes, are named in the text instead).
 
 use crate::store::{QueuedEmail, Store};
-use lettre::message::Mailbox;
+use lettre::message::header::ContentType;
+use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -15,8 +19,21 @@ use tracing::{info, warn};
 /// Messages of one conversation written within this window are sent in one email.
 pub const BATCH_WINDOW_MS: i64 = 2_000;
 
+/// Files an email carries at most, together; larger ones are named in the text.
+const MAX_ATTACHED_BYTES: usize = 10 * 1024 * 1024;
+
+/// How long an email waits for its file to be uploaded before it goes without it.
+const ATTACHMENT_WAIT_MS: i64 = 10 * 60 * 1_000;
+
+/// A file read for an email, or why it is not attached.
+enum Attached {
+    File { name: String, mime: String, bytes: Vec<u8> },
+    Named(String),
+}
+
 pub async fn run(
     store: Arc<Store>,
+    blobs: PathBuf,
     smtp: Option<String>,
     from: String,
     wake: Arc<Notify>,
@@ -56,8 +73,12 @@ pub async fn run(
             if batch.iter().any(|e| now - e.created_at < BATCH_WINDOW_MS) {
                 continue;
             }
+            let Some(files) = attachments(&store, &blobs, &batch, now).await else {
+                // A file is not uploaded yet: the email waits for it (and is asked for again).
+                continue;
+            };
             let ids: Vec<String> = batch.iter().map(|e| e.message_id.clone()).collect();
-            let result = send(&transport, &from, &batch).await;
+            let result = send(&transport, &from, &batch, files).await;
             let s = store.clone();
             let now = crewdesk::domain::Timestamp::now().0;
             match result {
@@ -73,10 +94,45 @@ pub async fn run(
     }
 }
 
+/// The files of a batch, or `None` while one of them is still being uploaded (and younger than
+/// [`ATTACHMENT_WAIT_MS`]).
+async fn attachments(
+    store: &Arc<Store>,
+    blobs: &std::path::Path,
+    batch: &[QueuedEmail],
+    now: i64,
+) -> Option<Vec<Attached>> {
+    let mut files = Vec::new();
+    let mut total = 0;
+    for e in batch {
+        let Some(a) = &e.attachment else { continue };
+        if !crewdesk::sync::is_blob_hash(&a.hash) {
+            files.push(Attached::Named(format!("{} could not be attached.", a.file_name)));
+            continue;
+        }
+        if total + a.size as usize > MAX_ATTACHED_BYTES {
+            files.push(Attached::Named(format!("{} is too large for email; open the chat to get it.", a.file_name)));
+            continue;
+        }
+        match crate::blobs::read_blob(store, blobs, &a.hash, false).await {
+            Some(bytes) => {
+                total += bytes.len();
+                files.push(Attached::File { name: a.file_name.clone(), mime: a.mime.clone(), bytes });
+            }
+            None if now - e.created_at < ATTACHMENT_WAIT_MS => return None,
+            None => {
+                files.push(Attached::Named(format!("{} could not be attached; open the chat to get it.", a.file_name)))
+            }
+        }
+    }
+    Some(files)
+}
+
 async fn send(
     transport: &AsyncSmtpTransport<Tokio1Executor>,
     from: &Mailbox,
     batch: &[QueuedEmail],
+    files: Vec<Attached>,
 ) -> Result<(), String> {
     let first = &batch[0];
     let to: Mailbox = format!("{} <{}>", first.customer.replace(['<', '>', '"'], ""), first.to)
@@ -86,16 +142,37 @@ async fn send(
     for e in batch {
         body.push_str(&format!("{}: {}\n\n", e.agent, e.text));
     }
+    for f in &files {
+        if let Attached::Named(note) = f {
+            body.push_str(&format!("{note}\n\n"));
+        }
+    }
     body.push_str("Reply on the website where you started the chat to continue.\n");
-    let email = Message::builder()
-        .from(from.clone())
-        .to(to)
-        .subject(if batch.len() == 1 {
-            "New reply to your conversation".to_owned()
-        } else {
-            format!("{} new replies to your conversation", batch.len())
+    let builder = Message::builder().from(from.clone()).to(to).subject(if batch.len() == 1 {
+        "New reply to your conversation".to_owned()
+    } else {
+        format!("{} new replies to your conversation", batch.len())
+    });
+    let attached: Vec<SinglePart> = files
+        .into_iter()
+        .filter_map(|f| match f {
+            Attached::File { name, mime, bytes } => {
+                let kind = ContentType::parse(&mime).unwrap_or(ContentType::parse("application/octet-stream").ok()?);
+                let name: String = name.chars().filter(|c| !c.is_control()).collect();
+                Some(Attachment::new(name).body(bytes, kind))
+            }
+            Attached::Named(_) => None,
         })
-        .body(body)
-        .map_err(|e| e.to_string())?;
+        .collect();
+    let email = match attached.is_empty() {
+        true => builder.body(body),
+        false => {
+            let parts = attached
+                .into_iter()
+                .fold(MultiPart::mixed().singlepart(SinglePart::plain(body)), |m, p| m.singlepart(p));
+            builder.multipart(parts)
+        }
+    }
+    .map_err(|e| e.to_string())?;
     transport.send(email).await.map(|_| ()).map_err(|e| e.to_string())
 }

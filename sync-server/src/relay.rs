@@ -45,6 +45,7 @@ pub async fn run(
     let mail_wake = Arc::new(Notify::new());
     tokio::spawn(crate::mailer::run(
         store.clone(),
+        config.data_dir.join("blobs"),
         config.smtp.clone(),
         config.mail_from.clone(),
         mail_wake.clone(),
@@ -750,6 +751,17 @@ impl Relay {
                 let agent_name =
                     team.and_then(|t| t.member(agent)).map_or_else(|| agent.to_string(), |m| m.name.clone());
                 let text = m.body.text_content();
+                let attachment = match &m.body {
+                    crewdesk::domain::MessageBody::Attachment { blob, file_name, mime, size } => {
+                        Some(crate::store::EmailAttachment {
+                            hash: blob.trim_start_matches("sha256:").to_owned(),
+                            file_name: file_name.clone(),
+                            mime: mime.clone(),
+                            size: *size,
+                        })
+                    }
+                    _ => None,
+                };
                 Some(crate::store::QueuedEmail {
                     message_id: format!("{doc_id}/{}", m.id),
                     doc_id: doc_id.to_owned(),
@@ -758,6 +770,7 @@ impl Relay {
                     agent: agent_name,
                     text,
                     created_at: crewdesk::domain::Timestamp::now().0,
+                    attachment,
                 })
             })
             .collect();

@@ -442,9 +442,12 @@ async fn media_message(
     };
     let field = |k: &str| blob.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
     let (hash, mime, file_name) = (field("hash"), field("mime"), field("file_name"));
-    let path = crate::blobs::blob_path(&relay.config().data_dir.join("blobs"), &hash);
-    // The sender's app uploads the file after the message: until it is here, try again later.
-    let Ok(bytes) = tokio::fs::read(&path).await else { return Err(WhatsAppOutcome::Retry) };
+    let dir = relay.config().data_dir.join("blobs");
+    // The sender's app uploads the file after the message (perhaps through another relay instance):
+    // until it is here, try again later.
+    let Some(bytes) = crate::blobs::read_blob(relay.store(), &dir, &hash, false).await else {
+        return Err(WhatsAppOutcome::Retry);
+    };
     let part = reqwest::multipart::Part::bytes(bytes).file_name(file_name.clone()).mime_str(&mime);
     let Ok(part) = part else { return Err(WhatsAppOutcome::Failed { reason: format!("unusable file type {mime}") }) };
     let form = reqwest::multipart::Form::new()

@@ -834,6 +834,16 @@ async fn email_fallback_sends_each_message_once_batched_while_the_customer_is_of
     assert!(mails[0].contains("maya@example.com"), "{}", mails[0]);
     assert!(mails[0].contains("Bob Okafor"), "{}", mails[0]);
 
+    // A file goes with its email, once bob's app has uploaded it.
+    bob.attach(&id, "delivery-note.pdf", "application/pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\ndelivery note for Maya\n");
+    eventually(15, "the email with the file arrives", || sink.received().len() == 2).await;
+    let mail = sink.received()[1].clone();
+    assert!(mail.contains("multipart/mixed"), "{mail}");
+    assert!(mail.contains("filename=\"delivery-note.pdf\""), "{mail}");
+    assert!(mail.contains("application/pdf"), "{mail}");
+    assert!(mail.contains("Content-Transfer-Encoding: base64"), "{mail}");
+    assert!(mail.contains("JVBERi0xLjQKJeLjz9MKZGVsaXZlcnkgbm90ZSBmb3IgTWF5YQo="), "the file's bytes (base64): {mail}");
+
     // Back online in the widget: replies go there, not by email.
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/api/widget/ws?session={session}", relay.addr)).await.unwrap();
@@ -851,7 +861,7 @@ async fn email_fallback_sends_each_message_once_batched_while_the_customer_is_of
     }
     assert!(seen, "the widget shows the reply");
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert_eq!(sink.received().len(), 1, "no email while the customer is online");
+    assert_eq!(sink.received().len(), 2, "no email while the customer is online");
     relay.stop().await;
 }
 

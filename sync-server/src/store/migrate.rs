@@ -33,6 +33,7 @@ const TABLES: &[(&str, &[&str], &str)] = &[
             "attempts",
             "next_attempt_at",
             "sent_at",
+            "attachment",
         ],
         "message_id",
     ),

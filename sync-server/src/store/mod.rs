@@ -321,6 +321,31 @@ pub struct QueuedEmail {
     pub agent: String,
     pub text: String,
     pub created_at: i64,
+    /// The file, when the message is one: it goes with the email.
+    pub attachment: Option<EmailAttachment>,
+}
+
+/// A crew file to send with its fallback email.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EmailAttachment {
+    /// The blob's SHA-256 (hex, without the `sha256:` prefix).
+    pub hash: String,
+    pub file_name: String,
+    pub mime: String,
+    pub size: u64,
+}
+
+impl EmailAttachment {
+    /// Reads the stored column; a damaged value sends the email without the file (its text names it).
+    pub fn from_json(value: Option<String>) -> Option<EmailAttachment> {
+        serde_json::from_str(&value?).ok()
+    }
+}
+
+impl QueuedEmail {
+    pub fn attachment_json(&self) -> Option<String> {
+        self.attachment.as_ref().and_then(|a| serde_json::to_string(a).ok())
+    }
 }
 
 /// A crew message waiting to be handed to WhatsApp: the Graph API request body, or why the 24 h

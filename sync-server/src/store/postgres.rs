@@ -27,6 +27,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0001_relay.sql"),
     include_str!("migrations/postgres/0002_blob_bytes.sql"),
     include_str!("migrations/postgres/0003_rate_events.sql"),
+    include_str!("migrations/postgres/0004_email_attachments.sql"),
 ];
 
 /// The NOTIFY channel the instances talk on.
@@ -596,9 +597,9 @@ impl Storage for PgStore {
             let tx = c.transaction().await?;
             for e in emails {
                 tx.execute(
-                    "INSERT INTO email_outbox (message_id, doc_id, to_addr, customer, agent, text, created_at, next_attempt_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (message_id) DO NOTHING",
-                    &[&e.message_id, &e.doc_id, &e.to, &e.customer, &e.agent, &e.text, &e.created_at],
+                    "INSERT INTO email_outbox (message_id, doc_id, to_addr, customer, agent, text, created_at, next_attempt_at, attachment)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) ON CONFLICT (message_id) DO NOTHING",
+                    &[&e.message_id, &e.doc_id, &e.to, &e.customer, &e.agent, &e.text, &e.created_at, &e.attachment_json()],
                 )
                 .await?;
             }
@@ -620,7 +621,7 @@ impl Storage for PgStore {
                          SELECT doc_id FROM email_outbox WHERE sent_at IS NULL AND created_at > $1 - $2)
                        ORDER BY created_at, message_id LIMIT 500 FOR UPDATE SKIP LOCKED)
                      UPDATE email_outbox o SET next_attempt_at = $1 + $3 FROM due WHERE o.message_id = due.message_id
-                     RETURNING o.message_id, o.doc_id, o.to_addr, o.customer, o.agent, o.text, o.created_at",
+                     RETURNING o.message_id, o.doc_id, o.to_addr, o.customer, o.agent, o.text, o.created_at, o.attachment",
                     &[&now, &crate::mailer::BATCH_WINDOW_MS, &CLAIM_MS],
                 )
                 .await?;
@@ -634,6 +635,7 @@ impl Storage for PgStore {
                     agent: r.get(4),
                     text: r.get(5),
                     created_at: r.get(6),
+                    attachment: EmailAttachment::from_json(r.get(7)),
                 })
                 .collect();
             out.sort_by(|a, b| (a.created_at, &a.message_id).cmp(&(b.created_at, &b.message_id)));

@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0004_whatsapp.sql"),
     include_str!("migrations/sqlite/0005_blobs.sql"),
     include_str!("migrations/sqlite/0006_document_created_at.sql"),
+    include_str!("migrations/sqlite/0007_email_attachments.sql"),
 ];
 
 pub struct SqliteStore {
@@ -342,9 +343,9 @@ impl Storage for SqliteStore {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for e in emails {
             tx.execute(
-                "INSERT OR IGNORE INTO email_outbox (message_id, doc_id, to_addr, customer, agent, text, created_at, next_attempt_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-                params![e.message_id, e.doc_id, e.to, e.customer, e.agent, e.text, e.created_at],
+                "INSERT OR IGNORE INTO email_outbox (message_id, doc_id, to_addr, customer, agent, text, created_at, next_attempt_at, attachment)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+                params![e.message_id, e.doc_id, e.to, e.customer, e.agent, e.text, e.created_at, e.attachment_json()],
             )?;
         }
         tx.commit()?;
@@ -355,7 +356,7 @@ impl Storage for SqliteStore {
     fn due_emails(&self, now: i64) -> Result<Vec<QueuedEmail>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT message_id, doc_id, to_addr, customer, agent, text, created_at FROM email_outbox
+            "SELECT message_id, doc_id, to_addr, customer, agent, text, created_at, attachment FROM email_outbox
              WHERE sent_at IS NULL AND next_attempt_at <= ?1 ORDER BY created_at, message_id LIMIT 500",
         )?;
         let rows = stmt.query_map([now], |r| {
@@ -367,6 +368,7 @@ impl Storage for SqliteStore {
                 agent: r.get(4)?,
                 text: r.get(5)?,
                 created_at: r.get(6)?,
+                attachment: EmailAttachment::from_json(r.get::<_, Option<String>>(7)?),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
