@@ -382,10 +382,12 @@ impl Storage for PgStore {
     fn load_document_at(&self, id: &str) -> Result<Option<StoredChunks>, StoreError> {
         self.block(async {
             let c = self.client().await?;
-            let Some(team) = c.query_opt("SELECT team FROM documents WHERE id = $1", &[&id]).await? else {
+            let team = c.prepare_cached("SELECT team FROM documents WHERE id = $1").await?;
+            let Some(team) = c.query_opt(&team, &[&id]).await? else {
                 return Ok(None);
             };
-            let rows = c.query("SELECT seq, bytes FROM doc_chunks WHERE doc_id = $1 ORDER BY seq", &[&id]).await?;
+            let chunks = c.prepare_cached("SELECT seq, bytes FROM doc_chunks WHERE doc_id = $1 ORDER BY seq").await?;
+            let rows = c.query(&chunks, &[&id]).await?;
             let (mut bytes, mut seq) = (Vec::new(), 0);
             let chunks = rows.len();
             for r in rows {
@@ -406,15 +408,16 @@ impl Storage for PgStore {
         let since: Vec<i64> = wanted.iter().map(|w| w.1).collect();
         self.block(async {
             let c = self.client().await?;
-            let rows = c
-                .query(
+            // Prepared once per connection (the hot paths skip parsing and a round trip).
+            let statement = c
+                .prepare_cached(
                     "SELECT c.doc_id, c.seq, CASE WHEN c.origin <> $3 THEN c.bytes END
                      FROM unnest($1::text[], $2::bigint[]) AS w(d, s)
                      JOIN doc_chunks c ON c.doc_id = w.d AND c.seq > w.s
                      ORDER BY c.doc_id, c.seq",
-                    &[&ids, &since, &self.instance],
                 )
                 .await?;
+            let rows = c.query(&statement, &[&ids, &since, &self.instance]).await?;
             let mut out: std::collections::HashMap<String, (Vec<u8>, i64)> = std::collections::HashMap::new();
             for r in rows {
                 let e = out.entry(r.get(0)).or_default();
@@ -434,45 +437,51 @@ impl Storage for PgStore {
         let doc_ids: Vec<&str> = chunks.iter().map(|c| c.0).collect();
         let teams: Vec<&str> = chunks.iter().map(|c| c.1.as_str()).collect();
         let bytes: Vec<&[u8]> = chunks.iter().map(|c| c.2).collect();
+        let now = now_millis();
         self.block(async {
-            let mut c = self.client().await?;
-            let tx = c.transaction().await?;
+            let c = self.client().await?;
             // One document's chunks commit one transaction at a time (sorted: no deadlocks).
-            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(d, 0)) FROM unnest($1::text[]) AS d", &[&ids])
+            let lock = c
+                .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended(d, 0)) FROM unnest($1::text[]) AS d")
                 .await?;
-            let created: Vec<String> = tx
-                .query(
-                    "INSERT INTO documents (id, team, created_at)
-                     SELECT DISTINCT ON (d) d, t, $3::bigint FROM unnest($1::text[], $2::text[]) AS u(d, t)
-                     ON CONFLICT (id) DO NOTHING RETURNING id",
-                    &[&doc_ids, &teams, &now_millis()],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            let rows = tx
-                .query(
-                    "INSERT INTO doc_chunks (doc_id, origin, bytes)
-                     SELECT d, $3, b FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(d, b, n) ORDER BY n
-                     RETURNING doc_id, seq",
-                    &[&doc_ids, &bytes, &self.instance],
+            // The documents, the chunks and one notification per document (the last position, and
+            // whether it is new) in one statement. The notification is `Note` with `NoteKind::Committed`
+            // as JSON: {"o": instance, "k": "c", "d": document, "t": team, "s": position, "n": new}.
+            let append = c
+                .prepare_cached(
+                    "WITH docs AS (
+                       INSERT INTO documents (id, team, created_at)
+                       SELECT DISTINCT ON (d) d, t, $4::bigint FROM unnest($1::text[], $2::text[]) AS u(d, t)
+                       ON CONFLICT (id) DO NOTHING RETURNING id
+                     ), chunks AS (
+                       INSERT INTO doc_chunks (doc_id, origin, bytes)
+                       SELECT d, $5, b FROM unnest($1::text[], $3::bytea[]) WITH ORDINALITY AS u(d, b, n) ORDER BY n
+                       RETURNING doc_id, seq
+                     ), teams AS (
+                       SELECT DISTINCT ON (d) d, t FROM unnest($1::text[], $2::text[]) AS u(d, t)
+                     )
+                     SELECT pg_notify($6, json_build_object(
+                       'o', $5::text, 'k', 'c', 'd', c.doc_id, 't', teams.t, 's', max(c.seq),
+                       'n', EXISTS (SELECT 1 FROM docs WHERE docs.id = c.doc_id))::text)
+                     FROM chunks c JOIN teams ON teams.d = c.doc_id
+                     GROUP BY c.doc_id, teams.t",
                 )
                 .await?;
-            let mut last: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
-            for r in rows {
-                let seq: i64 = r.get(1);
-                let e = last.entry(r.get(0)).or_insert(seq);
-                *e = (*e).max(seq);
-            }
-            let mut notes = Vec::with_capacity(last.len());
-            for (d, s) in last {
-                let t = chunks.iter().find(|c| c.0 == d).map(|c| c.1.as_str().to_owned()).unwrap_or_default();
-                let n = created.contains(&d);
-                notes.push(self.note(NoteKind::Committed { d, t, s, n })?);
-            }
-            tx.execute("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n", &[&CHANNEL, &notes]).await?;
-            tx.commit().await?;
+            // One round trip: BEGIN, the lock, the append and COMMIT are pipelined. If a statement
+            // fails, the ones after it in the transaction are skipped and COMMIT rolls it back.
+            let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+            let append_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&doc_ids, &teams, &bytes, &now, &self.instance, &CHANNEL];
+            let (begin, locked, appended, commit) = futures_util::join!(
+                c.batch_execute("BEGIN"),
+                c.execute(&lock, &lock_params),
+                c.execute(&append, &append_params),
+                c.batch_execute("COMMIT"),
+            );
+            begin?;
+            locked?;
+            appended?;
+            commit?;
             Ok(())
         })
     }
