@@ -205,19 +205,30 @@ async fn hostile_input_gets_an_error_and_everyone_else_keeps_syncing() {
     relay.stop().await;
 }
 
+/// Sends the relay the sync message (or, with `request`, the request) that the document's sync
+/// state calls for; false when it calls for none.
+async fn sync_with(
+    client: &mut RawClient,
+    id: &str,
+    d: &automerge::Automerge,
+    state: &mut automerge::sync::State,
+    request: bool,
+) -> bool {
+    use automerge::sync::SyncDoc;
+    let Some(m) = d.generate_sync_message(state) else { return false };
+    let (sender_id, target_id, document_id, data) = ("raw".into(), "relay".into(), id.to_owned(), m.encode());
+    let m = match request {
+        true => WireMessage::Request { sender_id, target_id, document_id, data },
+        false => WireMessage::Sync { sender_id, target_id, document_id, data },
+    };
+    client.send(&m).await;
+    true
+}
+
 /// Starts creating a document on the relay: the first sync message (heads only). The relay asks
 /// for the changes or says it will not have the document.
 async fn offer(client: &mut RawClient, id: &str, d: &automerge::Automerge, state: &mut automerge::sync::State) {
-    use automerge::sync::SyncDoc;
-    let m = d.generate_sync_message(state).expect("a first sync message");
-    client
-        .send(&WireMessage::Sync {
-            sender_id: "raw".into(),
-            target_id: "relay".into(),
-            document_id: id.to_owned(),
-            data: m.encode(),
-        })
-        .await;
+    assert!(sync_with(client, id, d, state, false).await, "a first sync message");
 }
 
 /// A plain automerge document, not a conversation (what a general sync server would keep).
@@ -245,15 +256,7 @@ async fn documents_that_are_not_conversations_are_refused_and_cannot_pile_up() {
         match next_about(&mut client, &id).await {
             Some(WireMessage::Sync { data, .. }) => {
                 d.receive_sync_message(&mut state, automerge::sync::Message::decode(&data).unwrap()).unwrap();
-                if let Some(m) = d.generate_sync_message(&mut state) {
-                    let m = WireMessage::Sync {
-                        sender_id: "raw".into(),
-                        target_id: "relay".into(),
-                        document_id: id.clone(),
-                        data: m.encode(),
-                    };
-                    client.send(&m).await;
-                }
+                sync_with(&mut client, &id, &d, &mut state, false).await;
             }
             Some(WireMessage::DocUnavailable { document_id, .. }) if document_id == id => break,
             other => panic!("expected the relay to refuse the document, got {other:?}"),
@@ -262,15 +265,8 @@ async fn documents_that_are_not_conversations_are_refused_and_cannot_pile_up() {
     // Nobody can read it: it was never stored.
     let mut other = RawClient::connect(&relay, Some(&tokens["carol"])).await;
     assert!(matches!(other.join().await, WireMessage::Peer { .. }));
-    let mut empty = automerge::sync::State::new();
-    let request = automerge::Automerge::new().generate_sync_message(&mut empty).unwrap();
-    let request = WireMessage::Request {
-        sender_id: "raw".into(),
-        target_id: "relay".into(),
-        document_id: id.clone(),
-        data: request.encode(),
-    };
-    other.send(&request).await;
+    let empty = automerge::Automerge::new();
+    assert!(sync_with(&mut other, &id, &empty, &mut automerge::sync::State::new(), true).await);
     assert!(matches!(next_about(&mut other, &id).await, Some(WireMessage::DocUnavailable { .. })));
 
     // Documents begun and never finished: a connection holds at most 64 at once.
@@ -290,15 +286,7 @@ async fn documents_that_are_not_conversations_are_refused_and_cannot_pile_up() {
     assert!(matches!(next_about(&mut client, &one_too_many).await, Some(WireMessage::DocUnavailable { .. })));
     // Finishing one (it is refused, not being a conversation) frees its place.
     let (id, d, mut state) = begun.pop().unwrap();
-    let m = d.generate_sync_message(&mut state).expect("the changes the relay asked for");
-    client
-        .send(&WireMessage::Sync {
-            sender_id: "raw".into(),
-            target_id: "relay".into(),
-            document_id: id.clone(),
-            data: m.encode(),
-        })
-        .await;
+    assert!(sync_with(&mut client, &id, &d, &mut state, false).await, "the changes the relay asked for");
     assert!(matches!(next_about(&mut client, &id).await, Some(WireMessage::DocUnavailable { .. })));
     offer(&mut client, &one_too_many, &plain_document(0), &mut automerge::sync::State::new()).await;
     assert!(matches!(next_about(&mut client, &one_too_many).await, Some(WireMessage::Sync { .. })));
@@ -329,15 +317,7 @@ async fn an_ephemeral_flood_is_cut_to_its_rate_and_followers_stay_connected() {
     let mut carol = RawClient::connect(&relay, Some(&tokens["carol"])).await;
     assert!(matches!(carol.join().await, WireMessage::Peer { .. }));
     let (mut copy, mut state) = (automerge::Automerge::new(), automerge::sync::State::new());
-    let request = copy.generate_sync_message(&mut state).unwrap();
-    carol
-        .send(&WireMessage::Request {
-            sender_id: "raw".into(),
-            target_id: "relay".into(),
-            document_id: id.0.clone(),
-            data: request.encode(),
-        })
-        .await;
+    assert!(sync_with(&mut carol, id.as_str(), &copy, &mut state, true).await);
     let Some(WireMessage::Sync { data, .. }) = next_about(&mut carol, id.as_str()).await else {
         panic!("carol gets the conversation")
     };
@@ -379,16 +359,7 @@ async fn an_ephemeral_flood_is_cut_to_its_rate_and_followers_stay_connected() {
         }
     }
     assert!((50..=100).contains(&received), "carol received {received} of 1,000");
-    let m = copy.generate_sync_message(&mut state);
-    if let Some(m) = m {
-        let sync = WireMessage::Sync {
-            sender_id: "raw".into(),
-            target_id: "relay".into(),
-            document_id: id.0.clone(),
-            data: m.encode(),
-        };
-        carol.send(&sync).await;
-    }
+    sync_with(&mut carol, id.as_str(), &copy, &mut state, false).await;
     // A second later bob may send again, and carol, still connected, hears it.
     bob.send(&ephemeral(2_000, 16)).await;
     let mut heard = false;
