@@ -467,13 +467,14 @@ async fn main() {
         // Investigating the relay alone: its rows and the shape of their latency, nothing else.
         for (_, every, cpu, mem, r) in &rows {
             println!(
-                "relay, a message every {} ms: {} deliveries, {:.0}/s, relay CPU {:.2} cores, generator {:.2}, RSS {} MiB",
+                "relay, a message every {} ms: {} deliveries, {:.0}/s, relay CPU {:.2} cores, generator {:.2}, RSS {} MiB (peak {} MiB)",
                 every.as_millis(),
                 r.delivered,
                 r.delivered as f64 / r.elapsed.as_secs_f64(),
                 cpu / r.elapsed.as_secs_f64(),
                 r.generator_cpu / r.elapsed.as_secs_f64(),
-                mem.0 / 1024
+                mem.0 / 1024,
+                mem.1 / 1024
             );
             print_latency_shape(&r.latencies);
         }

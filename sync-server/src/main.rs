@@ -172,8 +172,20 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Threads for blocking work (storage calls, file writes). Storage calls are short and SQLite
+/// serializes writers anyway; without a bound, 1,000 agents connecting at once spawned well over
+/// a hundred threads, each keeping its stack and allocator cache (most of the relay's memory).
+const BLOCKING_THREADS: usize = 24;
+
+fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .build()?
+        .block_on(relay_main())
+}
+
+async fn relay_main() -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries what admin commands print (tokens, lists), for scripts.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

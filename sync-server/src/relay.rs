@@ -1541,12 +1541,14 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
         match WireMessage::decode(&frame) {
             Ok(WireMessage::Request { document_id, data, .. }) => {
                 touched.insert(document_id.clone());
-                relay.handle_sync(&session, document_id.clone(), data, true).await;
+                // Boxed: the connection's own future stays small (a few hundred bytes for each of
+                // a thousand idle connections, instead of the largest message handler's state).
+                Box::pin(relay.handle_sync(&session, document_id.clone(), data, true)).await;
                 relay.touch(&document_id).await;
             }
             Ok(WireMessage::Sync { document_id, data, .. }) => {
                 touched.insert(document_id.clone());
-                relay.handle_sync(&session, document_id.clone(), data, false).await;
+                Box::pin(relay.handle_sync(&session, document_id.clone(), data, false)).await;
                 relay.touch(&document_id).await;
             }
             Ok(WireMessage::Ephemeral { document_id, count, session_id, data, .. }) => {
@@ -1555,7 +1557,9 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
                     continue;
                 }
                 match ephemeral_budget.take(Instant::now()) {
-                    Budget::Granted => relay.handle_ephemeral(&session, document_id, count, session_id, data).await,
+                    Budget::Granted => {
+                        Box::pin(relay.handle_ephemeral(&session, document_id, count, session_id, data)).await
+                    }
                     Budget::Refused { tell } => {
                         if tell {
                             session.error(
