@@ -72,7 +72,7 @@ pub async fn run(
         config,
         docs: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
-        recent: Mutex::new(HashMap::new()),
+        recent: Mutex::new(Recent::default()),
         presence: Mutex::new(HashMap::new()),
         changes: tokio::sync::broadcast::channel(1024).0,
         next_conn: AtomicU64::new(1),
@@ -168,7 +168,7 @@ pub struct Relay {
     docs: Mutex<HashMap<String, Arc<AsyncMutex<DocEntry>>>>,
     sessions: Mutex<HashMap<ConnId, Session>>,
     /// When each loaded document was last used, for evicting the least recently used.
-    recent: Mutex<HashMap<String, u64>>,
+    recent: Mutex<Recent>,
     /// Web-widget customers' presence per conversation: ephemeral, never stored.
     presence: Mutex<HashMap<String, crewdesk::domain::Presence>>,
     /// Conversation ids whose stored document just changed (for widget sessions to stream replies).
@@ -333,6 +333,37 @@ impl EphemeralBudget {
             self.told = Some(now);
         }
         Budget::Refused { tell }
+    }
+}
+
+/// Loaded documents by when they were last used: touching one and finding the least recently used
+/// are O(log n), so a client asking for many documents costs no sorting per message.
+#[derive(Default)]
+struct Recent {
+    tick_of: HashMap<String, u64>,
+    by_tick: std::collections::BTreeMap<u64, String>,
+}
+
+impl Recent {
+    /// Marks `id` as used at `tick`; returns the least recently used documents beyond `max`.
+    fn touch(&mut self, id: &str, tick: u64, max: usize) -> Vec<String> {
+        if let Some(old) = self.tick_of.insert(id.to_owned(), tick) {
+            self.by_tick.remove(&old);
+        }
+        self.by_tick.insert(tick, id.to_owned());
+        let mut out = Vec::new();
+        while self.tick_of.len() > max {
+            let Some((_, oldest)) = self.by_tick.pop_first() else { break };
+            self.tick_of.remove(&oldest);
+            out.push(oldest);
+        }
+        out
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(tick) = self.tick_of.remove(id) {
+            self.by_tick.remove(&tick);
+        }
     }
 }
 
@@ -1100,21 +1131,8 @@ impl Relay {
     /// `max_loaded_documents`. Their sync states stay; the document is read again when needed.
     async fn touch(&self, id: &str) {
         let tick = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let evict: Vec<String> = {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            recent.insert(id.to_owned(), tick);
-            let over = recent.len().saturating_sub(self.config.max_loaded_documents);
-            if over == 0 {
-                return;
-            }
-            let mut by_age: Vec<(u64, String)> = recent.iter().map(|(k, t)| (*t, k.clone())).collect();
-            by_age.sort();
-            let out: Vec<String> = by_age.into_iter().take(over).map(|(_, k)| k).collect();
-            for k in &out {
-                recent.remove(k);
-            }
-            out
-        };
+        let evict =
+            self.recent.lock().unwrap_or_else(|p| p.into_inner()).touch(id, tick, self.config.max_loaded_documents);
         for doc_id in evict {
             let entry = self.entry(&doc_id);
             // A document being worked on right now stays; it is evicted on a later pass.
@@ -1594,4 +1612,46 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
 pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped at once, so this future stays `Send`.
     let _ = rx.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Budget, EphemeralBudget, Recent};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn recent_evicts_the_least_recently_used_beyond_the_limit() {
+        let mut r = Recent::default();
+        assert!(r.touch("a", 1, 2).is_empty());
+        assert!(r.touch("b", 2, 2).is_empty());
+        // "a" used again: "b" is now the oldest.
+        assert!(r.touch("a", 3, 2).is_empty());
+        assert_eq!(r.touch("c", 4, 2), ["b"]);
+        r.remove("a");
+        assert!(r.touch("d", 5, 2).is_empty());
+        assert_eq!(r.touch("e", 6, 2), ["c"]);
+        assert_eq!(r.tick_of.len(), 2);
+        assert_eq!(r.by_tick.len(), 2);
+    }
+
+    #[test]
+    fn ephemeral_budget_allows_a_burst_then_the_rate_and_tells_once_a_second() {
+        let start = Instant::now();
+        let mut b = EphemeralBudget::new(start);
+        let granted = (0..100).filter(|_| matches!(b.take(start), Budget::Granted)).count();
+        assert_eq!(granted, 50, "the burst");
+        // Of the refusals at the same instant, only the first tells the sender.
+        let told = (0..10).filter(|_| matches!(b.take(start), Budget::Refused { tell: true })).count();
+        assert_eq!(told, 0, "already told at the first refusal");
+        // Half a second later: ten more.
+        let later = start + Duration::from_millis(500);
+        let granted = (0..10).filter(|_| matches!(b.take(later), Budget::Granted)).count();
+        assert_eq!(granted, 10);
+        assert!(matches!(b.take(later), Budget::Refused { tell: false }), "told less than a second ago");
+        // 1.1 s after the first refusal: twelve more, then the sender is told again.
+        let again = start + Duration::from_millis(1_100);
+        let granted = (0..12).filter(|_| matches!(b.take(again), Budget::Granted)).count();
+        assert_eq!(granted, 12);
+        assert!(matches!(b.take(again), Budget::Refused { tell: true }));
+    }
 }
