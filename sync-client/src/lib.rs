@@ -330,7 +330,13 @@ async fn uploader(
     mut stop: watch::Receiver<bool>,
 ) {
     let Some(dir) = config.blob_dir.clone() else { return };
-    let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(120)).build() else { return };
+    // Idle connections are let go before the relay closes them (it closes a connection that sends
+    // no request for 5 s), so an upload never goes out on a connection that is being closed.
+    let Ok(client) =
+        reqwest::Client::builder().timeout(Duration::from_secs(120)).pool_idle_timeout(Duration::from_secs(3)).build()
+    else {
+        return;
+    };
     loop {
         tokio::select! {
             _ = wake.notified() => {}
