@@ -198,7 +198,7 @@ pub async fn attach(
     let hash = crewdesk::sync::blob_hash(&bytes);
     keep_blob(&app, &hash, &bytes)?;
     let body = MessageBody::Attachment {
-        blob: format!("sha256:{hash}"),
+        blob: crewdesk::sync::blob_reference(&hash),
         file_name,
         mime: mime.clone(),
         size: bytes.len() as u64,
@@ -249,7 +249,7 @@ fn attachment_of(desk: &Desk, id: &ConversationId, blob: &str) -> CommandResult<
         .into_iter()
         .find_map(|m| match m.body {
             MessageBody::Attachment { blob: b, file_name, mime, .. } if b == blob => {
-                Some((b.trim_start_matches("sha256:").to_owned(), file_name, mime))
+                Some((crewdesk::sync::blob_hash_of(&b).to_owned(), file_name, mime))
             }
             _ => None,
         })

@@ -43,7 +43,6 @@ pub(crate) fn thumb_path(dir: &FsPath, hash: &str) -> PathBuf {
     dir.join("thumbs").join(format!("{hash}.png"))
 }
 
-/// Writes `bytes` to `path` durably: temporary file, fsync, rename, fsync of the directory.
 /// A blob's bytes (or its thumbnail's): the file in this relay's `dir`, or, when it was stored
 /// through another relay instance, the shared store's copy (kept in `dir` from then on). `None`
 /// while nobody has uploaded it yet.
@@ -66,6 +65,7 @@ pub(crate) async fn read_blob(store: &Arc<Store>, dir: &FsPath, hash: &str, thum
     Some(bytes)
 }
 
+/// Writes `bytes` to `path` durably: temporary file, fsync, rename, fsync of the directory.
 fn write_durably(path: &FsPath, bytes: &[u8]) -> std::io::Result<()> {
     let parent = path.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
     std::fs::create_dir_all(parent)?;
@@ -120,7 +120,7 @@ pub(crate) async fn store_bytes(
     if bytes.len() > relay.config().max_blob_bytes {
         return Err((StatusCode::PAYLOAD_TOO_LARGE, "the file is larger than this relay accepts".into()));
     }
-    let dir = relay.config().data_dir.join("blobs");
+    let dir = relay.config().blob_dir();
     let (declared, doc_id) = (declared.to_owned(), doc_id.to_owned());
     let expected = expected.map(str::to_owned);
     type Stored = (BlobInfo, Bytes, Option<Vec<u8>>);
@@ -176,7 +176,7 @@ async fn serve(relay: &Arc<Relay>, doc_id: String, hash: String, want_thumbnail:
         true => return not_found(),
         false => info.mime,
     };
-    let dir = relay.config().data_dir.join("blobs");
+    let dir = relay.config().blob_dir();
     let Some(bytes) = read_blob(relay.store(), &dir, &hash, want_thumbnail).await else { return not_found() };
     let mut response = bytes.into_response();
     let headers = response.headers_mut();
@@ -269,7 +269,7 @@ async fn widget_upload(
         at: Timestamp::now(),
         author: Author::Customer,
         body: MessageBody::Attachment {
-            blob: format!("sha256:{}", info.hash),
+            blob: crewdesk::sync::blob_reference(&info.hash),
             file_name,
             mime: info.mime.clone(),
             size: info.size,

@@ -135,6 +135,11 @@ impl Config {
             None => Ok(store::StoreUrl::Sqlite(self.data_dir.clone())),
         }
     }
+
+    /// Where attachment files (and their thumbnails) are kept, by content address.
+    pub fn blob_dir(&self) -> std::path::PathBuf {
+        self.data_dir.join("blobs")
+    }
 }
 
 pub use relay::run;

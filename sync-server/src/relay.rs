@@ -45,7 +45,7 @@ pub async fn run(
     let mail_wake = Arc::new(Notify::new());
     tokio::spawn(crate::mailer::run(
         store.clone(),
-        config.data_dir.join("blobs"),
+        config.blob_dir(),
         config.smtp.clone(),
         config.mail_from.clone(),
         mail_wake.clone(),
@@ -785,7 +785,7 @@ impl Relay {
                 let attachment = match &m.body {
                     crewdesk::domain::MessageBody::Attachment { blob, file_name, mime, size } => {
                         Some(crate::store::EmailAttachment {
-                            hash: blob.trim_start_matches("sha256:").to_owned(),
+                            hash: crewdesk::sync::blob_hash_of(blob).to_owned(),
                             file_name: file_name.clone(),
                             mime: mime.clone(),
                             size: *size,
@@ -997,7 +997,7 @@ impl Relay {
         // Per document: the last position announced and, for a new conversation, its team.
         let mut committed: std::collections::BTreeMap<String, (i64, Option<TeamId>)> = Default::default();
         let mut resync_since: Option<i64> = None;
-        let (started, events) = (std::time::Instant::now(), batch.len());
+        let (started, events) = (Instant::now(), batch.len());
         for event in batch {
             match event {
                 StoreEvent::Committed { doc_id, team, seq, created } => {
@@ -1571,7 +1571,11 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
             }
             Ok(WireMessage::Ephemeral { document_id, count, session_id, data, .. }) => {
                 if data.len() > MAX_EPHEMERAL_BYTES {
-                    session.error(&relay.peer_id, "ephemeral messages are limited to 4 KiB; this one was dropped");
+                    let limit = format!(
+                        "ephemeral messages are limited to {} KiB; this one was dropped",
+                        MAX_EPHEMERAL_BYTES / 1024
+                    );
+                    session.error(&relay.peer_id, limit);
                     continue;
                 }
                 match ephemeral_budget.take(Instant::now()) {
@@ -1580,10 +1584,10 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
                     }
                     Budget::Refused { tell } => {
                         if tell {
-                            session.error(
-                                &relay.peer_id,
-                                "too many ephemeral messages (at most 20 a second); some were dropped",
+                            let rate = format!(
+                                "too many ephemeral messages (at most {EPHEMERAL_PER_SECOND} a second); some were dropped"
                             );
+                            session.error(&relay.peer_id, rate);
                         }
                     }
                 }

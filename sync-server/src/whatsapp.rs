@@ -342,7 +342,12 @@ async fn bodies(relay: &Arc<Relay>, doc_id: &str, m: &Inbound) -> Result<Vec<(&'
         .unwrap_or_else(|| format!("whatsapp-{}.{extension}", m.kind));
     let mut out = vec![(
         "",
-        MessageBody::Attachment { blob: format!("sha256:{}", info.hash), file_name, mime: info.mime, size: info.size },
+        MessageBody::Attachment {
+            blob: crewdesk::sync::blob_reference(&info.hash),
+            file_name,
+            mime: info.mime,
+            size: info.size,
+        },
     )];
     if let Some(caption) = media.caption.as_ref().filter(|c| !c.trim().is_empty()) {
         out.push(("-caption", MessageBody::Text { text: caption.clone() }));
@@ -414,7 +419,7 @@ pub fn outbound_payload(to: &str, body: &MessageBody) -> serde_json::Value {
             "recipient_type": "individual",
             "to": to,
             "type": if mime == "image/jpeg" || mime == "image/png" { "image" } else { "document" },
-            "crewdesk_blob": { "hash": blob.trim_start_matches("sha256:"), "mime": mime, "file_name": file_name },
+            "crewdesk_blob": { "hash": crewdesk::sync::blob_hash_of(blob), "mime": mime, "file_name": file_name },
         }),
         body => serde_json::json!({
             "messaging_product": "whatsapp",
@@ -442,7 +447,7 @@ async fn media_message(
     };
     let field = |k: &str| blob.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
     let (hash, mime, file_name) = (field("hash"), field("mime"), field("file_name"));
-    let dir = relay.config().data_dir.join("blobs");
+    let dir = relay.config().blob_dir();
     // The sender's app uploads the file after the message (perhaps through another relay instance):
     // until it is here, try again later.
     let Some(bytes) = crate::blobs::read_blob(relay.store(), &dir, &hash, false).await else {

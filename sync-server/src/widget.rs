@@ -155,7 +155,7 @@ fn widget_message(m: &Message) -> Option<WidgetMessage> {
     let (text, join_url, attachment) = match &m.body {
         MessageBody::ConferenceInvitation { url } => ("Join the video call".to_owned(), Some(url.clone()), None),
         MessageBody::Attachment { blob, file_name, mime, size } => {
-            let blob = blob.strip_prefix("sha256:").unwrap_or(blob).to_owned();
+            let blob = crewdesk::sync::blob_hash_of(blob).to_owned();
             let a = WidgetAttachment { blob, file_name: file_name.clone(), mime: mime.clone(), size: *size };
             (file_name.clone(), None, Some(a))
         }

@@ -290,7 +290,7 @@ impl Agent {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(&hash), bytes).unwrap();
         let body = MessageBody::Attachment {
-            blob: format!("sha256:{hash}"),
+            blob: crewdesk::sync::blob_reference(&hash),
             file_name: file_name.into(),
             mime: mime.into(),
             size: bytes.len() as u64,

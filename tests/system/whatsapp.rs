@@ -180,7 +180,7 @@ async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
         .iter()
         .find_map(|m| match (&m.author, &m.body) {
             (Author::Customer, MessageBody::Attachment { blob, mime, .. }) if mime == "image/png" => {
-                Some(blob.trim_start_matches("sha256:").to_owned())
+                Some(crewdesk::sync::blob_hash_of(blob).to_owned())
             }
             _ => None,
         })
