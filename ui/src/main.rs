@@ -60,8 +60,9 @@ pub enum Action {
     Loaded(u64, Box<ListView>),
     Open(String),
     Move(i64),
-    /// An answer to the detail request with this number: the conversation or why it failed.
-    Detail(u64, Result<Box<DetailView>, String>),
+    /// An answer to the detail request with this number, for this conversation: the conversation
+    /// or why it could not be read.
+    Detail(u64, String, Result<Box<DetailView>, String>),
     /// Reads the open conversation again (after a failure).
     RetryDetail,
     /// Leaves the open conversation (the back button on narrow screens).
@@ -115,19 +116,21 @@ impl Reducible for Desk {
                     d.cursor = (d.cursor as i64 + delta).clamp(0, n as i64 - 1) as usize;
                 }
             }
-            Action::Detail(seq, _) if seq < d.detail_seq => {}
-            Action::Detail(seq, Ok(v)) => {
+            // Late answers, and answers for a conversation the agent has left, change nothing.
+            Action::Detail(seq, id, _) if seq < d.detail_seq || d.selected.as_deref() != Some(id.as_str()) => {}
+            Action::Detail(seq, _, answer) => {
                 d.detail_seq = seq;
-                if d.selected.as_deref() == Some(v.row.summary.id.0.as_str()) {
-                    d.detail = Some(*v);
-                    d.detail_error = None;
-                    d.detail_failures = 0;
+                match answer {
+                    Ok(v) => {
+                        d.detail = Some(*v);
+                        d.detail_error = None;
+                        d.detail_failures = 0;
+                    }
+                    Err(e) => {
+                        d.detail_error = Some(e);
+                        d.detail_failures += 1;
+                    }
                 }
-            }
-            Action::Detail(seq, Err(e)) => {
-                d.detail_seq = seq;
-                d.detail_error = Some(e);
-                d.detail_failures += 1;
             }
             Action::RetryDetail => d.detail_retry += 1,
             Action::Close => {
@@ -256,7 +259,7 @@ fn app() -> Html {
                 wasm_bindgen_futures::spawn_local(async move {
                     let answer = call::<_, DetailView>("conversation", &IdArgs { id: &id }).await;
                     let failed = answer.is_err();
-                    desk.dispatch(Action::Detail(seq, answer.map(Box::new)));
+                    desk.dispatch(Action::Detail(seq, id, answer.map(Box::new)));
                     if failed && desk.detail_failures < DETAIL_RETRIES {
                         gloo_timers::future::TimeoutFuture::new(DETAIL_RETRY_MS).await;
                         desk.dispatch(Action::RetryDetail);

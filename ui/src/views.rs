@@ -372,16 +372,19 @@ fn row(props: &RowProps) -> Html {
 
 // ---- green block ------------------------------------------------------------------------------
 
+/// Leaves the open conversation (‹ on narrow windows, "Back to the list").
+fn close(desk: &DeskHandle) -> Callback<MouseEvent> {
+    let d = desk.clone();
+    Callback::from(move |_| d.dispatch(Action::Close))
+}
+
 /// The green block when no conversation is on screen: nothing picked, still opening, or the read
 /// failed (with the reason and a way to try again; it is also tried again by itself a few times).
 fn empty_pane(desk: &DeskHandle) -> Html {
     if desk.selected.is_none() {
         return html! { <section class="conversation empty-state"><p class="muted">{ "Pick a conversation. ↑ ↓ to move, Enter to open, R to reply." }</p></section> };
     }
-    let back = {
-        let d = desk.clone();
-        Callback::from(move |_| d.dispatch(Action::Close))
-    };
+    let back = close(desk);
     match desk.detail_error.clone() {
         Some(e) => {
             let retry = {
@@ -417,10 +420,7 @@ pub fn conversation_pane(props: &DeskProps) -> Html {
         let (d, id) = (desk.clone(), id.clone());
         Callback::from(move |_| run_command(&d, cmd, OwnedId { id: id.clone() }))
     };
-    let back = {
-        let d = desk.clone();
-        Callback::from(move |_| d.dispatch(Action::Close))
-    };
+    let back = close(desk);
     let crew_names: Vec<String> = v.crew.iter().map(|c| c.name.clone()).collect();
     let web = s.channel == Channel::WebWidget;
     let last_active = s.presence.last_active.map(|t| format_age(t.0)).unwrap_or_else(|| "—".into());
