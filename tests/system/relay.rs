@@ -87,21 +87,10 @@ async fn access_is_per_team_and_refusals_look_like_missing_documents() {
     // dave is only in Support: the Sales conversation is "unavailable", like one that does not exist.
     let mut dave = RawClient::connect(&relay, Some(&tokens["dave"])).await;
     assert!(matches!(dave.join().await, WireMessage::Peer { .. }));
-    let empty_sync = automerge::sync::Message::decode(&{
-        let mut state = automerge::sync::State::new();
-        automerge::sync::SyncDoc::generate_sync_message(&automerge::Automerge::new(), &mut state).unwrap().encode()
-    })
-    .unwrap()
-    .encode();
     let missing = doc::new_conversation_id(&mut rand::rng());
     for doc_id in [sales_id.0.clone(), missing.0.clone()] {
-        dave.send(&WireMessage::Request {
-            sender_id: "raw".into(),
-            target_id: "relay".into(),
-            document_id: doc_id.clone(),
-            data: empty_sync.clone(),
-        })
-        .await;
+        let empty = automerge::Automerge::new();
+        assert!(sync_with(&mut dave, &doc_id, &empty, &mut automerge::sync::State::new(), true).await);
         match dave.next().await.unwrap() {
             WireMessage::DocUnavailable { document_id, .. } => assert_eq!(document_id, doc_id),
             other => panic!("expected doc-unavailable, got {other:?}"),
@@ -549,14 +538,7 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
     let mut copy = automerge::Automerge::new();
     let mut state = automerge::sync::State::new();
     use automerge::sync::SyncDoc;
-    let m = copy.generate_sync_message(&mut state).unwrap();
-    dave.send(&WireMessage::Request {
-        sender_id: "raw".into(),
-        target_id: "relay".into(),
-        document_id: id.0.clone(),
-        data: m.encode(),
-    })
-    .await;
+    assert!(sync_with(&mut dave, id.as_str(), &copy, &mut state, true).await);
     for _ in 0..10 {
         match dave.next().await {
             Some(WireMessage::Sync { data, .. }) => {
@@ -564,15 +546,7 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
                 if doc::check_schema(&copy).unwrap_or(false) {
                     break;
                 }
-                if let Some(m) = copy.generate_sync_message(&mut state) {
-                    dave.send(&WireMessage::Sync {
-                        sender_id: "raw".into(),
-                        target_id: "relay".into(),
-                        document_id: id.0.clone(),
-                        data: m.encode(),
-                    })
-                    .await;
-                }
+                sync_with(&mut dave, id.as_str(), &copy, &mut state, false).await;
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -640,14 +614,9 @@ async fn a_replica_cannot_record_itself_as_grab_winner() {
         attempt.transact::<_, _, doc::DocError>(forge).unwrap();
         let mut refused = false;
         for _ in 0..10 {
-            let Some(m) = attempt.generate_sync_message(&mut attempt_state) else { break };
-            dave.send(&WireMessage::Sync {
-                sender_id: "raw".into(),
-                target_id: "relay".into(),
-                document_id: id.0.clone(),
-                data: m.encode(),
-            })
-            .await;
+            if !sync_with(&mut dave, id.as_str(), &attempt, &mut attempt_state, false).await {
+                break;
+            }
             match dave.next().await {
                 Some(WireMessage::Error { message, .. }) => {
                     assert!(message.contains(refusal), "{message}");
