@@ -7,6 +7,7 @@ use crewdesk::desk::{
     CrewMember, DetailView, ListView, NotificationView, RowView, SessionView, detail_view, row_view, team_views,
 };
 use crewdesk::domain::access::{self, JoinKind};
+use crewdesk::domain::attachment::BlobHash;
 use crewdesk::domain::filter::Filter;
 use crewdesk::domain::{ConversationId, CustomerEdit, MessageBody, Timestamp};
 use std::sync::Arc;
@@ -195,14 +196,10 @@ pub async fn attach(
     // Only the last path component, without control characters: names are shown, never used as paths.
     let file_name: String =
         file_name.rsplit(['/', '\\']).next().unwrap_or("file").chars().filter(|c| !c.is_control()).take(200).collect();
-    let hash = crewdesk::sync::blob_hash(&bytes);
+    let hash = BlobHash::of(&bytes);
     keep_blob(&app, &hash, &bytes)?;
-    let body = MessageBody::Attachment {
-        blob: crewdesk::sync::blob_reference(&hash),
-        file_name,
-        mime: mime.clone(),
-        size: bytes.len() as u64,
-    };
+    let body =
+        MessageBody::Attachment { blob: hash.reference(), file_name, mime: mime.clone(), size: bytes.len() as u64 };
     act(&app, &state, &id, |r| {
         r.send(&id, body, Timestamp::now())?;
         r.queue_blob_upload(&id, &hash, &mime)
@@ -213,10 +210,10 @@ pub async fn attach(
 }
 
 /// Stores a file in the local blob store under its hash (write to a temporary name, then rename).
-fn keep_blob(app: &AppHandle, hash: &str, bytes: &[u8]) -> CommandResult<std::path::PathBuf> {
+fn keep_blob(app: &AppHandle, hash: &BlobHash, bytes: &[u8]) -> CommandResult<std::path::PathBuf> {
     let dir = desk::data_dir(app)?.join("blobs");
     std::fs::create_dir_all(&dir).map_err(|e| CommandError::Settings(e.to_string()))?;
-    let path = dir.join(hash);
+    let path = dir.join(hash.as_str());
     if !path.exists() {
         let tmp = dir.join(format!(".{hash}.tmp"));
         std::fs::write(&tmp, bytes)
@@ -228,11 +225,8 @@ fn keep_blob(app: &AppHandle, hash: &str, bytes: &[u8]) -> CommandResult<std::pa
 
 /// The attachment's bytes: from the local blob store, else downloaded from the relay (checked
 /// against its hash) and kept.
-async fn blob_bytes(app: &AppHandle, desk: &Desk, id: &ConversationId, hash: &str) -> CommandResult<Vec<u8>> {
-    if !crewdesk::sync::is_blob_hash(hash) {
-        return Err(CommandError::Invalid("not an attachment address".into()));
-    }
-    let local = desk::data_dir(app)?.join("blobs").join(hash);
+async fn blob_bytes(app: &AppHandle, desk: &Desk, id: &ConversationId, hash: &BlobHash) -> CommandResult<Vec<u8>> {
+    let local = desk::data_dir(app)?.join("blobs").join(hash.as_str());
     if let Ok(bytes) = std::fs::read(&local) {
         return Ok(bytes);
     }
@@ -243,15 +237,18 @@ async fn blob_bytes(app: &AppHandle, desk: &Desk, id: &ConversationId, hash: &st
     Ok(bytes)
 }
 
-fn attachment_of(desk: &Desk, id: &ConversationId, blob: &str) -> CommandResult<(String, String, String)> {
+/// The attachment a message of this conversation names: its file (a well-formed content address,
+/// or no attachment at all), name and type.
+fn attachment_of(desk: &Desk, id: &ConversationId, blob: &str) -> CommandResult<(BlobHash, String, String)> {
     let messages = desk.lock().stored_messages(id)?;
     messages
         .into_iter()
-        .find_map(|m| match m.body {
-            MessageBody::Attachment { blob: b, file_name, mime, .. } if b == blob => {
-                Some((crewdesk::sync::blob_hash_of(&b).to_owned(), file_name, mime))
+        .find_map(|m| {
+            let hash = m.body.blob()?;
+            match m.body {
+                MessageBody::Attachment { blob: b, file_name, mime, .. } if b == blob => Some((hash, file_name, mime)),
+                _ => None,
             }
-            _ => None,
         })
         .ok_or_else(|| CommandError::Invalid("no such attachment in this conversation".into()))
 }
@@ -270,7 +267,7 @@ pub async fn attachment_preview(
     if !mime.starts_with("image/") {
         return Err(CommandError::Invalid("only images have a preview".into()));
     }
-    let local = desk::data_dir(&app)?.join("blobs").join(&hash);
+    let local = desk::data_dir(&app)?.join("blobs").join(hash.as_str());
     let (mime, bytes) = match std::fs::read(&local) {
         Ok(bytes) => (mime, bytes),
         Err(_) => {

@@ -3,7 +3,7 @@
 //! neither visible nor joinable for the other representatives.
 
 use super::status::{ConversationSummary, is_closed, whatsapp_window_open, whatsapp_window_open_since};
-use super::{AgentId, DomainError, MessageBody, Role, Team, TeamMode, Timestamp};
+use super::{AgentId, Channel, DomainError, MessageBody, Role, Team, TeamMode, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// What pressing JOIN does for this agent.
@@ -40,10 +40,45 @@ fn member_role(team: &Team, agent: &AgentId) -> Result<Role, DomainError> {
 
 /// May this agent see the conversation at all (list, counts, opening it)?
 pub fn may_see(team: &Team, agent: &AgentId, s: &ConversationSummary) -> bool {
-    match team.role_of(agent) {
-        None => false,
-        Some(Role::Admin) => true,
-        Some(Role::Representative) => team.mode == TeamMode::Open || !is_handled_by_other(s, agent),
+    team.role_of(agent).is_some_and(|role| may_act_on(team.mode, role, s.owner.as_ref(), agent))
+}
+
+// The rules below take only what a single change can be judged by (team mode, role, the grab
+// winner), so the judge of changes (`replica::conversation`) and the desk's actions share them.
+
+/// May this agent see and act on a conversation whose grab winner is `owner`? In grab-mode teams a
+/// conversation handled by one representative is invisible and unjoinable for the others.
+pub fn may_act_on(mode: TeamMode, role: Role, owner: Option<&AgentId>, agent: &AgentId) -> bool {
+    role == Role::Admin || mode == TeamMode::Open || owner.is_none_or(|o| o == agent)
+}
+
+/// May this agent enter the room directly (rather than asking to grab)?
+pub fn may_enter(mode: TeamMode, role: Role, owner: Option<&AgentId>, agent: &AgentId) -> Result<(), DomainError> {
+    match (mode, role, owner) {
+        (TeamMode::Open, _, _) | (TeamMode::Grab, Role::Admin, _) => Ok(()),
+        (TeamMode::Grab, Role::Representative, Some(o)) if o == agent => Ok(()),
+        (TeamMode::Grab, Role::Representative, Some(_)) => Err(DomainError::HandledByAnother),
+        (TeamMode::Grab, Role::Representative, None) => Err(DomainError::GrabRequired),
+    }
+}
+
+/// May this agent ask to grab conversations at all (grab-mode teams, representatives)?
+pub fn may_ask_to_grab(mode: TeamMode, role: Role) -> Result<(), DomainError> {
+    if mode != TeamMode::Grab {
+        return Err(DomainError::NotGrabMode);
+    }
+    if role == Role::Admin {
+        return Err(DomainError::AdminsDoNotGrab);
+    }
+    Ok(())
+}
+
+/// May a member open a conversation on this channel? Agents start email threads; conversations on
+/// the other channels start when the customer writes (or an admin imports them).
+pub fn may_open(_role: Role, channel: Channel) -> Result<(), DomainError> {
+    match channel {
+        Channel::Email => Ok(()),
+        other => Err(DomainError::OpenedByTheCustomer(other.label().to_owned())),
     }
 }
 
@@ -59,15 +94,12 @@ pub fn join_kind(
         return Err(DomainError::AlreadyInRoom);
     }
     // Joining a closed conversation is allowed (to follow up); grabbing one is not.
-    match (team.mode, role) {
-        (TeamMode::Open, _) | (TeamMode::Grab, Role::Admin) => Ok(JoinKind::Join),
-        (TeamMode::Grab, Role::Representative) => match &s.owner {
-            Some(owner) if owner == agent => Ok(JoinKind::Join),
-            Some(_) => Err(DomainError::HandledByAnother),
-            None if s.grab_requests.contains(agent) => Err(DomainError::GrabAlreadyRequested),
-            None if is_closed(s, team, now) => Err(DomainError::Closed),
-            None => Ok(JoinKind::Grab),
-        },
+    match may_enter(team.mode, role, s.owner.as_ref(), agent) {
+        Ok(()) => Ok(JoinKind::Join),
+        Err(DomainError::GrabRequired) if s.grab_requests.contains(agent) => Err(DomainError::GrabAlreadyRequested),
+        Err(DomainError::GrabRequired) if is_closed(s, team, now) => Err(DomainError::Closed),
+        Err(DomainError::GrabRequired) => Ok(JoinKind::Grab),
+        Err(e) => Err(e),
     }
 }
 
@@ -81,13 +113,7 @@ pub fn may_join(team: &Team, agent: &AgentId, s: &ConversationSummary, now: Time
 
 /// May this agent ask to grab the conversation (Notifications, grab-mode teams, representatives)?
 pub fn may_grab(team: &Team, agent: &AgentId, s: &ConversationSummary, now: Timestamp) -> Result<(), DomainError> {
-    let role = member_role(team, agent)?;
-    if team.mode != TeamMode::Grab {
-        return Err(DomainError::NotGrabMode);
-    }
-    if role == Role::Admin {
-        return Err(DomainError::AdminsDoNotGrab);
-    }
+    may_ask_to_grab(team.mode, member_role(team, agent)?)?;
     if is_handled_by_other(s, agent) {
         return Err(DomainError::HandledByAnother);
     }

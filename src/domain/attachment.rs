@@ -2,6 +2,8 @@
 //! the sender declares. Checked where a file is picked (desktop) and again where it is stored
 //! (relay).
 
+use super::DomainError;
+
 /// Largest attachment, in bytes (the relay's default limit; a relay may be configured lower).
 pub const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
 
@@ -54,6 +56,59 @@ pub fn accepted_type(declared: &str, bytes: &[u8]) -> Result<String, String> {
     }
 }
 
+/// A file's content address: SHA-256 of its bytes in lowercase hex (64 digits). Messages name
+/// files as `sha256:<address>` ([`BlobHash::reference`]); a reference is parsed into this type once,
+/// where it enters, and every path to a stored file is built from it only, so no text from a
+/// message or a request ever becomes part of a path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobHash(String);
+
+/// How a message names a file: this prefix, then the content address.
+pub const BLOB_REFERENCE_PREFIX: &str = "sha256:";
+
+impl BlobHash {
+    /// The content address of these bytes.
+    pub fn of(bytes: &[u8]) -> BlobHash {
+        BlobHash(crate::sync::sha256_hex(bytes))
+    }
+
+    /// A content address as written in a URL or a database: exactly 64 lowercase hex digits.
+    pub fn parse(hex: &str) -> Result<BlobHash, DomainError> {
+        let well_formed = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        match well_formed {
+            true => Ok(BlobHash(hex.to_owned())),
+            false => Err(DomainError::InvalidFileReference),
+        }
+    }
+
+    /// A message's file reference: exactly `sha256:` and 64 lowercase hex digits.
+    pub fn from_reference(reference: &str) -> Result<BlobHash, DomainError> {
+        let hex = reference.strip_prefix(BLOB_REFERENCE_PREFIX).ok_or(DomainError::InvalidFileReference)?;
+        BlobHash::parse(hex)
+    }
+
+    /// How a message names this file.
+    pub fn reference(&self) -> String {
+        format!("{BLOB_REFERENCE_PREFIX}{}", self.0)
+    }
+
+    /// The 64 hex digits: safe as a file name and in a URL.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first two digits (the relay spreads files over 256 folders by them).
+    pub fn shard(&self) -> &str {
+        &self.0[..2]
+    }
+}
+
+impl std::fmt::Display for BlobHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +122,30 @@ mod tests {
         assert!(accepted_type("text/html", b"<script>alert(1)</script>").unwrap_err().contains("text/html"));
         assert!(accepted_type("application/octet-stream", b"\x7fELF\x02\x01\x01\0\0\0").is_err());
         assert!(accepted_type("text/plain", b"MZ\x90\0\x03\0").is_err());
+    }
+
+    #[test]
+    fn a_file_reference_is_exactly_sha256_and_64_lowercase_hex_digits() {
+        let h = BlobHash::of(b"hello");
+        assert_eq!(BlobHash::from_reference(&h.reference()), Ok(h.clone()));
+        assert_eq!(BlobHash::parse(h.as_str()), Ok(h.clone()));
+        assert_eq!(h.shard(), &h.as_str()[..2]);
+        for bad in [
+            "sha256:../../../../etc/passwd",
+            "sha256:/proc/self/environ",
+            "sha256:/dev/zero",
+            "sha256:a",
+            "sha256:",
+            "",
+            h.as_str(),
+            &format!("sha256:{}", h.as_str().to_uppercase()),
+            &format!("sha256:{}0", h.as_str()),
+            &format!("sha256:{}", &h.as_str()[..63]),
+            &format!("sha1:{}", h.as_str()),
+            &format!("sha256:{}/", &h.as_str()[..63]),
+            &format!("sha256:{}é", &h.as_str()[..62]),
+        ] {
+            assert_eq!(BlobHash::from_reference(bad), Err(DomainError::InvalidFileReference), "{bad}");
+        }
     }
 }

@@ -406,38 +406,81 @@ impl MessageBody {
         }
     }
 
-    /// Message bodies are checked before they are written: nothing empty, nothing absurdly large.
+    /// Message bodies are checked before they are written, by whoever writes them (replica,
+    /// relay, gateways): nothing empty, nothing absurdly large, files named only by a well-formed
+    /// content address, links only to http(s) addresses.
     pub fn validate(&self) -> Result<(), DomainError> {
+        let too_long = || DomainError::MessageTooLong { max: MAX_MESSAGE_BYTES };
         let text_len = match self {
-            MessageBody::Text { text } | MessageBody::Template { text, .. } => {
+            MessageBody::Text { text } => {
                 if text.trim().is_empty() {
                     return Err(DomainError::EmptyMessage);
                 }
                 text.len()
             }
-            MessageBody::WhatsAppTemplate { template, text, .. } => {
-                if template.trim().is_empty() {
+            MessageBody::Template { template, text } => {
+                if text.trim().is_empty() {
                     return Err(DomainError::EmptyMessage);
+                }
+                if template.len() > MAX_NAME_BYTES {
+                    return Err(too_long());
                 }
                 text.len()
             }
-            MessageBody::Attachment { blob, file_name, .. } => {
-                if blob.is_empty() || file_name.trim().is_empty() {
+            MessageBody::WhatsAppTemplate { template, language, params, text } => {
+                if template.trim().is_empty() {
                     return Err(DomainError::EmptyMessage);
+                }
+                if template.len() > MAX_NAME_BYTES
+                    || language.len() > MAX_NAME_BYTES
+                    || params.len() > MAX_TEMPLATE_PARAMS
+                {
+                    return Err(too_long());
+                }
+                text.len() + params.iter().map(String::len).sum::<usize>()
+            }
+            MessageBody::Attachment { blob, file_name, mime, size: _ } => {
+                attachment::BlobHash::from_reference(blob)?;
+                if file_name.trim().is_empty() {
+                    return Err(DomainError::EmptyMessage);
+                }
+                if file_name.len() > MAX_NAME_BYTES
+                    || file_name.chars().any(|c| c.is_control() || c == '/' || c == '\\')
+                {
+                    return Err(DomainError::InvalidAttachment("the file name".into()));
+                }
+                let mime_ok = mime.len() <= MAX_NAME_BYTES
+                    && mime.split_once('/').is_some_and(|(a, b)| {
+                        let token = |t: &str| {
+                            !t.is_empty() && t.bytes().all(|c| c.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&c))
+                        };
+                        token(a) && token(b)
+                    });
+                if !mime_ok {
+                    return Err(DomainError::InvalidAttachment("the file type".into()));
                 }
                 file_name.len()
             }
             MessageBody::ConferenceInvitation { url } => {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                if !is_web_url(url) {
                     return Err(DomainError::InvalidConferenceUrl);
                 }
                 url.len()
             }
         };
         if text_len > MAX_MESSAGE_BYTES {
-            return Err(DomainError::MessageTooLong { max: MAX_MESSAGE_BYTES });
+            return Err(too_long());
         }
         Ok(())
+    }
+
+    /// The file an attachment names (`None` for other messages, and for a malformed reference,
+    /// which [`MessageBody::validate`] refuses).
+    pub fn blob(&self) -> Option<attachment::BlobHash> {
+        match self {
+            MessageBody::Attachment { blob, .. } => attachment::BlobHash::from_reference(blob).ok(),
+            _ => None,
+        }
     }
 
     /// True for what WhatsApp calls a free-form message (anything but an approved template).
@@ -448,6 +491,20 @@ impl MessageBody {
 
 pub const PREVIEW_CHARS: usize = 120;
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Names in a message (template, language, file name, file type).
+pub const MAX_NAME_BYTES: usize = 255;
+pub const MAX_TEMPLATE_PARAMS: usize = 20;
+
+/// An absolute http(s) address with a host and nothing a browser would read differently (no
+/// spaces, control characters, quotes or angle brackets), at most 2,048 bytes.
+pub fn is_web_url(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")) else { return false };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    url.len() <= 2048
+        && !host.is_empty()
+        && !host.starts_with('@')
+        && !url.chars().any(|c| c.is_control() || c.is_whitespace() || "\"'<>\\`".contains(c))
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -524,8 +581,14 @@ pub enum DomainError {
     MessageTooLong { max: usize },
     #[error("a conference link must be an http(s) URL")]
     InvalidConferenceUrl,
+    #[error("a file must be named by its content address (sha256: and 64 lowercase hex digits)")]
+    InvalidFileReference,
+    #[error("the attachment is malformed: {0}")]
+    InvalidAttachment(String),
     #[error("the template needs {expected} parameters, {given} were given")]
     TemplateParams { expected: usize, given: usize },
+    #[error("conversations on {0} start when the customer writes")]
+    OpenedByTheCustomer(String),
     #[error("invalid customer details: {0}")]
     InvalidCustomer(String),
     #[error("thresholds must satisfy 0 < soon-to-be < overdue < auto-close")]

@@ -63,29 +63,30 @@ pub struct DocHeader {
 /// Creates the document of a new conversation with `actor`.
 pub fn create(actor: ActorId, new: &NewConversation) -> Result<Automerge, DocError> {
     let mut doc = Automerge::new().with_actor(actor);
-    doc.transact::<_, _, AutomergeError>(|tx| {
-        tx.put(ROOT, "schema", SCHEMA_VERSION)?;
-        tx.put(ROOT, "id", new.id.as_str())?;
-        tx.put(ROOT, "team", new.team.as_str())?;
-        tx.put(ROOT, "channel", new.channel.as_str())?;
-        tx.put(ROOT, "created_at", new.created_at.0)?;
-        let customer = tx.put_object(ROOT, "customer", ObjType::Map)?;
-        tx.put(&customer, "id", new.customer.id.as_str())?;
-        tx.put(&customer, "name", new.customer.name.as_str())?;
-        for (key, value) in
-            [("email", &new.customer.email), ("phone", &new.customer.phone), ("notes", &new.customer.notes)]
-        {
-            put_opt_str(tx, &customer, key, value.as_deref())?;
-        }
-        tx.put_object(ROOT, "messages", ObjType::Map)?;
-        tx.put_object(ROOT, "room", ObjType::Map)?;
-        tx.put_object(ROOT, "grab_requests", ObjType::Map)?;
-        tx.put(ROOT, "closed_at", ScalarValue::Null)?;
-        tx.put(ROOT, "owner", ScalarValue::Null)?;
-        Ok(())
-    })
-    .map_err(|f| DocError::from(f.error))?;
+    doc.transact::<_, _, DocError>(|tx| write_new(tx, new)).map_err(|f| f.error)?;
     Ok(doc)
+}
+
+/// Writes a new conversation's layout into an empty document.
+pub fn write_new(tx: &mut Transaction<'_>, new: &NewConversation) -> Result<(), DocError> {
+    tx.put(ROOT, "schema", SCHEMA_VERSION)?;
+    tx.put(ROOT, "id", new.id.as_str())?;
+    tx.put(ROOT, "team", new.team.as_str())?;
+    tx.put(ROOT, "channel", new.channel.as_str())?;
+    tx.put(ROOT, "created_at", new.created_at.0)?;
+    let customer = tx.put_object(ROOT, "customer", ObjType::Map)?;
+    tx.put(&customer, "id", new.customer.id.as_str())?;
+    tx.put(&customer, "name", new.customer.name.as_str())?;
+    for (key, value) in [("email", &new.customer.email), ("phone", &new.customer.phone), ("notes", &new.customer.notes)]
+    {
+        put_opt_str(tx, &customer, key, value.as_deref())?;
+    }
+    tx.put_object(ROOT, "messages", ObjType::Map)?;
+    tx.put_object(ROOT, "room", ObjType::Map)?;
+    tx.put_object(ROOT, "grab_requests", ObjType::Map)?;
+    tx.put(ROOT, "closed_at", ScalarValue::Null)?;
+    tx.put(ROOT, "owner", ScalarValue::Null)?;
+    Ok(())
 }
 
 fn put_opt_str(tx: &mut Transaction<'_>, obj: &ObjId, key: &str, value: Option<&str>) -> Result<(), AutomergeError> {
@@ -95,29 +96,49 @@ fn put_opt_str(tx: &mut Transaction<'_>, obj: &ObjId, key: &str, value: Option<&
     }
 }
 
+/// Where a read looks: the document as it is (`None`) or as it was at some heads.
+pub type At<'a> = Option<&'a [ChangeHash]>;
+
+fn get_at<R: ReadDoc>(
+    doc: &R,
+    obj: &ObjId,
+    key: &str,
+    at: At<'_>,
+) -> Result<Option<(Value<'static>, ObjId)>, DocError> {
+    let found = match at {
+        None => doc.get(obj, key)?,
+        Some(heads) => doc.get_at(obj, key, heads)?,
+    };
+    Ok(found.map(|(v, id)| (v.into_owned(), id)))
+}
+
 fn map_obj<R: ReadDoc>(doc: &R, parent: &ObjId, key: &str) -> Result<ObjId, DocError> {
-    match doc.get(parent, key)? {
+    map_obj_at(doc, parent, key, None)
+}
+
+fn map_obj_at<R: ReadDoc>(doc: &R, parent: &ObjId, key: &str, at: At<'_>) -> Result<ObjId, DocError> {
+    match get_at(doc, parent, key, at)? {
         Some((Value::Object(ObjType::Map), id)) => Ok(id),
         _ => Err(DocError::Malformed(format!("`{key}` is missing or not a map"))),
     }
 }
 
-fn get_scalar<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str) -> Result<Option<ScalarValue>, DocError> {
-    Ok(match doc.get(obj, key)? {
+fn get_scalar<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str, at: At<'_>) -> Result<Option<ScalarValue>, DocError> {
+    Ok(match get_at(doc, obj, key, at)? {
         Some((Value::Scalar(s), _)) => Some(s.into_owned()),
         _ => None,
     })
 }
 
-fn get_str<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str) -> Result<Option<String>, DocError> {
-    Ok(match get_scalar(doc, obj, key)? {
+fn get_str<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str, at: At<'_>) -> Result<Option<String>, DocError> {
+    Ok(match get_scalar(doc, obj, key, at)? {
         Some(ScalarValue::Str(s)) => Some(s.to_string()),
         _ => None,
     })
 }
 
-fn get_int<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str) -> Result<Option<i64>, DocError> {
-    Ok(match get_scalar(doc, obj, key)? {
+fn get_int<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str, at: At<'_>) -> Result<Option<i64>, DocError> {
+    Ok(match get_scalar(doc, obj, key, at)? {
         Some(ScalarValue::Int(i) | ScalarValue::Timestamp(i)) => Some(i),
         Some(ScalarValue::Uint(u)) => i64::try_from(u).ok(),
         Some(ScalarValue::F64(f)) if f.is_finite() => Some(f as i64),
@@ -132,7 +153,12 @@ fn require<T>(value: Option<T>, what: &str) -> Result<T, DocError> {
 /// The document's schema number, if it has one yet (a document still waiting for its first change
 /// has none).
 pub fn schema_of<R: ReadDoc>(doc: &R) -> Result<Option<i64>, DocError> {
-    get_int(doc, &ROOT, "schema")
+    schema_at(doc, None)
+}
+
+/// The schema number as of `at`.
+pub fn schema_at<R: ReadDoc>(doc: &R, at: At<'_>) -> Result<Option<i64>, DocError> {
+    get_int(doc, &ROOT, "schema", at)
 }
 
 /// Refuses documents from a newer Crewdesk. `Ok(false)` means "no content yet".
@@ -145,39 +171,46 @@ pub fn check_schema<R: ReadDoc>(doc: &R) -> Result<bool, DocError> {
 }
 
 pub fn read_header<R: ReadDoc>(doc: &R) -> Result<DocHeader, DocError> {
-    let channel_name = require(get_str(doc, &ROOT, "channel")?, "channel")?;
+    read_header_at(doc, None)
+}
+
+/// The header as of `at` (the state a change was made on, when `at` are its dependencies).
+pub fn read_header_at<R: ReadDoc>(doc: &R, at: At<'_>) -> Result<DocHeader, DocError> {
+    let channel_name = require(get_str(doc, &ROOT, "channel", at)?, "channel")?;
     let channel = Channel::parse(&channel_name)
         .ok_or_else(|| DocError::Malformed(format!("unknown channel `{channel_name}`")))?;
-    let customer_obj = map_obj(doc, &ROOT, "customer")?;
+    let customer_obj = map_obj_at(doc, &ROOT, "customer", at)?;
     let customer = Customer {
-        id: CustomerId(get_str(doc, &customer_obj, "id")?.unwrap_or_default()),
-        name: get_str(doc, &customer_obj, "name")?.unwrap_or_default(),
-        email: get_str(doc, &customer_obj, "email")?,
-        phone: get_str(doc, &customer_obj, "phone")?,
-        notes: get_str(doc, &customer_obj, "notes")?,
+        id: CustomerId(get_str(doc, &customer_obj, "id", at)?.unwrap_or_default()),
+        name: get_str(doc, &customer_obj, "name", at)?.unwrap_or_default(),
+        email: get_str(doc, &customer_obj, "email", at)?,
+        phone: get_str(doc, &customer_obj, "phone", at)?,
+        notes: get_str(doc, &customer_obj, "notes", at)?,
     };
-    let room = map_obj(doc, &ROOT, "room")?;
-    let mut crew_in_room: Vec<AgentId> = doc
-        .map_range(&room, ..)
-        .filter(|item| item.value.clone().into_value().as_bool() == Some(true))
-        .map(|item| AgentId(item.key.to_string()))
-        .collect();
+    let entries = |obj: &ObjId| -> Vec<(String, Value<'static>)> {
+        let range = match at {
+            None => doc.map_range(obj, ..),
+            Some(heads) => doc.map_range_at(obj, .., heads),
+        };
+        range.map(|item| (item.key.to_string(), item.value.into_value().into_owned())).collect()
+    };
+    let room = map_obj_at(doc, &ROOT, "room", at)?;
+    let mut crew_in_room: Vec<AgentId> =
+        entries(&room).into_iter().filter(|(_, v)| v.as_bool() == Some(true)).map(|(k, _)| AgentId(k)).collect();
     crew_in_room.sort();
-    let grabs = map_obj(doc, &ROOT, "grab_requests")?;
-    let mut grab_requests: Vec<(AgentId, Timestamp)> = doc
-        .map_range(&grabs, ..)
-        .map(|item| (AgentId(item.key.to_string()), Timestamp(item.value.clone().into_value().as_i64().unwrap_or(0))))
-        .collect();
+    let grabs = map_obj_at(doc, &ROOT, "grab_requests", at)?;
+    let mut grab_requests: Vec<(AgentId, Timestamp)> =
+        entries(&grabs).into_iter().map(|(k, v)| (AgentId(k), Timestamp(v.as_i64().unwrap_or(0)))).collect();
     grab_requests.sort();
     Ok(DocHeader {
-        id: ConversationId(require(get_str(doc, &ROOT, "id")?, "id")?),
-        team: TeamId(require(get_str(doc, &ROOT, "team")?, "team")?),
+        id: ConversationId(require(get_str(doc, &ROOT, "id", at)?, "id")?),
+        team: TeamId(require(get_str(doc, &ROOT, "team", at)?, "team")?),
         channel,
-        created_at: Timestamp(require(get_int(doc, &ROOT, "created_at")?, "created_at")?),
+        created_at: Timestamp(require(get_int(doc, &ROOT, "created_at", at)?, "created_at")?),
         customer,
         crew_in_room,
-        closed_at: get_int(doc, &ROOT, "closed_at")?.map(Timestamp),
-        owner: get_str(doc, &ROOT, "owner")?.map(AgentId),
+        closed_at: get_int(doc, &ROOT, "closed_at", at)?.map(Timestamp),
+        owner: get_str(doc, &ROOT, "owner", at)?.map(AgentId),
         grab_requests,
     })
 }
@@ -230,11 +263,16 @@ pub fn edit_customer(tx: &mut Transaction<'_>, edit: &CustomerEdit) -> Result<()
 }
 
 pub fn message<R: ReadDoc>(doc: &R, id: &str) -> Result<Option<Message>, DocError> {
-    let messages = map_obj(doc, &ROOT, "messages")?;
-    let Some((Value::Object(ObjType::Map), obj)) = doc.get(&messages, id)? else {
+    message_at(doc, id, None)
+}
+
+/// A message as of `at` (read with the limits of [`read_json`]).
+pub fn message_at<R: ReadDoc>(doc: &R, id: &str, at: At<'_>) -> Result<Option<Message>, DocError> {
+    let messages = map_obj_at(doc, &ROOT, "messages", at)?;
+    let Some((Value::Object(ObjType::Map), obj)) = get_at(doc, &messages, id, at)? else {
         return Ok(None);
     };
-    let json = read_json(doc, &obj)?;
+    let json = read_json(doc, &obj, at)?;
     let message: Message =
         serde_json::from_value(json).map_err(|e| DocError::Malformed(format!("message {id}: {e}")))?;
     if message.id.as_str() != id {
@@ -280,84 +318,6 @@ pub fn messages_added(doc: &Automerge, before: &[ChangeHash], after: &[ChangeHas
         }
     }
     Ok(out)
-}
-
-/// What the changes since `before` did to the messages: the messages they added, and whether they
-/// touched (edited, replaced or deleted) any message that existed at `before`. Sent messages are
-/// history: the relay refuses changes that touch them. Reads only the new changes' operations (and,
-/// for objects older than them, where those objects sit), so the cost follows the size of the
-/// change, not of the conversation.
-pub fn message_changes(doc: &Automerge, before: &[ChangeHash]) -> Result<(Vec<Message>, bool), DocError> {
-    use automerge::legacy::{Key, OpType};
-    use std::collections::{BTreeSet, HashMap, HashSet};
-    if before.is_empty() {
-        return Ok((all_messages(doc)?, false));
-    }
-    let messages = map_obj(doc, &ROOT, "messages")?;
-    let messages_id = messages.to_string();
-    let changes: Vec<automerge::ExpandedChange> = doc.get_changes(before).into_iter().map(|c| c.decode()).collect();
-    let op_id = |c: &automerge::ExpandedChange, i: usize| format!("{}@{}", c.start_op.get() + i as u64, c.actor_id);
-    let new_ops: HashSet<String> =
-        changes.iter().flat_map(|c| (0..c.operations.len()).map(move |i| op_id(c, i))).collect();
-    // The message each object lies in (`None`: outside the messages): objects made by these changes
-    // inherit it from where they were made; older objects are looked up once.
-    let mut owner: HashMap<String, Option<String>> = HashMap::new();
-    let mut added = BTreeSet::new();
-    let mut touched = false;
-    for c in &changes {
-        for (i, op) in c.operations.iter().enumerate() {
-            let obj = op.obj.to_string();
-            let key = match &op.key {
-                Key::Map(k) => Some(k.to_string()),
-                Key::Seq(_) => None,
-            };
-            let overwrites_old = op.pred.iter().any(|p| !new_ops.contains(&p.to_string()));
-            let inside = if obj == "_root" {
-                // The messages map itself replaced or removed.
-                touched |= key.as_deref() == Some("messages");
-                None
-            } else if obj == messages_id {
-                let Some(k) = key else {
-                    touched = true;
-                    continue;
-                };
-                // An older value under this key (overwritten, deleted, or left in conflict) is a
-                // message that existed before.
-                let older = doc.get_all(&messages, k.as_str())?.iter().any(|(_, v)| !new_ops.contains(&v.to_string()));
-                if overwrites_old || older {
-                    touched = true;
-                } else if !matches!(op.action, OpType::Delete) {
-                    added.insert(k.clone());
-                }
-                Some(k)
-            } else {
-                match owner.get(&obj) {
-                    Some(o) => o.clone(),
-                    None => {
-                        // Made before these changes: inside a message means inside a sent message.
-                        let id = doc.import_obj(&obj)?;
-                        let o = doc.parents(&id)?.find(|p| p.obj == messages).and_then(|p| match p.prop {
-                            automerge::Prop::Map(key) => Some(key),
-                            automerge::Prop::Seq(_) => None,
-                        });
-                        touched |= o.is_some();
-                        owner.insert(obj, o.clone());
-                        o
-                    }
-                }
-            };
-            if matches!(op.action, OpType::Make(_)) {
-                owner.insert(op_id(c, i), inside);
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(added.len());
-    for id in added {
-        if let Some(m) = message(doc, &id)? {
-            out.push(m);
-        }
-    }
-    Ok((out, touched))
 }
 
 /// Splits automerge's binary format (a document save and/or change chunks, as `save`,
@@ -466,40 +426,113 @@ fn put_json(tx: &mut Transaction<'_>, obj: &ObjId, key: &str, value: &Json) -> R
     Ok(())
 }
 
-fn read_json<R: ReadDoc>(doc: &R, obj: &ObjId) -> Result<Json, DocError> {
-    let kind = doc.object_type(obj)?;
-    let entries: Vec<(Option<String>, Value<'_>, ObjId)> = match kind {
-        ObjType::Map | ObjType::Table => doc
-            .map_range(obj, ..)
-            .map(|item| {
-                let id = item.id();
-                (Some(item.key.to_string()), item.value.into_value(), id)
-            })
-            .collect(),
-        ObjType::List => doc
-            .list_range(obj, ..)
-            .map(|item| {
-                let id = item.id();
-                (None, item.value.into_value(), id)
-            })
-            .collect(),
-        ObjType::Text => return Ok(Json::String(doc.text(obj)?)),
-    };
-    let mut map = serde_json::Map::new();
-    let mut list = Vec::new();
-    for (key, value, id) in entries {
-        let json = match value {
-            Value::Object(_) => read_json(doc, &id)?,
-            Value::Scalar(s) => scalar_json(&s),
-        };
-        match key {
-            Some(k) => {
-                map.insert(k, json);
+/// How deep a message's fields may nest (a message is three levels deep: message, body, params).
+pub const MAX_JSON_DEPTH: usize = 6;
+/// How many fields and list items one message may hold in all.
+pub const MAX_JSON_NODES: usize = 1_024;
+/// How many bytes of text one message may hold in all.
+pub const MAX_JSON_TEXT_BYTES: usize = 256 * 1024;
+
+/// Reads an object of plain maps, lists, text and scalars as JSON, without recursion and within
+/// [`MAX_JSON_DEPTH`], [`MAX_JSON_NODES`] and [`MAX_JSON_TEXT_BYTES`]: documents come from clients,
+/// so anything beyond those limits is refused as malformed instead of read.
+pub fn read_json<R: ReadDoc>(doc: &R, obj: &ObjId, at: At<'_>) -> Result<Json, DocError> {
+    struct Node {
+        kind: Option<ObjType>,
+        scalar: Json,
+        key: Option<String>,
+        children: Vec<usize>,
+    }
+    let malformed = |what: &str| DocError::Malformed(format!("a message {what}"));
+    let mut nodes =
+        vec![Node { kind: Some(doc.object_type(obj)?), scalar: Json::Null, key: None, children: Vec::new() }];
+    // Objects still to read: (node, object, depth). Children are read after their parent, so
+    // building the values from the last node to the first finds every child already built.
+    let mut pending = vec![(0_usize, obj.clone(), 1_usize)];
+    let mut text_bytes = 0_usize;
+    while let Some((index, id, depth)) = pending.pop() {
+        let kind = nodes[index].kind.unwrap_or(ObjType::Map);
+        let entries: Vec<(Option<String>, Value<'_>, ObjId)> = match kind {
+            ObjType::Map | ObjType::Table => {
+                let range = match at {
+                    None => doc.map_range(&id, ..),
+                    Some(heads) => doc.map_range_at(&id, .., heads),
+                };
+                range
+                    .take(MAX_JSON_NODES + 1)
+                    .map(|item| {
+                        let child = item.id();
+                        (Some(item.key.to_string()), item.value.into_value(), child)
+                    })
+                    .collect()
             }
-            None => list.push(json),
+            ObjType::List => {
+                let range = match at {
+                    None => doc.list_range(&id, ..),
+                    Some(heads) => doc.list_range_at(&id, .., heads),
+                };
+                range
+                    .take(MAX_JSON_NODES + 1)
+                    .map(|item| {
+                        let child = item.id();
+                        (None, item.value.into_value(), child)
+                    })
+                    .collect()
+            }
+            ObjType::Text => {
+                let text = match at {
+                    None => doc.text(&id)?,
+                    Some(heads) => doc.text_at(&id, heads)?,
+                };
+                text_bytes += text.len();
+                nodes[index].scalar = Json::String(text);
+                Vec::new()
+            }
+        };
+        for (key, value, child) in entries {
+            if nodes.len() >= MAX_JSON_NODES {
+                return Err(malformed(&format!("holds more than {MAX_JSON_NODES} fields")));
+            }
+            text_bytes += key.as_ref().map_or(0, String::len);
+            let next = nodes.len();
+            match value {
+                Value::Object(kind) => {
+                    if depth >= MAX_JSON_DEPTH {
+                        return Err(malformed(&format!("nests deeper than {MAX_JSON_DEPTH} levels")));
+                    }
+                    nodes.push(Node { kind: Some(kind), scalar: Json::Null, key, children: Vec::new() });
+                    pending.push((next, child, depth + 1));
+                }
+                Value::Scalar(s) => {
+                    let scalar = scalar_json(&s);
+                    if let Json::String(t) = &scalar {
+                        text_bytes += t.len();
+                    }
+                    nodes.push(Node { kind: None, scalar, key, children: Vec::new() });
+                }
+            }
+            nodes[index].children.push(next);
+        }
+        if text_bytes > MAX_JSON_TEXT_BYTES {
+            return Err(malformed(&format!("holds more than {MAX_JSON_TEXT_BYTES} bytes of text")));
         }
     }
-    Ok(if kind == ObjType::List { Json::Array(list) } else { Json::Object(map) })
+    let mut built: Vec<Json> = vec![Json::Null; nodes.len()];
+    for index in (0..nodes.len()).rev() {
+        let children = std::mem::take(&mut nodes[index].children);
+        let value = match nodes[index].kind {
+            None | Some(ObjType::Text) => std::mem::take(&mut nodes[index].scalar),
+            Some(ObjType::List) => Json::Array(children.iter().map(|c| std::mem::take(&mut built[*c])).collect()),
+            Some(ObjType::Map | ObjType::Table) => Json::Object(
+                children
+                    .iter()
+                    .map(|c| (nodes[*c].key.take().unwrap_or_default(), std::mem::take(&mut built[*c])))
+                    .collect(),
+            ),
+        };
+        built[index] = value;
+    }
+    Ok(built.into_iter().next().unwrap_or_default())
 }
 
 fn scalar_json(s: &ScalarValue) -> Json {

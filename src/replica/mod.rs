@@ -2,11 +2,13 @@
 //! of conversation summaries and materialized messages kept in the same transaction as every local
 //! or merged change. Listing and opening conversations never load automerge documents.
 
+pub mod conversation;
 pub mod doc;
 pub mod sqlite;
 mod store;
 
 use crate::domain::access::{self, GrabState, JoinKind};
+use crate::domain::attachment::BlobHash;
 use crate::domain::filter::{self, Filter, Listing};
 use crate::domain::status::{self, ConversationSummary, Status};
 use crate::domain::{
@@ -46,6 +48,8 @@ pub enum ReplicaError {
     UnknownTeam { conversation: ConversationId, team: TeamId },
     #[error("team {0} has no template named {1}")]
     UnknownTemplate(TeamId, String),
+    #[error("the relay would refuse this change: {0}")]
+    Refused(#[from] conversation::Refusal),
 }
 
 /// A search lists at most this many conversations (the list shows fewer; refine the words).
@@ -405,7 +409,7 @@ impl Replica {
         self.visible(id)?;
         let message = Message { id: doc::new_message_id(&mut self.rng), at, author: Author::Customer, body };
         let id_out = message.id.clone();
-        self.local_change(id, std::slice::from_ref(&message), |tx| doc::add_message(tx, &message))?;
+        self.write_change(id, std::slice::from_ref(&message), false, |tx| doc::add_message(tx, &message))?;
         Ok(id_out)
     }
 
@@ -423,13 +427,60 @@ impl Replica {
     where
         F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), DocError>,
     {
+        self.write_change(id, messages, true, edit)
+    }
+
+    /// Makes one change; `judged`: an agent's action, which the judge of changes must accept
+    /// exactly as the relay will (`false` only for what gateways do on the relay: customer
+    /// messages in demo data and tests). A refused change is never stored.
+    fn write_change<F>(
+        &mut self,
+        id: &ConversationId,
+        messages: &[Message],
+        judged: bool,
+        edit: F,
+    ) -> Result<(), ReplicaError>
+    where
+        F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), DocError>,
+    {
+        let author = match judged {
+            true => Some(self.change_author(id)?),
+            false => None,
+        };
         let mut d = self.take_doc(id)?.ok_or_else(|| ReplicaError::UnknownConversation(id.clone()))?;
         let before = d.get_heads();
+        let header_before = doc::read_header(&d).ok();
         d.transact(edit).map_err(|f| f.error)?;
+        if let (Some(author), Some(change)) = (author, d.get_last_local_change()) {
+            let after = doc::read_header(&d).ok();
+            let verdict = conversation::summarize(&d, &change).and_then(|summary| {
+                conversation::judge(
+                    id.as_str(),
+                    header_before.as_ref(),
+                    after.as_ref(),
+                    &summary,
+                    &author,
+                    Timestamp::now(),
+                )
+            });
+            // The refused change is only in this copy of the document, which is dropped.
+            verdict?;
+        }
         let chunk = d.save_after(&before);
         self.persist(id, &d, &chunk, messages, true)?;
         self.cache.put(id.clone(), d);
         Ok(())
+    }
+
+    /// This agent as the judge of changes sees them in a conversation's team.
+    fn change_author(&self, id: &ConversationId) -> Result<conversation::ChangeAuthor, ReplicaError> {
+        let summary = self.index.get(id).ok_or_else(|| ReplicaError::UnknownConversation(id.clone()))?;
+        let team = self
+            .teams
+            .get(&summary.team)
+            .ok_or_else(|| ReplicaError::UnknownTeam { conversation: id.clone(), team: summary.team.clone() })?;
+        let role = team.role_of(&self.agent).ok_or(DomainError::NotAMember)?;
+        Ok(conversation::ChangeAuthor { agent: self.agent.clone(), team: team.id.clone(), role, mode: team.mode })
     }
 
     // ---- sync ----------------------------------------------------------------------------------
@@ -467,25 +518,27 @@ impl Replica {
     }
 
     /// Remembers that an attachment picked here must reach the relay's blob store.
-    pub fn queue_blob_upload(&mut self, id: &ConversationId, hash: &str, mime: &str) -> Result<(), ReplicaError> {
+    pub fn queue_blob_upload(&mut self, id: &ConversationId, hash: &BlobHash, mime: &str) -> Result<(), ReplicaError> {
         self.conn.execute(
             "INSERT OR IGNORE INTO blob_uploads (doc_id, hash, mime, queued_at) VALUES (?1, ?2, ?3, ?4)",
-            rusqlite::params![id.as_str(), hash, mime, Timestamp::now().0],
+            rusqlite::params![id.as_str(), hash.as_str(), mime, Timestamp::now().0],
         )?;
         Ok(())
     }
 
-    /// Attachments waiting for upload, oldest first: (conversation, sha256 hex, type).
-    pub fn pending_blob_uploads(&self) -> Result<Vec<(ConversationId, String, String)>, ReplicaError> {
+    /// Attachments waiting for upload, oldest first: (conversation, file, type). A row that
+    /// names no well-formed file (a damaged database) is skipped.
+    pub fn pending_blob_uploads(&self) -> Result<Vec<(ConversationId, BlobHash, String)>, ReplicaError> {
         let mut stmt =
             self.conn.prepare_cached("SELECT doc_id, hash, mime FROM blob_uploads ORDER BY queued_at, doc_id, hash")?;
-        let rows = stmt.query_map([], |r| Ok((ConversationId(r.get(0)?), r.get(1)?, r.get(2)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let rows = stmt.query_map([], |r| Ok((ConversationId(r.get(0)?), r.get::<_, String>(1)?, r.get(2)?)))?;
+        let rows: Vec<(ConversationId, String, String)> = rows.collect::<Result<_, _>>()?;
+        Ok(rows.into_iter().filter_map(|(id, hash, mime)| Some((id, BlobHash::parse(&hash).ok()?, mime))).collect())
     }
 
     /// The relay has the attachment (or refused it for good): stop trying.
-    pub fn blob_upload_done(&mut self, id: &ConversationId, hash: &str) -> Result<(), ReplicaError> {
-        self.conn.execute("DELETE FROM blob_uploads WHERE doc_id = ?1 AND hash = ?2", [id.as_str(), hash])?;
+    pub fn blob_upload_done(&mut self, id: &ConversationId, hash: &BlobHash) -> Result<(), ReplicaError> {
+        self.conn.execute("DELETE FROM blob_uploads WHERE doc_id = ?1 AND hash = ?2", [id.as_str(), hash.as_str()])?;
         Ok(())
     }
 

@@ -72,6 +72,84 @@ pub enum WireError {
     NotAMap,
     #[error("message field `{0}` is missing or has the wrong type")]
     Field(&'static str),
+    #[error("message field `{0}` is longer than {1} bytes")]
+    TooLong(&'static str, usize),
+    #[error("frame is not a protocol message: {0}")]
+    Shape(&'static str),
+}
+
+/// Longest peer, document or session id a message may carry (automerge-repo's are 20 to 60 bytes).
+pub const MAX_ID_BYTES: usize = 256;
+/// Longest `type` and error text.
+pub const MAX_TEXT_BYTES: usize = 4 * 1024;
+/// A protocol message is a map of a dozen fields; nothing needs more CBOR items or nesting.
+const MAX_CBOR_ITEMS: usize = 256;
+const MAX_CBOR_DEPTH: usize = 8;
+
+/// Walks a frame's CBOR structure without building anything, iteratively: at most
+/// [`MAX_CBOR_ITEMS`] items nested at most [`MAX_CBOR_DEPTH`] deep, every length within the frame.
+/// Run before the frame is decoded, so a small frame can never expand into a large value (CBOR
+/// arrays of one-byte items would take ~50 times their size once decoded) nor nest without limit.
+fn scan_cbor(frame: &[u8]) -> Result<(), WireError> {
+    let shape = WireError::Shape;
+    // Items still expected at each open level (`None`: indefinite length, ends with a break).
+    let mut open: Vec<Option<u64>> = vec![Some(1)];
+    let (mut pos, mut items) = (0_usize, 0_usize);
+    while let Some(top) = open.last_mut() {
+        if *top == Some(0) {
+            open.pop();
+            continue;
+        }
+        let initial = *frame.get(pos).ok_or(shape("truncated"))?;
+        pos += 1;
+        if initial == 0xff {
+            if top.is_some() {
+                return Err(shape("unexpected break"));
+            }
+            open.pop();
+            continue;
+        }
+        if let Some(n) = top {
+            *n -= 1;
+        }
+        items += 1;
+        if items > MAX_CBOR_ITEMS {
+            return Err(shape("too many items"));
+        }
+        let (major, info) = (initial >> 5, initial & 0x1f);
+        let argument = match info {
+            0..=23 => Some(u64::from(info)),
+            24..=27 => {
+                let width = 1_usize << (info - 24);
+                let bytes = frame.get(pos..pos + width).ok_or(shape("truncated"))?;
+                pos += width;
+                Some(bytes.iter().fold(0_u64, |acc, b| (acc << 8) | u64::from(*b)))
+            }
+            31 if matches!(major, 4 | 5) => None,
+            _ => return Err(shape("unsupported encoding")),
+        };
+        match (major, argument) {
+            (0 | 1 | 7, _) => {}
+            (2 | 3, Some(len)) => {
+                let end = usize::try_from(len).ok().and_then(|l| pos.checked_add(l)).filter(|e| *e <= frame.len());
+                pos = end.ok_or(shape("a string is longer than the frame"))?;
+            }
+            (4, count) => open.push(count),
+            (5, count) => open.push(count.map(|c| c.saturating_mul(2))),
+            (6, _) => open.push(Some(1)),
+            _ => return Err(shape("unsupported encoding")),
+        }
+        if open.len() > MAX_CBOR_DEPTH {
+            return Err(shape("nested too deep"));
+        }
+        // A declared count larger than the bytes left cannot be honest (each item takes a byte).
+        if let Some(Some(n)) = open.last()
+            && *n > (frame.len() - pos) as u64
+        {
+            return Err(shape("more items declared than the frame holds"));
+        }
+    }
+    Ok(())
 }
 
 fn text(s: &str) -> Value {
@@ -149,6 +227,7 @@ impl WireMessage {
         if frame.len() > MAX_FRAME_BYTES {
             return Err(WireError::TooLarge(frame.len()));
         }
+        scan_cbor(frame)?;
         let value: Value = ciborium::from_reader(frame).map_err(|e| WireError::Cbor(e.to_string()))?;
         let Value::Map(entries) = value else { return Err(WireError::NotAMap) };
         let get = |key: &str| {
@@ -159,7 +238,13 @@ impl WireMessage {
                 .filter(|v| !v.is_null())
         };
         let string = |key: &'static str| match get(key) {
-            Some(Value::Text(t)) => Ok(t.clone()),
+            Some(Value::Text(t)) => {
+                let max = if key.ends_with("Id") { MAX_ID_BYTES } else { MAX_TEXT_BYTES };
+                if t.len() > max {
+                    return Err(WireError::TooLong(key, max));
+                }
+                Ok(t.clone())
+            }
             _ => Err(WireError::Field(key)),
         };
         let bytes = |key: &'static str| match get(key) {
@@ -280,10 +365,41 @@ mod tests {
 
     #[test]
     fn hostile_frames_are_errors() {
-        assert!(matches!(WireMessage::decode(&[0xff, 0x00]), Err(WireError::Cbor(_))));
+        assert!(matches!(WireMessage::decode(&[0xff, 0x00]), Err(WireError::Shape(_))));
         assert!(matches!(WireMessage::decode(&[0x01]), Err(WireError::NotAMap)));
         assert!(matches!(WireMessage::decode(&vec![0; MAX_FRAME_BYTES + 1]), Err(WireError::TooLarge(_))));
         let no_data = WireMessage::Other { kind: "sync".into() }.encode();
         assert_eq!(WireMessage::decode(&no_data), Err(WireError::Field("senderId")));
+    }
+
+    #[test]
+    fn frames_that_would_expand_or_nest_are_refused_before_decoding() {
+        // 3,000 nested arrays; an array declaring 2^60 items; 100,000 one-byte items.
+        let deep = [vec![0x81_u8; 3_000], vec![0x00]].concat();
+        assert!(matches!(WireMessage::decode(&deep), Err(WireError::Shape(_))));
+        let huge = [0x9b, 0x10, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(WireMessage::decode(&huge), Err(WireError::Shape(_))));
+        let wide = [vec![0x9a, 0, 1, 0x86, 0xa0], vec![0_u8; 100_000]].concat();
+        assert!(matches!(WireMessage::decode(&wide), Err(WireError::Shape(_))));
+        let string = [vec![0x7b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], vec![b'a'; 10]].concat();
+        assert!(matches!(WireMessage::decode(&string), Err(WireError::Shape(_))));
+        // Every prefix of a real message is an error, never a panic.
+        let m =
+            WireMessage::Sync { sender_id: "a".into(), target_id: "b".into(), document_id: "d".into(), data: vec![1] };
+        let bytes = m.encode();
+        for n in 0..bytes.len() {
+            assert!(WireMessage::decode(&bytes[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn ids_are_bounded() {
+        let m = WireMessage::Sync {
+            sender_id: "x".repeat(MAX_ID_BYTES + 1),
+            target_id: "b".into(),
+            document_id: "d".into(),
+            data: vec![1],
+        };
+        assert_eq!(WireMessage::decode(&m.encode()), Err(WireError::TooLong("senderId", MAX_ID_BYTES)));
     }
 }

@@ -350,7 +350,7 @@ async fn uploader(
         let Ok(pending) = lock(&replica).pending_blob_uploads() else { continue };
         for (doc, hash, mime) in pending {
             let mut error = None;
-            let done = match tokio::fs::read(dir.join(&hash)).await {
+            let done = match tokio::fs::read(dir.join(hash.as_str())).await {
                 Err(e) => {
                     error = Some(format!("an attachment cannot be uploaded: its local file is gone ({e})"));
                     true
@@ -408,7 +408,7 @@ async fn uploader(
 pub async fn download_blob(
     config: &ClientConfig,
     doc: &ConversationId,
-    hash: &str,
+    hash: &crewdesk::domain::attachment::BlobHash,
     thumbnail: bool,
 ) -> Result<Vec<u8>, ClientError> {
     let mut url = format!("{}/api/conversations/{}/blobs/{hash}", config.relay_url, doc.as_str());
@@ -427,7 +427,7 @@ pub async fn download_blob(
     }
     let bytes = r.error_for_status().map_err(|e| ClientError::Protocol(e.to_string()))?.bytes().await;
     let bytes = bytes.map_err(|e| ClientError::Unreachable(e.to_string()))?.to_vec();
-    if !thumbnail && crewdesk::sync::blob_hash(&bytes) != hash {
+    if !thumbnail && crewdesk::domain::attachment::BlobHash::of(&bytes) != *hash {
         return Err(ClientError::Protocol("the downloaded attachment does not match its hash".into()));
     }
     Ok(bytes)

@@ -13,6 +13,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use crewdesk::domain::attachment::BlobHash;
 use crewdesk::domain::{Author, Message, MessageBody, Timestamp};
 use crewdesk::replica::doc;
 use std::io::Write;
@@ -35,18 +36,28 @@ fn not_found() -> Response {
     bad(StatusCode::NOT_FOUND, "no such file in this conversation")
 }
 
-pub(crate) fn blob_path(dir: &FsPath, hash: &str) -> PathBuf {
-    dir.join(&hash[..2]).join(hash)
+/// Where a file lives: built from a [`BlobHash`] only, never from text a client sent.
+pub(crate) fn blob_path(dir: &FsPath, hash: &BlobHash) -> PathBuf {
+    dir.join(hash.shard()).join(hash.as_str())
 }
 
-pub(crate) fn thumb_path(dir: &FsPath, hash: &str) -> PathBuf {
+pub(crate) fn thumb_path(dir: &FsPath, hash: &BlobHash) -> PathBuf {
     dir.join("thumbs").join(format!("{hash}.png"))
 }
 
-/// A blob's bytes (or its thumbnail's): the file in this relay's `dir`, or, when it was stored
-/// through another relay instance, the shared store's copy (kept in `dir` from then on). `None`
-/// while nobody has uploaded it yet.
-pub(crate) async fn read_blob(store: &Arc<Store>, dir: &FsPath, hash: &str, thumbnail: bool) -> Option<Vec<u8>> {
+/// A blob's bytes (or its thumbnail's), when it was sent in conversation `doc_id`: the file in
+/// this relay's `dir`, or, when it was stored through another relay instance, the shared store's
+/// copy (kept in `dir` from then on). `None` while nobody has uploaded it into that conversation,
+/// so a message can never reach a file of another conversation or team by naming its hash.
+pub(crate) async fn read_blob(
+    store: &Arc<Store>,
+    dir: &FsPath,
+    doc_id: &str,
+    hash: &BlobHash,
+    thumbnail: bool,
+) -> Option<Vec<u8>> {
+    let (s, h, d) = (store.clone(), hash.as_str().to_owned(), doc_id.to_owned());
+    tokio::task::spawn_blocking(move || s.blob_in(&h, &d)).await.ok()?.ok()??;
     let path = match thumbnail {
         true => thumb_path(dir, hash),
         false => blob_path(dir, hash),
@@ -54,7 +65,7 @@ pub(crate) async fn read_blob(store: &Arc<Store>, dir: &FsPath, hash: &str, thum
     if let Ok(bytes) = tokio::fs::read(&path).await {
         return Some(bytes);
     }
-    let (s, h) = (store.clone(), hash.to_owned());
+    let (s, h) = (store.clone(), hash.as_str().to_owned());
     let bytes = tokio::task::spawn_blocking(move || s.blob_bytes(&h, thumbnail)).await.ok()?.ok()??;
     let copy = bytes.clone();
     tokio::task::spawn_blocking(move || {
@@ -100,9 +111,12 @@ async fn store_upload(
     doc_id: &str,
     declared: &str,
     bytes: Bytes,
-    expected: Option<&str>,
+    expected: Option<&BlobHash>,
 ) -> Result<BlobInfo, Response> {
-    store_bytes(relay, doc_id, declared, bytes, expected).await.map_err(|(status, e)| bad(status, e))
+    store_bytes(relay, doc_id, declared, bytes, expected)
+        .await
+        .map(|(_, info)| info)
+        .map_err(|(status, e)| bad(status, e))
 }
 
 /// Checks a file (hash, type from its content, size), stores it durably with its thumbnail and
@@ -112,8 +126,8 @@ pub(crate) async fn store_bytes(
     doc_id: &str,
     declared: &str,
     bytes: Bytes,
-    expected: Option<&str>,
-) -> Result<BlobInfo, (StatusCode, String)> {
+    expected: Option<&BlobHash>,
+) -> Result<(BlobHash, BlobInfo), (StatusCode, String)> {
     if bytes.is_empty() {
         return Err((StatusCode::BAD_REQUEST, "the file is empty".into()));
     }
@@ -122,10 +136,10 @@ pub(crate) async fn store_bytes(
     }
     let dir = relay.config().blob_dir();
     let (declared, doc_id) = (declared.to_owned(), doc_id.to_owned());
-    let expected = expected.map(str::to_owned);
-    type Stored = (BlobInfo, Bytes, Option<Vec<u8>>);
+    let expected = expected.cloned();
+    type Stored = (BlobHash, BlobInfo, Bytes, Option<Vec<u8>>);
     let stored = tokio::task::spawn_blocking(move || -> Result<Stored, (StatusCode, String)> {
-        let hash = crewdesk::sync::blob_hash(&bytes);
+        let hash = BlobHash::of(&bytes);
         if expected.as_ref().is_some_and(|e| *e != hash) {
             return Err((StatusCode::BAD_REQUEST, "the content does not match the hash in the address".into()));
         }
@@ -144,17 +158,19 @@ pub(crate) async fn store_bytes(
         if let Some(t) = &thumb {
             write_durably(&thumb_path(&dir, &hash), t).map_err(io)?;
         }
-        Ok((BlobInfo { hash, size: bytes.len() as u64, mime, thumbnail: thumb.is_some() }, bytes, thumb))
+        let info =
+            BlobInfo { hash: hash.as_str().to_owned(), size: bytes.len() as u64, mime, thumbnail: thumb.is_some() };
+        Ok((hash, info, bytes, thumb))
     })
     .await
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let (stored, bytes, thumb) = stored;
+    let (hash, stored, bytes, thumb) = stored;
     let info = stored.clone();
     relay
         .blocking(move |s| s.put_blob(&info, &doc_id, &bytes, thumb.as_deref()))
         .await
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be recorded: {e}")))?;
-    Ok(stored)
+    Ok((hash, stored))
 }
 
 #[derive(serde::Deserialize)]
@@ -166,18 +182,16 @@ struct DownloadQuery {
 
 /// Serves a blob sent in `doc_id` (or its thumbnail) as a download, never as a page.
 async fn serve(relay: &Arc<Relay>, doc_id: String, hash: String, want_thumbnail: bool) -> Response {
-    if !crewdesk::sync::is_blob_hash(&hash) {
-        return not_found();
-    }
-    let h = hash.clone();
-    let Ok(Some(info)) = relay.blocking(move |s| s.blob_in(&h, &doc_id)).await else { return not_found() };
+    let Ok(hash) = BlobHash::parse(&hash) else { return not_found() };
+    let (h, d) = (hash.as_str().to_owned(), doc_id.clone());
+    let Ok(Some(info)) = relay.blocking(move |s| s.blob_in(&h, &d)).await else { return not_found() };
     let mime = match want_thumbnail {
         true if info.thumbnail => "image/png".to_owned(),
         true => return not_found(),
         false => info.mime,
     };
     let dir = relay.config().blob_dir();
-    let Some(bytes) = read_blob(relay.store(), &dir, &hash, want_thumbnail).await else { return not_found() };
+    let Some(bytes) = read_blob(relay.store(), &dir, &doc_id, &hash, want_thumbnail).await else { return not_found() };
     let mut response = bytes.into_response();
     let headers = response.headers_mut();
     let content_type = HeaderValue::from_str(&mime).unwrap_or(HeaderValue::from_static("application/octet-stream"));
@@ -212,9 +226,9 @@ async fn agent_upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !crewdesk::sync::is_blob_hash(&hash) {
+    let Ok(hash) = BlobHash::parse(&hash) else {
         return bad(StatusCode::BAD_REQUEST, "the address must end with the file's sha256 in lowercase hex");
-    }
+    };
     if agent_conversation(&relay, &headers, q.token, &doc_id).await.is_none() {
         return bad(StatusCode::NOT_FOUND, "no such conversation");
     }
@@ -260,20 +274,15 @@ async fn widget_upload(
     let file_name: String =
         name.rsplit(['/', '\\']).next().unwrap_or("").chars().filter(|c| !c.is_control()).take(200).collect();
     let file_name = if file_name.trim().is_empty() { "file".to_owned() } else { file_name };
-    let info = match store_upload(&relay, &doc_id, declared, body, None).await {
-        Ok(info) => info,
-        Err(r) => return r,
+    let (hash, info) = match store_bytes(&relay, &doc_id, declared, body, None).await {
+        Ok(stored) => stored,
+        Err((status, e)) => return bad(status, e),
     };
     let message = Message {
         id: doc::new_message_id(&mut rand::rng()),
         at: Timestamp::now(),
         author: Author::Customer,
-        body: MessageBody::Attachment {
-            blob: crewdesk::sync::blob_reference(&info.hash),
-            file_name,
-            mime: info.mime.clone(),
-            size: info.size,
-        },
+        body: MessageBody::Attachment { blob: hash.reference(), file_name, mime: info.mime.clone(), size: info.size },
     };
     match relay.change_as_relay(&doc_id, |tx| doc::add_message(tx, &message)).await {
         Ok(()) => (StatusCode::CREATED, axum::Json(info)).into_response(),

@@ -23,7 +23,7 @@ pub const BATCH_WINDOW_MS: i64 = 2_000;
 const MAX_ATTACHED_BYTES: usize = 10 * 1024 * 1024;
 
 /// How long an email waits for its file to be uploaded before it goes without it.
-const ATTACHMENT_WAIT_MS: i64 = 10 * 60 * 1_000;
+pub(crate) const ATTACHMENT_WAIT_MS: i64 = 10 * 60 * 1_000;
 
 /// A file read for an email, or why it is not attached.
 enum Attached {
@@ -106,15 +106,15 @@ async fn attachments(
     let mut total = 0;
     for e in batch {
         let Some(a) = &e.attachment else { continue };
-        if !crewdesk::sync::is_blob_hash(&a.hash) {
+        let Ok(hash) = crewdesk::domain::attachment::BlobHash::parse(&a.hash) else {
             files.push(Attached::Named(format!("{} could not be attached.", a.file_name)));
             continue;
-        }
+        };
         if total + a.size as usize > MAX_ATTACHED_BYTES {
             files.push(Attached::Named(format!("{} is too large for email; open the chat to get it.", a.file_name)));
             continue;
         }
-        match crate::blobs::read_blob(store, blobs, &a.hash, false).await {
+        match crate::blobs::read_blob(store, blobs, &e.doc_id, &hash, false).await {
             Some(bytes) => {
                 total += bytes.len();
                 files.push(Attached::File { name: a.file_name.clone(), mime: a.mime.clone(), bytes });

@@ -5,16 +5,19 @@
 use crate::Config;
 use crate::store::{Agent, Store, StoreError};
 use automerge::sync::{self, SyncDoc};
-use automerge::{ActorId, Automerge};
+use automerge::{ActorId, Automerge, ReadDoc};
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use crewdesk::domain::Timestamp;
 use crewdesk::domain::access::decide_grab;
 use crewdesk::domain::{AgentId, TeamId, TeamMode};
+use crewdesk::replica::conversation::{self, ChangeAuthor, Verdict};
 use crewdesk::replica::doc;
+use crewdesk::sync::bounded::{self, SyncLimits};
 use crewdesk::sync::document_id;
 use crewdesk::sync::wire::{PeerMetadata, WireMessage};
 use futures_util::{SinkExt, StreamExt};
@@ -63,6 +66,7 @@ pub async fn run(
         geoip,
         widget_starts: crate::limits::Limiter::new(config.widget_starts_per_ip, std::time::Duration::from_secs(600)),
         widget_uploads: crate::limits::Limiter::new(20, std::time::Duration::from_secs(600)),
+        team_modes: Mutex::default(),
         commits,
         shared: store.backend() == "postgres",
         store,
@@ -187,6 +191,8 @@ pub struct Relay {
     widget_starts: crate::limits::Limiter<std::net::IpAddr>,
     /// Files sent by widget customers per conversation (10 minutes).
     widget_uploads: crate::limits::Limiter<String>,
+    /// Each team's mode (open or grab) and when it was read, for the judge of changes.
+    team_modes: Mutex<HashMap<TeamId, (TeamMode, Instant)>>,
 }
 
 /// A chunk waiting for the group commit, and who to tell when it is on disk.
@@ -482,7 +488,9 @@ impl Relay {
         Ok(())
     }
 
-    /// A `request` or `sync` from a connection.
+    /// A `request` or `sync` from a connection. Every sync message is checked against the limits
+    /// of [`SyncLimits::CLIENT`] before automerge parses it, and every change it carries is judged
+    /// on its own by the core's judge (`crewdesk::replica::conversation`) before it is stored.
     async fn handle_sync(self: &Arc<Self>, session: &Session, doc_id: String, data: Vec<u8>, is_request: bool) {
         let unavailable = || WireMessage::DocUnavailable {
             sender_id: self.peer_id.clone(),
@@ -493,13 +501,11 @@ impl Relay {
             session.send(unavailable());
             return;
         }
-        let mut message = match sync::Message::decode(&data) {
-            Ok(m) => m,
+        let (message, changes) = match parse_client_sync(&data) {
+            Ok(parsed) => parsed,
             Err(e) => {
-                session.error(
-                    &self.peer_id,
-                    format!("document {doc_id}: the sync message is malformed ({e}); it was ignored"),
-                );
+                info!(%doc_id, agent = %session.agent.id, %e, "sync message refused");
+                session.error(&self.peer_id, format!("document {doc_id}: {e}; the sync message was ignored"));
                 return;
             }
         };
@@ -513,173 +519,137 @@ impl Relay {
                 return;
             }
             let e = &mut *guard;
-            match &mut e.stored {
-                Some(stored) => {
-                    if session.agent.role_in(&stored.team).is_none() {
-                        // Exactly like a missing document: no existence leak.
-                        session.send(unavailable());
-                        return;
-                    }
-                    if !e.peers.contains_key(&session.conn) {
-                        // A new follower of this conversation hears the customer's presence at once.
-                        if let Some(p) = self.presence_of(&doc_id) {
-                            session.send(self.presence_message(&doc_id, &session.peer_id, &p));
-                        }
-                    }
-                    let (_, state) =
-                        e.peers.entry(session.conn).or_insert_with(|| (session.clone(), sync::State::new()));
-                    let before = stored.doc.get_heads();
-                    let header_before = stored.header().ok();
-                    if let Err(err) = stored.doc.receive_sync_message(state, message) {
-                        *state = sync::State::new();
-                        session.error(
-                            &self.peer_id,
-                            format!("document {doc_id}: the sync message could not be applied ({err})"),
-                        );
-                        return;
-                    }
-                    let changed = stored.doc.get_heads() != before;
-                    let checked = match changed {
-                        true => {
-                            self.check_client_change(&doc_id, stored, &before, header_before.as_ref(), &session.agent)
-                        }
-                        false => Ok(Vec::new()),
-                    };
-                    let added = match checked {
-                        Ok(added) => added,
-                        Err(reason) => {
-                            // Refused: drop the in-memory change; the connection starts over.
-                            e.loaded = false;
-                            e.stored = None;
-                            e.peers.remove(&session.conn);
-                            if self.shared && !retried {
-                                // The change may build on what another instance committed and this one
-                                // has not read yet (an agent who moved between instances): judge it
-                                // once more against the document as stored now.
-                                retried = true;
-                                if let Ok(m) = sync::Message::decode(&data) {
-                                    message = m;
-                                    continue;
-                                }
-                            }
-                            session.error(&self.peer_id, reason);
-                            return;
-                        }
-                    };
-                    if changed {
-                        // Committed without holding the document: other messages for it (other
-                        // agents' changes joining the same group commit, acknowledgements) go on
-                        // meanwhile, and nothing is advertised until every commit has returned.
-                        let (team, chunk) = (stored.team.clone(), stored.doc.save_after(&before));
-                        e.uncommitted += 1;
-                        let wait = self.enqueue_commit(&doc_id, &team, chunk).await;
-                        drop(guard);
-                        let result = match wait {
-                            Ok(wait) => wait.await.unwrap_or_else(|_| Err("the relay is shutting down".to_owned())),
-                            Err(e) => Err(e),
-                        };
-                        self.client_change_committed(session, &entry, &doc_id, result, added).await;
-                        return;
-                    }
-                    if e.uncommitted > 0 {
-                        // The answer waits for the commits in progress (the fan-out includes it).
-                        self.schedule_fanout(&entry, e, &doc_id);
-                    } else if let Some((peer, state)) = e.peers.get_mut(&session.conn) {
-                        // Nothing new: only the sender may need an answer, and usually not even that
-                        // (an acknowledgement of heads we both have).
-                        let heads = stored.doc.get_heads();
-                        let settled = state.have_responded
-                            && state.last_sent_heads == heads
-                            && state.their_heads.as_ref() == Some(&heads)
-                            && state.their_need.as_ref().is_none_or(Vec::is_empty);
-                        if settled {
-                            return;
-                        }
-                        if let Some(m) = stored.doc.generate_sync_message(state) {
-                            peer.send(WireMessage::Sync {
-                                sender_id: self.peer_id.clone(),
-                                target_id: peer.peer_id.clone(),
-                                document_id: doc_id.clone(),
-                                data: m.encode(),
-                            });
-                        }
-                    }
+            let Some(stored) = &mut e.stored else {
+                self.handle_pending(session, &doc_id, message, changes, is_request, e).await;
+                return;
+            };
+            let Some(role) = session.agent.role_in(&stored.team) else {
+                // Exactly like a missing document: no existence leak.
+                session.send(unavailable());
+                return;
+            };
+            if !e.peers.contains_key(&session.conn) {
+                // A new follower of this conversation hears the customer's presence at once.
+                if let Some(p) = self.presence_of(&doc_id) {
+                    session.send(self.presence_message(&doc_id, &session.peer_id, &p));
                 }
-                None => self.handle_pending(session, &doc_id, message, is_request, e).await,
+            }
+            let before = stored.doc.get_heads();
+            let verdict = match changes.is_empty() {
+                true => Verdict::default(),
+                false => {
+                    let Some(mode) = self.team_mode(&stored.team).await else {
+                        session.error(&self.peer_id, "the relay could not read this conversation; try again later");
+                        return;
+                    };
+                    let author =
+                        ChangeAuthor { agent: session.agent.id.clone(), team: stored.team.clone(), role, mode };
+                    conversation::apply_judged(&mut stored.doc, &doc_id, changes.clone(), &author, Timestamp::now())
+                }
+            };
+            if verdict.damaged {
+                e.loaded = false;
+                e.stored = None;
+                e.peers.remove(&session.conn);
+                session.error(&self.peer_id, "the relay could not apply your changes; they will be sent again");
+                return;
+            }
+            if self.shared && !retried && !verdict.missing.is_empty() {
+                // The changes may build on what another instance committed and this one has not
+                // read yet (an agent who moved between instances): read the document as stored now
+                // and judge them once more.
+                retried = true;
+                if stored.doc.get_heads() == before {
+                    e.loaded = false;
+                    e.stored = None;
+                    continue;
+                }
+            }
+            let (_, state) = e.peers.entry(session.conn).or_insert_with(|| (session.clone(), sync::State::new()));
+            // The changes were applied above; automerge only takes the rest of the message.
+            if let Err(err) = receive_rest(&mut stored.doc, state, message, !verdict.accepted.is_empty()) {
+                *state = sync::State::new();
+                session
+                    .error(&self.peer_id, format!("document {doc_id}: the sync message could not be applied ({err})"));
+                return;
+            }
+            if let Some(their) = state.their_heads.as_mut() {
+                // Refused changes are not asked for again; missing dependencies are.
+                let dropped: HashSet<automerge::ChangeHash> = changes
+                    .iter()
+                    .map(automerge::Change::hash)
+                    .filter(|h| stored.doc.get_change_by_hash(h).is_none())
+                    .collect();
+                their.retain(|h| !dropped.contains(h));
+                their.extend(verdict.missing.iter().copied());
+            }
+            if let Some((hash, refusal)) = &verdict.refused {
+                info!(%doc_id, agent = %session.agent.id, change = %hash, %refusal, "change refused");
+                session.error(&self.peer_id, format!("document {doc_id}: {refusal}; refused"));
+                // The exchange with this connection starts over from what the relay holds.
+                e.peers.remove(&session.conn);
+            }
+            let changed = stored.doc.get_heads() != before;
+            if changed {
+                // Committed without holding the document: other messages for it (other agents'
+                // changes joining the same group commit, acknowledgements) go on meanwhile, and
+                // nothing is advertised until every commit has returned.
+                let (team, chunk) = (stored.team.clone(), stored.doc.save_after(&before));
+                e.uncommitted += 1;
+                let wait = self.enqueue_commit(&doc_id, &team, chunk).await;
+                drop(guard);
+                let result = match wait {
+                    Ok(wait) => wait.await.unwrap_or_else(|_| Err("the relay is shutting down".to_owned())),
+                    Err(e) => Err(e),
+                };
+                self.client_change_committed(session, &entry, &doc_id, result, verdict.added).await;
+                return;
+            }
+            if e.uncommitted > 0 {
+                // The answer waits for the commits in progress (the fan-out includes it).
+                self.schedule_fanout(&entry, e, &doc_id);
+            } else if let Some((peer, state)) = e.peers.get_mut(&session.conn) {
+                // Nothing new: only the sender may need an answer, and usually not even that
+                // (an acknowledgement of heads we both have).
+                let heads = stored.doc.get_heads();
+                let settled = state.have_responded
+                    && state.last_sent_heads == heads
+                    && state.their_heads.as_ref() == Some(&heads)
+                    && state.their_need.as_ref().is_none_or(Vec::is_empty);
+                if settled {
+                    return;
+                }
+                if let Some(m) = stored.doc.generate_sync_message(state) {
+                    peer.send(WireMessage::Sync {
+                        sender_id: self.peer_id.clone(),
+                        target_id: peer.peer_id.clone(),
+                        document_id: doc_id.clone(),
+                        data: outgoing(m),
+                    });
+                }
             }
             return;
         }
     }
 
-    /// Checks what a client changed against the relay's rules; returns the messages it added.
-    fn check_client_change(
-        &self,
-        doc_id: &str,
-        stored: &mut StoredDoc,
-        before: &[automerge::ChangeHash],
-        header_before: Option<&doc::DocHeader>,
-        who: &Agent,
-    ) -> Result<Vec<crewdesk::domain::Message>, String> {
-        let agent = &who.id;
-        match doc::check_schema(&stored.doc) {
-            Ok(true) => {}
-            Ok(false) => return Err(format!("document {doc_id}: the change removed the conversation; refused")),
-            Err(e) => return Err(format!("document {doc_id}: {e}; refused")),
-        }
-        let header = stored.header().map_err(|e| format!("document {doc_id}: {e}; refused"))?;
-        if header.id.as_str() != doc_id || header.team != stored.team {
-            return Err(format!("document {doc_id}: a conversation cannot change its id or team; refused"));
-        }
-        if header.owner.as_ref() != header_before.and_then(|h| h.owner.as_ref()) {
-            return Err(format!("document {doc_id}: only the relay records who won a grab; refused"));
-        }
-        // An agent joins, leaves and asks to grab only for themselves.
-        let room_before: HashSet<&AgentId> = header_before.map(|h| h.crew_in_room.iter().collect()).unwrap_or_default();
-        let room_after: HashSet<&AgentId> = header.crew_in_room.iter().collect();
-        if room_before.symmetric_difference(&room_after).any(|a| *a != agent) {
-            return Err(format!("document {doc_id}: agents join and leave only for themselves; refused"));
-        }
-        let grabs_before: HashSet<&(AgentId, crewdesk::domain::Timestamp)> =
-            header_before.map(|h| h.grab_requests.iter().collect()).unwrap_or_default();
-        if header.grab_requests.iter().filter(|g| !grabs_before.contains(g)).any(|(a, _)| a != agent) {
-            return Err(format!("document {doc_id}: agents ask to grab only for themselves; refused"));
-        }
-        // Sent messages are history, and an agent writes only in their own name.
-        let (added, touched) =
-            doc::message_changes(&stored.doc, before).map_err(|e| format!("document {doc_id}: {e}; refused"))?;
-        if touched {
-            return Err(format!("document {doc_id}: sent messages cannot be changed or deleted; refused"));
-        }
-        for m in &added {
-            match &m.author {
-                crewdesk::domain::Author::Crew { agent: a } if a == agent => {}
-                crewdesk::domain::Author::Customer => {
-                    return Err(format!(
-                        "document {doc_id}: customer messages come only from the customer's channel or an admin's import; refused"
-                    ));
-                }
-                _ => return Err(format!("document {doc_id}: agents send messages only in their own name; refused")),
+    /// How a team works (open or grab mode), read from storage at most every few seconds.
+    async fn team_mode(&self, team: &TeamId) -> Option<TeamMode> {
+        const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
+        {
+            let modes = self.team_modes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((mode, at)) = modes.get(team)
+                && at.elapsed() < FRESH
+            {
+                return Some(*mode);
             }
         }
-        // The room rules of the core, for what they say about changes: messages come from agents in
-        // the room (joined in the same change, or leaving in it, counts), closing and editing the
-        // customer's details from them or from admins of the team.
-        let in_room = room_before.contains(agent) || room_after.contains(agent);
-        let admin = who.role_in(&stored.team) == Some(crewdesk::domain::Role::Admin);
-        if !added.is_empty() && !in_room {
-            return Err(format!(
-                "document {doc_id}: agents send messages only in conversations they have joined; refused"
-            ));
+        let teams = self.blocking(|s| s.teams()).await.ok()?;
+        let now = Instant::now();
+        let mut modes = self.team_modes.lock().unwrap_or_else(|p| p.into_inner());
+        for t in &teams {
+            modes.insert(t.id.clone(), (t.mode, now));
         }
-        if header.closed_at != header_before.and_then(|h| h.closed_at) && !(in_room || admin) {
-            return Err(format!("document {doc_id}: only agents in the conversation, or admins, close it; refused"));
-        }
-        if header_before.is_some_and(|h| h.customer != header.customer) && !(in_room || admin) {
-            return Err(format!(
-                "document {doc_id}: only agents in the conversation, or admins, edit the customer's details; refused"
-            ));
-        }
-        Ok(added)
+        teams.into_iter().find(|t| t.id == *team).map(|t| t.mode)
     }
 
     /// After a client change's commit returned: on failure the in-memory document is dropped (it
@@ -782,10 +752,10 @@ impl Relay {
                 let agent_name =
                     team.and_then(|t| t.member(agent)).map_or_else(|| agent.to_string(), |m| m.name.clone());
                 let text = m.body.text_content();
-                let attachment = match &m.body {
-                    crewdesk::domain::MessageBody::Attachment { blob, file_name, mime, size } => {
+                let attachment = match (&m.body, m.body.blob()) {
+                    (crewdesk::domain::MessageBody::Attachment { file_name, mime, size, .. }, Some(hash)) => {
                         Some(crate::store::EmailAttachment {
-                            hash: crewdesk::sync::blob_hash_of(blob).to_owned(),
+                            hash: hash.as_str().to_owned(),
                             file_name: file_name.clone(),
                             mime: mime.clone(),
                             size: *size,
@@ -873,11 +843,15 @@ impl Relay {
         Ok(())
     }
 
+    /// A document the relay does not have: a conversation a client is creating. Nothing is stored
+    /// (nor visible to anyone) until its first changes arrive and the judge accepts every one of
+    /// them as the creation of a conversation of a team the agent belongs to.
     async fn handle_pending(
         &self,
         session: &Session,
         doc_id: &str,
         message: sync::Message,
+        changes: Vec<automerge::Change>,
         is_request: bool,
         e: &mut DocEntry,
     ) {
@@ -896,7 +870,37 @@ impl Relay {
                 v.insert((Automerge::new(), sync::State::new(), slot))
             }
         };
-        if pdoc.receive_sync_message(pstate, message).is_err() {
+        if !changes.is_empty() {
+            // The judge needs to know whose conversation this claims to be: read its team from a
+            // throwaway copy (small, and already checked against the limits), then judge each change.
+            let mut probe = pdoc.clone();
+            let team = match probe.apply_changes(changes.clone()).ok().and_then(|()| doc::read_header(&probe).ok()) {
+                Some(h) => h.team,
+                None => TeamId::default(),
+            };
+            let role = session.agent.role_in(&team);
+            let mode = match role {
+                Some(_) => self.team_mode(&team).await,
+                None => None,
+            };
+            let (Some(role), Some(mode)) = (role, mode) else {
+                // Not a conversation of the agent's teams (or none at all): as for a missing document.
+                e.pending.remove(&session.conn);
+                session.send(unavailable);
+                return;
+            };
+            let author = ChangeAuthor { agent: session.agent.id.clone(), team, role, mode };
+            let verdict = conversation::apply_judged(pdoc, doc_id, changes, &author, Timestamp::now());
+            if let Some((hash, refusal)) = verdict.refused {
+                info!(%doc_id, agent = %session.agent.id, change = %hash, %refusal, "new conversation refused");
+                e.pending.remove(&session.conn);
+                session.error(&self.peer_id, format!("document {doc_id}: {refusal}; refused"));
+                session.send(unavailable);
+                return;
+            }
+        }
+        let applied = !pdoc.get_heads().is_empty();
+        if receive_rest(pdoc, pstate, message, applied).is_err() {
             e.pending.remove(&session.conn);
             session.send(unavailable);
             return;
@@ -919,15 +923,15 @@ impl Relay {
                     sender_id: self.peer_id.clone(),
                     target_id: session.peer_id.clone(),
                     document_id: doc_id.to_owned(),
-                    data: m.encode(),
+                    data: outgoing(m),
                 });
             }
             return;
         }
         let Some((pdoc, pstate, _)) = e.pending.remove(&session.conn) else { return };
         let header = match doc::read_header(&pdoc) {
-            Ok(h) if h.id.as_str() == doc_id && h.owner.is_none() && session.agent.role_in(&h.team).is_some() => h,
-            _ => {
+            Ok(h) => h,
+            Err(_) => {
                 session.send(unavailable);
                 return;
             }
@@ -1364,10 +1368,52 @@ fn advertise(relay_peer: &str, doc_id: &str, doc: &mut Automerge, peers: &mut Ha
                 sender_id: relay_peer.to_owned(),
                 target_id: session.peer_id.clone(),
                 document_id: doc_id.to_owned(),
-                data: m.encode(),
+                data: outgoing(m),
             });
         }
     }
+}
+
+/// Lets automerge take a sync message whose changes were already applied (judged, by
+/// [`conversation::apply_judged`]): heads, needs and bloom filters. `applied`: some of its changes
+/// were new here. Automerge would then take the message's heads for heads it has already sent
+/// (they equal the document's now), and never tell the sender that its changes arrived.
+fn receive_rest(
+    doc: &mut Automerge,
+    state: &mut sync::State,
+    mut message: sync::Message,
+    applied: bool,
+) -> Result<(), automerge::AutomergeError> {
+    message.changes = sync::ChunkList::empty();
+    let last_sent = state.last_sent_heads.clone();
+    doc.receive_sync_message(state, message)?;
+    if applied {
+        state.last_sent_heads = last_sent;
+    }
+    Ok(())
+}
+
+/// Encodes a sync message for a client without advertising the "V2" format: clients then send
+/// changes, never whole documents (which the relay refuses: their compressed columns cannot be
+/// bounded before automerge reads them).
+fn outgoing(mut m: sync::Message) -> Vec<u8> {
+    m.flags = None;
+    m.encode()
+}
+
+/// A client's sync message, checked against [`SyncLimits::CLIENT`] before automerge parses it,
+/// and the changes it carries (decompressed within the limits and verified).
+fn parse_client_sync(data: &[u8]) -> Result<(sync::Message, Vec<automerge::Change>), String> {
+    let checked = bounded::check_sync_message(data, &SyncLimits::CLIENT)
+        .map_err(|e| format!("the sync message is malformed or over a limit ({e})"))?;
+    let message = sync::Message::decode(data).map_err(|e| format!("the sync message is malformed ({e})"))?;
+    let changes = checked
+        .changes
+        .iter()
+        .map(|c| automerge::Change::try_from(c.as_slice()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("a change is malformed ({e})"))?;
+    Ok((message, changes))
 }
 
 async fn health(State(relay): State<Arc<Relay>>) -> impl IntoResponse {

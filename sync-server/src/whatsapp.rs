@@ -20,6 +20,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use crewdesk::domain::access::may_deliver_on_whatsapp;
+use crewdesk::domain::attachment::BlobHash;
 use crewdesk::domain::{Author, Channel, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp};
 use crewdesk::replica::doc::{self, NewConversation};
 use hmac::{Hmac, KeyInit, Mac};
@@ -323,8 +324,8 @@ async fn bodies(relay: &Arc<Relay>, doc_id: &str, m: &Inbound) -> Result<Vec<(&'
         return Ok(note(&m.kind));
     }
     let mime = media.mime_type.clone().unwrap_or(mime);
-    let info = match crate::blobs::store_bytes(relay, doc_id, &mime, bytes.into(), None).await {
-        Ok(info) => info,
+    let (hash, info) = match crate::blobs::store_bytes(relay, doc_id, &mime, bytes.into(), None).await {
+        Ok(stored) => stored,
         // Not a kind of file the relay keeps (audio, video, ...): say so instead.
         Err((axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE | axum::http::StatusCode::PAYLOAD_TOO_LARGE, _)) => {
             return Ok(note(&m.kind));
@@ -340,15 +341,8 @@ async fn bodies(relay: &Arc<Relay>, doc_id: &str, m: &Inbound) -> Result<Vec<(&'
         })
         .filter(|n| !n.trim().is_empty())
         .unwrap_or_else(|| format!("whatsapp-{}.{extension}", m.kind));
-    let mut out = vec![(
-        "",
-        MessageBody::Attachment {
-            blob: crewdesk::sync::blob_reference(&info.hash),
-            file_name,
-            mime: info.mime,
-            size: info.size,
-        },
-    )];
+    let mut out =
+        vec![("", MessageBody::Attachment { blob: hash.reference(), file_name, mime: info.mime, size: info.size })];
     if let Some(caption) = media.caption.as_ref().filter(|c| !c.trim().is_empty()) {
         out.push(("-caption", MessageBody::Text { text: caption.clone() }));
     }
@@ -419,7 +413,7 @@ pub fn outbound_payload(to: &str, body: &MessageBody) -> serde_json::Value {
             "recipient_type": "individual",
             "to": to,
             "type": if mime == "image/jpeg" || mime == "image/png" { "image" } else { "document" },
-            "crewdesk_blob": { "hash": crewdesk::sync::blob_hash_of(blob), "mime": mime, "file_name": file_name },
+            "crewdesk_blob": { "reference": blob, "mime": mime, "file_name": file_name },
         }),
         body => serde_json::json!({
             "messaging_product": "whatsapp",
@@ -437,8 +431,9 @@ async fn media_message(
     relay: &Relay,
     client: &reqwest::Client,
     config: &WhatsAppConfig,
-    payload: &str,
+    row: &crate::store::QueuedWhatsApp,
 ) -> Result<String, WhatsAppOutcome> {
+    let payload = row.payload.as_str();
     let Ok(mut message) = serde_json::from_str::<serde_json::Value>(payload) else {
         return Err(WhatsAppOutcome::Failed { reason: "the queued message is damaged".into() });
     };
@@ -446,11 +441,22 @@ async fn media_message(
         return Ok(payload.to_owned());
     };
     let field = |k: &str| blob.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-    let (hash, mime, file_name) = (field("hash"), field("mime"), field("file_name"));
+    let (mime, file_name) = (field("mime"), field("file_name"));
+    // Rows queued before file references were kept whole carry the bare hash.
+    let hash = match field("reference") {
+        r if !r.is_empty() => BlobHash::from_reference(&r),
+        _ => BlobHash::parse(&field("hash")),
+    };
+    let Ok(hash) = hash else {
+        return Err(WhatsAppOutcome::Failed { reason: "the message names no valid file".into() });
+    };
     let dir = relay.config().blob_dir();
     // The sender's app uploads the file after the message (perhaps through another relay instance):
-    // until it is here, try again later.
-    let Some(bytes) = crate::blobs::read_blob(relay.store(), &dir, &hash, false).await else {
+    // until it is here, try again later; a file never uploaded into this conversation is not sent.
+    let Some(bytes) = crate::blobs::read_blob(relay.store(), &dir, &row.doc_id, &hash, false).await else {
+        if Timestamp::now().0 - row.created_at > crate::mailer::ATTACHMENT_WAIT_MS {
+            return Err(WhatsAppOutcome::Failed { reason: format!("{file_name} was never uploaded") });
+        }
         return Err(WhatsAppOutcome::Retry);
     };
     let part = reqwest::multipart::Part::bytes(bytes).file_name(file_name.clone()).mime_str(&mime);
@@ -516,7 +522,7 @@ pub async fn run(relay: Arc<Relay>, config: WhatsAppConfig, wake: Arc<Notify>, m
         for row in due {
             let outcome = match &row.refused {
                 Some(reason) => WhatsAppOutcome::Failed { reason: reason.clone() },
-                None => match media_message(&relay, &client, &config, &row.payload).await {
+                None => match media_message(&relay, &client, &config, &row).await {
                     Ok(payload) => send(&client, &url, &config.access_token, &payload).await,
                     Err(outcome) => outcome,
                 },

@@ -154,8 +154,8 @@ fn widget_message(m: &Message) -> Option<WidgetMessage> {
     };
     let (text, join_url, attachment) = match &m.body {
         MessageBody::ConferenceInvitation { url } => ("Join the video call".to_owned(), Some(url.clone()), None),
-        MessageBody::Attachment { blob, file_name, mime, size } => {
-            let blob = crewdesk::sync::blob_hash_of(blob).to_owned();
+        MessageBody::Attachment { file_name, mime, size, .. } => {
+            let blob = m.body.blob()?.as_str().to_owned();
             let a = WidgetAttachment { blob, file_name: file_name.clone(), mime: mime.clone(), size: *size };
             (file_name.clone(), None, Some(a))
         }

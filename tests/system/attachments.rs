@@ -5,7 +5,7 @@
 
 use crewdesk::domain::{Author, ConversationId, MessageBody, Timestamp};
 use std::time::Duration;
-use system_tests::{Agent, TestRelay, eventually, png};
+use system_tests::{Agent, BlobHash, TestRelay, eventually, png};
 
 /// Starts a web-widget conversation in `team`; returns (session, conversation).
 async fn widget_conversation(relay: &TestRelay, team: &str, name: &str) -> (String, ConversationId) {
@@ -109,17 +109,17 @@ async fn attachments_upload_after_reconnect_and_download_only_where_allowed() {
     // Refused uploads say why, and nothing is stored.
     let token = &tokens["bob"];
     let pdf = b"%PDF-1.7 invoice".to_vec();
-    let pdf_hash = crewdesk::sync::blob_hash(&pdf);
+    let pdf_hash = BlobHash::of(&pdf).to_string();
     let (status, answer) = put(&relay, token, &id, &pdf_hash, "image/png", pdf.clone()).await;
     assert_eq!(status, 415, "{answer}");
     assert!(answer.contains("not image/png"), "{answer}");
     let html = b"<html><script>alert(1)</script></html>".to_vec();
-    let (status, answer) = put(&relay, token, &id, &crewdesk::sync::blob_hash(&html), "text/html", html).await;
+    let (status, answer) = put(&relay, token, &id, BlobHash::of(&html).as_str(), "text/html", html).await;
     assert_eq!(status, 415, "{answer}");
-    let (status, answer) = put(&relay, token, &id, &hash, "application/pdf", pdf.clone()).await;
+    let (status, answer) = put(&relay, token, &id, hash.as_str(), "application/pdf", pdf.clone()).await;
     assert_eq!(status, 400, "content that does not match its address: {answer}");
     let big = "a line of a long log file\n".repeat(12_000).into_bytes();
-    let (status, _) = put(&relay, token, &id, &crewdesk::sync::blob_hash(&big), "text/plain", big).await;
+    let (status, _) = put(&relay, token, &id, BlobHash::of(&big).as_str(), "text/plain", big).await;
     assert_eq!(status, 413, "over the relay's size limit");
     let (status, _) = put(&relay, &tokens["dave"], &id, &pdf_hash, "application/pdf", pdf.clone()).await;
     assert_eq!(status, 404, "not into another team's conversation");
@@ -138,12 +138,12 @@ async fn attachments_upload_after_reconnect_and_download_only_where_allowed() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 201);
-    let notes_hash = crewdesk::sync::blob_hash(&notes);
+    let notes_hash = BlobHash::of(&notes);
     eventually(10, "bob sees the customer's file", || {
         bob.with(|r| {
             r.stored_messages(&id).unwrap().iter().any(|m| {
                 m.author == Author::Customer
-                    && matches!(&m.body, MessageBody::Attachment { file_name, blob, .. } if file_name == "notes ä.txt" && blob.ends_with(&notes_hash))
+                    && matches!(&m.body, MessageBody::Attachment { file_name, blob, .. } if file_name == "notes ä.txt" && blob.ends_with(notes_hash.as_str()))
             })
         })
     })

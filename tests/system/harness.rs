@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 use crewdesk::demo;
+pub use crewdesk::domain::attachment::BlobHash;
 use crewdesk::domain::{AgentId, Channel, ConversationId, MessageBody, Timestamp};
 use crewdesk::replica::Replica;
 use crewdesk::sync::wire::{PeerMetadata, WireMessage};
@@ -284,13 +285,13 @@ impl Agent {
 
     /// 📎 as the desktop app does it: the file goes into the local blob store, the message into
     /// the conversation, and the upload into the queue. Returns the blob's hash.
-    pub fn attach(&self, id: &ConversationId, file_name: &str, mime: &str, bytes: &[u8]) -> String {
-        let hash = crewdesk::sync::blob_hash(bytes);
+    pub fn attach(&self, id: &ConversationId, file_name: &str, mime: &str, bytes: &[u8]) -> BlobHash {
+        let hash = BlobHash::of(bytes);
         let dir = self.config.blob_dir.clone().unwrap();
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(&hash), bytes).unwrap();
+        std::fs::write(dir.join(hash.as_str()), bytes).unwrap();
         let body = MessageBody::Attachment {
-            blob: crewdesk::sync::blob_reference(&hash),
+            blob: hash.reference(),
             file_name: file_name.into(),
             mime: mime.into(),
             size: bytes.len() as u64,

@@ -351,7 +351,7 @@ async fn an_attachment_sent_through_one_instance_downloads_from_another() {
     })
     .await;
     // Instance 1 never received the upload: it serves the file from PostgreSQL.
-    assert!(!relays[1].data.join("blobs").join(&hash[..2]).join(&hash).exists());
+    assert!(!relays[1].data.join("blobs").join(hash.shard()).join(hash.as_str()).exists());
     assert_eq!(sync_client::download_blob(carol.config(), &id, &hash, false).await.unwrap(), photo);
     let thumb = sync_client::download_blob(carol.config(), &id, &hash, true).await.unwrap();
     assert!(image::load_from_memory(&thumb).unwrap().width() <= 320);

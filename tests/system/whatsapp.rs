@@ -179,9 +179,7 @@ async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
     let hash = from_customer
         .iter()
         .find_map(|m| match (&m.author, &m.body) {
-            (Author::Customer, MessageBody::Attachment { blob, mime, .. }) if mime == "image/png" => {
-                Some(crewdesk::sync::blob_hash_of(blob).to_owned())
-            }
+            (Author::Customer, MessageBody::Attachment { mime, .. }) if mime == "image/png" => m.body.blob(),
             _ => None,
         })
         .expect("the photo is an attachment from the customer");

@@ -187,12 +187,16 @@ pub fn migrate(from: &Path, to: &str) -> Result<Report, StoreError> {
         };
         let dir = from.join("blobs");
         for (hash, thumbnail) in blobs {
-            let Ok(bytes) = std::fs::read(crate::blobs::blob_path(&dir, &hash)) else {
+            let Ok(blob) = crewdesk::domain::attachment::BlobHash::parse(&hash) else {
+                report.files_missing.push(hash);
+                continue;
+            };
+            let Ok(bytes) = std::fs::read(crate::blobs::blob_path(&dir, &blob)) else {
                 report.files_missing.push(hash);
                 continue;
             };
             let thumb = match thumbnail {
-                true => std::fs::read(crate::blobs::thumb_path(&dir, &hash)).ok(),
+                true => std::fs::read(crate::blobs::thumb_path(&dir, &blob)).ok(),
                 false => None,
             };
             tx.execute(&statement, &[&hash as &(dyn tokio_postgres::types::ToSql + Sync), &bytes, &thumb]).await?;

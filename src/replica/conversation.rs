@@ -1,0 +1,900 @@
+//! The judge: what one change to a conversation may do. The relay calls it for every change a
+//! client sends, and the replica for every change it makes before it writes it, so the desktop
+//! never makes a change the relay would refuse and no rule is written twice.
+//!
+//! A change is judged on its own, in causal order, against the conversation as it was at the
+//! change's dependencies, and accepted or refused whole; the first change of a new conversation is
+//! judged like every later one. The judge reads only the change's operations (and, for objects older
+//! than the change, where those objects sit), so its cost follows the size of the change.
+
+use super::doc::{self, DocHeader, SCHEMA_VERSION};
+use crate::domain::access;
+use crate::domain::{AgentId, Author, Channel, CustomerEdit, Message, Role, TeamId, TeamMode, Timestamp};
+use automerge::legacy::{Key, OpType};
+use automerge::{Automerge, Change, ChangeHash, ReadDoc, ScalarValue};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+/// How far ahead of the judge's clock a message, a close or a new conversation may be dated.
+/// Replicas' clocks drift; a date further ahead would freeze statuses (waiting, overdue) for
+/// everyone until that time.
+pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// Longest customer detail (name, email, phone) and longest note, in bytes.
+pub const MAX_CUSTOMER_FIELD_BYTES: usize = 1_024;
+pub const MAX_CUSTOMER_NOTES_BYTES: usize = 16 * 1024;
+
+/// Who makes a change, as the judge needs to know them: the agent, the team the conversation
+/// belongs to (as the relay or the replica knows it), their role in it, and how that team works.
+#[derive(Clone, Debug)]
+pub struct ChangeAuthor {
+    pub agent: AgentId,
+    pub team: TeamId,
+    pub role: Role,
+    pub mode: TeamMode,
+}
+
+/// Why a change was refused: the rule it broke, in words an agent understands.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+fn refuse<T>(rule: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal(rule.into()))
+}
+
+/// Where an object of the conversation sits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Place {
+    Customer,
+    Room,
+    Grabs,
+    Messages,
+    /// Inside the message with this id (the message itself or one of its fields).
+    InMessage(String),
+}
+
+/// The root keys of the layout (`doc.rs`), and which of them a change may write after creation.
+const ROOT_KEYS: [&str; 11] = [
+    "schema",
+    "id",
+    "team",
+    "channel",
+    "created_at",
+    "customer",
+    "messages",
+    "room",
+    "grab_requests",
+    "closed_at",
+    "owner",
+];
+const CUSTOMER_KEYS: [&str; 5] = ["id", "name", "email", "phone", "notes"];
+
+/// What one change does, read from its operations.
+#[derive(Clone, Debug, Default)]
+pub struct ChangeSummary {
+    /// Root keys written (put, made or deleted).
+    pub root: BTreeSet<String>,
+    /// Room entries written: the agent, and `Some(in room)` for a boolean put (`None`: anything else).
+    pub room: Vec<(AgentId, Option<bool>)>,
+    /// Grab requests written: the agent, and whether it was a put of a time (`false`: a deletion
+    /// or anything else).
+    pub grabs: Vec<(AgentId, bool)>,
+    /// Customer fields written.
+    pub customer: BTreeSet<String>,
+    /// Messages the change adds (read as of the change).
+    pub added: Vec<Message>,
+    /// The change edits, replaces or deletes a message that existed before it.
+    pub touches_history: bool,
+    /// An operation outside the layout, described (the first one found).
+    pub foreign: Option<String>,
+    /// Whether the change has any operation at all.
+    pub empty: bool,
+}
+
+/// Reads what `change` does. `doc` must hold the change (it was just applied); older objects are
+/// looked up in it, and added messages are read as of the change.
+pub fn summarize(doc: &Automerge, change: &Change) -> Result<ChangeSummary, Refusal> {
+    let hash = change.hash();
+    let deps = change.deps().to_vec();
+    let expanded = change.decode();
+    let mut out = ChangeSummary { empty: expanded.operations.is_empty(), ..Default::default() };
+    let op_id = |i: usize| format!("{}@{}", expanded.start_op.get() + i as u64, expanded.actor_id);
+    let new_ops: HashSet<String> = (0..expanded.operations.len()).map(op_id).collect();
+    // Where each object sits: the layout's objects as of the change's dependencies, objects made
+    // by this change where they were made, and older objects looked up when first met.
+    let mut places: HashMap<String, Option<Place>> = HashMap::new();
+    let schema_objects = [("customer", Place::Customer), ("room", Place::Room), ("grab_requests", Place::Grabs)];
+    let mut messages_obj = None;
+    if !deps.is_empty() {
+        for (key, place) in schema_objects.iter().cloned().chain([("messages", Place::Messages)]) {
+            if let Ok(Some((automerge::Value::Object(_), id))) = doc.get_at(automerge::ROOT, key, &deps) {
+                if place == Place::Messages {
+                    messages_obj = Some(id.clone());
+                }
+                places.insert(id.to_string(), Some(place));
+            }
+        }
+    }
+    let mut message_keys = BTreeSet::new();
+    for (i, op) in expanded.operations.iter().enumerate() {
+        let obj = op.obj.to_string();
+        let key = match &op.key {
+            Key::Map(k) => Some(k.to_string()),
+            Key::Seq(_) => None,
+        };
+        let overwrites_old = op.pred.iter().any(|p| !new_ops.contains(&p.to_string()));
+        let place = if obj == "_root" {
+            let Some(k) = key else {
+                out.foreign.get_or_insert_with(|| "a list operation on the conversation itself".into());
+                continue;
+            };
+            if !ROOT_KEYS.contains(&k.as_str()) {
+                out.foreign.get_or_insert_with(|| format!("an unknown field `{}`", truncated(&k)));
+                continue;
+            }
+            out.root.insert(k.clone());
+            let made = match k.as_str() {
+                "customer" => Some(Place::Customer),
+                "room" => Some(Place::Room),
+                "grab_requests" => Some(Place::Grabs),
+                "messages" => Some(Place::Messages),
+                _ => None,
+            };
+            if matches!(op.action, OpType::Make(_)) {
+                places.insert(op_id(i), made);
+            }
+            continue;
+        } else {
+            match places.get(&obj) {
+                Some(p) => p.clone(),
+                None => {
+                    // Made before this change and not one of the layout's objects: inside a message
+                    // means inside a sent message; anywhere else is outside the layout.
+                    let found = doc.import_obj(&obj).ok().and_then(|id| {
+                        let messages = messages_obj.as_ref()?;
+                        let mut parents = doc.parents(&id).ok()?;
+                        parents.find(|p| p.obj == *messages).and_then(|p| match p.prop {
+                            automerge::Prop::Map(key) => Some(Place::InMessage(key)),
+                            automerge::Prop::Seq(_) => None,
+                        })
+                    });
+                    match found {
+                        Some(_) => out.touches_history = true,
+                        None => {
+                            out.foreign.get_or_insert_with(|| "an object outside the conversation's layout".into());
+                        }
+                    }
+                    places.insert(obj.clone(), found.clone());
+                    found
+                }
+            }
+        };
+        let Some(place) = place else {
+            out.foreign.get_or_insert_with(|| "an object outside the conversation's layout".into());
+            continue;
+        };
+        let made_here = |place: Place| if matches!(op.action, OpType::Make(_)) { Some(place) } else { None };
+        match place {
+            Place::Customer => {
+                let Some(k) = key else {
+                    out.foreign.get_or_insert_with(|| "a list operation on the customer's details".into());
+                    continue;
+                };
+                if !CUSTOMER_KEYS.contains(&k.as_str()) || !matches!(op.action, OpType::Put(_)) {
+                    out.foreign.get_or_insert_with(|| format!("an unknown customer field `{}`", truncated(&k)));
+                }
+                out.customer.insert(k);
+            }
+            Place::Room => {
+                let Some(k) = key else {
+                    out.foreign.get_or_insert_with(|| "a list operation on the room".into());
+                    continue;
+                };
+                let value = match &op.action {
+                    OpType::Put(ScalarValue::Boolean(b)) => Some(*b),
+                    _ => None,
+                };
+                out.room.push((AgentId(k), value));
+            }
+            Place::Grabs => {
+                let Some(k) = key else {
+                    out.foreign.get_or_insert_with(|| "a list operation on the grab requests".into());
+                    continue;
+                };
+                let time = matches!(
+                    &op.action,
+                    OpType::Put(
+                        ScalarValue::Int(_) | ScalarValue::Uint(_) | ScalarValue::F64(_) | ScalarValue::Timestamp(_)
+                    )
+                );
+                out.grabs.push((AgentId(k), time));
+            }
+            Place::Messages => {
+                let Some(k) = key else {
+                    out.touches_history = true;
+                    continue;
+                };
+                // An older value under this key (overwritten, deleted, or left in conflict) is a
+                // message that existed before.
+                let older = messages_obj
+                    .as_ref()
+                    .is_some_and(|m| doc.get_all_at(m, k.as_str(), &deps).is_ok_and(|values| !values.is_empty()));
+                if overwrites_old || older || !matches!(op.action, OpType::Make(automerge::ObjType::Map)) {
+                    out.touches_history = true;
+                } else {
+                    message_keys.insert(k.clone());
+                }
+                if let Some(p) = made_here(Place::InMessage(k)) {
+                    places.insert(op_id(i), Some(p));
+                }
+            }
+            Place::InMessage(m) => {
+                if overwrites_old {
+                    out.touches_history = true;
+                }
+                if let Some(p) = made_here(Place::InMessage(m)) {
+                    places.insert(op_id(i), Some(p));
+                }
+            }
+        }
+    }
+    let at: &[ChangeHash] = &[hash];
+    for id in message_keys {
+        match doc::message_at(doc, &id, Some(at)) {
+            Ok(Some(m)) => out.added.push(m),
+            Ok(None) => out.touches_history = true,
+            Err(e) => return refuse(format!("the message {} is malformed: {e}", truncated(&id))),
+        }
+    }
+    Ok(out)
+}
+
+fn truncated(s: &str) -> String {
+    let mut out: String = s.chars().take(40).collect();
+    if s.chars().count() > 40 {
+        out.push('…');
+    }
+    out
+}
+
+/// Judges one change by `who`, given what it does (`change`), the conversation before it (`None`
+/// while the document holds no conversation yet) and after it. `now` is the judge's clock.
+pub fn judge(
+    doc_id: &str,
+    before: Option<&DocHeader>,
+    after: Option<&DocHeader>,
+    change: &ChangeSummary,
+    who: &ChangeAuthor,
+    now: Timestamp,
+) -> Result<(), Refusal> {
+    if change.empty {
+        return Ok(());
+    }
+    if let Some(what) = &change.foreign {
+        return refuse(format!("a conversation holds only its own fields; the change writes {what}"));
+    }
+    let fixed = ["schema", "id", "team", "channel", "created_at", "customer", "messages", "room", "grab_requests"];
+    if before.is_some() && change.root.iter().any(|k| fixed.contains(&k.as_str())) {
+        return refuse("a conversation cannot change its id, team, channel, creation time or layout");
+    }
+    if before.is_some() && change.root.contains("owner") {
+        return refuse("only the relay records who won a grab");
+    }
+    let Some(after) = after else {
+        return refuse("the change does not leave a readable conversation");
+    };
+    if after.team != who.team {
+        return refuse("a conversation cannot change its team");
+    }
+    let agent = &who.agent;
+    let latest = now.plus(MAX_CLOCK_SKEW_MS);
+    match before {
+        None => judge_creation(doc_id, after, change, who, latest)?,
+        Some(before) => {
+            // Grab-mode teams: a conversation handled by one representative is invisible and
+            // unjoinable for the others; they may only still ask to grab it (and lose).
+            let handled_by_other = !access::may_act_on(who.mode, who.role, before.owner.as_ref(), agent);
+            let only_grab = change.root.is_empty()
+                && change.room.is_empty()
+                && change.customer.is_empty()
+                && change.added.is_empty()
+                && !change.touches_history;
+            if handled_by_other && !only_grab {
+                return refuse("another representative handles this conversation");
+            }
+            let in_room_before = before.crew_in_room.contains(agent);
+            for (who_, value) in &change.room {
+                if who_ != agent {
+                    return refuse("agents join and leave only for themselves");
+                }
+                match value {
+                    None => return refuse("the room holds true or false for each agent"),
+                    Some(true) if !in_room_before => {
+                        access::may_enter(who.mode, who.role, before.owner.as_ref(), agent).map_err(rule)?;
+                    }
+                    Some(_) => {}
+                }
+            }
+            judge_grabs(&change.grabs, who)?;
+            let in_room = in_room_before || after.crew_in_room.contains(agent);
+            let admin = who.role == Role::Admin;
+            if change.root.contains("closed_at") {
+                if !(in_room || admin) {
+                    return refuse("only agents in the conversation, or admins, close it");
+                }
+                match after.closed_at {
+                    Some(at) if at <= latest => {}
+                    Some(_) => return refuse("a conversation cannot be closed in the future"),
+                    None => return refuse("a closed conversation reopens when the customer writes, not by a change"),
+                }
+            }
+            if !change.customer.is_empty() {
+                if !(in_room || admin) {
+                    return refuse("only agents in the conversation, or admins, edit the customer's details");
+                }
+                if change.customer.contains("id") {
+                    return refuse("the customer's id cannot change");
+                }
+                check_customer(after)?;
+            }
+            if change.touches_history {
+                return refuse("sent messages cannot be changed or deleted");
+            }
+            check_messages(&change.added, agent, latest)?;
+            if !change.added.is_empty() && !in_room {
+                return refuse("agents send messages only in conversations they have joined");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rule(e: crate::domain::DomainError) -> Refusal {
+    Refusal(e.to_string())
+}
+
+fn judge_grabs(grabs: &[(AgentId, bool)], who: &ChangeAuthor) -> Result<(), Refusal> {
+    for (agent, is_put) in grabs {
+        if *agent != who.agent {
+            return refuse("agents ask to grab only for themselves");
+        }
+        if !is_put {
+            return refuse("a grab request holds the time it was made and cannot be withdrawn");
+        }
+        access::may_ask_to_grab(who.mode, who.role).map_err(rule)?;
+    }
+    Ok(())
+}
+
+fn check_customer(after: &DocHeader) -> Result<(), Refusal> {
+    let c = &after.customer;
+    let edit = CustomerEdit {
+        name: Some(c.name.clone()),
+        email: c.email.clone(),
+        phone: c.phone.clone(),
+        notes: c.notes.clone(),
+    };
+    edit.validate().map_err(rule)?;
+    let long = [&Some(c.name.clone()), &c.email, &c.phone]
+        .iter()
+        .any(|f| f.as_ref().is_some_and(|v| v.len() > MAX_CUSTOMER_FIELD_BYTES));
+    if long || c.notes.as_ref().is_some_and(|n| n.len() > MAX_CUSTOMER_NOTES_BYTES) {
+        return refuse("the customer's details are too long");
+    }
+    Ok(())
+}
+
+fn check_messages(added: &[Message], agent: &AgentId, latest: Timestamp) -> Result<(), Refusal> {
+    for m in added {
+        match &m.author {
+            Author::Crew { agent: a } if a == agent => {}
+            Author::Customer => {
+                return refuse("customer messages come only from the customer's channel or an admin's import");
+            }
+            _ => return refuse("agents send messages only in their own name"),
+        }
+        m.body.validate().map_err(rule)?;
+        if m.at > latest {
+            return refuse("a message cannot be dated in the future (check this computer's clock)");
+        }
+        if m.at.0 < 0 {
+            return refuse("a message cannot be dated before 1970");
+        }
+    }
+    Ok(())
+}
+
+fn judge_creation(
+    doc_id: &str,
+    after: &DocHeader,
+    change: &ChangeSummary,
+    who: &ChangeAuthor,
+    latest: Timestamp,
+) -> Result<(), Refusal> {
+    if after.id.as_str() != doc_id {
+        return refuse("a new conversation must carry its own id");
+    }
+    access::may_open(who.role, after.channel).map_err(rule)?;
+    if after.created_at > latest || after.created_at.0 < 0 {
+        return refuse("a new conversation cannot be dated in the future");
+    }
+    if after.owner.is_some() {
+        return refuse("only the relay records who won a grab");
+    }
+    if after.closed_at.is_some() {
+        return refuse("a new conversation starts open");
+    }
+    if after.crew_in_room.iter().any(|a| *a != who.agent) {
+        return refuse("agents join and leave only for themselves");
+    }
+    if !after.grab_requests.is_empty() {
+        return refuse("a new conversation starts without grab requests");
+    }
+    check_customer(after)?;
+    if after.channel == Channel::Email && after.customer.email.is_none() {
+        return refuse("an email conversation needs the customer's email address");
+    }
+    if change.touches_history {
+        return refuse("sent messages cannot be changed or deleted");
+    }
+    check_messages(&change.added, &who.agent, latest)?;
+    if !change.added.is_empty() && !after.crew_in_room.contains(&who.agent) {
+        return refuse("agents send messages only in conversations they have joined");
+    }
+    Ok(())
+}
+
+/// The outcome of [`apply_judged`].
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Changes applied, in the order they were applied.
+    pub accepted: Vec<ChangeHash>,
+    /// Messages the accepted changes added.
+    pub added: Vec<Message>,
+    /// The first refused change and why (later changes that depend on it are dropped too).
+    pub refused: Option<(ChangeHash, Refusal)>,
+    /// Dependencies that neither the document nor the batch holds: the changes that need them
+    /// were dropped, and the sender should be asked for these.
+    pub missing: Vec<ChangeHash>,
+    /// A refused change could not be taken back out of the document: the caller must drop its
+    /// copy and read the conversation again from storage.
+    pub damaged: bool,
+}
+
+/// Applies a client's `changes` to `doc` one by one in causal order, each judged against the
+/// conversation at its dependencies. Changes already present are skipped; a refused change is
+/// rolled back (the document is rebuilt without it) and every change depending on it is dropped;
+/// changes whose dependencies are missing are never applied, so nothing unjudged is kept.
+pub fn apply_judged(
+    doc: &mut Automerge,
+    doc_id: &str,
+    changes: Vec<Change>,
+    who: &ChangeAuthor,
+    now: Timestamp,
+) -> Verdict {
+    let mut verdict = Verdict::default();
+    let mut waiting: Vec<Change> = Vec::new();
+    let mut seen = HashSet::new();
+    for c in changes {
+        if doc.get_change_by_hash(&c.hash()).is_none() && seen.insert(c.hash()) {
+            waiting.push(c);
+        }
+    }
+    let mut dropped: HashSet<ChangeHash> = HashSet::new();
+    // Header at the document's current heads, kept while changes come in a line.
+    let mut current: Option<(Vec<ChangeHash>, Option<DocHeader>)> = None;
+    loop {
+        let ready = waiting.iter().position(|c| c.deps().iter().all(|d| doc.get_change_by_hash(d).is_some()));
+        let Some(index) = ready else { break };
+        let change = waiting.swap_remove(index);
+        if change.deps().iter().any(|d| dropped.contains(d)) {
+            dropped.insert(change.hash());
+            continue;
+        }
+        let heads = doc.get_heads();
+        let on_heads = change.deps() == heads.as_slice();
+        let before = match &current {
+            Some((at, header)) if *at == heads && on_heads => header.clone(),
+            _ => header_at(doc, change.deps(), on_heads),
+        };
+        let hash = change.hash();
+        if let Err(e) = doc.apply_changes([change.clone()]) {
+            dropped.insert(hash);
+            verdict.refused.get_or_insert((hash, Refusal(format!("the change could not be applied ({e})"))));
+            verdict.damaged |= !rebuild(doc, &heads);
+            current = None;
+            continue;
+        }
+        let after = header_at(doc, &[hash], on_heads);
+        let judged = summarize(doc, &change).and_then(|summary| {
+            judge(doc_id, before.as_ref(), after.as_ref(), &summary, who, now).map(|()| summary.added)
+        });
+        match judged {
+            Ok(added) => {
+                verdict.accepted.push(hash);
+                verdict.added.extend(added);
+                let now_heads = doc.get_heads();
+                current = if now_heads == [hash] { Some((now_heads, after)) } else { None };
+            }
+            Err(refusal) => {
+                dropped.insert(hash);
+                verdict.refused.get_or_insert((hash, refusal));
+                verdict.damaged |= !rebuild(doc, &heads);
+                current = None;
+            }
+        }
+    }
+    let mut missing: BTreeSet<ChangeHash> = BTreeSet::new();
+    for c in &waiting {
+        for d in c.deps() {
+            if doc.get_change_by_hash(d).is_none() && !dropped.contains(d) && !seen.contains(d) {
+                missing.insert(*d);
+            }
+        }
+    }
+    verdict.missing = missing.into_iter().collect();
+    verdict
+}
+
+/// The conversation's header at `heads` (`current`: they are the document's heads, read it as it
+/// is). `None` while there is no conversation there yet, or it cannot be read.
+fn header_at(doc: &Automerge, heads: &[ChangeHash], current: bool) -> Option<DocHeader> {
+    if heads.is_empty() {
+        return None;
+    }
+    let at = (!current).then_some(heads);
+    match doc::schema_at(doc, at) {
+        Ok(Some(v)) if (1..=SCHEMA_VERSION).contains(&v) => doc::read_header_at(doc, at).ok(),
+        _ => None,
+    }
+}
+
+/// Takes a refused change back out of `doc`: the document becomes what it was at `base` (its
+/// heads before the refused change) again. `false` if that failed.
+fn rebuild(doc: &mut Automerge, base: &[ChangeHash]) -> bool {
+    let actor = doc.get_actor().clone();
+    let rebuilt = match base.is_empty() {
+        true => Ok(Automerge::new()),
+        false => doc.fork_at(base),
+    };
+    match rebuilt {
+        Ok(rebuilt) => {
+            *doc = rebuilt.with_actor(actor);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::domain::{Customer, CustomerId, MessageBody, MessageId};
+    use automerge::transaction::{Transactable, Transaction};
+    use automerge::{ActorId, ROOT};
+
+    const NOW: Timestamp = Timestamp(1_800_000_000_000);
+    const ID: &str = "2jQ5Vc7u9o1Wk6Bq3TXYtY7cWKdV";
+
+    fn author(agent: &str, role: Role, mode: TeamMode) -> ChangeAuthor {
+        ChangeAuthor { agent: agent.into(), team: "sales".into(), role, mode }
+    }
+    fn bob() -> ChangeAuthor {
+        author("bob", Role::Representative, TeamMode::Open)
+    }
+
+    fn new(channel: Channel) -> doc::NewConversation {
+        doc::NewConversation {
+            id: ID.into(),
+            team: "sales".into(),
+            channel,
+            customer: Customer {
+                id: CustomerId("c1".into()),
+                name: "Jane".into(),
+                email: Some("jane@example.com".into()),
+                phone: None,
+                notes: None,
+            },
+            created_at: NOW.plus(-60_000),
+        }
+    }
+
+    /// A conversation as the relay holds it: created by a gateway (not judged).
+    fn stored() -> Automerge {
+        doc::create(ActorId::random(), &new(Channel::WebWidget)).unwrap()
+    }
+
+    fn message(id: &str, agent: &str, at: Timestamp, body: MessageBody) -> Message {
+        Message { id: MessageId(id.into()), at, author: doc::crew(&agent.into()), body }
+    }
+    fn text(t: &str) -> MessageBody {
+        MessageBody::Text { text: t.into() }
+    }
+
+    /// Makes one change on a copy of `base` (as `actor`) and returns it.
+    fn change(base: &Automerge, f: impl FnOnce(&mut Transaction<'_>) -> Result<(), doc::DocError>) -> Change {
+        let mut copy = base.fork();
+        copy.transact::<_, _, doc::DocError>(f).unwrap();
+        copy.get_last_local_change().unwrap()
+    }
+
+    fn verdict(base: &mut Automerge, changes: Vec<Change>, who: &ChangeAuthor) -> Verdict {
+        apply_judged(base, ID, changes, who, NOW)
+    }
+
+    fn refusal(
+        base: &Automerge,
+        who: &ChangeAuthor,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<(), doc::DocError>,
+    ) -> String {
+        let mut d = base.fork();
+        let heads = d.get_heads();
+        let c = change(base, f);
+        let v = verdict(&mut d, vec![c], who);
+        match v.refused {
+            Some((_, r)) => {
+                assert_eq!(d.get_heads(), heads, "a refused change is taken back out");
+                assert!(v.accepted.is_empty());
+                r.0
+            }
+            None => "accepted".into(),
+        }
+    }
+
+    #[test]
+    fn join_send_leave_offline_is_accepted_change_by_change() {
+        let mut d = stored();
+        let mut offline = d.fork();
+        let mut changes = Vec::new();
+        let bob_id: AgentId = "bob".into();
+        for step in 0..3 {
+            offline
+                .transact::<_, _, doc::DocError>(|tx| match step {
+                    0 => doc::set_in_room(tx, &bob_id, true),
+                    1 => doc::add_message(tx, &message("m1", "bob", NOW, text("On it"))),
+                    _ => doc::set_in_room(tx, &bob_id, false),
+                })
+                .unwrap();
+            changes.push(offline.get_last_local_change().unwrap());
+        }
+        changes.reverse(); // in any order: the judge applies them in causal order
+        let v = verdict(&mut d, changes, &bob());
+        assert_eq!(v.refused, None);
+        assert_eq!(v.accepted.len(), 3);
+        assert_eq!(v.added.len(), 1);
+        assert_eq!(d.get_heads(), offline.get_heads());
+    }
+
+    #[test]
+    fn a_refused_change_and_what_depends_on_it_are_dropped_the_rest_kept() {
+        let mut d = stored();
+        let bob_id: AgentId = "bob".into();
+        let join = change(&d, |tx| doc::set_in_room(tx, &bob_id, true));
+        let mut after_join = d.fork();
+        after_join.apply_changes([join.clone()]).unwrap();
+        let forged = change(&after_join, |tx| doc::record_owner(tx, &bob_id));
+        let mut after_forged = after_join.fork();
+        after_forged.apply_changes([forged.clone()]).unwrap();
+        let reply = change(&after_forged, |tx| doc::add_message(tx, &message("m1", "bob", NOW, text("Hi"))));
+        let v = verdict(&mut d, vec![join.clone(), forged.clone(), reply], &bob());
+        assert_eq!(v.accepted, vec![join.hash()]);
+        assert_eq!(v.refused.unwrap().0, forged.hash());
+        assert_eq!(d.get_heads(), vec![join.hash()]);
+        assert!(doc::all_messages(&d).unwrap().is_empty());
+    }
+
+    #[test]
+    fn changes_whose_dependencies_are_missing_are_never_applied() {
+        let mut d = stored();
+        let bob_id: AgentId = "bob".into();
+        let join = change(&d, |tx| doc::set_in_room(tx, &bob_id, true));
+        let mut after_join = d.fork();
+        after_join.apply_changes([join.clone()]).unwrap();
+        let reply = change(&after_join, |tx| doc::add_message(tx, &message("m1", "bob", NOW, text("Hi"))));
+        let heads = d.get_heads();
+        let v = verdict(&mut d, vec![reply], &bob());
+        assert!(v.accepted.is_empty() && v.refused.is_none());
+        assert_eq!(v.missing, vec![join.hash()]);
+        assert_eq!(d.get_heads(), heads);
+    }
+
+    #[test]
+    fn every_rule_on_an_existing_conversation() {
+        let d = stored();
+        let mut joined = d.fork();
+        joined.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &"bob".into(), true)).unwrap();
+        let cases: Vec<(&str, &Automerge, Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), doc::DocError>>)> = vec![
+            ("cannot change its id, team, channel", &d, Box::new(|tx| Ok(tx.put(ROOT, "channel", "whatsapp")?))),
+            ("cannot change its id, team, channel", &d, Box::new(|tx| Ok(tx.put(ROOT, "created_at", 1)?))),
+            ("unknown field", &d, Box::new(|tx| Ok(tx.put(ROOT, "junk", "x".repeat(1 << 20))?))),
+            ("only the relay records who won a grab", &d, Box::new(|tx| doc::record_owner(tx, &"bob".into()))),
+            ("join and leave only for themselves", &d, Box::new(|tx| doc::set_in_room(tx, &"carol".into(), true))),
+            (
+                "true or false",
+                &d,
+                Box::new(|tx| {
+                    let (_, room) = tx.get(ROOT, "room")?.unwrap();
+                    Ok(tx.put(&room, "bob", 1)?)
+                }),
+            ),
+            (
+                "only in conversations they have joined",
+                &d,
+                Box::new(|tx| doc::add_message(tx, &message("m1", "bob", NOW, text("Hi")))),
+            ),
+            (
+                "only in their own name",
+                &joined,
+                Box::new(|tx| doc::add_message(tx, &message("m1", "ada", NOW, text("Refund approved")))),
+            ),
+            (
+                "customer messages come only",
+                &joined,
+                Box::new(|tx| {
+                    doc::add_message(
+                        tx,
+                        &Message { author: Author::Customer, ..message("m1", "bob", NOW, text("Refund me")) },
+                    )
+                }),
+            ),
+            (
+                "dated in the future",
+                &joined,
+                Box::new(|tx| doc::add_message(tx, &message("m1", "bob", NOW.plus(3_600_000), text("Hi")))),
+            ),
+            (
+                "content address",
+                &joined,
+                Box::new(|tx| {
+                    let body = MessageBody::Attachment {
+                        blob: "sha256:../../../../etc/passwd".into(),
+                        file_name: "passwd".into(),
+                        mime: "text/plain".into(),
+                        size: 1,
+                    };
+                    doc::add_message(tx, &message("m1", "bob", NOW, body))
+                }),
+            ),
+            (
+                "http(s) URL",
+                &joined,
+                Box::new(|tx| {
+                    doc::add_message(
+                        tx,
+                        &message(
+                            "m1",
+                            "bob",
+                            NOW,
+                            MessageBody::ConferenceInvitation { url: "javascript:alert(1)".into() },
+                        ),
+                    )
+                }),
+            ),
+            (
+                "nests deeper",
+                &joined,
+                Box::new(|tx| {
+                    let (_, messages) = tx.get(ROOT, "messages")?.unwrap();
+                    let m = tx.put_object(&messages, "m1", automerge::ObjType::Map)?;
+                    tx.put(&m, "id", "m1")?;
+                    let mut obj = tx.put_object(&m, "deep", automerge::ObjType::Map)?;
+                    for _ in 0..3_000 {
+                        obj = tx.put_object(&obj, "x", automerge::ObjType::Map)?;
+                    }
+                    Ok(())
+                }),
+            ),
+            ("or admins, close it", &d, Box::new(|tx| doc::close(tx, NOW))),
+            (
+                "or admins, edit the customer",
+                &d,
+                Box::new(|tx| {
+                    doc::edit_customer(tx, &CustomerEdit { notes: Some("VIP".into()), ..Default::default() })
+                }),
+            ),
+            (
+                "email address is not valid",
+                &joined,
+                Box::new(|tx| {
+                    doc::edit_customer(tx, &CustomerEdit { email: Some("nope".into()), ..Default::default() })
+                }),
+            ),
+            (
+                "customer's id cannot change",
+                &joined,
+                Box::new(|tx| {
+                    let (_, c) = tx.get(ROOT, "customer")?.unwrap();
+                    Ok(tx.put(&c, "id", "other")?)
+                }),
+            ),
+        ];
+        for (expected, base, f) in cases {
+            let got = refusal(base, &bob(), f);
+            assert!(got.contains(expected), "expected `{expected}`, got `{got}`");
+        }
+    }
+
+    #[test]
+    fn grab_mode_rules() {
+        let rep = |a: &str| author(a, Role::Representative, TeamMode::Grab);
+        let d = stored();
+        assert!(
+            refusal(&d, &rep("dave"), |tx| doc::request_grab(tx, &"erin".into(), NOW)).contains("only for themselves")
+        );
+        assert!(refusal(&d, &rep("dave"), |tx| doc::set_in_room(tx, &"dave".into(), true)).contains("grab it"));
+        let admin = author("ada", Role::Admin, TeamMode::Grab);
+        assert!(refusal(&d, &admin, |tx| doc::request_grab(tx, &"ada".into(), NOW)).contains("admins"));
+        let mut asked = d.fork();
+        asked.transact::<_, _, doc::DocError>(|tx| doc::request_grab(tx, &"erin".into(), NOW)).unwrap();
+        let withdraw = |tx: &mut Transaction<'_>| {
+            let (_, g) = tx.get(ROOT, "grab_requests")?.unwrap();
+            Ok(tx.delete(&g, "erin")?)
+        };
+        assert!(refusal(&asked, &rep("dave"), withdraw).contains("only for themselves"));
+        // Erin won: the conversation is hers; dave may still ask (and lose), nothing else.
+        let mut won = asked.fork();
+        won.transact::<_, _, doc::DocError>(|tx| doc::record_owner(tx, &"erin".into())).unwrap();
+        assert!(refusal(&won, &rep("dave"), |tx| doc::close(tx, NOW)).contains("another representative"));
+        assert!(
+            refusal(&won, &rep("dave"), |tx| doc::set_in_room(tx, &"dave".into(), true))
+                .contains("another representative")
+        );
+        assert_eq!(refusal(&won, &rep("dave"), |tx| doc::request_grab(tx, &"dave".into(), NOW)), "accepted");
+        let reply = |tx: &mut Transaction<'_>| doc::add_message(tx, &message("m1", "erin", NOW, text("Hi")));
+        assert_eq!(refusal(&won, &rep("erin"), reply), "accepted");
+        assert_eq!(refusal(&won, &admin, |tx| doc::close(tx, NOW)), "accepted");
+    }
+
+    #[test]
+    fn creation_is_judged_like_every_change() {
+        // The layout and `f` in one change, as a modified client would send it.
+        let create = |channel: Channel, f: &dyn Fn(&mut Transaction<'_>) -> Result<(), doc::DocError>| {
+            let mut d = Automerge::new();
+            d.transact::<_, _, doc::DocError>(|tx| {
+                doc::write_new(tx, &new(channel))?;
+                f(tx)
+            })
+            .unwrap();
+            let mut relay = Automerge::new();
+            let v = apply_judged(&mut relay, ID, d.get_changes(&[]), &bob(), NOW);
+            if v.refused.is_some() {
+                assert!(relay.get_heads().is_empty(), "nothing of a refused conversation is kept");
+            }
+            v.refused.map(|(_, r)| r.0).unwrap_or_else(|| "accepted".into())
+        };
+        let nothing = |_: &mut Transaction<'_>| Ok(());
+        assert_eq!(create(Channel::Email, &nothing), "accepted");
+        assert!(create(Channel::WhatsApp, &nothing).contains("start when the customer writes"));
+        assert!(create(Channel::WebWidget, &nothing).contains("start when the customer writes"));
+        let customer = |tx: &mut Transaction<'_>| {
+            doc::add_message(tx, &Message { author: Author::Customer, ..message("m1", "bob", NOW, text("Hi")) })
+        };
+        let got = create(Channel::Email, &customer);
+        assert!(got.contains("customer messages come only"), "{got}");
+        let admin_in_room = |tx: &mut Transaction<'_>| doc::set_in_room(tx, &"ada".into(), true);
+        assert!(create(Channel::Email, &admin_in_room).contains("only for themselves"));
+        let in_ada_name = |tx: &mut Transaction<'_>| {
+            doc::set_in_room(tx, &"bob".into(), true)?;
+            doc::add_message(tx, &message("m1", "ada", NOW, text("Refund approved")))
+        };
+        assert!(create(Channel::Email, &in_ada_name).contains("own name"));
+        let grab = |tx: &mut Transaction<'_>| doc::request_grab(tx, &"erin".into(), NOW);
+        assert!(create(Channel::Email, &grab).contains("without grab requests"));
+        let owner = |tx: &mut Transaction<'_>| doc::record_owner(tx, &"bob".into());
+        assert!(create(Channel::Email, &owner).contains("who won a grab"));
+        let own_reply = |tx: &mut Transaction<'_>| {
+            doc::set_in_room(tx, &"bob".into(), true)?;
+            doc::add_message(tx, &message("m1", "bob", NOW, text("Following up on your order")))
+        };
+        assert_eq!(create(Channel::Email, &own_reply), "accepted");
+        let other_team = ChangeAuthor { team: "support".into(), ..bob() };
+        let mut one = Automerge::new();
+        let d = doc::create(ActorId::random(), &new(Channel::Email)).unwrap();
+        let v = apply_judged(&mut one, ID, d.get_changes(&[]), &other_team, NOW);
+        assert!(v.refused.unwrap().1.0.contains("team"));
+        let mut one = Automerge::new();
+        let v = apply_judged(&mut one, "another-id", d.get_changes(&[]), &bob(), NOW);
+        assert!(v.refused.unwrap().1.0.contains("its own id"));
+    }
+}

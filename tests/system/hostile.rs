@@ -1,0 +1,472 @@
+//! The relay's trust boundary, tried as a signed-in agent with a modified client would: every
+//! change is judged on its own by the core's judge (creation included), every sync message is
+//! parsed within limits before automerge sees it, and each refusal is an `error` frame naming the
+//! rule. After each attack the relay still serves everyone and the stored conversation is unchanged.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use automerge::sync::SyncDoc;
+use automerge::transaction::{Transactable, Transaction};
+use automerge::{Automerge, ObjType, ROOT, ReadDoc};
+use crewdesk::demo;
+use crewdesk::domain::{Author, Channel, Customer, CustomerId, Message, MessageBody, MessageId, Timestamp};
+use crewdesk::replica::doc::{self, DocError};
+use crewdesk::sync::wire::WireMessage;
+use system_tests::{Agent, RawClient, TestRelay, eventually};
+
+fn text(t: &str) -> MessageBody {
+    MessageBody::Text { text: t.into() }
+}
+
+fn crew(id: &str, agent: &str, at: Timestamp, body: MessageBody) -> Message {
+    Message { id: MessageId(id.into()), at, author: doc::crew(&agent.into()), body }
+}
+
+/// Sends the sync message the state calls for; false when it calls for none.
+async fn sync_with(client: &mut RawClient, id: &str, d: &Automerge, state: &mut automerge::sync::State) -> bool {
+    let Some(m) = d.generate_sync_message(state) else { return false };
+    send_sync(client, id, m.encode()).await;
+    true
+}
+
+async fn send_sync(client: &mut RawClient, id: &str, data: Vec<u8>) {
+    let m = WireMessage::Sync { sender_id: "raw".into(), target_id: "relay".into(), document_id: id.into(), data };
+    client.send(&m).await;
+}
+
+/// The next message about `id` or an error (announcements of other conversations are skipped).
+async fn next_about(client: &mut RawClient, id: &str) -> Option<WireMessage> {
+    loop {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), client.next()).await.ok()??;
+        let about = match &m {
+            WireMessage::Sync { document_id, .. } | WireMessage::DocUnavailable { document_id, .. } => {
+                document_id == id
+            }
+            WireMessage::Error { .. } => true,
+            _ => false,
+        };
+        if about {
+            return Some(m);
+        }
+    }
+}
+
+/// A copy of a stored conversation, fetched with the bare protocol.
+async fn fetch(client: &mut RawClient, id: &str) -> Automerge {
+    let mut copy = Automerge::new();
+    let mut state = automerge::sync::State::new();
+    let request = copy.generate_sync_message(&mut state).unwrap();
+    let m = WireMessage::Request {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.into(),
+        data: request.encode(),
+    };
+    client.send(&m).await;
+    for _ in 0..10 {
+        match next_about(client, id).await {
+            Some(WireMessage::Sync { data, .. }) => {
+                copy.receive_sync_message(&mut state, automerge::sync::Message::decode(&data).unwrap()).unwrap();
+                if doc::check_schema(&copy).unwrap_or(false) {
+                    return copy;
+                }
+                sync_with(client, id, &copy, &mut state).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("the conversation did not arrive");
+}
+
+/// Makes `forge` on a copy of `base` and syncs it; returns the relay's error, or "accepted" when
+/// the relay took the change (its heads covered it).
+async fn attempt(
+    client: &mut RawClient,
+    id: &str,
+    base: &Automerge,
+    forge: impl FnOnce(&mut Transaction<'_>) -> Result<(), DocError>,
+) -> String {
+    let mut attempt = base.fork();
+    let mut state = automerge::sync::State::new();
+    attempt.transact::<_, _, DocError>(forge).unwrap();
+    for _ in 0..10 {
+        if !sync_with(client, id, &attempt, &mut state).await {
+            break;
+        }
+        match next_about(client, id).await {
+            Some(WireMessage::Error { message, .. }) => return message,
+            Some(WireMessage::Sync { data, .. }) => {
+                let m = automerge::sync::Message::decode(&data).unwrap();
+                let covered = m.heads == attempt.get_heads();
+                attempt.receive_sync_message(&mut state, m).unwrap();
+                if covered {
+                    return "accepted".into();
+                }
+            }
+            Some(WireMessage::DocUnavailable { .. }) => return "unavailable".into(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    "no answer".into()
+}
+
+fn nested(depth: usize) -> impl FnOnce(&mut Transaction<'_>) -> Result<(), DocError> {
+    move |tx| {
+        let (_, messages) = tx.get(ROOT, "messages")?.unwrap();
+        let m = tx.put_object(&messages, "m-deep", ObjType::Map)?;
+        tx.put(&m, "id", "m-deep")?;
+        let mut obj = tx.put_object(&m, "body", ObjType::Map)?;
+        for _ in 0..depth {
+            obj = tx.put_object(&obj, "x", ObjType::Map)?;
+        }
+        Ok(())
+    }
+}
+
+fn attachment(blob: &str) -> impl FnOnce(&mut Transaction<'_>) -> Result<(), DocError> {
+    let blob = blob.to_owned();
+    move |tx| {
+        doc::set_in_room(tx, &"bob".into(), true)?;
+        let body = MessageBody::Attachment { blob, file_name: "passwd".into(), mime: "text/plain".into(), size: 10 };
+        doc::add_message(tx, &crew("m-file", "bob", Timestamp::now(), body))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_forged_change_is_refused_with_its_rule_and_everyone_else_keeps_syncing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let carol = Agent::start(&relay, &tokens, "carol");
+    carol.connected().await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    carol.has(&id).await;
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    let copy = fetch(&mut bob, id.as_str()).await;
+    let stored = |relay: &TestRelay| {
+        let (_, d) = relay.open_store().load_document(id.as_str()).unwrap().unwrap();
+        Automerge::load(&d).unwrap().get_heads()
+    };
+    let heads = stored(&relay);
+
+    type Forge = Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), DocError>>;
+    let future = Timestamp::now().plus(24 * 3600 * 1000);
+    let cases: Vec<(&str, Forge)> = vec![
+        // One change nested 3,000 maps deep used to overflow the relay's stack.
+        ("nests deeper than", Box::new(nested(3_000))),
+        // A file reference that walks out of the blob store, or is not a content address at all.
+        ("content address", Box::new(attachment("sha256:../../../../etc/passwd"))),
+        ("content address", Box::new(attachment("sha256:/proc/self/environ"))),
+        ("content address", Box::new(attachment("sha256:a"))),
+        ("cannot change its id, team, channel", Box::new(|tx| Ok(tx.put(ROOT, "channel", "whatsapp")?))),
+        ("cannot change its id, team, channel", Box::new(|tx| Ok(tx.put(ROOT, "created_at", 0)?))),
+        ("unknown field", Box::new(|tx| Ok(tx.put(ROOT, "junk", "x".repeat(200_000))?))),
+        ("over a limit", Box::new(|tx| Ok(tx.put(ROOT, "junk", "x".repeat(2 << 20))?))),
+        (
+            "dated in the future",
+            Box::new(move |tx| {
+                doc::set_in_room(tx, &"bob".into(), true)?;
+                doc::add_message(tx, &crew("m-late", "bob", future, text("From tomorrow")))
+            }),
+        ),
+        (
+            "http(s) URL",
+            Box::new(|tx| {
+                doc::set_in_room(tx, &"bob".into(), true)?;
+                let body = MessageBody::ConferenceInvitation { url: "javascript:alert(1)".into() };
+                doc::add_message(tx, &crew("m-js", "bob", Timestamp::now(), body))
+            }),
+        ),
+        (
+            "customer messages come only",
+            Box::new(|tx| {
+                doc::set_in_room(tx, &"bob".into(), true)?;
+                let m = Message { author: Author::Customer, ..crew("m-c", "bob", Timestamp::now(), text("Refund me")) };
+                doc::add_message(tx, &m)
+            }),
+        ),
+        (
+            "customer's id cannot change",
+            Box::new(|tx| {
+                doc::set_in_room(tx, &"bob".into(), true)?;
+                let (_, c) = tx.get(ROOT, "customer")?.unwrap();
+                Ok(tx.put(&c, "id", "someone-else")?)
+            }),
+        ),
+    ];
+    for (rule, forge) in cases {
+        let got = attempt(&mut bob, id.as_str(), &copy, forge).await;
+        assert!(got.contains(rule), "expected a refusal naming `{rule}`, got `{got}`");
+        assert!(got.contains(id.as_str()), "the refusal names the conversation: {got}");
+        assert_eq!(stored(&relay), heads, "nothing of a refused change is stored ({rule})");
+    }
+    // The same connection is still served: an honest change goes through.
+    let join = attempt(&mut bob, id.as_str(), &copy, |tx| doc::set_in_room(tx, &"bob".into(), true)).await;
+    assert_eq!(join, "accepted");
+    // Everyone else too, and nobody saw anything forged.
+    carol.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    carol.act(&id, |r| r.send(&id, text("still here"), Timestamp::now()).unwrap());
+    eventually(10, "carol's reply is stored", || carol.with(|r| r.unsynced().unwrap().0) == 0).await;
+    assert_eq!(carol.message_texts(&id), ["Hello?", "still here"]);
+    relay.stop().await;
+}
+
+/// A sync message with one bloom filter, as automerge encodes it (v1, no heads, no changes).
+fn with_bloom(entries: u8, bits_per_entry: u8, probes: &[u8], bits: usize) -> Vec<u8> {
+    let bloom = [&[entries, bits_per_entry][..], probes, &vec![0xaa; bits]].concat();
+    [&[0x42, 0x00, 0x00, 0x01, 0x00, bloom.len() as u8][..], &bloom, &[0x00]].concat()
+}
+
+/// A compressed change chunk whose body inflates to `size` zero bytes.
+fn compressed_bomb(size: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&vec![0; size]).unwrap();
+    let body = z.finish().unwrap();
+    let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3, 4, 0x02];
+    let mut n = body.len();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        chunk.push(if n > 0 { byte | 0x80 } else { byte });
+        if n == 0 {
+            break;
+        }
+    }
+    chunk.extend(body);
+    chunk
+}
+
+fn with_changes(chunks: &[Vec<u8>]) -> Vec<u8> {
+    let mut m = automerge::sync::Message::decode(&[0x42, 0, 0, 0, 0]).unwrap();
+    m.changes = chunks.to_vec().into();
+    m.encode()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automerge_bombs_are_refused_before_automerge_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let carol = Agent::start(&relay, &tokens, "carol");
+    carol.connected().await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    carol.has(&id).await;
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    let copy = fetch(&mut bob, id.as_str()).await;
+
+    let whole_document = copy.save();
+    let bombs: Vec<(&str, Vec<u8>)> = vec![
+        // bits_per_entry = 0 divided by zero under the conversation's lock.
+        ("bits per entry", with_bloom(1, 0, &[7], 0)),
+        // 2^32 - 1 probes cost minutes of CPU.
+        ("probes", with_bloom(1, 10, &[0xff, 0xff, 0xff, 0xff, 0x0f], 2)),
+        // 64 MiB of zeros in a few dozen KiB.
+        ("inflate", with_changes(&[compressed_bomb(64 << 20)])),
+        // A whole document: its compressed columns cannot be bounded before automerge reads them.
+        ("document", with_changes(&[whole_document])),
+        ("not automerge", with_changes(&[b"garbage".to_vec()])),
+    ];
+    for (what, bytes) in bombs {
+        send_sync(&mut bob, id.as_str(), bytes).await;
+        match next_about(&mut bob, id.as_str()).await {
+            Some(WireMessage::Error { message, .. }) => {
+                assert!(message.contains("over a limit") || message.contains("malformed"), "{what}: {message}");
+            }
+            other => panic!("{what}: expected an error, got {other:?}"),
+        }
+    }
+    // Ids longer than any automerge-repo peer uses are refused as malformed.
+    let long = WireMessage::Sync {
+        sender_id: "x".repeat(10_000),
+        target_id: "relay".into(),
+        document_id: id.0.clone(),
+        data: vec![0x42, 0, 0, 0, 0],
+    };
+    bob.send(&long).await;
+    assert!(matches!(bob.next().await, Some(WireMessage::Error { message, .. }) if message.contains("longer than")));
+    carol.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    carol.act(&id, |r| r.send(&id, text("still here"), Timestamp::now()).unwrap());
+    eventually(10, "carol's reply is stored", || carol.with(|r| r.unsynced().unwrap().0) == 0).await;
+    relay.stop().await;
+}
+
+fn new_conversation(id: &str, channel: Channel) -> doc::NewConversation {
+    doc::NewConversation {
+        id: id.into(),
+        team: demo::SALES.into(),
+        channel,
+        customer: Customer {
+            id: CustomerId("c-forged".into()),
+            name: "Mallory".into(),
+            email: Some("mallory@example.com".into()),
+            phone: Some("+15550100".into()),
+            notes: None,
+        },
+        created_at: Timestamp::now(),
+    }
+}
+
+/// Offers a new document to the relay and sends what it asks for; returns the error or
+/// "unavailable" it answers with, or "stored" when it took the conversation.
+async fn create(client: &mut RawClient, id: &str, d: &Automerge) -> String {
+    let mut state = automerge::sync::State::new();
+    assert!(sync_with(client, id, d, &mut state).await);
+    let mut error = None;
+    for _ in 0..10 {
+        match next_about(client, id).await {
+            Some(WireMessage::Sync { data, .. }) => {
+                let m = automerge::sync::Message::decode(&data).unwrap();
+                let covered = !m.heads.is_empty() && m.heads == d.get_heads();
+                let mut copy = d.fork();
+                copy.receive_sync_message(&mut state, m).unwrap();
+                if covered {
+                    return "stored".into();
+                }
+                sync_with(client, id, &copy, &mut state).await;
+            }
+            Some(WireMessage::Error { message, .. }) => error = Some(message),
+            Some(WireMessage::DocUnavailable { .. }) => return error.unwrap_or_else(|| "unavailable".into()),
+            other => return format!("{other:?}"),
+        }
+    }
+    "no answer".into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_conversation_is_judged_like_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let ada = Agent::start(&relay, &tokens, "ada");
+    ada.connected().await;
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+
+    // A WhatsApp conversation whose first change carries a customer message, a message in the
+    // admin's name and the admin in the room: all of it forged by a representative.
+    let forged_id = crewdesk::sync::document_id::encode(&[9; 16]);
+    let mut forged = Automerge::new();
+    forged
+        .transact::<_, _, DocError>(|tx| {
+            doc::write_new(tx, &new_conversation(&forged_id, Channel::WhatsApp))?;
+            doc::set_in_room(tx, &"ada".into(), true)?;
+            let m = Message { author: Author::Customer, ..crew("m1", "bob", Timestamp::now(), text("Send it to me")) };
+            doc::add_message(tx, &m)?;
+            doc::add_message(tx, &crew("m2", "ada", Timestamp::now(), text("Refund approved")))
+        })
+        .unwrap();
+    let got = create(&mut bob, &forged_id, &forged).await;
+    assert!(got.contains("start when the customer writes"), "{got}");
+    // The same content on the email channel is still refused, for the forged parts.
+    let email_id = crewdesk::sync::document_id::encode(&[10; 16]);
+    let mut email = Automerge::new();
+    email
+        .transact::<_, _, DocError>(|tx| {
+            doc::write_new(tx, &new_conversation(&email_id, Channel::Email))?;
+            doc::set_in_room(tx, &"ada".into(), true)
+        })
+        .unwrap();
+    let got = create(&mut bob, &email_id, &email).await;
+    assert!(got.contains("only for themselves"), "{got}");
+
+    // An honest email thread, opened by bob with his own first message, is stored and reaches ada.
+    let honest_id = crewdesk::sync::document_id::encode(&[11; 16]);
+    let mut honest = Automerge::new();
+    honest
+        .transact::<_, _, DocError>(|tx| {
+            doc::write_new(tx, &new_conversation(&honest_id, Channel::Email))?;
+            doc::set_in_room(tx, &"bob".into(), true)?;
+            doc::add_message(tx, &crew("m1", "bob", Timestamp::now(), text("Following up on your order")))
+        })
+        .unwrap();
+    assert_eq!(create(&mut bob, &honest_id, &honest).await, "stored");
+    let honest_id = crewdesk::domain::ConversationId(honest_id);
+    ada.has(&honest_id).await;
+    assert!(ada.with(|r| r.summary(&crewdesk::domain::ConversationId(forged_id.clone())).is_none()));
+    assert!(ada.with(|r| r.summary(&crewdesk::domain::ConversationId(email_id.clone())).is_none()));
+    let store = relay.open_store();
+    assert!(store.load_document(&forged_id).unwrap().is_none(), "nothing forged is stored");
+    assert!(store.load_document(&email_id).unwrap().is_none(), "nothing forged is stored");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_reply_and_leave_made_offline_are_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let mut bob = Agent::start(&relay, &tokens, "bob");
+    let carol = Agent::start(&relay, &tokens, "carol");
+    bob.connected().await;
+    carol.connected().await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    bob.has(&id).await;
+    carol.has(&id).await;
+    // Offline, bob joins, replies and leaves: three changes, each judged on its own when they arrive.
+    bob.disconnect().await;
+    bob.with(|r| r.join(&id, Timestamp::now()).unwrap());
+    bob.with(|r| r.send(&id, text("Answered from the train"), Timestamp::now()).unwrap());
+    bob.with(|r| r.leave(&id).unwrap());
+    assert_eq!(bob.with(|r| r.unsynced().unwrap().0), 3);
+    bob.reconnect();
+    eventually(15, "carol sees the reply", || carol.message_texts(&id).contains(&"Answered from the train".into()))
+        .await;
+    eventually(15, "bob's outbox is empty", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+    assert!(carol.with(|r| r.summary(&id).unwrap().crew_in_room.is_empty()), "bob left again");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_hostile_frames_do_not_stop_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let carol = Agent::start(&relay, &tokens, "carol");
+    let ada = Agent::start(&relay, &tokens, "ada");
+    carol.connected().await;
+    ada.connected().await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    carol.has(&id).await;
+    ada.has(&id).await;
+    carol.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    let copy = fetch(&mut bob, id.as_str()).await;
+    // 1,000 refused changes (a new one each time, so none is refused from memory), sent without
+    // waiting for the answers, while carol keeps writing.
+    let hostile = {
+        let id = id.0.clone();
+        tokio::spawn(async move {
+            let mut refused = 0;
+            for n in 0..1_000 {
+                let mut attempt = copy.fork();
+                attempt
+                    .transact::<_, _, DocError>(|tx| {
+                        let m = Message {
+                            author: Author::Customer,
+                            ..crew(&format!("f{n}"), "bob", Timestamp::now(), text("forged"))
+                        };
+                        doc::add_message(tx, &m)
+                    })
+                    .unwrap();
+                let change = attempt.get_last_local_change().unwrap();
+                let mut m = automerge::sync::Message::decode(&[0x42, 0, 0, 0, 0]).unwrap();
+                m.heads = attempt.get_heads();
+                m.changes = vec![change.raw_bytes().to_vec()].into();
+                send_sync(&mut bob, &id, m.encode()).await;
+            }
+            while let Ok(Some(m)) = tokio::time::timeout(std::time::Duration::from_secs(5), bob.next()).await {
+                if matches!(m, WireMessage::Error { .. }) {
+                    refused += 1;
+                }
+            }
+            refused
+        })
+    };
+    for n in 0..20 {
+        carol.act(&id, |r| r.send(&id, text(&format!("reply {n}")), Timestamp::now()).unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    eventually(30, "ada has every reply", || ada.message_texts(&id).len() == 21).await;
+    let refused = hostile.await.unwrap();
+    assert!(refused > 0, "the hostile changes were refused");
+    assert!(ada.message_texts(&id).iter().all(|t| t != "forged"));
+    relay.stop().await;
+}
