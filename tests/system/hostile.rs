@@ -250,11 +250,10 @@ async fn automerge_bombs_are_refused_before_automerge_reads_them() {
     carol.connected().await;
     let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
     carol.has(&id).await;
-    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
-    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
-    let copy = fetch(&mut bob, id.as_str()).await;
-
-    let whole_document = copy.save();
+    // Built before connecting: deflating 64 MiB takes a few seconds in a debug build, longer than
+    // the relay waits for a silent connection.
+    let whole_document =
+        doc::create(automerge::ActorId::random(), &new_conversation(id.as_str(), Channel::Email)).unwrap().save();
     let bombs: Vec<(&str, Vec<u8>)> = vec![
         // bits_per_entry = 0 divided by zero under the conversation's lock.
         ("bits per entry", with_bloom(1, 0, &[7], 0)),
@@ -266,6 +265,9 @@ async fn automerge_bombs_are_refused_before_automerge_reads_them() {
         ("document", with_changes(&[whole_document])),
         ("not automerge", with_changes(&[b"garbage".to_vec()])),
     ];
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    fetch(&mut bob, id.as_str()).await;
     for (what, bytes) in bombs {
         send_sync(&mut bob, id.as_str(), bytes).await;
         match next_about(&mut bob, id.as_str()).await {
