@@ -31,6 +31,10 @@ pub struct ChangeAuthor {
     pub team: TeamId,
     pub role: Role,
     pub mode: TeamMode,
+    /// Actor ids bound to other agents (the relay records who first used each actor): a change
+    /// made with one of them is refused, so nobody writes with a teammate's actor and sequence
+    /// numbers (which would block the teammate's own changes for good).
+    pub foreign_actors: Vec<automerge::ActorId>,
 }
 
 /// Why a change was refused: the rule it broke, in words an agent understands.
@@ -498,6 +502,12 @@ pub fn apply_judged(
             _ => header_at(doc, change.deps(), on_heads),
         };
         let hash = change.hash();
+        if who.foreign_actors.contains(change.actor_id()) {
+            dropped.insert(hash);
+            let refusal = Refusal("the change was made with another agent's actor id".into());
+            verdict.refused.get_or_insert((hash, refusal));
+            continue;
+        }
         if let Err(e) = doc.apply_changes([change.clone()]) {
             dropped.insert(hash);
             verdict.refused.get_or_insert((hash, Refusal(format!("the change could not be applied ({e})"))));
@@ -578,7 +588,7 @@ mod tests {
     const ID: &str = "2jQ5Vc7u9o1Wk6Bq3TXYtY7cWKdV";
 
     fn author(agent: &str, role: Role, mode: TeamMode) -> ChangeAuthor {
-        ChangeAuthor { agent: agent.into(), team: "sales".into(), role, mode }
+        ChangeAuthor { agent: agent.into(), team: "sales".into(), role, mode, foreign_actors: Vec::new() }
     }
     fn bob() -> ChangeAuthor {
         author("bob", Role::Representative, TeamMode::Open)
@@ -813,6 +823,18 @@ mod tests {
             let got = refusal(base, &bob(), f);
             assert!(got.contains(expected), "expected `{expected}`, got `{got}`");
         }
+    }
+
+    #[test]
+    fn a_change_with_another_agents_actor_is_refused() {
+        let mut d = stored();
+        let mut as_carol = d.fork();
+        as_carol.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &"bob".into(), true)).unwrap();
+        let c = as_carol.get_last_local_change().unwrap();
+        let who = ChangeAuthor { foreign_actors: vec![c.actor_id().clone()], ..bob() };
+        let v = verdict(&mut d, vec![c], &who);
+        assert!(v.refused.unwrap().1.0.contains("another agent's actor"));
+        assert!(v.accepted.is_empty());
     }
 
     #[test]

@@ -480,7 +480,13 @@ impl Replica {
             .get(&summary.team)
             .ok_or_else(|| ReplicaError::UnknownTeam { conversation: id.clone(), team: summary.team.clone() })?;
         let role = team.role_of(&self.agent).ok_or(DomainError::NotAMember)?;
-        Ok(conversation::ChangeAuthor { agent: self.agent.clone(), team: team.id.clone(), role, mode: team.mode })
+        Ok(conversation::ChangeAuthor {
+            agent: self.agent.clone(),
+            team: team.id.clone(),
+            role,
+            mode: team.mode,
+            foreign_actors: Vec::new(),
+        })
     }
 
     // ---- sync ----------------------------------------------------------------------------------

@@ -59,6 +59,10 @@ pub async fn run(
         None => None,
     };
     let whatsapp_wake = Arc::new(Notify::new());
+    // The relay writes with its own actor (gateways, grab decisions): no agent may use it.
+    let actor = ActorId::random();
+    let (s, hex) = (store.clone(), actor.to_hex_string());
+    tokio::task::spawn_blocking(move || s.bind_actors(&AgentId(RELAY_ACTOR_OWNER.into()), &[hex])).await??;
     let relay = Arc::new(Relay {
         mail_wake,
         whatsapp_wake: whatsapp_wake.clone(),
@@ -72,7 +76,8 @@ pub async fn run(
         store,
         peer_id: format!("crewdesk-relay-{storage_id}"),
         storage_id,
-        actor: ActorId::random(),
+        actors: Mutex::new(HashMap::from([(actor.to_hex_string(), AgentId(RELAY_ACTOR_OWNER.into()))])),
+        actor,
         config,
         docs: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
@@ -193,7 +198,16 @@ pub struct Relay {
     widget_uploads: crate::limits::Limiter<String>,
     /// Each team's mode (open or grab) and when it was read, for the judge of changes.
     team_modes: Mutex<HashMap<TeamId, (TeamMode, Instant)>>,
+    /// Which agent each automerge actor id (hex) is bound to, as far as this instance has seen.
+    actors: Mutex<HashMap<String, AgentId>>,
 }
+
+/// Who the relay's own actors are bound to (not a valid agent id: it holds parentheses and a
+/// space-free word no admin command creates).
+const RELAY_ACTOR_OWNER: &str = "(relay)";
+
+/// Bound actors kept in memory; beyond this the map starts over (it is a cache of the store).
+const MAX_CACHED_ACTORS: usize = 100_000;
 
 /// A chunk waiting for the group commit, and who to tell when it is on disk.
 struct Commit {
@@ -542,8 +556,17 @@ impl Relay {
                         session.error(&self.peer_id, "the relay could not read this conversation; try again later");
                         return;
                     };
-                    let author =
-                        ChangeAuthor { agent: session.agent.id.clone(), team: stored.team.clone(), role, mode };
+                    let Some(foreign_actors) = self.foreign_actors(&session.agent.id, &changes).await else {
+                        session.error(&self.peer_id, "the relay could not read this conversation; try again later");
+                        return;
+                    };
+                    let author = ChangeAuthor {
+                        agent: session.agent.id.clone(),
+                        team: stored.team.clone(),
+                        role,
+                        mode,
+                        foreign_actors,
+                    };
                     conversation::apply_judged(&mut stored.doc, &doc_id, changes.clone(), &author, Timestamp::now())
                 }
             };
@@ -630,6 +653,43 @@ impl Relay {
             }
             return;
         }
+    }
+
+    /// The actors of `changes` that are bound to someone other than `agent` (binding the ones
+    /// nobody used yet to `agent`). `None` when the store cannot be reached.
+    async fn foreign_actors(&self, agent: &AgentId, changes: &[automerge::Change]) -> Option<Vec<ActorId>> {
+        let mut unknown: Vec<String> = Vec::new();
+        let mut foreign = Vec::new();
+        {
+            let known = self.actors.lock().unwrap_or_else(|p| p.into_inner());
+            for actor in changes.iter().map(automerge::Change::actor_id) {
+                let hex = actor.to_hex_string();
+                match known.get(&hex) {
+                    Some(owner) if owner != agent => foreign.push(actor.clone()),
+                    Some(_) => {}
+                    None if !unknown.contains(&hex) => unknown.push(hex),
+                    None => {}
+                }
+            }
+        }
+        if unknown.is_empty() {
+            return Some(foreign);
+        }
+        let (who, asked) = (agent.clone(), unknown.clone());
+        let owners = self.blocking(move |s| s.bind_actors(&who, &asked)).await.ok()?;
+        let mut known = self.actors.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() + owners.len() > MAX_CACHED_ACTORS {
+            known.clear();
+        }
+        for (hex, owner) in unknown.into_iter().zip(owners) {
+            if owner != *agent
+                && let Some(c) = changes.iter().find(|c| c.actor_id().to_hex_string() == hex)
+            {
+                foreign.push(c.actor_id().clone());
+            }
+            known.insert(hex, owner);
+        }
+        Some(foreign)
     }
 
     /// How a team works (open or grab mode), read from storage at most every few seconds.
@@ -889,7 +949,12 @@ impl Relay {
                 session.send(unavailable);
                 return;
             };
-            let author = ChangeAuthor { agent: session.agent.id.clone(), team, role, mode };
+            let Some(foreign_actors) = self.foreign_actors(&session.agent.id, &changes).await else {
+                e.pending.remove(&session.conn);
+                session.error(&self.peer_id, "the relay could not store this conversation; it will be sent again");
+                return;
+            };
+            let author = ChangeAuthor { agent: session.agent.id.clone(), team, role, mode, foreign_actors };
             let verdict = conversation::apply_judged(pdoc, doc_id, changes, &author, Timestamp::now());
             if let Some((hash, refusal)) = verdict.refused {
                 info!(%doc_id, agent = %session.agent.id, change = %hash, %refusal, "new conversation refused");

@@ -85,7 +85,7 @@ async fn attempt(
     base: &Automerge,
     forge: impl FnOnce(&mut Transaction<'_>) -> Result<(), DocError>,
 ) -> String {
-    let mut attempt = base.fork();
+    let mut attempt = base.fork().with_actor(base.get_actor().clone());
     let mut state = automerge::sync::State::new();
     attempt.transact::<_, _, DocError>(forge).unwrap();
     for _ in 0..10 {
@@ -470,5 +470,33 @@ async fn a_thousand_hostile_frames_do_not_stop_the_others() {
     let refused = hostile.await.unwrap();
     assert!(refused > 0, "the hostile changes were refused");
     assert!(ada.message_texts(&id).iter().all(|t| t != "forged"));
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_writes_with_a_teammates_actor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let carol = Agent::start(&relay, &tokens, "carol");
+    carol.connected().await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    carol.has(&id).await;
+    carol.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    eventually(10, "carol's join is stored", || carol.with(|r| r.unsynced().unwrap().0) == 0).await;
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    let copy = fetch(&mut bob, id.as_str()).await;
+    // bob takes carol's actor (and so her next sequence number) for a change of his own.
+    let joined = copy.get_changes(&[]).into_iter().find(|c| {
+        let mut at = copy.fork_at(&[c.hash()]).unwrap();
+        at.get_heads() == vec![c.hash()] && doc::read_header(&mut at).unwrap().crew_in_room.contains(&"carol".into())
+    });
+    let carols = joined.expect("carol's join").actor_id().clone();
+    let forged = copy.fork().with_actor(carols);
+    let got = attempt(&mut bob, id.as_str(), &forged, |tx| doc::set_in_room(tx, &"bob".into(), true)).await;
+    assert!(got.contains("another agent's actor"), "{got}");
+    // Carol's own next change (with that same sequence number) still goes through.
+    carol.act(&id, |r| r.send(&id, text("mine"), Timestamp::now()).unwrap());
+    eventually(10, "carol's reply is stored", || carol.with(|r| r.unsynced().unwrap().0) == 0).await;
     relay.stop().await;
 }

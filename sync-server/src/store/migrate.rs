@@ -19,6 +19,7 @@ const TABLES: &[(&str, &[&str], &str)] = &[
     ("tokens", &["hash", "agent", "label", "created_at", "revoked_at"], "hash"),
     ("documents", &["id", "team", "created_at"], "id"),
     ("grab_log", &["doc_id", "agent", "received_at"], "seq"),
+    ("actors", &["actor", "agent", "first_seen"], "actor"),
     ("widget_sessions", &["token_hash", "doc_id", "location", "created_at"], "token_hash"),
     (
         "email_outbox",

@@ -219,6 +219,11 @@ pub trait Storage: Send + Sync {
     /// The outcome of one attempt: sent, failed for good, or retry after a doubling backoff.
     fn whatsapp_attempted(&self, message_id: &str, outcome: &WhatsAppOutcome, now: i64) -> Result<(), StoreError>;
 
+    // ---- actors --------------------------------------------------------------------------------
+    /// Binds each automerge actor id (hex) not yet bound to `agent`; returns the agent each one is
+    /// bound to (the first to use it, on any instance).
+    fn bind_actors(&self, agent: &AgentId, actors: &[String]) -> Result<Vec<AgentId>, StoreError>;
+
     // ---- grabs ---------------------------------------------------------------------------------
     /// Records grab requests in arrival order; returns the full order for the document. The
     /// order is decided inside one transaction, so every instance reads the same order.

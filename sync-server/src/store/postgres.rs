@@ -28,6 +28,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0002_blob_bytes.sql"),
     include_str!("migrations/postgres/0003_rate_events.sql"),
     include_str!("migrations/postgres/0004_email_attachments.sql"),
+    include_str!("migrations/postgres/0005_actors.sql"),
 ];
 
 /// The NOTIFY channel the instances talk on.
@@ -859,6 +860,26 @@ impl Storage for PgStore {
     }
 
     /// Under the document's grab lock: every instance sees the same first request.
+    fn bind_actors(&self, agent: &AgentId, actors: &[String]) -> Result<Vec<AgentId>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let mut bound = Vec::with_capacity(actors.len());
+            for actor in actors {
+                // One statement: the first agent to use the actor wins on every instance.
+                let row = c
+                    .query_one(
+                        "WITH ins AS (INSERT INTO actors (actor, agent, first_seen) VALUES ($1, $2, $3) \
+                         ON CONFLICT (actor) DO NOTHING RETURNING agent) \
+                         SELECT agent FROM ins UNION ALL SELECT agent FROM actors WHERE actor = $1 LIMIT 1",
+                        &[actor, &agent.as_str(), &now_millis()],
+                    )
+                    .await?;
+                bound.push(AgentId(row.get(0)));
+            }
+            Ok(bound)
+        })
+    }
+
     fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError> {
         self.block(async {
             let mut c = self.client().await?;

@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0005_blobs.sql"),
     include_str!("migrations/sqlite/0006_document_created_at.sql"),
     include_str!("migrations/sqlite/0007_email_attachments.sql"),
+    include_str!("migrations/sqlite/0008_actors.sql"),
 ];
 
 pub struct SqliteStore {
@@ -536,6 +537,22 @@ impl Storage for SqliteStore {
     }
 
     /// Records grab requests in arrival order; returns the full order for the document.
+    fn bind_actors(&self, agent: &AgentId, actors: &[String]) -> Result<Vec<AgentId>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut bound = Vec::with_capacity(actors.len());
+        for actor in actors {
+            tx.execute(
+                "INSERT OR IGNORE INTO actors (actor, agent, first_seen) VALUES (?1, ?2, ?3)",
+                params![actor, agent.as_str(), now_millis()],
+            )?;
+            let owner: String = tx.query_row("SELECT agent FROM actors WHERE actor = ?1", [actor], |r| r.get(0))?;
+            bound.push(AgentId(owner));
+        }
+        tx.commit()?;
+        Ok(bound)
+    }
+
     fn log_grabs(&self, doc: &str, agents: &[AgentId]) -> Result<Vec<AgentId>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
