@@ -283,8 +283,8 @@ impl Replica {
         let kind = access::join_kind(team, &self.agent, summary, at)?;
         let agent = self.agent.clone();
         match kind {
-            JoinKind::Join => self.local_change(id, &[], |tx| doc::set_in_room(tx, &agent, true))?,
-            JoinKind::Grab => self.local_change(id, &[], |tx| doc::request_grab(tx, &agent, at))?,
+            JoinKind::Join => self.local_change(id, &[], at, |tx| doc::set_in_room(tx, &agent, true))?,
+            JoinKind::Grab => self.local_change(id, &[], at, |tx| doc::request_grab(tx, &agent, at))?,
         }
         Ok(kind)
     }
@@ -295,27 +295,27 @@ impl Replica {
         let (team, summary) = self.visible(id)?;
         access::may_grab(team, &self.agent, summary, at)?;
         let agent = self.agent.clone();
-        self.local_change(id, &[], |tx| doc::request_grab(tx, &agent, at))
+        self.local_change(id, &[], at, |tx| doc::request_grab(tx, &agent, at))
     }
 
     pub fn leave(&mut self, id: &ConversationId) -> Result<(), ReplicaError> {
         let (team, summary) = self.visible(id)?;
         access::may_leave(team, &self.agent, summary)?;
         let agent = self.agent.clone();
-        self.local_change(id, &[], |tx| doc::set_in_room(tx, &agent, false))
+        self.local_change(id, &[], Timestamp::now(), |tx| doc::set_in_room(tx, &agent, false))
     }
 
     pub fn close(&mut self, id: &ConversationId, at: Timestamp) -> Result<(), ReplicaError> {
         let (team, summary) = self.visible(id)?;
         access::may_close(team, &self.agent, summary, at)?;
-        self.local_change(id, &[], |tx| doc::close(tx, at))
+        self.local_change(id, &[], at, |tx| doc::close(tx, at))
     }
 
     pub fn edit_customer(&mut self, id: &ConversationId, edit: &CustomerEdit) -> Result<(), ReplicaError> {
         let (team, summary) = self.visible(id)?;
         access::may_edit_customer(team, &self.agent, summary)?;
         edit.validate()?;
-        self.local_change(id, &[], |tx| doc::edit_customer(tx, edit))
+        self.local_change(id, &[], Timestamp::now(), |tx| doc::edit_customer(tx, edit))
     }
 
     /// ▶ send. The message is durable (fsynced) when this returns.
@@ -329,7 +329,7 @@ impl Replica {
             body,
         };
         let id_out = message.id.clone();
-        self.local_change(id, std::slice::from_ref(&message), |tx| doc::add_message(tx, &message))?;
+        self.local_change(id, std::slice::from_ref(&message), at, |tx| doc::add_message(tx, &message))?;
         Ok(id_out)
     }
 
@@ -409,7 +409,7 @@ impl Replica {
         self.visible(id)?;
         let message = Message { id: doc::new_message_id(&mut self.rng), at, author: Author::Customer, body };
         let id_out = message.id.clone();
-        self.write_change(id, std::slice::from_ref(&message), false, |tx| doc::add_message(tx, &message))?;
+        self.write_change(id, std::slice::from_ref(&message), None, |tx| doc::add_message(tx, &message))?;
         Ok(id_out)
     }
 
@@ -423,45 +423,47 @@ impl Replica {
 
     /// Applies one agent action to the document and stores change, messages and index row in
     /// one fsynced transaction. On any failure nothing is stored and the cached document is dropped.
-    fn local_change<F>(&mut self, id: &ConversationId, messages: &[Message], edit: F) -> Result<(), ReplicaError>
-    where
-        F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), DocError>,
-    {
-        self.write_change(id, messages, true, edit)
-    }
-
-    /// Makes one change; `judged`: an agent's action, which the judge of changes must accept
-    /// exactly as the relay will (`false` only for what gateways do on the relay: customer
-    /// messages in demo data and tests). A refused change is never stored.
-    fn write_change<F>(
+    /// An agent's action, made at `at` (this computer's clock, which the judge takes as its own:
+    /// only the relay can tell whether that clock is ahead).
+    fn local_change<F>(
         &mut self,
         id: &ConversationId,
         messages: &[Message],
-        judged: bool,
+        at: Timestamp,
         edit: F,
     ) -> Result<(), ReplicaError>
     where
         F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), DocError>,
     {
-        let author = match judged {
-            true => Some(self.change_author(id)?),
-            false => None,
+        self.write_change(id, messages, Some(at.max(Timestamp::now())), edit)
+    }
+
+    /// Makes one change; `judged_at`: an agent's action, which the judge of changes must accept
+    /// exactly as the relay will, with the judge's clock at that time (`None` only for what
+    /// gateways do on the relay: customer messages in demo data and tests). A refused change is
+    /// never stored.
+    fn write_change<F>(
+        &mut self,
+        id: &ConversationId,
+        messages: &[Message],
+        judged_at: Option<Timestamp>,
+        edit: F,
+    ) -> Result<(), ReplicaError>
+    where
+        F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), DocError>,
+    {
+        let author = match judged_at {
+            Some(now) => Some((self.change_author(id)?, now)),
+            None => None,
         };
         let mut d = self.take_doc(id)?.ok_or_else(|| ReplicaError::UnknownConversation(id.clone()))?;
         let before = d.get_heads();
         let header_before = doc::read_header(&d).ok();
         d.transact(edit).map_err(|f| f.error)?;
-        if let (Some(author), Some(change)) = (author, d.get_last_local_change()) {
+        if let (Some((author, now)), Some(change)) = (author, d.get_last_local_change()) {
             let after = doc::read_header(&d).ok();
             let verdict = conversation::summarize(&d, &change).and_then(|summary| {
-                conversation::judge(
-                    id.as_str(),
-                    header_before.as_ref(),
-                    after.as_ref(),
-                    &summary,
-                    &author,
-                    Timestamp::now(),
-                )
+                conversation::judge(id.as_str(), header_before.as_ref(), after.as_ref(), &summary, &author, now)
             });
             // The refused change is only in this copy of the document, which is dropped.
             verdict?;
