@@ -72,6 +72,9 @@ pub struct DetailView {
     pub whatsapp_templates: Vec<WhatsAppTemplate>,
     /// Names of agents by id, for message authors.
     pub names: Vec<CrewMember>,
+    /// Why the relay refused a change this agent made here (shown until everything is synced).
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 /// One entry of the Notifications panel (representatives of grab-mode teams).
@@ -126,6 +129,7 @@ pub fn detail_view(row: RowView, messages: Vec<Message>, team: &Team, agent: &Ag
         templates: team.templates.clone(),
         whatsapp_templates: team.whatsapp_templates.clone(),
         names: team.members.iter().map(|m| CrewMember { id: m.agent.clone(), name: m.name.clone() }).collect(),
+        refused: None,
         team_mode: team.mode,
         messages,
         row,

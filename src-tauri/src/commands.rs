@@ -109,7 +109,9 @@ pub async fn conversation(state: State<'_, AppState>, id: ConversationId) -> Com
     let unsynced = r.unsynced()?.1.contains(&id);
     let count = detail.summary.message_count;
     let row = row_view(&detail.summary, team, r.agent(), now, count, unsynced);
-    Ok(detail_view(row, detail.messages, team, r.agent(), now))
+    let mut view = detail_view(row, detail.messages, team, r.agent(), now);
+    view.refused = r.refusal(&id).map(str::to_owned);
+    Ok(view)
 }
 
 /// Runs an agent action on the replica, wakes the sync driver and tells the window.

@@ -109,6 +109,9 @@ pub struct Replica {
     index: BTreeMap<ConversationId, ConversationSummary>,
     cache: DocCache,
     rng: StdRng,
+    /// Why the relay last refused a change of this replica to a conversation (kept until the
+    /// conversation's changes are all synced), so the desk can show it on the conversation.
+    refusals: HashMap<ConversationId, String>,
 }
 
 impl Replica {
@@ -142,7 +145,8 @@ impl Replica {
             }
         }
         let index = store::load_summaries(&conn)?.into_iter().map(|s| (s.id.clone(), s)).collect();
-        Ok(Replica { conn, agent, actor, teams, index, cache: DocCache { tick: 0, docs: HashMap::new() }, rng })
+        let cache = DocCache { tick: 0, docs: HashMap::new() };
+        Ok(Replica { conn, agent, actor, teams, index, cache, rng, refusals: HashMap::new() })
     }
 
     pub fn agent(&self) -> &AgentId {
@@ -521,8 +525,21 @@ impl Replica {
         })?;
         if covered {
             store::outbox_remove(&self.conn, id, &pending)?;
+            self.refusals.remove(id);
         }
         Ok(covered)
+    }
+
+    /// The relay refused a change of this replica to `id`, for `reason`.
+    pub fn note_refusal(&mut self, id: &ConversationId, reason: &str) {
+        if self.index.contains_key(id) {
+            self.refusals.insert(id.clone(), reason.to_owned());
+        }
+    }
+
+    /// Why the relay refused this replica's last refused change to `id`, while it is not synced.
+    pub fn refusal(&self, id: &ConversationId) -> Option<&str> {
+        self.refusals.get(id).map(String::as_str)
     }
 
     /// Remembers that an attachment picked here must reach the relay's blob store.

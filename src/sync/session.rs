@@ -134,7 +134,13 @@ impl ClientSession {
                 self.states.remove(&id);
                 events.push(SessionEvent::Unavailable(id));
             }
-            WireMessage::Error { message, .. } => events.push(SessionEvent::RelayError(message)),
+            WireMessage::Error { message, .. } => {
+                // "document <id>: <rule>; refused": shown on that conversation too.
+                if let Some((id, reason)) = message.strip_prefix("document ").and_then(|m| m.split_once(": ")) {
+                    replica.note_refusal(&ConversationId(id.to_owned()), reason);
+                }
+                events.push(SessionEvent::RelayError(message))
+            }
             WireMessage::Ephemeral { document_id, data, .. } => {
                 let id = ConversationId(document_id);
                 if let Some(p) = super::presence::decode(&data) {

@@ -500,3 +500,26 @@ async fn nobody_writes_with_a_teammates_actor() {
     eventually(10, "carol's reply is stored", || carol.with(|r| r.unsynced().unwrap().0) == 0).await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_refused_because_the_rules_changed_offline_is_shown_on_the_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let mut bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    bob.has(&id).await;
+    // Offline, bob joins (Sales is an open team as far as his replica knows); meanwhile an admin
+    // switches Sales to grab mode, where representatives grab instead.
+    bob.disconnect().await;
+    bob.with(|r| r.join(&id, Timestamp::now()).unwrap());
+    let store = relay.open_store();
+    let mut sales = store.teams().unwrap().into_iter().find(|t| t.id.as_str() == demo::SALES).unwrap();
+    sales.mode = crewdesk::domain::TeamMode::Grab;
+    store.put_team(&sales).unwrap();
+    bob.reconnect();
+    eventually(15, "bob sees why", || bob.with(|r| r.refusal(&id).map(str::to_owned)).is_some()).await;
+    let reason = bob.with(|r| r.refusal(&id).unwrap().to_owned());
+    assert!(reason.contains("grab"), "{reason}");
+    relay.stop().await;
+}

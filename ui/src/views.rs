@@ -748,6 +748,9 @@ fn composer(props: &ComposerProps) -> Html {
             if window_closed {
                 <p class="notice small">{ "The customer's last WhatsApp message is more than 24 hours old: free text is blocked, send an approved template (💬)." }</p>
             }
+            if let Some(reason) = &v.refused {
+                <p class="notice refused small" id="refused">{ format!("The relay refused a change you made here: {reason}") }</p>
+            }
             <textarea id="composer" rows="3" placeholder={ if window_closed { "Only WhatsApp templates can be sent now" } else { "Write a reply… (Enter sends, Shift+Enter new line)" } }
                 value={(*text).clone()} oninput={on_input} onkeydown={on_key} disabled={window_closed} />
             <div class="tools">
