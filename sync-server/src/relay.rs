@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use crewdesk::domain::Timestamp;
 use crewdesk::domain::access::decide_grab;
-use crewdesk::domain::{AgentId, TeamId, TeamMode};
+use crewdesk::domain::{AgentId, Role, TeamId, TeamMode};
 use crewdesk::replica::conversation::{self, ChangeAuthor, Verdict};
 use crewdesk::replica::doc;
 use crewdesk::sync::bounded::{self, SyncLimits};
@@ -934,20 +934,37 @@ impl Relay {
             // The judge needs to know whose conversation this claims to be: read its team from a
             // throwaway copy (small, and already checked against the limits), then judge each change.
             let mut probe = pdoc.clone();
-            let team = match probe.apply_changes(changes.clone()).ok().and_then(|()| doc::read_header(&probe).ok()) {
-                Some(h) => h.team,
-                None => TeamId::default(),
-            };
-            let role = session.agent.role_in(&team);
-            let mode = match role {
-                Some(_) => self.team_mode(&team).await,
-                None => None,
-            };
-            let (Some(role), Some(mode)) = (role, mode) else {
-                // Not a conversation of the agent's teams (or none at all): as for a missing document.
-                e.pending.remove(&session.conn);
-                session.send(unavailable);
-                return;
+            let probed = probe.apply_changes(changes.clone()).map_err(|e| e.to_string());
+            let header = probed.and_then(|()| doc::read_header(&probe).map_err(|e| e.to_string()));
+            let has_schema = matches!(doc::schema_of(&probe), Ok(Some(_)));
+            let (team, role, mode) = match header {
+                Ok(h) => {
+                    let role = session.agent.role_in(&h.team);
+                    let mode = match role {
+                        Some(_) => self.team_mode(&h.team).await,
+                        None => None,
+                    };
+                    let (Some(role), Some(mode)) = (role, mode) else {
+                        // A conversation of a team the agent is not in: as for a missing document.
+                        e.pending.remove(&session.conn);
+                        session.send(unavailable);
+                        return;
+                    };
+                    (h.team, role, mode)
+                }
+                Err(why) if has_schema => {
+                    info!(%doc_id, agent = %session.agent.id, %why, "new conversation refused");
+                    e.pending.remove(&session.conn);
+                    session.error(
+                        &self.peer_id,
+                        format!("document {doc_id}: not a readable conversation ({why}); refused"),
+                    );
+                    session.send(unavailable);
+                    return;
+                }
+                // No conversation in it yet (automerge-repo clients start a document with an empty
+                // change): only changes without operations are accepted until the layout arrives.
+                Err(_) => (TeamId::default(), Role::Representative, TeamMode::Open),
             };
             let Some(foreign_actors) = self.foreign_actors(&session.agent.id, &changes).await else {
                 e.pending.remove(&session.conn);

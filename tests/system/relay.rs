@@ -982,3 +982,34 @@ async fn a_long_conversation_is_compacted_when_loaded_and_nothing_is_lost() {
     assert_eq!(erin.message_texts(&id), bob.message_texts(&id));
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn npm_automerge_repo_client_cannot_forge() {
+    let interop = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let ada = Agent::start(&relay, &tokens, "ada");
+    ada.connected().await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    ada.has(&id).await;
+    let forge = |args: Vec<String>| {
+        let url = format!("ws://{}/?token={}", relay.addr, tokens["bob"]);
+        tokio::process::Command::new("node").arg(interop.join("forge.mjs")).arg(url).args(args).output()
+    };
+    // A new conversation forged at creation: a customer message, a message in ada's name, ada in the room.
+    let output = forge(vec!["create".into(), demo::SALES.into(), "bob".into()]).await.expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "node failed: {stdout} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("refused: document") && stdout.contains("start when the customer writes"), "{stdout}");
+    let forged = stdout.lines().find_map(|l| l.strip_prefix("document: ")).unwrap().trim().to_owned();
+    // A customer message written into an existing conversation.
+    let output = forge(vec!["customer".into(), id.0.clone(), "bob".into()]).await.expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("refused: document") && stdout.contains("customer messages come only"), "{stdout}");
+    // Nothing of it reached ada or the store.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(ada.with(|r| r.summary(&ConversationId(forged.clone())).is_none()));
+    assert_eq!(ada.message_texts(&id), ["Hello?"]);
+    assert!(relay.open_store().load_document(&forged).unwrap().is_none());
+    relay.stop().await;
+}
