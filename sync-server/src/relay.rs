@@ -255,12 +255,36 @@ struct Session {
     overloaded: Arc<Notify>,
     /// Documents this connection is creating (see `MAX_PENDING_PER_CONNECTION`).
     pending: Arc<AtomicUsize>,
+    /// Bytes queued for this connection and not yet written (see `MAX_QUEUED_BYTES`).
+    queued: Arc<AtomicUsize>,
+}
+
+/// Bytes the relay queues for one connection before it counts as unable to keep up: a client
+/// asking again and again for a whole conversation (`request` with no heads) cannot make the relay
+/// hold many copies of it.
+const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+
+/// About how many bytes a message takes in a connection's queue.
+fn queued_size(m: &WireMessage) -> usize {
+    match m {
+        WireMessage::Sync { data, .. } | WireMessage::Request { data, .. } | WireMessage::Ephemeral { data, .. } => {
+            data.len() + 128
+        }
+        _ => 256,
+    }
 }
 
 impl Session {
     /// Queues a message; a connection that cannot keep up is closed (it resyncs when it comes back).
     fn send(&self, message: WireMessage) {
+        let size = queued_size(&message);
+        if self.queued.fetch_add(size, Ordering::Relaxed) + size > MAX_QUEUED_BYTES {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            self.overloaded.notify_one();
+            return;
+        }
         if self.tx.try_send(message).is_err() {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
             self.overloaded.notify_one();
         }
     }
@@ -1619,6 +1643,7 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
         tx,
         overloaded: overloaded.clone(),
         pending: Arc::default(),
+        queued: Arc::default(),
     };
     relay.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(conn, session.clone());
     if sink.send(Message::Binary(peer.encode().into())).await.is_err() {
@@ -1629,12 +1654,16 @@ async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: A
 
     let keepalive = relay.config.keepalive;
     let mut stop = relay.stop.clone();
+    let queued = session.queued.clone();
     let writer = tokio::spawn(async move {
         let mut ping = tokio::time::interval(keepalive);
         loop {
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(m) => if sink.send(Message::Binary(m.encode().into())).await.is_err() { break },
+                    Some(m) => {
+                        queued.fetch_sub(queued_size(&m), Ordering::Relaxed);
+                        if sink.send(Message::Binary(m.encode().into())).await.is_err() { break }
+                    }
                     None => break,
                 },
                 _ = ping.tick() => if sink.send(Message::Ping(Vec::new().into())).await.is_err() { break },
@@ -1748,8 +1777,45 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Budget, EphemeralBudget, Recent};
+    use super::{
+        Agent, Arc, Budget, EphemeralBudget, MAX_QUEUED_BYTES, Notify, Ordering, Recent, Session, WireMessage, mpsc,
+    };
     use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn a_connection_queues_at_most_its_byte_budget() {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let overloaded = Arc::new(Notify::new());
+        let agent = Agent { id: "bob".into(), name: "Bob".into(), teams: Vec::new() };
+        let session = Session {
+            conn: 1,
+            agent: Arc::new(agent),
+            peer_id: "p".into(),
+            tx,
+            overloaded: overloaded.clone(),
+            pending: Arc::default(),
+            queued: Arc::default(),
+        };
+        let whole = |n: u8| WireMessage::Sync {
+            sender_id: "relay".into(),
+            target_id: "p".into(),
+            document_id: "d".into(),
+            data: vec![n; 8 * 1024 * 1024],
+        };
+        for n in 0..7 {
+            session.send(whole(n));
+        }
+        assert!(session.queued.load(Ordering::Relaxed) <= MAX_QUEUED_BYTES);
+        session.send(whole(7));
+        // The eighth copy does not fit: the connection is told to close, nothing more is queued.
+        tokio::time::timeout(std::time::Duration::from_secs(1), overloaded.notified()).await.unwrap();
+        assert!(session.queued.load(Ordering::Relaxed) <= MAX_QUEUED_BYTES);
+        let mut count = 0;
+        while rx.try_recv().is_ok() {
+            count += 1;
+        }
+        assert_eq!(count, 7);
+    }
 
     #[test]
     fn recent_evicts_the_least_recently_used_beyond_the_limit() {
