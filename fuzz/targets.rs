@@ -557,7 +557,8 @@ pub fn judge_sequence(input: JudgeInput) {
         _ => Automerge::new(),
     };
     let history = base.get_changes(&[]);
-    let ids: Vec<ActorId> = (1..=3_u8).map(|n| ActorId::from([n; 16])).collect();
+    // Actor ids on both sides of the base's (0xa0...), so that either side wins a conflict.
+    let ids: Vec<ActorId> = [0x10_u8, 0x90, 0xf0].into_iter().map(|n| ActorId::from([n; 16])).collect();
     let mut actors: Vec<Actor> = input
         .starts
         .iter()

@@ -108,10 +108,22 @@ pub fn summarize(doc: &Automerge, change: &Change) -> Result<ChangeSummary, Refu
     // by this change where they were made, and older objects looked up when first met.
     let mut places: HashMap<String, Option<Place>> = HashMap::new();
     let schema_objects = [("customer", Place::Customer), ("room", Place::Room), ("grab_requests", Place::Grabs)];
+    // When the change is the document's only head (it came in a line, the usual case), the state at
+    // the change is the document as it is, and the state at its dependencies differs only by the
+    // change's own operations: reads then need no clock of past heads.
+    let linear = doc.get_heads() == [hash];
     let mut messages_obj = None;
     if !deps.is_empty() {
         for (key, place) in schema_objects.iter().cloned().chain([("messages", Place::Messages)]) {
-            if let Ok(Some((automerge::Value::Object(_), id))) = doc.get_at(automerge::ROOT, key, &deps) {
+            let found = match linear {
+                true => doc.get_all(automerge::ROOT, key).map(|all| {
+                    all.into_iter()
+                        .find(|(_, id)| !new_ops.contains(&id.to_string()))
+                        .map(|(v, id)| (v.into_owned(), id))
+                }),
+                false => doc.get_at(automerge::ROOT, key, &deps).map(|v| v.map(|(v, id)| (v.into_owned(), id))),
+            };
+            if let Ok(Some((automerge::Value::Object(_), id))) = found {
                 if place == Place::Messages {
                     messages_obj = Some(id.clone());
                 }
@@ -220,9 +232,13 @@ pub fn summarize(doc: &Automerge, change: &Change) -> Result<ChangeSummary, Refu
                 };
                 // An older value under this key (overwritten, deleted, or left in conflict) is a
                 // message that existed before.
-                let older = messages_obj
-                    .as_ref()
-                    .is_some_and(|m| doc.get_all_at(m, k.as_str(), &deps).is_ok_and(|values| !values.is_empty()));
+                let older = messages_obj.as_ref().is_some_and(|m| {
+                    let values = match linear {
+                        true => doc.get_all(m, k.as_str()),
+                        false => doc.get_all_at(m, k.as_str(), &deps),
+                    };
+                    values.is_ok_and(|values| values.iter().any(|(_, id)| !new_ops.contains(&id.to_string())))
+                });
                 if overwrites_old || older || !matches!(op.action, OpType::Make(automerge::ObjType::Map)) {
                     out.touches_history = true;
                 } else {
@@ -244,7 +260,7 @@ pub fn summarize(doc: &Automerge, change: &Change) -> Result<ChangeSummary, Refu
     }
     let at: &[ChangeHash] = &[hash];
     for id in message_keys {
-        match doc::message_at(doc, &id, Some(at)) {
+        match doc::message_at(doc, &id, (!linear).then_some(at)) {
             Ok(Some(m)) => out.added.push(m),
             Ok(None) => out.touches_history = true,
             Err(e) => return refuse(format!("the message {} is malformed: {e}", truncated(&id))),
@@ -339,7 +355,7 @@ pub fn judge(
                 if change.customer.contains("id") {
                     return refuse("the customer's id cannot change");
                 }
-                check_customer(after)?;
+                check_customer(after, Some(&change.customer))?;
             }
             if change.touches_history {
                 return refuse("sent messages cannot be changed or deleted");
@@ -370,13 +386,16 @@ fn judge_grabs(grabs: &[(AgentId, bool)], who: &ChangeAuthor) -> Result<(), Refu
     Ok(())
 }
 
-fn check_customer(after: &DocHeader) -> Result<(), Refusal> {
+/// The customer's details after a change: the fields it wrote (`written`, or all of them for a new
+/// conversation) must be valid; details a gateway wrote earlier are left as they are.
+fn check_customer(after: &DocHeader, written: Option<&BTreeSet<String>>) -> Result<(), Refusal> {
     let c = &after.customer;
+    let wrote = |k: &str| written.is_none_or(|w| w.contains(k));
     let edit = CustomerEdit {
-        name: Some(c.name.clone()),
-        email: c.email.clone(),
-        phone: c.phone.clone(),
-        notes: c.notes.clone(),
+        name: wrote("name").then(|| c.name.clone()),
+        email: c.email.clone().filter(|_| wrote("email")),
+        phone: c.phone.clone().filter(|_| wrote("phone")),
+        notes: c.notes.clone().filter(|_| wrote("notes")),
     };
     edit.validate().map_err(rule)?;
     let long = [&Some(c.name.clone()), &c.email, &c.phone]
@@ -434,7 +453,7 @@ fn judge_creation(
     if !after.grab_requests.is_empty() {
         return refuse("a new conversation starts without grab requests");
     }
-    check_customer(after)?;
+    check_customer(after, None)?;
     if after.channel == Channel::Email && after.customer.email.is_none() {
         return refuse("an email conversation needs the customer's email address");
     }
