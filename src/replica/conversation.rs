@@ -733,7 +733,8 @@ mod tests {
         let d = stored();
         let mut joined = d.fork();
         joined.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &"bob".into(), true)).unwrap();
-        let cases: Vec<(&str, &Automerge, Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), doc::DocError>>)> = vec![
+        type Forge = Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), doc::DocError>>;
+        let cases: Vec<(&str, &Automerge, Forge)> = vec![
             ("cannot change its id, team, channel", &d, Box::new(|tx| Ok(tx.put(ROOT, "channel", "whatsapp")?))),
             ("cannot change its id, team, channel", &d, Box::new(|tx| Ok(tx.put(ROOT, "created_at", 1)?))),
             ("unknown field", &d, Box::new(|tx| Ok(tx.put(ROOT, "junk", "x".repeat(1 << 20))?))),

@@ -488,8 +488,8 @@ async fn nobody_writes_with_a_teammates_actor() {
     let copy = fetch(&mut bob, id.as_str()).await;
     // bob takes carol's actor (and so her next sequence number) for a change of his own.
     let joined = copy.get_changes(&[]).into_iter().find(|c| {
-        let mut at = copy.fork_at(&[c.hash()]).unwrap();
-        at.get_heads() == vec![c.hash()] && doc::read_header(&mut at).unwrap().crew_in_room.contains(&"carol".into())
+        let at = copy.fork_at(&[c.hash()]).unwrap();
+        at.get_heads() == vec![c.hash()] && doc::read_header(&at).unwrap().crew_in_room.contains(&"carol".into())
     });
     let carols = joined.expect("carol's join").actor_id().clone();
     let forged = copy.fork().with_actor(carols);
