@@ -986,9 +986,17 @@ impl Relay {
                     session.send(unavailable);
                     return;
                 }
-                // No conversation in it yet (automerge-repo clients start a document with an empty
-                // change): only changes without operations are accepted until the layout arrives.
-                Err(_) => (TeamId::default(), Role::Representative, TeamMode::Open),
+                // No conversation in it yet: automerge-repo clients start a document with an empty
+                // change, kept until the layout arrives. Anything else is not a conversation, and
+                // the relay keeps conversations only: as for a missing document.
+                Err(_) if changes.iter().all(|c| c.is_empty()) => {
+                    (TeamId::default(), Role::Representative, TeamMode::Open)
+                }
+                Err(_) => {
+                    e.pending.remove(&session.conn);
+                    session.send(unavailable);
+                    return;
+                }
             };
             let Some(foreign_actors) = self.foreign_actors(&session.agent.id, &changes).await else {
                 e.pending.remove(&session.conn);

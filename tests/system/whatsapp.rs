@@ -3,6 +3,7 @@
 //! a local stand-in of the Graph API, and the 24 h window enforced on both sides.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+use crewdesk::demo;
 use crewdesk::domain::{Author, Channel, ConversationId, DomainError, Message, MessageBody, Timestamp};
 use crewdesk::replica::ReplicaError;
 use crewdesk::replica::doc;
@@ -151,6 +152,25 @@ async fn whatsapp_webhook_replies_templates_and_the_24_hour_window() {
     assert_eq!(of_type("document")["document"]["id"], media_id(&pdf).as_str());
     assert_eq!(of_type("document")["document"]["filename"], "delivery-note.pdf");
     assert!(sent.iter().all(|m| m.get("crewdesk_blob").is_none()), "internal fields never reach WhatsApp");
+
+    // A file of another conversation, named by its hash in a crew message here, is never read for
+    // WhatsApp: files are read only for the conversation they were uploaded into.
+    let other = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::Email).await;
+    bob.has(&other).await;
+    bob.act(&other, |r| r.join(&other, Timestamp::now()).unwrap());
+    let secret = b"%PDF-1.4 another customer's contract".to_vec();
+    let hash = bob.attach(&other, "contract.pdf", "application/pdf", &secret);
+    eventually(15, "uploaded", || bob.with(|r| r.pending_blob_uploads().unwrap().is_empty())).await;
+    let body = MessageBody::Attachment {
+        blob: hash.reference(),
+        file_name: "contract.pdf".into(),
+        mime: "application/pdf".into(),
+        size: secret.len() as u64,
+    };
+    bob.act(&id, |r| r.send(&id, body, Timestamp::now()).unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(graph.media.lock().unwrap().len(), 2, "no upload of another conversation's file");
+    assert_eq!(graph.accepted().len(), 3);
 
     // The customer sends a photo with a caption: the relay fetches it from the Graph API into the
     // blob store, and the crew gets it as an attachment. Audio is not kept: the crew gets a note.
