@@ -495,31 +495,37 @@ pub fn apply_judged(
     who: &ChangeAuthor,
     now: Timestamp,
 ) -> Verdict {
+    apply_judged_with(doc, doc_id, changes, who, now, &mut None)
+}
+
+/// [`apply_judged`] with the caller's copy of the conversation's header at some heads: used for the
+/// first change when it builds on those heads, and left as the header after the last change (so a
+/// conversation that gets changes in a line reads its header once per change, not twice).
+pub fn apply_judged_with(
+    doc: &mut Automerge,
+    doc_id: &str,
+    changes: Vec<Change>,
+    who: &ChangeAuthor,
+    now: Timestamp,
+    header: &mut Option<(Vec<ChangeHash>, DocHeader)>,
+) -> Verdict {
     let mut verdict = Verdict::default();
     let mut waiting: Vec<Change> = Vec::new();
     let mut seen = HashSet::new();
     for c in changes {
-        if doc.get_change_by_hash(&c.hash()).is_none() && seen.insert(c.hash()) {
+        if !has_change(doc, &c.hash()) && seen.insert(c.hash()) {
             waiting.push(c);
         }
     }
     let mut dropped: HashSet<ChangeHash> = HashSet::new();
-    // Header at the document's current heads, kept while changes come in a line.
-    let mut current: Option<(Vec<ChangeHash>, Option<DocHeader>)> = None;
     loop {
-        let ready = waiting.iter().position(|c| c.deps().iter().all(|d| doc.get_change_by_hash(d).is_some()));
+        let ready = waiting.iter().position(|c| c.deps().iter().all(|d| has_change(doc, d)));
         let Some(index) = ready else { break };
         let change = waiting.swap_remove(index);
         if change.deps().iter().any(|d| dropped.contains(d)) {
             dropped.insert(change.hash());
             continue;
         }
-        let heads = doc.get_heads();
-        let on_heads = change.deps() == heads.as_slice();
-        let before = match &current {
-            Some((at, header)) if *at == heads && on_heads => header.clone(),
-            _ => header_at(doc, change.deps(), on_heads),
-        };
         let hash = change.hash();
         if who.foreign_actors.contains(change.actor_id()) {
             dropped.insert(hash);
@@ -527,11 +533,19 @@ pub fn apply_judged(
             verdict.refused.get_or_insert((hash, refusal));
             continue;
         }
+        let heads = doc.get_heads();
+        // The change was made on the document as it is when its dependencies include every head
+        // (automerge also lists the actor's own previous change, often an ancestor of the heads).
+        let on_heads = !heads.is_empty() && heads.iter().all(|h| change.deps().contains(h));
+        let before = match header.as_ref() {
+            Some((at, known)) if *at == heads && on_heads => Some(known.clone()),
+            _ => header_at(doc, change.deps(), on_heads),
+        };
         if let Err(e) = doc.apply_changes([change.clone()]) {
             dropped.insert(hash);
             verdict.refused.get_or_insert((hash, Refusal(format!("the change could not be applied ({e})"))));
             verdict.damaged |= !rebuild(doc, &heads);
-            current = None;
+            *header = None;
             continue;
         }
         let after = header_at(doc, &[hash], on_heads);
@@ -543,26 +557,36 @@ pub fn apply_judged(
                 verdict.accepted.push(hash);
                 verdict.added.extend(added);
                 let now_heads = doc.get_heads();
-                current = if now_heads == [hash] { Some((now_heads, after)) } else { None };
+                *header = match after {
+                    Some(after) if now_heads == [hash] => Some((now_heads, after)),
+                    _ => None,
+                };
             }
             Err(refusal) => {
                 dropped.insert(hash);
                 verdict.refused.get_or_insert((hash, refusal));
                 verdict.damaged |= !rebuild(doc, &heads);
-                current = None;
+                *header = None;
             }
         }
     }
     let mut missing: BTreeSet<ChangeHash> = BTreeSet::new();
     for c in &waiting {
         for d in c.deps() {
-            if doc.get_change_by_hash(d).is_none() && !dropped.contains(d) && !seen.contains(d) {
+            if !has_change(doc, d) && !dropped.contains(d) && !seen.contains(d) {
                 missing.insert(*d);
             }
         }
     }
     verdict.missing = missing.into_iter().collect();
     verdict
+}
+
+/// Whether `doc` holds the change `hash`. (`get_change_by_hash` rebuilds the whole change from
+/// the document's operations; the change graph answers this at once. `apply_judged` never gives
+/// automerge a change whose dependencies are missing, so automerge has no queue to look in.)
+pub fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
+    doc.get_missing_deps(std::slice::from_ref(hash)).is_empty()
 }
 
 /// The conversation's header at `heads` (`current`: they are the document's heads, read it as it

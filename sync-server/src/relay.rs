@@ -5,7 +5,7 @@
 use crate::Config;
 use crate::store::{Agent, Store, StoreError};
 use automerge::sync::{self, SyncDoc};
-use automerge::{ActorId, Automerge, ReadDoc};
+use automerge::{ActorId, Automerge};
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -591,7 +591,8 @@ impl Relay {
                         mode,
                         foreign_actors,
                     };
-                    conversation::apply_judged(&mut stored.doc, &doc_id, changes.clone(), &author, Timestamp::now())
+                    let (doc, header) = (&mut stored.doc, &mut stored.header);
+                    conversation::apply_judged_with(doc, &doc_id, changes.clone(), &author, Timestamp::now(), header)
                 }
             };
             if verdict.damaged {
@@ -625,7 +626,7 @@ impl Relay {
                 let dropped: HashSet<automerge::ChangeHash> = changes
                     .iter()
                     .map(automerge::Change::hash)
-                    .filter(|h| stored.doc.get_change_by_hash(h).is_none())
+                    .filter(|h| !conversation::has_change(&stored.doc, h))
                     .collect();
                 their.retain(|h| !dropped.contains(h));
                 their.extend(verdict.missing.iter().copied());
