@@ -534,6 +534,7 @@ pub fn apply_judged_with(
             continue;
         }
         let heads = doc.get_heads();
+        let existed = matches!(doc::schema_of(doc), Ok(Some(_)));
         // The change was made on the document as it is when its dependencies include every head
         // (automerge also lists the actor's own previous change, often an ancestor of the heads).
         let on_heads = !heads.is_empty() && heads.iter().all(|h| change.deps().contains(h));
@@ -550,6 +551,11 @@ pub fn apply_judged_with(
         }
         let after = header_at(doc, &[hash], on_heads);
         let judged = summarize(doc, &change).and_then(|summary| {
+            // A conversation is created once: a change made beside its creation (on a document
+            // without it) would overwrite its fixed fields in a conflict. Found by fuzzing.
+            if before.is_none() && existed && !summary.empty {
+                return refuse("the conversation exists already; a change must build on it");
+            }
             judge(doc_id, before.as_ref(), after.as_ref(), &summary, who, now).map(|()| summary.added)
         });
         match judged {
@@ -879,6 +885,22 @@ mod tests {
         let v = verdict(&mut d, vec![c], &who);
         assert!(v.refused.unwrap().1.0.contains("another agent's actor"));
         assert!(v.accepted.is_empty());
+    }
+
+    #[test]
+    fn a_second_creation_beside_the_first_is_refused() {
+        let mut d = stored();
+        let mut rival = Automerge::new();
+        rival
+            .transact::<_, _, doc::DocError>(|tx| {
+                doc::write_new(tx, &doc::NewConversation { channel: Channel::Email, ..new(Channel::Email) })
+            })
+            .unwrap();
+        let heads = d.get_heads();
+        let v = verdict(&mut d, rival.get_changes(&[]), &bob());
+        assert!(v.refused.unwrap().1.0.contains("exists already"));
+        assert_eq!(d.get_heads(), heads);
+        assert_eq!(doc::read_header(&d).unwrap().channel, Channel::WebWidget);
     }
 
     #[test]

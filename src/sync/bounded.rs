@@ -85,6 +85,8 @@ pub enum SyncRefusal {
     Malformed(&'static str),
     #[error("the sync message carries {count} {list} (at most {limit})")]
     TooManyHashes { list: &'static str, count: u64, limit: usize },
+    #[error("the sync message lists a change twice in its {list}")]
+    DuplicateHash { list: &'static str },
     #[error("the sync message carries {count} haves (at most {limit})")]
     TooManyHaves { count: u64, limit: usize },
     #[error("a bloom filter in the sync message claims {count} entries (at most {limit})")]
@@ -260,7 +262,13 @@ fn skip_hashes(r: &mut Reader<'_>, list: &'static str, limits: &SyncLimits) -> R
     if exceeds(count, limits.max_hashes) {
         return Err(SyncRefusal::TooManyHashes { list, count, limit: limits.max_hashes });
     }
-    r.take(count.saturating_mul(HASH_BYTES), list)?;
+    let hashes = r.take(count.saturating_mul(HASH_BYTES), list)?;
+    // A hash listed twice makes automerge 0.12 panic when it answers (`MissingOps` while collecting
+    // the needed changes): found by fuzzing the relay's chain.
+    let mut seen = std::collections::HashSet::new();
+    if !hashes.chunks_exact(HASH_BYTES as usize).all(|h| seen.insert(h)) {
+        return Err(SyncRefusal::DuplicateHash { list });
+    }
     Ok(())
 }
 

@@ -80,6 +80,8 @@ pub enum WireError {
 
 /// Longest peer, document or session id a message may carry (automerge-repo's are 20 to 60 bytes).
 pub const MAX_ID_BYTES: usize = 256;
+/// Protocol versions a `join` may offer that are kept.
+const MAX_VERSIONS: usize = 16;
 /// Longest `type` and error text.
 pub const MAX_TEXT_BYTES: usize = 4 * 1024;
 /// A protocol message is a map of a dozen fields; nothing needs more CBOR items or nesting.
@@ -270,7 +272,10 @@ impl WireMessage {
                 sender_id: string("senderId")?,
                 peer_metadata: metadata(),
                 supported_protocol_versions: match get("supportedProtocolVersions") {
-                    Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_text().map(str::to_owned)).collect(),
+                    // automerge-repo knows one version; a few are kept, the rest ignored.
+                    Some(Value::Array(items)) => {
+                        items.iter().filter_map(|v| v.as_text().map(str::to_owned)).take(MAX_VERSIONS).collect()
+                    }
                     _ => vec!["1".to_owned()],
                 },
             },

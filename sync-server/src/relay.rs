@@ -630,6 +630,9 @@ impl Relay {
                     .collect();
                 their.retain(|h| !dropped.contains(h));
                 their.extend(verdict.missing.iter().copied());
+                // Never a hash twice: automerge 0.12 panics on a list that names a change twice.
+                their.sort();
+                their.dedup();
             }
             if let Some((hash, refusal)) = &verdict.refused {
                 info!(%doc_id, agent = %session.agent.id, change = %hash, %refusal, "change refused");
