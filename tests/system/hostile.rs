@@ -267,7 +267,7 @@ async fn automerge_bombs_are_refused_before_automerge_reads_them() {
     ];
     let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
     assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
-    fetch(&mut bob, id.as_str()).await;
+    let copy = fetch(&mut bob, id.as_str()).await;
     for (what, bytes) in bombs {
         send_sync(&mut bob, id.as_str(), bytes).await;
         match next_about(&mut bob, id.as_str()).await {
@@ -276,6 +276,14 @@ async fn automerge_bombs_are_refused_before_automerge_reads_them() {
             }
             other => panic!("{what}: expected an error, got {other:?}"),
         }
+    }
+    // A change asked for twice made automerge panic while the relay answered (found by fuzzing).
+    let head = copy.get_heads()[0];
+    let twice = [&[0x42, 0x00, 0x02][..], &head.0, &head.0, &[0x00, 0x00]].concat();
+    send_sync(&mut bob, id.as_str(), twice).await;
+    match next_about(&mut bob, id.as_str()).await {
+        Some(WireMessage::Error { message, .. }) => assert!(message.contains("twice"), "{message}"),
+        other => panic!("a change asked for twice: expected an error, got {other:?}"),
     }
     // Ids longer than any automerge-repo peer uses are refused as malformed.
     let long = WireMessage::Sync {
