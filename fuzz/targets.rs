@@ -83,10 +83,9 @@ pub fn sync_message_verdict(data: &[u8]) -> Option<Verdict> {
     let mut message = sync::Message::decode(data).ok()?;
     let changes = checked.changes.iter().map(|c| Change::try_from(c.as_slice())).collect::<Result<Vec<_>, _>>().ok()?;
     let base = &bases().conversation;
-    let mut doc = base.fork();
-    let before = doc.get_heads();
-    let verdict = conversation::apply_judged(&mut doc, DOC_ID, changes, &sync_author(), NOW);
-    check_verdict(base, &doc, &before, &[&verdict], &[]);
+    let mut doc = base.doc.fork();
+    let verdict = conversation::apply_judged(&mut doc, DOC_ID, changes.clone(), &sync_author(), NOW);
+    check_verdict(Some(base), &doc, &[&verdict], &changes, &[]);
     // The relay then lets automerge take the rest of the message (heads, needs, bloom filters) and
     // answers with what the client lacks.
     message.changes = sync::ChunkList::empty();
@@ -97,12 +96,18 @@ pub fn sync_message_verdict(data: &[u8]) -> Option<Verdict> {
     Some(verdict)
 }
 
-/// What must hold after `apply_judged` took changes into `doc`, a fork of `base` made at `before`
-/// (for a base that holds a conversation): the accepted changes are in, refused ones and changes
-/// made with `foreign` actors are not, nothing unjudged is kept, the conversation still reads, and
-/// what a change may never alter (id, team, channel, creation time, customer id, the grab winner,
-/// sent messages) is as it was.
-fn check_verdict(base: &Automerge, doc: &Automerge, before: &[ChangeHash], verdicts: &[&Verdict], foreign: &[ActorId]) {
+/// What must hold after `apply_judged` took the `delivered` changes into `doc`, a fork of `base`
+/// (`None`: a document with no conversation yet): the accepted changes are in, refused ones, changes
+/// made with `foreign` actors and changes not accepted are not, the conversation still reads, and
+/// what no change may alter (id, team, channel, creation time, customer id, the grab winner, sent
+/// messages) is as it was.
+fn check_verdict(
+    base: Option<&Base>,
+    doc: &Automerge,
+    verdicts: &[&Verdict],
+    delivered: &[Change],
+    foreign: &[ActorId],
+) {
     let mut accepted = HashSet::new();
     for v in verdicts {
         assert!(!v.damaged, "a refused change could not be taken back out");
@@ -114,13 +119,17 @@ fn check_verdict(base: &Automerge, doc: &Automerge, before: &[ChangeHash], verdi
             assert!(doc.get_change_by_hash(hash).is_none(), "refused change {hash} ({refusal}) is in the document");
         }
     }
-    for change in doc.get_changes(before) {
-        assert!(accepted.contains(&change.hash()), "change {} is in the document unjudged", change.hash());
-        assert!(!foreign.contains(change.actor_id()), "a change made with a foreign actor was kept");
+    let in_base = |hash: &ChangeHash| base.is_some_and(|b| b.doc.get_change_by_hash(hash).is_some());
+    for change in delivered {
+        let hash = change.hash();
+        if doc.get_change_by_hash(&hash).is_some() && !in_base(&hash) {
+            assert!(accepted.contains(&hash), "change {hash} is in the document unjudged");
+            assert!(!foreign.contains(change.actor_id()), "a change made with a foreign actor was kept");
+        }
     }
     let header = doc::read_header(doc);
     let messages = doc::all_messages(doc);
-    if before.is_empty() {
+    let Some(base) = base else {
         // No conversation before: there is one now only if a creation was accepted.
         if !doc.get_heads().is_empty() {
             let header = header.expect("an accepted conversation reads");
@@ -128,15 +137,15 @@ fn check_verdict(base: &Automerge, doc: &Automerge, before: &[ChangeHash], verdi
             messages.expect("an accepted conversation's messages read");
         }
         return;
-    }
-    let (was, now) = (doc::read_header(base).expect("the base reads"), header.expect("the conversation still reads"));
+    };
+    let (was, now) = (&base.header, header.expect("the conversation still reads"));
     let fixed = |h: &DocHeader| (h.id.clone(), h.team.clone(), h.channel, h.created_at, h.customer.id.clone());
-    assert_eq!(fixed(&now), fixed(&was), "the conversation's fixed fields changed");
+    assert_eq!(fixed(&now), fixed(was), "the conversation's fixed fields changed");
     assert_eq!(now.owner, was.owner, "the grab winner changed");
     let messages = messages.expect("the messages still read");
     let by_id: BTreeMap<&MessageId, &Message> = messages.iter().map(|m| (&m.id, m)).collect();
-    for m in doc::all_messages(base).expect("the base's messages read") {
-        assert_eq!(by_id.get(&m.id).copied(), Some(&m), "sent message {} changed or disappeared", m.id);
+    for m in &base.messages {
+        assert_eq!(by_id.get(&m.id).copied(), Some(m), "sent message {} changed or disappeared", m.id);
     }
 }
 
@@ -146,9 +155,27 @@ fn check_verdict(base: &Automerge, doc: &Automerge, before: &[ChangeHash], verdi
 pub struct Bases {
     /// A web-widget conversation: the customer wrote, bob and carol joined and answered (a text,
     /// a file), erin asked to grab it, the customer's email was added.
-    pub conversation: Automerge,
+    pub conversation: Base,
     /// The same, after the relay recorded erin as the grab winner.
-    pub owned: Automerge,
+    pub owned: Base,
+}
+
+/// A conversation as the judge holds it, what it reads, and the document as it was after each of
+/// its changes.
+pub struct Base {
+    pub doc: Automerge,
+    pub header: DocHeader,
+    pub messages: Vec<Message>,
+    early: Vec<Automerge>,
+}
+
+impl Base {
+    fn new(doc: Automerge) -> Base {
+        let header = doc::read_header(&doc).expect("the base reads");
+        let messages = doc::all_messages(&doc).expect("the base's messages read");
+        let early = doc.get_changes(&[]).iter().map(|c| doc.fork_at(&[c.hash()]).expect("an early fork")).collect();
+        Base { doc, header, messages, early }
+    }
 }
 
 pub fn bases() -> &'static Bases {
@@ -168,7 +195,7 @@ pub fn bases() -> &'static Bases {
             created_at: NOW.plus(-60 * MINUTE),
         };
         let mut d = doc::create(ActorId::from([0xa0; 16]), &new).expect("a new conversation");
-        let steps: Vec<Box<dyn Fn(&mut Transaction<'_>) -> Result<(), doc::DocError>>> = vec![
+        let steps: Vec<Edit> = vec![
             Box::new(|tx| doc::add_message(tx, &text_message("m-1", Author::Customer, -59, "My order arrived broken"))),
             Box::new(|tx| doc::set_in_room(tx, &"bob".into(), true)),
             Box::new(|tx| {
@@ -194,9 +221,12 @@ pub fn bases() -> &'static Bases {
         }
         let mut owned = d.fork().with_actor(ActorId::from([0xa1; 16]));
         owned.transact::<_, _, doc::DocError>(|tx| doc::record_owner(tx, &"erin".into())).expect("the grab winner");
-        Bases { conversation: d, owned }
+        Bases { conversation: Base::new(d), owned: Base::new(owned) }
     })
 }
+
+/// One change to a conversation, made with the document functions.
+type Edit = Box<dyn Fn(&mut Transaction<'_>) -> Result<(), doc::DocError>>;
 
 fn crew(agent: &str) -> Author {
     doc::crew(&agent.into())
@@ -543,20 +573,20 @@ pub fn judge_sequence_bytes(data: &[u8]) {
     }
 }
 
-/// One actor: its document and the objects it made.
+/// One actor: its document, the changes it made or took from others, and the objects it made.
 struct Actor {
     doc: Automerge,
+    has: Vec<Change>,
     made: Vec<ObjId>,
 }
 
 pub fn judge_sequence(input: JudgeInput) {
     let bases = bases();
     let base = match input.base % 3 {
-        0 => bases.conversation.clone(),
-        1 => bases.owned.clone(),
-        _ => Automerge::new(),
+        0 => Some(&bases.conversation),
+        1 => Some(&bases.owned),
+        _ => None,
     };
-    let history = base.get_changes(&[]);
     // Actor ids on both sides of the base's (0xa0...), so that either side wins a conflict.
     let ids: Vec<ActorId> = [0x10_u8, 0x90, 0xf0].into_iter().map(|n| ActorId::from([n; 16])).collect();
     let mut actors: Vec<Actor> = input
@@ -564,15 +594,12 @@ pub fn judge_sequence(input: JudgeInput) {
         .iter()
         .zip(&ids)
         .map(|(start, id)| {
-            let doc = match start {
-                Start::Base => base.fork(),
-                Start::Empty => Automerge::new(),
-                Start::Early(n) => match history.get(usize::from(*n) % history.len().max(1)) {
-                    Some(change) => base.fork_at(&[change.hash()]).expect("an early fork"),
-                    None => Automerge::new(),
-                },
+            let doc = match (start, base) {
+                (Start::Base, Some(base)) => base.doc.clone(),
+                (Start::Early(n), Some(base)) => base.early[usize::from(*n) % base.early.len()].clone(),
+                _ => Automerge::new(),
             };
-            Actor { doc: doc.with_actor(id.clone()), made: Vec::new() }
+            Actor { doc: doc.with_actor(id.clone()), has: Vec::new(), made: Vec::new() }
         })
         .collect();
     let mut changes: Vec<Change> = Vec::new();
@@ -584,20 +611,26 @@ pub fn judge_sequence(input: JudgeInput) {
                 for op in ops.iter().take(MAX_OPS) {
                     apply_op(&mut tx, op, &mut actor.made);
                 }
-                let (hash, _) = tx.commit();
-                if hash.is_some() {
-                    changes.push(actor.doc.get_last_local_change().expect("the change just made"));
+                if tx.commit().0.is_some() {
+                    let change = actor.doc.get_last_local_change().expect("the change just made");
+                    actor.has.push(change.clone());
+                    changes.push(change);
                 }
             }
             Step::Merge { actor, from } => {
                 let (to, from) = (usize::from(*actor) % 3, usize::from(*from) % 3);
-                if to != from {
-                    let theirs = actors[from].doc.get_changes(&[]);
-                    actors[to].doc.apply_changes(theirs).expect("changes made by an actor apply");
-                }
+                let theirs: Vec<Change> = actors[from]
+                    .has
+                    .iter()
+                    .filter(|c| actors[to].doc.get_change_by_hash(&c.hash()).is_none())
+                    .cloned()
+                    .collect();
+                actors[to].doc.apply_changes(theirs.iter().cloned()).expect("changes made by an actor apply");
+                actors[to].has.extend(theirs);
             }
         }
     }
+    let delivered = changes.clone();
     let d = &input.delivery;
     if d.reverse {
         changes.reverse();
@@ -629,11 +662,10 @@ pub fn judge_sequence(input: JudgeInput) {
         if a.other_team { "support" } else { TEAM },
         foreign.clone(),
     );
-    let mut doc = base.fork();
-    let before = doc.get_heads();
+    let mut doc = base.map_or_else(Automerge::new, |b| b.doc.clone());
     let first = conversation::apply_judged(&mut doc, DOC_ID, changes, &who, NOW);
     let second = conversation::apply_judged(&mut doc, DOC_ID, second, &who, NOW);
-    check_verdict(&base, &doc, &before, &[&first, &second], &foreign);
+    check_verdict(base, &doc, &[&first, &second], &delivered, &foreign);
 }
 
 fn layout_obj(tx: &Transaction<'_>, parent: &ObjId, key: &str) -> Option<ObjId> {
@@ -777,10 +809,8 @@ pub fn message_body(data: &[u8]) {
         }
     }
     let text = String::from_utf8_lossy(data);
-    for parsed in [BlobHash::from_reference(&text), BlobHash::parse(&text)] {
-        if let Ok(hash) = parsed {
-            check_hash(&hash);
-        }
+    for hash in [BlobHash::from_reference(&text), BlobHash::parse(&text)].into_iter().flatten() {
+        check_hash(&hash);
     }
     let _ = attachment::accepted_type(text.lines().next().unwrap_or(""), data);
 }
@@ -877,11 +907,11 @@ fn wire_seeds() -> Vec<(String, Vec<u8>)> {
 /// filter), then its changes (join, reply, file, close, customer edit, grab request, leave, the
 /// forged ones the judge refuses) as automerge sends them, in v1 and v2, compressed and not.
 pub fn sync_seeds() -> Vec<(String, Vec<u8>)> {
-    let base = &bases().conversation;
+    let base = &bases().conversation.doc;
     let mut out = Vec::new();
     // An honest exchange: the relay has the conversation, bob's desk has it plus new changes.
     let mut desk = base.fork().with_actor(ActorId::from([0xb0; 16]));
-    let edits: Vec<Box<dyn Fn(&mut Transaction<'_>) -> Result<(), doc::DocError>>> = vec![
+    let edits: Vec<Edit> = vec![
         Box::new(|tx| doc::add_message(tx, &text_message("m-4", crew("bob"), -10, "Thanks, a refund is on its way"))),
         Box::new(|tx| {
             let body = MessageBody::Attachment {
@@ -923,7 +953,7 @@ pub fn sync_seeds() -> Vec<(String, Vec<u8>)> {
     }
     // Each change alone and all together, in v1 and v2, compressed (as automerge sends large
     // changes) and not, with the base's heads and an empty bloom filter.
-    let forged: Vec<Box<dyn Fn(&mut Transaction<'_>) -> Result<(), doc::DocError>>> = vec![
+    let forged: Vec<Edit> = vec![
         Box::new(|tx| doc::record_owner(tx, &"bob".into())),
         Box::new(|tx| doc::add_message(tx, &text_message("m-6", crew("ada"), -5, "Refund approved by an admin"))),
         Box::new(|tx| doc::add_message(tx, &text_message("m-1", crew("bob"), -5, "History rewritten"))),

@@ -1,5 +1,6 @@
 //! Project commands: `cargo xtask test` (install what is missing, then fmt, clippy, the wasm build
-//! of the domain, and every test) and `cargo xtask run` (the product on demo data).
+//! of the domain, every test, and a short fuzzing run), `cargo xtask run` (the product on demo
+//! data) and `cargo xtask fuzz` (the fuzz targets of `fuzz/`, see FUZZING.md).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,8 @@ fn main() -> ExitCode {
         Some("bench-relay") => bench_relay(),
         Some("run") => run(),
         Some("bench") => bench(),
-        _ => Err("usage: cargo xtask <test|run|bench|bench-relay>\n  test   install what is missing, then fmt, clippy, wasm build and all tests\n  run    the product on demo data\n  bench  the replica benchmark (10k conversations, 500k messages)\n  bench-relay  the relay benchmark against the reference server, and scale-out on PostgreSQL".to_owned()),
+        Some("fuzz") => fuzz(&args[1..]),
+        _ => Err("usage: cargo xtask <test|run|bench|bench-relay|fuzz>\n  test   install what is missing, then fmt, clippy, wasm build, all tests and 30 s of fuzzing per target\n  run    the product on demo data\n  bench  the replica benchmark (10k conversations, 500k messages)\n  bench-relay  the relay benchmark against the reference server, and scale-out on PostgreSQL\n  fuzz [--seconds N] [TARGET]  each fuzz target (or TARGET) for N seconds (default 60), one at a time".to_owned()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -188,6 +190,7 @@ fn test() -> Result {
     step("cargo", &args, &[("CREWDESK_TEST_POSTGRES", &url), ("CREWDESK_TEST_STORE", "postgres")])?;
     drop(pg);
     e2e()?;
+    run_fuzz(30, None)?;
     println!("\nAll checks and tests passed.");
     Ok(())
 }
@@ -391,6 +394,71 @@ fn e2e() -> Result {
         ],
         &[],
     )
+}
+
+/// The fuzz targets of `fuzz/` and the sanitizer each is built with. The three that parse raw bytes
+/// run under AddressSanitizer, whose allocator hooks let libFuzzer enforce `-malloc_limit_mb` (no
+/// length read from a client may turn into a huge allocation). `judge_sequence` makes its changes
+/// through automerge's API, so no length comes from its bytes: it runs without a sanitizer, about
+/// five times faster (the code it drives forbids `unsafe`).
+const FUZZ_TARGETS: &[(&str, &str)] =
+    &[("wire_frame", "address"), ("sync_message", "address"), ("judge_sequence", "none"), ("message_body", "address")];
+
+/// `cargo xtask fuzz [--seconds N] [TARGET]`.
+fn fuzz(args: &[String]) -> Result {
+    let mut seconds = 60;
+    let mut only = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| *n > 0)
+                    .ok_or("--seconds takes a number of seconds")?;
+            }
+            name if only.is_none() && FUZZ_TARGETS.iter().any(|(t, _)| *t == name) => only = Some(name),
+            other => {
+                let targets: Vec<&str> = FUZZ_TARGETS.iter().map(|(t, _)| *t).collect();
+                return Err(format!("usage: cargo xtask fuzz [--seconds N] [{}] (not `{other}`)", targets.join("|")));
+            }
+        }
+    }
+    run_fuzz(seconds, only)
+}
+
+/// Runs each fuzz target (or only `only`) for `seconds`, one after the other, single process, and
+/// fails if any of them found a crash (libFuzzer leaves the input in `fuzz/artifacts/<target>/`).
+/// cargo-fuzz needs nightly flags, which `RUSTC_BOOTSTRAP=1` enables on the stable toolchain; the
+/// builds go outside the clone so CI reuses them. New inputs go to a corpus kept beside the
+/// builds; the committed corpus and the regression inputs are read, never written.
+fn run_fuzz(seconds: u64, only: Option<&str>) -> Result {
+    if output_ok("cargo", &["fuzz", "--version"]).is_none() {
+        step("cargo", &["install", "cargo-fuzz", "--locked"], &[])?;
+    }
+    let max_time = format!("-max_total_time={seconds}");
+    let mut failed = Vec::new();
+    for (target, sanitizer) in FUZZ_TARGETS.iter().filter(|(t, _)| only.is_none_or(|o| o == *t)) {
+        let target_dir = home_cache().join("crewdesk-fuzz-target").join(sanitizer);
+        let corpus = home_cache().join("crewdesk-fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus).map_err(|e| format!("cannot create {}: {e}", corpus.display()))?;
+        let (target_dir, corpus) = (target_dir.to_string_lossy(), corpus.to_string_lossy());
+        let mut args = vec!["fuzz", "run", "--fuzz-dir", "fuzz", "--sanitizer", sanitizer, "--target-dir", &target_dir];
+        args.extend([*target, &*corpus]);
+        let committed = [format!("fuzz/corpus/{target}"), format!("fuzz/regressions/{target}")];
+        args.extend(committed.iter().filter(|dir| root().join(dir).is_dir()).map(String::as_str));
+        args.extend(["--", &max_time, "-rss_limit_mb=2048", "-malloc_limit_mb=512", "-timeout=10"]);
+        if let Err(e) = step("cargo", &args, &[("RUSTC_BOOTSTRAP", "1")]) {
+            eprintln!("xtask: fuzz target {target}: {e}");
+            failed.push(*target);
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("fuzzing failed for {} (inputs in fuzz/artifacts/)", failed.join(", ")))
+    }
 }
 
 fn home_cache() -> PathBuf {
