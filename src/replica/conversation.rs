@@ -479,6 +479,9 @@ pub struct Verdict {
     /// Dependencies that neither the document nor the batch holds: the changes that need them
     /// were dropped, and the sender should be asked for these.
     pub missing: Vec<ChangeHash>,
+    /// The changes that wait for those missing dependencies (not applied, not refused): the
+    /// caller may keep them and offer them again once the dependencies arrive.
+    pub deferred: Vec<Change>,
     /// A refused change could not be taken back out of the document: the caller must drop its
     /// copy and read the conversation again from storage.
     pub damaged: bool,
@@ -585,6 +588,20 @@ pub fn apply_judged_with(
         }
     }
     verdict.missing = missing.into_iter().collect();
+    // What waits only for missing changes (not for a dropped one, even through another waiting
+    // change) is deferred; the rest is dropped with the refused change it depends on.
+    loop {
+        let before = dropped.len();
+        for c in &waiting {
+            if c.deps().iter().any(|d| dropped.contains(d)) {
+                dropped.insert(c.hash());
+            }
+        }
+        if dropped.len() == before {
+            break;
+        }
+    }
+    verdict.deferred = waiting.into_iter().filter(|c| !dropped.contains(&c.hash())).collect();
     verdict
 }
 

@@ -6,6 +6,8 @@ pub mod bounded;
 pub mod document_id;
 pub mod presence;
 #[cfg(feature = "replica")]
+pub mod relay_doc;
+#[cfg(feature = "replica")]
 pub mod session;
 pub mod wire;
 

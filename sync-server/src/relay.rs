@@ -4,7 +4,7 @@
 
 use crate::Config;
 use crate::store::{Agent, Store, StoreError};
-use automerge::sync::{self, SyncDoc};
+use automerge::sync;
 use automerge::{ActorId, Automerge};
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -15,10 +15,11 @@ use axum::routing::get;
 use crewdesk::domain::Timestamp;
 use crewdesk::domain::access::decide_grab;
 use crewdesk::domain::{AgentId, Role, TeamId, TeamMode};
-use crewdesk::replica::conversation::{self, ChangeAuthor, Verdict};
+use crewdesk::replica::conversation::ChangeAuthor;
 use crewdesk::replica::doc;
 use crewdesk::sync::bounded::{self, SyncLimits};
 use crewdesk::sync::document_id;
+use crewdesk::sync::relay_doc::{Action, Claim, RelayDoc};
 use crewdesk::sync::wire::{PeerMetadata, WireMessage};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet};
@@ -297,23 +298,17 @@ impl Session {
     }
 }
 
-#[derive(Default)]
+/// One document on this relay: its sync logic (sans IO, in the core) and what the IO around it
+/// needs to know.
 struct DocEntry {
+    /// Whether storage was read (the document may be absent there: a conversation in creation).
     loaded: bool,
-    stored: Option<StoredDoc>,
     /// The position of the last stored chunk in memory (other instances' chunks after it are
     /// read when they announce them).
     seq: i64,
-    /// Documents a connection is creating: not stored (nor visible to anyone) until their first
-    /// change shows a conversation of a team the agent belongs to.
-    pending: HashMap<ConnId, (Automerge, sync::State, PendingSlot)>,
-    peers: HashMap<ConnId, (Session, sync::State)>,
-    /// A fan-out is already scheduled: changes arriving meanwhile go out with it.
-    fanout_scheduled: bool,
-    /// Client changes applied in memory whose commit has not returned yet. While there are any,
-    /// no sync message is generated for this document (it would advertise them); the fan-out
-    /// after the last commit returns tells everyone.
-    uncommitted: usize,
+    core: RelayDoc,
+    /// Places taken by connections creating this document (see `MAX_PENDING_PER_CONNECTION`).
+    slots: HashMap<ConnId, PendingSlot>,
 }
 
 /// Documents one connection may be creating at once; more are answered as unavailable, so a client
@@ -418,33 +413,6 @@ const COMPACT_AFTER_CHUNKS: usize = 100;
 /// them all. Everything sent is still committed first.
 const FANOUT_COALESCE: std::time::Duration = std::time::Duration::from_millis(3);
 
-struct StoredDoc {
-    doc: Automerge,
-    team: TeamId,
-    /// The conversation's header as of the heads it was read at: a change is checked against the
-    /// header before and after it, and the next change's "before" is this change's "after".
-    header: Option<(Vec<automerge::ChangeHash>, doc::DocHeader)>,
-}
-
-impl StoredDoc {
-    fn new(doc: Automerge, team: TeamId) -> StoredDoc {
-        StoredDoc { doc, team, header: None }
-    }
-
-    /// The header at the document's current heads (read again only when they moved).
-    fn header(&mut self) -> Result<doc::DocHeader, doc::DocError> {
-        let heads = self.doc.get_heads();
-        if let Some((at, header)) = &self.header
-            && *at == heads
-        {
-            return Ok(header.clone());
-        }
-        let header = doc::read_header(&self.doc)?;
-        self.header = Some((heads, header.clone()));
-        Ok(header)
-    }
-}
-
 #[derive(serde::Deserialize)]
 pub(crate) struct TokenQuery {
     pub(crate) token: Option<String>,
@@ -471,7 +439,16 @@ impl Relay {
 
     fn entry(&self, id: &str) -> Arc<AsyncMutex<DocEntry>> {
         let mut docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
-        docs.entry(id.to_owned()).or_default().clone()
+        docs.entry(id.to_owned())
+            .or_insert_with(|| {
+                Arc::new(AsyncMutex::new(DocEntry {
+                    loaded: false,
+                    seq: 0,
+                    core: RelayDoc::new(id, &self.peer_id, self.actor.clone()),
+                    slots: HashMap::new(),
+                }))
+            })
+            .clone()
     }
 
     pub(crate) async fn blocking<T: Send + 'static>(
@@ -502,14 +479,15 @@ impl Relay {
     }
 
     async fn ensure_loaded(&self, id: &str, e: &mut DocEntry) -> Result<(), StoreError> {
-        if e.loaded {
+        if e.loaded || e.core.is_stored() {
+            e.loaded = true;
             return Ok(());
         }
         let owned = id.to_owned();
         if let Some(loaded) = self.blocking(move |s| s.load_document_at(&owned)).await? {
             let doc = Automerge::load(&loaded.bytes)
                 .map_err(|err| StoreError::Invalid(format!("stored document {id} is unreadable: {err}")))?;
-            e.stored = Some(StoredDoc::new(doc.with_actor(self.actor.clone()), loaded.team));
+            e.core.load(doc, loaded.team);
             e.seq = loaded.seq;
             if loaded.chunks > COMPACT_AFTER_CHUNKS {
                 // Every commit adds a chunk; merge them in the background so the next load is one
@@ -527,8 +505,10 @@ impl Relay {
     }
 
     /// A `request` or `sync` from a connection. Every sync message is checked against the limits
-    /// of [`SyncLimits::CLIENT`] before automerge parses it, and every change it carries is judged
-    /// on its own by the core's judge (`crewdesk::replica::conversation`) before it is stored.
+    /// of [`SyncLimits::CLIENT`] before automerge parses it; what it means for the document is
+    /// decided by the core's [`RelayDoc`] (which judges every change on its own with the core's
+    /// judge); this function finds the facts it needs (who the agent is in the team, the team's
+    /// mode, whose actors the changes use) and carries out what it decides.
     async fn handle_sync(self: &Arc<Self>, session: &Session, doc_id: String, data: Vec<u8>, is_request: bool) {
         let unavailable = || WireMessage::DocUnavailable {
             sender_id: self.peer_id.clone(),
@@ -549,138 +529,94 @@ impl Relay {
         };
         let entry = self.entry(&doc_id);
         let mut guard = entry.lock().await;
-        let mut retried = false;
-        loop {
-            if let Err(err) = self.ensure_loaded(&doc_id, &mut guard).await {
-                warn!(%doc_id, %err, "cannot load document");
-                session.error(&self.peer_id, "the relay could not read this conversation; try again later");
-                return;
-            }
-            let e = &mut *guard;
-            let Some(stored) = &mut e.stored else {
-                self.handle_pending(session, &doc_id, message, changes, is_request, e).await;
-                return;
-            };
-            let Some(role) = session.agent.role_in(&stored.team) else {
-                // Exactly like a missing document: no existence leak.
-                session.send(unavailable());
-                return;
-            };
-            if !e.peers.contains_key(&session.conn) {
-                // A new follower of this conversation hears the customer's presence at once.
-                if let Some(p) = self.presence_of(&doc_id) {
-                    session.send(self.presence_message(&doc_id, &session.peer_id, &p));
-                }
-            }
-            let before = stored.doc.get_heads();
-            let verdict = match changes.is_empty() {
-                true => Verdict::default(),
-                false => {
-                    let Some(mode) = self.team_mode(&stored.team).await else {
-                        session.error(&self.peer_id, "the relay could not read this conversation; try again later");
-                        return;
-                    };
-                    let Some(foreign_actors) = self.foreign_actors(&session.agent.id, &changes).await else {
-                        session.error(&self.peer_id, "the relay could not read this conversation; try again later");
-                        return;
-                    };
-                    let author = ChangeAuthor {
-                        agent: session.agent.id.clone(),
-                        team: stored.team.clone(),
-                        role,
-                        mode,
-                        foreign_actors,
-                    };
-                    let (doc, header) = (&mut stored.doc, &mut stored.header);
-                    conversation::apply_judged_with(doc, &doc_id, changes.clone(), &author, Timestamp::now(), header)
-                }
-            };
-            if verdict.damaged {
-                e.loaded = false;
-                e.stored = None;
-                e.peers.remove(&session.conn);
-                session.error(&self.peer_id, "the relay could not apply your changes; they will be sent again");
-                return;
-            }
-            if self.shared && !retried && !verdict.missing.is_empty() {
-                // The changes may build on what another instance committed and this one has not
-                // read yet (an agent who moved between instances): read the document as stored now
-                // and judge them once more.
-                retried = true;
-                if stored.doc.get_heads() == before {
-                    e.loaded = false;
-                    e.stored = None;
-                    continue;
-                }
-            }
-            let (_, state) = e.peers.entry(session.conn).or_insert_with(|| (session.clone(), sync::State::new()));
-            // The changes were applied above; automerge only takes the rest of the message.
-            if let Err(err) = receive_rest(&mut stored.doc, state, message, !verdict.accepted.is_empty()) {
-                *state = sync::State::new();
-                session
-                    .error(&self.peer_id, format!("document {doc_id}: the sync message could not be applied ({err})"));
-                return;
-            }
-            if let Some(their) = state.their_heads.as_mut() {
-                // Refused changes are not asked for again; missing dependencies are.
-                let dropped: HashSet<automerge::ChangeHash> = changes
-                    .iter()
-                    .map(automerge::Change::hash)
-                    .filter(|h| !conversation::has_change(&stored.doc, h))
-                    .collect();
-                their.retain(|h| !dropped.contains(h));
-                their.extend(verdict.missing.iter().copied());
-                // Never a hash twice: automerge 0.12 panics on a list that names a change twice.
-                their.sort();
-                their.dedup();
-            }
-            if let Some((hash, refusal)) = &verdict.refused {
-                info!(%doc_id, agent = %session.agent.id, change = %hash, %refusal, "change refused");
-                session.error(&self.peer_id, format!("document {doc_id}: {refusal}; refused"));
-                // The exchange with this connection starts over from what the relay holds.
-                e.peers.remove(&session.conn);
-            }
-            let changed = stored.doc.get_heads() != before;
-            if changed {
-                // Committed without holding the document: other messages for it (other agents'
-                // changes joining the same group commit, acknowledgements) go on meanwhile, and
-                // nothing is advertised until every commit has returned.
-                let (team, chunk) = (stored.team.clone(), stored.doc.save_after(&before));
-                e.uncommitted += 1;
-                let wait = self.enqueue_commit(&doc_id, &team, chunk).await;
-                drop(guard);
-                let result = match wait {
-                    Ok(wait) => wait.await.unwrap_or_else(|_| Err("the relay is shutting down".to_owned())),
-                    Err(e) => Err(e),
-                };
-                self.client_change_committed(session, &entry, &doc_id, result, verdict.added).await;
-                return;
-            }
-            if e.uncommitted > 0 {
-                // The answer waits for the commits in progress (the fan-out includes it).
-                self.schedule_fanout(&entry, e, &doc_id);
-            } else if let Some((peer, state)) = e.peers.get_mut(&session.conn) {
-                // Nothing new: only the sender may need an answer, and usually not even that
-                // (an acknowledgement of heads we both have).
-                let heads = stored.doc.get_heads();
-                let settled = state.have_responded
-                    && state.last_sent_heads == heads
-                    && state.their_heads.as_ref() == Some(&heads)
-                    && state.their_need.as_ref().is_none_or(Vec::is_empty);
-                if settled {
-                    return;
-                }
-                if let Some(m) = stored.doc.generate_sync_message(state) {
-                    peer.send(WireMessage::Sync {
-                        sender_id: self.peer_id.clone(),
-                        target_id: peer.peer_id.clone(),
-                        document_id: doc_id.clone(),
-                        data: outgoing(m),
-                    });
-                }
-            }
+        if let Err(err) = self.ensure_loaded(&doc_id, &mut guard).await {
+            warn!(%doc_id, %err, "cannot load document");
+            session.error(
+                &self.peer_id,
+                format!("document {doc_id}: the relay could not read this conversation; try again later"),
+            );
             return;
         }
+        let e = &mut *guard;
+        let (conn, peer_id) = (session.conn, session.peer_id.as_str());
+        let claim = match e.core.team() {
+            Some(team) => {
+                if session.agent.role_in(team).is_none() {
+                    // Exactly like a missing document: no existence leak.
+                    session.send(unavailable());
+                    return;
+                }
+                if !e.core.follows(conn)
+                    && let Some(p) = self.presence_of(&doc_id)
+                {
+                    // A new follower of this conversation hears the customer's presence at once.
+                    session.send(self.presence_message(&doc_id, peer_id, &p));
+                }
+                Claim::Team(team.clone())
+            }
+            None => {
+                if let std::collections::hash_map::Entry::Vacant(v) = e.slots.entry(conn) {
+                    let Some(slot) = PendingSlot::take(&session.pending) else {
+                        session.send(unavailable());
+                        return;
+                    };
+                    v.insert(slot);
+                }
+                match changes.is_empty() {
+                    true => Claim::Empty,
+                    false => e.core.claim(conn, &changes),
+                }
+            }
+        };
+        let refused_read = || format!("document {doc_id}: the relay could not read this conversation; try again later");
+        let actions = match claim {
+            _ if changes.is_empty() => {
+                e.core.receive(conn, peer_id, message, changes, is_request, None, Timestamp::now())
+            }
+            Claim::Team(team) => match session.agent.role_in(&team) {
+                None => e.core.unavailable(conn, peer_id),
+                Some(role) => {
+                    let Some(author) = self.author(&session.agent.id, team, role, &changes).await else {
+                        session.error(&self.peer_id, refused_read());
+                        return;
+                    };
+                    e.core.receive(conn, peer_id, message, changes, is_request, Some(&author), Timestamp::now())
+                }
+            },
+            Claim::Empty => {
+                // No conversation in it yet: automerge-repo clients start a document with an
+                // empty change, kept until the layout arrives.
+                let Some(author) =
+                    self.author(&session.agent.id, TeamId::default(), Role::Representative, &changes).await
+                else {
+                    session.error(&self.peer_id, refused_read());
+                    return;
+                };
+                e.core.receive(conn, peer_id, message, changes, is_request, Some(&author), Timestamp::now())
+            }
+            Claim::NotConversation => e.core.unavailable(conn, peer_id),
+            Claim::Unreadable(why) => {
+                info!(%doc_id, agent = %session.agent.id, %why, "new conversation refused");
+                e.core.refuse_creation(conn, peer_id, &why)
+            }
+        };
+        self.perform(&entry, guard, actions).await;
+    }
+
+    /// Who sent `changes`, as the judge needs to know them. `None` when storage cannot be reached.
+    async fn author(
+        &self,
+        agent: &AgentId,
+        team: TeamId,
+        role: Role,
+        changes: &[automerge::Change],
+    ) -> Option<ChangeAuthor> {
+        let mode = match team == TeamId::default() {
+            true => TeamMode::Open,
+            false => self.team_mode(&team).await?,
+        };
+        let foreign_actors = self.foreign_actors(agent, changes).await?;
+        Some(ChangeAuthor { agent: agent.clone(), team, role, mode, foreign_actors })
     }
 
     /// The actors of `changes` that are bound to someone other than `agent` (binding the ones
@@ -740,76 +676,123 @@ impl Relay {
         teams.into_iter().find(|t| t.id == *team).map(|t| t.mode)
     }
 
-    /// After a client change's commit returned: on failure the in-memory document is dropped (it
-    /// is read again from storage; the replica sends the change again); on success the channels
-    /// hear of new messages, grabs are decided, and the fan-out is scheduled.
-    async fn client_change_committed(
+    /// Carries out what a document's core decided, in order, until nothing is left: frames go to
+    /// their connections, chunks are committed (the document's lock is released while the commit
+    /// waits for its fsync, so other agents' changes join the same group commit), fan-outs are
+    /// scheduled, the channels hear of stored messages and grabs are decided.
+    async fn perform(
         self: &Arc<Self>,
-        session: &Session,
         entry: &Arc<AsyncMutex<DocEntry>>,
-        doc_id: &str,
-        result: Result<(), String>,
-        added: Vec<crewdesk::domain::Message>,
+        mut guard: tokio::sync::MutexGuard<'_, DocEntry>,
+        actions: Vec<Action>,
     ) {
-        let mut guard = entry.lock().await;
-        let e = &mut *guard;
-        e.uncommitted -= 1;
-        if let Err(err) = result {
-            warn!(%doc_id, %err, "storing a change failed");
-            e.loaded = false;
-            e.stored = None;
-            e.peers.remove(&session.conn);
-            session.error(&self.peer_id, "the relay could not store your change; it will be sent again");
-            self.schedule_fanout(entry, e, doc_id);
-            return;
-        }
-        let _ = self.changes.send(doc_id.to_owned());
-        if let Some(stored) = &mut e.stored {
-            match stored.header() {
-                Ok(header) => {
-                    self.queue_email_fallback(doc_id, &stored.team, &added, &header).await;
-                    self.queue_whatsapp(doc_id, stored, &added, &header).await;
-                    if let Err(reason) = self.decide_grab(doc_id, stored, header).await {
-                        session.error(&self.peer_id, reason);
+        let doc_id = guard.core.id().to_owned();
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Send(conn, message) => {
+                    let session = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(&conn).cloned();
+                    match session {
+                        Some(s) if !s.tx.is_closed() => s.send(message),
+                        _ => guard.core.disconnect(conn),
                     }
                 }
-                Err(err) => warn!(%doc_id, %err, "a stored conversation cannot be read"),
+                Action::Commit { ticket, team, chunk } => {
+                    let wait = self.enqueue_commit(&doc_id, &team, chunk).await;
+                    let result = match wait {
+                        Ok(wait) => {
+                            drop(guard);
+                            let result = wait.await.unwrap_or_else(|_| Err("the relay is shutting down".to_owned()));
+                            guard = entry.lock().await;
+                            result
+                        }
+                        Err(e) => Err(e),
+                    };
+                    queue.extend(guard.core.committed(ticket, result));
+                }
+                Action::ScheduleFanout => self.schedule_fanout(entry),
+                Action::Reload => guard.loaded = false,
+                Action::Created { team } => {
+                    for s in self.team_sessions(&team) {
+                        guard.core.follow(s.conn, &s.peer_id);
+                    }
+                    let _ = self.changes.send(doc_id.clone());
+                    if let Err(reason) = self.decide_grab(&doc_id, &mut guard).await {
+                        warn!(%doc_id, %reason, "grab not decided");
+                    }
+                    queue.extend(guard.core.advertise());
+                }
+                Action::Stored { added } => {
+                    let _ = self.changes.send(doc_id.clone());
+                    let e = &mut *guard;
+                    match e.core.header() {
+                        Some(Ok(header)) => {
+                            let team = header.team.clone();
+                            self.queue_email_fallback(&doc_id, &team, &added, &header).await;
+                            if let Some(d) = e.core.doc() {
+                                self.queue_whatsapp(&doc_id, d, &added, &header).await;
+                            }
+                            if let Err(reason) = self.decide_grab(&doc_id, e).await {
+                                warn!(%doc_id, %reason, "grab not decided");
+                            }
+                        }
+                        Some(Err(err)) => warn!(%doc_id, %err, "a stored conversation cannot be read"),
+                        None => {}
+                    }
+                }
+                Action::Missing if self.shared => {
+                    // The changes may build on what another instance committed and this one has
+                    // not read yet (an agent who moved between instances): read it now.
+                    let wanted = vec![(doc_id.clone(), guard.seq)];
+                    if let Ok(found) = self.blocking(move |s| s.chunks_since_many(&wanted)).await
+                        && let Some((bytes, last)) = found.get(&doc_id)
+                    {
+                        guard.seq = guard.seq.max(*last);
+                        match guard.core.apply_stored(bytes) {
+                            Ok(more) => {
+                                queue.extend(more);
+                                queue.extend(guard.core.retry_deferred(Timestamp::now()));
+                            }
+                            Err(err) => {
+                                warn!(%doc_id, %err, "cannot apply another instance's change");
+                                guard.loaded = false;
+                            }
+                        }
+                    }
+                }
+                Action::Missing => {}
             }
         }
-        self.schedule_fanout(entry, e, doc_id);
+        let e = &mut *guard;
+        e.slots.retain(|conn, _| e.core.is_pending(*conn));
     }
 
-    /// Sends every follower what it needs shortly (changes arriving meanwhile go out together),
-    /// once no commit of this document is in progress.
-    fn schedule_fanout(self: &Arc<Self>, entry: &Arc<AsyncMutex<DocEntry>>, e: &mut DocEntry, doc_id: &str) {
-        if e.fanout_scheduled {
-            return;
-        }
-        e.fanout_scheduled = true;
-        let (relay, entry, doc_id) = (self.clone(), entry.clone(), doc_id.to_owned());
+    /// Calls the core's fan-out shortly (changes arriving meanwhile go out with it).
+    fn schedule_fanout(self: &Arc<Self>, entry: &Arc<AsyncMutex<DocEntry>>) {
+        let (relay, entry) = (self.clone(), entry.clone());
         tokio::spawn(async move {
             tokio::time::sleep(FANOUT_COALESCE).await;
             let mut e = entry.lock().await;
-            e.fanout_scheduled = false;
-            if e.uncommitted > 0 {
-                // The commit still in progress schedules the next fan-out when it returns.
-                return;
-            }
+            let doc_id = e.core.id().to_owned();
             if let Err(err) = relay.ensure_loaded(&doc_id, &mut e).await {
                 warn!(%doc_id, %err, "cannot reload document for fan-out");
             }
-            relay.advertise_now(&doc_id, &mut e);
+            let actions = e.core.fanout();
+            relay.perform(&entry, e, actions).await;
         });
     }
 
-    /// Sends every follower what it needs now, unless client changes are still being committed
-    /// (their fan-out follows).
-    fn advertise_now(&self, doc_id: &str, e: &mut DocEntry) {
-        if e.uncommitted > 0 {
-            return;
-        }
-        if let Some(stored) = &mut e.stored {
-            advertise(&self.peer_id, doc_id, &mut stored.doc, &mut e.peers);
+    /// Sends every follower what it needs now (nothing while a commit is in progress: its fan-out
+    /// follows). Only frames come out of an advertisement.
+    fn advertise_now(&self, e: &mut DocEntry) {
+        let actions = e.core.advertise();
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        for action in actions {
+            if let Action::Send(conn, message) = action
+                && let Some(s) = sessions.get(&conn)
+            {
+                s.send(message);
+            }
         }
     }
 
@@ -876,7 +859,7 @@ impl Relay {
     async fn queue_whatsapp(
         &self,
         doc_id: &str,
-        stored: &StoredDoc,
+        stored: &Automerge,
         added: &[crewdesk::domain::Message],
         header: &doc::DocHeader,
     ) {
@@ -886,7 +869,7 @@ impl Relay {
         if !added.iter().any(|m| matches!(m.author, crewdesk::domain::Author::Crew { .. })) {
             return;
         }
-        let Ok(all) = doc::all_messages(&stored.doc) else { return };
+        let Ok(all) = doc::all_messages(stored) else { return };
         let rows = crate::whatsapp::outbound_rows(doc_id, header, added, &all);
         if let Err(e) = self.blocking(move |s| s.queue_whatsapp(&rows)).await {
             warn!(%doc_id, %e, "WhatsApp messages not queued");
@@ -904,12 +887,13 @@ impl Relay {
 
     /// Grab-mode teams: the first grab request the relay received wins; the winner is written
     /// into the conversation by the relay (and stored) before anyone hears of it.
-    async fn decide_grab(&self, doc_id: &str, stored: &mut StoredDoc, header: doc::DocHeader) -> Result<(), String> {
+    async fn decide_grab(&self, doc_id: &str, e: &mut DocEntry) -> Result<(), String> {
+        let Some(Ok(header)) = e.core.header() else { return Ok(()) };
         if header.owner.is_some() || header.grab_requests.is_empty() {
             return Ok(());
         }
         let teams = self.blocking(|s| s.teams()).await.map_err(|e| e.to_string())?;
-        let Some(team) = teams.into_iter().find(|t| t.id == stored.team) else { return Ok(()) };
+        let Some(team) = teams.into_iter().find(|t| t.id == header.team) else { return Ok(()) };
         if team.mode != TeamMode::Grab {
             return Ok(());
         }
@@ -920,160 +904,24 @@ impl Relay {
         let id = doc_id.to_owned();
         let order = self.blocking(move |s| s.log_grabs(&id, &agents)).await.map_err(|e| e.to_string())?;
         let Some(winner) = decide_grab(None, &team, &order).cloned() else { return Ok(()) };
-        let before = stored.doc.get_heads();
-        stored
-            .doc
-            .transact::<_, _, doc::DocError>(|tx| doc::record_owner(tx, &winner))
-            .map_err(|f| f.error.to_string())?;
-        let chunk = stored.doc.save_after(&before);
-        self.commit(doc_id, &stored.team, chunk).await?;
+        let chunk = e.core.relay_change(|tx| doc::record_owner(tx, &winner))?;
+        if let Err(err) = self.commit(doc_id, &header.team, chunk).await {
+            e.core.unload();
+            e.loaded = false;
+            return Err(err);
+        }
         info!(%doc_id, %winner, "grab decided");
         Ok(())
     }
 
-    /// A document the relay does not have: a conversation a client is creating. Nothing is stored
-    /// (nor visible to anyone) until its first changes arrive and the judge accepts every one of
-    /// them as the creation of a conversation of a team the agent belongs to.
-    async fn handle_pending(
-        &self,
-        session: &Session,
-        doc_id: &str,
-        message: sync::Message,
-        changes: Vec<automerge::Change>,
-        is_request: bool,
-        e: &mut DocEntry,
-    ) {
-        let unavailable = WireMessage::DocUnavailable {
-            sender_id: self.peer_id.clone(),
-            target_id: session.peer_id.clone(),
-            document_id: doc_id.to_owned(),
-        };
-        let (pdoc, pstate, _) = match e.pending.entry(session.conn) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let Some(slot) = PendingSlot::take(&session.pending) else {
-                    session.send(unavailable);
-                    return;
-                };
-                v.insert((Automerge::new(), sync::State::new(), slot))
-            }
-        };
-        if !changes.is_empty() {
-            // The judge needs to know whose conversation this claims to be: read its team from a
-            // throwaway copy (small, and already checked against the limits), then judge each change.
-            let mut probe = pdoc.clone();
-            let probed = probe.apply_changes(changes.clone()).map_err(|e| e.to_string());
-            let header = probed.and_then(|()| doc::read_header(&probe).map_err(|e| e.to_string()));
-            let has_schema = matches!(doc::schema_of(&probe), Ok(Some(_)));
-            let (team, role, mode) = match header {
-                Ok(h) => {
-                    let role = session.agent.role_in(&h.team);
-                    let mode = match role {
-                        Some(_) => self.team_mode(&h.team).await,
-                        None => None,
-                    };
-                    let (Some(role), Some(mode)) = (role, mode) else {
-                        // A conversation of a team the agent is not in: as for a missing document.
-                        e.pending.remove(&session.conn);
-                        session.send(unavailable);
-                        return;
-                    };
-                    (h.team, role, mode)
-                }
-                Err(why) if has_schema => {
-                    info!(%doc_id, agent = %session.agent.id, %why, "new conversation refused");
-                    e.pending.remove(&session.conn);
-                    session.error(
-                        &self.peer_id,
-                        format!("document {doc_id}: not a readable conversation ({why}); refused"),
-                    );
-                    session.send(unavailable);
-                    return;
-                }
-                // No conversation in it yet: automerge-repo clients start a document with an empty
-                // change, kept until the layout arrives. Anything else is not a conversation, and
-                // the relay keeps conversations only: as for a missing document.
-                Err(_) if changes.iter().all(|c| c.is_empty()) => {
-                    (TeamId::default(), Role::Representative, TeamMode::Open)
-                }
-                Err(_) => {
-                    e.pending.remove(&session.conn);
-                    session.send(unavailable);
-                    return;
-                }
-            };
-            let Some(foreign_actors) = self.foreign_actors(&session.agent.id, &changes).await else {
-                e.pending.remove(&session.conn);
-                session.error(&self.peer_id, "the relay could not store this conversation; it will be sent again");
-                return;
-            };
-            let author = ChangeAuthor { agent: session.agent.id.clone(), team, role, mode, foreign_actors };
-            let verdict = conversation::apply_judged(pdoc, doc_id, changes, &author, Timestamp::now());
-            if let Some((hash, refusal)) = verdict.refused {
-                info!(%doc_id, agent = %session.agent.id, change = %hash, %refusal, "new conversation refused");
-                e.pending.remove(&session.conn);
-                session.error(&self.peer_id, format!("document {doc_id}: {refusal}; refused"));
-                session.send(unavailable);
-                return;
-            }
+    /// Makes a conversation the relay stored itself live: every connected agent of its team follows
+    /// it (the followers it already has keep their sync state) and hears of it now.
+    fn announce_loaded(&self, e: &mut DocEntry) {
+        let Some(team) = e.core.team().cloned() else { return };
+        for s in self.team_sessions(&team) {
+            e.core.follow(s.conn, &s.peer_id);
         }
-        let applied = !pdoc.get_heads().is_empty();
-        if receive_rest(pdoc, pstate, message, applied).is_err() {
-            e.pending.remove(&session.conn);
-            session.send(unavailable);
-            return;
-        }
-        let has_content = matches!(doc::check_schema(pdoc), Ok(true));
-        if !has_content {
-            let heads = pdoc.get_heads();
-            // Everything the client has arrived and it is not a conversation: the relay keeps
-            // conversations only, so it answers as for a document that does not exist.
-            let complete_but_other = !heads.is_empty() && pstate.their_heads.as_deref() == Some(&heads[..]);
-            if is_request
-                || complete_but_other
-                || heads.is_empty() && pstate.their_heads.as_ref().is_none_or(Vec::is_empty)
-            {
-                e.pending.remove(&session.conn);
-                session.send(unavailable);
-            } else if let Some(m) = pdoc.generate_sync_message(pstate) {
-                // Ask for the changes of the new document.
-                session.send(WireMessage::Sync {
-                    sender_id: self.peer_id.clone(),
-                    target_id: session.peer_id.clone(),
-                    document_id: doc_id.to_owned(),
-                    data: outgoing(m),
-                });
-            }
-            return;
-        }
-        let Some((pdoc, pstate, _)) = e.pending.remove(&session.conn) else { return };
-        let header = match doc::read_header(&pdoc) {
-            Ok(h) => h,
-            Err(_) => {
-                session.send(unavailable);
-                return;
-            }
-        };
-        if let Err(err) = self.commit(doc_id, &header.team, pdoc.save()).await {
-            warn!(%doc_id, %err, "storing a new document failed");
-            session.error(&self.peer_id, "the relay could not store this conversation; it will be sent again");
-            return;
-        }
-        info!(%doc_id, team = %header.team, agent = %session.agent.id, "conversation created");
-        let mut stored = StoredDoc::new(pdoc.with_actor(self.actor.clone()), header.team.clone());
-        if let Err(reason) = self.decide_grab(doc_id, &mut stored, header).await {
-            session.error(&self.peer_id, reason);
-        }
-        e.peers.insert(session.conn, (session.clone(), pstate));
-        self.announce(doc_id, e, stored);
-    }
-
-    /// Makes a newly stored conversation live: every connected agent of its team follows it (the
-    /// followers it already has keep their sync state) and hears of it now.
-    fn announce(&self, doc_id: &str, e: &mut DocEntry, stored: StoredDoc) {
-        e.loaded = true;
-        e.stored = Some(stored);
-        self.announce_loaded(doc_id, e);
+        self.advertise_now(e);
     }
 
     fn team_sessions(&self, team: &TeamId) -> Vec<Session> {
@@ -1081,33 +929,32 @@ impl Relay {
         sessions.values().filter(|s| s.agent.role_in(team).is_some()).cloned().collect()
     }
 
-    fn announce_loaded(&self, doc_id: &str, e: &mut DocEntry) {
-        let Some(team) = e.stored.as_ref().map(|s| s.team.clone()) else { return };
-        for s in self.team_sessions(&team) {
-            e.peers.entry(s.conn).or_insert_with(|| (s.clone(), sync::State::new()));
-        }
-        self.advertise_now(doc_id, e);
-    }
-
     /// Applies chunks other instances stored (up to position `last`) and passes them on.
-    fn apply_remote(&self, doc_id: &str, e: &mut DocEntry, bytes: &[u8], last: i64) -> Result<(), StoreError> {
-        let Some(stored) = &mut e.stored else { return Ok(()) };
-        // Chunks read since an older position may repeat what is in memory: automerge skips those.
-        e.seq = e.seq.max(last);
-        if bytes.is_empty() {
+    fn apply_remote(&self, e: &mut DocEntry, bytes: &[u8], last: i64) -> Result<(), StoreError> {
+        if !e.core.is_stored() {
             return Ok(());
         }
-        let before = stored.doc.get_heads();
-        if let Err(err) = stored.doc.load_incremental(bytes) {
-            // Read it whole next time.
-            e.loaded = false;
-            e.stored = None;
-            return Err(StoreError::Invalid(format!("stored changes of {doc_id} are unreadable: {err}")));
+        // Chunks read since an older position may repeat what is in memory: automerge skips those.
+        e.seq = e.seq.max(last);
+        match e.core.apply_stored(bytes) {
+            Ok(actions) => {
+                // Frames only (changes that waited for these are judged with their sender's next
+                // message, which this advertisement prompts).
+                let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                for action in actions {
+                    if let Action::Send(conn, message) = action
+                        && let Some(s) = sessions.get(&conn)
+                    {
+                        s.send(message);
+                    }
+                }
+                Ok(())
+            }
+            Err(err) => {
+                e.loaded = false;
+                Err(StoreError::Invalid(err))
+            }
         }
-        if stored.doc.get_heads() != before {
-            self.advertise_now(doc_id, e);
-        }
-        Ok(())
     }
 
     /// Applies a batch of what other instances report. Commits are grouped by document, and the
@@ -1141,7 +988,16 @@ impl Relay {
                 StoreEvent::Ephemeral { doc_id, sender_id, count, session_id, data } => {
                     let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&doc_id).cloned();
                     if let Some(entry) = entry {
-                        forward_ephemeral(&*entry.lock().await, None, &sender_id, &doc_id, count, &session_id, &data);
+                        forward_ephemeral(
+                            &self.sessions,
+                            &*entry.lock().await,
+                            None,
+                            &sender_id,
+                            &doc_id,
+                            count,
+                            &session_id,
+                            &data,
+                        );
                     }
                 }
             }
@@ -1153,7 +1009,7 @@ impl Relay {
             let Some(entry) = entry else { return (doc_id, *seq, None) };
             let at = {
                 let e = entry.lock().await;
-                e.stored.as_ref().map(|_| e.seq)
+                e.core.is_stored().then_some(e.seq)
             };
             (doc_id, *seq, at.map(|at| (at, entry)))
         }))
@@ -1177,7 +1033,7 @@ impl Relay {
                     futures_util::future::join_all(behind.into_iter().map(|(doc_id, _, entry)| async move {
                         let Some((bytes, last)) = found.get(&doc_id) else { return };
                         let mut e = entry.lock().await;
-                        if let Err(err) = self.apply_remote(&doc_id, &mut e, bytes, *last) {
+                        if let Err(err) = self.apply_remote(&mut e, bytes, *last) {
                             warn!(%doc_id, %err, "cannot apply another instance's change");
                         }
                     }))
@@ -1221,7 +1077,7 @@ impl Relay {
             warn!(%doc_id, %err, "cannot load a conversation another instance created");
             return;
         }
-        self.announce_loaded(doc_id, &mut e);
+        self.announce_loaded(&mut e);
     }
 
     /// Passes an event (presence, an ephemeral message) to the other relay instances, if any.
@@ -1239,11 +1095,11 @@ impl Relay {
         let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&doc_id).cloned();
         let Some(entry) = entry else { return };
         let e = entry.lock().await;
-        let Some(stored) = &e.stored else { return };
-        if session.agent.role_in(&stored.team).is_none() {
+        let Some(team) = e.core.team() else { return };
+        if session.agent.role_in(team).is_none() {
             return;
         }
-        forward_ephemeral(&e, Some(session.conn), &session.peer_id, &doc_id, count, &session_id, &data);
+        forward_ephemeral(&self.sessions, &e, Some(session.conn), &session.peer_id, &doc_id, count, &session_id, &data);
         drop(e);
         let sender_id = session.peer_id.clone();
         self.tell_instances(crate::store::StoreEvent::Ephemeral { doc_id, sender_id, count, session_id, data }).await;
@@ -1259,8 +1115,7 @@ impl Relay {
             let entry = self.entry(&doc_id);
             // A document being worked on right now stays; it is evicted on a later pass.
             let Ok(mut e) = entry.try_lock() else { continue };
-            if e.pending.is_empty() && e.uncommitted == 0 {
-                e.stored = None;
+            if e.slots.is_empty() && e.core.unload() {
                 e.loaded = false;
             }
             drop(e);
@@ -1273,9 +1128,9 @@ impl Relay {
     /// active documents. Checked under the map's lock, so no second entry can appear meanwhile.
     fn forget_if_unused(&self, id: &str) {
         let mut docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = docs.get(id).is_some_and(|entry| {
-            Arc::strong_count(entry) == 1 && entry.try_lock().is_ok_and(|e| e.peers.is_empty() && e.pending.is_empty())
-        });
+        let idle = docs
+            .get(id)
+            .is_some_and(|entry| Arc::strong_count(entry) == 1 && entry.try_lock().is_ok_and(|e| e.core.is_idle()));
         if idle {
             docs.remove(id);
             self.recent.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
@@ -1310,8 +1165,11 @@ impl Relay {
         self.presence.lock().unwrap_or_else(|p| p.into_inner()).insert(doc_id.to_owned(), p.clone());
         let entry = self.entry(doc_id);
         let e = entry.lock().await;
-        for (peer, _) in e.peers.values() {
-            peer.send(self.presence_message(doc_id, &peer.peer_id, &p));
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        for (conn, peer_id) in e.core.followers() {
+            if let Some(s) = sessions.get(&conn) {
+                s.send(self.presence_message(doc_id, peer_id, &p));
+            }
         }
     }
 
@@ -1325,20 +1183,16 @@ impl Relay {
         let mut e = entry.lock().await;
         self.ensure_loaded(doc_id, &mut e).await.map_err(|e| e.to_string())?;
         let e = &mut *e;
-        let Some(stored) = &mut e.stored else { return Err("no such conversation".into()) };
-        let before = stored.doc.get_heads();
-        if let Err(f) = stored.doc.transact(f) {
-            return Err(f.error.to_string());
-        }
-        let chunk = stored.doc.save_after(&before);
-        if let Err(err) = self.commit(doc_id, &stored.team, chunk).await {
+        let Some(team) = e.core.team().cloned() else { return Err("no such conversation".into()) };
+        let chunk = e.core.relay_change(f)?;
+        if let Err(err) = self.commit(doc_id, &team, chunk).await {
             // Not stored: forget the in-memory change.
+            e.core.unload();
             e.loaded = false;
-            e.stored = None;
             return Err(err);
         }
         let _ = self.changes.send(doc_id.to_owned());
-        self.advertise_now(doc_id, e);
+        self.advertise_now(e);
         Ok(())
     }
 
@@ -1353,7 +1207,9 @@ impl Relay {
         self.commit(new.id.as_str(), &new.team, d.save()).await?;
         let entry = self.entry(new.id.as_str());
         let mut e = entry.lock().await;
-        self.announce(new.id.as_str(), &mut e, StoredDoc::new(d, new.team.clone()));
+        e.core.load(d, new.team.clone());
+        e.loaded = true;
+        self.announce_loaded(&mut e);
         Ok(())
     }
 
@@ -1362,8 +1218,8 @@ impl Relay {
         let entry = self.entry(doc_id);
         let mut e = entry.lock().await;
         self.ensure_loaded(doc_id, &mut e).await.map_err(|e| e.to_string())?;
-        match &e.stored {
-            Some(stored) => doc::all_messages(&stored.doc).map_err(|e| e.to_string()),
+        match e.core.doc() {
+            Some(d) => doc::all_messages(d).map_err(|e| e.to_string()),
             None => Err("no such conversation".into()),
         }
     }
@@ -1413,8 +1269,8 @@ impl Relay {
         for id in touched {
             let entry = self.entry(id);
             let mut e = entry.lock().await;
-            e.peers.remove(&conn);
-            e.pending.remove(&conn);
+            e.core.disconnect(conn);
+            e.slots.remove(&conn);
             drop(e);
             drop(entry);
             // Nobody else syncs it: free the memory; it is read from SQLite when asked for again.
@@ -1453,7 +1309,9 @@ async fn follow_instances(
 }
 
 /// Passes an ephemeral message to a document's followers here (but not back to `except`).
+#[allow(clippy::too_many_arguments)]
 fn forward_ephemeral(
+    sessions: &Mutex<HashMap<ConnId, Session>>,
     e: &DocEntry,
     except: Option<ConnId>,
     sender_id: &str,
@@ -1462,11 +1320,14 @@ fn forward_ephemeral(
     session_id: &str,
     data: &[u8],
 ) {
-    for (conn, (peer, _)) in &e.peers {
-        if Some(*conn) != except {
-            peer.send(WireMessage::Ephemeral {
+    let sessions = sessions.lock().unwrap_or_else(|p| p.into_inner());
+    for (conn, peer_id) in e.core.followers() {
+        if Some(conn) != except
+            && let Some(s) = sessions.get(&conn)
+        {
+            s.send(WireMessage::Ephemeral {
                 sender_id: sender_id.to_owned(),
-                target_id: peer.peer_id.clone(),
+                target_id: peer_id.to_owned(),
                 document_id: doc_id.to_owned(),
                 count,
                 session_id: session_id.to_owned(),
@@ -1474,49 +1335,6 @@ fn forward_ephemeral(
             });
         }
     }
-}
-
-/// Sends every peer of a document whatever sync message it needs now. Called only after changes
-/// are stored, so the heads it advertises are durable.
-fn advertise(relay_peer: &str, doc_id: &str, doc: &mut Automerge, peers: &mut HashMap<ConnId, (Session, sync::State)>) {
-    peers.retain(|_, (session, _)| !session.tx.is_closed());
-    for (session, state) in peers.values_mut() {
-        if let Some(m) = doc.generate_sync_message(state) {
-            session.send(WireMessage::Sync {
-                sender_id: relay_peer.to_owned(),
-                target_id: session.peer_id.clone(),
-                document_id: doc_id.to_owned(),
-                data: outgoing(m),
-            });
-        }
-    }
-}
-
-/// Lets automerge take a sync message whose changes were already applied (judged, by
-/// [`conversation::apply_judged`]): heads, needs and bloom filters. `applied`: some of its changes
-/// were new here. Automerge would then take the message's heads for heads it has already sent
-/// (they equal the document's now), and never tell the sender that its changes arrived.
-fn receive_rest(
-    doc: &mut Automerge,
-    state: &mut sync::State,
-    mut message: sync::Message,
-    applied: bool,
-) -> Result<(), automerge::AutomergeError> {
-    message.changes = sync::ChunkList::empty();
-    let last_sent = state.last_sent_heads.clone();
-    doc.receive_sync_message(state, message)?;
-    if applied {
-        state.last_sent_heads = last_sent;
-    }
-    Ok(())
-}
-
-/// Encodes a sync message for a client without advertising the "V2" format: clients then send
-/// changes, never whole documents (which the relay refuses: their compressed columns cannot be
-/// bounded before automerge reads them).
-fn outgoing(mut m: sync::Message) -> Vec<u8> {
-    m.flags = None;
-    m.encode()
 }
 
 /// A client's sync message, checked against [`SyncLimits::CLIENT`] before automerge parses it,

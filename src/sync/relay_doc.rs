@@ -1,0 +1,633 @@
+//! The relay's sync logic for one document, sans IO. The relay (`sync-server`) feeds it what a
+//! connection sent and what storage answered, and carries out the [`Action`]s it returns: frames
+//! to send, chunks to commit, a fan-out to schedule. The simulator (`tests/sim`) drives the same
+//! code step by step with a seeded scheduler.
+//!
+//! The rules it keeps:
+//! - every client change is judged on its own, in causal order (`replica::conversation`), before
+//!   it is in the document;
+//! - a change whose dependencies have not arrived waits in its sender's queue (bounded) and is
+//!   judged when they arrive: the sender's automerge counts it as sent and never sends it again;
+//! - nothing is advertised before it is durable: while a commit of this document is in progress no
+//!   sync message is generated, and the fan-out after the last commit tells every follower;
+//! - a conversation being created is visible to nobody until its first changes are judged as the
+//!   creation of a conversation and stored.
+
+use super::wire::WireMessage;
+use crate::domain::{Message, TeamId, Timestamp};
+use crate::replica::conversation::{self, ChangeAuthor, Verdict};
+use crate::replica::doc;
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, Change, ChangeHash};
+use std::collections::{HashMap, HashSet};
+
+/// A connection, as the relay numbers them.
+pub type ConnId = u64;
+
+/// Changes one connection may have waiting for their dependencies in one document.
+pub const MAX_DEFERRED_CHANGES: usize = 1024;
+/// Bytes of such changes.
+pub const MAX_DEFERRED_BYTES: usize = 16 * 1024 * 1024;
+
+/// What the relay should do.
+#[derive(Debug)]
+pub enum Action {
+    /// Send a frame to a connection.
+    Send(ConnId, WireMessage),
+    /// Store a chunk durably, then call [`RelayDoc::committed`] with the ticket.
+    Commit { ticket: u64, team: TeamId, chunk: Vec<u8> },
+    /// Call [`RelayDoc::fanout`] shortly (changes arriving meanwhile go out together).
+    ScheduleFanout,
+    /// The document in memory cannot be trusted (a commit failed, a refused change could not be
+    /// taken back out): it was dropped; read it again from storage before the next use.
+    Reload,
+    /// A conversation was created and stored: the team's connections should follow it
+    /// ([`RelayDoc::follow`]) and hear of it ([`RelayDoc::advertise`]).
+    Created { team: TeamId },
+    /// Client changes are durable: these messages are new (for the channels and grab decisions).
+    Stored { added: Vec<Message> },
+    /// Changes wait for dependencies this relay does not hold: another instance may have stored
+    /// them ([`RelayDoc::apply_stored`] retries the waiting changes).
+    Missing,
+}
+
+/// Whose conversation a new document's first changes claim to be.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// A conversation of this team (the relay checks the agent is in it).
+    Team(TeamId),
+    /// No conversation yet: only empty changes (automerge-repo clients start a document so).
+    Empty,
+    /// Something that is not a conversation: answered as a missing document.
+    NotConversation,
+    /// A conversation's layout that does not read: refused with the reason.
+    Unreadable(String),
+}
+
+struct Stored {
+    doc: Automerge,
+    team: TeamId,
+    /// The conversation's header as of the heads it was read at (see `apply_judged_with`).
+    header: Option<(Vec<ChangeHash>, doc::DocHeader)>,
+}
+
+struct Peer {
+    peer_id: String,
+    state: sync::State,
+    /// Changes waiting for their dependencies, and who sent them.
+    deferred: Vec<Change>,
+    deferred_bytes: usize,
+    author: Option<ChangeAuthor>,
+}
+
+impl Peer {
+    fn new(peer_id: &str) -> Peer {
+        Peer {
+            peer_id: peer_id.to_owned(),
+            state: sync::State::new(),
+            deferred: Vec::new(),
+            deferred_bytes: 0,
+            author: None,
+        }
+    }
+}
+
+/// A document a connection is creating.
+struct Pending {
+    doc: Automerge,
+    peer: Peer,
+}
+
+/// A new conversation whose first commit is in progress.
+struct Creating {
+    ticket: u64,
+    conn: ConnId,
+    doc: Automerge,
+    team: TeamId,
+    peer: Peer,
+}
+
+/// One document's sync state on the relay.
+pub struct RelayDoc {
+    id: String,
+    relay_peer: String,
+    actor: automerge::ActorId,
+    stored: Option<Stored>,
+    pending: HashMap<ConnId, Pending>,
+    creating: Option<Creating>,
+    peers: HashMap<ConnId, Peer>,
+    /// Commits of client changes in progress, and the messages each added.
+    commits: HashMap<u64, (ConnId, Vec<Message>)>,
+    next_ticket: u64,
+    fanout_scheduled: bool,
+}
+
+impl RelayDoc {
+    /// A document not read from storage yet (or absent there). The relay writes with `actor`.
+    pub fn new(id: &str, relay_peer: &str, actor: automerge::ActorId) -> RelayDoc {
+        RelayDoc {
+            id: id.to_owned(),
+            relay_peer: relay_peer.to_owned(),
+            actor,
+            stored: None,
+            pending: HashMap::new(),
+            creating: None,
+            peers: HashMap::new(),
+            commits: HashMap::new(),
+            next_ticket: 1,
+            fanout_scheduled: false,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The stored conversation, as read from storage.
+    pub fn load(&mut self, doc: Automerge, team: TeamId) {
+        self.stored = Some(Stored { doc: doc.with_actor(self.actor.clone()), team, header: None });
+    }
+
+    /// Drops the document from memory (it is read again when needed). Followers and their sync
+    /// states stay. Refused while a commit or a creation is in progress.
+    pub fn unload(&mut self) -> bool {
+        if !self.commits.is_empty() || self.creating.is_some() || !self.pending.is_empty() {
+            return false;
+        }
+        self.stored = None;
+        true
+    }
+
+    pub fn is_stored(&self) -> bool {
+        self.stored.is_some()
+    }
+
+    pub fn team(&self) -> Option<&TeamId> {
+        self.stored.as_ref().map(|s| &s.team)
+    }
+
+    /// The stored document (for the channels and tests).
+    pub fn doc(&self) -> Option<&Automerge> {
+        self.stored.as_ref().map(|s| &s.doc)
+    }
+
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.stored.as_ref().map(|s| s.doc.get_heads()).unwrap_or_default()
+    }
+
+    /// The conversation's header at the current heads (read again only when they moved).
+    pub fn header(&mut self) -> Option<Result<doc::DocHeader, doc::DocError>> {
+        let stored = self.stored.as_mut()?;
+        let heads = stored.doc.get_heads();
+        if let Some((at, header)) = &stored.header
+            && *at == heads
+        {
+            return Some(Ok(header.clone()));
+        }
+        Some(doc::read_header(&stored.doc).inspect(|h| stored.header = Some((heads, h.clone()))))
+    }
+
+    /// Whether a commit of this document is in progress (nothing is advertised until it returns).
+    pub fn committing(&self) -> bool {
+        !self.commits.is_empty() || self.creating.is_some()
+    }
+
+    pub fn follows(&self, conn: ConnId) -> bool {
+        self.peers.contains_key(&conn)
+    }
+
+    pub fn followers(&self) -> impl Iterator<Item = (ConnId, &str)> {
+        self.peers.iter().map(|(c, p)| (*c, p.peer_id.as_str()))
+    }
+
+    /// Makes `conn` a follower (with a fresh sync state) unless it is one already.
+    pub fn follow(&mut self, conn: ConnId, peer_id: &str) {
+        self.peers.entry(conn).or_insert_with(|| Peer::new(peer_id));
+    }
+
+    /// Forgets a connection (it closed).
+    pub fn disconnect(&mut self, conn: ConnId) {
+        self.peers.remove(&conn);
+        self.pending.remove(&conn);
+    }
+
+    /// Nobody follows or creates it: the relay may forget it.
+    pub fn is_idle(&self) -> bool {
+        self.peers.is_empty() && self.pending.is_empty() && self.creating.is_none() && self.commits.is_empty()
+    }
+
+    /// Documents `conn` is creating here (0 or 1).
+    pub fn is_pending(&self, conn: ConnId) -> bool {
+        self.pending.contains_key(&conn)
+    }
+
+    /// Whose conversation `changes` claim to be: the stored conversation's team, or for a new
+    /// document what its first changes hold (read from a throwaway copy).
+    pub fn claim(&self, conn: ConnId, changes: &[Change]) -> Claim {
+        if let Some(stored) = &self.stored {
+            return Claim::Team(stored.team.clone());
+        }
+        let mut probe = self.pending.get(&conn).map_or_else(Automerge::new, |p| p.doc.clone());
+        let header = probe
+            .apply_changes(changes.iter().cloned())
+            .map_err(|e| e.to_string())
+            .and_then(|()| doc::read_header(&probe).map_err(|e| e.to_string()));
+        match header {
+            Ok(h) => Claim::Team(h.team),
+            Err(why) if matches!(doc::schema_of(&probe), Ok(Some(_))) => Claim::Unreadable(why),
+            Err(_) if changes.iter().all(Change::is_empty) => Claim::Empty,
+            Err(_) => Claim::NotConversation,
+        }
+    }
+
+    /// Answers `conn` as for a document that does not exist (and forgets what it was creating).
+    pub fn unavailable(&mut self, conn: ConnId, peer_id: &str) -> Vec<Action> {
+        self.pending.remove(&conn);
+        vec![Action::Send(conn, self.frame_unavailable(peer_id))]
+    }
+
+    /// Refuses a new conversation whose layout does not read.
+    pub fn refuse_creation(&mut self, conn: ConnId, peer_id: &str, why: &str) -> Vec<Action> {
+        self.pending.remove(&conn);
+        vec![
+            Action::Send(conn, self.frame_error(peer_id, format!("not a readable conversation ({why}); refused"))),
+            Action::Send(conn, self.frame_unavailable(peer_id)),
+        ]
+    }
+
+    /// A sync message from `conn` (checked against the client limits, its changes decoded).
+    /// `author` is who sent the changes, with their role and the team's mode (required when
+    /// `changes` is not empty; without it they are ignored).
+    #[allow(clippy::too_many_arguments)]
+    pub fn receive(
+        &mut self,
+        conn: ConnId,
+        peer_id: &str,
+        message: sync::Message,
+        changes: Vec<Change>,
+        is_request: bool,
+        author: Option<&ChangeAuthor>,
+        now: Timestamp,
+    ) -> Vec<Action> {
+        if self.stored.is_none() {
+            return self.receive_new(conn, peer_id, message, changes, is_request, author, now);
+        }
+        let mut out = Vec::new();
+        let peer = self.peers.entry(conn).or_insert_with(|| Peer::new(peer_id));
+        let stored = self.stored.as_mut().expect("checked above");
+        let before = stored.doc.get_heads();
+        let mut offered: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
+        let verdict = match author {
+            Some(author) if !changes.is_empty() || !peer.deferred.is_empty() => {
+                let mut all = std::mem::take(&mut peer.deferred);
+                peer.deferred_bytes = 0;
+                offered.extend(all.iter().map(Change::hash));
+                all.extend(changes);
+                peer.author = Some(author.clone());
+                conversation::apply_judged_with(&mut stored.doc, &self.id, all, author, now, &mut stored.header)
+            }
+            _ => Verdict::default(),
+        };
+        if verdict.damaged {
+            self.stored = None;
+            self.peers.remove(&conn);
+            out.push(Action::Send(
+                conn,
+                self.frame_error(peer_id, "the relay could not apply your changes; they will be sent again"),
+            ));
+            out.push(Action::Reload);
+            return out;
+        }
+        let stored = self.stored.as_mut().expect("checked above");
+        let peer = self.peers.get_mut(&conn).expect("inserted above");
+        if !verdict.deferred.is_empty() {
+            out.push(Action::Missing);
+        }
+        if !defer(peer, verdict.deferred) {
+            peer.state = sync::State::new();
+            let why = "too many changes wait for changes the relay does not have; the sync starts over";
+            out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, peer_id, why)));
+            return out;
+        }
+        // The changes were applied above; automerge only takes the rest of the message.
+        if let Err(err) = receive_rest(&mut stored.doc, &mut peer.state, message, !verdict.accepted.is_empty()) {
+            peer.state = sync::State::new();
+            let why = format!("the sync message could not be applied ({err})");
+            out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, peer_id, &why)));
+            return out;
+        }
+        if let Some(their) = peer.state.their_heads.as_mut() {
+            // Refused changes are not asked for again; missing dependencies are.
+            let dropped: HashSet<ChangeHash> =
+                offered.iter().copied().filter(|h| !conversation::has_change(&stored.doc, h)).collect();
+            their.retain(|h| !dropped.contains(h));
+            their.extend(verdict.missing.iter().copied());
+            // Never a hash twice: automerge 0.12 panics on a list that names a change twice.
+            their.sort();
+            their.dedup();
+        }
+        if let Some((hash, refusal)) = &verdict.refused {
+            tracing::info!(doc_id = %self.id, agent = ?author.map(|a| &a.agent), change = %hash, %refusal, "change refused");
+            let why = format!("{refusal}; refused (change {hash})");
+            out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, peer_id, &why)));
+            // The exchange with this connection starts over from what the relay holds.
+            self.peers.remove(&conn);
+        }
+        if stored.doc.get_heads() != before {
+            let chunk = stored.doc.save_after(&before);
+            self.next_ticket += 1;
+            let ticket = self.next_ticket;
+            self.commits.insert(ticket, (conn, verdict.added));
+            out.push(Action::Commit { ticket, team: stored.team.clone(), chunk });
+            return out;
+        }
+        if !self.commits.is_empty() || self.creating.is_some() {
+            // The answer waits for the commits in progress (the fan-out includes it).
+            out.extend(self.schedule_fanout());
+        } else if let Some(peer) = self.peers.get_mut(&conn)
+            && let Some(stored) = self.stored.as_mut()
+        {
+            // Nothing new: only the sender may need an answer, and usually not even that (an
+            // acknowledgement of heads we both have).
+            let heads = stored.doc.get_heads();
+            let state = &peer.state;
+            let settled = state.have_responded
+                && state.last_sent_heads == heads
+                && state.their_heads.as_ref() == Some(&heads)
+                && state.their_need.as_ref().is_none_or(Vec::is_empty);
+            if !settled && let Some(m) = stored.doc.generate_sync_message(&mut peer.state) {
+                out.push(Action::Send(conn, frame_sync(&self.relay_peer, &self.id, &peer.peer_id, m)));
+            }
+        }
+        out
+    }
+
+    /// A sync message for a document the relay does not store: a conversation `conn` is creating.
+    #[allow(clippy::too_many_arguments)]
+    fn receive_new(
+        &mut self,
+        conn: ConnId,
+        peer_id: &str,
+        message: sync::Message,
+        changes: Vec<Change>,
+        is_request: bool,
+        author: Option<&ChangeAuthor>,
+        now: Timestamp,
+    ) -> Vec<Action> {
+        if self.creating.as_ref().is_some_and(|c| c.conn == conn) {
+            // Its creation is being stored: the fan-out after it answers.
+            return Vec::new();
+        }
+        let pending =
+            self.pending.entry(conn).or_insert_with(|| Pending { doc: Automerge::new(), peer: Peer::new(peer_id) });
+        if !changes.is_empty() {
+            let Some(author) = author else { return self.unavailable(conn, peer_id) };
+            let verdict = conversation::apply_judged(&mut pending.doc, &self.id, changes, author, now);
+            if let Some((hash, refusal)) = verdict.refused {
+                tracing::info!(doc_id = %self.id, agent = %author.agent, change = %hash, %refusal, "new conversation refused");
+                self.pending.remove(&conn);
+                let why = format!("{refusal}; refused (change {hash})");
+                return vec![
+                    Action::Send(conn, frame_error(&self.relay_peer, &self.id, peer_id, &why)),
+                    Action::Send(conn, self.frame_unavailable(peer_id)),
+                ];
+            }
+            if !defer(&mut pending.peer, verdict.deferred) {
+                return self.unavailable(conn, peer_id);
+            }
+        }
+        let applied = !pending.doc.get_heads().is_empty();
+        if receive_rest(&mut pending.doc, &mut pending.peer.state, message, applied).is_err() {
+            return self.unavailable(conn, peer_id);
+        }
+        if !matches!(doc::check_schema(&pending.doc), Ok(true)) {
+            let heads = pending.doc.get_heads();
+            let state = &mut pending.peer.state;
+            // Everything the client has arrived and it is not a conversation: the relay keeps
+            // conversations only, so it answers as for a document that does not exist.
+            let complete_but_other = !heads.is_empty() && state.their_heads.as_deref() == Some(&heads[..]);
+            if is_request
+                || complete_but_other
+                || heads.is_empty() && state.their_heads.as_ref().is_none_or(Vec::is_empty)
+            {
+                return self.unavailable(conn, peer_id);
+            }
+            // Ask for the changes of the new document.
+            return match pending.doc.generate_sync_message(state) {
+                Some(m) => vec![Action::Send(conn, frame_sync(&self.relay_peer, &self.id, peer_id, m))],
+                None => Vec::new(),
+            };
+        }
+        let Some(pending) = self.pending.remove(&conn) else { return Vec::new() };
+        let Ok(header) = doc::read_header(&pending.doc) else { return self.unavailable(conn, peer_id) };
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        let chunk = pending.doc.save();
+        let team = header.team;
+        self.creating = Some(Creating { ticket, conn, doc: pending.doc, team: team.clone(), peer: pending.peer });
+        vec![Action::Commit { ticket, team, chunk }]
+    }
+
+    /// A commit asked for by [`Action::Commit`] returned.
+    pub fn committed(&mut self, ticket: u64, result: Result<(), String>) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(c) = self.creating.take_if(|c| c.ticket == ticket) {
+            let peer_id = c.peer.peer_id.clone();
+            if let Err(err) = result {
+                tracing::warn!(doc_id = %self.id, %err, "storing a new conversation failed");
+                let why = "the relay could not store this conversation; it will be sent again";
+                out.push(Action::Send(c.conn, frame_error(&self.relay_peer, &self.id, &peer_id, why)));
+                return out;
+            }
+            tracing::info!(doc_id = %self.id, team = %c.team, "conversation created");
+            self.stored =
+                Some(Stored { doc: c.doc.with_actor(self.actor.clone()), team: c.team.clone(), header: None });
+            self.peers.insert(c.conn, c.peer);
+            out.push(Action::Created { team: c.team });
+            return out;
+        }
+        let Some((conn, added)) = self.commits.remove(&ticket) else { return out };
+        match result {
+            Ok(()) => out.push(Action::Stored { added }),
+            Err(err) => {
+                tracing::warn!(doc_id = %self.id, %err, "storing a change failed");
+                // What is in memory is not durable: read it again; the sender sends it again.
+                self.stored = None;
+                if let Some(peer) = self.peers.remove(&conn) {
+                    let why = "the relay could not store your change; it will be sent again";
+                    out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, &peer.peer_id, why)));
+                }
+                out.push(Action::Reload);
+            }
+        }
+        out.extend(self.schedule_fanout());
+        out
+    }
+
+    fn schedule_fanout(&mut self) -> Option<Action> {
+        (!std::mem::replace(&mut self.fanout_scheduled, true)).then_some(Action::ScheduleFanout)
+    }
+
+    /// The scheduled fan-out: every follower hears what it needs, unless a commit is in progress
+    /// (the fan-out after it does it).
+    pub fn fanout(&mut self) -> Vec<Action> {
+        self.fanout_scheduled = false;
+        self.advertise()
+    }
+
+    /// Sends every follower whatever sync message it needs now (nothing while a commit of this
+    /// document is in progress: the heads advertised are always durable).
+    pub fn advertise(&mut self) -> Vec<Action> {
+        if self.committing() {
+            return Vec::new();
+        }
+        let Some(stored) = &mut self.stored else { return Vec::new() };
+        let mut out = Vec::new();
+        for (conn, peer) in &mut self.peers {
+            if let Some(m) = stored.doc.generate_sync_message(&mut peer.state) {
+                out.push(Action::Send(*conn, frame_sync(&self.relay_peer, &self.id, &peer.peer_id, m)));
+            }
+        }
+        out
+    }
+
+    /// Changes another instance stored (read from storage): applied, and followers hear of what
+    /// is new. Changes waiting for dependencies are judged again with their sender's next message
+    /// (or at once with [`RelayDoc::retry_deferred`]).
+    pub fn apply_stored(&mut self, bytes: &[u8]) -> Result<Vec<Action>, String> {
+        let Some(stored) = &mut self.stored else { return Ok(Vec::new()) };
+        let before = stored.doc.get_heads();
+        if !bytes.is_empty()
+            && let Err(err) = stored.doc.load_incremental(bytes)
+        {
+            self.stored = None;
+            return Err(format!("stored changes of {} are unreadable: {err}", self.id));
+        }
+        if stored.doc.get_heads() == before {
+            return Ok(Vec::new());
+        }
+        stored.header = None;
+        Ok(self.advertise())
+    }
+
+    /// Judges again what waits for dependencies (after other changes arrived).
+    pub fn retry_deferred(&mut self, now: Timestamp) -> Vec<Action> {
+        let waiting: Vec<ConnId> = self.peers.iter().filter(|(_, p)| !p.deferred.is_empty()).map(|(c, _)| *c).collect();
+        let mut out = Vec::new();
+        for conn in waiting {
+            let Some(peer) = self.peers.get_mut(&conn) else { continue };
+            let (Some(author), peer_id) = (peer.author.clone(), peer.peer_id.clone()) else { continue };
+            // Judged as if the peer had sent them again, without a sync message around them.
+            let Some(stored) = self.stored.as_mut() else { break };
+            let before = stored.doc.get_heads();
+            let changes = std::mem::take(&mut peer.deferred);
+            peer.deferred_bytes = 0;
+            let verdict =
+                conversation::apply_judged_with(&mut stored.doc, &self.id, changes, &author, now, &mut stored.header);
+            if verdict.damaged {
+                self.stored = None;
+                out.push(Action::Reload);
+                return out;
+            }
+            defer(peer, verdict.deferred);
+            if let Some((hash, refusal)) = &verdict.refused {
+                let why = format!("{refusal}; refused (change {hash})");
+                out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, &peer_id, &why)));
+                self.peers.remove(&conn);
+            }
+            let stored = self.stored.as_mut().expect("checked above");
+            if stored.doc.get_heads() != before {
+                let chunk = stored.doc.save_after(&before);
+                self.next_ticket += 1;
+                let ticket = self.next_ticket;
+                self.commits.insert(ticket, (conn, verdict.added));
+                out.push(Action::Commit { ticket, team: stored.team.clone(), chunk });
+            }
+        }
+        out
+    }
+
+    /// A change the relay itself makes (recording the grab winner): returns the chunk to commit
+    /// before anyone hears of it.
+    pub fn relay_change(
+        &mut self,
+        f: impl FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), doc::DocError>,
+    ) -> Result<Vec<u8>, String> {
+        let stored = self.stored.as_mut().ok_or("the conversation is not loaded")?;
+        let before = stored.doc.get_heads();
+        stored.doc.transact::<_, _, doc::DocError>(|tx| f(tx)).map_err(|f| f.error.to_string())?;
+        Ok(stored.doc.save_after(&before))
+    }
+
+    fn frame_unavailable(&self, peer_id: &str) -> WireMessage {
+        WireMessage::DocUnavailable {
+            sender_id: self.relay_peer.clone(),
+            target_id: peer_id.to_owned(),
+            document_id: self.id.clone(),
+        }
+    }
+
+    fn frame_error(&self, peer_id: &str, why: impl AsRef<str>) -> WireMessage {
+        frame_error(&self.relay_peer, &self.id, peer_id, why.as_ref())
+    }
+}
+
+/// Keeps changes that wait for dependencies in the peer's queue; false when the queue is over its
+/// bounds (then it is emptied: the sender's sync starts over).
+fn defer(peer: &mut Peer, changes: Vec<Change>) -> bool {
+    for c in changes {
+        peer.deferred_bytes += c.raw_bytes().len();
+        peer.deferred.push(c);
+    }
+    if peer.deferred.len() > MAX_DEFERRED_CHANGES || peer.deferred_bytes > MAX_DEFERRED_BYTES {
+        peer.deferred.clear();
+        peer.deferred_bytes = 0;
+        return false;
+    }
+    true
+}
+
+/// "document <id>: <why>": the replica shows it on that conversation.
+fn frame_error(relay_peer: &str, doc_id: &str, peer_id: &str, why: &str) -> WireMessage {
+    WireMessage::Error {
+        sender_id: relay_peer.to_owned(),
+        target_id: peer_id.to_owned(),
+        message: format!("document {doc_id}: {why}"),
+    }
+}
+
+fn frame_sync(relay_peer: &str, doc_id: &str, peer_id: &str, m: sync::Message) -> WireMessage {
+    WireMessage::Sync {
+        sender_id: relay_peer.to_owned(),
+        target_id: peer_id.to_owned(),
+        document_id: doc_id.to_owned(),
+        data: outgoing(m),
+    }
+}
+
+/// Lets automerge take a sync message whose changes were already applied (judged): heads, needs
+/// and bloom filters. `applied`: some of its changes were new here. Automerge would then take the
+/// message's heads for heads it has already sent (they equal the document's now), and never tell
+/// the sender that its changes arrived.
+fn receive_rest(
+    doc: &mut Automerge,
+    state: &mut sync::State,
+    mut message: sync::Message,
+    applied: bool,
+) -> Result<(), automerge::AutomergeError> {
+    message.changes = sync::ChunkList::empty();
+    let last_sent = state.last_sent_heads.clone();
+    doc.receive_sync_message(state, message)?;
+    if applied {
+        state.last_sent_heads = last_sent;
+    }
+    Ok(())
+}
+
+/// Encodes a sync message for a client without advertising the "V2" format: clients then send
+/// changes, never whole documents (which the relay refuses: their compressed columns cannot be
+/// bounded before automerge reads them).
+pub fn outgoing(mut m: sync::Message) -> Vec<u8> {
+    m.flags = None;
+    m.encode()
+}
