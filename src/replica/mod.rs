@@ -117,6 +117,16 @@ pub struct Replica {
 impl Replica {
     /// Opens (or creates) the replica at `path` for `agent`. A replica belongs to one agent.
     pub fn open(path: impl AsRef<Path>, agent: AgentId) -> Result<Replica, ReplicaError> {
+        Replica::open_with(path, agent, StdRng::from_os_rng())
+    }
+
+    /// As [`Replica::open`], with its actor and message ids drawn from `seed`: a simulated run is
+    /// then the same run every time.
+    pub fn open_seeded(path: impl AsRef<Path>, agent: AgentId, seed: u64) -> Result<Replica, ReplicaError> {
+        Replica::open_with(path, agent, StdRng::seed_from_u64(seed))
+    }
+
+    fn open_with(path: impl AsRef<Path>, agent: AgentId, mut rng: StdRng) -> Result<Replica, ReplicaError> {
         let conn = store::open(path.as_ref())?;
         match store::meta(&conn, "agent")? {
             Some(owner) if owner != agent.as_str() => {
@@ -125,7 +135,6 @@ impl Replica {
             Some(_) => {}
             None => store::set_meta(&conn, "agent", agent.as_str())?,
         }
-        let mut rng = StdRng::from_os_rng();
         // Each replica writes with its own actor, so two devices of one agent never collide.
         let actor_hex = match store::meta(&conn, "actor")? {
             Some(hex) => hex,

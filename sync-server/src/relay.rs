@@ -499,6 +499,12 @@ impl Relay {
                     Err(err) => warn!(doc_id = %id, %err, "conversation not compacted"),
                 });
             }
+            e.loaded = true;
+            // A grab asked for just before the relay stopped is decided when the conversation is
+            // read again (the simulator found grab requests left without an owner after a crash).
+            if let Err(reason) = self.decide_grab(id, e).await {
+                warn!(doc_id = %id, %reason, "grab not decided");
+            }
         }
         e.loaded = true;
         Ok(())
