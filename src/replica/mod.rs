@@ -534,9 +534,149 @@ impl Replica {
         })?;
         if covered {
             store::outbox_remove(&self.conn, id, &pending)?;
+            store::undelivered_resent_done(&self.conn, id)?;
             self.refusals.remove(id);
         }
         Ok(covered)
+    }
+
+    // ---- changes the relay refused -------------------------------------------------------------
+
+    /// The relay refused change `hash` of conversation `id` for `reason` (a rule that changed
+    /// while this replica was offline: a grab lost, the conversation closed, the agent removed).
+    /// Automerge history cannot drop a change, and every later change of this replica to the
+    /// conversation would depend on it and be refused too; so the change and every change
+    /// depending on it are taken back out (the document is rebuilt without them), and the messages
+    /// they carried are kept aside: sent again once the replica is in sync with the relay
+    /// ([`Replica::retry_undelivered`]), or shown as not delivered with the reason. Nothing typed
+    /// is lost. Returns how many changes were taken back.
+    pub fn take_back_refused(
+        &mut self,
+        id: &ConversationId,
+        hash: ChangeHash,
+        reason: &str,
+    ) -> Result<usize, ReplicaError> {
+        let Some(d) = self.take_doc(id)? else { return Ok(0) };
+        if !conversation::has_change(&d, &hash) {
+            self.cache.put(id.clone(), d);
+            return Ok(0);
+        }
+        let mut gone: std::collections::HashSet<ChangeHash> = std::collections::HashSet::new();
+        let (mut keep, mut taken) = (Vec::new(), Vec::new());
+        for c in d.get_changes(&[]) {
+            if c.hash() == hash || c.deps().iter().any(|h| gone.contains(h)) {
+                gone.insert(c.hash());
+                taken.push(c.clone());
+            } else {
+                keep.push(c.clone());
+            }
+        }
+        let mut removed: Vec<Message> = Vec::new();
+        for c in &taken {
+            if let Ok(summary) = conversation::summarize(&d, c) {
+                removed.extend(summary.added);
+            }
+        }
+        let mut rebuilt = Automerge::new().with_actor(self.actor.clone());
+        if let Err(e) = rebuilt.apply_changes(keep) {
+            self.cache.put(id.clone(), d);
+            return Err(DocError::from(e).into());
+        }
+        let Ok(header) = doc::read_header(&rebuilt) else {
+            // The refused change created the conversation: nothing of it reaches the relay.
+            self.cache.put(id.clone(), d);
+            return self.abandon_unsynced(id, reason);
+        };
+        let me = Author::Crew { agent: self.agent.clone() };
+        let before = store::undelivered(&self.conn, id)?;
+        let previous = self.index.get(id);
+        let presence = previous.map(|s| s.presence.clone()).unwrap_or_default();
+        let count = previous.map_or(0, |s| s.message_count).saturating_sub(removed.len() as u32);
+        let unsynced = store::outbox_changes(&self.conn, id)? - taken.len() as i64;
+        let tx = self.conn.transaction()?;
+        store::compact(&tx, id, &rebuilt.save())?;
+        let ids: Vec<&str> = removed.iter().map(|m| m.id.as_str()).collect();
+        store::delete_messages(&tx, id, &ids)?;
+        let stats = store::message_stats(&tx, id)?;
+        let summary = summarize(header, stats, count, presence);
+        store::upsert_summary(&tx, &summary, false)?;
+        store::outbox_set(&tx, id, &heads_text(&rebuilt.get_heads()), unsynced)?;
+        for m in removed.iter().filter(|m| m.author == me) {
+            // Sent once more at most: a message refused again is not delivered.
+            let again = before.iter().any(|r| r.message.id == m.id && r.state == "resent");
+            store::set_undelivered(&tx, id, m, reason, if again { "failed" } else { "retry" })?;
+        }
+        tx.commit()?;
+        self.index.insert(id.clone(), summary);
+        self.cache.put(id.clone(), rebuilt);
+        tracing::info!(conversation = %id, changes = taken.len(), messages = removed.len(), %reason, "refused changes taken back");
+        Ok(taken.len())
+    }
+
+    /// The relay will not take this replica's unsynced changes to `id` at all (the conversation
+    /// is not shared with this agent any more, or its creation was refused): the outbox lets them
+    /// go, and the messages they carried are shown as not delivered with `reason`. The document
+    /// stays as it is here. Returns how many changes were let go.
+    pub fn abandon_unsynced(&mut self, id: &ConversationId, reason: &str) -> Result<usize, ReplicaError> {
+        let n = usize::try_from(store::outbox_changes(&self.conn, id)?).unwrap_or(0);
+        if n == 0 {
+            return Ok(0);
+        }
+        let Some(d) = self.take_doc(id)? else { return Ok(0) };
+        let me = Author::Crew { agent: self.agent.clone() };
+        let mut messages: Vec<Message> = Vec::new();
+        let mine: Vec<automerge::Change> =
+            d.get_changes(&[]).into_iter().filter(|c| *c.actor_id() == self.actor).collect();
+        for c in mine.iter().rev().take(n) {
+            if let Ok(summary) = conversation::summarize(&d, c) {
+                messages.extend(summary.added.into_iter().filter(|m| m.author == me));
+            }
+        }
+        self.cache.put(id.clone(), d);
+        let tx = self.conn.transaction()?;
+        store::outbox_set(&tx, id, "", 0)?;
+        for m in &messages {
+            store::set_undelivered(&tx, id, m, reason, "failed")?;
+        }
+        tx.commit()?;
+        tracing::info!(conversation = %id, changes = n, messages = messages.len(), %reason, "unsynced changes let go");
+        Ok(n)
+    }
+
+    /// Sends again the messages of `id` that a refusal took back, now that the replica is in sync
+    /// with the relay: each as it was typed (same id, time and body) if the rules allow it now,
+    /// else it stays as not delivered with the reason. Returns whether anything changed.
+    pub fn retry_undelivered(&mut self, id: &ConversationId) -> Result<bool, ReplicaError> {
+        let rows = store::undelivered(&self.conn, id)?;
+        let mut changed = false;
+        for row in rows.into_iter().filter(|r| r.state == "retry") {
+            changed = true;
+            let (state, reason) = match self.send_again(id, &row.message) {
+                Ok(()) => ("resent", row.reason),
+                Err(e) => ("failed", e.to_string()),
+            };
+            let tx = self.conn.transaction()?;
+            store::set_undelivered(&tx, id, &row.message, &reason, state)?;
+            tx.commit()?;
+        }
+        Ok(changed)
+    }
+
+    fn send_again(&mut self, id: &ConversationId, m: &Message) -> Result<(), ReplicaError> {
+        let now = Timestamp::now();
+        let (team, summary) = self.visible(id)?;
+        access::may_send(team, &self.agent, summary, &m.body, now)?;
+        self.local_change(id, std::slice::from_ref(m), now, |tx| doc::add_message(tx, m))
+    }
+
+    /// Messages of `id` the relay refused that are not delivered (or wait to be sent again).
+    pub fn undelivered(&self, id: &ConversationId) -> Result<Vec<store::UndeliveredRow>, ReplicaError> {
+        Ok(store::undelivered(&self.conn, id)?.into_iter().filter(|r| r.state != "resent").collect())
+    }
+
+    /// The agent has read (or copied) a message that was not delivered: it goes.
+    pub fn dismiss_undelivered(&mut self, id: &ConversationId, message: &MessageId) -> Result<(), ReplicaError> {
+        store::forget_undelivered(&self.conn, id, message.as_str())
     }
 
     /// The relay refused a change of this replica to `id`, for `reason`.

@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_search_and_reads.sql"),
     include_str!("migrations/0004_search_keys.sql"),
     include_str!("migrations/0005_blob_uploads.sql"),
+    include_str!("migrations/0006_undelivered.sql"),
 ];
 
 pub fn schema_version() -> i64 {
@@ -265,6 +266,87 @@ pub fn outbox_heads(conn: &Connection, id: &ConversationId) -> Result<Option<Str
 pub fn outbox_remove(conn: &Connection, id: &ConversationId, heads: &str) -> Result<(), ReplicaError> {
     // Only if no newer local change arrived meanwhile.
     conn.prepare_cached("DELETE FROM outbox WHERE doc_id = ?1 AND heads = ?2")?.execute(params![id.as_str(), heads])?;
+    Ok(())
+}
+
+/// Sets a conversation's outbox: `changes` local changes not yet durable on the relay, up to
+/// `heads` (none: the row goes).
+pub fn outbox_set(tx: &Transaction<'_>, id: &ConversationId, heads: &str, changes: i64) -> Result<(), ReplicaError> {
+    tx.execute("DELETE FROM outbox WHERE doc_id = ?1", [id.as_str()])?;
+    if changes > 0 {
+        tx.execute(
+            "INSERT INTO outbox (doc_id, changes, heads) VALUES (?1, ?2, ?3)",
+            params![id.as_str(), changes, heads],
+        )?;
+    }
+    Ok(())
+}
+
+pub fn outbox_changes(conn: &Connection, id: &ConversationId) -> Result<i64, ReplicaError> {
+    Ok(conn
+        .prepare_cached("SELECT changes FROM outbox WHERE doc_id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Removes materialized messages (taken back out of their document).
+pub fn delete_messages(tx: &Transaction<'_>, id: &ConversationId, ids: &[&str]) -> Result<(), ReplicaError> {
+    let mut stmt = tx.prepare_cached("DELETE FROM messages WHERE conversation_id = ?1 AND id = ?2")?;
+    for m in ids {
+        stmt.execute(params![id.as_str(), m])?;
+    }
+    Ok(())
+}
+
+/// One message the relay refused, as kept in `undelivered`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UndeliveredRow {
+    pub message: Message,
+    pub reason: String,
+    pub state: String,
+}
+
+pub fn undelivered(conn: &Connection, id: &ConversationId) -> Result<Vec<UndeliveredRow>, ReplicaError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT message, reason, state FROM undelivered WHERE conversation_id = ?1 ORDER BY message_id",
+    )?;
+    let rows = stmt
+        .query_map([id.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (message, reason, state) = row?;
+        out.push(UndeliveredRow { message: serde_json::from_str(&message)?, reason, state });
+    }
+    out.sort_by(|a, b| a.message.at.cmp(&b.message.at));
+    Ok(out)
+}
+
+pub fn set_undelivered(
+    tx: &Transaction<'_>,
+    id: &ConversationId,
+    message: &Message,
+    reason: &str,
+    state: &str,
+) -> Result<(), ReplicaError> {
+    tx.prepare_cached(
+        "INSERT INTO undelivered (conversation_id, message_id, message, reason, state) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (conversation_id, message_id) DO UPDATE SET reason = excluded.reason, state = excluded.state",
+    )?
+    .execute(params![id.as_str(), message.id.as_str(), serde_json::to_string(message)?, reason, state])?;
+    Ok(())
+}
+
+pub fn forget_undelivered(conn: &Connection, id: &ConversationId, message_id: &str) -> Result<(), ReplicaError> {
+    conn.prepare_cached("DELETE FROM undelivered WHERE conversation_id = ?1 AND message_id = ?2")?
+        .execute(params![id.as_str(), message_id])?;
+    Ok(())
+}
+
+/// Messages sent again that the relay has now stored are delivered: their rows go.
+pub fn undelivered_resent_done(conn: &Connection, id: &ConversationId) -> Result<(), ReplicaError> {
+    conn.prepare_cached("DELETE FROM undelivered WHERE conversation_id = ?1 AND state = 'resent'")?
+        .execute([id.as_str()])?;
     Ok(())
 }
 

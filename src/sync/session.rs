@@ -126,18 +126,44 @@ impl ClientSession {
                 }
                 if let Some(theirs) = self.states.get(&id).and_then(|s| s.their_heads.clone()) {
                     replica.confirm_synced(&id, &theirs)?;
+                    // In sync with the relay: messages a refusal took back are sent again now,
+                    // judged against the conversation as the relay has it.
+                    let mut ours = replica.heads(&id)?;
+                    ours.sort();
+                    let mut theirs = theirs;
+                    theirs.sort();
+                    if ours == theirs && replica.retry_undelivered(&id)? {
+                        events.push(SessionEvent::Changed(id.clone()));
+                    }
                 }
                 out.extend(self.offer(replica, &id)?);
             }
             WireMessage::DocUnavailable { document_id, .. } => {
                 let id = ConversationId(document_id);
                 self.states.remove(&id);
+                // Whatever this replica wrote there cannot reach anyone: shown as not delivered
+                // instead of waiting for ever.
+                if replica.abandon_unsynced(&id, "the relay does not share this conversation with you")? > 0 {
+                    events.push(SessionEvent::Changed(id.clone()));
+                }
                 events.push(SessionEvent::Unavailable(id));
             }
             WireMessage::Error { message, .. } => {
-                // "document <id>: <rule>; refused": shown on that conversation too.
+                // "document <id>: <why>": about one conversation. The relay dropped what it had of
+                // this exchange, so the sync of that conversation starts over (what it did not
+                // store is sent again). A refusal ("<rule>; refused (change <hash>)") first takes
+                // the refused change, and what depends on it, back out of the replica.
                 if let Some((id, reason)) = message.strip_prefix("document ").and_then(|m| m.split_once(": ")) {
-                    replica.note_refusal(&ConversationId(id.to_owned()), reason);
+                    let id = ConversationId(id.to_owned());
+                    if let Some((rule, hash)) = refused_change(reason) {
+                        replica.note_refusal(&id, rule);
+                        if replica.take_back_refused(&id, hash, rule)? > 0 {
+                            events.push(SessionEvent::Changed(id.clone()));
+                        }
+                    }
+                    if self.states.remove(&id).is_some() {
+                        out.extend(self.offer(replica, &id)?);
+                    }
                 }
                 events.push(SessionEvent::RelayError(message))
             }
@@ -157,4 +183,11 @@ impl ClientSession {
         }
         Ok((out, events))
     }
+}
+
+/// "<rule>; refused (change <hash>)": the rule and the refused change.
+fn refused_change(reason: &str) -> Option<(&str, automerge::ChangeHash)> {
+    let (rule, rest) = reason.rsplit_once("; refused (change ")?;
+    let hash = rest.strip_suffix(')')?.parse().ok()?;
+    Some((rule, hash))
 }

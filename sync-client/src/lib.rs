@@ -64,9 +64,6 @@ impl ClientConfig {
 
 pub type SharedReplica = Arc<Mutex<Replica>>;
 
-/// How often a connection checks that waiting local changes are making progress.
-const STALL_CHECK: Duration = Duration::from_secs(4);
-
 /// How long the connection may stay silent before it counts as lost (the relay pings every 5 s).
 const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 
@@ -238,9 +235,6 @@ async fn session(
         send(&mut sink, m).await?;
     }
     publish(status, replica, true, None);
-    let mut watchdog = tokio::time::interval(STALL_CHECK);
-    watchdog.tick().await;
-    let mut stalled: Option<(usize, Vec<ConversationId>)> = None;
     loop {
         tokio::select! {
             // The relay pings every few seconds: silence this long means the connection is gone
@@ -279,17 +273,6 @@ async fn session(
                     send(&mut sink, m).await?;
                 }
                 publish(status, replica, true, None);
-            }
-            _ = watchdog.tick() => {
-                // A sync that stops making progress starts over: if the same local changes have
-                // waited for the relay through two checks, reconnect with fresh sync states on
-                // both sides (the relay then resends or asks for everything).
-                let pending = lock(replica).unsynced()?;
-                if pending.0 > 0 && Some(&pending) == stalled.as_ref() {
-                    warn!(unsynced = pending.0, "sync made no progress; reconnecting");
-                    return Err(ClientError::Unreachable("sync stalled; reconnecting".into()));
-                }
-                stalled = (pending.0 > 0).then_some(pending);
             }
         }
     }

@@ -20,6 +20,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
+/// A conversation as the relay's disk has it: id, heads, header, messages.
+type OnDisk = (String, Vec<ChangeHash>, Result<doc::DocHeader, doc::DocError>, Vec<Message>);
+
 /// A protocol bug put in on purpose, to show that the simulator catches it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bug {
@@ -245,7 +248,7 @@ impl World {
         let Some((conn, session)) = agent.session.as_mut() else { return };
         let conn = *conn;
         match session.offer(&mut agent.replica, id) {
-            Ok(Some(m)) => self.to_relay(conn, m),
+            Ok(Some(m)) => self.send_up(conn, m),
             Ok(None) => {}
             Err(e) => {
                 let what = format!("{} cannot offer {}: {e}", agent.id, id.0);
@@ -277,7 +280,7 @@ impl World {
         let name = agent.id.clone();
         self.note(format!("{name} connects (conn {conn})"));
         match first {
-            Ok(messages) => messages.into_iter().for_each(|m| self.to_relay(conn, m)),
+            Ok(messages) => messages.into_iter().for_each(|m| self.send_up(conn, m)),
             Err(e) => self.violation(format!("{name} cannot start syncing: {e}")),
         }
     }
@@ -294,7 +297,7 @@ impl World {
 
     // ---- the network ---------------------------------------------------------------------------
 
-    fn to_relay(&mut self, conn: ConnId, m: WireMessage) {
+    fn send_up(&mut self, conn: ConnId, m: WireMessage) {
         if let Some(link) = self.links.get_mut(&conn) {
             link.to_relay.push_back(m);
         }
@@ -353,7 +356,7 @@ impl World {
                     }
                 }
                 for m in out {
-                    self.to_relay(conn, m);
+                    self.send_up(conn, m);
                 }
             }
             Err(e) => self.violation(format!("{name}'s replica failed on a frame: {e}")),
@@ -708,7 +711,7 @@ impl World {
     }
 
     fn check(&mut self) {
-        let disk: Vec<(String, Vec<ChangeHash>, Result<doc::DocHeader, doc::DocError>, Vec<Message>)> = self
+        let disk: Vec<OnDisk> = self
             .disk
             .docs
             .iter()
