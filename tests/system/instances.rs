@@ -366,9 +366,10 @@ async fn widget_starts_from_one_address_are_limited_across_instances() {
     let (mut a, _tokens) =
         TestRelay::start_on_with(dir.path().join("a"), Some(postgres_database()), |c| c.widget_starts_per_ip = 3).await;
     let mut b = a.another_instance(dir.path().join("b")).await;
+    let key = a.widget_key("sales");
     let start = |relay: &TestRelay| {
         reqwest::Client::new()
-            .post(format!("{}/api/widget/sales/conversations", relay.url()))
+            .post(format!("{}/api/widget/{key}/conversations", relay.url()))
             .header("content-type", "application/json")
             .body(r#"{"name":"Ines","text":"Hi"}"#)
             .send()
