@@ -79,6 +79,8 @@
     send.textContent = session ? "Send" : "Start chat";
     const off = refused || !settingsOk;
     for (const c of [name, email, text, send, attach]) c.disabled = off;
+    // Nothing to type into where the chat cannot run: only why.
+    form.hidden = list.hidden = refused;
   };
 
   const open = () => {
