@@ -253,8 +253,7 @@ async fn relay_main() -> anyhow::Result<()> {
                 config.trusted_proxies = trusted_proxies;
             }
             config.widget_starts_per_ip = widget_starts_per_ip.unwrap_or(config.widget_starts_per_ip);
-            config.widget_sockets_per_session =
-                widget_sockets_per_session.unwrap_or(config.widget_sockets_per_session);
+            config.widget_sockets_per_session = widget_sockets_per_session.unwrap_or(config.widget_sockets_per_session);
             config.widget_messages_per_ip = widget_messages_per_ip.unwrap_or(config.widget_messages_per_ip);
             if let Some(wa) = whatsapp.into_config()? {
                 config.whatsapp = Some(wa);
@@ -315,7 +314,8 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<String>>>()?;
             let existing = store.teams()?.into_iter().find(|t| t.id.as_str() == id);
             let d = Thresholds::default();
-            let secs = |given: Option<i64>, old: Option<i64>, default: i64| given.map_or(old.unwrap_or(default), |s| s * 1000);
+            let secs =
+                |given: Option<i64>, old: Option<i64>, default: i64| given.map_or(old.unwrap_or(default), |s| s * 1000);
             let old = existing.as_ref().map(|t| t.thresholds);
             let thresholds = Thresholds {
                 soon_to_be: secs(soon_to_be_secs, old.map(|t| t.soon_to_be), d.soon_to_be),
@@ -353,7 +353,11 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             }
             println!("team {id} saved");
             if let Some(w) = store.widget_settings(&team.id)? {
-                let origins = if w.origins.is_empty() { "none yet (add --widget-origin URL)".into() } else { w.origins.join(" ") };
+                let origins = if w.origins.is_empty() {
+                    "none yet (add --widget-origin URL)".into()
+                } else {
+                    w.origins.join(" ")
+                };
                 println!("widget key {}; widget origins: {origins}", w.key);
             }
         }

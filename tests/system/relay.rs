@@ -674,7 +674,8 @@ async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
         r#"{{"name":"Maya Hansen","email":"maya@example.com","text":"{}","location":"Europe/Oslo · nb-NO"}}"#,
         hostile.replace('\'', "\\u0027")
     );
-    let (status, answer) = http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), &body).await;
+    let (status, answer) =
+        http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), &body).await;
     assert_eq!(status, 200, "{answer}");
     let session = answer.split("\"session\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap().to_owned();
     let id = ConversationId(
@@ -683,11 +684,22 @@ async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
     eventually(10, "bob sees the new web-widget conversation", || bob.message_texts(&id) == [hostile]).await;
 
     // Bad input is refused with a clear error; unknown teams and sessions too.
-    assert_eq!(http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), r#"{"name":"","text":"hi"}"#).await.0, 400);
+    assert_eq!(
+        http_post_json(
+            &relay,
+            &format!("/api/widget/{}/conversations", relay.widget_key("sales")),
+            r#"{"name":"","text":"hi"}"#
+        )
+        .await
+        .0,
+        400
+    );
     assert_eq!(http_post_json(&relay, "/api/widget/nope/conversations", r#"{"name":"A","text":"hi"}"#).await.0, 404);
     // An unknown session is told so on the socket (a browser cannot read an upgrade's status).
     let (mut forged, _) =
-        tokio_tungstenite::connect_async(format!("ws://{}/api/widget/ws?session=cws_forged", relay.addr)).await.unwrap();
+        tokio_tungstenite::connect_async(format!("ws://{}/api/widget/ws?session=cws_forged", relay.addr))
+            .await
+            .unwrap();
     let first = forged.next().await.unwrap().unwrap().into_text().unwrap();
     assert!(first.contains("\"code\":\"session\""), "{first}");
     let Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(close)))) = forged.next().await else {
@@ -852,7 +864,8 @@ async fn widget_location_comes_from_geoip_and_starts_are_limited_per_address() {
     let bob = Agent::start(&relay, &tokens, "bob");
     bob.connected().await;
     let start = r#"{"name":"Ines","text":"Hi","location":"Europe/Lisbon · pt-PT"}"#;
-    let (status, answer) = http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), start).await;
+    let (status, answer) =
+        http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), start).await;
     assert_eq!(status, 200, "{answer}");
     let (session, id) = (answer_field(&answer, "session"), ConversationId(answer_field(&answer, "conversation")));
     // The customer's browser connects at once, before bob's replica has the conversation: the
@@ -865,8 +878,12 @@ async fn widget_location_comes_from_geoip_and_starts_are_limited_per_address() {
     .await;
 
     // One address may start only so many conversations; the next gets a clear 429.
-    assert_eq!(http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), start).await.0, 200);
-    let (status, answer) = http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), start).await;
+    assert_eq!(
+        http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), start).await.0,
+        200
+    );
+    let (status, answer) =
+        http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), start).await;
     assert_eq!(status, 429, "{answer}");
     assert!(answer.contains("too many conversations"), "{answer}");
     relay.stop().await;

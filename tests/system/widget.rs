@@ -194,7 +194,9 @@ async fn a_late_crew_reply_with_an_earlier_time_still_reaches_the_open_widget_wh
     let texts: Vec<&str> = all.iter().map(|m| m["text"].as_str().unwrap()).collect();
     assert_eq!(texts, ["Hello?", long.as_str(), "Are you there?", "Hello??"]);
     assert!(
-        tokio::time::timeout(Duration::from_millis(1500), messages_until(&mut again, 2, |m| !m.is_empty())).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(1500), messages_until(&mut again, 2, |m| !m.is_empty()))
+            .await
+            .is_err(),
         "nothing is sent twice"
     );
     relay.stop().await;
@@ -203,8 +205,7 @@ async fn a_late_crew_reply_with_an_earlier_time_still_reaches_the_open_widget_wh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_limited_per_session_across_sockets_and_sockets_per_session() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut relay, _tokens) =
-        TestRelay::start_with(dir.path().to_owned(), |c| c.widget_sockets_per_session = 2).await;
+    let (mut relay, _tokens) = TestRelay::start_with(dir.path().to_owned(), |c| c.widget_sockets_per_session = 2).await;
     allow_shop(&relay);
     let key = relay.widget_key("sales");
     let (session, _id) = started(&relay, &key).await;
@@ -251,11 +252,16 @@ async fn a_presence_flood_reaches_the_crew_coalesced() {
     // An agent's connection following the conversation counts the presence messages it gets.
     let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
     assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
-    let mut copy = automerge::Automerge::new();
-    let request = automerge::sync::SyncDoc::generate_sync_message(&mut copy, &mut automerge::sync::State::new());
+    let copy = automerge::Automerge::new();
+    let request = automerge::sync::SyncDoc::generate_sync_message(&copy, &mut automerge::sync::State::new());
     let data = request.unwrap().encode();
-    bob.send(&WireMessage::Request { sender_id: "raw".into(), target_id: "relay".into(), document_id: id.0.clone(), data })
-        .await;
+    bob.send(&WireMessage::Request {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.0.clone(),
+        data,
+    })
+    .await;
     let counter = tokio::spawn(async move {
         let (mut presence, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(6));
         while Instant::now() < deadline {
@@ -295,7 +301,13 @@ async fn only_trusted_proxies_name_the_customers_address() {
     std::fs::write(
         &db,
         write(&[
-            GeoEntry { network: [127, 0, 0, 0].into(), prefix: 8, city: "Loopville", country: "Testland", iso_code: "TL" },
+            GeoEntry {
+                network: [127, 0, 0, 0].into(),
+                prefix: 8,
+                city: "Loopville",
+                country: "Testland",
+                iso_code: "TL",
+            },
             GeoEntry { network: [10, 0, 0, 0].into(), prefix: 8, city: "Tentown", country: "Netland", iso_code: "NL" },
         ]),
     )
@@ -364,9 +376,9 @@ async fn a_widget_socket_that_answers_no_ping_is_closed_and_the_customer_goes_of
     let reader = tokio::spawn(async move {
         let deadline = Instant::now() + Duration::from_secs(6);
         while Instant::now() < deadline {
-            match tokio::time::timeout(Duration::from_millis(500), active.next()).await {
-                Ok(Some(Ok(Frame::Close(_)) | Err(_)) | None) => return false,
-                _ => {}
+            let read = tokio::time::timeout(Duration::from_millis(500), active.next()).await;
+            if let Ok(Some(Ok(Frame::Close(_)) | Err(_)) | None) = read {
+                return false;
             }
         }
         true

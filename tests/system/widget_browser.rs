@@ -47,8 +47,15 @@ impl Browser {
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
                      "--window-size=1100,820", format!("--user-data-dir={}", profile.display())]
         }}}});
-        let r: Value =
-            http.post(format!("http://127.0.0.1:{port}/session")).json(&caps).send().await.unwrap().json().await.unwrap();
+        let r: Value = http
+            .post(format!("http://127.0.0.1:{port}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let id = r["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no WebDriver session: {r}")).to_owned();
         Browser { http, base: format!("http://127.0.0.1:{port}/session/{id}"), driver }
     }
@@ -76,13 +83,21 @@ impl Browser {
     /// An element inside the widget's shadow root.
     async fn widget(&self, css: &str) -> String {
         let host = self
-            .call(reqwest::Method::POST, "/element", Some(json!({ "using": "css selector", "value": "#crewdesk-widget" })))
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                Some(json!({ "using": "css selector", "value": "#crewdesk-widget" })),
+            )
             .await;
         let host = host[ELEMENT].as_str().unwrap().to_owned();
         let root = self.call(reqwest::Method::GET, &format!("/element/{host}/shadow"), None).await;
         let root = root[SHADOW].as_str().unwrap().to_owned();
         let e = self
-            .call(reqwest::Method::POST, &format!("/shadow/{root}/element"), Some(json!({ "using": "css selector", "value": css })))
+            .call(
+                reqwest::Method::POST,
+                &format!("/shadow/{root}/element"),
+                Some(json!({ "using": "css selector", "value": css })),
+            )
             .await;
         e[ELEMENT].as_str().unwrap().to_owned()
     }
@@ -197,17 +212,26 @@ async fn the_widget_on_another_origin_chats_with_the_crew_in_chromium() {
     let file_input = browser.widget("#file").await;
     let path = photo.to_string_lossy().to_string();
     browser.call(reqwest::Method::POST, &format!("/element/{file_input}/value"), Some(json!({ "text": path }))).await;
-    browser.wait_for(15, "the widget shows its photo", "root.querySelectorAll('.msg.customer img.thumb').length === 1").await;
+    browser
+        .wait_for(15, "the widget shows its photo", "root.querySelectorAll('.msg.customer img.thumb').length === 1")
+        .await;
     eventually(15, "bob gets the photo", || {
         bob.with(|r| {
             r.stored_messages(&id).unwrap_or_default().iter().any(|m| {
-                m.author == Author::Customer && matches!(&m.body, MessageBody::Attachment { file_name, .. } if file_name == "cracked-lid.png")
+                m.author == Author::Customer
+                    && matches!(&m.body, MessageBody::Attachment { file_name, .. } if file_name == "cracked-lid.png")
             })
         })
     })
     .await;
     bob.attach(&id, "invoice.pdf", "application/pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\ninvoice for Ola\n");
-    browser.wait_for(15, "bob's file in the widget", "root.querySelector('.msg.crew a.file')?.textContent.includes('invoice.pdf')").await;
+    browser
+        .wait_for(
+            15,
+            "bob's file in the widget",
+            "root.querySelector('.msg.crew a.file')?.textContent.includes('invoice.pdf')",
+        )
+        .await;
     let href = browser.eval("root.querySelector('.msg.crew a.file').href").await;
     // (The link works once bob's app has uploaded the file.)
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -224,12 +248,24 @@ async fn the_widget_on_another_origin_chats_with_the_crew_in_chromium() {
 
     // The relay restarts: the widget reconnects by itself and the next reply arrives.
     relay.stop().await;
-    browser.wait_for(10, "the widget says it reconnects", "root.querySelector('#status').textContent.includes('Reconnecting')").await;
+    browser
+        .wait_for(
+            10,
+            "the widget says it reconnects",
+            "root.querySelector('#status').textContent.includes('Reconnecting')",
+        )
+        .await;
     relay.restart().await;
     browser.wait_for(20, "reconnected", "root.querySelector('#status').textContent === ''").await;
-    bob.act(&id, |r| r.send(&id, MessageBody::Text { text: "Anything else I can do?".into() }, Timestamp::now()).unwrap());
+    bob.act(&id, |r| {
+        r.send(&id, MessageBody::Text { text: "Anything else I can do?".into() }, Timestamp::now()).unwrap()
+    });
     browser
-        .wait_for(20, "the reply after the restart", "[...root.querySelectorAll('.msg.crew .body')].some(b => b.textContent === 'Anything else I can do?')")
+        .wait_for(
+            20,
+            "the reply after the restart",
+            "[...root.querySelectorAll('.msg.crew .body')].some(b => b.textContent === 'Anything else I can do?')",
+        )
         .await;
     // Escape closes the panel and gives the focus back to the launcher; a reply meanwhile shows as unread.
     browser.js("document.querySelector('#crewdesk-widget').shadowRoot.querySelector('#text').focus()", json!([])).await;
@@ -245,9 +281,7 @@ async fn the_widget_on_another_origin_chats_with_the_crew_in_chromium() {
     browser.goto(&elsewhere).await;
     browser.wait_for(15, "the widget", "!!root.querySelector('#launcher')").await;
     browser.click("#launcher").await;
-    let why = browser
-        .wait_for(15, "the refusal", "root.querySelector('#status.error')?.textContent")
-        .await;
+    let why = browser.wait_for(15, "the refusal", "root.querySelector('#status.error')?.textContent").await;
     assert!(why.as_str().unwrap().contains(&format!("not enabled on {elsewhere}")), "{why}");
     assert_eq!(browser.eval("root.querySelector('#send').disabled && root.querySelector('#form').hidden").await, true);
     assert_eq!(browser.eval("getComputedStyle(root.querySelector('#status')).display !== 'none'").await, true);

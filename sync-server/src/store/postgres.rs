@@ -635,7 +635,7 @@ impl Storage for PgStore {
                 &[&team.as_str(), &new_widget_key(), &now_millis()],
             )
             .await?;
-            read_widget_settings(&**c, team.as_str()).await
+            read_widget_settings(&c, team.as_str()).await
         })
     }
 
@@ -648,7 +648,7 @@ impl Storage for PgStore {
             let team: Option<String> =
                 c.query_opt("SELECT team FROM widget_settings WHERE key = $1", &[&key]).await?.map(|r| r.get(0));
             match team {
-                Some(team) => read_widget_settings(&**c, &team).await,
+                Some(team) => read_widget_settings(&c, &team).await,
                 None => Ok(None),
             }
         })

@@ -36,13 +36,15 @@ pub fn widget_message(m: &Message, crew_names: &HashMap<AgentId, String>, team_n
     let (from, name) = match &m.author {
         Author::Customer => ("customer", None),
         // Someone who has left the team since still wrote for it.
-        Author::Crew { agent } => ("crew", Some(crew_names.get(agent).cloned().unwrap_or_else(|| team_name.to_owned()))),
+        Author::Crew { agent } => {
+            ("crew", Some(crew_names.get(agent).cloned().unwrap_or_else(|| team_name.to_owned())))
+        }
         Author::System => return None,
     };
     let (text, join_url, attachment) = match &m.body {
-        MessageBody::Text { text } | MessageBody::Template { text, .. } | MessageBody::WhatsAppTemplate { text, .. } => {
-            (text.clone(), None, None)
-        }
+        MessageBody::Text { text }
+        | MessageBody::Template { text, .. }
+        | MessageBody::WhatsAppTemplate { text, .. } => (text.clone(), None, None),
         MessageBody::ConferenceInvitation { url } => ("Join the video call".to_owned(), Some(url.clone()), None),
         MessageBody::Attachment { file_name, mime, size, .. } => {
             let blob = m.body.blob()?.as_str().to_owned();
@@ -70,8 +72,8 @@ pub enum Incoming {
 
 /// Reads one frame from a browser, with an error the widget can show.
 pub fn parse_incoming(text: &str) -> Result<Incoming, String> {
-    let incoming: Incoming = serde_json::from_str(text)
-        .map_err(|_| "expected {\"type\": \"message\", \"text\": \"...\"}".to_owned())?;
+    let incoming: Incoming =
+        serde_json::from_str(text).map_err(|_| "expected {\"type\": \"message\", \"text\": \"...\"}".to_owned())?;
     match &incoming {
         Incoming::Message { reference: Some(r), .. } if r.chars().count() > 64 => {
             Err("a message's ref has at most 64 characters".to_owned())
@@ -99,8 +101,7 @@ mod tests {
         assert_eq!(w.name.as_deref(), Some("Bob Okafor"));
         let gone = Message { author: Author::Crew { agent: AgentId::from("left") }, ..m };
         assert_eq!(widget_message(&gone, &names, "Sales").unwrap().name.as_deref(), Some("Sales"));
-        let system =
-            Message { author: Author::System, body: MessageBody::Text { text: "x".into() }, ..gone };
+        let system = Message { author: Author::System, body: MessageBody::Text { text: "x".into() }, ..gone };
         assert!(widget_message(&system, &names, "Sales").is_none());
     }
 

@@ -209,7 +209,10 @@ mod tests {
         let mut p = PresenceState::default();
         assert_eq!(p.step(1, t0), PresenceStep::Publish(true));
         // Closed and reopened within the grace: nothing reaches the crew.
-        assert_eq!(p.step(0, t0 + Duration::from_millis(10)), PresenceStep::WaitUntil(t0 + Duration::from_millis(1510)));
+        assert_eq!(
+            p.step(0, t0 + Duration::from_millis(10)),
+            PresenceStep::WaitUntil(t0 + Duration::from_millis(1510))
+        );
         assert_eq!(p.step(1, t0 + Duration::from_millis(20)), PresenceStep::Nothing);
         p.timer_fired();
         assert_eq!(p.step(1, t0 + Duration::from_millis(1510)), PresenceStep::Nothing);
@@ -219,7 +222,10 @@ mod tests {
         p.timer_fired();
         assert_eq!(p.step(0, t0 + Duration::from_millis(3500)), PresenceStep::Publish(false));
         // Back: online, but not sooner than a second after the last update.
-        assert_eq!(p.step(1, t0 + Duration::from_millis(3600)), PresenceStep::WaitUntil(t0 + Duration::from_millis(4500)));
+        assert_eq!(
+            p.step(1, t0 + Duration::from_millis(3600)),
+            PresenceStep::WaitUntil(t0 + Duration::from_millis(4500))
+        );
         p.timer_fired();
         assert_eq!(p.step(1, t0 + Duration::from_millis(4500)), PresenceStep::Publish(true));
     }

@@ -249,18 +249,16 @@ impl Chat {
             return Ok(Vec::new());
         }
         all.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
-        let unknown = all.iter().any(|m| matches!(&m.author, Author::Crew { agent } if !self.crew_names.contains_key(agent)));
+        let unknown =
+            all.iter().any(|m| matches!(&m.author, Author::Crew { agent } if !self.crew_names.contains_key(agent)));
         if unknown {
             self.refresh_names().await;
         }
-        let shown: Vec<_> =
-            all.iter().filter_map(|m| widget_message(m, &self.crew_names, &self.team_name)).collect();
+        let shown: Vec<_> = all.iter().filter_map(|m| widget_message(m, &self.crew_names, &self.team_name)).collect();
         self.sent.extend(all.into_iter().map(|m| m.id));
         Ok(shown
             .chunks(frames::MESSAGES_PER_FRAME)
-            .map(|chunk| {
-                Ws::Text(serde_json::json!({ "type": "messages", "messages": chunk }).to_string().into())
-            })
+            .map(|chunk| Ws::Text(serde_json::json!({ "type": "messages", "messages": chunk }).to_string().into()))
             .collect())
     }
 }
@@ -364,8 +362,9 @@ async fn receive(relay: &Arc<Relay>, doc_id: &str, address: IpAddr, text: &str) 
         return Some(error_frame("rate", "you are sending too fast; wait a few seconds and send again", r));
     }
     let max = relay.config().widget_messages_per_ip;
-    let per_address =
-        allow_shared(relay, format!("wmsgip:{address}"), max, window, || relay.widgets.messages_per_address.allow(address));
+    let per_address = allow_shared(relay, format!("wmsgip:{address}"), max, window, || {
+        relay.widgets.messages_per_address.allow(address)
+    });
     if !per_address.await {
         return Some(error_frame("rate", "too many messages from your network; wait a few seconds and send again", r));
     }

@@ -146,7 +146,10 @@ mod tests {
         // Through our proxy: the entry it added, not the one the client wrote in front of it.
         assert_eq!(client_ip(ip("10.0.0.2"), &headers(&["6.6.6.6, 198.51.100.7"]), &proxy), ip("198.51.100.7"));
         // Through two of our proxies (one header each).
-        assert_eq!(client_ip(ip("10.0.0.2"), &headers(&["6.6.6.6, 198.51.100.7", "10.0.0.3"]), &proxy), ip("198.51.100.7"));
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &headers(&["6.6.6.6, 198.51.100.7", "10.0.0.3"]), &proxy),
+            ip("198.51.100.7")
+        );
         // Garbage stops the walk at the last address we could vouch for.
         assert_eq!(client_ip(ip("10.0.0.2"), &headers(&["198.51.100.7, bogus"]), &proxy), ip("10.0.0.2"));
         // Without the header the proxy itself is the client.
