@@ -23,6 +23,12 @@ use std::sync::Arc;
 pub fn routes(max_bytes: usize) -> Router<Arc<Relay>> {
     Router::new()
         .route("/api/conversations/{doc}/blobs/{hash}", get(agent_download).put(agent_upload))
+        .layer(DefaultBodyLimit::max(max_bytes))
+}
+
+/// The widget customers' file routes (behind the widget's origin check, see `widget::routes`).
+pub(crate) fn widget_routes(max_bytes: usize) -> Router<Arc<Relay>> {
+    Router::new()
         .route("/api/widget/blobs", post(widget_upload))
         .route("/api/widget/blobs/{hash}", get(widget_download))
         .layer(DefaultBodyLimit::max(max_bytes))

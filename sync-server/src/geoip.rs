@@ -1,6 +1,6 @@
 //! Customer location from a GeoIP database (MaxMind DB format, e.g. GeoLite2-City.mmdb), looked up
 //! by the address a web-widget customer connects from. Without a database, or for an address it
-//! does not know, the widget's location is what the browser reports (time zone, language).
+//! does not know, the location is unknown (the crew sees "unknown", not a guess).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -11,7 +11,7 @@ mod mailer;
 pub mod relay;
 pub mod store;
 pub mod whatsapp;
-mod widget;
+pub mod widget;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,8 +48,13 @@ pub struct Config {
     pub whatsapp: Option<whatsapp::WhatsAppConfig>,
     /// A MaxMind DB file (e.g. GeoLite2-City.mmdb) for web-widget customers' location.
     pub geoip: Option<PathBuf>,
-    /// Take the customer's address from `X-Forwarded-For` (only behind a reverse proxy that sets it).
-    pub trust_forwarded_for: bool,
+    /// Reverse proxies whose `X-Forwarded-For` names the customer's address (empty: the TCP peer
+    /// is the customer, whatever the header says).
+    pub trusted_proxies: Vec<widget::Cidr>,
+    /// Web-widget sockets one session (one customer's conversation) may have open at once.
+    pub widget_sockets_per_session: usize,
+    /// Web-widget messages one address (IPv6: one /64) may send per 10 seconds, all sessions together.
+    pub widget_messages_per_ip: usize,
     /// Web-widget conversations one address may start per 10 minutes.
     pub widget_starts_per_ip: usize,
     /// Largest attachment accepted, in bytes.
@@ -71,8 +76,12 @@ struct ConfigFile {
     mail_from: Option<String>,
     whatsapp: Option<whatsapp::WhatsAppConfig>,
     geoip: Option<PathBuf>,
+    /// Replaced by `trusted_proxies`; read only to say so.
     trust_forwarded_for: Option<bool>,
+    trusted_proxies: Option<Vec<widget::Cidr>>,
     widget_starts_per_ip: Option<usize>,
+    widget_sockets_per_session: Option<usize>,
+    widget_messages_per_ip: Option<usize>,
     max_blob_bytes: Option<usize>,
 }
 
@@ -85,6 +94,12 @@ impl Config {
         let file: ConfigFile =
             toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
         let d = Config::default();
+        if file.trust_forwarded_for.is_some() {
+            anyhow::bail!(
+                "{}: `trust_forwarded_for` was replaced by `trusted_proxies = [\"10.0.0.0/8\", ...]`, the addresses of your reverse proxies",
+                path.display()
+            );
+        }
         Ok(Config {
             data_dir: file.data_dir.unwrap_or(d.data_dir),
             store: file.store,
@@ -98,8 +113,10 @@ impl Config {
             mail_from: file.mail_from.unwrap_or(d.mail_from),
             whatsapp: file.whatsapp,
             geoip: file.geoip,
-            trust_forwarded_for: file.trust_forwarded_for.unwrap_or(d.trust_forwarded_for),
+            trusted_proxies: file.trusted_proxies.unwrap_or(d.trusted_proxies),
             widget_starts_per_ip: file.widget_starts_per_ip.unwrap_or(d.widget_starts_per_ip),
+            widget_sockets_per_session: file.widget_sockets_per_session.unwrap_or(d.widget_sockets_per_session),
+            widget_messages_per_ip: file.widget_messages_per_ip.unwrap_or(d.widget_messages_per_ip),
             max_blob_bytes: file.max_blob_bytes.unwrap_or(d.max_blob_bytes),
         })
     }
@@ -120,8 +137,10 @@ impl Default for Config {
             mail_from: "Crewdesk <no-reply@crewdesk.invalid>".into(),
             whatsapp: None,
             geoip: None,
-            trust_forwarded_for: false,
+            trusted_proxies: Vec::new(),
             widget_starts_per_ip: 10,
+            widget_sockets_per_session: 4,
+            widget_messages_per_ip: 60,
             max_blob_bytes: 10 * 1024 * 1024,
         }
     }

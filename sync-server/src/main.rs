@@ -87,33 +87,60 @@ enum Command {
         /// A MaxMind DB file (e.g. GeoLite2-City.mmdb) to locate web-widget customers.
         #[arg(long, env = "CREWDESK_GEOIP")]
         geoip: Option<PathBuf>,
-        /// Take customers' addresses from X-Forwarded-For (only behind a proxy that sets it).
-        #[arg(long, env = "CREWDESK_TRUST_FORWARDED_FOR")]
+        /// A reverse proxy (address or network, e.g. 10.0.0.0/8) whose X-Forwarded-For names the
+        /// customer's address; repeatable. Without one, X-Forwarded-For is ignored.
+        #[arg(long = "trusted-proxy", env = "CREWDESK_TRUSTED_PROXIES", value_delimiter = ',')]
+        trusted_proxies: Vec<sync_server::widget::Cidr>,
+        /// Replaced by --trusted-proxy.
+        #[arg(long, hide = true)]
         trust_forwarded_for: bool,
         /// Web-widget conversations one address may start per 10 minutes [default: 10].
         #[arg(long, env = "CREWDESK_WIDGET_STARTS_PER_IP")]
         widget_starts_per_ip: Option<usize>,
+        /// Web-widget sockets one customer's session may have open at once [default: 4].
+        #[arg(long, env = "CREWDESK_WIDGET_SOCKETS_PER_SESSION")]
+        widget_sockets_per_session: Option<usize>,
+        /// Web-widget messages one address (IPv6: one /64) may send per 10 s [default: 60].
+        #[arg(long, env = "CREWDESK_WIDGET_MESSAGES_PER_IP")]
+        widget_messages_per_ip: Option<usize>,
         #[command(flatten)]
         whatsapp: WhatsAppFlags,
     },
-    /// Create or update a team.
+    /// Create or update a team. For an existing team, only the settings given change.
     Team {
         id: String,
+        /// The team's name (needed to create it).
         #[arg(long)]
-        name: String,
-        /// open or grab
-        #[arg(long, default_value = "open")]
-        mode: String,
-        #[arg(long, default_value_t = 180)]
-        soon_to_be_secs: i64,
-        #[arg(long, default_value_t = 300)]
-        overdue_secs: i64,
-        #[arg(long, default_value_t = 86_400)]
-        auto_close_secs: i64,
+        name: Option<String>,
+        /// open or grab [default for a new team: open]
+        #[arg(long)]
+        mode: Option<String>,
+        /// [default for a new team: 180]
+        #[arg(long)]
+        soon_to_be_secs: Option<i64>,
+        /// [default for a new team: 300]
+        #[arg(long)]
+        overdue_secs: Option<i64>,
+        /// [default for a new team: 86400]
+        #[arg(long)]
+        auto_close_secs: Option<i64>,
         /// Where 📹 meeting links point, a Jitsi Meet style server [default: https://meet.jit.si/].
         #[arg(long)]
         conference_base: Option<String>,
+        /// A website the team's web widget may run on, e.g. https://shop.example.com; repeatable.
+        /// Given at least once, it replaces the team's list.
+        #[arg(long = "widget-origin")]
+        widget_origins: Vec<String>,
+        /// Remove every widget origin (the widget then runs nowhere).
+        #[arg(long, conflicts_with = "widget_origins")]
+        no_widget_origins: bool,
+        /// The greeting the widget shows customers ("" for the default one).
+        #[arg(long)]
+        widget_greeting: Option<String>,
     },
+    /// Give a team a new web-widget key and print it; the old key stops working at once, so update
+    /// the snippet on the team's website.
+    RotateWidgetKey { team: String },
     /// Add an agent to a team (or change their role there).
     AddAgent {
         agent: String,
@@ -209,13 +236,25 @@ async fn relay_main() -> anyhow::Result<()> {
             smtp,
             mail_from,
             geoip,
+            trusted_proxies,
             trust_forwarded_for,
             widget_starts_per_ip,
+            widget_sockets_per_session,
+            widget_messages_per_ip,
             whatsapp,
         } => {
+            anyhow::ensure!(
+                !trust_forwarded_for,
+                "--trust-forwarded-for was replaced by --trusted-proxy ADDRESS_OR_NETWORK (repeatable): \
+                 only your reverse proxies may name a customer's address"
+            );
             config.geoip = geoip.or(config.geoip);
-            config.trust_forwarded_for |= trust_forwarded_for;
+            if !trusted_proxies.is_empty() {
+                config.trusted_proxies = trusted_proxies;
+            }
             config.widget_starts_per_ip = widget_starts_per_ip.unwrap_or(config.widget_starts_per_ip);
+            config.widget_sockets_per_session = widget_sockets_per_session.unwrap_or(config.widget_sockets_per_session);
+            config.widget_messages_per_ip = widget_messages_per_ip.unwrap_or(config.widget_messages_per_ip);
             if let Some(wa) = whatsapp.into_config()? {
                 config.whatsapp = Some(wa);
             }
@@ -252,22 +291,51 @@ async fn relay_main() -> anyhow::Result<()> {
 
 fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Team { id, name, mode, soon_to_be_secs, overdue_secs, auto_close_secs, conference_base } => {
+        Command::Team {
+            id,
+            name,
+            mode,
+            soon_to_be_secs,
+            overdue_secs,
+            auto_close_secs,
+            conference_base,
+            widget_origins,
+            no_widget_origins,
+            widget_greeting,
+        } => {
             if let Some(base) = &conference_base {
                 crewdesk::domain::validate_conference_base(base).with_context(|| {
                     format!("--conference-base {base}: expected an http(s) URL like https://meet.example.com/")
                 })?;
             }
-            let thresholds = Thresholds {
-                soon_to_be: soon_to_be_secs * 1000,
-                overdue: overdue_secs * 1000,
-                auto_close: auto_close_secs * 1000,
-            };
+            let origins = widget_origins
+                .iter()
+                .map(|o| sync_server::widget::normalize_origin(o).with_context(|| format!("--widget-origin {o}")))
+                .collect::<anyhow::Result<Vec<String>>>()?;
             let existing = store.teams()?.into_iter().find(|t| t.id.as_str() == id);
+            let d = Thresholds::default();
+            let secs =
+                |given: Option<i64>, old: Option<i64>, default: i64| given.map_or(old.unwrap_or(default), |s| s * 1000);
+            let old = existing.as_ref().map(|t| t.thresholds);
+            let thresholds = Thresholds {
+                soon_to_be: secs(soon_to_be_secs, old.map(|t| t.soon_to_be), d.soon_to_be),
+                overdue: secs(overdue_secs, old.map(|t| t.overdue), d.overdue),
+                auto_close: secs(auto_close_secs, old.map(|t| t.auto_close), d.auto_close),
+            };
+            let name = match (name, &existing) {
+                (Some(name), _) => name,
+                (None, Some(t)) => t.name.clone(),
+                (None, None) => anyhow::bail!("no team {id} yet: create it with --name"),
+            };
+            let mode = match (mode, &existing) {
+                (Some(mode), _) => parse_mode(&mode)?,
+                (None, Some(t)) => t.mode,
+                (None, None) => crewdesk::domain::TeamMode::Open,
+            };
             let team = Team {
                 id: TeamId(id.clone()),
                 name,
-                mode: parse_mode(&mode)?,
+                mode,
                 thresholds,
                 members: Vec::new(),
                 templates: existing.as_ref().map(|t| t.templates.clone()).unwrap_or_default(),
@@ -275,7 +343,28 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                 conference_base: conference_base.or_else(|| existing.and_then(|t| t.conference_base)),
             };
             store.put_team(&team)?;
+            if !origins.is_empty() || no_widget_origins {
+                store.set_widget_origins(&team.id, &origins)?;
+            }
+            if let Some(greeting) = &widget_greeting {
+                let greeting = greeting.trim();
+                anyhow::ensure!(greeting.chars().count() <= 300, "--widget-greeting: at most 300 characters");
+                store.set_widget_greeting(&team.id, Some(greeting).filter(|g| !g.is_empty()))?;
+            }
             println!("team {id} saved");
+            if let Some(w) = store.widget_settings(&team.id)? {
+                let origins = if w.origins.is_empty() {
+                    "none yet (add --widget-origin URL)".into()
+                } else {
+                    w.origins.join(" ")
+                };
+                println!("widget key {}; widget origins: {origins}", w.key);
+            }
+        }
+        Command::RotateWidgetKey { team } => {
+            let key = store.rotate_widget_key(&TeamId(team.clone()))?;
+            println!("{key}");
+            eprintln!("the old widget key of {team} no longer works: put the new one in the snippet on your website");
         }
         Command::AddAgent { agent, team, name, role } => {
             store.add_member(

@@ -64,6 +64,7 @@ pub async fn run(
     let actor = ActorId::random();
     let (s, hex) = (store.clone(), actor.to_hex_string());
     tokio::task::spawn_blocking(move || s.bind_actors(&AgentId(RELAY_ACTOR_OWNER.into()), &[hex])).await??;
+    let widgets = crate::widget::WidgetHub::new(config.widget_sockets_per_session, config.widget_messages_per_ip);
     let relay = Arc::new(Relay {
         mail_wake,
         whatsapp_wake: whatsapp_wake.clone(),
@@ -84,7 +85,7 @@ pub async fn run(
         sessions: Mutex::new(HashMap::new()),
         recent: Mutex::new(Recent::default()),
         presence: Mutex::new(HashMap::new()),
-        changes: tokio::sync::broadcast::channel(1024).0,
+        widgets,
         next_conn: AtomicU64::new(1),
         stop: stop_rx.clone(),
     });
@@ -99,7 +100,7 @@ pub async fn run(
         .route("/sync", get(websocket))
         .route("/health", get(health))
         .route("/api/me", get(me))
-        .merge(crate::widget::routes())
+        .merge(crate::widget::routes(relay.clone()))
         .merge(crate::whatsapp::routes())
         .merge(crate::blobs::routes(relay.config.max_blob_bytes))
         .merge(crate::import::routes())
@@ -181,8 +182,8 @@ pub struct Relay {
     recent: Mutex<Recent>,
     /// Web-widget customers' presence per conversation: ephemeral, never stored.
     presence: Mutex<HashMap<String, crewdesk::domain::Presence>>,
-    /// Conversation ids whose stored document just changed (for widget sessions to stream replies).
-    pub(crate) changes: tokio::sync::broadcast::Sender<String>,
+    /// Web-widget customers' sockets per conversation: told of each committed change of theirs.
+    pub(crate) widgets: crate::widget::WidgetHub,
     next_conn: AtomicU64,
     stop: watch::Receiver<bool>,
     commits: mpsc::Sender<Commit>,
@@ -722,14 +723,14 @@ impl Relay {
                     for s in self.team_sessions(&team) {
                         guard.core.follow(s.conn, &s.peer_id);
                     }
-                    let _ = self.changes.send(doc_id.clone());
+                    self.widgets.changed(&doc_id);
                     if let Err(reason) = self.decide_grab(&doc_id, &mut guard).await {
                         warn!(%doc_id, %reason, "grab not decided");
                     }
                     queue.extend(guard.core.advertise());
                 }
                 Action::Stored { added } => {
-                    let _ = self.changes.send(doc_id.clone());
+                    self.widgets.changed(&doc_id);
                     let e = &mut *guard;
                     match e.core.header() {
                         Some(Ok(header)) => {
@@ -1052,7 +1053,7 @@ impl Relay {
             self.announce_remote(&doc_id, &team).await;
         }
         for doc_id in committed.into_keys() {
-            let _ = self.changes.send(doc_id);
+            self.widgets.changed(&doc_id);
         }
         if let Some(since) = resync_since {
             match self.blocking(move |s| s.documents_since(since)).await {
@@ -1197,7 +1198,7 @@ impl Relay {
             e.loaded = false;
             return Err(err);
         }
-        let _ = self.changes.send(doc_id.to_owned());
+        self.widgets.changed(doc_id);
         self.advertise_now(e);
         Ok(())
     }

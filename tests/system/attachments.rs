@@ -10,7 +10,7 @@ use system_tests::{Agent, BlobHash, TestRelay, eventually, png};
 /// Starts a web-widget conversation in `team`; returns (session, conversation).
 async fn widget_conversation(relay: &TestRelay, team: &str, name: &str) -> (String, ConversationId) {
     let r = reqwest::Client::new()
-        .post(format!("{}/api/widget/{team}/conversations", relay.url()))
+        .post(format!("{}/api/widget/{}/conversations", relay.url(), relay.widget_key(team)))
         .json(&serde_json::json!({ "name": name, "text": "I will send you a photo." }))
         .send()
         .await

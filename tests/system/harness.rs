@@ -186,6 +186,12 @@ impl TestRelay {
         format!("http://{}", self.addr)
     }
 
+    /// A team's web-widget key (made on first use), as an admin reads it with `sync-server list`.
+    pub fn widget_key(&self, team: &str) -> String {
+        let team = crewdesk::domain::TeamId(team.to_owned());
+        self.open_store().widget_settings(&team).unwrap().unwrap().key
+    }
+
     /// A customer's conversation with their first message ("Hello?", id `m-first`), imported by an
     /// admin of `team` (customer messages never come from replicas).
     pub async fn customer_conversation(&self, admin_token: &str, team: &str, channel: Channel) -> ConversationId {

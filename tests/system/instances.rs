@@ -274,6 +274,10 @@ async fn migrate_moves_a_demo_deployment_to_postgres_intact() {
             .collect();
         assert!(store.import_documents(&docs).unwrap() > 10);
         store.revoke_tokens(&"dave".into(), None).unwrap();
+        // Each team's widget key and origins move too (a key is made when an admin first asks).
+        store.set_widget_origins(&TeamId::from(demo::SALES), &["https://shop.example.com".into()]).unwrap();
+        store.set_widget_greeting(&TeamId::from(demo::SALES), Some("Hej!")).unwrap();
+        store.widget_settings(&TeamId::from(demo::SUPPORT)).unwrap();
     }
     let bob = Agent::start(&relay, &tokens, "bob");
     let id = relay.customer_conversation(&tokens["ada"], demo::SUPPORT, Channel::WhatsApp).await;
@@ -299,7 +303,11 @@ async fn migrate_moves_a_demo_deployment_to_postgres_intact() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("empty database"));
 
     let (before, after) = (Store::open(&data).unwrap(), relay_store(&pg));
-    assert_eq!(before.describe().unwrap(), after.describe().unwrap(), "teams, members, roles and tokens");
+    assert_eq!(before.describe().unwrap(), after.describe().unwrap(), "teams, members, roles, tokens, widget keys");
+    let sales = TeamId::from(demo::SALES);
+    assert_eq!(before.widget_settings(&sales).unwrap(), after.widget_settings(&sales).unwrap());
+    let key = after.widget_settings(&sales).unwrap().unwrap().key;
+    assert_eq!(after.widget_by_key(&key).unwrap().unwrap().origins, ["https://shop.example.com"]);
     assert_eq!(before.storage_id().unwrap(), after.storage_id().unwrap());
     let teams = [TeamId::from(demo::SALES), TeamId::from(demo::SUPPORT)];
     let ids = before.documents_of(&teams).unwrap();
@@ -366,9 +374,10 @@ async fn widget_starts_from_one_address_are_limited_across_instances() {
     let (mut a, _tokens) =
         TestRelay::start_on_with(dir.path().join("a"), Some(postgres_database()), |c| c.widget_starts_per_ip = 3).await;
     let mut b = a.another_instance(dir.path().join("b")).await;
+    let key = a.widget_key("sales");
     let start = |relay: &TestRelay| {
         reqwest::Client::new()
-            .post(format!("{}/api/widget/sales/conversations", relay.url()))
+            .post(format!("{}/api/widget/{key}/conversations", relay.url()))
             .header("content-type", "application/json")
             .body(r#"{"name":"Ines","text":"Hi"}"#)
             .send()

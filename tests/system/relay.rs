@@ -674,7 +674,8 @@ async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
         r#"{{"name":"Maya Hansen","email":"maya@example.com","text":"{}","location":"Europe/Oslo · nb-NO"}}"#,
         hostile.replace('\'', "\\u0027")
     );
-    let (status, answer) = http_post_json(&relay, "/api/widget/sales/conversations", &body).await;
+    let (status, answer) =
+        http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), &body).await;
     assert_eq!(status, 200, "{answer}");
     let session = answer.split("\"session\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap().to_owned();
     let id = ConversationId(
@@ -683,20 +684,35 @@ async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
     eventually(10, "bob sees the new web-widget conversation", || bob.message_texts(&id) == [hostile]).await;
 
     // Bad input is refused with a clear error; unknown teams and sessions too.
-    assert_eq!(http_post_json(&relay, "/api/widget/sales/conversations", r#"{"name":"","text":"hi"}"#).await.0, 400);
+    assert_eq!(
+        http_post_json(
+            &relay,
+            &format!("/api/widget/{}/conversations", relay.widget_key("sales")),
+            r#"{"name":"","text":"hi"}"#
+        )
+        .await
+        .0,
+        400
+    );
     assert_eq!(http_post_json(&relay, "/api/widget/nope/conversations", r#"{"name":"A","text":"hi"}"#).await.0, 404);
-    assert!(
+    // An unknown session is told so on the socket (a browser cannot read an upgrade's status).
+    let (mut forged, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/api/widget/ws?session=cws_forged", relay.addr))
             .await
-            .is_err()
-    );
+            .unwrap();
+    let first = forged.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(first.contains("\"code\":\"session\""), "{first}");
+    let Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(close)))) = forged.next().await else {
+        panic!("the socket is closed")
+    };
+    assert_eq!(u16::from(close.code), 4001);
 
     // The customer's browser connects: the crew sees Online and the location within a second.
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/api/widget/ws?session={session}", relay.addr)).await.unwrap();
-    eventually(5, "online with location on bob's replica", || {
-        bob.with(|r| r.summary(&id).map(|s| (s.presence.online, s.presence.location.clone())))
-            == Some((true, Some("Europe/Oslo · nb-NO".into())))
+    // Without a GeoIP database the location is unknown (not the browser's guess).
+    eventually(5, "online without a location on bob's replica", || {
+        bob.with(|r| r.summary(&id).map(|s| (s.presence.online, s.presence.location.clone()))) == Some((true, None))
     })
     .await;
     let mut received = String::new();
@@ -720,7 +736,9 @@ async fn web_widget_customer_reaches_the_crew_with_presence_and_gets_replies() {
         }
     }
     assert!(crew_reply, "the widget shows the crew's reply");
-    ws.send(tokio_tungstenite::tungstenite::Message::Text(r#"{"text":"Thanks!"}"#.into())).await.unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(r#"{"type":"message","text":"Thanks!"}"#.into()))
+        .await
+        .unwrap();
     eventually(10, "bob sees the customer's reply", || {
         bob.message_texts(&id).last().map(String::as_str) == Some("Thanks!")
     })
@@ -747,7 +765,7 @@ async fn email_fallback_sends_each_message_once_batched_while_the_customer_is_of
     bob.connected().await;
     let (status, answer) = http_post_json(
         &relay,
-        "/api/widget/sales/conversations",
+        &format!("/api/widget/{}/conversations", relay.widget_key("sales")),
         r#"{"name":"Maya Hansen","email":"maya@example.com","text":"Where is my parcel?"}"#,
     )
     .await;
@@ -791,12 +809,11 @@ async fn email_fallback_sends_each_message_once_batched_while_the_customer_is_of
     bob.act(&id, |r| r.send(&id, text("Anything else?"), Timestamp::now()).unwrap());
     let mut seen = false;
     while !seen {
-        if let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) =
-            tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await
-        {
-            seen = t.contains("Anything else?");
-        } else {
-            break;
+        // (The relay pings the widget's socket too.)
+        match tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => seen = t.contains("Anything else?"),
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_)))) => {}
+            _ => break,
         }
     }
     assert!(seen, "the widget shows the reply");
@@ -847,7 +864,8 @@ async fn widget_location_comes_from_geoip_and_starts_are_limited_per_address() {
     let bob = Agent::start(&relay, &tokens, "bob");
     bob.connected().await;
     let start = r#"{"name":"Ines","text":"Hi","location":"Europe/Lisbon · pt-PT"}"#;
-    let (status, answer) = http_post_json(&relay, "/api/widget/sales/conversations", start).await;
+    let (status, answer) =
+        http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), start).await;
     assert_eq!(status, 200, "{answer}");
     let (session, id) = (answer_field(&answer, "session"), ConversationId(answer_field(&answer, "conversation")));
     // The customer's browser connects at once, before bob's replica has the conversation: the
@@ -860,8 +878,12 @@ async fn widget_location_comes_from_geoip_and_starts_are_limited_per_address() {
     .await;
 
     // One address may start only so many conversations; the next gets a clear 429.
-    assert_eq!(http_post_json(&relay, "/api/widget/sales/conversations", start).await.0, 200);
-    let (status, answer) = http_post_json(&relay, "/api/widget/sales/conversations", start).await;
+    assert_eq!(
+        http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), start).await.0,
+        200
+    );
+    let (status, answer) =
+        http_post_json(&relay, &format!("/api/widget/{}/conversations", relay.widget_key("sales")), start).await;
     assert_eq!(status, 429, "{answer}");
     assert!(answer.contains("too many conversations"), "{answer}");
     relay.stop().await;

@@ -196,7 +196,7 @@ fn test() -> Result {
 }
 
 /// The system tests that make up the relay's suite, run once per storage backend.
-const RELAY_SUITE: &[&str] = &["relay", "kill", "schedule", "whatsapp", "attachments"];
+const RELAY_SUITE: &[&str] = &["relay", "kill", "schedule", "whatsapp", "attachments", "widget"];
 
 /// A PostgreSQL cluster in a temporary directory on a free loopback port, stopped when dropped.
 /// PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
@@ -318,6 +318,20 @@ fn run() -> Result {
         .map(|a| a.port())
         .map_err(|e| e.to_string())?;
     let url = format!("http://127.0.0.1:{port}");
+    // The widget demo page runs on its own origin, like a team's website, allowed for Sales.
+    let demo_page = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let page_url = format!("http://127.0.0.1:{}", demo_page.local_addr().map_err(|e| e.to_string())?.port());
+    let allowed = Command::new(&relay_bin)
+        .args(["--data-dir".as_ref(), relay_data.as_os_str(), "team".as_ref(), "sales".as_ref()])
+        .args(["--widget-origin", &page_url])
+        .output()
+        .map_err(|e| format!("could not start the relay: {e}"))?;
+    let key = String::from_utf8_lossy(&allowed.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("widget key ")?.split(';').next().map(str::to_owned))
+        .ok_or_else(|| format!("no widget key for the demo: {}", String::from_utf8_lossy(&allowed.stderr)))?;
+    let page = include_str!("../../sync-server/widget/demo.html").replace("{{RELAY}}", &url).replace("{{KEY}}", &key);
+    std::thread::spawn(move || serve_demo_page(demo_page, page));
     let mut relay = Command::new(&relay_bin)
         .args([
             "--data-dir".as_ref(),
@@ -332,7 +346,7 @@ fn run() -> Result {
     let token = |agent: &str| tokens.iter().find(|(a, _)| a == agent).map(|(_, t)| t.clone()).unwrap_or_default();
     println!("\nCrewdesk demo: relay at {url} (data in {})", relay_data.display());
     println!("The app opens signed in as bob (representative in Sales and Support).");
-    println!("Chat as a customer of Sales in a browser: {url}/widget/demo");
+    println!("Chat as a customer of Sales in a browser: {page_url} (the widget key of Sales is {key})");
     println!("Open a second window as another agent, each with its own data directory:");
     for (agent, t) in &tokens {
         println!(
@@ -354,6 +368,21 @@ fn run() -> Result {
     let _ = relay.kill();
     let _ = relay.wait();
     status.map(|_| ())
+}
+
+/// Answers every request on `listener` with the demo page (the demo's stand-in for a shop's website).
+fn serve_demo_page(listener: std::net::TcpListener, page: String) {
+    use std::io::{Read, Write};
+    for mut stream in listener.incoming().flatten() {
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        let mut head = [0_u8; 4096];
+        let _ = stream.read(&mut head);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+            page.len()
+        );
+        let _ = stream.write_all(response.as_bytes());
+    }
 }
 
 /// End-to-end: the real desktop app under Xvfb, driven through tauri-driver and WebKitWebDriver

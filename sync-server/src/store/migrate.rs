@@ -16,6 +16,8 @@ const TABLES: &[(&str, &[&str], &str)] = &[
     ("teams", &["id", "name", "mode", "body"], "id"),
     ("agents", &["id", "name"], "id"),
     ("memberships", &["team", "agent", "role"], "team, agent"),
+    ("widget_settings", &["team", "key", "greeting", "rotated_at"], "team"),
+    ("widget_origins", &["team", "origin"], "team, origin"),
     ("tokens", &["hash", "agent", "label", "created_at", "revoked_at"], "hash"),
     ("documents", &["id", "team", "created_at"], "id"),
     ("grab_log", &["doc_id", "agent", "received_at"], "seq"),

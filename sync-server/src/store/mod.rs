@@ -134,6 +134,10 @@ pub trait Storage: Send + Sync {
             for m in &team.members {
                 out.push_str(&format!("  {} \"{}\" {}\n", m.agent, m.name, role_str(m.role)));
             }
+            if let Some(w) = self.widget_settings(&team.id)? {
+                let origins = if w.origins.is_empty() { "none yet".to_owned() } else { w.origins.join(" ") };
+                out.push_str(&format!("  widget key {} (origins: {origins})\n", w.key));
+            }
         }
         for (agent, label, revoked) in self.token_list()? {
             out.push_str(&format!("token for {agent} \"{label}\"{}\n", if revoked { " (revoked)" } else { "" }));
@@ -180,6 +184,18 @@ pub trait Storage: Send + Sync {
     fn create_widget_session(&self, doc_id: &str, location: Option<&str>) -> Result<String, StoreError>;
     /// The conversation and location of a widget session token.
     fn widget_session(&self, token: &str) -> Result<Option<(String, Option<String>)>, StoreError>;
+
+    // ---- web widget settings -------------------------------------------------------------------
+    /// A team's widget settings; its key is made on first use. `None` when there is no such team.
+    fn widget_settings(&self, team: &TeamId) -> Result<Option<WidgetSettings>, StoreError>;
+    /// The settings of the team whose widget key this is (the current key only).
+    fn widget_by_key(&self, key: &str) -> Result<Option<WidgetSettings>, StoreError>;
+    /// Replaces the origins (normalized, see `widget::normalize_origin`) the widget may run on.
+    fn set_widget_origins(&self, team: &TeamId, origins: &[String]) -> Result<(), StoreError>;
+    /// The greeting the widget shows above the first message (`None`: the default one).
+    fn set_widget_greeting(&self, team: &TeamId, greeting: Option<&str>) -> Result<(), StoreError>;
+    /// Gives the team a new widget key; the old one stops working at once. Returns the new key.
+    fn rotate_widget_key(&self, team: &TeamId) -> Result<String, StoreError>;
 
     // ---- email fallback ------------------------------------------------------------------------
     /// Queues crew messages for the email fallback; a message already queued is not queued again.
@@ -314,6 +330,28 @@ pub fn parse_mode(mode: &str) -> Result<TeamMode, StoreError> {
         "grab" => Ok(TeamMode::Grab),
         other => Err(StoreError::Invalid(format!("unknown team mode `{other}` (open or grab)"))),
     }
+}
+
+/// A team's web widget: the public key its snippet names, the greeting, and the origins (websites)
+/// it may run on. The key is not a secret (every page that embeds the widget shows it); the origins
+/// decide where browsers may use it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WidgetSettings {
+    pub team: TeamId,
+    pub team_name: String,
+    pub key: String,
+    pub greeting: Option<String>,
+    pub origins: Vec<String>,
+}
+
+/// A fresh widget key: `wk_` and 16 random bytes (bs58check).
+pub fn new_widget_key() -> String {
+    format!("wk_{}", crewdesk::sync::document_id::encode(&rand::random()))
+}
+
+/// Keys are short; anything longer is not looked up.
+pub(crate) fn plausible_widget_key(key: &str) -> bool {
+    key.starts_with("wk_") && key.len() <= 64
 }
 
 /// A crew message waiting to be emailed to an offline web-widget customer.

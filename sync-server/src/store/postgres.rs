@@ -29,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0003_rate_events.sql"),
     include_str!("migrations/postgres/0004_email_attachments.sql"),
     include_str!("migrations/postgres/0005_actors.sql"),
+    include_str!("migrations/postgres/0006_widget_settings.sql"),
 ];
 
 /// The NOTIFY channel the instances talk on.
@@ -201,6 +202,30 @@ impl Drop for HeldLock {
             drop(deadpool_postgres::Object::take(object));
         }
     }
+}
+
+/// A team's widget settings as stored (the key row must exist).
+async fn read_widget_settings(c: &tokio_postgres::Client, team: &str) -> Result<Option<WidgetSettings>, StoreError> {
+    let row = c
+        .query_opt(
+            "SELECT t.name, w.key, w.greeting FROM widget_settings w JOIN teams t ON t.id = w.team WHERE w.team = $1",
+            &[&team],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let origins = c
+        .query("SELECT origin FROM widget_origins WHERE team = $1 ORDER BY origin", &[&team])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Some(WidgetSettings {
+        team: TeamId(team.to_owned()),
+        team_name: row.get(0),
+        key: row.get(1),
+        greeting: row.get(2),
+        origins,
+    }))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -599,6 +624,75 @@ impl Storage for PgStore {
                 .await?;
             Ok(row.map(|r| (r.get(0), r.get(1))))
         })
+    }
+
+    fn widget_settings(&self, team: &TeamId) -> Result<Option<WidgetSettings>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "INSERT INTO widget_settings (team, key, rotated_at) SELECT id, $2, $3 FROM teams WHERE id = $1
+                 ON CONFLICT (team) DO NOTHING",
+                &[&team.as_str(), &new_widget_key(), &now_millis()],
+            )
+            .await?;
+            read_widget_settings(&c, team.as_str()).await
+        })
+    }
+
+    fn widget_by_key(&self, key: &str) -> Result<Option<WidgetSettings>, StoreError> {
+        if !plausible_widget_key(key) {
+            return Ok(None);
+        }
+        self.block(async {
+            let c = self.client().await?;
+            let team: Option<String> =
+                c.query_opt("SELECT team FROM widget_settings WHERE key = $1", &[&key]).await?.map(|r| r.get(0));
+            match team {
+                Some(team) => read_widget_settings(&c, &team).await,
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn set_widget_origins(&self, team: &TeamId, origins: &[String]) -> Result<(), StoreError> {
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute("DELETE FROM widget_origins WHERE team = $1", &[&team.as_str()]).await?;
+            for origin in origins {
+                tx.execute(
+                    "INSERT INTO widget_origins (team, origin) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &[&team.as_str(), origin],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn set_widget_greeting(&self, team: &TeamId, greeting: Option<&str>) -> Result<(), StoreError> {
+        self.widget_settings(team)?.ok_or_else(|| StoreError::Invalid(format!("no team `{team}`")))?;
+        self.block(async {
+            let c = self.client().await?;
+            c.execute("UPDATE widget_settings SET greeting = $2 WHERE team = $1", &[&team.as_str(), &greeting]).await?;
+            Ok(())
+        })
+    }
+
+    fn rotate_widget_key(&self, team: &TeamId) -> Result<String, StoreError> {
+        self.widget_settings(team)?.ok_or_else(|| StoreError::Invalid(format!("no team `{team}`")))?;
+        let key = new_widget_key();
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "UPDATE widget_settings SET key = $2, rotated_at = $3 WHERE team = $1",
+                &[&team.as_str(), &key, &now_millis()],
+            )
+            .await?;
+            Ok(())
+        })?;
+        Ok(key)
     }
 
     fn queue_emails(&self, emails: &[QueuedEmail]) -> Result<(), StoreError> {

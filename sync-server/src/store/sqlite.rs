@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0006_document_created_at.sql"),
     include_str!("migrations/sqlite/0007_email_attachments.sql"),
     include_str!("migrations/sqlite/0008_actors.sql"),
+    include_str!("migrations/sqlite/0009_widget_settings.sql"),
 ];
 
 pub struct SqliteStore {
@@ -338,6 +339,67 @@ impl Storage for SqliteStore {
             .optional()?)
     }
 
+    fn widget_settings(&self, team: &TeamId) -> Result<Option<WidgetSettings>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let exists: bool =
+            tx.query_row("SELECT count(*) FROM teams WHERE id = ?1", [team.as_str()], |r| r.get::<_, i64>(0))? > 0;
+        if !exists {
+            return Ok(None);
+        }
+        tx.execute(
+            "INSERT OR IGNORE INTO widget_settings (team, key, rotated_at) VALUES (?1, ?2, ?3)",
+            params![team.as_str(), new_widget_key(), now_millis()],
+        )?;
+        let settings = read_widget_settings(&tx, team.as_str())?;
+        tx.commit()?;
+        Ok(settings)
+    }
+
+    fn widget_by_key(&self, key: &str) -> Result<Option<WidgetSettings>, StoreError> {
+        if !plausible_widget_key(key) {
+            return Ok(None);
+        }
+        let conn = self.conn();
+        let team: Option<String> =
+            conn.query_row("SELECT team FROM widget_settings WHERE key = ?1", [key], |r| r.get(0)).optional()?;
+        match team {
+            Some(team) => read_widget_settings(&conn, &team),
+            None => Ok(None),
+        }
+    }
+
+    fn set_widget_origins(&self, team: &TeamId, origins: &[String]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM widget_origins WHERE team = ?1", [team.as_str()])?;
+        for origin in origins {
+            tx.execute(
+                "INSERT OR IGNORE INTO widget_origins (team, origin) VALUES (?1, ?2)",
+                params![team.as_str(), origin],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn set_widget_greeting(&self, team: &TeamId, greeting: Option<&str>) -> Result<(), StoreError> {
+        self.widget_settings(team)?.ok_or_else(|| StoreError::Invalid(format!("no team `{team}`")))?;
+        self.conn()
+            .execute("UPDATE widget_settings SET greeting = ?2 WHERE team = ?1", params![team.as_str(), greeting])?;
+        Ok(())
+    }
+
+    fn rotate_widget_key(&self, team: &TeamId) -> Result<String, StoreError> {
+        self.widget_settings(team)?.ok_or_else(|| StoreError::Invalid(format!("no team `{team}`")))?;
+        let key = new_widget_key();
+        self.conn().execute(
+            "UPDATE widget_settings SET key = ?2, rotated_at = ?3 WHERE team = ?1",
+            params![team.as_str(), key, now_millis()],
+        )?;
+        Ok(key)
+    }
+
     /// Queues crew messages for the email fallback; a message already queued is not queued again.
     fn queue_emails(&self, emails: &[QueuedEmail]) -> Result<(), StoreError> {
         let mut conn = self.conn();
@@ -585,4 +647,19 @@ fn add_member_tx(tx: &rusqlite::Transaction<'_>, team: &TeamId, m: &Member) -> R
         [team.as_str(), m.agent.as_str(), role_str(m.role)],
     )?;
     Ok(())
+}
+
+/// A team's widget settings as stored (the key row must exist).
+fn read_widget_settings(conn: &Connection, team: &str) -> Result<Option<WidgetSettings>, StoreError> {
+    let row = conn
+        .query_row(
+            "SELECT t.name, w.key, w.greeting FROM widget_settings w JOIN teams t ON t.id = w.team WHERE w.team = ?1",
+            [team],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?)),
+        )
+        .optional()?;
+    let Some((team_name, key, greeting)) = row else { return Ok(None) };
+    let mut stmt = conn.prepare_cached("SELECT origin FROM widget_origins WHERE team = ?1 ORDER BY origin")?;
+    let origins = stmt.query_map([team], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    Ok(Some(WidgetSettings { team: TeamId(team.to_owned()), team_name, key, greeting, origins }))
 }
