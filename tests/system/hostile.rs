@@ -8,7 +8,9 @@ use automerge::sync::SyncDoc;
 use automerge::transaction::{Transactable, Transaction};
 use automerge::{Automerge, ObjType, ROOT, ReadDoc};
 use crewdesk::demo;
-use crewdesk::domain::{Author, Channel, Customer, CustomerId, Message, MessageBody, MessageId, Timestamp};
+use crewdesk::domain::{
+    AgentId, Author, Channel, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp,
+};
 use crewdesk::replica::doc::{self, DocError};
 use crewdesk::sync::wire::WireMessage;
 use system_tests::{Agent, RawClient, TestRelay, eventually};
@@ -510,17 +512,21 @@ async fn nobody_writes_with_a_teammates_actor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_refused_because_the_rules_changed_offline_is_shown_on_the_conversation() {
+async fn a_change_refused_because_the_rules_changed_offline_is_taken_back_and_its_reply_shown_not_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     let mut bob = Agent::start(&relay, &tokens, "bob");
+    let carol = Agent::start(&relay, &tokens, "carol");
     bob.connected().await;
+    carol.connected().await;
     let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
     bob.has(&id).await;
-    // Offline, bob joins (Sales is an open team as far as his replica knows); meanwhile an admin
-    // switches Sales to grab mode, where representatives grab instead.
+    carol.has(&id).await;
+    // Offline, bob joins and replies (Sales is an open team as far as his replica knows);
+    // meanwhile an admin switches Sales to grab mode, where representatives grab instead.
     bob.disconnect().await;
     bob.with(|r| r.join(&id, Timestamp::now()).unwrap());
+    bob.with(|r| r.send(&id, text("Typed on the train"), Timestamp::now()).unwrap());
     let store = relay.open_store();
     let mut sales = store.teams().unwrap().into_iter().find(|t| t.id.as_str() == demo::SALES).unwrap();
     sales.mode = crewdesk::domain::TeamMode::Grab;
@@ -529,5 +535,43 @@ async fn a_change_refused_because_the_rules_changed_offline_is_shown_on_the_conv
     eventually(15, "bob sees why", || bob.with(|r| r.refusal(&id).map(str::to_owned)).is_some()).await;
     let reason = bob.with(|r| r.refusal(&id).unwrap().to_owned());
     assert!(reason.contains("grab"), "{reason}");
+    // The refused join and the reply that depends on it are taken back: nothing waits for ever,
+    // and the reply is shown as not delivered, with why, for bob to copy.
+    eventually(15, "bob's outbox is empty", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+    eventually(15, "the reply is shown as not delivered", || {
+        bob.with(|r| r.undelivered(&id).unwrap().iter().any(|u| u.state == "failed"))
+    })
+    .await;
+    let undelivered = bob.with(|r| r.undelivered(&id).unwrap());
+    assert_eq!(undelivered.len(), 1, "{undelivered:?}");
+    assert_eq!(undelivered[0].message.body, text("Typed on the train"));
+    assert!(!bob.message_texts(&id).contains(&"Typed on the train".into()), "taken back out of the conversation");
+    // bob keeps syncing the conversation: a customer message reaches him, and carol never saw the reply.
+    relay.customer_writes(&tokens["ada"], &id, "Anyone there?", Timestamp::now()).await;
+    eventually(15, "bob still syncs", || bob.message_texts(&id).contains(&"Anyone there?".into())).await;
+    assert!(!carol.message_texts(&id).contains(&"Typed on the train".into()));
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_typed_offline_by_an_agent_removed_from_the_team_is_shown_not_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let mut bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    bob.has(&id).await;
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    eventually(15, "the join is synced", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+    bob.disconnect().await;
+    bob.with(|r| r.send(&id, text("Sent after I was removed"), Timestamp::now()).unwrap());
+    let store = relay.open_store();
+    assert!(store.remove_member(&TeamId::from(demo::SALES), &AgentId::from("bob")).unwrap());
+    bob.reconnect();
+    eventually(15, "bob's outbox is empty", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+    let undelivered = bob.with(|r| r.undelivered(&id).unwrap());
+    assert_eq!(undelivered.len(), 1, "{undelivered:?}");
+    assert_eq!(undelivered[0].state, "failed");
+    assert!(undelivered[0].reason.contains("does not share"), "{}", undelivered[0].reason);
     relay.stop().await;
 }
