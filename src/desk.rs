@@ -75,6 +75,18 @@ pub struct DetailView {
     /// Why the relay refused a change this agent made here (shown until everything is synced).
     #[serde(default)]
     pub refused: Option<String>,
+    /// Messages of this agent the relay refused: shown as not delivered, with why, to copy.
+    #[serde(default)]
+    pub undelivered: Vec<Undelivered>,
+}
+
+/// A message the relay refused (the rules changed while the agent was offline).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Undelivered {
+    pub message: Message,
+    pub reason: String,
+    /// It is sent again once the desk is in sync with the relay.
+    pub retrying: bool,
 }
 
 /// One entry of the Notifications panel (representatives of grab-mode teams).
@@ -130,6 +142,7 @@ pub fn detail_view(row: RowView, messages: Vec<Message>, team: &Team, agent: &Ag
         whatsapp_templates: team.whatsapp_templates.clone(),
         names: team.members.iter().map(|m| CrewMember { id: m.agent.clone(), name: m.name.clone() }).collect(),
         refused: None,
+        undelivered: Vec::new(),
         team_mode: team.mode,
         messages,
         row,

@@ -111,7 +111,26 @@ pub async fn conversation(state: State<'_, AppState>, id: ConversationId) -> Com
     let row = row_view(&detail.summary, team, r.agent(), now, count, unsynced);
     let mut view = detail_view(row, detail.messages, team, r.agent(), now);
     view.refused = r.refusal(&id).map(str::to_owned);
+    view.undelivered = r
+        .undelivered(&id)?
+        .into_iter()
+        .map(|u| crewdesk::desk::Undelivered { retrying: u.state == "retry", message: u.message, reason: u.reason })
+        .collect();
     Ok(view)
+}
+
+/// Forgets a message that was not delivered (the agent copied it or does not need it).
+#[tauri::command]
+pub async fn dismiss_undelivered(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    id: ConversationId,
+    message: crewdesk::domain::MessageId,
+) -> CommandResult<()> {
+    let desk = current(&state).await?;
+    desk.lock().dismiss_undelivered(&id, &message)?;
+    emit_changed(&app, vec![id]);
+    Ok(())
 }
 
 /// Runs an agent action on the replica, wakes the sync driver and tells the window.

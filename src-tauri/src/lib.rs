@@ -47,6 +47,7 @@ pub fn run() {
             commands::save_attachment,
             commands::edit_customer,
             commands::sync_status,
+            commands::dismiss_undelivered,
         ])
         .run(tauri::generate_context!());
     if let Err(e) = result {

@@ -463,6 +463,7 @@ pub fn conversation_pane(props: &DeskProps) -> Html {
             </header>
             if *editing { <CustomerForm desk={desk.clone()} view={v.clone()} done={{ let e = editing.clone(); Callback::from(move |_| e.set(false)) }} /> }
             <Messages view={v.clone()} />
+            <UndeliveredList desk={desk.clone()} view={v.clone()} />
             <Composer desk={desk.clone()} view={v.clone()} />
         </section>
     }
@@ -651,6 +652,60 @@ struct WhatsAppArgs {
     id: String,
     template: String,
     params: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct DismissArgs {
+    id: String,
+    message: String,
+}
+
+/// Copies text to the clipboard (the webview's `navigator.clipboard.writeText`).
+fn copy_to_clipboard(text: &str) {
+    use wasm_bindgen::JsCast;
+    let Some(window) = web_sys::window() else { return };
+    let get = |o: &wasm_bindgen::JsValue, k: &str| js_sys::Reflect::get(o, &k.into()).ok();
+    let clipboard = get(&window.into(), "navigator").and_then(|n| get(&n, "clipboard"));
+    if let Some(clipboard) = clipboard
+        && let Some(write) = get(&clipboard, "writeText").and_then(|f| f.dyn_into::<js_sys::Function>().ok())
+    {
+        let _ = write.call1(&clipboard, &text.into());
+    }
+}
+
+/// Messages the relay refused: each with why, its text to copy, and a way to dismiss it.
+#[function_component(UndeliveredList)]
+fn undelivered_list(props: &ComposerProps) -> Html {
+    let v = &props.view;
+    if v.undelivered.is_empty() {
+        return html! {};
+    }
+    let id = v.row.summary.id.0.clone();
+    html! {
+        <section class="undelivered" id="undelivered">
+            { for v.undelivered.iter().map(|u| {
+                let text = u.message.body.text_content();
+                let copy = { let t = text.clone(); Callback::from(move |_| copy_to_clipboard(&t)) };
+                let dismiss = {
+                    let (d, id, message) = (props.desk.clone(), id.clone(), u.message.id.0.clone());
+                    Callback::from(move |_| run_command(&d, "dismiss_undelivered", DismissArgs { id: id.clone(), message: message.clone() }))
+                };
+                html! {
+                    <div class="undelivered-message">
+                        <div class="small notice">{
+                            if u.retrying { format!("Not delivered yet, sent again once in sync: {}", u.reason) }
+                            else { format!("Not delivered: {}", u.reason) }
+                        }</div>
+                        <p class="selectable">{ text }</p>
+                        <div class="tools">
+                            <button class="copy-undelivered" onclick={copy}>{ "Copy text" }</button>
+                            if !u.retrying { <button class="dismiss-undelivered" onclick={dismiss}>{ "Dismiss" }</button> }
+                        </div>
+                    </div>
+                }
+            }) }
+        </section>
+    }
 }
 
 #[function_component(Composer)]
