@@ -30,7 +30,7 @@ fn run_seeds(seeds: std::ops::Range<u64>, bug: Option<Bug>) -> Vec<String> {
                     if !w.violations.is_empty() {
                         let mut f = failures.lock().unwrap();
                         if f.len() < 3 {
-                            f.push(w.report());
+                            f.push(shortest(seed, bug));
                         }
                     }
                 }
@@ -38,6 +38,20 @@ fn run_seeds(seeds: std::ops::Range<u64>, bug: Option<Bug>) -> Vec<String> {
         }
     });
     failures.into_inner().unwrap()
+}
+
+/// The shortest run of a failing seed: the fewest chaotic steps (then healing) that still break
+/// an invariant, with its whole trace.
+fn shortest(seed: u64, bug: Option<Bug>) -> String {
+    for steps in 0..=STEPS {
+        let mut w = World::new(seed, bug);
+        w.verbose = true;
+        w.run(steps);
+        if !w.violations.is_empty() {
+            return format!("{}\nwhole trace ({steps} steps before healing):\n{}", w.report(), w.trace.join("\n"));
+        }
+    }
+    format!("seed {seed} failed once and not again: the world is not deterministic")
 }
 
 #[test]

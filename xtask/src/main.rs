@@ -16,7 +16,8 @@ fn main() -> ExitCode {
         Some("run") => run(),
         Some("bench") => bench(),
         Some("fuzz") => fuzz(&args[1..]),
-        _ => Err("usage: cargo xtask <test|run|bench|bench-relay|fuzz>\n  test   install what is missing, then fmt, clippy, wasm build, all tests and 30 s of fuzzing per target\n  run    the product on demo data\n  bench  the replica benchmark (10k conversations, 500k messages)\n  bench-relay  the relay benchmark against the reference server, and scale-out on PostgreSQL\n  fuzz [--seconds N] [TARGET]  each fuzz target (or TARGET) for N seconds (default 60), one at a time".to_owned()),
+        Some("sim") => sim(&args[1..]),
+        _ => Err("usage: cargo xtask <test|run|bench|bench-relay|fuzz|sim>\n  test   install what is missing, then fmt, clippy, wasm build, all tests and 30 s of fuzzing per target\n  run    the product on demo data\n  bench  the replica benchmark (10k conversations, 500k messages)\n  bench-relay  the relay benchmark against the reference server, and scale-out on PostgreSQL\n  fuzz [--seconds N] [TARGET]  each fuzz target (or TARGET) for N seconds (default 60), one at a time\n  sim [--seeds N] [--first S] [--seed S]  the seeded simulator of the sync protocol on N seeds (default 10,000), or one seed with its whole trace".to_owned()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,6 +190,7 @@ fn test() -> Result {
     }
     step("cargo", &args, &[("CREWDESK_TEST_POSTGRES", &url), ("CREWDESK_TEST_STORE", "postgres")])?;
     drop(pg);
+    run_sim(SIM_SEEDS, 0)?;
     e2e()?;
     run_fuzz(30, None)?;
     println!("\nAll checks and tests passed.");
@@ -434,6 +436,42 @@ const FUZZ_TARGETS: &[(&str, &str)] =
     &[("wire_frame", "address"), ("sync_message", "address"), ("judge_sequence", "none"), ("message_body", "address")];
 
 /// `cargo xtask fuzz [--seconds N] [TARGET]`.
+/// Seeds the simulator runs in `cargo xtask test` (about 1.5 minutes on 2 cores).
+const SIM_SEEDS: u64 = 10_000;
+
+/// `cargo xtask sim [--seeds N] [--first S] [--seed S]`.
+fn sim(args: &[String]) -> Result {
+    let (mut seeds, mut first, mut one) = (SIM_SEEDS, 0, None);
+    let mut args = args.iter();
+    let usage = "usage: cargo xtask sim [--seeds N] [--first S] [--seed S]";
+    while let Some(arg) = args.next() {
+        let mut number = || args.next().and_then(|n| n.parse::<u64>().ok()).ok_or(usage);
+        match arg.as_str() {
+            "--seeds" => seeds = number()?,
+            "--first" => first = number()?,
+            "--seed" => one = Some(number()?),
+            _ => return Err(usage.to_owned()),
+        }
+    }
+    match one {
+        Some(seed) => step(
+            "cargo",
+            &["test", "--test", "sim", "every_seed", "--", "--nocapture"],
+            &[("CREWDESK_SIM_SEED", &seed.to_string())],
+        ),
+        None => run_sim(seeds, first),
+    }
+}
+
+/// Runs the simulator's seeds `first..first + seeds` (every core, every invariant checked).
+fn run_sim(seeds: u64, first: u64) -> Result {
+    step(
+        "cargo",
+        &["test", "--test", "sim", "every_seed", "--", "--nocapture"],
+        &[("CREWDESK_SIM_SEEDS", &seeds.to_string()), ("CREWDESK_SIM_FIRST", &first.to_string())],
+    )
+}
+
 fn fuzz(args: &[String]) -> Result {
     let mut seconds = 60;
     let mut only = None;
