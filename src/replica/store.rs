@@ -318,7 +318,7 @@ pub fn undelivered(conn: &Connection, id: &ConversationId) -> Result<Vec<Undeliv
         let (message, reason, state) = row?;
         out.push(UndeliveredRow { message: serde_json::from_str(&message)?, reason, state });
     }
-    out.sort_by(|a, b| a.message.at.cmp(&b.message.at));
+    out.sort_by_key(|r| r.message.at);
     Ok(out)
 }
 

@@ -658,3 +658,163 @@ pub fn outgoing(mut m: sync::Message) -> Vec<u8> {
     m.flags = None;
     m.encode()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{AgentId, Channel, Customer, CustomerId, MessageBody, MessageId, Role, TeamMode};
+    use automerge::ActorId;
+
+    const ID: &str = "2jQ5Vc7u9o1Wk6Bq3TXYtY7cWKdV";
+    const NOW: Timestamp = Timestamp(1_800_000_000_000);
+
+    fn stored() -> Automerge {
+        let new = doc::NewConversation {
+            id: ID.into(),
+            team: "sales".into(),
+            channel: Channel::WebWidget,
+            customer: Customer {
+                id: CustomerId("c1".into()),
+                name: "Jane".into(),
+                email: None,
+                phone: None,
+                notes: None,
+            },
+            created_at: NOW.plus(-60_000),
+        };
+        doc::create(ActorId::random(), &new).unwrap()
+    }
+
+    fn bob() -> ChangeAuthor {
+        ChangeAuthor {
+            agent: "bob".into(),
+            team: "sales".into(),
+            role: Role::Representative,
+            mode: TeamMode::Open,
+            foreign_actors: Vec::new(),
+        }
+    }
+
+    /// bob's replica: joins, then replies (two changes, the second depending on the first).
+    fn join_and_reply(base: &Automerge) -> (Automerge, Vec<Change>) {
+        let mut copy = base.fork().with_actor(ActorId::random());
+        let bob = AgentId::from("bob");
+        copy.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &bob, true)).unwrap();
+        let join = copy.get_last_local_change().unwrap();
+        let m = Message {
+            id: MessageId("m1".into()),
+            at: NOW,
+            author: doc::crew(&bob),
+            body: MessageBody::Text { text: "hello".into() },
+        };
+        copy.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &m)).unwrap();
+        let reply = copy.get_last_local_change().unwrap();
+        (copy, vec![join, reply])
+    }
+
+    /// A sync message from `doc` with its heads and no changes (the changes go beside it).
+    fn heads_of(doc: &Automerge) -> sync::Message {
+        let mut state = sync::State::new();
+        let bytes = doc.generate_sync_message(&mut state).unwrap().encode();
+        sync::Message::decode(&bytes).unwrap()
+    }
+
+    fn relay() -> RelayDoc {
+        let mut r = RelayDoc::new(ID, "relay", ActorId::random());
+        r.load(stored(), "sales".into());
+        r
+    }
+
+    fn commits(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| if let Action::Commit { ticket, .. } = a { Some(*ticket) } else { None })
+            .collect()
+    }
+
+    fn sends_to(actions: &[Action], conn: ConnId) -> usize {
+        actions.iter().filter(|a| matches!(a, Action::Send(c, WireMessage::Sync { .. }) if *c == conn)).count()
+    }
+
+    #[test]
+    fn a_change_that_arrives_before_its_dependency_waits_and_is_judged_when_it_comes() {
+        let mut r = relay();
+        let base = r.doc().unwrap().fork();
+        let (copy, changes) = join_and_reply(&base);
+        // The reply alone: its dependency (the join) is missing. Nothing is applied or refused.
+        let out = r.receive(1, "bob", heads_of(&copy), vec![changes[1].clone()], false, Some(&bob()), NOW);
+        assert!(out.iter().any(|a| matches!(a, Action::Missing)), "{out:?}");
+        assert!(commits(&out).is_empty());
+        assert!(!out.iter().any(|a| matches!(a, Action::Send(_, WireMessage::Error { .. }))), "{out:?}");
+        // The join arrives (the sender never sends the reply again): both are judged and committed.
+        let out = r.receive(1, "bob", heads_of(&copy), vec![changes[0].clone()], false, Some(&bob()), NOW);
+        let tickets = commits(&out);
+        assert_eq!(tickets.len(), 1, "{out:?}");
+        let heads = r.heads();
+        assert_eq!(heads, copy.get_heads());
+        let out = r.committed(tickets[0], Ok(()));
+        assert!(out.iter().any(|a| matches!(a, Action::Stored { added } if added.len() == 1)), "{out:?}");
+    }
+
+    #[test]
+    fn nothing_is_advertised_while_a_commit_is_in_progress_and_the_sender_hears_its_heads_after() {
+        let mut r = relay();
+        r.follow(2, "carol");
+        let base = r.doc().unwrap().fork();
+        let (copy, changes) = join_and_reply(&base);
+        let out = r.receive(1, "bob", heads_of(&copy), changes, false, Some(&bob()), NOW);
+        let tickets = commits(&out);
+        assert_eq!(tickets.len(), 1);
+        assert!(r.advertise().is_empty(), "nothing before the commit returns");
+        // bob reports the same heads as the relay's while the commit runs: he must still be told.
+        let out = r.receive(1, "bob", heads_of(&copy), Vec::new(), false, Some(&bob()), NOW);
+        assert_eq!(sends_to(&out, 1), 0, "{out:?}");
+        assert!(out.iter().any(|a| matches!(a, Action::ScheduleFanout)), "the answer waits for the fan-out: {out:?}");
+        let out = r.committed(tickets[0], Ok(()));
+        assert_eq!(sends_to(&out, 1), 0, "{out:?}");
+        let out = r.fanout();
+        assert_eq!(sends_to(&out, 1), 1, "bob hears the relay's heads: {out:?}");
+        assert_eq!(sends_to(&out, 2), 1, "carol hears of the reply: {out:?}");
+    }
+
+    #[test]
+    fn a_failed_commit_drops_the_document_and_the_sender_starts_over() {
+        let mut r = relay();
+        let base = r.doc().unwrap().fork();
+        let (copy, changes) = join_and_reply(&base);
+        let out = r.receive(1, "bob", heads_of(&copy), changes, false, Some(&bob()), NOW);
+        let out = r.committed(commits(&out)[0], Err("disk full".into()));
+        assert!(out.iter().any(|a| matches!(a, Action::Reload)));
+        assert!(out.iter().any(|a| matches!(a, Action::Send(1, WireMessage::Error { message, .. }) if message.starts_with(&format!("document {ID}: ")))));
+        assert!(!r.is_stored());
+        assert!(!r.follows(1));
+    }
+
+    #[test]
+    fn the_waiting_queue_is_bounded() {
+        let mut r = relay();
+        let base = r.doc().unwrap().fork();
+        let mut copy = base.fork().with_actor(ActorId::random());
+        let agent = AgentId::from("bob");
+        copy.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &agent, true)).unwrap();
+        let mut later = Vec::new();
+        for i in 0..=MAX_DEFERRED_CHANGES {
+            let m = Message {
+                id: MessageId(format!("m{i}")),
+                at: NOW,
+                author: doc::crew(&agent),
+                body: MessageBody::Text { text: "x".into() },
+            };
+            copy.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &m)).unwrap();
+            later.push(copy.get_last_local_change().unwrap());
+        }
+        // Everything but the join: all of it waits, and the queue overflows.
+        let out = r.receive(1, "bob", heads_of(&copy), later, false, Some(&bob()), NOW);
+        assert!(
+            out.iter().any(
+                |a| matches!(a, Action::Send(1, WireMessage::Error { message, .. }) if message.contains("starts over"))
+            ),
+            "{out:?}"
+        );
+    }
+}
