@@ -1,0 +1,284 @@
+//! One WebSocket connection of a signed-in agent: the handshake, the reader that hands frames to
+//! the documents, the writer with its byte budget, keepalive and closing.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// What the relay knows of one connection, shared with the documents it syncs.
+#[derive(Clone)]
+pub(super) struct Session {
+    pub(super) conn: ConnId,
+    pub(super) agent: Arc<Agent>,
+    pub(super) peer_id: String,
+    pub(super) tx: mpsc::Sender<WireMessage>,
+    pub(super) overloaded: Arc<Notify>,
+    /// Documents this connection is creating (see `MAX_PENDING_PER_CONNECTION`).
+    pub(super) pending: Arc<AtomicUsize>,
+    /// Bytes queued for this connection and not yet written (see `MAX_QUEUED_BYTES`).
+    pub(super) queued: Arc<AtomicUsize>,
+}
+
+/// Bytes the relay queues for one connection before it counts as unable to keep up: a client
+/// asking again and again for a whole conversation (`request` with no heads) cannot make the relay
+/// hold many copies of it.
+pub(super) const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+
+/// About how many bytes a message takes in a connection's queue.
+pub(super) fn queued_size(m: &WireMessage) -> usize {
+    match m {
+        WireMessage::Sync { data, .. } | WireMessage::Request { data, .. } | WireMessage::Ephemeral { data, .. } => {
+            data.len() + 128
+        }
+        _ => 256,
+    }
+}
+
+impl Session {
+    /// Queues a message; a connection that cannot keep up is closed (it resyncs when it comes back).
+    pub(super) fn send(&self, message: WireMessage) {
+        let size = queued_size(&message);
+        if self.queued.fetch_add(size, Ordering::Relaxed) + size > MAX_QUEUED_BYTES {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            self.overloaded.notify_one();
+            return;
+        }
+        if self.tx.try_send(message).is_err() {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            self.overloaded.notify_one();
+        }
+    }
+    pub(super) fn error(&self, relay_peer: &str, message: impl Into<String>) {
+        self.send(WireMessage::Error {
+            sender_id: relay_peer.to_owned(),
+            target_id: self.peer_id.clone(),
+            message: message.into(),
+        });
+    }
+}
+
+pub(super) async fn websocket(
+    State(relay): State<Arc<Relay>>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let agent = relay.authenticate(bearer(&headers, &q)).await;
+    let max = relay.config.max_frame_bytes;
+    // Small per-connection buffers: a thousand idle agents should not cost a thousand large buffers.
+    ws.max_message_size(max).max_frame_size(max).read_buffer_size(4 * 1024).write_buffer_size(4 * 1024).on_upgrade(
+        move |socket| async move {
+            match agent {
+                Ok(Some(agent)) => {
+                    let conn = relay.next_conn.fetch_add(1, Ordering::Relaxed);
+                    let span = info_span!("connection", conn, agent = %agent.id);
+                    connection(relay, socket, conn, Arc::new(agent)).instrument(span).await;
+                }
+                Ok(None) => refuse(socket, "authentication failed: missing, unknown or revoked token").await,
+                Err(e) => refuse(socket, &format!("the relay cannot check tokens right now: {e}")).await,
+            }
+        },
+    )
+}
+
+/// Accepts the upgrade only to say why, then closes (a plain 401 crashes some Node clients).
+pub(super) async fn refuse(mut socket: WebSocket, reason: &str) {
+    let error = WireMessage::Error { sender_id: String::new(), target_id: String::new(), message: reason.to_owned() };
+    let _ = socket.send(Message::Binary(error.encode().into())).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: 4001,
+            reason: reason.chars().take(100).collect::<String>().into(),
+        })))
+        .await;
+}
+
+pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: Arc<Agent>) {
+    let (mut sink, mut stream) = socket.split();
+    // Handshake: the first message must be `join`.
+    let join = tokio::time::timeout(relay.config.handshake_timeout, stream.next()).await;
+    let peer_id = match join {
+        Ok(Some(Ok(Message::Binary(frame)))) => match WireMessage::decode(&frame) {
+            Ok(WireMessage::Join { sender_id, supported_protocol_versions, .. }) => {
+                if !supported_protocol_versions.iter().any(|v| v == "1") {
+                    let m = WireMessage::Error {
+                        sender_id: relay.peer_id.clone(),
+                        target_id: sender_id,
+                        message: "unsupported protocol version".into(),
+                    };
+                    let _ = sink.send(Message::Binary(m.encode().into())).await;
+                    return;
+                }
+                sender_id
+            }
+            _ => {
+                let m = WireMessage::Error {
+                    sender_id: relay.peer_id.clone(),
+                    target_id: String::new(),
+                    message: "expected a join message first".into(),
+                };
+                let _ = sink.send(Message::Binary(m.encode().into())).await;
+                return;
+            }
+        },
+        _ => return,
+    };
+    let peer = WireMessage::Peer {
+        sender_id: relay.peer_id.clone(),
+        target_id: peer_id.clone(),
+        peer_metadata: PeerMetadata { storage_id: Some(relay.storage_id.clone()), is_ephemeral: false },
+        selected_protocol_version: "1".into(),
+    };
+    // Registered before the client hears `peer`: conversations created from now on are announced.
+    let (tx, mut rx) = mpsc::channel::<WireMessage>(relay.config.outbound_queue);
+    let overloaded = Arc::new(Notify::new());
+    let session = Session {
+        conn,
+        agent: agent.clone(),
+        peer_id: peer_id.clone(),
+        tx,
+        overloaded: overloaded.clone(),
+        pending: Arc::default(),
+        queued: Arc::default(),
+    };
+    relay.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(conn, session.clone());
+    if sink.send(Message::Binary(peer.encode().into())).await.is_err() {
+        relay.disconnect(conn, &HashSet::new()).await;
+        return;
+    }
+    debug!(%peer_id, "joined");
+
+    let keepalive = relay.config.keepalive;
+    let mut stop = relay.stop.clone();
+    let queued = session.queued.clone();
+    let writer = tokio::spawn(async move {
+        let mut ping = tokio::time::interval(keepalive);
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => {
+                        queued.fetch_sub(queued_size(&m), Ordering::Relaxed);
+                        if sink.send(Message::Binary(m.encode().into())).await.is_err() { break }
+                    }
+                    None => break,
+                },
+                _ = ping.tick() => if sink.send(Message::Ping(Vec::new().into())).await.is_err() { break },
+                _ = stopped(&mut stop) => {
+                    let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "relay shutting down".into() }))).await;
+                    break;
+                }
+            }
+        }
+    });
+
+    let mut touched: HashSet<String> = HashSet::new();
+    let mut stop = relay.stop.clone();
+    let mut strikes = 0;
+    let mut ephemeral_budget = EphemeralBudget::new(Instant::now());
+    loop {
+        let frame = tokio::select! {
+            f = tokio::time::timeout(keepalive * 3, stream.next()) => f,
+            _ = overloaded.notified() => {
+                warn!("connection too slow; dropped (it will resync on reconnect)");
+                break;
+            }
+            _ = stopped(&mut stop) => break,
+        };
+        let message = match frame {
+            Err(_) => {
+                debug!("silent for too long; dropped");
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                debug!(%e, "connection error");
+                break;
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        let frame = match message {
+            Message::Binary(b) => b,
+            Message::Text(_) => {
+                session.error(&relay.peer_id, "text frames are not part of the protocol; send binary CBOR");
+                strikes += 1;
+                if strikes > 10 {
+                    break;
+                }
+                continue;
+            }
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        match WireMessage::decode(&frame) {
+            Ok(WireMessage::Request { document_id, data, .. }) => {
+                touched.insert(document_id.clone());
+                // Boxed: the connection's own future stays small (a few hundred bytes for each of
+                // a thousand idle connections, instead of the largest message handler's state).
+                Box::pin(relay.handle_sync(&session, document_id.clone(), data, true)).await;
+                relay.touch(&document_id).await;
+            }
+            Ok(WireMessage::Sync { document_id, data, .. }) => {
+                touched.insert(document_id.clone());
+                Box::pin(relay.handle_sync(&session, document_id.clone(), data, false)).await;
+                relay.touch(&document_id).await;
+            }
+            Ok(WireMessage::Ephemeral { document_id, count, session_id, data, .. }) => {
+                if data.len() > MAX_EPHEMERAL_BYTES {
+                    let limit = format!(
+                        "ephemeral messages are limited to {} KiB; this one was dropped",
+                        MAX_EPHEMERAL_BYTES / 1024
+                    );
+                    session.error(&relay.peer_id, limit);
+                    continue;
+                }
+                match ephemeral_budget.take(Instant::now()) {
+                    Budget::Granted => {
+                        Box::pin(relay.handle_ephemeral(&session, document_id, count, session_id, data)).await
+                    }
+                    Budget::Refused { tell } => {
+                        if tell {
+                            let rate = format!(
+                                "too many ephemeral messages (at most {EPHEMERAL_PER_SECOND} a second); some were dropped"
+                            );
+                            session.error(&relay.peer_id, rate);
+                        }
+                    }
+                }
+            }
+            Ok(WireMessage::Join { .. } | WireMessage::Peer { .. }) => {
+                session.error(&relay.peer_id, "already joined");
+            }
+            Ok(WireMessage::Error { message, .. }) => debug!(%message, "peer reported an error"),
+            Ok(WireMessage::DocUnavailable { .. } | WireMessage::Other { .. }) => {}
+            Err(e) => {
+                session.error(&relay.peer_id, format!("malformed message: {e}"));
+                strikes += 1;
+                if strikes > 10 {
+                    warn!("too many malformed messages; dropped");
+                    break;
+                }
+            }
+        }
+    }
+    relay.disconnect(conn, &touched).await;
+    drop(session);
+    writer.abort();
+    debug!("disconnected");
+}
+
+impl Relay {
+    pub(super) async fn disconnect(&self, conn: ConnId, touched: &HashSet<String>) {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn);
+        for id in touched {
+            let entry = self.entry(id);
+            let mut e = entry.lock().await;
+            e.core.disconnect(conn);
+            e.slots.remove(&conn);
+            drop(e);
+            drop(entry);
+            // Nobody else syncs it: free the memory; it is read from SQLite when asked for again.
+            self.forget_if_unused(id);
+        }
+        // Documents announced to this connection hold a stale entry until their next change, when
+        // `advertise` drops peers whose channel is closed.
+    }
+}
