@@ -230,8 +230,13 @@ impl World {
                 }
                 ("send", sent.map(|_| ()))
             }
-            80..=89 => ("leave", agent.replica.leave(&id)),
-            90..=94 => ("grab", agent.replica.grab(&id, at)),
+            80..=87 => ("leave", agent.replica.leave(&id)),
+            88..=91 => {
+                let edit =
+                    crewdesk::domain::CustomerEdit { notes: Some(format!("note {}", self.now)), ..Default::default() };
+                ("edit the customer", agent.replica.edit_customer(&id, &edit))
+            }
+            92..=96 => ("grab", agent.replica.grab(&id, at)),
             _ => ("close", agent.replica.close(&id, at)),
         };
         let ok = result.is_ok();

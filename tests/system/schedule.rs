@@ -1,6 +1,8 @@
 //! Five replicas follow seeded random schedules of agent actions, disconnects and reconnects
-//! through a real relay; at the end every replica holding a conversation has the same document,
-//! the same index row and the same messages, none duplicated or lost. A failing seed is printed.
+//! through a real relay on real sockets; at the end every replica holding a conversation has the
+//! same document, the same index row and the same messages, none duplicated or lost. The protocol
+//! itself is proven by the deterministic simulator (`tests/sim`, 10,000 seeds in `cargo xtask
+//! test`); these few seeds check the IO around it (sockets, the sync driver, the group commit).
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use crewdesk::demo;
@@ -89,7 +91,7 @@ async fn run(seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_replicas_converge_under_random_schedules() {
-    for seed in 0..8 {
+    for seed in 0..3 {
         run(seed).await;
     }
 }
