@@ -470,6 +470,30 @@ def main():
         assert "We also emailed you the tracking number." in to_ola()[0]
         assert "it left the warehouse" not in to_ola()[0], "replies seen in the widget are not emailed"
         print("ok: web widget in Chromium, presence, reply, Join link, customer photo, email fallback once")
+
+        # The rules change while bob is offline: he joins a Sales conversation and replies, and
+        # meanwhile an admin switches Sales to grab mode. The relay refuses his join; his desk takes
+        # the join and the reply back out, nothing stays unsynced, and the reply is shown as not
+        # delivered with the reason and a Copy button.
+        bob.click("#view-all")
+        free = wait_for("a Sales conversation bob may JOIN", lambda: [
+            r.get_attribute("data-id") for r in bob.css("li.row") if "Sales" in r.text
+            and r.find_elements(By.CSS_SELECTOR, "button.join") and r.find_element(By.CSS_SELECTOR, "button.join").text == "JOIN"])[0]
+        relay.kill()
+        wait_for("bob is offline", lambda: "Offline" in bob.text("#sync-state"), 40)
+        bob.open(free)
+        bob.join_open()
+        typed = "Typed on the train before Sales went to grab mode"
+        bob.send(typed)
+        wait_for("bob sees it unsynced", lambda: "not synced" in bob.text("#sync-state"))
+        subprocess.run([relay.binary, "--data-dir", relay.data, "team", "sales", "--mode", "grab"], check=True, capture_output=True)
+        relay.start()
+        wait_for("the reply is shown as not delivered", lambda: "Not delivered" in bob.text("#undelivered") and typed in bob.text("#undelivered"), 60)
+        wait_for("nothing waits unsynced", lambda: "not synced" not in bob.text("#sync-state"), 60)
+        assert typed not in bob.messages(), "taken back out of the conversation"
+        assert bob.css("#undelivered .copy-undelivered"), "a way to copy the text"
+        bob.screenshot(os.path.join(args.artifacts, "desk-not-delivered.png"))
+        print("ok: a reply refused because the rules changed offline is shown as not delivered, nothing stuck")
         print("E2E passed; screenshots in", args.artifacts)
     except BaseException:
         for a in apps:
