@@ -48,8 +48,11 @@ pub struct RowView {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListView {
+    /// The rows of the window asked for (from `offset` in the whole sorted list).
     pub rows: Vec<RowView>,
     pub total: usize,
+    #[serde(default)]
+    pub offset: usize,
     pub counts: Counts,
 }
 

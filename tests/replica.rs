@@ -388,3 +388,31 @@ fn the_judge_tells_added_messages_from_touched_history() {
     };
     assert_eq!(check(&both), (vec!["m2".to_owned()], true));
 }
+
+#[test]
+fn the_list_is_a_window_over_every_row_and_the_count_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ada = open(dir.path(), "ada");
+    let now = Timestamp::now();
+    demo::fill(&mut ada, &DemoSpec::default(), now).unwrap();
+    let all = Filter { limit: usize::MAX, ..Filter::default() };
+    let everything = ada.list(&all, now);
+    assert!(everything.total > 20, "the demo has enough rows: {}", everything.total);
+    assert_eq!(everything.rows.len(), everything.total);
+    // Windows of 7 rows, one after the other, give back the whole list in order.
+    let mut seen = Vec::new();
+    let mut offset = 0;
+    while offset < everything.total {
+        let window = ada.list(&Filter { limit: 7, offset, ..Filter::default() }, now);
+        assert_eq!(window.total, everything.total, "the count covers everything");
+        assert_eq!(window.offset, offset);
+        seen.extend(window.rows.into_iter().map(|r| r.id));
+        offset += 7;
+    }
+    let ids: Vec<ConversationId> = everything.rows.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(seen, ids);
+    // Past the end, the window shows the last rows.
+    let past = ada.list(&Filter { limit: 5, offset: everything.total + 100, ..Filter::default() }, now);
+    assert_eq!(past.offset, everything.total - 5);
+    assert_eq!(past.rows.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids[ids.len() - 5..]);
+}

@@ -77,7 +77,12 @@ pub async fn list(state: State<'_, AppState>, filter: Filter, search: Option<Str
     let desk = current(&state).await?;
     let now = Timestamp::now();
     let listing = desk.lock().list_search(&filter, now, search.as_deref().unwrap_or(""))?;
-    Ok(ListView { rows: rows(&desk, listing.rows, now)?, total: listing.total, counts: listing.counts })
+    Ok(ListView {
+        rows: rows(&desk, listing.rows, now)?,
+        total: listing.total,
+        offset: listing.offset,
+        counts: listing.counts,
+    })
 }
 
 #[tauri::command]

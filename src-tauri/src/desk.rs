@@ -172,12 +172,14 @@ fn spawn_forwarders(
             let _ = app3.emit("sync-status", s);
         }
     });
-    // Statuses move with the clock (Soon to be, Overdue, auto-close): re-evaluate every 10 s.
+    // Statuses move with the clock (Soon to be, Overdue, auto-close): the list and counts are
+    // re-evaluated every 10 s ("desk-clock"); the open conversation is read again only when it
+    // changes ("desk-changed" naming it).
     tauri::async_runtime::spawn(async move {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(10)).await;
             notifier2.lock().unwrap_or_else(|p| p.into_inner()).check_overdue(&desk2);
-            emit_changed(&app2, Vec::new());
+            let _ = app2.emit("desk-clock", ());
         }
     });
 }

@@ -41,8 +41,12 @@ pub struct Filter {
     /// Channel selection; empty means every channel.
     pub channels: Vec<Channel>,
     pub sort: Sort,
-    /// At most this many rows are returned; counts always cover everything.
+    /// At most this many rows are returned, starting at `offset` in the sorted result (a window
+    /// over the whole list: the desk asks for the rows around what is on screen); `total` and the
+    /// counts always cover everything.
     pub limit: usize,
+    #[serde(default)]
+    pub offset: usize,
 }
 
 impl Default for Filter {
@@ -53,6 +57,7 @@ impl Default for Filter {
             channels: Vec::new(),
             sort: Sort::default(),
             limit: 200,
+            offset: 0,
         }
     }
 }
@@ -124,8 +129,11 @@ pub fn matches_selection(
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listing<T> {
     pub rows: Vec<T>,
-    /// How many conversations matched before `limit` was applied.
+    /// How many conversations matched (the whole list; `rows` is the window from `offset`).
     pub total: usize,
+    /// Where `rows` start in the whole sorted list.
+    #[serde(default)]
+    pub offset: usize,
     pub counts: Counts,
 }
 
@@ -182,8 +190,10 @@ where
     }
     let total = rows.len();
     sort_rows(&mut rows, filter.sort);
-    rows.truncate(filter.limit);
-    Listing { rows, total, counts }
+    // A window past the end shows the last rows (the list shrank under the agent's eyes).
+    let offset = if filter.offset >= total { total.saturating_sub(filter.limit) } else { filter.offset };
+    let rows: Vec<_> = rows.into_iter().skip(offset).take(filter.limit).collect();
+    Listing { rows, total, offset, counts }
 }
 
 fn sort_rows(rows: &mut [&ConversationSummary], sort: Sort) {

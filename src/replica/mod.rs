@@ -53,7 +53,7 @@ pub enum ReplicaError {
 }
 
 /// A search lists at most this many conversations (the list shows fewer; refine the words).
-const SEARCH_LIMIT: usize = 500;
+const SEARCH_LIMIT: usize = 50_000;
 
 /// How many conversation documents stay loaded; the rest are read from SQLite on demand.
 const DOC_CACHE: usize = 64;
@@ -204,7 +204,12 @@ impl Replica {
     /// The red and yellow blocks: matching rows (sorted, limited) and every count.
     pub fn list(&self, filter: &Filter, now: Timestamp) -> Listing<ConversationSummary> {
         let listing = filter::evaluate(self.index.values(), |t| self.teams.get(t), &self.agent, now, filter);
-        Listing { rows: listing.rows.into_iter().cloned().collect(), total: listing.total, counts: listing.counts }
+        Listing {
+            rows: listing.rows.into_iter().cloned().collect(),
+            total: listing.total,
+            offset: listing.offset,
+            counts: listing.counts,
+        }
     }
 
     /// The list with a search: only conversations whose messages or customer details (name,
@@ -227,7 +232,12 @@ impl Replica {
             now,
             filter,
         );
-        Ok(Listing { rows: listing.rows.into_iter().cloned().collect(), total: listing.total, counts: listing.counts })
+        Ok(Listing {
+            rows: listing.rows.into_iter().cloned().collect(),
+            total: listing.total,
+            offset: listing.offset,
+            counts: listing.counts,
+        })
     }
 
     /// How many messages of each conversation this agent has seen (for unread markers).

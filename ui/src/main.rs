@@ -43,8 +43,11 @@ pub struct Desk {
     pub notifications: Vec<NotificationView>,
     pub sync: SyncStatus,
     pub error: Option<String>,
-    /// Bumped by every change event: reloads what is shown.
+    /// Bumped by every change event (and by the clock for the list): reloads the list.
     pub revision: u64,
+    /// Bumped by change events that concern the open conversation: reads it again (never on a
+    /// timer).
+    pub detail_revision: u64,
     /// The revision the shown list and notifications were loaded for: answers to older requests
     /// that arrive late are dropped, so the screen never goes back to a stale state.
     pub shown: u64,
@@ -70,7 +73,37 @@ pub enum Action {
     Notifications(u64, Vec<NotificationView>),
     Sync(SyncStatus),
     Error(Option<String>),
-    Changed,
+    /// Conversations changed (none listed: anything may have).
+    Changed(Vec<String>),
+    /// Statuses move with the clock: the list and counts are read again, the open conversation not.
+    Clock,
+    /// The list window starts at this row (the agent scrolled).
+    Window(usize),
+}
+
+#[derive(serde::Deserialize)]
+struct ChangedIds {
+    #[serde(default)]
+    ids: Vec<String>,
+}
+
+/// Rows asked for at once: the list shows a window of the whole result around what is on screen.
+pub const PAGE: usize = 200;
+
+impl Desk {
+    /// Moves the window so that row `index` is inside it (with rows before and after).
+    fn window_around(&mut self, index: usize) {
+        let (offset, len) = self.list.as_ref().map_or((0, 0), |l| (l.offset, l.rows.len()));
+        if index < offset || index >= offset + len {
+            self.filter.offset = index.saturating_sub(PAGE / 2);
+        }
+    }
+
+    /// A new list (another selection, team, channel, sort or search): from the top.
+    fn from_the_top(&mut self) {
+        self.filter.offset = 0;
+        self.cursor = 0;
+    }
 }
 
 impl Reducible for Desk {
@@ -81,28 +114,40 @@ impl Reducible for Desk {
             Action::Session(s) => d.session = *s,
             Action::Select(sel) => {
                 d.filter.selection = sel;
-                d.cursor = 0;
+                d.from_the_top();
             }
-            Action::Team(t) => d.filter.team = t,
+            Action::Team(t) => {
+                d.filter.team = t;
+                d.from_the_top();
+            }
             Action::ToggleChannel(c) => {
                 if let Some(i) = d.filter.channels.iter().position(|x| *x == c) {
                     d.filter.channels.remove(i);
                 } else {
                     d.filter.channels.push(c);
                 }
+                d.from_the_top();
             }
-            Action::Sort(s) => d.filter.sort = s,
-            Action::Search(q) => d.search = q,
+            Action::Sort(s) => {
+                d.filter.sort = s;
+                d.from_the_top();
+            }
+            Action::Search(q) => {
+                d.search = q;
+                d.from_the_top();
+            }
             Action::Loaded(rev, _) if rev < d.shown => {}
             Action::Loaded(rev, l) => {
                 let l = *l;
                 d.shown = rev;
-                d.cursor = d.cursor.min(l.rows.len().saturating_sub(1));
+                d.cursor = d.cursor.min(l.total.saturating_sub(1));
                 d.list = Some(l);
             }
             Action::Open(id) => {
-                if let Some(i) = d.list.as_ref().and_then(|l| l.rows.iter().position(|r| r.summary.id.0 == id)) {
-                    d.cursor = i;
+                if let Some(l) = d.list.as_ref()
+                    && let Some(i) = l.rows.iter().position(|r| r.summary.id.0 == id)
+                {
+                    d.cursor = l.offset + i;
                 }
                 if d.selected.as_deref() != Some(id.as_str()) {
                     d.detail_error = None;
@@ -111,9 +156,16 @@ impl Reducible for Desk {
                 d.selected = Some(id);
             }
             Action::Move(delta) => {
-                let n = d.list.as_ref().map_or(0, |l| l.rows.len());
+                let n = d.list.as_ref().map_or(0, |l| l.total);
                 if n > 0 {
                     d.cursor = (d.cursor as i64 + delta).clamp(0, n as i64 - 1) as usize;
+                    let cursor = d.cursor;
+                    d.window_around(cursor);
+                }
+            }
+            Action::Window(offset) => {
+                if d.filter.offset != offset {
+                    d.filter.offset = offset;
                 }
             }
             // Late answers, and answers for a conversation the agent has left, change nothing.
@@ -143,7 +195,13 @@ impl Reducible for Desk {
             Action::Notifications(_, n) => d.notifications = n,
             Action::Sync(s) => d.sync = s,
             Action::Error(e) => d.error = e,
-            Action::Changed => d.revision += 1,
+            Action::Changed(ids) => {
+                d.revision += 1;
+                if ids.is_empty() || d.selected.as_ref().is_some_and(|s| ids.contains(s)) {
+                    d.detail_revision += 1;
+                }
+            }
+            Action::Clock => d.revision += 1,
         }
         Rc::new(d)
     }
@@ -169,7 +227,7 @@ pub fn run_command<A: Serialize + 'static>(desk: &DeskHandle, cmd: &'static str,
             Ok(_) => desk.dispatch(Action::Error(None)),
             Err(e) => desk.dispatch(Action::Error(Some(e))),
         }
-        desk.dispatch(Action::Changed);
+        desk.dispatch(Action::Changed(Vec::new()));
     });
 }
 
@@ -177,7 +235,7 @@ pub fn run_command<A: Serialize + 'static>(desk: &DeskHandle, cmd: &'static str,
 fn app() -> Html {
     let desk = use_reducer(|| Desk {
         session: SessionView::default(),
-        filter: Filter { limit: 300, ..Filter::default() },
+        filter: Filter { limit: PAGE, ..Filter::default() },
         search: String::new(),
         list: None,
         selected: None,
@@ -191,6 +249,7 @@ fn app() -> Html {
         sync: SyncStatus::default(),
         error: None,
         revision: 0,
+        detail_revision: 0,
         shown: 0,
     });
 
@@ -199,7 +258,13 @@ fn app() -> Html {
         let desk = desk.clone();
         use_effect_with((), move |_| {
             let d = desk.clone();
-            api::listen("desk-changed", move |_| d.dispatch(Action::Changed));
+            api::listen("desk-changed", move |payload| {
+                // `{ids: [...]}`: the conversations that changed (none: anything may have).
+                let ids = serde_wasm_bindgen::from_value::<ChangedIds>(payload).map(|c| c.ids).unwrap_or_default();
+                d.dispatch(Action::Changed(ids))
+            });
+            let d = desk.clone();
+            api::listen("desk-clock", move |_| d.dispatch(Action::Clock));
             let d = desk.clone();
             api::listen("sync-status", move |payload| {
                 if let Ok(s) = serde_wasm_bindgen::from_value::<SyncStatus>(payload) {
@@ -248,7 +313,7 @@ fn app() -> Html {
     {
         let desk = desk.clone();
         let asked = use_mut_ref(|| 0u64);
-        let key = (desk.revision, desk.selected.clone(), desk.detail_retry);
+        let key = (desk.detail_revision, desk.selected.clone(), desk.detail_retry);
         use_effect_with(key, move |(_, selected, _)| {
             if let Some(id) = selected.clone() {
                 let seq = {

@@ -63,7 +63,7 @@ pub fn sign_in(props: &DeskProps) -> Html {
                 match call::<_, crewdesk::desk::SessionView>("sign_in", &args).await {
                     Ok(s) => {
                         desk.dispatch(Action::Session(Box::new(s)));
-                        desk.dispatch(Action::Changed);
+                        desk.dispatch(Action::Changed(Vec::new()));
                     }
                     Err(e) => error.set(Some(e)),
                 }
@@ -245,6 +245,39 @@ pub struct OwnedId {
 pub fn list_pane(props: &DeskProps) -> Html {
     let desk = &props.desk;
     let rows: Vec<RowView> = desk.list.as_ref().map(|l| l.rows.clone()).unwrap_or_default();
+    let (offset, total) = desk.list.as_ref().map_or((0, 0), |l| (l.offset, l.total));
+    let list_ref = use_node_ref();
+    // The list is a window over every row: spacers stand for the rows not loaded, and scrolling
+    // near an edge of the window asks for the rows around what is on screen.
+    let on_scroll = {
+        let (d, list_ref, len) = (desk.clone(), list_ref.clone(), rows.len());
+        Callback::from(move |_: Event| {
+            let Some(el) = list_ref.cast::<web_sys::Element>() else { return };
+            let first = (el.scroll_top().max(0) as usize) / ROW_HEIGHT;
+            let visible = (el.client_height().max(0) as usize) / ROW_HEIGHT + 1;
+            let margin = crate::PAGE / 8;
+            let below = first < offset + margin && offset > 0;
+            let above = first + visible + margin > offset + len && offset + len < total;
+            if below || above {
+                d.dispatch(Action::Window(first.saturating_sub(crate::PAGE / 2)));
+            }
+        })
+    };
+    {
+        // The row under the keyboard cursor stays in view.
+        let (list_ref, cursor) = (list_ref.clone(), desk.cursor);
+        use_effect_with(cursor, move |cursor| {
+            if let Some(el) = list_ref.cast::<web_sys::Element>() {
+                let (top, height) = ((*cursor * ROW_HEIGHT) as i32, el.client_height());
+                if top < el.scroll_top() {
+                    el.set_scroll_top(top);
+                } else if top + ROW_HEIGHT as i32 > el.scroll_top() + height {
+                    el.set_scroll_top(top + ROW_HEIGHT as i32 - height);
+                }
+            }
+            || ()
+        });
+    }
     let on_search = {
         let d = desk.clone();
         Callback::from(move |e: InputEvent| d.dispatch(Action::Search(input_value(&e))))
@@ -261,7 +294,8 @@ pub fn list_pane(props: &DeskProps) -> Html {
                 d.dispatch(Action::Move(-1));
             }
             "Enter" | "o" => {
-                if let Some(r) = rows.get(d.cursor) {
+                let offset = d.list.as_ref().map_or(0, |l| l.offset);
+                if let Some(r) = d.cursor.checked_sub(offset).and_then(|i| rows.get(i)) {
                     d.dispatch(Action::Open(r.summary.id.0.clone()));
                 }
             }
@@ -312,13 +346,21 @@ pub fn list_pane(props: &DeskProps) -> Html {
                     }) }
                 </div>
             </header>
-            <ul id="conversation-list" class="rows" tabindex="0" onkeydown={on_key}>
+            <ul id="conversation-list" class="rows" tabindex="0" onkeydown={on_key} onscroll={on_scroll} ref={list_ref}
+                aria-rowcount={total.to_string()}>
                 if rows.is_empty() { <li class="empty muted">{ "No conversations here." }</li> }
-                { for rows.iter().enumerate().map(|(i, r)| html! { <Row desk={desk.clone()} row={r.clone()} cursor={i == desk.cursor} /> }) }
+                if offset > 0 { <li class="spacer" aria-hidden="true" style={format!("height: {}px", offset * ROW_HEIGHT)}></li> }
+                { for rows.iter().enumerate().map(|(i, r)| html! { <Row desk={desk.clone()} row={r.clone()} cursor={offset + i == desk.cursor} index={offset + i} /> }) }
+                if total > offset + rows.len() {
+                    <li class="spacer" aria-hidden="true" style={format!("height: {}px", (total - offset - rows.len()) * ROW_HEIGHT)}></li>
+                }
             </ul>
         </section>
     }
 }
+
+/// Every row of the list is this tall (`.row` in style.css), so the window knows where each row is.
+const ROW_HEIGHT: usize = 78;
 
 pub fn focus(id: &str) {
     let element = web_sys::window().and_then(|w| w.document()).and_then(|d| d.get_element_by_id(id));
@@ -332,6 +374,8 @@ struct RowProps {
     desk: DeskHandle,
     row: RowView,
     cursor: bool,
+    /// Its place in the whole list (for assistive technology: "row 4,512 of 7,000").
+    index: usize,
 }
 
 #[function_component(Row)]
@@ -350,7 +394,8 @@ fn row(props: &RowProps) -> Html {
     });
     let selected = props.desk.selected.as_deref() == Some(id.as_str());
     html! {
-        <li class={classes!("row", props.cursor.then_some("cursor"), selected.then_some("selected"))} onclick={open} data-id={id.clone()}>
+        <li class={classes!("row", props.cursor.then_some("cursor"), selected.then_some("selected"))} onclick={open} data-id={id.clone()}
+            aria-rowindex={(props.index + 1).to_string()}>
             <div class="row-top">
                 <span class="customer">
                     if r.unread { <span class="unread" title="Unread">{ "●" }</span> }
