@@ -575,3 +575,31 @@ async fn a_reply_typed_offline_by_an_agent_removed_from_the_team_is_shown_not_de
     assert!(undelivered[0].reason.contains("does not share"), "{}", undelivered[0].reason);
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_typed_offline_in_a_conversation_an_admin_closed_meanwhile_never_gets_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let mut bob = Agent::start(&relay, &tokens, "bob");
+    let ada = Agent::start(&relay, &tokens, "ada");
+    bob.connected().await;
+    ada.connected().await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    bob.has(&id).await;
+    ada.has(&id).await;
+    // Offline, bob joins and replies; meanwhile ada (admin) closes the conversation.
+    bob.disconnect().await;
+    bob.with(|r| r.join(&id, Timestamp::now()).unwrap());
+    bob.with(|r| r.send(&id, text("Typed while it was being closed"), Timestamp::now()).unwrap());
+    ada.act(&id, |r| r.close(&id, Timestamp::now()).unwrap());
+    eventually(15, "the close is synced", || ada.with(|r| r.unsynced().unwrap().0) == 0).await;
+    bob.reconnect();
+    eventually(15, "bob's outbox is empty", || bob.with(|r| r.unsynced().unwrap().0) == 0).await;
+    // Either the reply went through (crew may follow up in a closed conversation) or it is shown
+    // as not delivered with the reason: never both, never neither.
+    let delivered = || ada.message_texts(&id).contains(&"Typed while it was being closed".into());
+    let shown = || bob.with(|r| r.undelivered(&id).unwrap().iter().any(|u| u.state == "failed"));
+    eventually(15, "the reply is delivered or shown as not delivered", || delivered() || shown()).await;
+    assert!(!(delivered() && shown()), "delivered and shown as not delivered");
+    relay.stop().await;
+}
