@@ -34,8 +34,11 @@ pub const MAX_DEFERRED_BYTES: usize = 16 * 1024 * 1024;
 pub enum Action {
     /// Send a frame to a connection.
     Send(ConnId, WireMessage),
-    /// Store a chunk durably, then call [`RelayDoc::committed`] with the ticket.
-    Commit { ticket: u64, team: TeamId, chunk: Vec<u8> },
+    /// Store a chunk durably, then call [`RelayDoc::committed`] with the ticket. `changes` are the
+    /// client changes it holds: storage refuses the chunk if a different change with the same actor
+    /// and sequence number is stored already (a modified client sending one to each of two relay
+    /// instances would otherwise make the conversation unloadable).
+    Commit { ticket: u64, team: TeamId, chunk: Vec<u8>, changes: Vec<ChangeSeq> },
     /// Call [`RelayDoc::fanout`] shortly (changes arriving meanwhile go out together).
     ScheduleFanout,
     /// The document in memory cannot be trusted (a commit failed, a refused change could not be
@@ -49,6 +52,27 @@ pub enum Action {
     /// Changes wait for dependencies this relay does not hold: another instance may have stored
     /// them ([`RelayDoc::apply_stored`] retries the waiting changes).
     Missing,
+}
+
+/// One change's place in its actor's history, and its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeSeq {
+    /// The actor id in hex.
+    pub actor: String,
+    pub seq: u64,
+    /// The change hash in hex.
+    pub hash: String,
+}
+
+impl ChangeSeq {
+    pub fn of(c: &Change) -> ChangeSeq {
+        ChangeSeq { actor: c.actor_id().to_hex_string(), seq: c.seq(), hash: c.hash().to_string() }
+    }
+}
+
+/// The places of the `accepted` changes among `changes`.
+fn seqs_of(changes: &[Change], accepted: &[ChangeHash]) -> Vec<ChangeSeq> {
+    changes.iter().filter(|c| accepted.contains(&c.hash())).map(ChangeSeq::of).collect()
 }
 
 /// Whose conversation a new document's first changes claim to be.
@@ -289,6 +313,7 @@ impl RelayDoc {
         let stored = self.stored.as_mut().expect("checked above");
         let before = stored.doc.get_heads();
         let mut offered: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
+        let mut seqs = Vec::new();
         let verdict = match author {
             Some(author) if !changes.is_empty() || !peer.deferred.is_empty() => {
                 let mut all = std::mem::take(&mut peer.deferred);
@@ -296,7 +321,16 @@ impl RelayDoc {
                 offered.extend(all.iter().map(Change::hash));
                 all.extend(changes);
                 peer.author = Some(author.clone());
-                conversation::apply_judged_with(&mut stored.doc, &self.id, all, author, now, &mut stored.header)
+                let verdict = conversation::apply_judged_with(
+                    &mut stored.doc,
+                    &self.id,
+                    all.clone(),
+                    author,
+                    now,
+                    &mut stored.header,
+                );
+                seqs = seqs_of(&all, &verdict.accepted);
+                verdict
             }
             _ => Verdict::default(),
         };
@@ -352,7 +386,7 @@ impl RelayDoc {
             self.next_ticket += 1;
             let ticket = self.next_ticket;
             self.commits.insert(ticket, (conn, verdict.added));
-            out.push(Action::Commit { ticket, team: stored.team.clone(), chunk });
+            out.push(Action::Commit { ticket, team: stored.team.clone(), chunk, changes: seqs });
             return out;
         }
         if !self.commits.is_empty() || self.creating.is_some() {
@@ -436,9 +470,10 @@ impl RelayDoc {
         self.next_ticket += 1;
         let ticket = self.next_ticket;
         let chunk = pending.doc.save();
+        let changes = pending.doc.get_changes(&[]).iter().map(ChangeSeq::of).collect();
         let team = header.team;
         self.creating = Some(Creating { ticket, conn, doc: pending.doc, team: team.clone(), peer: pending.peer });
-        vec![Action::Commit { ticket, team, chunk }]
+        vec![Action::Commit { ticket, team, chunk, changes }]
     }
 
     /// A commit asked for by [`Action::Commit`] returned.
@@ -535,8 +570,15 @@ impl RelayDoc {
             let before = stored.doc.get_heads();
             let changes = std::mem::take(&mut peer.deferred);
             peer.deferred_bytes = 0;
-            let verdict =
-                conversation::apply_judged_with(&mut stored.doc, &self.id, changes, &author, now, &mut stored.header);
+            let verdict = conversation::apply_judged_with(
+                &mut stored.doc,
+                &self.id,
+                changes.clone(),
+                &author,
+                now,
+                &mut stored.header,
+            );
+            let seqs = seqs_of(&changes, &verdict.accepted);
             if verdict.damaged {
                 self.stored = None;
                 out.push(Action::Reload);
@@ -554,7 +596,7 @@ impl RelayDoc {
                 self.next_ticket += 1;
                 let ticket = self.next_ticket;
                 self.commits.insert(ticket, (conn, verdict.added));
-                out.push(Action::Commit { ticket, team: stored.team.clone(), chunk });
+                out.push(Action::Commit { ticket, team: stored.team.clone(), chunk, changes: seqs });
             }
         }
         out

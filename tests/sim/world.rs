@@ -492,7 +492,7 @@ impl World {
                     Some(link) => link.to_client.push_back(m),
                     None => self.entry(doc_id).core.disconnect(conn),
                 },
-                Action::Commit { ticket, team, chunk } => {
+                Action::Commit { ticket, team, chunk, .. } => {
                     self.commits.push_back((doc_id.to_owned(), ticket, team, chunk));
                     if self.bug == Some(Bug::AdvertiseBeforeCommit) {
                         queue.extend(self.entry(doc_id).core.committed(ticket, Ok(())));

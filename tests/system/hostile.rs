@@ -13,7 +13,7 @@ use crewdesk::domain::{
 };
 use crewdesk::replica::doc::{self, DocError};
 use crewdesk::sync::wire::WireMessage;
-use system_tests::{Agent, RawClient, TestRelay, eventually};
+use system_tests::{Agent, RawClient, TestRelay, attempt, eventually, fetch, next_about, send_sync, sync_with};
 
 fn text(t: &str) -> MessageBody {
     MessageBody::Text { text: t.into() }
@@ -21,94 +21,6 @@ fn text(t: &str) -> MessageBody {
 
 fn crew(id: &str, agent: &str, at: Timestamp, body: MessageBody) -> Message {
     Message { id: MessageId(id.into()), at, author: doc::crew(&agent.into()), body }
-}
-
-/// Sends the sync message the state calls for; false when it calls for none.
-async fn sync_with(client: &mut RawClient, id: &str, d: &Automerge, state: &mut automerge::sync::State) -> bool {
-    let Some(m) = d.generate_sync_message(state) else { return false };
-    send_sync(client, id, m.encode()).await;
-    true
-}
-
-async fn send_sync(client: &mut RawClient, id: &str, data: Vec<u8>) {
-    let m = WireMessage::Sync { sender_id: "raw".into(), target_id: "relay".into(), document_id: id.into(), data };
-    client.send(&m).await;
-}
-
-/// The next message about `id` or an error (announcements of other conversations are skipped).
-async fn next_about(client: &mut RawClient, id: &str) -> Option<WireMessage> {
-    loop {
-        let m = tokio::time::timeout(std::time::Duration::from_secs(10), client.next()).await.ok()??;
-        let about = match &m {
-            WireMessage::Sync { document_id, .. } | WireMessage::DocUnavailable { document_id, .. } => {
-                document_id == id
-            }
-            WireMessage::Error { .. } => true,
-            _ => false,
-        };
-        if about {
-            return Some(m);
-        }
-    }
-}
-
-/// A copy of a stored conversation, fetched with the bare protocol.
-async fn fetch(client: &mut RawClient, id: &str) -> Automerge {
-    let mut copy = Automerge::new();
-    let mut state = automerge::sync::State::new();
-    let request = copy.generate_sync_message(&mut state).unwrap();
-    let m = WireMessage::Request {
-        sender_id: "raw".into(),
-        target_id: "relay".into(),
-        document_id: id.into(),
-        data: request.encode(),
-    };
-    client.send(&m).await;
-    for _ in 0..10 {
-        match next_about(client, id).await {
-            Some(WireMessage::Sync { data, .. }) => {
-                copy.receive_sync_message(&mut state, automerge::sync::Message::decode(&data).unwrap()).unwrap();
-                if doc::check_schema(&copy).unwrap_or(false) {
-                    return copy;
-                }
-                sync_with(client, id, &copy, &mut state).await;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    panic!("the conversation did not arrive");
-}
-
-/// Makes `forge` on a copy of `base` and syncs it; returns the relay's error, or "accepted" when
-/// the relay took the change (its heads covered it).
-async fn attempt(
-    client: &mut RawClient,
-    id: &str,
-    base: &Automerge,
-    forge: impl FnOnce(&mut Transaction<'_>) -> Result<(), DocError>,
-) -> String {
-    let mut attempt = base.fork().with_actor(base.get_actor().clone());
-    let mut state = automerge::sync::State::new();
-    attempt.transact::<_, _, DocError>(forge).unwrap();
-    for _ in 0..10 {
-        if !sync_with(client, id, &attempt, &mut state).await {
-            break;
-        }
-        match next_about(client, id).await {
-            Some(WireMessage::Error { message, .. }) => return message,
-            Some(WireMessage::Sync { data, .. }) => {
-                let m = automerge::sync::Message::decode(&data).unwrap();
-                let covered = m.heads == attempt.get_heads();
-                attempt.receive_sync_message(&mut state, m).unwrap();
-                if covered {
-                    return "accepted".into();
-                }
-            }
-            Some(WireMessage::DocUnavailable { .. }) => return "unavailable".into(),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    "no answer".into()
 }
 
 fn nested(depth: usize) -> impl FnOnce(&mut Transaction<'_>) -> Result<(), DocError> {

@@ -394,3 +394,68 @@ async fn widget_starts_from_one_address_are_limited_across_instances() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A modified client sends two different changes with the same actor and sequence number, one to
+/// each of two instances, at once. Both instances judge theirs acceptable; the store keeps the first
+/// to commit and refuses the other, and the conversation stays loadable everywhere (before, both
+/// were stored and no instance could read the conversation again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_changes_with_one_actor_and_sequence_number_on_two_instances_leave_the_conversation_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relays, tokens) = instances(2, dir.path()).await;
+    let id = relays[0].customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    let mut on_a = system_tests::RawClient::connect(&relays[0], Some(&tokens["bob"])).await;
+    let mut on_b = system_tests::RawClient::connect(&relays[1], Some(&tokens["bob"])).await;
+    on_a.join().await;
+    on_b.join().await;
+    let base = system_tests::fetch(&mut on_a, id.as_str()).await;
+    let actor = automerge::ActorId::random();
+    let said = |text: &'static str| {
+        let message = Message {
+            id: MessageId(format!("m-{text}")),
+            at: Timestamp::now(),
+            author: doc::crew(&"bob".into()),
+            body: MessageBody::Text { text: text.into() },
+        };
+        move |tx: &mut automerge::transaction::Transaction<'_>| {
+            doc::set_in_room(tx, &"bob".into(), true)?;
+            doc::add_message(tx, &message)
+        }
+    };
+    let (one, two) = (base.fork().with_actor(actor.clone()), base.fork().with_actor(actor));
+    let (a, b) = tokio::join!(
+        system_tests::attempt(&mut on_a, id.as_str(), &one, said("one")),
+        system_tests::attempt(&mut on_b, id.as_str(), &two, said("two")),
+    );
+    let accepted = [&a, &b].iter().filter(|r| r.as_str() == "accepted").count();
+    assert_eq!(accepted, 1, "one is stored, the other refused: {a} / {b}");
+    // Every instance reads the conversation, with exactly one of the two replies, the same one; so
+    // does a third instance that reads it from storage.
+    let third = relays[0].another_instance(dir.path().join("i2")).await;
+    let mut texts = Vec::new();
+    for relay in [&relays[0], &relays[1], &third] {
+        let mut c = system_tests::RawClient::connect(relay, Some(&tokens["carol"])).await;
+        c.join().await;
+        // Another instance's commit reaches this one within moments.
+        let mut said = Vec::new();
+        for _ in 0..40 {
+            let copy = system_tests::fetch(&mut c, id.as_str()).await;
+            said = doc::all_messages(&copy)
+                .unwrap()
+                .into_iter()
+                .filter_map(|m| match m.body {
+                    MessageBody::Text { text } if text == "one" || text == "two" => Some(text),
+                    _ => None,
+                })
+                .collect();
+            if !said.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        said.sort();
+        texts.push(said);
+    }
+    assert_eq!(texts[0].len(), 1, "{texts:?}");
+    assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+}

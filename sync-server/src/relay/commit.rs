@@ -3,12 +3,16 @@
 
 #[allow(unused_imports)]
 use super::*;
+use crate::store::NewChunk;
+use crewdesk::sync::relay_doc::ChangeSeq;
 
 /// A chunk waiting for the group commit, and who to tell when it is on disk.
 pub(super) struct Commit {
     pub(super) doc: String,
     pub(super) team: TeamId,
     pub(super) chunk: Vec<u8>,
+    /// The client changes in the chunk (their places are checked by the store).
+    pub(super) changes: Vec<ChangeSeq>,
     pub(super) done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
@@ -26,16 +30,26 @@ pub(super) async fn committer(store: Arc<Store>, mut rx: mpsc::Receiver<Commit>)
         let store = store.clone();
         let started = Instant::now();
         let (batch, result) = tokio::task::spawn_blocking(move || {
-            let rows: Vec<(&str, &TeamId, &[u8])> =
-                batch.iter().map(|c| (c.doc.as_str(), &c.team, c.chunk.as_slice())).collect();
+            let rows: Vec<NewChunk<'_>> = batch
+                .iter()
+                .map(|c| NewChunk { doc: &c.doc, team: &c.team, bytes: &c.chunk, changes: &c.changes })
+                .collect();
             let result = store.append_chunks(&rows).map_err(|e| e.to_string());
             (batch, result)
         })
         .await
         .unwrap_or_else(|e| (Vec::new(), Err(e.to_string())));
         debug!(chunks = batch.len(), ms = started.elapsed().as_secs_f64() * 1e3, "group commit");
-        for c in batch {
-            let _ = c.done.send(result.clone());
+        for (i, c) in batch.into_iter().enumerate() {
+            let answer = match &result {
+                Ok(stored) if stored.get(i).copied().unwrap_or(true) => Ok(()),
+                Ok(_) => {
+                    warn!(doc_id = %c.doc, "a change takes the place of another change of its actor; refused");
+                    Err("a change with the same actor and sequence number is stored already".to_owned())
+                }
+                Err(e) => Err(e.clone()),
+            };
+            let _ = c.done.send(answer);
         }
     }
 }
@@ -43,7 +57,7 @@ pub(super) async fn committer(store: Arc<Store>, mut rx: mpsc::Receiver<Commit>)
 impl Relay {
     /// Stores a chunk durably (group commit); returns once it is fsynced.
     pub(super) async fn commit(&self, doc: &str, team: &TeamId, chunk: Vec<u8>) -> Result<(), String> {
-        let wait = self.enqueue_commit(doc, team, chunk).await?;
+        let wait = self.enqueue_commit(doc, team, chunk, Vec::new()).await?;
         wait.await.map_err(|_| "the relay is shutting down".to_owned())?
     }
 
@@ -53,9 +67,10 @@ impl Relay {
         doc: &str,
         team: &TeamId,
         chunk: Vec<u8>,
+        changes: Vec<ChangeSeq>,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, String> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let c = Commit { doc: doc.to_owned(), team: team.clone(), chunk, done };
+        let c = Commit { doc: doc.to_owned(), team: team.clone(), chunk, changes, done };
         self.commits.send(c).await.map_err(|_| "the relay is shutting down".to_owned())?;
         Ok(wait)
     }

@@ -327,8 +327,8 @@ impl Relay {
                         _ => guard.core.disconnect(conn),
                     }
                 }
-                Action::Commit { ticket, team, chunk } => {
-                    let wait = self.enqueue_commit(&doc_id, &team, chunk).await;
+                Action::Commit { ticket, team, chunk, changes } => {
+                    let wait = self.enqueue_commit(&doc_id, &team, chunk, changes).await;
                     let result = match wait {
                         Ok(wait) => {
                             drop(guard);

@@ -54,6 +54,14 @@ pub(crate) fn now_millis() -> i64 {
 
 /// A stored document: its team, all its chunks concatenated, and the position of its last chunk
 /// (what a later [`Storage::chunks_since_many`] continues from).
+/// A chunk for the group commit, with the client changes it holds.
+pub struct NewChunk<'a> {
+    pub doc: &'a str,
+    pub team: &'a TeamId,
+    pub bytes: &'a [u8],
+    pub changes: &'a [crewdesk::sync::relay_doc::ChangeSeq],
+}
+
 pub struct StoredChunks {
     pub team: TeamId,
     pub bytes: Vec<u8>,
@@ -160,10 +168,12 @@ pub trait Storage: Send + Sync {
         wanted: &[(String, i64)],
     ) -> Result<std::collections::HashMap<String, (Vec<u8>, i64)>, StoreError>;
     /// Appends chunks of any documents in one transaction (group commit), creating documents on
-    /// their first chunk; in order for chunks of the same document.
-    fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError>;
+    /// their first chunk; in order for chunks of the same document. Per chunk: whether it was
+    /// stored (`false`: one of its changes takes an (actor, sequence number) a different change of
+    /// the document holds already, so it was refused).
+    fn append_chunks(&self, chunks: &[NewChunk<'_>]) -> Result<Vec<bool>, StoreError>;
     fn append_chunk(&self, id: &str, team: &TeamId, chunk: &[u8]) -> Result<(), StoreError> {
-        self.append_chunks(&[(id, team, chunk)])
+        self.append_chunks(&[NewChunk { doc: id, team, bytes: chunk, changes: &[] }]).map(|_| ())
     }
     /// Stores many new documents in one transaction (seeding, imports). Existing ids are skipped.
     fn import_documents(&self, docs: &[(String, TeamId, Vec<u8>)]) -> Result<usize, StoreError>;

@@ -30,6 +30,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0004_email_attachments.sql"),
     include_str!("migrations/postgres/0005_actors.sql"),
     include_str!("migrations/postgres/0006_widget_settings.sql"),
+    include_str!("migrations/postgres/0007_change_seqs.sql"),
 ];
 
 /// The NOTIFY channel the instances talk on.
@@ -456,13 +457,24 @@ impl Storage for PgStore {
         })
     }
 
-    fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError> {
-        let mut ids: Vec<&str> = chunks.iter().map(|c| c.0).collect();
+    fn append_chunks(&self, chunks: &[NewChunk<'_>]) -> Result<Vec<bool>, StoreError> {
+        let mut ids: Vec<&str> = chunks.iter().map(|c| c.doc).collect();
         ids.sort_unstable();
         ids.dedup();
-        let doc_ids: Vec<&str> = chunks.iter().map(|c| c.0).collect();
-        let teams: Vec<&str> = chunks.iter().map(|c| c.1.as_str()).collect();
-        let bytes: Vec<&[u8]> = chunks.iter().map(|c| c.2).collect();
+        let doc_ids: Vec<&str> = chunks.iter().map(|c| c.doc).collect();
+        let teams: Vec<&str> = chunks.iter().map(|c| c.team.as_str()).collect();
+        let bytes: Vec<&[u8]> = chunks.iter().map(|c| c.bytes).collect();
+        // Every client change of the batch with the chunk it is in (1-based, as WITH ORDINALITY).
+        let (mut ord, mut change_docs, mut actors, mut seqs, mut hashes) = (vec![], vec![], vec![], vec![], vec![]);
+        for (n, c) in chunks.iter().enumerate() {
+            for ch in c.changes {
+                ord.push(n as i64 + 1);
+                change_docs.push(c.doc);
+                actors.push(ch.actor.as_str());
+                seqs.push(i64::try_from(ch.seq).unwrap_or(i64::MAX));
+                hashes.push(ch.hash.as_str());
+            }
+        }
         let now = now_millis();
         self.block(async {
             let c = self.client().await?;
@@ -470,18 +482,42 @@ impl Storage for PgStore {
             let lock = c
                 .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended(d, 0)) FROM unnest($1::text[]) AS d")
                 .await?;
-            // The documents, the chunks and one notification per document (the last position, and
-            // whether it is new) in one statement. The notification is `Note` with `NoteKind::Committed`
-            // as JSON: {"o": instance, "k": "c", "d": document, "t": team, "s": position, "n": new}.
+            // Under the documents' locks: the chunks whose changes take an (actor, sequence number)
+            // another change holds are refused; the other changes take their places.
+            let claim = c
+                .prepare_cached(
+                    "WITH input AS (
+                       SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[])
+                         AS u(n, d, actor, seq, hash)
+                     ), taken AS (
+                       SELECT DISTINCT i.n FROM input i JOIN change_seqs c
+                         ON c.doc_id = i.d AND c.actor = i.actor AND c.seq = i.seq AND c.hash <> i.hash
+                     ), claimed AS (
+                       INSERT INTO change_seqs (doc_id, actor, seq, hash)
+                       SELECT d, actor, seq, hash FROM input WHERE n NOT IN (SELECT n FROM taken)
+                       ON CONFLICT DO NOTHING
+                     )
+                     SELECT n FROM taken",
+                )
+                .await?;
+            // The documents, the chunks (but the refused ones) and one notification per document
+            // (the last position, and whether it is new) in one statement. The notification is
+            // `Note` with `NoteKind::Committed` as JSON: {"o": instance, "k": "c", "d": document,
+            // "t": team, "s": position, "n": new}.
             let append = c
                 .prepare_cached(
                     "WITH docs AS (
                        INSERT INTO documents (id, team, created_at)
                        SELECT DISTINCT ON (d) d, t, $4::bigint FROM unnest($1::text[], $2::text[]) AS u(d, t)
                        ON CONFLICT (id) DO NOTHING RETURNING id
+                     ), refused AS (
+                       SELECT DISTINCT i.n FROM unnest($7::bigint[], $8::text[], $9::text[], $10::bigint[], $11::text[])
+                         AS i(n, d, actor, seq, hash)
+                       JOIN change_seqs c ON c.doc_id = i.d AND c.actor = i.actor AND c.seq = i.seq AND c.hash <> i.hash
                      ), chunks AS (
                        INSERT INTO doc_chunks (doc_id, origin, bytes)
-                       SELECT d, $5, b FROM unnest($1::text[], $3::bytea[]) WITH ORDINALITY AS u(d, b, n) ORDER BY n
+                       SELECT d, $5, b FROM unnest($1::text[], $3::bytea[]) WITH ORDINALITY AS u(d, b, n)
+                       WHERE n NOT IN (SELECT n FROM refused) ORDER BY n
                        RETURNING doc_id, seq
                      ), teams AS (
                        SELECT DISTINCT ON (d) d, t FROM unnest($1::text[], $2::text[]) AS u(d, t)
@@ -493,22 +529,27 @@ impl Storage for PgStore {
                      GROUP BY c.doc_id, teams.t",
                 )
                 .await?;
-            // One round trip: BEGIN, the lock, the append and COMMIT are pipelined. If a statement
-            // fails, the ones after it in the transaction are skipped and COMMIT rolls it back.
+            // One round trip: BEGIN, the lock, the claim, the append and COMMIT are pipelined. If a
+            // statement fails, the ones after it in the transaction are skipped and COMMIT rolls it
+            // back.
             let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
-            let append_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-                [&doc_ids, &teams, &bytes, &now, &self.instance, &CHANNEL];
-            let (begin, locked, appended, commit) = futures_util::join!(
+            let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                [&ord, &change_docs, &actors, &seqs, &hashes];
+            let append_params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] =
+                [&doc_ids, &teams, &bytes, &now, &self.instance, &CHANNEL, &ord, &change_docs, &actors, &seqs, &hashes];
+            let (begin, locked, claimed, appended, commit) = futures_util::join!(
                 c.batch_execute("BEGIN"),
                 c.execute(&lock, &lock_params),
+                c.query(&claim, &claim_params),
                 c.execute(&append, &append_params),
                 c.batch_execute("COMMIT"),
             );
             begin?;
             locked?;
+            let refused: Vec<i64> = claimed?.iter().map(|r| r.get(0)).collect();
             appended?;
             commit?;
-            Ok(())
+            Ok((1..=chunks.len() as i64).map(|n| !refused.contains(&n)).collect())
         })
     }
 

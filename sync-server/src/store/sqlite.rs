@@ -231,11 +231,15 @@ impl Storage for SqliteStore {
 
     /// Appends chunks of any documents in one transaction and one fsync (group commit); in order
     /// for chunks of the same document.
-    fn append_chunks(&self, chunks: &[(&str, &TeamId, &[u8])]) -> Result<(), StoreError> {
+    /// One relay instance holds each conversation in one copy under one lock, where automerge
+    /// refuses a second change with the same actor and sequence number before it is committed; so
+    /// every chunk is stored (the places of changes are checked on PostgreSQL, where instances share
+    /// the store).
+    fn append_chunks(&self, chunks: &[NewChunk<'_>]) -> Result<Vec<bool>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = now_millis();
-        for (id, team, chunk) in chunks {
+        for NewChunk { doc: id, team, bytes: chunk, .. } in chunks {
             tx.prepare_cached("INSERT OR IGNORE INTO documents (id, team, created_at) VALUES (?1, ?2, ?3)")?
                 .execute(params![*id, team.as_str(), now])?;
             tx.prepare_cached(
@@ -245,7 +249,7 @@ impl Storage for SqliteStore {
             .execute(params![id, chunk])?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(vec![true; chunks.len()])
     }
 
     /// Stores many new documents in one transaction (seeding, imports). Existing ids are skipped.
