@@ -416,3 +416,27 @@ fn the_list_is_a_window_over_every_row_and_the_count_agrees() {
     assert_eq!(past.offset, everything.total - 5);
     assert_eq!(past.rows.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids[ids.len() - 5..]);
 }
+
+#[test]
+fn a_template_filled_into_the_composer_and_edited_is_sent_as_that_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bob = open(dir.path(), "bob");
+    let id = ConversationId::from("c1");
+    bob.create_conversation(
+        &new_conversation("c1", demo::SALES, Channel::WebWidget),
+        Some(customer_message("m1", T0, "Hello?")),
+    )
+    .unwrap();
+    bob.join(&id, T0).unwrap();
+    let name = bob.team(&demo::SALES.into()).unwrap().templates[0].name.clone();
+    bob.send_filled_template(&id, &name, "Edited before sending".into(), T0.plus(MIN)).unwrap();
+    let last = bob.stored_messages(&id).unwrap().pop().unwrap();
+    assert_eq!(
+        last.body,
+        crewdesk::domain::MessageBody::Template { template: name, text: "Edited before sending".into() }
+    );
+    assert!(matches!(
+        bob.send_filled_template(&id, "no such template", "x".into(), T0.plus(MIN)),
+        Err(ReplicaError::UnknownTemplate(..))
+    ));
+}

@@ -173,19 +173,20 @@ pub async fn close(app: AppHandle, state: State<'_, AppState>, id: ConversationI
 }
 
 #[tauri::command]
-pub async fn send(app: AppHandle, state: State<'_, AppState>, id: ConversationId, text: String) -> CommandResult<()> {
-    let body = MessageBody::Text { text: text.trim_end().to_owned() };
-    act(&app, &state, &id, |r| r.send(&id, body, Timestamp::now()).map(|_| ())).await
-}
-
-#[tauri::command]
-pub async fn send_template(
+pub async fn send(
     app: AppHandle,
     state: State<'_, AppState>,
     id: ConversationId,
-    template: String,
+    text: String,
+    template: Option<String>,
 ) -> CommandResult<()> {
-    act(&app, &state, &id, |r| r.send_template(&id, &template, Timestamp::now()).map(|_| ())).await
+    let text = text.trim_end().to_owned();
+    act(&app, &state, &id, |r| match template {
+        // A 📃 template filled into the composer, maybe edited: sent as that template's message.
+        Some(name) => r.send_filled_template(&id, &name, text, Timestamp::now()).map(|_| ()),
+        None => r.send(&id, MessageBody::Text { text }, Timestamp::now()).map(|_| ()),
+    })
+    .await
 }
 
 #[tauri::command]

@@ -39,7 +39,6 @@ pub fn run() {
             commands::leave,
             commands::close,
             commands::send,
-            commands::send_template,
             commands::send_whatsapp_template,
             commands::send_conference,
             commands::attach,

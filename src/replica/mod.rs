@@ -375,6 +375,24 @@ impl Replica {
         self.send(id, body, at)
     }
 
+    /// 📃 a team template as the agent edited it in the composer (filled, then changed or not).
+    pub fn send_filled_template(
+        &mut self,
+        id: &ConversationId,
+        template: &str,
+        text: String,
+        at: Timestamp,
+    ) -> Result<MessageId, ReplicaError> {
+        let (team, _) = self.visible(id)?;
+        let t = team
+            .templates
+            .iter()
+            .find(|t| t.name == template)
+            .ok_or_else(|| ReplicaError::UnknownTemplate(team.id.clone(), template.to_owned()))?;
+        let body = MessageBody::Template { template: t.name.clone(), text };
+        self.send(id, body, at)
+    }
+
     /// 💬 an approved WhatsApp template with its parameters (allowed outside the 24 h window).
     pub fn send_whatsapp_template(
         &mut self,

@@ -666,6 +666,8 @@ struct ComposerProps {
 struct SendArgs {
     id: String,
     text: String,
+    /// The 📃 template the text was filled from (and maybe edited), if any.
+    template: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -684,12 +686,6 @@ fn click(id: &str) {
     if let Some(el) = element.and_then(|el| el.dyn_into::<web_sys::HtmlElement>().ok()) {
         el.click();
     }
-}
-
-#[derive(Serialize)]
-struct TemplateArgs {
-    id: String,
-    template: String,
 }
 
 #[derive(Serialize)]
@@ -758,6 +754,8 @@ fn composer(props: &ComposerProps) -> Html {
     let v = &props.view;
     let id = v.row.summary.id.0.clone();
     let text = use_state(String::new);
+    // The 📃 template the composer was filled from, until it is sent or emptied.
+    let template = use_state(|| None::<String>);
     let menu = use_state(|| None::<&'static str>);
     let wa_params = use_state(String::new);
     if let Some(reason) = &v.composer_blocked {
@@ -765,14 +763,16 @@ fn composer(props: &ComposerProps) -> Html {
     }
     let window_closed = v.whatsapp_window_open == Some(false);
     let send = {
-        let (d, id, text) = (props.desk.clone(), id.clone(), text.clone());
+        let (d, id, text, template) = (props.desk.clone(), id.clone(), text.clone(), template.clone());
         Callback::from(move |_: ()| {
             let t = (*text).clone();
             if t.trim().is_empty() {
                 return;
             }
             text.set(String::new());
-            run_command(&d, "send", SendArgs { id: id.clone(), text: t });
+            let from = (*template).clone();
+            template.set(None);
+            run_command(&d, "send", SendArgs { id: id.clone(), text: t, template: from });
         })
     };
     let on_key = {
@@ -786,8 +786,14 @@ fn composer(props: &ComposerProps) -> Html {
         })
     };
     let on_input = {
-        let text = text.clone();
-        Callback::from(move |e: InputEvent| text.set(input_value(&e)))
+        let (text, template) = (text.clone(), template.clone());
+        Callback::from(move |e: InputEvent| {
+            let value = input_value(&e);
+            if value.trim().is_empty() {
+                template.set(None);
+            }
+            text.set(value)
+        })
     };
     let toggle = |name: &'static str| {
         let menu = menu.clone();
@@ -797,8 +803,16 @@ fn composer(props: &ComposerProps) -> Html {
         Some("templates") => html! {
             <div class="menu" role="menu">
                 { for v.templates.iter().map(|t| {
-                    let (d, id, name, menu) = (props.desk.clone(), id.clone(), t.name.clone(), menu.clone());
-                    html! { <button role="menuitem" onclick={Callback::from(move |_| { menu.set(None); run_command(&d, "send_template", TemplateArgs { id: id.clone(), template: name.clone() }) })}>
+                    // Picking a template fills the composer (placeholders filled) for editing.
+                    let me = props.desk.session.agent.as_ref().map_or(String::new(), |a| a.name.clone());
+                    let filled = crewdesk::domain::fill_template(&t.text, &v.row.summary.customer, &me);
+                    let (text, template, name, menu) = (text.clone(), template.clone(), t.name.clone(), menu.clone());
+                    html! { <button role="menuitem" class="template" onclick={Callback::from(move |_| {
+                            menu.set(None);
+                            text.set(filled.clone());
+                            template.set(Some(name.clone()));
+                            focus("composer");
+                        })}>
                         <strong>{ t.name.clone() }</strong><small class="muted">{ t.text.clone() }</small></button> }
                 }) }
             </div>
@@ -851,6 +865,7 @@ fn composer(props: &ComposerProps) -> Html {
             if let Some(reason) = &v.refused {
                 <p class="notice refused small" id="refused">{ format!("The relay refused a change you made here: {reason}") }</p>
             }
+            if let Some(name) = &*template { <p class="small muted" id="from-template">{ format!("📃 {name}: edit, then send") }</p> }
             <textarea id="composer" rows="3" placeholder={ if window_closed { "Only WhatsApp templates can be sent now" } else { "Write a reply… (Enter sends, Shift+Enter new line)" } }
                 value={(*text).clone()} oninput={on_input} onkeydown={on_key} disabled={window_closed} />
             <div class="tools">
