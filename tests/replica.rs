@@ -440,3 +440,40 @@ fn a_template_filled_into_the_composer_and_edited_is_sent_as_that_template() {
         Err(ReplicaError::UnknownTemplate(..))
     ));
 }
+
+#[test]
+fn a_lost_grab_leaves_the_notifications_a_minute_after_it_was_first_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dave = open(dir.path(), "dave");
+    let mut bob = open(dir.path(), "bob");
+    let id = ConversationId::from("c1");
+    dave.create_conversation(
+        &new_conversation("c1", demo::SUPPORT, Channel::WebWidget),
+        Some(customer_message("m1", T0, "Hello?")),
+    )
+    .unwrap();
+    push(&mut dave, &mut bob);
+    bob.grab(&id, T0).unwrap();
+    dave.grab(&id, T0).unwrap();
+    push(&mut bob, &mut dave);
+    // The relay's decision, as it writes it: dave won.
+    let mut relay = open(dir.path(), "ada");
+    push(&mut dave, &mut relay);
+    let bytes = {
+        let d = relay.document_bytes(&id).unwrap();
+        let mut d = automerge::Automerge::load(&d).unwrap();
+        let before = d.get_heads();
+        d.transact::<_, _, DocError>(|tx| doc::record_owner(tx, &AgentId::from("dave"))).unwrap();
+        d.save_after(&before)
+    };
+    push(&mut dave, &mut bob);
+    bob.apply_changes(&id, &bytes).unwrap();
+    let now = T0.plus(MIN);
+    let lost =
+        |r: &Replica, at: Timestamp| r.notifications(at).iter().any(|(s, g)| s.id == id && *g == GrabState::Lost);
+    assert!(lost(&bob, now), "the lost grab is told");
+    assert!(lost(&bob, now.plus(10 * MIN)), "until it has been shown");
+    bob.lost_grabs_shown_now(&[id.clone()], now).unwrap();
+    assert!(lost(&bob, now.plus(30_000)), "still there half a minute after it was shown");
+    assert!(!lost(&bob, now.plus(61_000)), "gone a minute after it was shown");
+}

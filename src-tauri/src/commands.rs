@@ -6,7 +6,7 @@ use crate::error::{CommandError, CommandResult};
 use crewdesk::desk::{
     CrewMember, DetailView, ListView, NotificationView, RowView, SessionView, detail_view, row_view, team_views,
 };
-use crewdesk::domain::access::{self, JoinKind};
+use crewdesk::domain::access::{self, GrabState, JoinKind};
 use crewdesk::domain::attachment::BlobHash;
 use crewdesk::domain::filter::Filter;
 use crewdesk::domain::{ConversationId, CustomerEdit, MessageBody, Timestamp};
@@ -90,6 +90,10 @@ pub async fn notifications(state: State<'_, AppState>) -> CommandResult<Vec<Noti
     let desk = current(&state).await?;
     let now = Timestamp::now();
     let entries = desk.lock().notifications(now);
+    // The panel shows these lost grabs now: each leaves a minute after it was first shown.
+    let lost: Vec<ConversationId> =
+        entries.iter().filter(|(_, g)| *g == GrabState::Lost).map(|(s, _)| s.id.clone()).collect();
+    desk.lock().lost_grabs_shown_now(&lost, now)?;
     let summaries: Vec<_> = entries.iter().map(|(s, _)| s.clone()).collect();
     let row_views = rows(&desk, summaries, now)?;
     let r = desk.lock();

@@ -55,6 +55,9 @@ pub enum ReplicaError {
 /// A search lists at most this many conversations (the list shows fewer; refine the words).
 const SEARCH_LIMIT: usize = 50_000;
 
+/// How long a lost grab stays in the Notifications panel after it was first shown.
+const LOST_GRAB_SHOWN_MS: i64 = 60_000;
+
 /// How many conversation documents stay loaded; the rest are read from SQLite on demand.
 const DOC_CACHE: usize = 64;
 /// A document with more chunks than this is rewritten as one full save when next loaded.
@@ -253,14 +256,34 @@ impl Replica {
 
     /// Representatives' Notifications panel: grabbable conversations and grabs awaiting the relay.
     pub fn notifications(&self, now: Timestamp) -> Vec<(ConversationSummary, GrabState)> {
+        let shown = self.lost_grabs_shown().unwrap_or_default();
         let mut out: Vec<_> = self
             .index
             .values()
             .filter(|s| self.teams.get(&s.team).is_some_and(|t| access::in_notifications(t, &self.agent, s, now)))
             .map(|s| (s.clone(), access::grab_state(&self.agent, s)))
+            // A lost grab is told once: it leaves the panel a minute after it was first shown.
+            .filter(|(s, g)| *g != GrabState::Lost || shown.get(&s.id).is_none_or(|at| now.0 - at < LOST_GRAB_SHOWN_MS))
             .collect();
         out.sort_by(|a, b| a.0.created_at.cmp(&b.0.created_at).then_with(|| a.0.id.cmp(&b.0.id)));
         out
+    }
+
+    /// The Notifications panel showed these lost grabs now (the first time counts).
+    pub fn lost_grabs_shown_now(&self, ids: &[ConversationId], now: Timestamp) -> Result<(), ReplicaError> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO lost_grabs_shown (conversation_id, shown_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?;
+        for id in ids {
+            stmt.execute(rusqlite::params![id.as_str(), now.0])?;
+        }
+        Ok(())
+    }
+
+    fn lost_grabs_shown(&self) -> Result<HashMap<ConversationId, i64>, ReplicaError> {
+        let mut stmt = self.conn.prepare_cached("SELECT conversation_id, shown_at FROM lost_grabs_shown")?;
+        let rows = stmt.query_map([], |r| Ok((ConversationId(r.get(0)?), r.get::<_, i64>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn summary(&self, id: &ConversationId) -> Option<&ConversationSummary> {

@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_search_keys.sql"),
     include_str!("migrations/0005_blob_uploads.sql"),
     include_str!("migrations/0006_undelivered.sql"),
+    include_str!("migrations/0007_lost_grabs_shown.sql"),
 ];
 
 pub fn schema_version() -> i64 {
