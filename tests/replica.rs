@@ -473,7 +473,7 @@ fn a_lost_grab_leaves_the_notifications_a_minute_after_it_was_first_shown() {
         |r: &Replica, at: Timestamp| r.notifications(at).iter().any(|(s, g)| s.id == id && *g == GrabState::Lost);
     assert!(lost(&bob, now), "the lost grab is told");
     assert!(lost(&bob, now.plus(10 * MIN)), "until it has been shown");
-    bob.lost_grabs_shown_now(&[id.clone()], now).unwrap();
+    bob.lost_grabs_shown_now(std::slice::from_ref(&id), now).unwrap();
     assert!(lost(&bob, now.plus(30_000)), "still there half a minute after it was shown");
     assert!(!lost(&bob, now.plus(61_000)), "gone a minute after it was shown");
 }
