@@ -187,6 +187,19 @@ enum Command {
     List,
     /// Create the demo teams and agents, load the demo conversations, print a token per agent.
     SeedDemo,
+    /// Demo customers (for `cargo xtask run`): people chatting through a team's web widget on the
+    /// relay at --relay, staying online and writing again now and then, until stopped.
+    DemoCustomers {
+        /// The relay's address, e.g. http://127.0.0.1:3030.
+        #[arg(long)]
+        relay: String,
+        /// The team's widget key (`sync-server team TEAM` prints it).
+        #[arg(long)]
+        key: String,
+        /// How many customers.
+        #[arg(long, default_value_t = 3)]
+        count: usize,
+    },
     /// Copy a deployment from SQLite into an empty PostgreSQL database, then verify row counts
     /// and every conversation's heads. Stop the relay first (or copy again afterwards).
     Migrate {
@@ -270,6 +283,7 @@ async fn relay_main() -> anyhow::Result<()> {
             })
             .await
         }
+        Command::DemoCustomers { relay, key, count } => sync_server::demo_customers::run(&relay, &key, count).await,
         Command::Migrate { from, to } => {
             let from = match StoreUrl::parse(&from)? {
                 StoreUrl::Sqlite(dir) => dir,
@@ -416,7 +430,9 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                 println!("{agent} {}", store.issue_token(&AgentId::from(*agent), "demo")?);
             }
         }
-        Command::Serve { .. } | Command::Migrate { .. } => unreachable!("handled in main"),
+        Command::Serve { .. } | Command::Migrate { .. } | Command::DemoCustomers { .. } => {
+            unreachable!("handled in main")
+        }
     }
     Ok(())
 }

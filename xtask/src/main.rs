@@ -345,10 +345,18 @@ fn run() -> Result {
         .spawn()
         .map_err(|e| format!("could not start the relay: {e}"))?;
     std::thread::sleep(std::time::Duration::from_millis(500));
+    // A few customers chat through the Sales widget while the demo runs (Online in the desk, and
+    // conversations that keep moving through Waiting, Soon to be and Overdue).
+    let mut customers = Command::new(&relay_bin)
+        .args(["demo-customers", "--relay", &url, "--key", &key, "--count", "3"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("could not start the demo customers: {e}"))?;
     let token = |agent: &str| tokens.iter().find(|(a, _)| a == agent).map(|(_, t)| t.clone()).unwrap_or_default();
     println!("\nCrewdesk demo: relay at {url} (data in {})", relay_data.display());
     println!("The app opens signed in as bob (representative in Sales and Support).");
     println!("Chat as a customer of Sales in a browser: {page_url} (the widget key of Sales is {key})");
+    println!("Three demo customers are chatting through the Sales widget too (Online in the desk).");
     println!("Open a second window as another agent, each with its own data directory:");
     for (agent, t) in &tokens {
         println!(
@@ -363,10 +371,13 @@ fn run() -> Result {
         .env("XDG_CONFIG_HOME", demo.join("bob/config"));
     if env::var_os("DISPLAY").is_none() && env::var_os("WAYLAND_DISPLAY").is_none() {
         return Err(format!("no display: run it in a desktop session (the relay was at {url})")).inspect_err(|_| {
+            let _ = customers.kill();
             let _ = relay.kill();
         });
     }
     let status = app.status().map_err(|e| format!("could not start the app: {e}"));
+    let _ = customers.kill();
+    let _ = customers.wait();
     let _ = relay.kill();
     let _ = relay.wait();
     status.map(|_| ())
