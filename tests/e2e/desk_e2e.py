@@ -426,7 +426,8 @@ def main():
             browser.get(relay.page_url)
             widget = lambda: browser.find_element(By.ID, "crewdesk-widget").shadow_root
             in_widget = lambda css: widget().find_elements(By.CSS_SELECTOR, css)
-            wait_for("the widget", lambda: in_widget("#title") and in_widget("#title")[0].text == "Sales")
+            # The panel (and its title) is hidden until the launcher opens it: read the text itself.
+            wait_for("the widget", lambda: in_widget("#title") and in_widget("#title")[0].get_attribute("textContent") == "Sales")
             in_widget("#launcher")[0].click()
             in_widget("#name")[0].send_keys("Ola Nordmann")
             in_widget("#email")[0].send_keys("ola@example.com")
