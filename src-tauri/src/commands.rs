@@ -183,12 +183,15 @@ pub async fn send(
     id: ConversationId,
     text: String,
     template: Option<String>,
+    note: Option<bool>,
 ) -> CommandResult<()> {
     let text = text.trim_end().to_owned();
-    act(&app, &state, &id, |r| match template {
+    act(&app, &state, &id, |r| match (note.unwrap_or(false), template) {
+        // 📝 an internal note: for the crew only.
+        (true, _) => r.send(&id, MessageBody::Note { text }, Timestamp::now()).map(|_| ()),
         // A 📃 template filled into the composer, maybe edited: sent as that template's message.
-        Some(name) => r.send_filled_template(&id, &name, text, Timestamp::now()).map(|_| ()),
-        None => r.send(&id, MessageBody::Text { text }, Timestamp::now()).map(|_| ()),
+        (false, Some(name)) => r.send_filled_template(&id, &name, text, Timestamp::now()).map(|_| ()),
+        (false, None) => r.send(&id, MessageBody::Text { text }, Timestamp::now()).map(|_| ()),
     })
     .await
 }

@@ -137,6 +137,20 @@ struct Changed {
 }
 
 /// Tells the window something changed, so it reloads what it shows.
+/// A relay error as a person reads it: "document <id>: <why>[; refused (change <hash>)]" names
+/// the conversation by its customer and leaves out ids and hashes (the conversation shows the rest).
+fn readable_relay_error(desk: &Desk, message: &str) -> String {
+    let Some((id, why)) = message.strip_prefix("document ").and_then(|m| m.split_once(": ")) else {
+        return message.to_owned();
+    };
+    let why = why.split_once("; refused (change ").map_or(why, |(rule, _)| rule);
+    let customer = desk.lock().summary(&ConversationId(id.to_owned())).map(|s| s.customer.name.clone());
+    match customer {
+        Some(name) => format!("The relay refused a change in the conversation with {name}: {why}"),
+        None => format!("The relay refused a change: {why}"),
+    }
+}
+
 pub fn emit_changed(app: &AppHandle, ids: Vec<ConversationId>) {
     let _ = app.emit("desk-changed", Changed { ids });
 }
@@ -157,7 +171,7 @@ fn spawn_forwarders(
                     emit_changed(&app, vec![id]);
                 }
                 SessionEvent::RelayError(message) => {
-                    let _ = app.emit("relay-error", message);
+                    let _ = app.emit("relay-error", readable_relay_error(&desk, &message));
                 }
                 SessionEvent::Connected { .. } => emit_changed(&app, Vec::new()),
                 SessionEvent::Unavailable(_) => {}

@@ -158,6 +158,10 @@ pub fn may_send(
     if !s.is_in_room(agent) {
         return Err(DomainError::NotInRoom);
     }
+    // A note never leaves the crew: no channel rule applies to it.
+    if body.is_internal() {
+        return body.validate();
+    }
     // Crew may follow up in a closed conversation; it stays closed until the customer writes.
     match whatsapp_window_open(s, now) {
         Some(_) => may_deliver_on_whatsapp(s.last_customer_message_at, body, now)?,

@@ -375,6 +375,11 @@ pub enum MessageBody {
     ConferenceInvitation {
         url: String,
     },
+    /// An internal note (📝): for the crew only. No channel ever sends it to the customer
+    /// ([`Message::reaches_customer`]), and it does not count as an answer to a waiting customer.
+    Note {
+        text: String,
+    },
 }
 
 impl MessageBody {
@@ -386,6 +391,7 @@ impl MessageBody {
             | MessageBody::WhatsAppTemplate { text, .. } => text.clone(),
             MessageBody::Attachment { file_name, .. } => format!("📎 {file_name}"),
             MessageBody::ConferenceInvitation { .. } => "📹 Conference invitation".to_owned(),
+            MessageBody::Note { text } => format!("📝 {text}"),
         };
         let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
         let mut out: String = line.chars().take(PREVIEW_CHARS).collect();
@@ -403,6 +409,7 @@ impl MessageBody {
             | MessageBody::WhatsAppTemplate { text, .. } => text.clone(),
             MessageBody::Attachment { file_name, .. } => format!("📎 {file_name}"),
             MessageBody::ConferenceInvitation { url } => format!("📹 Join the video call: {url}"),
+            MessageBody::Note { text } => text.clone(),
         }
     }
 
@@ -412,7 +419,7 @@ impl MessageBody {
     pub fn validate(&self) -> Result<(), DomainError> {
         let too_long = || DomainError::MessageTooLong { max: MAX_MESSAGE_BYTES };
         let text_len = match self {
-            MessageBody::Text { text } => {
+            MessageBody::Text { text } | MessageBody::Note { text } => {
                 if text.trim().is_empty() {
                     return Err(DomainError::EmptyMessage);
                 }
@@ -487,6 +494,11 @@ impl MessageBody {
     pub fn is_free_form(&self) -> bool {
         !matches!(self, MessageBody::WhatsAppTemplate { .. })
     }
+
+    /// An internal note: for the crew only.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, MessageBody::Note { .. })
+    }
 }
 
 pub const PREVIEW_CHARS: usize = 120;
@@ -518,6 +530,12 @@ impl Message {
     /// Messages order by (sent time, id) on every replica.
     pub fn order_key(&self) -> (Timestamp, &MessageId) {
         (self.at, &self.id)
+    }
+
+    /// A crew message meant for the customer: what the channels (web widget, email, WhatsApp)
+    /// deliver and what answers a waiting customer. Internal notes never are.
+    pub fn reaches_customer(&self) -> bool {
+        matches!(self.author, Author::Crew { .. }) && !self.body.is_internal()
     }
 }
 

@@ -702,10 +702,12 @@ impl Replica {
         let mut changed = false;
         for row in rows.into_iter().filter(|r| r.state == "retry") {
             changed = true;
-            let (state, reason) = match self.send_again(id, &row.message) {
-                Ok(()) => ("resent", row.reason),
-                Err(e) => ("failed", e.to_string()),
+            // Refused here too: shown with the relay's reason (what changed while offline).
+            let state = match self.send_again(id, &row.message) {
+                Ok(()) => "resent",
+                Err(_) => "failed",
             };
+            let reason = row.reason;
             let tx = self.conn.transaction()?;
             store::set_undelivered(&tx, id, &row.message, &reason, state)?;
             tx.commit()?;

@@ -84,7 +84,10 @@ pub fn insert_messages(tx: &Transaction<'_>, id: &ConversationId, messages: &[Me
     let mut added = 0;
     for m in messages {
         let body = serde_json::to_string(m)?;
-        if stmt.execute(params![id.as_str(), m.at.0, m.id.as_str(), m.author.kind().as_str(), body])? == 1 {
+        // Internal notes are kept apart from crew replies: a note does not answer a waiting
+        // customer (the statuses count `crew` rows only).
+        let kind = if m.body.is_internal() { "note" } else { m.author.kind().as_str() };
+        if stmt.execute(params![id.as_str(), m.at.0, m.id.as_str(), kind, body])? == 1 {
             added += 1;
             search.execute(params![id.as_str(), m.body.text_content()])?;
         }

@@ -491,7 +491,7 @@ pub fn outbound_rows(doc_id: &str, header: &doc::DocHeader, added: &[Message], a
     let now = Timestamp::now();
     added
         .iter()
-        .filter(|m| matches!(m.author, Author::Crew { .. }))
+        .filter(|m| m.reaches_customer())
         .map(|m| QueuedWhatsApp {
             message_id: format!("{doc_id}/{}", m.id),
             doc_id: doc_id.to_owned(),
@@ -583,5 +583,40 @@ async fn outcome_of(response: Result<reqwest::Response, reqwest::Error>) -> Resu
     } else {
         warn!(%status, "WhatsApp API error; will retry");
         Err(WhatsAppOutcome::Retry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crewdesk::domain::{AgentId, Channel, Customer, CustomerId, MessageId};
+
+    #[test]
+    fn internal_notes_are_never_queued_for_whatsapp() {
+        let now = Timestamp::now();
+        let new = doc::NewConversation {
+            id: "2jQ5Vc7u9o1Wk6Bq3TXYtY7cWKdV".into(),
+            team: "sales".into(),
+            channel: Channel::WhatsApp,
+            customer: Customer {
+                id: CustomerId("wa-4712345678".into()),
+                name: "Maya".into(),
+                email: None,
+                phone: Some("+4712345678".into()),
+                notes: None,
+            },
+            created_at: now,
+        };
+        let header = doc::read_header(&doc::create(automerge::ActorId::random(), &new).unwrap()).unwrap();
+        let message =
+            |id: &str, author: Author, body: MessageBody| Message { id: MessageId(id.into()), at: now, author, body };
+        let bob = || Author::Crew { agent: AgentId::from("bob") };
+        let asked = message("c1", Author::Customer, MessageBody::Text { text: "Hi".into() });
+        let note = message("n1", bob(), MessageBody::Note { text: "VIP customer".into() });
+        let reply = message("r1", bob(), MessageBody::Text { text: "Hello Maya".into() });
+        let rows = outbound_rows(new.id.as_str(), &header, &[note.clone(), reply.clone()], &[asked, note, reply]);
+        assert_eq!(rows.len(), 1, "only the reply goes to WhatsApp");
+        assert!(rows[0].message_id.ends_with("/r1"), "{}", rows[0].message_id);
+        assert!(!rows[0].payload.contains("VIP"), "{}", rows[0].payload);
     }
 }

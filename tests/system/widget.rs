@@ -406,3 +406,61 @@ async fn a_widget_socket_that_answers_no_ping_is_closed_and_the_customer_goes_of
     eventually(5, "offline", || bob.with(|r| r.summary(&id).is_some_and(|s| !s.presence.online))).await;
     relay.stop().await;
 }
+
+/// 📝 An internal note is for the crew: the open widget never gets it, the customer's email never
+/// carries it, and it does not answer the waiting customer; the reply after it arrives as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_note_never_reaches_the_widget_or_the_customers_email() {
+    let sink = system_tests::SmtpSink::start().await;
+    let smtp = sink.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start_with(dir.path().to_owned(), move |c| c.smtp = Some(smtp.clone())).await;
+    allow_shop(&relay);
+    let key = relay.widget_key("sales");
+    let bob = Agent::start(&relay, &tokens, "bob");
+    let carol = Agent::start(&relay, &tokens, "carol");
+    bob.connected().await;
+    carol.connected().await;
+    // Maya Hansen, maya@example.com, "Hello?"
+    let (session, id) = started(&relay, &key).await;
+    bob.has(&id).await;
+    carol.has(&id).await;
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    let mut ws = socket(&relay, &session, Some(SHOP)).await;
+    messages_until(&mut ws, 10, |m| m.len() == 1).await;
+
+    // Online: a note, then a reply. The widget gets the reply only; carol sees both.
+    let note = "Customer is a reseller, check the B2B price list";
+    bob.act(&id, |r| r.send(&id, MessageBody::Note { text: note.into() }, Timestamp::now()).unwrap());
+    let waiting = || bob.with(|r| r.summary(&id).unwrap().waiting_since);
+    assert!(waiting().is_some(), "a note does not answer the waiting customer");
+    bob.act(&id, |r| r.send(&id, MessageBody::Text { text: "Hello Maya!".into() }, Timestamp::now()).unwrap());
+    let got = messages_until(&mut ws, 10, |m| m.iter().any(|m| m["text"] == "Hello Maya!")).await;
+    assert!(got.iter().all(|m| m["text"] != note), "{got:#?}");
+    eventually(10, "carol sees the note", || carol.message_texts(&id).iter().any(|t| t.contains(note))).await;
+    assert!(waiting().is_none(), "the reply answers her");
+
+    // Offline (she closed the page, she left an email): a note, then a reply; one email, no note.
+    drop(ws);
+    eventually(10, "the desk shows the email fallback", || {
+        bob.with(|r| r.conversation(&id, Timestamp::now()).unwrap().email_fallback)
+    })
+    .await;
+    let second = "Second note: do not promise Friday";
+    bob.act(&id, |r| r.send(&id, MessageBody::Note { text: second.into() }, Timestamp::now()).unwrap());
+    bob.act(&id, |r| r.send(&id, MessageBody::Text { text: "It ships on Monday.".into() }, Timestamp::now()).unwrap());
+    eventually(15, "the email arrives", || sink.received().iter().any(|m| m.contains("It ships on Monday."))).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mails = sink.received();
+    assert!(mails.iter().all(|m| !m.contains(note) && !m.contains(second)), "{mails:?}");
+    // A note alone sends nothing.
+    let before = sink.received().len();
+    bob.act(&id, |r| r.send(&id, MessageBody::Note { text: "Third note".into() }, Timestamp::now()).unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sink.received().len(), before, "a note alone sends no email");
+    // And a reconnecting widget never gets the notes either.
+    let mut again = socket(&relay, &session, Some(SHOP)).await;
+    let all = messages_until(&mut again, 10, |m| m.iter().any(|m| m["text"] == "It ships on Monday.")).await;
+    assert!(all.iter().all(|m| !m["text"].as_str().unwrap_or("").contains("note")), "{all:#?}");
+    relay.stop().await;
+}

@@ -100,7 +100,7 @@ impl Desk {
     }
 
     /// A new list (another selection, team, channel, sort or search): from the top.
-    fn from_the_top(&mut self) {
+    fn back_to_top(&mut self) {
         self.filter.offset = 0;
         self.cursor = 0;
     }
@@ -114,11 +114,11 @@ impl Reducible for Desk {
             Action::Session(s) => d.session = *s,
             Action::Select(sel) => {
                 d.filter.selection = sel;
-                d.from_the_top();
+                d.back_to_top();
             }
             Action::Team(t) => {
                 d.filter.team = t;
-                d.from_the_top();
+                d.back_to_top();
             }
             Action::ToggleChannel(c) => {
                 if let Some(i) = d.filter.channels.iter().position(|x| *x == c) {
@@ -126,15 +126,15 @@ impl Reducible for Desk {
                 } else {
                     d.filter.channels.push(c);
                 }
-                d.from_the_top();
+                d.back_to_top();
             }
             Action::Sort(s) => {
                 d.filter.sort = s;
-                d.from_the_top();
+                d.back_to_top();
             }
             Action::Search(q) => {
                 d.search = q;
-                d.from_the_top();
+                d.back_to_top();
             }
             Action::Loaded(rev, _) if rev < d.shown => {}
             Action::Loaded(rev, l) => {

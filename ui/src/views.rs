@@ -557,6 +557,7 @@ fn messages(props: &ViewProps) -> Html {
             { for v.messages.iter().map(|m| {
                 let (class, who) = match &m.author {
                     Author::Customer => ("msg customer", v.row.summary.customer.name.clone()),
+                    Author::Crew { agent } if m.body.is_internal() => ("msg note", format!("📝 Internal note by {}", name_of(agent))),
                     Author::Crew { agent } => ("msg crew", name_of(agent)),
                     Author::System => ("msg system", "Crewdesk".to_owned()),
                 };
@@ -568,6 +569,7 @@ fn messages(props: &ViewProps) -> Html {
                         <Attachment id={v.row.summary.id.0.clone()} blob={blob.clone()} file_name={file_name.clone()} mime={mime.clone()} size={*size} />
                     },
                     MessageBody::ConferenceInvitation { url } => html! { <p>{ "📹 Conference invitation: " }<span class="url">{ url.clone() }</span></p> },
+                    MessageBody::Note { text } => html! { <p>{ text.clone() }</p> },
                 };
                 html! {
                     <li class={class}>
@@ -668,6 +670,8 @@ struct SendArgs {
     text: String,
     /// The 📃 template the text was filled from (and maybe edited), if any.
     template: Option<String>,
+    /// 📝 an internal note: for the crew only, never sent to the customer.
+    note: bool,
 }
 
 #[derive(Serialize)]
@@ -756,6 +760,8 @@ fn composer(props: &ComposerProps) -> Html {
     let text = use_state(String::new);
     // The 📃 template the composer was filled from, until it is sent or emptied.
     let template = use_state(|| None::<String>);
+    // 📝 the composer writes an internal note (crew only) while this is on.
+    let note = use_state(|| false);
     let menu = use_state(|| None::<&'static str>);
     let wa_params = use_state(String::new);
     if let Some(reason) = &v.composer_blocked {
@@ -763,16 +769,17 @@ fn composer(props: &ComposerProps) -> Html {
     }
     let window_closed = v.whatsapp_window_open == Some(false);
     let send = {
-        let (d, id, text, template) = (props.desk.clone(), id.clone(), text.clone(), template.clone());
+        let (d, id, text, template, note) =
+            (props.desk.clone(), id.clone(), text.clone(), template.clone(), note.clone());
         Callback::from(move |_: ()| {
             let t = (*text).clone();
             if t.trim().is_empty() {
                 return;
             }
             text.set(String::new());
-            let from = (*template).clone();
+            let from = if *note { None } else { (*template).clone() };
             template.set(None);
-            run_command(&d, "send", SendArgs { id: id.clone(), text: t, template: from });
+            run_command(&d, "send", SendArgs { id: id.clone(), text: t, template: from, note: *note });
         })
     };
     let on_key = {
@@ -866,19 +873,23 @@ fn composer(props: &ComposerProps) -> Html {
                 <p class="notice refused small" id="refused">{ format!("The relay refused a change you made here: {reason}") }</p>
             }
             if let Some(name) = &*template { <p class="small muted" id="from-template">{ format!("📃 {name}: edit, then send") }</p> }
-            <textarea id="composer" rows="3" placeholder={ if window_closed { "Only WhatsApp templates can be sent now" } else { "Write a reply… (Enter sends, Shift+Enter new line)" } }
-                value={(*text).clone()} oninput={on_input} onkeydown={on_key} disabled={window_closed} />
+            <textarea id="composer" rows="3" class={classes!((*note).then_some("note"))}
+                placeholder={ if *note { "Internal note: only the crew sees it (Enter saves, Shift+Enter new line)" } else if window_closed { "Only WhatsApp templates can be sent now" } else { "Write a reply… (Enter sends, Shift+Enter new line)" } }
+                value={(*text).clone()} oninput={on_input} onkeydown={on_key} disabled={window_closed && !*note} />
             <div class="tools">
                 <input type="file" id="file-picker" class="hidden" onchange={attach} />
                 <button class="icon" title="Attach a file or image" id="attach" disabled={window_closed}
                     onclick={Callback::from(|_| click("file-picker"))}>{ "📎" }</button>
                 <button class="icon" title="Message templates" id="templates" onclick={toggle("templates")} disabled={window_closed}>{ "📃" }</button>
+                <button class={classes!("icon", (*note).then_some("on"))} id="note-toggle" aria-pressed={note.to_string()}
+                    title="Internal note: only the crew sees it, no channel ever sends it to the customer"
+                    onclick={{ let note = note.clone(); Callback::from(move |_| note.set(!*note)) }}>{ "📝" }</button>
                 <button class="icon" title={ if is_whatsapp { "WhatsApp templates" } else { "WhatsApp templates (WhatsApp conversations only)" } } id="wa-templates" onclick={toggle("whatsapp")} disabled={!is_whatsapp}>{ "💬" }</button>
                 <button class="icon" title="Send a conference link" id="conference" disabled={window_closed}
                     onclick={{ let (d, id) = (props.desk.clone(), id.clone()); Callback::from(move |_| run_command(&d, "send_conference", OwnedId { id: id.clone() })) }}>{ "📹" }</button>
                 <span class="spacer"></span>
                 if v.email_fallback { <span class="fallback small">{ "Customer is offline. Email fallback activated" }</span> }
-                <button class="primary" id="send" title="Send (Enter)" disabled={window_closed} onclick={{ let s = send.clone(); Callback::from(move |_| s.emit(())) }}>{ "▶" }</button>
+                <button class="primary" id="send" title={ if *note { "Save the note (Enter)" } else { "Send (Enter)" } } disabled={window_closed && !*note} onclick={{ let s = send.clone(); Callback::from(move |_| s.emit(())) }}>{ "▶" }</button>
             </div>
         </footer>
     }

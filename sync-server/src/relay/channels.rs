@@ -19,7 +19,7 @@ impl Relay {
             return;
         }
         let Some(to) = header.customer.email.clone() else { return };
-        if !added.iter().any(|m| matches!(m.author, crewdesk::domain::Author::Crew { .. })) {
+        if !added.iter().any(crewdesk::domain::Message::reaches_customer) {
             return;
         }
         let teams = self.blocking(|s| s.teams()).await.unwrap_or_default();
@@ -28,6 +28,9 @@ impl Relay {
             .iter()
             .filter_map(|m| {
                 let crewdesk::domain::Author::Crew { agent } = &m.author else { return None };
+                if !m.reaches_customer() {
+                    return None;
+                }
                 let agent_name =
                     team.and_then(|t| t.member(agent)).map_or_else(|| agent.to_string(), |m| m.name.clone());
                 let text = m.body.text_content();
@@ -74,7 +77,7 @@ impl Relay {
         if header.channel != crewdesk::domain::Channel::WhatsApp || self.config.whatsapp.is_none() {
             return;
         }
-        if !added.iter().any(|m| matches!(m.author, crewdesk::domain::Author::Crew { .. })) {
+        if !added.iter().any(crewdesk::domain::Message::reaches_customer) {
             return;
         }
         let Ok(all) = doc::all_messages(stored) else { return };

@@ -31,7 +31,8 @@ pub struct WidgetAttachment {
     pub size: u64,
 }
 
-/// The customer's view of a message; `None` for system notes (never shown to customers).
+/// The customer's view of a message; `None` for system messages and the crew's internal notes
+/// (never shown to customers).
 pub fn widget_message(m: &Message, crew_names: &HashMap<AgentId, String>, team_name: &str) -> Option<WidgetMessage> {
     let (from, name) = match &m.author {
         Author::Customer => ("customer", None),
@@ -51,6 +52,7 @@ pub fn widget_message(m: &Message, crew_names: &HashMap<AgentId, String>, team_n
             let a = WidgetAttachment { blob, file_name: file_name.clone(), mime: mime.clone(), size: *size };
             (file_name.clone(), None, Some(a))
         }
+        MessageBody::Note { .. } => return None,
     };
     Some(WidgetMessage { id: m.id.clone(), at: m.at, from, name, text, join_url, attachment })
 }

@@ -244,7 +244,8 @@ impl Chat {
     /// that arrives late with an earlier time (an agent who was offline) is sent all the same.
     async fn fresh_frames(&mut self) -> Result<Vec<Ws>, String> {
         let mut all = self.relay.messages_of(&self.doc_id).await?;
-        all.retain(|m| !self.sent.contains(&m.id));
+        // Internal notes are for the crew only: never in a frame to the customer.
+        all.retain(|m| !self.sent.contains(&m.id) && !m.body.is_internal());
         if all.is_empty() {
             return Ok(Vec::new());
         }
