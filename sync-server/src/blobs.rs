@@ -230,7 +230,7 @@ async fn agent_upload(
     Path((doc_id, hash)): Path<(String, String)>,
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let Ok(hash) = BlobHash::parse(&hash) else {
         return bad(StatusCode::BAD_REQUEST, "the address must end with the file's sha256 in lowercase hex");
@@ -238,6 +238,11 @@ async fn agent_upload(
     if agent_conversation(&relay, &headers, q.token, &doc_id).await.is_none() {
         return bad(StatusCode::NOT_FOUND, "no such conversation");
     }
+    // Read only once the sender is known.
+    let body = match crate::relay::gate::read_body(body, relay.config().max_blob_bytes).await {
+        Ok(b) => b,
+        Err((status, e)) => return bad(status, e),
+    };
     let declared = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     match store_upload(&relay, &doc_id, declared, body, Some(&hash)).await {
         Ok(info) => (StatusCode::CREATED, axum::Json(info)).into_response(),
@@ -267,7 +272,7 @@ async fn widget_upload(
     State(relay): State<Arc<Relay>>,
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let Some(doc_id) = widget_doc(&relay, q.session).await else {
         return bad(StatusCode::UNAUTHORIZED, "unknown session");
@@ -275,6 +280,11 @@ async fn widget_upload(
     if !relay.allow_widget_upload(&doc_id).await {
         return bad(StatusCode::TOO_MANY_REQUESTS, "too many files in a short time; wait a few minutes");
     }
+    // Read only once the session is known.
+    let body = match crate::relay::gate::read_body(body, relay.config().max_blob_bytes).await {
+        Ok(b) => b,
+        Err((status, e)) => return bad(status, e),
+    };
     let declared = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let name = headers.get("x-file-name").and_then(|v| v.to_str().ok()).map(percent_decode).unwrap_or_default();
     let file_name: String =

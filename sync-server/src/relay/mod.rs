@@ -43,6 +43,7 @@ mod channels;
 mod commit;
 mod connection;
 mod documents;
+pub(crate) mod gate;
 mod instances;
 mod presence;
 
@@ -97,6 +98,7 @@ pub async fn run(
         commits,
         shared: store.backend() == "postgres",
         store,
+        gate: gate::Gate::new(&config),
         peer_id: format!("crewdesk-relay-{storage_id}"),
         storage_id,
         actors: Mutex::new(HashMap::from([(actor.to_hex_string(), AgentId(RELAY_ACTOR_OWNER.into()))])),
@@ -131,17 +133,28 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    serve(listener, app, relay.config.handshake_timeout, stop_rx).await;
+    let busy_app = Router::new().route("/health", get(health)).fallback(gate::busy).with_state(relay.clone());
+    serve(listener, app, busy_app, relay.clone(), stop_rx).await;
     info!("relay stopped");
     Ok(())
 }
 
 /// Serves HTTP/1.1 with WebSocket upgrades until `stop`. Unlike `axum::serve`, a connection that has
 /// not sent a whole request head within `head_timeout` is closed, so idle or trickling connections
-/// (slowloris) cannot pile up and take every file descriptor. On `stop`, connections finish their
-/// request (at most 5 s); upgraded WebSockets close themselves on the same signal.
-async fn serve(listener: TcpListener, app: Router, head_timeout: std::time::Duration, mut stop: watch::Receiver<bool>) {
+/// (slowloris) cannot pile up and take every file descriptor; request bodies must keep a minimum
+/// rate (`gate::TimedBody`); connections over the caps (`gate::Gate`) get `busy_app` (`/health`
+/// and a 503 saying why) or, beyond that, a 503 written at once. On `stop`, connections finish
+/// their request (at most 5 s); upgraded WebSockets close themselves on the same signal.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    busy_app: Router,
+    relay: Arc<Relay>,
+    mut stop: watch::Receiver<bool>,
+) {
     use tower::Service;
+    let head_timeout = relay.config.handshake_timeout;
+    let (grace, min_rate) = (relay.config.body_timeout, relay.config.min_body_rate as u64);
     let (open_tx, open_rx) = watch::channel(());
     loop {
         let (tcp, remote) = tokio::select! {
@@ -156,14 +169,28 @@ async fn serve(listener: TcpListener, app: Router, head_timeout: std::time::Dura
             },
             _ = stopped(&mut stop) => break,
         };
+        let permit = match relay.gate.admit(remote.ip()) {
+            gate::Admission::Admitted(permit) => permit,
+            gate::Admission::Busy(guard, why) => {
+                tokio::spawn(gate::turn_away(tcp, remote, busy_app.clone(), why, guard));
+                continue;
+            }
+            gate::Admission::Refused(why) => {
+                gate::refuse_at_once(tcp, &why);
+                continue;
+            }
+        };
         // Small frames go out at once: with Nagle's algorithm a fan-out message can wait for the
         // peer's delayed acknowledgement (tens of milliseconds).
         if let Err(err) = tcp.set_nodelay(true) {
             debug!(%err, "TCP_NODELAY not set");
         }
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        let held = gate::Held(permit);
+        let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let mut request = request.map(|body| axum::body::Body::new(gate::TimedBody::new(body, grace, min_rate)));
             request.extensions_mut().insert(axum::extract::ConnectInfo(remote));
+            request.extensions_mut().insert(held.clone());
             app.clone().call(request)
         });
         let (mut stop, open) = (stop.clone(), open_rx.clone());
@@ -191,6 +218,8 @@ async fn serve(listener: TcpListener, app: Router, head_timeout: std::time::Dura
 
 pub struct Relay {
     store: Arc<Store>,
+    /// Open connections under the global and per-address caps.
+    gate: Arc<gate::Gate>,
     /// Other relay instances share the store (PostgreSQL): what they commit arrives as events.
     shared: bool,
     peer_id: String,
@@ -251,6 +280,7 @@ async fn health(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
         "status": "ok",
         "store": relay.store.backend(),
         "connections": connections,
+        "open_connections": relay.gate.open(),
         "documents_loaded": documents,
     }))
 }
@@ -352,6 +382,7 @@ mod tests {
             overloaded: overloaded.clone(),
             pending: Arc::default(),
             queued: Arc::default(),
+            hangup: Arc::default(),
         };
         let whole = |n: u8| WireMessage::Sync {
             sender_id: "relay".into(),
