@@ -216,10 +216,11 @@ async fn agent_conversation(
     relay: &Arc<Relay>,
     headers: &HeaderMap,
     token: Option<String>,
+    from: std::net::IpAddr,
     doc_id: &str,
 ) -> Option<()> {
     let q = TokenQuery { token };
-    let agent = relay.authenticate(bearer(headers, &q)).await.ok()??;
+    let agent = relay.sign_in(bearer(headers, &q), from).await.ok()?.agent;
     let id = doc_id.to_owned();
     let team = relay.blocking(move |s| s.document_team(&id)).await.ok()??;
     agent.role_in(&team).map(|_| ())
@@ -227,6 +228,7 @@ async fn agent_conversation(
 
 async fn agent_upload(
     State(relay): State<Arc<Relay>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Path((doc_id, hash)): Path<(String, String)>,
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
@@ -235,7 +237,8 @@ async fn agent_upload(
     let Ok(hash) = BlobHash::parse(&hash) else {
         return bad(StatusCode::BAD_REQUEST, "the address must end with the file's sha256 in lowercase hex");
     };
-    if agent_conversation(&relay, &headers, q.token, &doc_id).await.is_none() {
+    if agent_conversation(&relay, &headers, q.token, relay.client_address(peer.ip(), &headers), &doc_id).await.is_none()
+    {
         return bad(StatusCode::NOT_FOUND, "no such conversation");
     }
     // Read only once the sender is known.
@@ -252,11 +255,13 @@ async fn agent_upload(
 
 async fn agent_download(
     State(relay): State<Arc<Relay>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Path((doc_id, hash)): Path<(String, String)>,
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if agent_conversation(&relay, &headers, q.token, &doc_id).await.is_none() {
+    if agent_conversation(&relay, &headers, q.token, relay.client_address(peer.ip(), &headers), &doc_id).await.is_none()
+    {
         return not_found();
     }
     serve(&relay, doc_id, hash, q.thumbnail.is_some()).await

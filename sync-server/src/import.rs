@@ -8,7 +8,7 @@
 //! - `POST /api/import/conversations/{id}/messages` `{text, id?, at?}` adds a customer message. With
 //!   an `id` the import is idempotent: a message id already in the conversation is left as it is.
 
-use crate::relay::{Relay, TokenQuery, bearer};
+use crate::relay::{Relay, SignInError, TokenQuery, bearer};
 use crate::store::Agent;
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -61,14 +61,19 @@ struct MessageImport {
 /// Largest import request (a message is at most 64 KiB of text, plus the customer's details).
 const MAX_IMPORT_BYTES: usize = 256 * 1024;
 
-/// The agent of the request's token, when they are an admin of some team: decided before the body
-/// is read, so nobody else can make the relay wait for one.
-async fn an_admin(relay: &Relay, headers: &HeaderMap, token: Option<String>) -> Result<Agent, Response> {
-    let agent = relay.authenticate(bearer(headers, &TokenQuery { token })).await.ok().flatten();
-    match agent {
-        Some(a) if a.teams.iter().any(|(_, r)| *r == Role::Admin) => Ok(a),
-        Some(_) => Err(answer(StatusCode::FORBIDDEN, "only admins of the team may import")),
-        None => Err(answer(StatusCode::NOT_FOUND, "no such team or conversation")),
+/// The agent of the request's token: decided before the body is read, so nobody without a token
+/// can make the relay wait for one (whether they are an admin of the team is decided after).
+async fn an_agent(
+    relay: &Relay,
+    headers: &HeaderMap,
+    token: Option<String>,
+    peer: std::net::SocketAddr,
+) -> Result<Agent, Response> {
+    let from = relay.client_address(peer.ip(), headers);
+    match relay.sign_in(bearer(headers, &TokenQuery { token }), from).await {
+        Ok(s) => Ok(s.agent),
+        Err(SignInError::Refused) => Err(answer(StatusCode::NOT_FOUND, "no such team or conversation")),
+        Err(e) => Err(answer(e.status(), e.to_string())),
     }
 }
 
@@ -111,11 +116,12 @@ fn customer_message(text: String, id: Option<String>, at: Option<i64>) -> Result
 
 async fn import_conversation(
     State(relay): State<Arc<Relay>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Query(q): Query<TokenQuery>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    let agent = match an_admin(&relay, &headers, q.token).await {
+    let agent = match an_agent(&relay, &headers, q.token, peer).await {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -158,12 +164,13 @@ async fn import_conversation(
 
 async fn import_message(
     State(relay): State<Arc<Relay>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    let agent = match an_admin(&relay, &headers, q.token).await {
+    let agent = match an_agent(&relay, &headers, q.token, peer).await {
         Ok(a) => a,
         Err(r) => return r,
     };

@@ -228,3 +228,146 @@ async fn over_the_per_address_cap_websockets_get_1013_and_requests_503_with_the_
     let mut again = RawClient::connect(&relay, Some(&tokens["bob"])).await;
     assert!(matches!(again.join().await, WireMessage::Peer { .. }), "served again once under the cap");
 }
+
+/// The next close frame's code and reason (error frames before it collected), within `within`.
+async fn closed(client: &mut RawClient, within: Duration) -> (u16, String, Vec<String>) {
+    let deadline = Instant::now() + within;
+    let mut errors = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_frame(left).await {
+            Some(Frame::Binary(b)) => {
+                if let WireMessage::Error { message, .. } = WireMessage::decode(&b).unwrap() {
+                    errors.push(message);
+                }
+            }
+            Some(Frame::Close(Some(close))) => return (close.code.into(), close.reason.to_string(), errors),
+            other => panic!("expected a close frame within {within:?}, got {other:?} (errors: {errors:?})"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn revoking_a_token_closes_its_open_socket_within_a_second_and_a_role_change_reconnects() {
+    use crewdesk::domain::{AgentId, TeamId};
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, tokens) = TestRelay::start(dir.path().into()).await;
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    let mut carol = RawClient::connect(&relay, Some(&tokens["carol"])).await;
+    assert!(matches!(carol.join().await, WireMessage::Peer { .. }));
+    // As `sync-server revoke-token bob` does it: another connection to the store.
+    let revoked = Instant::now();
+    assert_eq!(relay.open_store().revoke_tokens(&AgentId::from("bob"), None).unwrap(), 1);
+    let (code, reason, errors) = closed(&mut bob, Duration::from_secs(1)).await;
+    assert!(revoked.elapsed() < Duration::from_secs(1), "closed after {:?}", revoked.elapsed());
+    assert_eq!(code, 4001);
+    assert_eq!(reason, "signed out: token revoked");
+    assert!(errors.iter().any(|e| e.starts_with("signed out: token revoked")), "{errors:?}");
+    // The revoked token no longer signs in.
+    let mut again = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert_eq!(closed(&mut again, Duration::from_secs(1)).await.0, 4001);
+    // Carol is removed from Sales: her socket is closed to sync again with her new access.
+    assert!(relay.open_store().remove_member(&TeamId("sales".into()), &AgentId::from("carol")).unwrap());
+    let (code, reason, _) = closed(&mut carol, Duration::from_secs(1)).await;
+    assert_eq!(code, 4005, "{reason}");
+    let mut carol = RawClient::connect(&relay, Some(&tokens["carol"])).await;
+    assert!(matches!(carol.join().await, WireMessage::Peer { .. }), "carol still signs in");
+}
+
+#[tokio::test]
+async fn the_desktop_driver_stops_and_reports_signed_out_when_its_token_is_revoked() {
+    use crewdesk::domain::AgentId;
+    use system_tests::Agent;
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, tokens) = TestRelay::start(dir.path().into()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    relay.open_store().revoke_tokens(&AgentId::from("bob"), None).unwrap();
+    let mut status = bob.client().status();
+    let st = tokio::time::timeout(Duration::from_secs(2), status.wait_for(|s| s.signed_out))
+        .await
+        .expect("signed out within 2 s")
+        .unwrap()
+        .clone();
+    assert!(!st.connected);
+    assert!(st.last_error.unwrap().starts_with("signed out: token revoked"));
+    // It does not retry: the relay sees no more sign-ins with the token.
+    let http = reqwest::Client::new();
+    let health = |relay_url: String| {
+        let http = http.clone();
+        async move {
+            let h: serde_json::Value =
+                http.get(format!("{relay_url}/health")).send().await.unwrap().json().await.unwrap();
+            h["token_lookups"].as_u64().unwrap()
+        }
+    };
+    let before = health(relay.url()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(health(relay.url()).await, before, "no sign-in attempted after being signed out");
+    assert!(bob.client().status().borrow().signed_out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_flood_costs_no_database_work_and_does_not_stop_a_good_agent() {
+    use crewdesk::domain::{Channel, MessageBody, Timestamp};
+    use system_tests::Agent;
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, tokens) = TestRelay::start(dir.path().into()).await;
+    let id = relay.customer_conversation(&tokens["ada"], "sales", Channel::WebWidget).await;
+    let (bob, carol) = (Agent::start(&relay, &tokens, "bob"), Agent::start(&relay, &tokens, "carol"));
+    bob.has(&id).await;
+    carol.has(&id).await;
+    carol.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    let http = reqwest::Client::new();
+    let lookups = || {
+        let http = http.clone();
+        let url = relay.url();
+        async move {
+            let h: serde_json::Value = http.get(format!("{url}/health")).send().await.unwrap().json().await.unwrap();
+            h["token_lookups"].as_u64().unwrap()
+        }
+    };
+    let (bob, carol, id) = (&bob, &carol, &id);
+    let reply = |n: usize| async move {
+        let text = format!("reply {n}");
+        let sent = Instant::now();
+        carol.act(id, |r| r.send(id, MessageBody::Text { text: text.clone() }, Timestamp::now()).unwrap());
+        system_tests::eventually(5, "bob gets carol's reply", || bob.message_texts(id).contains(&text)).await;
+        sent.elapsed()
+    };
+    let quiet: Vec<Duration> = {
+        let mut d = Vec::new();
+        for n in 0..5 {
+            d.push(reply(n).await);
+        }
+        d
+    };
+    let before = lookups().await;
+    // 2,000 sign-ins with made-up tokens, 50 at a time, while carol keeps replying.
+    let url = relay.url();
+    let flood = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut statuses = Vec::new();
+        for round in 0..40 {
+            let batch =
+                (0..50).map(|n| http.get(format!("{url}/api/me")).bearer_auth(format!("cdt_forged{round}x{n}")).send());
+            for r in futures_util::future::join_all(batch).await {
+                statuses.push(r.unwrap().status().as_u16());
+            }
+        }
+        statuses
+    });
+    let mut loaded = Vec::new();
+    for n in 5..15 {
+        loaded.push(reply(n).await);
+    }
+    let statuses = flood.await.unwrap();
+    let looked_up = lookups().await - before;
+    assert!(statuses.iter().all(|s| *s == 401 || *s == 429), "{statuses:?}");
+    assert!(statuses.iter().filter(|s| **s == 429).count() >= 1_900, "most are refused without a lookup");
+    assert!(looked_up <= 25, "{looked_up} tokens looked up for 2,000 attempts");
+    let worst = |d: &[Duration]| d.iter().max().copied().unwrap();
+    println!("reply delays quiet {quiet:?}, during the flood {loaded:?}");
+    assert!(worst(&loaded) < Duration::from_secs(1), "during the flood: {loaded:?}");
+}

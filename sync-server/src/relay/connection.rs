@@ -16,6 +16,8 @@ pub(super) struct Session {
     pub(super) pending: Arc<AtomicUsize>,
     /// Bytes queued for this connection and not yet written (see `MAX_QUEUED_BYTES`).
     pub(super) queued: Arc<AtomicUsize>,
+    /// The SHA-256 of the token it signed in with (checked again when access changes).
+    pub(super) token_hash: Arc<str>,
     /// Set when the relay ends this connection on purpose (a revoked token, a removed agent): the
     /// client is told why before the socket closes.
     pub(super) hangup: Arc<HangupSlot>,
@@ -30,6 +32,17 @@ pub(super) struct Hangup {
     pub(super) error: Option<String>,
 }
 
+/// Close codes of agent connections (4000-4999 are the application's).
+pub mod close {
+    /// The token is missing, unknown or was revoked (also when revoked while connected): sign in
+    /// again; retrying with the same token will not help.
+    pub const SIGNED_OUT: u16 = 4001;
+    /// The agent's teams or roles changed while connected: reconnect to sync with the new access.
+    pub const ACCESS_CHANGED: u16 = 4005;
+    /// Too many failed sign-ins from this address: wait a minute.
+    pub const TOO_MANY_FAILURES: u16 = 4029;
+}
+
 /// Where a `Hangup` waits for the connection's reader.
 #[derive(Default)]
 pub(super) struct HangupSlot {
@@ -38,6 +51,16 @@ pub(super) struct HangupSlot {
 }
 
 impl HangupSlot {
+    /// Asks the connection to end; the first reason given is the one the client hears.
+    pub(super) fn hang_up(&self, why: Hangup) {
+        let mut slot = self.why.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(why);
+        }
+        drop(slot);
+        self.notify.notify_one();
+    }
+
     async fn wait(&self) -> Hangup {
         loop {
             self.notify.notified().await;
@@ -122,42 +145,47 @@ pub(super) async fn websocket(
     State(relay): State<Arc<Relay>>,
     headers: HeaderMap,
     Query(q): Query<TokenQuery>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     held: Option<axum::Extension<gate::Held>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let agent = relay.authenticate(bearer(&headers, &q)).await;
+    let from = relay.client_address(peer.ip(), &headers);
+    let signed_in = relay.sign_in(bearer(&headers, &q), from).await;
     let max = relay.config.max_frame_bytes;
     // Small per-connection buffers: a thousand idle agents should not cost a thousand large buffers.
     ws.max_message_size(max).max_frame_size(max).read_buffer_size(4 * 1024).write_buffer_size(4 * 1024).on_upgrade(
         move |socket| async move {
             // The connection counts under the caps for as long as the socket is open.
             let _held = held;
-            match agent {
-                Ok(Some(agent)) => {
+            match signed_in {
+                Ok(signed_in) => {
                     let conn = relay.next_conn.fetch_add(1, Ordering::Relaxed);
-                    let span = info_span!("connection", conn, agent = %agent.id);
-                    connection(relay, socket, conn, Arc::new(agent)).instrument(span).await;
+                    let span = info_span!("connection", conn, agent = %signed_in.agent.id);
+                    connection(relay, socket, conn, signed_in).instrument(span).await;
                 }
-                Ok(None) => refuse(socket, "authentication failed: missing, unknown or revoked token").await,
-                Err(e) => refuse(socket, &format!("the relay cannot check tokens right now: {e}")).await,
+                Err(e) => {
+                    let code = match e {
+                        SignInError::TooManyFailures => close::TOO_MANY_FAILURES,
+                        _ => close::SIGNED_OUT,
+                    };
+                    refuse(socket, code, &e.to_string()).await
+                }
             }
         },
     )
 }
 
 /// Accepts the upgrade only to say why, then closes (a plain 401 crashes some Node clients).
-pub(super) async fn refuse(mut socket: WebSocket, reason: &str) {
+pub(super) async fn refuse(mut socket: WebSocket, code: u16, reason: &str) {
     let error = WireMessage::Error { sender_id: String::new(), target_id: String::new(), message: reason.to_owned() };
     let _ = socket.send(Message::Binary(error.encode().into())).await;
     let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: 4001,
-            reason: reason.chars().take(100).collect::<String>().into(),
-        })))
+        .send(Message::Close(Some(CloseFrame { code, reason: reason.chars().take(100).collect::<String>().into() })))
         .await;
 }
 
-pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: Arc<Agent>) {
+pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, signed_in: SignedIn) {
+    let agent = Arc::new(signed_in.agent);
     let (mut sink, mut stream) = socket.split();
     let error = |target: &str, message: String| {
         let m = WireMessage::Error { sender_id: relay.peer_id.clone(), target_id: target.to_owned(), message };
@@ -238,9 +266,15 @@ pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnI
         overloaded: overloaded.clone(),
         pending: Arc::default(),
         queued: Arc::default(),
+        token_hash: signed_in.token_hash.into(),
         hangup: Arc::default(),
     };
     relay.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(conn, session.clone());
+    // Access changed between the sign-in and now (the check of open connections may have missed
+    // this one): checked again.
+    if relay.access_moved_since(signed_in.version) {
+        relay.check_again(std::slice::from_ref(&session)).await;
+    }
     if sink.send(Message::Binary(peer.encode().into())).await.is_err() {
         relay.disconnect(conn, &HashSet::new()).await;
         return;

@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+mod access;
 mod channels;
 mod commit;
 mod connection;
@@ -47,6 +48,8 @@ pub(crate) mod gate;
 mod instances;
 mod presence;
 
+pub(crate) use access::SignInError;
+use access::*;
 use commit::*;
 use connection::*;
 use documents::*;
@@ -99,6 +102,7 @@ pub async fn run(
         shared: store.backend() == "postgres",
         store,
         gate: gate::Gate::new(&config),
+        credentials: Credentials::default(),
         peer_id: format!("crewdesk-relay-{storage_id}"),
         storage_id,
         actors: Mutex::new(HashMap::from([(actor.to_hex_string(), AgentId(RELAY_ACTOR_OWNER.into()))])),
@@ -115,6 +119,7 @@ pub async fn run(
     if let Some(events) = relay.store.subscribe() {
         tokio::spawn(follow_instances(relay.clone(), events, stop_rx.clone()));
     }
+    tokio::spawn(watch_access(relay.clone(), stop_rx.clone()));
     if let Some(wa) = relay.config.whatsapp.clone() {
         tokio::spawn(crate::whatsapp::run(relay.clone(), wa, whatsapp_wake, stop_rx.clone()));
     }
@@ -220,6 +225,8 @@ pub struct Relay {
     store: Arc<Store>,
     /// Open connections under the global and per-address caps.
     gate: Arc<gate::Gate>,
+    /// Signed-in tokens (cached, dropped when access changes) and failed sign-ins per address.
+    credentials: Credentials,
     /// Other relay instances share the store (PostgreSQL): what they commit arrives as events.
     shared: bool,
     peer_id: String,
@@ -281,17 +288,23 @@ async fn health(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
         "store": relay.store.backend(),
         "connections": connections,
         "open_connections": relay.gate.open(),
+        "token_lookups": relay.credentials.lookups.load(Ordering::Relaxed),
         "documents_loaded": documents,
     }))
 }
 
 /// The signed-in agent, their teams (membership and roles as the relay knows them) and the ids of
 /// their teams' conversations: what a replica needs to mirror before syncing.
-async fn me(State(relay): State<Arc<Relay>>, headers: HeaderMap, Query(q): Query<TokenQuery>) -> Response {
-    let agent = match relay.authenticate(bearer(&headers, &q)).await {
-        Ok(Some(a)) => a,
-        Ok(None) => return (StatusCode::UNAUTHORIZED, "missing, unknown or revoked token").into_response(),
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+async fn me(
+    State(relay): State<Arc<Relay>>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> Response {
+    let from = relay.client_address(peer.ip(), &headers);
+    let agent = match relay.sign_in(bearer(&headers, &q), from).await {
+        Ok(signed_in) => signed_in.agent,
+        Err(e) => return (e.status(), e.to_string()).into_response(),
     };
     let team_ids: Vec<TeamId> = agent.teams.iter().map(|(t, _)| t.clone()).collect();
     let result = relay
@@ -319,14 +332,6 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 impl Relay {
-    pub(crate) async fn authenticate(&self, token: Option<String>) -> Result<Option<Agent>, StoreError> {
-        let Some(token) = token else { return Ok(None) };
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.authenticate(&token))
-            .await
-            .map_err(|e| StoreError::Invalid(e.to_string()))?
-    }
-
     fn entry(&self, id: &str) -> Arc<AsyncMutex<DocEntry>> {
         let mut docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
         docs.entry(id.to_owned())
@@ -382,6 +387,7 @@ mod tests {
             overloaded: overloaded.clone(),
             pending: Arc::default(),
             queued: Arc::default(),
+            token_hash: "h".into(),
             hangup: Arc::default(),
         };
         let whole = |n: u8| WireMessage::Sync {
