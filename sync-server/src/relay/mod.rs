@@ -2,7 +2,11 @@
 //! by the core (`crewdesk::sync::relay_doc::RelayDoc`, sans IO, driven step by step by the
 //! simulator in `tests/sim`); these modules only read and write around it:
 //! - `mod.rs` — the server (accept loop, routes, `/health`, `/api/me`), the shared `Relay`;
-//! - `connection` — one agent's WebSocket: handshake, reader, writer, byte budget, keepalive;
+//! - `gate` — connection caps (global, per address), body deadlines, the answer over the caps;
+//! - `access` — signing in (token cache, failed sign-ins per address), revocation reaching open
+//!   connections;
+//! - `connection` — one agent's WebSocket: handshake, reader, writer, byte budget, keepalive, the
+//!   reasons it is closed with;
 //! - `documents` — each document under its own lock: loading, the facts the judge needs, carrying
 //!   out the core's actions, grab decisions, eviction;
 //! - `commit` — the group commit (one transaction and fsync for everything waiting);
