@@ -24,11 +24,14 @@ pub struct SyncStatus {
     /// Attachments picked here that the relay does not have yet.
     pub pending_uploads: usize,
     pub last_error: Option<String>,
+    /// The relay refused the token (revoked, or unknown): the driver stopped and does not retry
+    /// until the agent signs in again (a new `SyncClient` with a new token).
+    pub signed_out: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("the relay refused the token (it is unknown or revoked); ask an admin for a new one")]
+    #[error("signed out: token revoked or unknown; ask an admin for a new token and sign in again")]
     Unauthorized,
     #[error("cannot reach the relay: {0}")]
     Unreachable(String),
@@ -63,6 +66,9 @@ impl ClientConfig {
 }
 
 pub type SharedReplica = Arc<Mutex<Replica>>;
+
+/// The relay's close code for a token it no longer accepts (`sync_server::relay::close::SIGNED_OUT`).
+const SIGNED_OUT: u16 = 4001;
 
 /// How long the connection may stay silent before it counts as lost (the relay pings every 5 s).
 const SILENCE_LIMIT: Duration = Duration::from_secs(20);
@@ -138,6 +144,13 @@ async fn drive(
         };
         let error = match result {
             Ok(()) => None,
+            Err(ClientError::Unauthorized) => {
+                // Retrying with the same token cannot help: stop until the agent signs in again.
+                warn!("signed out: the relay refused the token; not retrying");
+                publish(&status, &replica, false, Some(ClientError::Unauthorized.to_string()));
+                status.send_modify(|st| st.signed_out = true);
+                return;
+            }
             Err(e) => {
                 warn!(%e, "sync connection ended");
                 Some(e.to_string())
@@ -174,9 +187,16 @@ async fn session(
     peer_id: &str,
     backoff: &mut Duration,
 ) -> Result<(), ClientError> {
-    let ws_url = format!("{}/?token={}", config.relay_url.replacen("http", "ws", 1), config.token);
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    // The token goes in the Authorization header, never in the URL (proxies log URLs).
+    let ws_url = format!("{}/", config.relay_url.replacen("http", "ws", 1));
+    let mut request = ws_url.into_client_request().map_err(|e| ClientError::Unreachable(e.to_string()))?;
+    let bearer = format!("Bearer {}", config.token)
+        .parse()
+        .map_err(|_| ClientError::Protocol("the token holds characters a header cannot carry".into()))?;
+    request.headers_mut().insert("authorization", bearer);
     // TCP_NODELAY: a change goes out at once, not after the relay's delayed acknowledgement.
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(ws_url, None, true)
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
         .await
         .map_err(|e| ClientError::Unreachable(e.to_string()))?;
     let (mut sink, mut stream) = ws.split();
@@ -245,6 +265,8 @@ async fn session(
                 };
                 let b = match frame {
                     Some(Ok(Message::Binary(b))) => b,
+                    // 4001: the token was revoked while connected.
+                    Some(Ok(Message::Close(Some(close)))) if u16::from(close.code) == SIGNED_OUT => return Err(ClientError::Unauthorized),
                     Some(Ok(Message::Close(_))) | None => return Err(ClientError::Unreachable("the relay closed the connection".into())),
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => return Err(ClientError::Unreachable(e.to_string())),
@@ -287,6 +309,7 @@ fn publish(status: &watch::Sender<SyncStatus>, replica: &SharedReplica, connecte
             unsynced_changes: unsynced,
             pending_uploads,
             last_error: error.or_else(|| st.last_error.clone()),
+            signed_out: st.signed_out,
         };
         let modified = *st != next;
         *st = next;

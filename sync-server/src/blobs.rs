@@ -216,10 +216,11 @@ async fn agent_conversation(
     relay: &Arc<Relay>,
     headers: &HeaderMap,
     token: Option<String>,
+    from: std::net::IpAddr,
     doc_id: &str,
 ) -> Option<()> {
     let q = TokenQuery { token };
-    let agent = relay.authenticate(bearer(headers, &q)).await.ok()??;
+    let agent = relay.sign_in(bearer(headers, &q), from).await.ok()?.agent;
     let id = doc_id.to_owned();
     let team = relay.blocking(move |s| s.document_team(&id)).await.ok()??;
     agent.role_in(&team).map(|_| ())
@@ -227,17 +228,24 @@ async fn agent_conversation(
 
 async fn agent_upload(
     State(relay): State<Arc<Relay>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Path((doc_id, hash)): Path<(String, String)>,
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let Ok(hash) = BlobHash::parse(&hash) else {
         return bad(StatusCode::BAD_REQUEST, "the address must end with the file's sha256 in lowercase hex");
     };
-    if agent_conversation(&relay, &headers, q.token, &doc_id).await.is_none() {
+    if agent_conversation(&relay, &headers, q.token, relay.client_address(peer.ip(), &headers), &doc_id).await.is_none()
+    {
         return bad(StatusCode::NOT_FOUND, "no such conversation");
     }
+    // Read only once the sender is known.
+    let body = match crate::relay::gate::read_body(body, relay.config().max_blob_bytes).await {
+        Ok(b) => b,
+        Err((status, e)) => return bad(status, e),
+    };
     let declared = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     match store_upload(&relay, &doc_id, declared, body, Some(&hash)).await {
         Ok(info) => (StatusCode::CREATED, axum::Json(info)).into_response(),
@@ -247,11 +255,13 @@ async fn agent_upload(
 
 async fn agent_download(
     State(relay): State<Arc<Relay>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Path((doc_id, hash)): Path<(String, String)>,
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if agent_conversation(&relay, &headers, q.token, &doc_id).await.is_none() {
+    if agent_conversation(&relay, &headers, q.token, relay.client_address(peer.ip(), &headers), &doc_id).await.is_none()
+    {
         return not_found();
     }
     serve(&relay, doc_id, hash, q.thumbnail.is_some()).await
@@ -267,7 +277,7 @@ async fn widget_upload(
     State(relay): State<Arc<Relay>>,
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let Some(doc_id) = widget_doc(&relay, q.session).await else {
         return bad(StatusCode::UNAUTHORIZED, "unknown session");
@@ -275,6 +285,11 @@ async fn widget_upload(
     if !relay.allow_widget_upload(&doc_id).await {
         return bad(StatusCode::TOO_MANY_REQUESTS, "too many files in a short time; wait a few minutes");
     }
+    // Read only once the session is known.
+    let body = match crate::relay::gate::read_body(body, relay.config().max_blob_bytes).await {
+        Ok(b) => b,
+        Err((status, e)) => return bad(status, e),
+    };
     let declared = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let name = headers.get("x-file-name").and_then(|v| v.to_str().ok()).map(percent_decode).unwrap_or_default();
     let file_name: String =

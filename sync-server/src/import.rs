@@ -8,7 +8,8 @@
 //! - `POST /api/import/conversations/{id}/messages` `{text, id?, at?}` adds a customer message. With
 //!   an `id` the import is idempotent: a message id already in the conversation is left as it is.
 
-use crate::relay::{Relay, TokenQuery, bearer};
+use crate::relay::{Relay, SignInError, TokenQuery, bearer};
+use crate::store::Agent;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -57,19 +58,40 @@ struct MessageImport {
     at: Option<i64>,
 }
 
-/// Allowed only to admins of `team`; anyone else learns nothing about the conversation.
-async fn require_admin(
+/// Largest import request (a message is at most 64 KiB of text, plus the customer's details).
+const MAX_IMPORT_BYTES: usize = 256 * 1024;
+
+/// The agent of the request's token: decided before the body is read, so nobody without a token
+/// can make the relay wait for one (whether they are an admin of the team is decided after).
+async fn an_agent(
     relay: &Relay,
     headers: &HeaderMap,
     token: Option<String>,
-    team: &TeamId,
-) -> Result<(), Response> {
-    let agent = relay.authenticate(bearer(headers, &TokenQuery { token })).await.ok().flatten();
-    match agent.and_then(|a| a.role_in(team)) {
-        Some(Role::Admin) => Ok(()),
-        Some(Role::Representative) => Err(answer(StatusCode::FORBIDDEN, "only admins of the team may import")),
-        None => Err(answer(StatusCode::NOT_FOUND, "no such team or conversation")),
+    peer: std::net::SocketAddr,
+) -> Result<Agent, Response> {
+    let from = relay.client_address(peer.ip(), headers);
+    match relay.sign_in(bearer(headers, &TokenQuery { token }), from).await {
+        Ok(s) => Ok(s.agent),
+        Err(SignInError::Refused) => Err(answer(StatusCode::NOT_FOUND, "no such team or conversation")),
+        Err(e) => Err(answer(e.status(), e.to_string())),
     }
+}
+
+/// Allowed only to admins of `team`; anyone else learns nothing about the conversation.
+fn require_admin(agent: &Agent, team: &TeamId) -> Result<(), Box<Response>> {
+    match agent.role_in(team) {
+        Some(Role::Admin) => Ok(()),
+        Some(Role::Representative) => {
+            Err(Box::new(answer(StatusCode::FORBIDDEN, "only admins of the team may import")))
+        }
+        None => Err(Box::new(answer(StatusCode::NOT_FOUND, "no such team or conversation"))),
+    }
+}
+
+/// The request's JSON, read only once the sender is known.
+async fn json<T: serde::de::DeserializeOwned>(body: axum::body::Body) -> Result<T, Response> {
+    let bytes = crate::relay::gate::read_body(body, MAX_IMPORT_BYTES).await.map_err(|(status, e)| answer(status, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| answer(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))
 }
 
 /// A customer message from the import: checked like any message, never dated in the future.
@@ -94,16 +116,21 @@ fn customer_message(text: String, id: Option<String>, at: Option<i64>) -> Result
 
 async fn import_conversation(
     State(relay): State<Arc<Relay>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Query(q): Query<TokenQuery>,
     headers: HeaderMap,
-    body: Result<axum::Json<NewImport>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Body,
 ) -> Response {
-    let axum::Json(body) = match body {
-        Ok(b) => b,
-        Err(e) => return answer(StatusCode::BAD_REQUEST, e.body_text()),
+    let agent = match an_agent(&relay, &headers, q.token, peer).await {
+        Ok(a) => a,
+        Err(r) => return r,
     };
-    if let Err(r) = require_admin(&relay, &headers, q.token, &body.team).await {
-        return r;
+    let body: NewImport = match json(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if let Err(r) = require_admin(&agent, &body.team) {
+        return *r;
     }
     let c = body.customer;
     let check =
@@ -137,21 +164,26 @@ async fn import_conversation(
 
 async fn import_message(
     State(relay): State<Arc<Relay>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
     headers: HeaderMap,
-    body: Result<axum::Json<MessageImport>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Body,
 ) -> Response {
+    let agent = match an_agent(&relay, &headers, q.token, peer).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let doc_id = id.clone();
     let Ok(Some(team)) = relay.blocking(move |s| s.document_team(&doc_id)).await else {
         return answer(StatusCode::NOT_FOUND, "no such team or conversation");
     };
-    if let Err(r) = require_admin(&relay, &headers, q.token, &team).await {
-        return r;
+    if let Err(r) = require_admin(&agent, &team) {
+        return *r;
     }
-    let axum::Json(body) = match body {
+    let body: MessageImport = match json(body).await {
         Ok(b) => b,
-        Err(e) => return answer(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(r) => return r,
     };
     let message = match customer_message(body.text, body.id, body.at) {
         Ok(m) => m,

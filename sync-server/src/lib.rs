@@ -60,6 +60,17 @@ pub struct Config {
     pub widget_starts_per_ip: usize,
     /// Largest attachment accepted, in bytes.
     pub max_blob_bytes: usize,
+    /// Connections open at once, all addresses together; more are answered 503 (WebSocket: close
+    /// 1013) with the reason, while `/health` keeps answering.
+    pub max_connections: usize,
+    /// Connections open at once from one address (IPv6: one /64); trusted proxies count only
+    /// towards `max_connections`.
+    pub max_connections_per_address: usize,
+    /// A request body may take this long, plus one second per `min_body_rate` bytes; slower bodies
+    /// are answered 408 and their connection closed.
+    pub body_timeout: Duration,
+    /// Bytes per second a request body must keep up after `body_timeout`.
+    pub min_body_rate: usize,
 }
 
 /// The config file's shape: every field optional, defaults filled from `Config::default()`.
@@ -84,6 +95,10 @@ struct ConfigFile {
     widget_sockets_per_session: Option<usize>,
     widget_messages_per_ip: Option<usize>,
     max_blob_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
+    body_timeout_secs: Option<u64>,
+    min_body_rate: Option<usize>,
 }
 
 impl Config {
@@ -119,6 +134,10 @@ impl Config {
             widget_sockets_per_session: file.widget_sockets_per_session.unwrap_or(d.widget_sockets_per_session),
             widget_messages_per_ip: file.widget_messages_per_ip.unwrap_or(d.widget_messages_per_ip),
             max_blob_bytes: file.max_blob_bytes.unwrap_or(d.max_blob_bytes),
+            max_connections: file.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_address: file.max_connections_per_address.unwrap_or(d.max_connections_per_address),
+            body_timeout: file.body_timeout_secs.map_or(d.body_timeout, Duration::from_secs),
+            min_body_rate: file.min_body_rate.unwrap_or(d.min_body_rate),
         })
     }
 }
@@ -143,6 +162,12 @@ impl Default for Config {
             widget_sockets_per_session: 4,
             widget_messages_per_ip: 60,
             max_blob_bytes: 10 * 1024 * 1024,
+            // A 1,000-agent team (one socket each, plus a few requests) and its web-widget
+            // customers stay far below these.
+            max_connections: 20_000,
+            max_connections_per_address: 2_000,
+            body_timeout: Duration::from_secs(10),
+            min_body_rate: 4 * 1024,
         }
     }
 }

@@ -17,6 +17,14 @@ impl<K: Hash + Eq> Limiter<K> {
         Limiter { window, max, events: Mutex::new(HashMap::new()) }
     }
 
+    /// Takes back the latest event counted for `key` (an attempt that turned out to be fine).
+    pub fn refund(&self, key: &K) {
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(times) = events.get_mut(key) {
+            times.pop();
+        }
+    }
+
     /// Counts an event for `key`; false (and not counted) when the key has used up its events.
     pub fn allow(&self, key: K) -> bool {
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());

@@ -103,6 +103,13 @@ enum Command {
         /// Web-widget messages one address (IPv6: one /64) may send per 10 s [default: 60].
         #[arg(long, env = "CREWDESK_WIDGET_MESSAGES_PER_IP")]
         widget_messages_per_ip: Option<usize>,
+        /// Connections open at once, all addresses together [default: 20000].
+        #[arg(long, env = "CREWDESK_MAX_CONNECTIONS")]
+        max_connections: Option<usize>,
+        /// Connections open at once from one address (IPv6: one /64; trusted proxies exempt)
+        /// [default: 2000].
+        #[arg(long, env = "CREWDESK_MAX_CONNECTIONS_PER_ADDRESS")]
+        max_connections_per_address: Option<usize>,
         #[command(flatten)]
         whatsapp: WhatsAppFlags,
     },
@@ -254,6 +261,8 @@ async fn relay_main() -> anyhow::Result<()> {
             widget_starts_per_ip,
             widget_sockets_per_session,
             widget_messages_per_ip,
+            max_connections,
+            max_connections_per_address,
             whatsapp,
         } => {
             anyhow::ensure!(
@@ -275,6 +284,9 @@ async fn relay_main() -> anyhow::Result<()> {
             config.mail_from = mail_from.unwrap_or(config.mail_from);
             config.listen = listen.unwrap_or(config.listen);
             config.max_frame_bytes = max_frame_bytes.unwrap_or(config.max_frame_bytes);
+            config.max_connections = max_connections.unwrap_or(config.max_connections);
+            config.max_connections_per_address =
+                max_connections_per_address.unwrap_or(config.max_connections_per_address);
             let listen = config.listen;
             let listener =
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;

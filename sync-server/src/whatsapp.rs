@@ -14,7 +14,6 @@
 use crate::relay::Relay;
 use crate::store::{QueuedWhatsApp, WhatsAppOutcome};
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -179,9 +178,20 @@ struct TextBody {
     body: String,
 }
 
-async fn webhook(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: Bytes) -> Response {
+/// Largest webhook delivery read (Meta batches at most a few hundred events).
+const MAX_WEBHOOK_BYTES: usize = 2 * 1024 * 1024;
+
+async fn webhook(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: axum::body::Body) -> Response {
     let Some(config) = relay.whatsapp().cloned() else {
         return plain(StatusCode::NOT_FOUND, "WhatsApp is not configured");
+    };
+    // Signed over the body, so it must be read first: with a size limit and the body deadline.
+    if headers.get("x-hub-signature-256").is_none() {
+        return plain(StatusCode::UNAUTHORIZED, "X-Hub-Signature-256 is missing or does not match the body");
+    }
+    let body = match crate::relay::gate::read_body(body, MAX_WEBHOOK_BYTES).await {
+        Ok(b) => b,
+        Err((status, e)) => return plain(status, e),
     };
     let signature = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok());
     if !signature_valid(&config.app_secret, &body, signature) {

@@ -393,6 +393,30 @@ impl RawClient {
         self.ws.send(m).await.is_ok()
     }
 
+    /// Bytes written to the socket as they are, outside any WebSocket frame of this client (to
+    /// announce a frame and never send it whole).
+    pub async fn write_bytes(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = self.ws.get_mut() else { panic!("plain TCP expected") };
+        tcp.write_all(bytes).await.unwrap();
+        tcp.flush().await.unwrap();
+    }
+
+    /// The next frame of any kind (close frames included), or `None` when the connection ends or
+    /// nothing comes within `within`.
+    pub async fn next_frame(&mut self, within: Duration) -> Option<Frame> {
+        loop {
+            match tokio::time::timeout(within, self.ws.next()).await.ok()?? {
+                Ok(Frame::Ping(_) | Frame::Pong(_)) => continue,
+                Ok(frame) => return Some(frame),
+                Err(e) => {
+                    eprintln!("the connection ended: {e}");
+                    return None;
+                }
+            }
+        }
+    }
+
     pub async fn join(&mut self) -> WireMessage {
         let join = WireMessage::Join {
             sender_id: "raw".into(),

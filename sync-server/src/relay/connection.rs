@@ -16,6 +16,91 @@ pub(super) struct Session {
     pub(super) pending: Arc<AtomicUsize>,
     /// Bytes queued for this connection and not yet written (see `MAX_QUEUED_BYTES`).
     pub(super) queued: Arc<AtomicUsize>,
+    /// The SHA-256 of the token it signed in with (checked again when access changes).
+    pub(super) token_hash: Arc<str>,
+    /// Set when the relay ends this connection on purpose (a revoked token, a removed agent): the
+    /// client is told why before the socket closes.
+    pub(super) hangup: Arc<HangupSlot>,
+}
+
+/// Why the relay ends a connection: an `error` frame (if any), then a close frame with this code
+/// and reason.
+#[derive(Clone, Debug)]
+pub(super) struct Hangup {
+    pub(super) code: u16,
+    pub(super) reason: String,
+    pub(super) error: Option<String>,
+}
+
+/// Close codes of agent connections (4000-4999 are the application's).
+pub mod close {
+    /// The token is missing, unknown or was revoked (also when revoked while connected): sign in
+    /// again; retrying with the same token will not help.
+    pub const SIGNED_OUT: u16 = 4001;
+    /// The agent's teams or roles changed while connected: reconnect to sync with the new access.
+    pub const ACCESS_CHANGED: u16 = 4005;
+    /// Too many failed sign-ins from this address: wait a minute.
+    pub const TOO_MANY_FAILURES: u16 = 4029;
+}
+
+/// Where a `Hangup` waits for the connection's reader.
+#[derive(Default)]
+pub(super) struct HangupSlot {
+    why: Mutex<Option<Hangup>>,
+    notify: Notify,
+}
+
+impl HangupSlot {
+    /// Asks the connection to end; the first reason given is the one the client hears.
+    pub(super) fn hang_up(&self, why: Hangup) {
+        let mut slot = self.why.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(why);
+        }
+        drop(slot);
+        self.notify.notify_one();
+    }
+
+    async fn wait(&self) -> Hangup {
+        loop {
+            self.notify.notified().await;
+            if let Some(why) = self.why.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                return why;
+            }
+        }
+    }
+}
+
+/// Message types of automerge-repo that this relay has no use for: received and ignored.
+const IGNORED_TYPES: &[&str] = &["leave", "remote-subscription-change", "remote-heads-changed", "doc-unavailable"];
+
+/// The error an unknown message type gets (the type named, at most 64 characters of it).
+fn unknown_type(kind: &str) -> String {
+    let kind: String = kind.chars().filter(|c| !c.is_control()).take(64).collect();
+    format!(
+        "unknown message type \"{kind}\"; this relay reads join, request, sync and ephemeral (automerge-repo protocol 1); ignored"
+    )
+}
+
+/// The close a client gets when it announces a frame larger than the relay reads (1009, "message
+/// too big", with the limit).
+fn too_big(size: Option<usize>, limit: usize) -> Hangup {
+    let reason = match size {
+        Some(size) => format!("frame of {size} bytes is over the limit of {limit} bytes"),
+        None => format!("message over the limit of {limit} bytes"),
+    };
+    Hangup { code: 1009, reason, error: None }
+}
+
+/// The size a client announced when its frame or message was refused for being too large.
+fn oversized(e: &axum::Error) -> Option<Option<usize>> {
+    use tungstenite::error::{CapacityError, Error};
+    let inner = std::error::Error::source(e)?;
+    match inner.downcast_ref::<Error>()? {
+        Error::Capacity(CapacityError::MessageTooLong { size, .. }) => Some(Some(*size)),
+        Error::Capacity(_) => Some(None),
+        _ => None,
+    }
 }
 
 /// Bytes the relay queues for one connection before it counts as unable to keep up: a client
@@ -60,67 +145,109 @@ pub(super) async fn websocket(
     State(relay): State<Arc<Relay>>,
     headers: HeaderMap,
     Query(q): Query<TokenQuery>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    held: Option<axum::Extension<gate::Held>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let agent = relay.authenticate(bearer(&headers, &q)).await;
+    let from = relay.client_address(peer.ip(), &headers);
+    let signed_in = relay.sign_in(bearer(&headers, &q), from).await;
     let max = relay.config.max_frame_bytes;
     // Small per-connection buffers: a thousand idle agents should not cost a thousand large buffers.
     ws.max_message_size(max).max_frame_size(max).read_buffer_size(4 * 1024).write_buffer_size(4 * 1024).on_upgrade(
         move |socket| async move {
-            match agent {
-                Ok(Some(agent)) => {
+            // The connection counts under the caps for as long as the socket is open.
+            let _held = held;
+            match signed_in {
+                Ok(signed_in) => {
                     let conn = relay.next_conn.fetch_add(1, Ordering::Relaxed);
-                    let span = info_span!("connection", conn, agent = %agent.id);
-                    connection(relay, socket, conn, Arc::new(agent)).instrument(span).await;
+                    let span = info_span!("connection", conn, agent = %signed_in.agent.id);
+                    connection(relay, socket, conn, signed_in).instrument(span).await;
                 }
-                Ok(None) => refuse(socket, "authentication failed: missing, unknown or revoked token").await,
-                Err(e) => refuse(socket, &format!("the relay cannot check tokens right now: {e}")).await,
+                Err(e) => {
+                    let code = match e {
+                        SignInError::TooManyFailures => close::TOO_MANY_FAILURES,
+                        _ => close::SIGNED_OUT,
+                    };
+                    refuse(socket, code, &e.to_string()).await
+                }
             }
         },
     )
 }
 
 /// Accepts the upgrade only to say why, then closes (a plain 401 crashes some Node clients).
-pub(super) async fn refuse(mut socket: WebSocket, reason: &str) {
+pub(super) async fn refuse(mut socket: WebSocket, code: u16, reason: &str) {
     let error = WireMessage::Error { sender_id: String::new(), target_id: String::new(), message: reason.to_owned() };
     let _ = socket.send(Message::Binary(error.encode().into())).await;
     let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: 4001,
-            reason: reason.chars().take(100).collect::<String>().into(),
-        })))
+        .send(Message::Close(Some(CloseFrame { code, reason: reason.chars().take(100).collect::<String>().into() })))
         .await;
 }
 
-pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, agent: Arc<Agent>) {
+pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnId, signed_in: SignedIn) {
+    let agent = Arc::new(signed_in.agent);
     let (mut sink, mut stream) = socket.split();
-    // Handshake: the first message must be `join`.
-    let join = tokio::time::timeout(relay.config.handshake_timeout, stream.next()).await;
-    let peer_id = match join {
-        Ok(Some(Ok(Message::Binary(frame)))) => match WireMessage::decode(&frame) {
-            Ok(WireMessage::Join { sender_id, supported_protocol_versions, .. }) => {
-                if !supported_protocol_versions.iter().any(|v| v == "1") {
-                    let m = WireMessage::Error {
-                        sender_id: relay.peer_id.clone(),
-                        target_id: sender_id,
-                        message: "unsupported protocol version".into(),
-                    };
-                    let _ = sink.send(Message::Binary(m.encode().into())).await;
-                    return;
+    let error = |target: &str, message: String| {
+        let m = WireMessage::Error { sender_id: relay.peer_id.clone(), target_id: target.to_owned(), message };
+        Message::Binary(m.encode().into())
+    };
+    // Handshake: the first message must be `join`, within the handshake timeout.
+    let deadline = tokio::time::Instant::now() + relay.config.handshake_timeout;
+    let mut strikes = 0;
+    let peer_id = loop {
+        let frame = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                if let Some(size) = oversized(&e) {
+                    let why = too_big(size, relay.config.max_frame_bytes);
+                    let _ =
+                        sink.send(Message::Close(Some(CloseFrame { code: why.code, reason: why.reason.into() }))).await;
+                    linger().await;
                 }
-                sender_id
-            }
-            _ => {
-                let m = WireMessage::Error {
-                    sender_id: relay.peer_id.clone(),
-                    target_id: String::new(),
-                    message: "expected a join message first".into(),
-                };
-                let _ = sink.send(Message::Binary(m.encode().into())).await;
                 return;
             }
-        },
-        _ => return,
+            Ok(None) => return,
+            Err(_) => {
+                let _ = sink.send(error("", "no join message within the handshake timeout".into())).await;
+                return;
+            }
+        };
+        let frame = match frame {
+            Message::Binary(frame) => frame,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(_) => return,
+            Message::Text(_) => {
+                strikes += 1;
+                let _ = sink.send(error("", TEXT_FRAME.into())).await;
+                if strikes > 10 {
+                    return;
+                }
+                continue;
+            }
+        };
+        match WireMessage::decode(&frame) {
+            Ok(WireMessage::Join { sender_id, supported_protocol_versions, .. }) => {
+                if !supported_protocol_versions.iter().any(|v| v == "1") {
+                    let _ =
+                        sink.send(error(&sender_id, "unsupported protocol version; this relay speaks 1".into())).await;
+                    return;
+                }
+                break sender_id;
+            }
+            Ok(other) => {
+                let kind = match other {
+                    WireMessage::Other { kind } => kind,
+                    _ => "a message of another type".into(),
+                };
+                let kind: String = kind.chars().filter(|c| !c.is_control()).take(64).collect();
+                let _ = sink.send(error("", format!("expected a join message first, got \"{kind}\""))).await;
+                return;
+            }
+            Err(e) => {
+                let _ = sink.send(error("", format!("expected a join message first; malformed message: {e}"))).await;
+                return;
+            }
+        }
     };
     let peer = WireMessage::Peer {
         sender_id: relay.peer_id.clone(),
@@ -139,8 +266,15 @@ pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnI
         overloaded: overloaded.clone(),
         pending: Arc::default(),
         queued: Arc::default(),
+        token_hash: signed_in.token_hash.into(),
+        hangup: Arc::default(),
     };
     relay.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(conn, session.clone());
+    // Access changed between the sign-in and now (the check of open connections may have missed
+    // this one): checked again.
+    if relay.access_moved_since(signed_in.version) {
+        relay.check_again(std::slice::from_ref(&session)).await;
+    }
     if sink.send(Message::Binary(peer.encode().into())).await.is_err() {
         relay.disconnect(conn, &HashSet::new()).await;
         return;
@@ -150,10 +284,27 @@ pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnI
     let keepalive = relay.config.keepalive;
     let mut stop = relay.stop.clone();
     let queued = session.queued.clone();
-    let writer = tokio::spawn(async move {
+    let (close_tx, mut close_rx) = tokio::sync::oneshot::channel::<Hangup>();
+    let (relay_peer, target) = (relay.peer_id.clone(), peer_id.clone());
+    let mut writer = tokio::spawn(async move {
         let mut ping = tokio::time::interval(keepalive);
         loop {
             tokio::select! {
+                // A hang-up goes first: the rest of the queue is of no use to a closing connection.
+                biased;
+                why = &mut close_rx => {
+                    if let Ok(why) = why {
+                        if let Some(message) = why.error {
+                            let m = WireMessage::Error { sender_id: relay_peer.clone(), target_id: target.clone(), message };
+                            let _ = sink.send(Message::Binary(m.encode().into())).await;
+                        }
+                        let _ = sink.send(Message::Close(Some(CloseFrame { code: why.code, reason: why.reason.into() }))).await;
+                        if why.code == 1009 {
+                            linger().await;
+                        }
+                    }
+                    break;
+                }
                 m = rx.recv() => match m {
                     Some(m) => {
                         queued.fetch_sub(queued_size(&m), Ordering::Relaxed);
@@ -172,40 +323,48 @@ pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnI
 
     let mut touched: HashSet<String> = HashSet::new();
     let mut stop = relay.stop.clone();
-    let mut strikes = 0;
     let mut ephemeral_budget = EphemeralBudget::new(Instant::now());
-    loop {
+    let hangup = session.hangup.clone();
+    let why: Option<Hangup> = loop {
         let frame = tokio::select! {
             f = tokio::time::timeout(keepalive * 3, stream.next()) => f,
             _ = overloaded.notified() => {
                 warn!("connection too slow; dropped (it will resync on reconnect)");
-                break;
+                break None;
             }
-            _ = stopped(&mut stop) => break,
+            why = hangup.wait() => {
+                info!(reason = %why.reason, "connection ended by the relay");
+                break Some(why);
+            }
+            _ = stopped(&mut stop) => break None,
         };
         let message = match frame {
             Err(_) => {
                 debug!("silent for too long; dropped");
-                break;
+                break None;
             }
-            Ok(None) => break,
+            Ok(None) => break None,
             Ok(Some(Err(e))) => {
+                if let Some(size) = oversized(&e) {
+                    info!(%e, "frame over the limit; closed");
+                    break Some(too_big(size, relay.config.max_frame_bytes));
+                }
                 debug!(%e, "connection error");
-                break;
+                break None;
             }
             Ok(Some(Ok(m))) => m,
         };
         let frame = match message {
             Message::Binary(b) => b,
             Message::Text(_) => {
-                session.error(&relay.peer_id, "text frames are not part of the protocol; send binary CBOR");
+                session.error(&relay.peer_id, TEXT_FRAME);
                 strikes += 1;
                 if strikes > 10 {
-                    break;
+                    break Some(Hangup { code: 1003, reason: "too many text frames".into(), error: None });
                 }
                 continue;
             }
-            Message::Close(_) => break,
+            Message::Close(_) => break None,
             Message::Ping(_) | Message::Pong(_) => continue,
         };
         match WireMessage::decode(&frame) {
@@ -248,22 +407,43 @@ pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnI
                 session.error(&relay.peer_id, "already joined");
             }
             Ok(WireMessage::Error { message, .. }) => debug!(%message, "peer reported an error"),
-            Ok(WireMessage::DocUnavailable { .. } | WireMessage::Other { .. }) => {}
+            Ok(WireMessage::DocUnavailable { .. }) => {}
+            Ok(WireMessage::Other { kind }) => {
+                if !IGNORED_TYPES.contains(&kind.as_str()) {
+                    session.error(&relay.peer_id, unknown_type(&kind));
+                }
+            }
             Err(e) => {
                 session.error(&relay.peer_id, format!("malformed message: {e}"));
                 strikes += 1;
                 if strikes > 10 {
                     warn!("too many malformed messages; dropped");
-                    break;
+                    break Some(Hangup { code: 1007, reason: "too many malformed messages".into(), error: None });
                 }
             }
         }
-    }
+    };
+    // The writer says why and closes (told before the session's queue closes, which would end it
+    // first); a client that does not read gets at most a second.
+    let told = why.is_some_and(|why| close_tx.send(why).is_ok());
     relay.disconnect(conn, &touched).await;
     drop(session);
-    writer.abort();
+    if !told || tokio::time::timeout(std::time::Duration::from_secs(1), &mut writer).await.is_err() {
+        writer.abort();
+    }
     debug!("disconnected");
 }
+
+/// Keeps a socket open a moment after its close frame when the client's oversized frame is still
+/// unread: closed at once, the kernel would answer the unread bytes with a reset, and the client
+/// could lose the close frame (and its reason) with it.
+async fn linger() {
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+}
+
+/// What a text frame gets (the protocol is binary CBOR).
+const TEXT_FRAME: &str =
+    "text frames are not part of the protocol; send binary CBOR (automerge-repo protocol 1); ignored";
 
 impl Relay {
     pub(super) async fn disconnect(&self, conn: ConnId, touched: &HashSet<String>) {

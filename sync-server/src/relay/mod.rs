@@ -2,7 +2,11 @@
 //! by the core (`crewdesk::sync::relay_doc::RelayDoc`, sans IO, driven step by step by the
 //! simulator in `tests/sim`); these modules only read and write around it:
 //! - `mod.rs` — the server (accept loop, routes, `/health`, `/api/me`), the shared `Relay`;
-//! - `connection` — one agent's WebSocket: handshake, reader, writer, byte budget, keepalive;
+//! - `gate` — connection caps (global, per address), body deadlines, the answer over the caps;
+//! - `access` — signing in (token cache, failed sign-ins per address), revocation reaching open
+//!   connections;
+//! - `connection` — one agent's WebSocket: handshake, reader, writer, byte budget, keepalive, the
+//!   reasons it is closed with;
 //! - `documents` — each document under its own lock: loading, the facts the judge needs, carrying
 //!   out the core's actions, grab decisions, eviction;
 //! - `commit` — the group commit (one transaction and fsync for everything waiting);
@@ -39,13 +43,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+mod access;
 mod channels;
 mod commit;
 mod connection;
 mod documents;
+pub(crate) mod gate;
 mod instances;
 mod presence;
 
+pub(crate) use access::SignInError;
+use access::*;
 use commit::*;
 use connection::*;
 use documents::*;
@@ -97,6 +105,8 @@ pub async fn run(
         commits,
         shared: store.backend() == "postgres",
         store,
+        gate: gate::Gate::new(&config),
+        credentials: Credentials::default(),
         peer_id: format!("crewdesk-relay-{storage_id}"),
         storage_id,
         actors: Mutex::new(HashMap::from([(actor.to_hex_string(), AgentId(RELAY_ACTOR_OWNER.into()))])),
@@ -113,6 +123,7 @@ pub async fn run(
     if let Some(events) = relay.store.subscribe() {
         tokio::spawn(follow_instances(relay.clone(), events, stop_rx.clone()));
     }
+    tokio::spawn(watch_access(relay.clone(), stop_rx.clone()));
     if let Some(wa) = relay.config.whatsapp.clone() {
         tokio::spawn(crate::whatsapp::run(relay.clone(), wa, whatsapp_wake, stop_rx.clone()));
     }
@@ -131,17 +142,28 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    serve(listener, app, relay.config.handshake_timeout, stop_rx).await;
+    let busy_app = Router::new().route("/health", get(health)).fallback(gate::busy).with_state(relay.clone());
+    serve(listener, app, busy_app, relay.clone(), stop_rx).await;
     info!("relay stopped");
     Ok(())
 }
 
 /// Serves HTTP/1.1 with WebSocket upgrades until `stop`. Unlike `axum::serve`, a connection that has
 /// not sent a whole request head within `head_timeout` is closed, so idle or trickling connections
-/// (slowloris) cannot pile up and take every file descriptor. On `stop`, connections finish their
-/// request (at most 5 s); upgraded WebSockets close themselves on the same signal.
-async fn serve(listener: TcpListener, app: Router, head_timeout: std::time::Duration, mut stop: watch::Receiver<bool>) {
+/// (slowloris) cannot pile up and take every file descriptor; request bodies must keep a minimum
+/// rate (`gate::TimedBody`); connections over the caps (`gate::Gate`) get `busy_app` (`/health`
+/// and a 503 saying why) or, beyond that, a 503 written at once. On `stop`, connections finish
+/// their request (at most 5 s); upgraded WebSockets close themselves on the same signal.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    busy_app: Router,
+    relay: Arc<Relay>,
+    mut stop: watch::Receiver<bool>,
+) {
     use tower::Service;
+    let head_timeout = relay.config.handshake_timeout;
+    let (grace, min_rate) = (relay.config.body_timeout, relay.config.min_body_rate as u64);
     let (open_tx, open_rx) = watch::channel(());
     loop {
         let (tcp, remote) = tokio::select! {
@@ -156,14 +178,28 @@ async fn serve(listener: TcpListener, app: Router, head_timeout: std::time::Dura
             },
             _ = stopped(&mut stop) => break,
         };
+        let permit = match relay.gate.admit(remote.ip()) {
+            gate::Admission::Admitted(permit) => permit,
+            gate::Admission::Busy(guard, why) => {
+                tokio::spawn(gate::turn_away(tcp, remote, busy_app.clone(), why, guard));
+                continue;
+            }
+            gate::Admission::Refused(why) => {
+                gate::refuse_at_once(tcp, &why);
+                continue;
+            }
+        };
         // Small frames go out at once: with Nagle's algorithm a fan-out message can wait for the
         // peer's delayed acknowledgement (tens of milliseconds).
         if let Err(err) = tcp.set_nodelay(true) {
             debug!(%err, "TCP_NODELAY not set");
         }
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        let held = gate::Held(permit);
+        let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let mut request = request.map(|body| axum::body::Body::new(gate::TimedBody::new(body, grace, min_rate)));
             request.extensions_mut().insert(axum::extract::ConnectInfo(remote));
+            request.extensions_mut().insert(held.clone());
             app.clone().call(request)
         });
         let (mut stop, open) = (stop.clone(), open_rx.clone());
@@ -191,6 +227,10 @@ async fn serve(listener: TcpListener, app: Router, head_timeout: std::time::Dura
 
 pub struct Relay {
     store: Arc<Store>,
+    /// Open connections under the global and per-address caps.
+    gate: Arc<gate::Gate>,
+    /// Signed-in tokens (cached, dropped when access changes) and failed sign-ins per address.
+    credentials: Credentials,
     /// Other relay instances share the store (PostgreSQL): what they commit arrives as events.
     shared: bool,
     peer_id: String,
@@ -251,17 +291,24 @@ async fn health(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
         "status": "ok",
         "store": relay.store.backend(),
         "connections": connections,
+        "open_connections": relay.gate.open(),
+        "token_lookups": relay.credentials.lookups.load(Ordering::Relaxed),
         "documents_loaded": documents,
     }))
 }
 
 /// The signed-in agent, their teams (membership and roles as the relay knows them) and the ids of
 /// their teams' conversations: what a replica needs to mirror before syncing.
-async fn me(State(relay): State<Arc<Relay>>, headers: HeaderMap, Query(q): Query<TokenQuery>) -> Response {
-    let agent = match relay.authenticate(bearer(&headers, &q)).await {
-        Ok(Some(a)) => a,
-        Ok(None) => return (StatusCode::UNAUTHORIZED, "missing, unknown or revoked token").into_response(),
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+async fn me(
+    State(relay): State<Arc<Relay>>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> Response {
+    let from = relay.client_address(peer.ip(), &headers);
+    let agent = match relay.sign_in(bearer(&headers, &q), from).await {
+        Ok(signed_in) => signed_in.agent,
+        Err(e) => return (e.status(), e.to_string()).into_response(),
     };
     let team_ids: Vec<TeamId> = agent.teams.iter().map(|(t, _)| t.clone()).collect();
     let result = relay
@@ -289,14 +336,6 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 impl Relay {
-    pub(crate) async fn authenticate(&self, token: Option<String>) -> Result<Option<Agent>, StoreError> {
-        let Some(token) = token else { return Ok(None) };
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.authenticate(&token))
-            .await
-            .map_err(|e| StoreError::Invalid(e.to_string()))?
-    }
-
     fn entry(&self, id: &str) -> Arc<AsyncMutex<DocEntry>> {
         let mut docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
         docs.entry(id.to_owned())
@@ -352,6 +391,8 @@ mod tests {
             overloaded: overloaded.clone(),
             pending: Arc::default(),
             queued: Arc::default(),
+            token_hash: "h".into(),
+            hangup: Arc::default(),
         };
         let whole = |n: u8| WireMessage::Sync {
             sender_id: "relay".into(),

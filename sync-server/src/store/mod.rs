@@ -130,7 +130,17 @@ pub trait Storage: Send + Sync {
     /// Revokes every token of an agent, or the one token given. Returns how many were revoked.
     fn revoke_tokens(&self, agent: &AgentId, token: Option<&str>) -> Result<usize, StoreError>;
     /// The agent a valid (issued, not revoked) token belongs to.
-    fn authenticate(&self, token: &str) -> Result<Option<Agent>, StoreError>;
+    fn authenticate(&self, token: &str) -> Result<Option<Agent>, StoreError> {
+        if token.is_empty() || token.len() > 200 {
+            return Ok(None);
+        }
+        self.authenticate_hash(&hash_token(token))
+    }
+    /// The agent of a valid token, by the token's SHA-256 (hex), as `hash_token` makes it.
+    fn authenticate_hash(&self, hash: &str) -> Result<Option<Agent>, StoreError>;
+    /// A number that changes whenever a token is revoked or a membership or role changes (by this
+    /// process or any other): the relay checks its open connections again when it moves.
+    fn access_version(&self) -> Result<i64, StoreError>;
     /// Tokens as (agent, label, revoked), for listing; never the token.
     fn token_list(&self) -> Result<Vec<(String, String, bool)>, StoreError>;
 

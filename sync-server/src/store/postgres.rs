@@ -31,6 +31,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0005_actors.sql"),
     include_str!("migrations/postgres/0006_widget_settings.sql"),
     include_str!("migrations/postgres/0007_change_seqs.sql"),
+    include_str!("migrations/postgres/0008_access_version.sql"),
 ];
 
 /// The NOTIFY channel the instances talk on.
@@ -369,17 +370,21 @@ impl Storage for PgStore {
         })
     }
 
-    fn authenticate(&self, token: &str) -> Result<Option<Agent>, StoreError> {
-        if token.is_empty() || token.len() > 200 {
-            return Ok(None);
-        }
+    fn access_version(&self) -> Result<i64, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query_one("SELECT version FROM access_version WHERE id = 1", &[]).await?.get(0))
+        })
+    }
+
+    fn authenticate_hash(&self, hash: &str) -> Result<Option<Agent>, StoreError> {
         self.block(async {
             let c = self.client().await?;
             let Some(row) = c
                 .query_opt(
                     "SELECT a.id, a.name FROM tokens t JOIN agents a ON a.id = t.agent
                      WHERE t.hash = $1 AND t.revoked_at IS NULL",
-                    &[&hash_token(token)],
+                    &[&hash],
                 )
                 .await?
             else {

@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0007_email_attachments.sql"),
     include_str!("migrations/sqlite/0008_actors.sql"),
     include_str!("migrations/sqlite/0009_widget_settings.sql"),
+    include_str!("migrations/sqlite/0010_access_version.sql"),
 ];
 
 pub struct SqliteStore {
@@ -157,16 +158,17 @@ impl Storage for SqliteStore {
         Ok(n)
     }
 
-    /// The agent a valid (issued, not revoked) token belongs to.
-    fn authenticate(&self, token: &str) -> Result<Option<Agent>, StoreError> {
-        if token.is_empty() || token.len() > 200 {
-            return Ok(None);
-        }
+    fn access_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn().query_row("SELECT version FROM access_version WHERE id = 1", [], |r| r.get(0))?)
+    }
+
+    /// The agent a valid (issued, not revoked) token belongs to, by the token's hash.
+    fn authenticate_hash(&self, hash: &str) -> Result<Option<Agent>, StoreError> {
         let conn = self.conn();
         let agent: Option<(String, String)> = conn
             .query_row(
                 "SELECT a.id, a.name FROM tokens t JOIN agents a ON a.id = t.agent WHERE t.hash = ?1 AND t.revoked_at IS NULL",
-                [hash_token(token)],
+                [hash],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;

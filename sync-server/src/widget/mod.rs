@@ -12,7 +12,7 @@
 mod cors;
 mod frames;
 mod hub;
-mod net;
+pub(crate) mod net;
 
 pub use cors::{OriginError, normalize_origin};
 pub use hub::WidgetHub;
@@ -115,13 +115,18 @@ async fn start(
     Path(key): Path<String>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Option<axum::Json<Start>>,
+    body: axum::body::Body,
 ) -> Response {
-    let Some(axum::Json(body)) = body else {
-        return bad(StatusCode::BAD_REQUEST, "expected JSON: {name, email?, text}");
-    };
     let Some(widget) = settings_by_key(&relay, key).await else {
         return bad(StatusCode::NOT_FOUND, "unknown widget key: copy the snippet again from the team's admin");
+    };
+    // Read only once the key is known; a first message is at most 64 KiB of text.
+    let body = match crate::relay::gate::read_body(body, 256 * 1024).await {
+        Ok(b) => b,
+        Err((status, e)) => return bad(status, &e),
+    };
+    let Ok(body) = serde_json::from_slice::<Start>(&body) else {
+        return bad(StatusCode::BAD_REQUEST, "expected JSON: {name, email?, text}");
     };
     let name: String = body.name.trim().chars().take(100).collect();
     let email = body.email.map(|e| e.trim().to_owned()).filter(|e| !e.is_empty());
@@ -189,6 +194,7 @@ async fn chat(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     check: Option<Extension<OriginCheck>>,
+    held: Option<Extension<crate::relay::gate::Held>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let ws = ws.max_message_size(64 * 1024).max_frame_size(64 * 1024);
@@ -202,7 +208,11 @@ async fn chat(
         return ws.on_upgrade(move |s| refuse(s, close::UNKNOWN_SESSION, "session", reason));
     };
     let ip = net::client_ip(peer.ip(), &headers, &relay.config().trusted_proxies);
-    ws.on_upgrade(move |socket| customer(relay, socket, session, net::counted(ip)))
+    // The connection counts under the caps for as long as the socket is open.
+    ws.on_upgrade(move |socket| async move {
+        let _held = held;
+        customer(relay, socket, session, net::counted(ip)).await
+    })
 }
 
 fn error_frame(code: &str, error: &str, reference: Option<&str>) -> Ws {
