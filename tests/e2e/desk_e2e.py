@@ -317,6 +317,27 @@ def main():
         wait_for("carol sees bob's message", lambda: hello in carol.messages())
         print("ok: message seen by a second agent")
 
+        # 📃 A template fills the composer (placeholders filled) for editing; the edit is what goes.
+        bob.click("#templates")
+        bob.click(".menu button.template")
+        filled = wait_for("the composer holds the template", lambda: bob.css("#composer")[0].get_attribute("value"))
+        assert "{name}" not in filled and "{agent}" not in filled, filled
+        assert bob.css("#from-template"), "the composer says which template it came from"
+        box = bob.css("#composer")[0]
+        box.send_keys(" (edited)")
+        box.send_keys(Keys.ENTER)
+        wait_for("carol sees the edited template", lambda: any(m.endswith("(edited) 📃 Greeting") or "(edited)" in m for m in carol.messages()))
+        print("ok: a template filled, edited and sent")
+
+        # 📝 An internal note: shown apart, to the crew only.
+        bob.click("#note-toggle")
+        note_text = "Internal: this customer is a reseller"
+        bob.send(note_text)
+        wait_for("carol sees the note, marked as one", lambda: any(note_text in e.text for e in carol.css(".messages li.msg.note")))
+        bob.click("#note-toggle")
+        carol.screenshot(os.path.join(args.artifacts, "desk-internal-note.png"))
+        print("ok: an internal note, shown apart")
+
         # 📎: a picked file is sent as an attachment message (by content hash) and shown to both.
         picked = os.path.join(workdir, "delivery-note.txt")
         with open(picked, "w") as f:
