@@ -386,16 +386,11 @@ impl Replica {
         template: &str,
         at: Timestamp,
     ) -> Result<MessageId, ReplicaError> {
+        let t = self.template(id, template)?;
         let (team, summary) = self.visible(id)?;
-        let t = team
-            .templates
-            .iter()
-            .find(|t| t.name == template)
-            .ok_or_else(|| ReplicaError::UnknownTemplate(team.id.clone(), template.to_owned()))?;
         let agent_name = team.member(&self.agent).map_or("", |m| m.name.as_str());
         let text = fill_template(&t.text, &summary.customer, agent_name);
-        let body = MessageBody::Template { template: t.name.clone(), text };
-        self.send(id, body, at)
+        self.send(id, MessageBody::Template { template: t.name, text }, at)
     }
 
     /// 📃 a team template as the agent edited it in the composer (filled, then changed or not).
@@ -406,14 +401,18 @@ impl Replica {
         text: String,
         at: Timestamp,
     ) -> Result<MessageId, ReplicaError> {
+        let t = self.template(id, template)?;
+        self.send(id, MessageBody::Template { template: t.name, text }, at)
+    }
+
+    /// The conversation's team's 📃 template of that name.
+    fn template(&self, id: &ConversationId, name: &str) -> Result<crate::domain::MessageTemplate, ReplicaError> {
         let (team, _) = self.visible(id)?;
-        let t = team
-            .templates
+        team.templates
             .iter()
-            .find(|t| t.name == template)
-            .ok_or_else(|| ReplicaError::UnknownTemplate(team.id.clone(), template.to_owned()))?;
-        let body = MessageBody::Template { template: t.name.clone(), text };
-        self.send(id, body, at)
+            .find(|t| t.name == name)
+            .cloned()
+            .ok_or_else(|| ReplicaError::UnknownTemplate(team.id.clone(), name.to_owned()))
     }
 
     /// 💬 an approved WhatsApp template with its parameters (allowed outside the 24 h window).
