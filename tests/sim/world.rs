@@ -75,6 +75,12 @@ struct Disk {
 pub struct World {
     /// Every frame goes into the trace (for one seed, not for thousands).
     pub verbose: bool,
+    /// This world's admin may switch the team between open and grab mode while agents are offline
+    /// (one seed in four): changes made before an agent heard of it are then refused, taken back,
+    /// and their messages sent again or shown as not delivered.
+    rule_changes: bool,
+    /// The rules did change during the run.
+    rules_changed: bool,
     seed: u64,
     bug: Option<Bug>,
     rng: StdRng,
@@ -132,6 +138,8 @@ impl World {
         rng.fill(&mut relay_actor);
         let mut w = World {
             verbose: false,
+            rule_changes: seed % 4 == 3,
+            rules_changed: false,
             seed,
             bug,
             rng,
@@ -202,6 +210,7 @@ impl World {
             87..=90 => self.customer_writes(),
             91..=92 => self.customer_starts(),
             93 => self.crash_relay(),
+            94 if self.rule_changes => self.switch_mode(),
             _ => self.deliver_one(),
         }
     }
@@ -262,6 +271,15 @@ impl World {
         }
     }
 
+    /// The admin switches the team between open and grab mode (the relay knows at once; agents
+    /// hear of it when they next connect, as `/api/me` tells them).
+    fn switch_mode(&mut self) {
+        self.team.mode = if self.team.mode == TeamMode::Open { TeamMode::Grab } else { TeamMode::Open };
+        self.rules_changed = true;
+        let mode = self.team.mode;
+        self.note(format!("admin switches the team to {mode:?} mode"));
+    }
+
     fn connect(&mut self, i: usize) {
         let conn = self.next_conn;
         self.next_conn += 1;
@@ -274,6 +292,10 @@ impl World {
             selected_protocol_version: "1".into(),
         };
         let agent = &mut self.agents[i];
+        if let Err(e) = agent.replica.put_team(self.team.clone()) {
+            self.violation(format!("the team does not store: {e}"));
+            return;
+        }
         if let Err(e) = session.receive(&mut agent.replica, peer) {
             self.violation(format!("handshake: {e}"));
             return;
@@ -764,12 +786,30 @@ impl World {
             }
             for (cid, m) in &a.written {
                 let kept = disk.iter().any(|(id, _, _, ms)| *id == cid.0 && ms.iter().any(|x| x.id == *m));
-                if !kept {
-                    found.push(format!("{}'s message {} in {} was lost", a.id, m.0, short(&cid.0)));
+                let undelivered = a.replica.undelivered(cid).unwrap_or_default();
+                let shown = undelivered.iter().find(|u| u.message.id == *m).map(|u| u.state.clone());
+                match (kept, shown.as_deref()) {
+                    (true, None) | (false, Some("failed")) => {}
+                    (false, None) => found.push(format!("{}'s message {} in {} was lost", a.id, m.0, short(&cid.0))),
+                    (true, Some(state)) => found.push(format!(
+                        "{}'s message {} in {} was delivered and is also shown as not delivered ({state})",
+                        a.id,
+                        m.0,
+                        short(&cid.0)
+                    )),
+                    (false, Some(state)) => found.push(format!(
+                        "{}'s message {} in {} still waits to be sent again ({state})",
+                        a.id,
+                        m.0,
+                        short(&cid.0)
+                    )),
                 }
             }
-            for r in &a.refused {
-                found.push(format!("{} was refused something made through the desk's commands: {r}", a.id));
+            // Without a change of the rules, nothing made through the desk's commands is refused.
+            if !self.rules_changed {
+                for r in &a.refused {
+                    found.push(format!("{} was refused something made through the desk's commands: {r}", a.id));
+                }
             }
         }
         for f in found {
