@@ -174,7 +174,7 @@ fn spawn_forwarders(
                     let _ = app.emit("relay-error", readable_relay_error(&desk, &message));
                 }
                 SessionEvent::Connected { .. } => emit_changed(&app, Vec::new()),
-                SessionEvent::Unavailable(_) => {}
+                SessionEvent::Unavailable(_) | SessionEvent::RetryLater(_) => {}
             }
         }
     });

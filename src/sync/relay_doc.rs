@@ -336,7 +336,11 @@ impl RelayDoc {
         };
         if verdict.damaged {
             self.stored = None;
-            self.peers.remove(&conn);
+            // The sender stays a follower with a fresh state: once the document is read again, the
+            // fan-out tells it what the relay holds and it sends its changes again.
+            if let Some(peer) = self.peers.get_mut(&conn) {
+                peer.state = sync::State::new();
+            }
             out.push(Action::Send(
                 conn,
                 self.frame_error(peer_id, "the relay could not apply your changes; they will be sent again"),
@@ -501,7 +505,10 @@ impl RelayDoc {
                 tracing::warn!(doc_id = %self.id, %err, "storing a change failed");
                 // What is in memory is not durable: read it again; the sender sends it again.
                 self.stored = None;
-                if let Some(peer) = self.peers.remove(&conn) {
+                // The sender stays a follower with a fresh state: the fan-out after the document is
+                // read again tells it what the relay holds, and it sends its change again.
+                if let Some(peer) = self.peers.get_mut(&conn) {
+                    peer.state = sync::State::new();
                     let why = "the relay could not store your change; it will be sent again";
                     out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, &peer.peer_id, why)));
                 }
@@ -820,7 +827,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_commit_drops_the_document_and_the_sender_starts_over() {
+    fn a_failed_commit_drops_the_document_and_the_sender_hears_from_the_relay_again() {
         let mut r = relay();
         let base = r.doc().unwrap().fork();
         let (copy, changes) = join_and_reply(&base);
@@ -829,7 +836,11 @@ mod tests {
         assert!(out.iter().any(|a| matches!(a, Action::Reload)));
         assert!(out.iter().any(|a| matches!(a, Action::Send(1, WireMessage::Error { message, .. }) if message.starts_with(&format!("document {ID}: ")))));
         assert!(!r.is_stored());
-        assert!(!r.follows(1));
+        // bob stays a follower with a fresh state: once the document is read again, the fan-out
+        // tells him what the relay holds (and he sends his changes again).
+        assert!(r.follows(1));
+        r.load(stored(), "sales".into());
+        assert_eq!(sends_to(&r.fanout(), 1), 1);
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub enum SessionEvent {
     Unavailable(ConversationId),
     /// The relay refused something; the message says what and why.
     RelayError(String),
+    /// The relay could not serve this conversation just now (storage unreachable, a commit that
+    /// failed): offer it again in a few seconds, not at once (no loop while the relay is unwell).
+    RetryLater(ConversationId),
 }
 
 pub struct ClientSession {
@@ -152,17 +155,22 @@ impl ClientSession {
                 // "document <id>: <why>": about one conversation. The relay dropped what it had of
                 // this exchange, so the sync of that conversation starts over (what it did not
                 // store is sent again). A refusal ("<rule>; refused (change <hash>)") first takes
-                // the refused change, and what depends on it, back out of the replica.
+                // the refused change, and what depends on it, back out of the replica; then the
+                // rest goes at once (the refused change is gone: no loop). Other errors are
+                // transient on the relay's side: offered again a little later.
                 if let Some((id, reason)) = message.strip_prefix("document ").and_then(|m| m.split_once(": ")) {
                     let id = ConversationId(id.to_owned());
+                    let known = self.states.remove(&id).is_some();
                     if let Some((rule, hash)) = refused_change(reason) {
                         replica.note_refusal(&id, rule);
                         if replica.take_back_refused(&id, hash, rule)? > 0 {
                             events.push(SessionEvent::Changed(id.clone()));
                         }
-                    }
-                    if self.states.remove(&id).is_some() {
-                        out.extend(self.offer(replica, &id)?);
+                        if known {
+                            out.extend(self.offer(replica, &id)?);
+                        }
+                    } else if known {
+                        events.push(SessionEvent::RetryLater(id.clone()));
                     }
                 }
                 events.push(SessionEvent::RelayError(message))

@@ -70,6 +70,9 @@ pub type SharedReplica = Arc<Mutex<Replica>>;
 /// The relay's close code for a token it no longer accepts (`sync_server::relay::close::SIGNED_OUT`).
 const SIGNED_OUT: u16 = 4001;
 
+/// How long a conversation waits before it is offered again after the relay could not serve it.
+const RETRY_LATER: Duration = Duration::from_secs(3);
+
 /// How long the connection may stay silent before it counts as lost (the relay pings every 5 s).
 const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 
@@ -255,6 +258,7 @@ async fn session(
         send(&mut sink, m).await?;
     }
     publish(status, replica, true, None);
+    let (retry_tx, mut retry_rx) = mpsc::channel::<ConversationId>(256);
     loop {
         tokio::select! {
             // The relay pings every few seconds: silence this long means the connection is gone
@@ -284,9 +288,24 @@ async fn session(
                     if let SessionEvent::RelayError(message) = &e {
                         error = Some(message.clone());
                     }
+                    if let SessionEvent::RetryLater(id) = &e {
+                        // The relay could not serve it just now: offered again in a few seconds.
+                        let (retry, id) = (retry_tx.clone(), id.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(RETRY_LATER).await;
+                            let _ = retry.send(id).await;
+                        });
+                        continue;
+                    }
                     let _ = events.try_send(e);
                 }
                 publish(status, replica, true, error);
+            }
+            Some(id) = retry_rx.recv() => {
+                let offer = s.offer(&mut lock(replica), &id)?;
+                if let Some(m) = offer {
+                    send(&mut sink, m).await?;
+                }
             }
             id = changed.recv() => {
                 let Some(id) = id else { return Ok(()) };
