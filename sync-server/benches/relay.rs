@@ -94,6 +94,182 @@ fn start_relay(data: &Path, port: u16) -> Server {
     start_relay_on(data, None, port)
 }
 
+/// A relay for the widget rows: every customer comes from 127.0.0.1, so the per-address limits
+/// (conversation starts, messages, connections) are raised for the measurement.
+fn start_relay_for_widgets(data: &Path, port: u16) -> Server {
+    Command::new(env!("CARGO_BIN_EXE_sync-server"))
+        .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--widget-starts-per-ip", "1000000", "--widget-messages-per-ip", "1000000"])
+        .args(["--max-connections-per-address", "100000"])
+        .env("RUST_LOG", std::env::var("CREWDESK_BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(format!("/tmp/crewdesk-bench-relay-{port}.log"))
+                .map_or_else(|_| Stdio::null(), Stdio::from),
+        )
+        .spawn()
+        .map(Server)
+        .expect("relay binary")
+}
+
+/// What the widget rows measured.
+struct WidgetResult {
+    /// A customer's message in the widget until the agent's replica has it.
+    to_agent: Vec<Duration>,
+    /// An agent's reply until the customer's widget socket shows it.
+    to_widget: Vec<Duration>,
+    elapsed: Duration,
+    /// Relay CPU seconds from the moment everyone is connected and in the room until the end.
+    relay_cpu: f64,
+}
+
+/// W web-widget customers, one per conversation, each with an agent in the room: the customer
+/// writes K messages through the widget's socket and the agent K replies through the sync
+/// protocol, `every` apart, both at once.
+async fn widget_load(
+    (port, relay_pid): (u16, u32),
+    key: &str,
+    tokens: &[String],
+    w: usize,
+    k: usize,
+    every: Duration,
+) -> WidgetResult {
+    let http = reqwest::Client::new();
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let to_agent: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let to_widget: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let barrier = Arc::new(Barrier::new(2 * w + 1));
+    let mut tasks = Vec::new();
+    for i in 0..w {
+        let started: serde_json::Value = http
+            .post(format!("http://127.0.0.1:{port}/api/widget/{key}/conversations"))
+            .json(&serde_json::json!({ "name": format!("Customer {i}"), "text": format!("hello {i}") }))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = started["session"].as_str().unwrap().to_owned();
+        let id = started["conversation"].as_str().unwrap().to_owned();
+        // The customer: writes through the widget's socket, reads the agent's replies there.
+        let (sent_c, to_widget, barrier_c) = (sent.clone(), to_widget.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, _) =
+                tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/api/widget/ws?session={session}"))
+                    .await
+                    .unwrap();
+            barrier_c.wait().await;
+            let offset = Duration::from_millis((i as u64 * 7919) % every.as_millis().max(1) as u64);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+            let (mut mine, mut got) = (0, 0);
+            let deadline = tokio::time::sleep(Duration::from_secs(60));
+            tokio::pin!(deadline);
+            while mine < k || got < k {
+                tokio::select! {
+                    frame = ws.next() => {
+                        let Some(Ok(Ws::Text(t))) = frame else { if matches!(frame, Some(Ok(_))) { continue } else { break } };
+                        let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) else { continue };
+                        for m in v["messages"].as_array().into_iter().flatten() {
+                            let Some(text) = m["text"].as_str() else { continue };
+                            if m["from"] == "crew" && let Some(at) = sent_c.lock().unwrap().get(text) {
+                                to_widget.lock().unwrap().push(at.elapsed());
+                                got += 1;
+                            }
+                        }
+                    }
+                    _ = tick.tick(), if mine < k => {
+                        let text = format!("w{i}-{mine}");
+                        sent_c.lock().unwrap().insert(text.clone(), Instant::now());
+                        let frame = serde_json::json!({ "type": "message", "text": text }).to_string();
+                        if ws.send(Ws::Text(frame.into())).await.is_err() { break }
+                        mine += 1;
+                    }
+                    _ = &mut deadline => break,
+                }
+            }
+        }));
+        // The agent: joins the conversation, replies through the sync protocol, reads the
+        // customer's messages from the changes the relay sends.
+        let (token, sent_a, to_agent, barrier_a) =
+            (tokens[i % tokens.len()].clone(), sent.clone(), to_agent.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let peer = format!("widget-agent{i}");
+            let agent = AgentId(format!("agent{}", i % 1_000_000));
+            let mut ws = connect(port, &token, &peer).await;
+            let mut d = Automerge::new().with_actor(ActorId::from(format!("widget-run-agent{i}").as_bytes()));
+            let mut state = sync::State::new();
+            let request = d.generate_sync_message(&mut state).unwrap();
+            let m = WireMessage::Request { sender_id: peer.clone(), target_id: "server".into(), document_id: id.clone(), data: request.encode() };
+            ws.send(Ws::Binary(m.encode().into())).await.unwrap();
+            // Fetch the conversation, then join it.
+            while !doc::check_schema(&d).unwrap_or(false) {
+                let Some(Ok(Ws::Binary(b))) = ws.next().await else { continue };
+                let Ok(WireMessage::Sync { data, .. }) = WireMessage::decode(&b) else { continue };
+                d.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap()).unwrap();
+                if let Some(m) = d.generate_sync_message(&mut state) {
+                    ws.send(sync_frame(&peer, &id, m)).await.unwrap();
+                }
+            }
+            d.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &agent, true)).unwrap();
+            if let Some(m) = d.generate_sync_message(&mut state) {
+                ws.send(sync_frame(&peer, &id, m)).await.unwrap();
+            }
+            barrier_a.wait().await;
+            let offset = Duration::from_millis((i as u64 * 104_729) % every.as_millis().max(1) as u64);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+            let (mut mine, mut got) = (0, 0);
+            let deadline = tokio::time::sleep(Duration::from_secs(60));
+            tokio::pin!(deadline);
+            while mine < k || got < k {
+                tokio::select! {
+                    frame = ws.next() => {
+                        let Some(Ok(Ws::Binary(b))) = frame else { if matches!(frame, Some(Ok(_))) { continue } else { break } };
+                        let Ok(WireMessage::Sync { data, .. }) = WireMessage::decode(&b) else { continue };
+                        let before = d.get_heads();
+                        d.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap()).unwrap();
+                        let now = Instant::now();
+                        if d.get_heads() != before {
+                            for m in doc::all_messages(&d).unwrap_or_default() {
+                                if let (Author::Customer, MessageBody::Text { text }) = (&m.author, &m.body)
+                                    && let Some(at) = sent_a.lock().unwrap().remove(text)
+                                {
+                                    to_agent.lock().unwrap().push(now - at);
+                                    got += 1;
+                                }
+                            }
+                        }
+                        if let Some(m) = d.generate_sync_message(&mut state)
+                            && ws.send(sync_frame(&peer, &id, m)).await.is_err() { break }
+                    }
+                    _ = tick.tick(), if mine < k => {
+                        let text = format!("a{i}-{mine}");
+                        let m = Message { id: MessageId(format!("wa{i}-{mine}")), at: Timestamp::now(), author: Author::Crew { agent: agent.clone() }, body: MessageBody::Text { text: text.clone() } };
+                        d.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &m)).unwrap();
+                        sent_a.lock().unwrap().insert(text, Instant::now());
+                        mine += 1;
+                        if let Some(m) = d.generate_sync_message(&mut state)
+                            && ws.send(sync_frame(&peer, &id, m)).await.is_err() { break }
+                    }
+                    _ = &mut deadline => break,
+                }
+            }
+        }));
+    }
+    barrier.wait().await;
+    let (started, cpu) = (Instant::now(), cpu_seconds(relay_pid));
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (elapsed, relay_cpu) = (started.elapsed(), cpu_seconds(relay_pid) - cpu);
+    let (mut a, mut b) = (to_agent.lock().unwrap().clone(), to_widget.lock().unwrap().clone());
+    a.sort();
+    b.sort();
+    WidgetResult { to_agent: a, to_widget: b, elapsed, relay_cpu }
+}
+
 /// A relay process; with a PostgreSQL URL it is one instance of a deployment sharing that database.
 fn start_relay_on(data: &Path, store: Option<&str>, port: u16) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sync-server"));
@@ -441,6 +617,10 @@ async fn main() {
     // Scale-out also runs a lighter load (still far above a real desk's), where the machine is not full.
     let light = Duration::from_millis(env_usize("CREWDESK_LOAD_LIGHT_MS", 5000) as u64);
     let (team, names) = load_team(n);
+    if std::env::var_os("CREWDESK_BENCH_WIDGETS_ONLY").is_some() {
+        widgets(&team, &names, &docs, k, [paced]).await;
+        return;
+    }
     if std::env::var_os("CREWDESK_BENCH_SCALE_OUT_ONLY").is_some() {
         let base = std::env::var("CREWDESK_BENCH_POSTGRES").expect("CREWDESK_BENCH_POSTGRES");
         scale_out(&base, &team, &names, &docs, k, [saturating, paced, light]).await;
@@ -535,6 +715,7 @@ async fn main() {
     );
     println!("peak memory ratio (Crewdesk / reference): {:.2}", rows[1].3.1 as f64 / rows[3].3.1.max(1) as f64);
 
+    widgets(&team, &names, &docs, k, [paced]).await;
     catch_up().await;
     stored_versus_active().await;
     match std::env::var("CREWDESK_BENCH_POSTGRES") {
@@ -543,6 +724,63 @@ async fn main() {
             eprintln!("\nscale-out on PostgreSQL skipped: set CREWDESK_BENCH_POSTGRES (`cargo xtask bench-relay` does)")
         }
     }
+}
+
+/// Web-widget customers beside the agents, on a relay of their own (same build): the agents' load
+/// alone, then the same load with W widget customers (one per conversation, each with an agent in
+/// the room) writing and reading at the same time.
+async fn widgets(team: &Team, names: &[String], docs: &[(ConversationId, Automerge)], k: usize, rates: [Duration; 1]) {
+    let w = env_usize("CREWDESK_LOAD_WIDGETS", 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let tokens = seed_store(&store, team, names, docs);
+    let key = store.widget_settings(&team.id).unwrap().expect("the load team's widget").key;
+    drop(store);
+    let port = free_port();
+    let relay = start_relay_for_widgets(dir.path(), port);
+    wait_listening(port).await;
+    for every in rates {
+        eprintln!("agents alone, a message every {every:?}");
+        let cpu = cpu_seconds(relay.id());
+        let agents = load(&[port], &tokens, docs, k, every).await;
+        let agent_cpu = cpu_seconds(relay.id()) - cpu;
+        eprintln!("{w} widget customers with their agents, a message every {every:?} each way");
+        let r = widget_load((port, relay.id()), &key, &tokens, w, k, every).await;
+        let widget_cpu = r.relay_cpu;
+        let mem = memory_kib(relay.id());
+        let deliveries = r.to_agent.len() + r.to_widget.len();
+        let per_agent_delivery = agent_cpu * 1e6 / agents.delivered.max(1) as f64;
+        let per_widget_delivery = widget_cpu * 1e6 / deliveries.max(1) as f64;
+        println!();
+        println!(
+            "| web widget ({w} customers, one per conversation, each with an agent; {k} messages each way, one every {} ms) | count | p50 | p99 |",
+            every.as_millis()
+        );
+        println!("|---|---|---|---|");
+        println!(
+            "| widget → agent | {} of {} | {:.1} ms | {:.1} ms |",
+            r.to_agent.len(),
+            w * k,
+            pct(&r.to_agent, 0.5),
+            pct(&r.to_agent, 0.99)
+        );
+        println!(
+            "| agent → widget | {} of {} | {:.1} ms | {:.1} ms |",
+            r.to_widget.len(),
+            w * k,
+            pct(&r.to_widget, 0.5),
+            pct(&r.to_widget, 0.99)
+        );
+        println!(
+            "relay CPU per widget delivery {per_widget_delivery:.0} µs (from when all are in the room), per agent delivery {per_agent_delivery:.0} µs (the agents' run, connecting included) (ratio {:.2}x; target ≤ 2x); {} deliveries in {:.1} s; relay RSS {} MiB (peak {} MiB)",
+            per_widget_delivery / per_agent_delivery.max(1e-9),
+            deliveries,
+            r.elapsed.as_secs_f64(),
+            mem.0 / 1024,
+            mem.1 / 1024
+        );
+    }
+    drop(relay);
 }
 
 /// The load team, its conversations (loaded as an import would) and a token per agent.
