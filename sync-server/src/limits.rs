@@ -17,12 +17,10 @@ impl<K: Hash + Eq> Limiter<K> {
         Limiter { window, max, events: Mutex::new(HashMap::new()) }
     }
 
-    /// Takes back the latest event counted for `key` (an attempt that turned out to be fine).
-    pub fn refund(&self, key: &K) {
-        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(times) = events.get_mut(key) {
-            times.pop();
-        }
+    /// Whether `key` has used up its events in the window (nothing is counted).
+    pub fn is_full(&self, key: &K) -> bool {
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        events.get(key).is_some_and(|times| times.iter().filter(|t| t.elapsed() < self.window).count() >= self.max)
     }
 
     /// Counts an event for `key`; false (and not counted) when the key has used up its events.

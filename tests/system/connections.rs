@@ -371,3 +371,23 @@ async fn a_bad_token_flood_costs_no_database_work_and_does_not_stop_a_good_agent
     println!("reply delays quiet {quiet:?}, during the flood {loaded:?}");
     assert!(worst(&loaded) < Duration::from_secs(1), "during the flood: {loaded:?}");
 }
+
+/// An office behind one address: 200 agents whose tokens the relay has not seen yet sign in at
+/// once (a relay restart, everyone reconnecting). They are checked a few at a time and all get
+/// in: the limit is on failed sign-ins, not on sign-ins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_good_sign_ins_at_once_from_one_address_all_get_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, _) = TestRelay::start(dir.path().to_owned()).await;
+    let store = relay.open_store();
+    let tokens: Vec<String> =
+        (0..200).map(|i| store.issue_token(&"bob".into(), &format!("laptop {i}")).unwrap()).collect();
+    let http = reqwest::Client::new();
+    let url = relay.url();
+    let answers =
+        futures_util::future::join_all(tokens.iter().map(|t| http.get(format!("{url}/api/me")).bearer_auth(t).send()))
+            .await;
+    let statuses: Vec<u16> = answers.into_iter().map(|r| r.unwrap().status().as_u16()).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    relay.stop().await;
+}

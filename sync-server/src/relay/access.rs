@@ -48,9 +48,17 @@ impl SignInError {
 pub(super) struct Credentials {
     cache: Mutex<Cache>,
     failures: crate::limits::Limiter<IpAddr>,
+    /// Tokens not in the cache are looked up a few at a time: a flood of made-up tokens waits here,
+    /// and once an address has failed enough its attempts are refused without a lookup, while a
+    /// burst of good tokens from one address (an office behind one NAT, reconnecting after a relay
+    /// restart) is only queued, never refused.
+    checks: tokio::sync::Semaphore,
     /// Tokens looked up in the store since the start (shown by `/health`).
     pub(super) lookups: AtomicU64,
 }
+
+/// Token lookups at once (not in the cache).
+const CHECKS_AT_ONCE: usize = 4;
 
 #[derive(Default)]
 struct Cache {
@@ -64,6 +72,7 @@ impl Default for Credentials {
         Credentials {
             cache: Mutex::default(),
             failures: crate::limits::Limiter::new(FAILURES_PER_MINUTE, std::time::Duration::from_secs(60)),
+            checks: tokio::sync::Semaphore::new(CHECKS_AT_ONCE),
             lookups: AtomicU64::new(0),
         }
     }
@@ -102,9 +111,13 @@ impl Relay {
                 }
             }
         }
-        // Counted as a failure before the lookup (concurrent attempts cannot all slip through
-        // before the first fails), taken back if the token is good.
-        if !self.credentials.failures.allow(from) {
+        // Failures are counted when they happen; lookups go a few at a time, and each checks the
+        // address's failures first, so a flood costs at most the limit plus the lookups in flight.
+        if self.credentials.failures.is_full(&from) {
+            return Err(SignInError::TooManyFailures);
+        }
+        let Ok(_check) = self.credentials.checks.acquire().await else { return Err(SignInError::Unavailable) };
+        if self.credentials.failures.is_full(&from) {
             return Err(SignInError::TooManyFailures);
         }
         self.credentials.lookups.fetch_add(1, Ordering::Relaxed);
@@ -112,7 +125,6 @@ impl Relay {
         let read = self.blocking(move |s| Ok((s.access_version()?, s.authenticate_hash(&h)?))).await;
         match read {
             Ok((version, Some(agent))) => {
-                self.credentials.failures.refund(&from);
                 let mut cache = self.credentials.cache.lock().unwrap_or_else(|p| p.into_inner());
                 // Cached only when read at the version the cache holds (or a first one).
                 if cache.version.is_none() {
@@ -126,9 +138,11 @@ impl Relay {
                 }
                 Ok(SignedIn { agent, token_hash: hash, version })
             }
-            Ok((_, None)) => Err(SignInError::Refused),
+            Ok((_, None)) => {
+                self.credentials.failures.allow(from);
+                Err(SignInError::Refused)
+            }
             Err(e) => {
-                self.credentials.failures.refund(&from);
                 warn!(%e, "a token could not be checked");
                 Err(SignInError::Unavailable)
             }
