@@ -232,7 +232,8 @@ async fn widget_load(
                         d.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap()).unwrap();
                         let now = Instant::now();
                         if d.get_heads() != before {
-                            for m in doc::all_messages(&d).unwrap_or_default() {
+                            let after = d.get_heads();
+                            for m in doc::messages_added(&d, &before, &after).unwrap_or_default() {
                                 if let (Author::Customer, MessageBody::Text { text }) = (&m.author, &m.body)
                                     && let Some(at) = sent_a.lock().unwrap().remove(text)
                                 {
