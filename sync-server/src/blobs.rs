@@ -82,12 +82,13 @@ pub(crate) async fn read_blob(
     Some(bytes)
 }
 
-/// Writes `bytes` to `path` durably: temporary file, fsync, rename, fsync of the directory.
+/// Writes `bytes` to `path` durably and privately (0600 in 0700 directories): temporary file,
+/// fsync, rename, fsync of the directory.
 fn write_durably(path: &FsPath, bytes: &[u8]) -> std::io::Result<()> {
     let parent = path.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
-    std::fs::create_dir_all(parent)?;
+    crate::private::dir(parent)?;
     let tmp = parent.join(format!(".{}.tmp", rand::random::<u64>()));
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = crate::private::create_file(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;

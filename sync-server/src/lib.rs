@@ -9,6 +9,7 @@ mod geoip;
 mod import;
 mod limits;
 mod mailer;
+mod private;
 pub mod relay;
 pub mod store;
 pub mod whatsapp;

@@ -164,3 +164,64 @@ async fn attachments_upload_after_reconnect_and_download_only_where_allowed() {
     assert_eq!(sync_client::download_blob(carol.config(), &id, &hash, false).await.unwrap(), photo);
     relay.stop().await;
 }
+
+/// Every directory and file under `dir` with its permission bits.
+#[cfg(unix)]
+fn modes(dir: &std::path::Path) -> Vec<(std::path::PathBuf, bool, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        out.push((d.clone(), true, std::fs::metadata(&d).unwrap().permissions().mode() & 0o777));
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push((path.clone(), false, std::fs::metadata(&path).unwrap().permissions().mode() & 0o777));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_data_directory_and_files_are_readable_by_its_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+    // A data directory an operator made with a plain `mkdir` (0755), with a database from before.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("relay-data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (mut relay, tokens) = TestRelay::start(data.clone()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let (session, id) = widget_conversation(&relay, "sales", "Noor").await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/widget/blobs?session={session}", relay.url()))
+        .header("content-type", "image/png")
+        .body(png(64, 48))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    eventually(10, "bob has the photo", || {
+        bob.with(|r| r.stored_messages(&id).unwrap().iter().any(|m| matches!(m.body, MessageBody::Attachment { .. })))
+    })
+    .await;
+
+    let found = modes(&data);
+    let names: Vec<String> = found.iter().map(|(p, ..)| p.display().to_string()).collect();
+    assert!(names.iter().any(|n| n.contains("/blobs/thumbs/")), "a thumbnail was written: {names:?}");
+    if relay.store.is_none() {
+        for file in ["relay.sqlite3", "relay.sqlite3-wal", "relay.sqlite3-shm"] {
+            assert!(data.join(file).exists(), "{file} exists");
+        }
+    }
+    for (path, is_dir, mode) in &found {
+        let want = if *is_dir { 0o700 } else { 0o600 };
+        assert_eq!(*mode, want, "{} is {mode:o}, not {want:o}", path.display());
+    }
+    relay.stop().await;
+}

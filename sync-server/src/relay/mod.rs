@@ -69,6 +69,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let url = config.store_url()?;
+    // Attachments (and, on SQLite, the database) live here: only the relay's user may read them.
+    crate::private::dir(&config.data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
     let store = Arc::new(tokio::task::spawn_blocking(move || Store::connect(&url)).await??);
     let s = store.clone();
     let storage_id = tokio::task::spawn_blocking(move || s.storage_id()).await??;

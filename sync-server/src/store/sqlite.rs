@@ -26,9 +26,12 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(dir)
+        crate::private::dir(dir)
             .map_err(|e| StoreError::Invalid(format!("cannot create data directory {}: {e}", dir.display())))?;
-        let conn = crewdesk::replica::sqlite::open(&dir.join("relay.sqlite3"), MIGRATIONS).map_err(|e| match e {
+        let path = dir.join("relay.sqlite3");
+        crate::private::sqlite_database(&path)
+            .map_err(|e| StoreError::Invalid(format!("cannot prepare the database {}: {e}", path.display())))?;
+        let conn = crewdesk::replica::sqlite::open(&path, MIGRATIONS).map_err(|e| match e {
             crewdesk::replica::sqlite::OpenError::Sqlite(e) => StoreError::Sqlite(e),
             crewdesk::replica::sqlite::OpenError::NewerSchema { found, supported } => {
                 StoreError::NewerSchema { found, supported }
