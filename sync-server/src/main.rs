@@ -11,7 +11,7 @@ use sync_server::{Config, run};
 #[command(name = "sync-server", about = "The Crewdesk relay: sync, accounts, tokens, grab decisions")]
 struct Cli {
     /// A TOML file with any of: data_dir, store, listen, max_frame_bytes, keepalive_secs,
-    /// outbound_queue, max_loaded_documents, smtp, mail_from. Flags and CREWDESK_* variables
+    /// outbound_queue, max_loaded_documents, smtp, smtp_password_file, mail_from, ... Flags and CREWDESK_* variables
     /// override it.
     #[arg(long, env = "CREWDESK_CONFIG", global = true)]
     config: Option<PathBuf>,
@@ -78,9 +78,13 @@ enum Command {
         /// Largest accepted WebSocket message in bytes [default: 8 MiB].
         #[arg(long, env = "CREWDESK_MAX_FRAME_BYTES")]
         max_frame_bytes: Option<usize>,
-        /// SMTP server for the email fallback, `host:port` (plain SMTP, e.g. a local MTA).
+        /// SMTP server for the email fallback: smtps://USER@HOST:465 (TLS), smtp://USER@HOST:587
+        /// (STARTTLS), or plain to this machine only: smtp://localhost:25?tls=none (or 127.0.0.1:25).
         #[arg(long, env = "CREWDESK_SMTP")]
         smtp: Option<String>,
+        /// A file holding the SMTP user's password (one line), never put in the URL.
+        #[arg(long, env = "CREWDESK_SMTP_PASSWORD_FILE")]
+        smtp_password_file: Option<PathBuf>,
         /// Sender address of fallback emails.
         #[arg(long, env = "CREWDESK_MAIL_FROM")]
         mail_from: Option<String>,
@@ -254,6 +258,7 @@ async fn relay_main() -> anyhow::Result<()> {
             listen,
             max_frame_bytes,
             smtp,
+            smtp_password_file,
             mail_from,
             geoip,
             trusted_proxies,
@@ -281,6 +286,9 @@ async fn relay_main() -> anyhow::Result<()> {
                 config.whatsapp = Some(wa);
             }
             config.smtp = smtp.or(config.smtp);
+            if let Some(path) = smtp_password_file {
+                config.smtp_password = Some(sync_server::smtp::SmtpPassword::from_file(&path)?);
+            }
             config.mail_from = mail_from.unwrap_or(config.mail_from);
             config.listen = listen.unwrap_or(config.listen);
             config.max_frame_bytes = max_frame_bytes.unwrap_or(config.max_frame_bytes);

@@ -68,6 +68,15 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Refused before anything is opened: the error says which setting to fix.
+    let smtp = config.check()?;
+    let mail_transport = match &smtp {
+        Some(s) => Some(
+            crate::mailer::transport(s, config.smtp_password.clone())
+                .map_err(|e| anyhow::anyhow!("the SMTP server {} cannot be used: {e}", s.host))?,
+        ),
+        None => None,
+    };
     let url = config.store_url()?;
     // Attachments (and, on SQLite, the database) live here: only the relay's user may read them.
     crate::private::dir(&config.data_dir)
@@ -82,7 +91,7 @@ pub async fn run(
     tokio::spawn(crate::mailer::run(
         store.clone(),
         config.blob_dir(),
-        config.smtp.clone(),
+        mail_transport,
         config.mail_from.clone(),
         mail_wake.clone(),
         stop_rx.clone(),
