@@ -6,6 +6,7 @@
 mod blobs;
 pub mod demo_customers;
 mod geoip;
+mod images;
 mod import;
 mod limits;
 mod mailer;
@@ -65,6 +66,12 @@ pub struct Config {
     pub widget_starts_per_ip: usize,
     /// Largest attachment accepted, in bytes.
     pub max_blob_bytes: usize,
+    /// Largest image accepted, in pixels (width × height, read from its header before decoding);
+    /// larger ones are refused with 422 and nothing is stored.
+    pub max_image_pixels: u64,
+    /// Bytes of files each team's conversations may hold on the relay (each file counted once per
+    /// team); an upload beyond it is refused with 507 and nothing is stored.
+    pub team_blob_quota_bytes: u64,
     /// Connections open at once, all addresses together; more are answered 503 (WebSocket: close
     /// 1013) with the reason, while `/health` keeps answering.
     pub max_connections: usize,
@@ -101,6 +108,8 @@ struct ConfigFile {
     widget_sockets_per_session: Option<usize>,
     widget_messages_per_ip: Option<usize>,
     max_blob_bytes: Option<usize>,
+    max_image_pixels: Option<u64>,
+    team_blob_quota_bytes: Option<u64>,
     max_connections: Option<usize>,
     max_connections_per_address: Option<usize>,
     body_timeout_secs: Option<u64>,
@@ -144,6 +153,8 @@ impl Config {
             widget_sockets_per_session: file.widget_sockets_per_session.unwrap_or(d.widget_sockets_per_session),
             widget_messages_per_ip: file.widget_messages_per_ip.unwrap_or(d.widget_messages_per_ip),
             max_blob_bytes: file.max_blob_bytes.unwrap_or(d.max_blob_bytes),
+            max_image_pixels: file.max_image_pixels.unwrap_or(d.max_image_pixels),
+            team_blob_quota_bytes: file.team_blob_quota_bytes.unwrap_or(d.team_blob_quota_bytes),
             max_connections: file.max_connections.unwrap_or(d.max_connections),
             max_connections_per_address: file.max_connections_per_address.unwrap_or(d.max_connections_per_address),
             body_timeout: file.body_timeout_secs.map_or(d.body_timeout, Duration::from_secs),
@@ -173,6 +184,10 @@ impl Default for Config {
             widget_sockets_per_session: 4,
             widget_messages_per_ip: 60,
             max_blob_bytes: 10 * 1024 * 1024,
+            // A 48-megapixel phone photo passes; its decoded pixels stay under 200 MiB.
+            max_image_pixels: 50_000_000,
+            // About 2,000 photos at the largest file size per team.
+            team_blob_quota_bytes: 20 * 1024 * 1024 * 1024,
             // A 1,000-agent team (one socket each, plus a few requests) and its web-widget
             // customers stay far below these.
             max_connections: 20_000,

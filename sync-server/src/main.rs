@@ -68,6 +68,8 @@ impl WhatsAppFlags {
     }
 }
 
+// Parsed once at start: the size of the `serve` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve WebSocket sync and the HTTP API.
@@ -107,6 +109,9 @@ enum Command {
         /// Web-widget messages one address (IPv6: one /64) may send per 10 s [default: 60].
         #[arg(long, env = "CREWDESK_WIDGET_MESSAGES_PER_IP")]
         widget_messages_per_ip: Option<usize>,
+        /// Bytes of files each team's conversations may hold on the relay [default: 21474836480, 20 GiB].
+        #[arg(long, env = "CREWDESK_TEAM_BLOB_QUOTA_BYTES")]
+        team_blob_quota_bytes: Option<u64>,
         /// Connections open at once, all addresses together [default: 20000].
         #[arg(long, env = "CREWDESK_MAX_CONNECTIONS")]
         max_connections: Option<usize>,
@@ -266,6 +271,7 @@ async fn relay_main() -> anyhow::Result<()> {
             widget_starts_per_ip,
             widget_sockets_per_session,
             widget_messages_per_ip,
+            team_blob_quota_bytes,
             max_connections,
             max_connections_per_address,
             whatsapp,
@@ -292,6 +298,7 @@ async fn relay_main() -> anyhow::Result<()> {
             config.mail_from = mail_from.unwrap_or(config.mail_from);
             config.listen = listen.unwrap_or(config.listen);
             config.max_frame_bytes = max_frame_bytes.unwrap_or(config.max_frame_bytes);
+            config.team_blob_quota_bytes = team_blob_quota_bytes.unwrap_or(config.team_blob_quota_bytes);
             config.max_connections = max_connections.unwrap_or(config.max_connections);
             config.max_connections_per_address =
                 max_connections_per_address.unwrap_or(config.max_connections_per_address);

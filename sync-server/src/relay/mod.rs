@@ -114,6 +114,8 @@ pub async fn run(
         widget_starts: crate::limits::Limiter::new(config.widget_starts_per_ip, std::time::Duration::from_secs(600)),
         widget_uploads: crate::limits::Limiter::new(20, std::time::Duration::from_secs(600)),
         team_modes: Mutex::default(),
+        // Two decoding threads (of the machine's few cores) and eight images waiting at most.
+        images: crate::images::ImagePool::new(2, 8),
         commits,
         shared: store.backend() == "postgres",
         store,
@@ -271,6 +273,8 @@ pub struct Relay {
     widget_starts: crate::limits::Limiter<std::net::IpAddr>,
     /// Files sent by widget customers per conversation (10 minutes).
     widget_uploads: crate::limits::Limiter<String>,
+    /// Decodes uploaded images for their thumbnails, apart from the blocking threads.
+    pub(crate) images: crate::images::ImagePool,
     /// Each team's mode (open or grab) and when it was read, for the judge of changes.
     team_modes: Mutex<HashMap<TeamId, (TeamMode, Instant)>>,
     /// Which agent each automerge actor id (hex) is bound to, as far as this instance has seen.
