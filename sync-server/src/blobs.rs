@@ -5,6 +5,7 @@
 //! teams; widget customers upload into their own conversation. A download is allowed exactly when
 //! the conversation it was sent in is: anything else is a 404, like a missing file.
 
+use crate::images::ImageError;
 use crate::relay::{Relay, TokenQuery, bearer};
 use crate::store::{BlobInfo, Store};
 use axum::Router;
@@ -82,33 +83,17 @@ pub(crate) async fn read_blob(
     Some(bytes)
 }
 
-/// Writes `bytes` to `path` durably: temporary file, fsync, rename, fsync of the directory.
+/// Writes `bytes` to `path` durably and privately (0600 in 0700 directories): temporary file,
+/// fsync, rename, fsync of the directory.
 fn write_durably(path: &FsPath, bytes: &[u8]) -> std::io::Result<()> {
     let parent = path.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
-    std::fs::create_dir_all(parent)?;
+    crate::private::dir(parent)?;
     let tmp = parent.join(format!(".{}.tmp", rand::random::<u64>()));
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = crate::private::create_file(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(parent)?.sync_all()
-}
-
-/// A PNG thumbnail (at most 320×320) of an image; `Err` when the image cannot be decoded.
-fn thumbnail(bytes: &[u8]) -> Result<Vec<u8>, String> {
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| format!("the image cannot be read: {e}"))?;
-    // Decompression bombs: refuse huge dimensions before allocating.
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(12_000);
-    limits.max_image_height = Some(12_000);
-    limits.max_alloc = Some(256 * 1024 * 1024);
-    reader.limits(limits);
-    let image = reader.decode().map_err(|e| format!("the image cannot be read: {e}"))?;
-    let mut out = std::io::Cursor::new(Vec::new());
-    image.thumbnail(320, 320).write_to(&mut out, image::ImageFormat::Png).map_err(|e| e.to_string())?;
-    Ok(out.into_inner())
 }
 
 /// Checks and stores an upload sent in `doc_id`. `expected` is the hash the uploader named.
@@ -125,8 +110,9 @@ async fn store_upload(
         .map_err(|(status, e)| bad(status, e))
 }
 
-/// Checks a file (hash, type from its content, size), stores it durably with its thumbnail and
-/// records that it was sent in `doc_id`. Errors carry the HTTP status that fits them.
+/// Checks a file (hash, type from its content, size, pixels, the team's quota), stores it durably
+/// with its thumbnail and records that it was sent in `doc_id`. Nothing is written before every
+/// check has passed. Errors carry the HTTP status that fits them.
 pub(crate) async fn store_bytes(
     relay: &Arc<Relay>,
     doc_id: &str,
@@ -140,43 +126,93 @@ pub(crate) async fn store_bytes(
     if bytes.len() > relay.config().max_blob_bytes {
         return Err((StatusCode::PAYLOAD_TOO_LARGE, "the file is larger than this relay accepts".into()));
     }
-    let dir = relay.config().blob_dir();
-    let (declared, doc_id) = (declared.to_owned(), doc_id.to_owned());
-    let expected = expected.cloned();
-    type Stored = (BlobHash, BlobInfo, Bytes, Option<Vec<u8>>);
-    let stored = tokio::task::spawn_blocking(move || -> Result<Stored, (StatusCode, String)> {
-        let hash = BlobHash::of(&bytes);
+    let (declared, expected, b) = (declared.to_owned(), expected.cloned(), bytes.clone());
+    let (hash, mime) = tokio::task::spawn_blocking(move || -> Result<(BlobHash, String), (StatusCode, String)> {
+        let hash = BlobHash::of(&b);
         if expected.as_ref().is_some_and(|e| *e != hash) {
             return Err((StatusCode::BAD_REQUEST, "the content does not match the hash in the address".into()));
         }
-        let mime = crewdesk::domain::attachment::accepted_type(&declared, &bytes)
+        let mime = crewdesk::domain::attachment::accepted_type(&declared, &b)
             .map_err(|e| (StatusCode::UNSUPPORTED_MEDIA_TYPE, e))?;
-        let thumb = if mime.starts_with("image/") {
-            Some(thumbnail(&bytes).map_err(|e| (StatusCode::UNSUPPORTED_MEDIA_TYPE, e))?)
-        } else {
-            None
-        };
-        let io = |e: std::io::Error| (StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be stored: {e}"));
-        let path = blob_path(&dir, &hash);
-        if !path.exists() {
-            write_durably(&path, &bytes).map_err(io)?;
-        }
-        if let Some(t) = &thumb {
-            write_durably(&thumb_path(&dir, &hash), t).map_err(io)?;
-        }
-        let info =
-            BlobInfo { hash: hash.as_str().to_owned(), size: bytes.len() as u64, mime, thumbnail: thumb.is_some() };
-        Ok((hash, info, bytes, thumb))
+        Ok((hash, mime))
     })
     .await
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let (hash, stored, bytes, thumb) = stored;
-    let info = stored.clone();
+    check_quota(relay, doc_id, &hash, bytes.len() as u64).await?;
+    let thumb = match mime.starts_with("image/") {
+        true => Some(relay.images.thumbnail(bytes.clone(), relay.config().max_image_pixels).await.map_err(|e| {
+            let status = match e {
+                ImageError::TooManyPixels { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                ImageError::Unreadable(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ImageError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            (status, e.to_string())
+        })?),
+        false => None,
+    };
+    let dir = relay.config().blob_dir();
+    let info = BlobInfo { hash: hash.as_str().to_owned(), size: bytes.len() as u64, mime, thumbnail: thumb.is_some() };
+    let (h, t, b) = (hash.clone(), thumb.clone(), bytes.clone());
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let path = blob_path(&dir, &h);
+        if !path.exists() {
+            write_durably(&path, &b)?;
+        }
+        if let Some(t) = &t {
+            write_durably(&thumb_path(&dir, &h), t)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be stored: {e}")))?;
+    let (stored, doc_id) = (info.clone(), doc_id.to_owned());
     relay
-        .blocking(move |s| s.put_blob(&info, &doc_id, &bytes, thumb.as_deref()))
+        .blocking(move |s| s.put_blob(&stored, &doc_id, &bytes, thumb.as_deref()))
         .await
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be recorded: {e}")))?;
-    Ok((hash, stored))
+    Ok((hash, info))
+}
+
+/// Refuses a file that would take the conversation's team over its storage quota (a file the
+/// team already holds costs nothing). Two uploads at the same moment may both pass: the quota can
+/// be exceeded by at most a few files, never by a growing amount.
+async fn check_quota(relay: &Arc<Relay>, doc_id: &str, hash: &BlobHash, size: u64) -> Result<(), (StatusCode, String)> {
+    let quota = relay.config().team_blob_quota_bytes;
+    let (d, h) = (doc_id.to_owned(), hash.as_str().to_owned());
+    let usage = relay
+        .blocking(move |s| match s.document_team(&d)? {
+            Some(team) => s.team_blob_usage(&team, &h).map(|u| Some((team, u))),
+            None => Ok(None),
+        })
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("the file could not be checked: {e}")))?;
+    let Some((team, (used, already))) = usage else {
+        return Err((StatusCode::NOT_FOUND, "no such conversation".into()));
+    };
+    if !already && used.saturating_add(size) > quota {
+        tracing::warn!(team = %team.0, used, size, quota, "a file was refused: the team's storage quota is used up");
+        return Err((
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "this team's file storage is full ({} of {} used; this file needs {}); ask the relay's operator to raise team_blob_quota_bytes",
+                human_bytes(used),
+                human_bytes(quota),
+                human_bytes(size)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    match n as f64 {
+        b if b >= 1024.0 * MIB => format!("{:.1} GiB", b / (1024.0 * MIB)),
+        b if b >= MIB => format!("{:.1} MiB", b / MIB),
+        b if b >= 1024.0 => format!("{:.1} KiB", b / 1024.0),
+        _ => format!("{n} bytes"),
+    }
 }
 
 #[derive(serde::Deserialize)]

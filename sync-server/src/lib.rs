@@ -6,10 +6,13 @@
 mod blobs;
 pub mod demo_customers;
 mod geoip;
+mod images;
 mod import;
 mod limits;
 mod mailer;
+mod private;
 pub mod relay;
+pub mod smtp;
 pub mod store;
 pub mod whatsapp;
 pub mod widget;
@@ -37,9 +40,12 @@ pub struct Config {
     /// A client must send its HTTP request head within this time after connecting, and a WebSocket
     /// client its `join` within this time after the upgrade; otherwise the connection is closed.
     pub handshake_timeout: Duration,
-    /// SMTP server (`host:port`, plain, e.g. a local relay MTA) for the email fallback; `None` keeps
-    /// fallback emails queued until one is configured.
+    /// SMTP server for the email fallback: `smtps://USER@HOST:465` (TLS), `smtp://USER@HOST:587`
+    /// (STARTTLS) or, on this machine only, plain `smtp://localhost:25?tls=none` / `127.0.0.1:25`
+    /// (see [`smtp::SmtpServer::parse`]); `None` keeps fallback emails queued until one is configured.
     pub smtp: Option<String>,
+    /// The SMTP user's password (read from `--smtp-password-file`), never part of the URL.
+    pub smtp_password: Option<smtp::SmtpPassword>,
     /// Sender of fallback emails.
     pub mail_from: String,
     /// Conversation documents kept in memory; the least recently used beyond this are dropped
@@ -60,6 +66,12 @@ pub struct Config {
     pub widget_starts_per_ip: usize,
     /// Largest attachment accepted, in bytes.
     pub max_blob_bytes: usize,
+    /// Largest image accepted, in pixels (width × height, read from its header before decoding);
+    /// larger ones are refused with 422 and nothing is stored.
+    pub max_image_pixels: u64,
+    /// Bytes of files each team's conversations may hold on the relay (each file counted once per
+    /// team); an upload beyond it is refused with 507 and nothing is stored.
+    pub team_blob_quota_bytes: u64,
     /// Connections open at once, all addresses together; more are answered 503 (WebSocket: close
     /// 1013) with the reason, while `/health` keeps answering.
     pub max_connections: usize,
@@ -85,6 +97,7 @@ struct ConfigFile {
     outbound_queue: Option<usize>,
     max_loaded_documents: Option<usize>,
     smtp: Option<String>,
+    smtp_password_file: Option<PathBuf>,
     mail_from: Option<String>,
     whatsapp: Option<whatsapp::WhatsAppConfig>,
     geoip: Option<PathBuf>,
@@ -95,6 +108,8 @@ struct ConfigFile {
     widget_sockets_per_session: Option<usize>,
     widget_messages_per_ip: Option<usize>,
     max_blob_bytes: Option<usize>,
+    max_image_pixels: Option<u64>,
+    team_blob_quota_bytes: Option<u64>,
     max_connections: Option<usize>,
     max_connections_per_address: Option<usize>,
     body_timeout_secs: Option<u64>,
@@ -126,6 +141,10 @@ impl Config {
             handshake_timeout: d.handshake_timeout,
             max_loaded_documents: file.max_loaded_documents.unwrap_or(d.max_loaded_documents),
             smtp: file.smtp.or(d.smtp),
+            smtp_password: match &file.smtp_password_file {
+                Some(p) => Some(smtp::SmtpPassword::from_file(p).with_context(|| format!("in {}", path.display()))?),
+                None => d.smtp_password,
+            },
             mail_from: file.mail_from.unwrap_or(d.mail_from),
             whatsapp: file.whatsapp,
             geoip: file.geoip,
@@ -134,6 +153,8 @@ impl Config {
             widget_sockets_per_session: file.widget_sockets_per_session.unwrap_or(d.widget_sockets_per_session),
             widget_messages_per_ip: file.widget_messages_per_ip.unwrap_or(d.widget_messages_per_ip),
             max_blob_bytes: file.max_blob_bytes.unwrap_or(d.max_blob_bytes),
+            max_image_pixels: file.max_image_pixels.unwrap_or(d.max_image_pixels),
+            team_blob_quota_bytes: file.team_blob_quota_bytes.unwrap_or(d.team_blob_quota_bytes),
             max_connections: file.max_connections.unwrap_or(d.max_connections),
             max_connections_per_address: file.max_connections_per_address.unwrap_or(d.max_connections_per_address),
             body_timeout: file.body_timeout_secs.map_or(d.body_timeout, Duration::from_secs),
@@ -154,6 +175,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(5),
             max_loaded_documents: 2_000,
             smtp: None,
+            smtp_password: None,
             mail_from: "Crewdesk <no-reply@crewdesk.invalid>".into(),
             whatsapp: None,
             geoip: None,
@@ -162,6 +184,10 @@ impl Default for Config {
             widget_sockets_per_session: 4,
             widget_messages_per_ip: 60,
             max_blob_bytes: 10 * 1024 * 1024,
+            // A 48-megapixel phone photo passes; its decoded pixels stay under 200 MiB.
+            max_image_pixels: 50_000_000,
+            // About 2,000 photos at the largest file size per team.
+            team_blob_quota_bytes: 20 * 1024 * 1024 * 1024,
             // A 1,000-agent team (one socket each, plus a few requests) and its web-widget
             // customers stay far below these.
             max_connections: 20_000,
@@ -172,7 +198,44 @@ impl Default for Config {
     }
 }
 
+/// A configuration the relay refuses to start with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "WhatsApp is on (team {team}) but its {setting} is empty: set `{setting}` in the [whatsapp] table of the \
+         config file, --whatsapp-{flag} or CREWDESK_WHATSAPP_{env} (an empty app secret would let anyone forge webhook \
+         deliveries)"
+    )]
+    WhatsAppSettingEmpty { team: String, setting: &'static str, flag: &'static str, env: &'static str },
+    #[error(transparent)]
+    Smtp(#[from] smtp::SmtpError),
+}
+
 impl Config {
+    /// Checks what a typo could turn into a hole (an empty WhatsApp secret, plain SMTP over a
+    /// network); returns the SMTP server to use. `run` refuses to start when this fails.
+    pub fn check(&self) -> Result<Option<smtp::SmtpServer>, ConfigError> {
+        if let Some(wa) = &self.whatsapp {
+            let settings = [
+                (&wa.app_secret, "app_secret", "app-secret", "APP_SECRET"),
+                (&wa.verify_token, "verify_token", "verify-token", "VERIFY_TOKEN"),
+                (&wa.access_token, "access_token", "access-token", "ACCESS_TOKEN"),
+                (&wa.phone_number_id, "phone_number_id", "phone-number-id", "PHONE_NUMBER_ID"),
+            ];
+            if let Some((_, setting, flag, env)) = settings.into_iter().find(|(v, ..)| v.trim().is_empty()) {
+                return Err(ConfigError::WhatsAppSettingEmpty { team: wa.team.0.clone(), setting, flag, env });
+            }
+        }
+        match &self.smtp {
+            Some(setting) => Ok(Some(smtp::SmtpServer::parse(setting, self.smtp_password.as_ref())?)),
+            None if self.smtp_password.is_some() => {
+                Err(smtp::SmtpError::new("a password file is given but no SMTP server (--smtp smtps://USER@HOST:465)")
+                    .into())
+            }
+            None => Ok(None),
+        }
+    }
+
     /// The store this configuration names.
     pub fn store_url(&self) -> Result<store::StoreUrl, store::StoreError> {
         match &self.store {
@@ -188,3 +251,77 @@ impl Config {
 }
 
 pub use relay::run;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whatsapp(app_secret: &str) -> whatsapp::WhatsAppConfig {
+        whatsapp::WhatsAppConfig {
+            team: crewdesk::domain::TeamId("support".into()),
+            verify_token: "verify".into(),
+            app_secret: app_secret.into(),
+            access_token: "EAAG".into(),
+            phone_number_id: "1055".into(),
+            api_base: whatsapp::default_api_base(),
+        }
+    }
+
+    #[test]
+    fn whatsapp_with_an_empty_or_blank_secret_is_refused_naming_the_setting() {
+        for secret in ["", "   ", "\t\n"] {
+            let config = Config { whatsapp: Some(whatsapp(secret)), ..Config::default() };
+            let e = config.check().unwrap_err().to_string();
+            assert!(e.contains("app_secret") && e.contains("CREWDESK_WHATSAPP_APP_SECRET"), "{e}");
+        }
+        let mut blank_verify = whatsapp("s3cret");
+        blank_verify.verify_token = " ".into();
+        let e = Config { whatsapp: Some(blank_verify), ..Config::default() }.check().unwrap_err().to_string();
+        assert!(e.contains("verify_token"), "{e}");
+        assert!(Config { whatsapp: Some(whatsapp("s3cret")), ..Config::default() }.check().is_ok());
+        assert!(!whatsapp::signature_valid("", b"{}", Some(&whatsapp::sign("", b"{}"))), "no secret, no signature");
+    }
+
+    #[test]
+    fn smtp_settings_are_checked_with_the_password_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let password = dir.path().join("smtp-password");
+        std::fs::write(&password, "s3cret\n").expect("write");
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            format!("smtp = \"smtps://desk@mail.example.com\"\nsmtp_password_file = \"{}\"\n", password.display()),
+        )
+        .expect("write");
+        let config = Config::from_file(&file).expect("config");
+        assert_eq!(config.smtp_password.as_ref().map(|p| p.0.as_str()), Some("s3cret"));
+        let server = config.check().expect("valid").expect("an SMTP server");
+        assert_eq!((server.port, server.security), (465, smtp::SmtpSecurity::Tls));
+        assert!(!format!("{config:?}").contains("s3cret"), "the password is not in debug output");
+
+        let e = Config { smtp: Some("mail.example.com:25".into()), ..Config::default() }.check().unwrap_err();
+        assert!(e.to_string().contains("unencrypted"), "{e}");
+        let e = Config { smtp_password: config.smtp_password.clone(), ..Config::default() }.check().unwrap_err();
+        assert!(e.to_string().contains("no SMTP server"), "{e}");
+        std::fs::write(&file, "smtp_password_file = \"/nonexistent/smtp-password\"\n").expect("write");
+        let e = format!("{:#}", Config::from_file(&file).unwrap_err());
+        assert!(e.contains("cannot read the SMTP password file") && e.contains("relay.toml"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_relay_refuses_to_start_with_whatsapp_and_a_blank_secret_before_opening_anything() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "[whatsapp]\nteam = \"support\"\nverify_token = \"v\"\napp_secret = \"  \"\naccess_token = \"a\"\nphone_number_id = \"1\"\n",
+        )
+        .expect("write");
+        let config = Config { data_dir: data.clone(), ..Config::from_file(&file).expect("the file parses") };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let e = run(listener, config, std::future::pending()).await.unwrap_err().to_string();
+        assert!(e.contains("WhatsApp is on (team support) but its app_secret is empty"), "{e}");
+        assert!(!data.exists(), "nothing was created");
+    }
+}

@@ -5,9 +5,11 @@
 //! once the sender's app has uploaded it (up to 10 MiB of files per email; larger ones, and files
 //! still missing after 10 minutes, are named in the text instead).
 
+use crate::smtp::{SmtpPassword, SmtpSecurity, SmtpServer};
 use crate::store::{QueuedEmail, Store};
 use lettre::message::header::ContentType;
 use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -34,23 +36,15 @@ enum Attached {
 pub async fn run(
     store: Arc<Store>,
     blobs: PathBuf,
-    smtp: Option<String>,
+    transport: Option<AsyncSmtpTransport<Tokio1Executor>>,
     from: String,
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some(smtp) = smtp else {
+    let Some(transport) = transport else {
         info!("no SMTP server configured: email fallback messages stay queued");
         return;
     };
-    let (host, port) = match smtp.rsplit_once(':').and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?))) {
-        Some(hp) => hp,
-        None => {
-            warn!(%smtp, "the SMTP setting must be host:port; email fallback disabled");
-            return;
-        }
-    };
-    let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host).port(port).build();
     let Ok(from) = from.parse::<Mailbox>() else {
         warn!(%from, "the sender address is not valid; email fallback disabled");
         return;
@@ -92,6 +86,26 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The SMTP client for a checked setting: TLS from the start, STARTTLS required (a server that
+/// does not offer it is not sent anything), or plain to this machine; certificates are checked
+/// against the webpki (Mozilla) roots.
+pub(crate) fn transport(
+    smtp: &SmtpServer,
+    password: Option<SmtpPassword>,
+) -> Result<AsyncSmtpTransport<Tokio1Executor>, lettre::transport::smtp::Error> {
+    info!(host = %smtp.host, port = smtp.port, security = ?smtp.security, user = ?smtp.user, "email fallback by SMTP");
+    let builder = match smtp.security {
+        SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host)?,
+        SmtpSecurity::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)?,
+        SmtpSecurity::Plain => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
+    };
+    let builder = builder.port(smtp.port);
+    Ok(match (&smtp.user, password) {
+        (Some(user), Some(password)) => builder.credentials(Credentials::new(user.clone(), password.0)).build(),
+        _ => builder.build(),
+    })
 }
 
 /// The files of a batch, or `None` while one of them is still being uploaded (and younger than

@@ -11,7 +11,7 @@ use sync_server::{Config, run};
 #[command(name = "sync-server", about = "The Crewdesk relay: sync, accounts, tokens, grab decisions")]
 struct Cli {
     /// A TOML file with any of: data_dir, store, listen, max_frame_bytes, keepalive_secs,
-    /// outbound_queue, max_loaded_documents, smtp, mail_from. Flags and CREWDESK_* variables
+    /// outbound_queue, max_loaded_documents, smtp, smtp_password_file, mail_from, ... Flags and CREWDESK_* variables
     /// override it.
     #[arg(long, env = "CREWDESK_CONFIG", global = true)]
     config: Option<PathBuf>,
@@ -68,6 +68,8 @@ impl WhatsAppFlags {
     }
 }
 
+// Parsed once at start: the size of the `serve` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve WebSocket sync and the HTTP API.
@@ -78,9 +80,13 @@ enum Command {
         /// Largest accepted WebSocket message in bytes [default: 8 MiB].
         #[arg(long, env = "CREWDESK_MAX_FRAME_BYTES")]
         max_frame_bytes: Option<usize>,
-        /// SMTP server for the email fallback, `host:port` (plain SMTP, e.g. a local MTA).
+        /// SMTP server for the email fallback: smtps://USER@HOST:465 (TLS), smtp://USER@HOST:587
+        /// (STARTTLS), or plain to this machine only: smtp://localhost:25?tls=none (or 127.0.0.1:25).
         #[arg(long, env = "CREWDESK_SMTP")]
         smtp: Option<String>,
+        /// A file holding the SMTP user's password (one line), never put in the URL.
+        #[arg(long, env = "CREWDESK_SMTP_PASSWORD_FILE")]
+        smtp_password_file: Option<PathBuf>,
         /// Sender address of fallback emails.
         #[arg(long, env = "CREWDESK_MAIL_FROM")]
         mail_from: Option<String>,
@@ -103,6 +109,9 @@ enum Command {
         /// Web-widget messages one address (IPv6: one /64) may send per 10 s [default: 60].
         #[arg(long, env = "CREWDESK_WIDGET_MESSAGES_PER_IP")]
         widget_messages_per_ip: Option<usize>,
+        /// Bytes of files each team's conversations may hold on the relay [default: 21474836480, 20 GiB].
+        #[arg(long, env = "CREWDESK_TEAM_BLOB_QUOTA_BYTES")]
+        team_blob_quota_bytes: Option<u64>,
         /// Connections open at once, all addresses together [default: 20000].
         #[arg(long, env = "CREWDESK_MAX_CONNECTIONS")]
         max_connections: Option<usize>,
@@ -254,6 +263,7 @@ async fn relay_main() -> anyhow::Result<()> {
             listen,
             max_frame_bytes,
             smtp,
+            smtp_password_file,
             mail_from,
             geoip,
             trusted_proxies,
@@ -261,6 +271,7 @@ async fn relay_main() -> anyhow::Result<()> {
             widget_starts_per_ip,
             widget_sockets_per_session,
             widget_messages_per_ip,
+            team_blob_quota_bytes,
             max_connections,
             max_connections_per_address,
             whatsapp,
@@ -281,9 +292,13 @@ async fn relay_main() -> anyhow::Result<()> {
                 config.whatsapp = Some(wa);
             }
             config.smtp = smtp.or(config.smtp);
+            if let Some(path) = smtp_password_file {
+                config.smtp_password = Some(sync_server::smtp::SmtpPassword::from_file(&path)?);
+            }
             config.mail_from = mail_from.unwrap_or(config.mail_from);
             config.listen = listen.unwrap_or(config.listen);
             config.max_frame_bytes = max_frame_bytes.unwrap_or(config.max_frame_bytes);
+            config.team_blob_quota_bytes = team_blob_quota_bytes.unwrap_or(config.team_blob_quota_bytes);
             config.max_connections = max_connections.unwrap_or(config.max_connections);
             config.max_connections_per_address =
                 max_connections_per_address.unwrap_or(config.max_connections_per_address);

@@ -164,3 +164,154 @@ async fn attachments_upload_after_reconnect_and_download_only_where_allowed() {
     assert_eq!(sync_client::download_blob(carol.config(), &id, &hash, false).await.unwrap(), photo);
     relay.stop().await;
 }
+
+/// Every directory and file under `dir` with its permission bits.
+#[cfg(unix)]
+fn modes(dir: &std::path::Path) -> Vec<(std::path::PathBuf, bool, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        out.push((d.clone(), true, std::fs::metadata(&d).unwrap().permissions().mode() & 0o777));
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push((path.clone(), false, std::fs::metadata(&path).unwrap().permissions().mode() & 0o777));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_data_directory_and_files_are_readable_by_its_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+    // A data directory an operator made with a plain `mkdir` (0755), with a database from before.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("relay-data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (mut relay, tokens) = TestRelay::start(data.clone()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let (session, id) = widget_conversation(&relay, "sales", "Noor").await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/widget/blobs?session={session}", relay.url()))
+        .header("content-type", "image/png")
+        .body(png(64, 48))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    eventually(10, "bob has the photo", || {
+        bob.with(|r| r.stored_messages(&id).unwrap().iter().any(|m| matches!(m.body, MessageBody::Attachment { .. })))
+    })
+    .await;
+
+    let found = modes(&data);
+    let names: Vec<String> = found.iter().map(|(p, ..)| p.display().to_string()).collect();
+    assert!(names.iter().any(|n| n.contains("/blobs/thumbs/")), "a thumbnail was written: {names:?}");
+    if relay.store.is_none() {
+        for file in ["relay.sqlite3", "relay.sqlite3-wal", "relay.sqlite3-shm"] {
+            assert!(data.join(file).exists(), "{file} exists");
+        }
+    }
+    for (path, is_dir, mode) in &found {
+        let want = if *is_dir { 0o700 } else { 0o600 };
+        assert_eq!(*mode, want, "{} is {mode:o}, not {want:o}", path.display());
+    }
+    relay.stop().await;
+}
+
+async fn widget_upload(relay: &TestRelay, session: &str, mime: &str, body: Vec<u8>) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/widget/blobs?session={session}", relay.url()))
+        .header("content-type", mime)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Files stored on the relay's disk (thumbnails included).
+fn stored_files(relay: &TestRelay) -> usize {
+    let dir = relay.data.join("blobs");
+    let mut n = 0;
+    let mut todo = vec![dir];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_over_the_pixel_cap_and_files_over_the_teams_quota_are_refused_and_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = png(1000, 1000);
+    // Room for the photo and one 6,000-byte text file.
+    let quota = photo.len() as u64 + 10_000;
+    let (mut relay, tokens) = TestRelay::start_with(dir.path().to_owned(), move |c| {
+        c.max_image_pixels = 1_000_000;
+        c.team_blob_quota_bytes = quota;
+    })
+    .await;
+    let (session, id) = widget_conversation(&relay, "sales", "Noor").await;
+
+    // 1200 × 1000 is over a megapixel: refused from its header, nothing stored, no message.
+    let big = png(1200, 1000);
+    let (status, answer) = widget_upload(&relay, &session, "image/png", big.clone()).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer.contains("1200×1000 pixels (1.2 megapixels)") && answer.contains("up to 1.0 megapixels"),
+        "{answer}"
+    );
+    assert_eq!(stored_files(&relay), 0, "nothing stored");
+    let big_hash = BlobHash::of(&big);
+    let (status, ..) = get(format!("{}/api/widget/blobs/{big_hash}?session={session}", relay.url()), None).await;
+    assert_eq!(status, 404);
+    // The agent's route answers the same.
+    let (status, answer) = put(&relay, &tokens["bob"], &id, big_hash.as_str(), "image/png", big).await;
+    assert_eq!(status, 422, "{answer}");
+    let (status, answer) = widget_upload(&relay, &session, "image/png", photo).await;
+    assert_eq!(status, 201, "exactly a megapixel passes: {answer}");
+
+    // The quota: each file counted once per team.
+    let files_before = stored_files(&relay);
+    let text = |c: char| format!("{}\n", c.to_string().repeat(5_999)).into_bytes();
+    let (status, answer) = widget_upload(&relay, &session, "text/plain", text('a')).await;
+    assert_eq!(status, 201, "{answer}");
+    let (status, answer) = widget_upload(&relay, &session, "text/plain", text('a')).await;
+    assert_eq!(status, 201, "the same file again costs nothing: {answer}");
+    let used: u64 = {
+        let store = relay.open_store();
+        store.team_blob_usage(&crewdesk::domain::TeamId("sales".into()), "").unwrap().0
+    };
+    assert!(used + 6_000 > quota && used <= quota, "the next file does not fit ({used} of {quota} bytes used)");
+    let (status, answer) = widget_upload(&relay, &session, "text/plain", text('b')).await;
+    assert_eq!(status, 507, "{answer}");
+    assert!(
+        answer.contains("this team's file storage is full") && answer.contains("team_blob_quota_bytes"),
+        "{answer}"
+    );
+    assert_eq!(stored_files(&relay), files_before + 1, "only the first text file was stored");
+    let b_hash = BlobHash::of(&text('b'));
+    let (status, ..) = get(format!("{}/api/widget/blobs/{b_hash}?session={session}", relay.url()), None).await;
+    assert_eq!(status, 404);
+
+    // Another team has its own quota.
+    let (other, _) = widget_conversation(&relay, "support", "Lee").await;
+    let (status, answer) = widget_upload(&relay, &other, "text/plain", text('b')).await;
+    assert_eq!(status, 201, "{answer}");
+    relay.stop().await;
+}

@@ -296,3 +296,45 @@ async fn a_new_contact_writing_through_two_instances_at_once_gets_one_conversati
     a.stop().await;
     b.stop().await;
 }
+
+/// Runs `sync-server serve` with `args` and a config file; returns its exit success and stderr, or
+/// panics when it is still running (serving) after 20 s.
+fn serve_refused(config: &str, args: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, config).unwrap();
+    let data = dir.path().join("data");
+    let port = system_tests::free_port().to_string();
+    let mut child = std::process::Command::new(system_tests::relay_binary())
+        .args(["--config", file.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "serve"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .env_remove("CREWDESK_SMTP")
+        .env_remove("CREWDESK_STORE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the relay started serving with {config:?} {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!data.join("relay.sqlite3").exists(), "nothing was stored before the refusal");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn the_relay_binary_refuses_whatsapp_with_a_blank_app_secret_and_plain_smtp_over_the_network() {
+    let whatsapp = "[whatsapp]\nteam = \"support\"\nverify_token = \"v\"\napp_secret = \" \"\naccess_token = \"a\"\nphone_number_id = \"1\"\n";
+    let (ok, stderr) = serve_refused(whatsapp, &[]);
+    assert!(!ok && stderr.contains("its app_secret is empty"), "{stderr}");
+    let (ok, stderr) = serve_refused("", &["--smtp", "mail.example.com:25"]);
+    assert!(!ok && stderr.contains("unencrypted"), "{stderr}");
+    let (ok, stderr) = serve_refused("smtp = \"smtps://desk@mail.example.com\"\n", &[]);
+    assert!(!ok && stderr.contains("--smtp-password-file"), "{stderr}");
+}

@@ -68,7 +68,19 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Refused before anything is opened: the error says which setting to fix.
+    let smtp = config.check()?;
+    let mail_transport = match &smtp {
+        Some(s) => Some(
+            crate::mailer::transport(s, config.smtp_password.clone())
+                .map_err(|e| anyhow::anyhow!("the SMTP server {} cannot be used: {e}", s.host))?,
+        ),
+        None => None,
+    };
     let url = config.store_url()?;
+    // Attachments (and, on SQLite, the database) live here: only the relay's user may read them.
+    crate::private::dir(&config.data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
     let store = Arc::new(tokio::task::spawn_blocking(move || Store::connect(&url)).await??);
     let s = store.clone();
     let storage_id = tokio::task::spawn_blocking(move || s.storage_id()).await??;
@@ -79,7 +91,7 @@ pub async fn run(
     tokio::spawn(crate::mailer::run(
         store.clone(),
         config.blob_dir(),
-        config.smtp.clone(),
+        mail_transport,
         config.mail_from.clone(),
         mail_wake.clone(),
         stop_rx.clone(),
@@ -102,6 +114,8 @@ pub async fn run(
         widget_starts: crate::limits::Limiter::new(config.widget_starts_per_ip, std::time::Duration::from_secs(600)),
         widget_uploads: crate::limits::Limiter::new(20, std::time::Duration::from_secs(600)),
         team_modes: Mutex::default(),
+        // Two decoding threads (of the machine's few cores) and eight images waiting at most.
+        images: crate::images::ImagePool::new(2, 8),
         commits,
         shared: store.backend() == "postgres",
         store,
@@ -259,6 +273,8 @@ pub struct Relay {
     widget_starts: crate::limits::Limiter<std::net::IpAddr>,
     /// Files sent by widget customers per conversation (10 minutes).
     widget_uploads: crate::limits::Limiter<String>,
+    /// Decodes uploaded images for their thumbnails, apart from the blocking threads.
+    pub(crate) images: crate::images::ImagePool,
     /// Each team's mode (open or grab) and when it was read, for the judge of changes.
     team_modes: Mutex<HashMap<TeamId, (TeamMode, Instant)>>,
     /// Which agent each automerge actor id (hex) is bound to, as far as this instance has seen.

@@ -233,6 +233,9 @@ pub trait Storage: Send + Sync {
     /// can serve it; for SQLite the files are the storage.
     fn put_blob(&self, blob: &BlobInfo, doc_id: &str, bytes: &[u8], thumbnail: Option<&[u8]>)
     -> Result<(), StoreError>;
+    /// Bytes of the distinct files sent in `team`'s conversations (its storage quota counts them),
+    /// and whether `hash` is one of them (then storing it again costs the team nothing).
+    fn team_blob_usage(&self, team: &TeamId, hash: &str) -> Result<(u64, bool), StoreError>;
     /// A blob as sent in `doc_id`; `None` when it was never sent there (or does not exist).
     fn blob_in(&self, hash: &str, doc_id: &str) -> Result<Option<BlobInfo>, StoreError>;
     /// A blob's bytes (or its thumbnail's) as [`Storage::put_blob`] kept them in the store.

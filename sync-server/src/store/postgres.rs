@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0006_widget_settings.sql"),
     include_str!("migrations/postgres/0007_change_seqs.sql"),
     include_str!("migrations/postgres/0008_access_version.sql"),
+    include_str!("migrations/postgres/0009_blob_refs_doc.sql"),
 ];
 
 /// The NOTIFY channel the instances talk on.
@@ -843,6 +844,20 @@ impl Storage for PgStore {
             .await?;
             tx.commit().await?;
             Ok(())
+        })
+    }
+
+    fn team_blob_usage(&self, team: &TeamId, hash: &str) -> Result<(u64, bool), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let row = c
+                .query_one(
+                    "SELECT COALESCE(SUM(b.size), 0)::BIGINT, COALESCE(BOOL_OR(b.hash = $2), false) FROM blobs b
+                     WHERE b.hash IN (SELECT r.hash FROM blob_refs r JOIN documents d ON d.id = r.doc_id WHERE d.team = $1)",
+                    &[&team.0, &hash],
+                )
+                .await?;
+            Ok((row.get::<_, i64>(0).max(0) as u64, row.get(1)))
         })
     }
 

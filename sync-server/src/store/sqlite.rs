@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0008_actors.sql"),
     include_str!("migrations/sqlite/0009_widget_settings.sql"),
     include_str!("migrations/sqlite/0010_access_version.sql"),
+    include_str!("migrations/sqlite/0011_blob_refs_doc.sql"),
 ];
 
 pub struct SqliteStore {
@@ -26,9 +27,12 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(dir)
+        crate::private::dir(dir)
             .map_err(|e| StoreError::Invalid(format!("cannot create data directory {}: {e}", dir.display())))?;
-        let conn = crewdesk::replica::sqlite::open(&dir.join("relay.sqlite3"), MIGRATIONS).map_err(|e| match e {
+        let path = dir.join("relay.sqlite3");
+        crate::private::sqlite_database(&path)
+            .map_err(|e| StoreError::Invalid(format!("cannot prepare the database {}: {e}", path.display())))?;
+        let conn = crewdesk::replica::sqlite::open(&path, MIGRATIONS).map_err(|e| match e {
             crewdesk::replica::sqlite::OpenError::Sqlite(e) => StoreError::Sqlite(e),
             crewdesk::replica::sqlite::OpenError::NewerSchema { found, supported } => {
                 StoreError::NewerSchema { found, supported }
@@ -488,6 +492,16 @@ impl Storage for SqliteStore {
         tx.execute("INSERT OR IGNORE INTO blob_refs (hash, doc_id) VALUES (?1, ?2)", [&blob.hash, doc_id])?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn team_blob_usage(&self, team: &TeamId, hash: &str) -> Result<(u64, bool), StoreError> {
+        let (bytes, has): (i64, bool) = self.conn().query_row(
+            "SELECT COALESCE(SUM(b.size), 0), COALESCE(MAX(b.hash = ?2), 0) FROM blobs b
+             WHERE b.hash IN (SELECT r.hash FROM blob_refs r JOIN documents d ON d.id = r.doc_id WHERE d.team = ?1)",
+            params![team.0, hash],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((bytes.max(0) as u64, has))
     }
 
     /// A blob as sent in `doc_id`; `None` when it was never sent there (or does not exist).
