@@ -55,6 +55,19 @@ pub async fn sign_in(
     Ok(session_of(slot.as_deref()))
 }
 
+/// Signs out (a revoked token, or another agent on this computer): the desk closes, the saved token
+/// is forgotten and the window shows the sign-in form. The replica stays on disk: signing in again
+/// as the same agent finds every conversation, and what was not synced is sent then.
+#[tauri::command]
+pub async fn sign_out(app: AppHandle, state: State<'_, AppState>) -> CommandResult<SessionView> {
+    let desk = state.desk.lock().await.take();
+    if let Some(desk) = desk {
+        desk.client.stop();
+    }
+    desk::forget_settings(&app)?;
+    Ok(SessionView::default())
+}
+
 fn rows(
     desk: &Desk,
     listing: Vec<crewdesk::domain::status::ConversationSummary>,

@@ -64,6 +64,16 @@ pub fn load_settings(app: &AppHandle) -> Option<Settings> {
     serde_json::from_str(&text).ok()
 }
 
+/// Forgets the saved relay address and token (signing out): the next start asks for them.
+pub fn forget_settings(app: &AppHandle) -> CommandResult<()> {
+    let path = settings_path(app)?;
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CommandError::Settings(format!("cannot remove {}: {e}", path.display()))),
+    }
+}
+
 fn save_settings(app: &AppHandle, settings: &Settings) -> CommandResult<()> {
     let path = settings_path(app)?;
     let text = serde_json::to_string_pretty(settings).map_err(|e| CommandError::Settings(e.to_string()))?;
@@ -232,6 +242,11 @@ fn spawn_forwarders(
     tauri::async_runtime::spawn(async move {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            // Signed out (or signed in again): this desk is no longer the window's.
+            let current = app2.state::<AppState>().desk.lock().await.clone();
+            if !current.is_some_and(|d| Arc::ptr_eq(&d, &desk2)) {
+                return;
+            }
             notifier2.lock().unwrap_or_else(|p| p.into_inner()).check_overdue(&desk2);
             let _ = app2.emit("desk-clock", ());
         }

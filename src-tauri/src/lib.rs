@@ -31,6 +31,7 @@ pub fn run() {
         .invoke_handler(tauri::generate_handler![
             commands::session,
             commands::sign_in,
+            commands::sign_out,
             commands::list,
             commands::notifications,
             commands::conversation,

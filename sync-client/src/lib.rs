@@ -120,6 +120,11 @@ impl SyncClient {
         self.status.clone()
     }
 
+    /// Stops syncing (signing out) without waiting for the driver to finish.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;

@@ -20,6 +20,9 @@ pub struct SyncStatus {
     #[serde(default)]
     pub pending_uploads: usize,
     pub last_error: Option<String>,
+    /// The relay signed this desk out (its token was revoked): sync has stopped.
+    #[serde(default)]
+    pub signed_out: bool,
 }
 
 #[derive(Clone, PartialEq)]

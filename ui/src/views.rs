@@ -194,6 +194,25 @@ fn sync_badge(props: &DeskProps) -> Html {
         1 => text.push_str(" · 1 file to upload"),
         n => text.push_str(&format!(" · {n} files to upload")),
     }
+    if s.signed_out {
+        // The token was revoked: nothing syncs any more until the agent signs in again.
+        let d = props.desk.clone();
+        let sign_out = Callback::from(move |_| {
+            let d = d.clone();
+            wasm_bindgen_futures::spawn_local(async move {
+                match call::<_, crewdesk::desk::SessionView>("sign_out", &crate::api::NoArgs {}).await {
+                    Ok(s) => d.dispatch(Action::Session(Box::new(s))),
+                    Err(e) => d.dispatch(Action::Error(Some(e))),
+                }
+            });
+        });
+        return html! {
+            <span id="sync-state" class="sync signed-out" role="alert">
+                { "Signed out: this desk's token was revoked. " }
+                <button class="link" id="sign-in-again" onclick={sign_out}>{ "Sign in again" }</button>
+            </span>
+        };
+    }
     html! { <span id="sync-state" class={class} title={s.last_error.clone().unwrap_or_default()}>{ text }</span> }
 }
 
