@@ -516,6 +516,15 @@ def main():
         assert bob.css("#undelivered .copy-undelivered"), "a way to copy the text"
         bob.screenshot(os.path.join(args.artifacts, "desk-not-delivered.png"))
         print("ok: a reply refused because the rules changed offline is shown as not delivered, nothing stuck")
+
+        # An admin revokes bob's token while his desk is open: the desk says so within seconds and
+        # offers to sign in again, which shows the sign-in form.
+        subprocess.run([relay.binary, "--data-dir", relay.data, "revoke-token", "bob"], check=True, capture_output=True)
+        wait_for("bob's desk says it was signed out", lambda: "Signed out" in bob.text("#sync-state"), 20)
+        bob.screenshot(os.path.join(args.artifacts, "desk-signed-out.png"))
+        bob.click("#sign-in-again")
+        wait_for("the sign-in form", lambda: bob.css("#relay-url") and bob.css("#token"), 20)
+        print("ok: a revoked token signs the desk out, and it offers to sign in again")
         print("E2E passed; screenshots in", args.artifacts)
     except BaseException:
         for a in apps:
