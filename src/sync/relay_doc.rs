@@ -70,9 +70,15 @@ impl ChangeSeq {
     }
 }
 
-/// The places of the `accepted` changes among `changes`.
-fn seqs_of(changes: &[Change], accepted: &[ChangeHash]) -> Vec<ChangeSeq> {
-    changes.iter().filter(|c| accepted.contains(&c.hash())).map(ChangeSeq::of).collect()
+/// Each change's place, read before the changes go to the judge (which takes them by value), so
+/// no change is copied to learn afterwards where the accepted ones stand.
+fn places(changes: &[Change]) -> Vec<(ChangeHash, ChangeSeq)> {
+    changes.iter().map(|c| (c.hash(), ChangeSeq::of(c))).collect()
+}
+
+/// The places of the `accepted` changes.
+fn accepted_places(places: Vec<(ChangeHash, ChangeSeq)>, accepted: &[ChangeHash]) -> Vec<ChangeSeq> {
+    places.into_iter().filter(|(h, _)| accepted.contains(h)).map(|(_, p)| p).collect()
 }
 
 /// Whose conversation a new document's first changes claim to be.
@@ -321,15 +327,10 @@ impl RelayDoc {
                 offered.extend(all.iter().map(Change::hash));
                 all.extend(changes);
                 peer.author = Some(author.clone());
-                let verdict = conversation::apply_judged_with(
-                    &mut stored.doc,
-                    &self.id,
-                    all.clone(),
-                    author,
-                    now,
-                    &mut stored.header,
-                );
-                seqs = seqs_of(&all, &verdict.accepted);
+                let placed = places(&all);
+                let verdict =
+                    conversation::apply_judged_with(&mut stored.doc, &self.id, all, author, now, &mut stored.header);
+                seqs = accepted_places(placed, &verdict.accepted);
                 verdict
             }
             _ => Verdict::default(),
@@ -577,15 +578,10 @@ impl RelayDoc {
             let before = stored.doc.get_heads();
             let changes = std::mem::take(&mut peer.deferred);
             peer.deferred_bytes = 0;
-            let verdict = conversation::apply_judged_with(
-                &mut stored.doc,
-                &self.id,
-                changes.clone(),
-                &author,
-                now,
-                &mut stored.header,
-            );
-            let seqs = seqs_of(&changes, &verdict.accepted);
+            let placed = places(&changes);
+            let verdict =
+                conversation::apply_judged_with(&mut stored.doc, &self.id, changes, &author, now, &mut stored.header);
+            let seqs = accepted_places(placed, &verdict.accepted);
             if verdict.damaged {
                 self.stored = None;
                 out.push(Action::Reload);

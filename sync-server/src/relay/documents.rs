@@ -415,7 +415,12 @@ impl Relay {
     /// Sends every follower what it needs now (nothing while a commit is in progress: its fan-out
     /// follows). Only frames come out of an advertisement.
     pub(super) fn advertise_now(&self, e: &mut DocEntry) {
-        let actions = e.core.advertise();
+        self.send_frames(e.core.advertise());
+    }
+
+    /// Sends the frames among `actions` to their connections at once (for actions that are only
+    /// frames: advertisements, other instances' changes).
+    pub(super) fn send_frames(&self, actions: Vec<Action>) {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         for action in actions {
             if let Action::Send(conn, message) = action

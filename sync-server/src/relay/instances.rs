@@ -43,14 +43,7 @@ impl Relay {
             Ok(actions) => {
                 // Frames only (changes that waited for these are judged with their sender's next
                 // message, which this advertisement prompts).
-                let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-                for action in actions {
-                    if let Action::Send(conn, message) = action
-                        && let Some(s) = sessions.get(&conn)
-                    {
-                        s.send(message);
-                    }
-                }
+                self.send_frames(actions);
                 Ok(())
             }
             Err(err) => {
