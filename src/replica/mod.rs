@@ -118,6 +118,9 @@ pub struct Replica {
     /// Why the relay last refused a change of this replica to a conversation (kept until the
     /// conversation's changes are all synced), so the desk can show it on the conversation.
     refusals: HashMap<ConversationId, String>,
+    /// Conversations with messages a refusal took back that wait to be sent again (mirrors the
+    /// `undelivered` rows in state 'retry'), so a sync message costs no query when there are none.
+    to_retry: std::collections::HashSet<ConversationId>,
 }
 
 impl Replica {
@@ -160,8 +163,9 @@ impl Replica {
             }
         }
         let index = store::load_summaries(&conn)?.into_iter().map(|s| (s.id.clone(), s)).collect();
+        let to_retry = store::undelivered_to_retry(&conn)?.into_iter().collect();
         let cache = DocCache { tick: 0, docs: HashMap::new() };
-        Ok(Replica { conn, agent, actor, teams, index, cache, rng, refusals: HashMap::new() })
+        Ok(Replica { conn, agent, actor, teams, index, cache, rng, refusals: HashMap::new(), to_retry })
     }
 
     pub fn agent(&self) -> &AgentId {
@@ -660,6 +664,9 @@ impl Replica {
             store::set_undelivered(&tx, id, m, reason, if again { "failed" } else { "retry" })?;
         }
         tx.commit()?;
+        if removed.iter().any(|m| m.author == me) {
+            self.to_retry.insert(id.clone());
+        }
         self.index.insert(id.clone(), summary);
         self.cache.put(id.clone(), rebuilt);
         tracing::info!(conversation = %id, changes = taken.len(), messages = removed.len(), %reason, "refused changes taken back");
@@ -700,6 +707,9 @@ impl Replica {
     /// with the relay: each as it was typed (same id, time and body) if the rules allow it now,
     /// else it stays as not delivered with the reason. Returns whether anything changed.
     pub fn retry_undelivered(&mut self, id: &ConversationId) -> Result<bool, ReplicaError> {
+        if !self.to_retry.remove(id) {
+            return Ok(false);
+        }
         let rows = store::undelivered(&self.conn, id)?;
         let mut changed = false;
         for row in rows.into_iter().filter(|r| r.state == "retry") {
@@ -715,6 +725,11 @@ impl Replica {
             tx.commit()?;
         }
         Ok(changed)
+    }
+
+    /// Whether messages of `id` wait to be sent again once the replica is in sync.
+    pub fn has_undelivered_to_retry(&self, id: &ConversationId) -> bool {
+        self.to_retry.contains(id)
     }
 
     fn send_again(&mut self, id: &ConversationId, m: &Message) -> Result<(), ReplicaError> {

@@ -326,6 +326,13 @@ pub fn undelivered(conn: &Connection, id: &ConversationId) -> Result<Vec<Undeliv
     Ok(out)
 }
 
+/// Conversations with messages waiting to be sent again (state 'retry').
+pub fn undelivered_to_retry(conn: &Connection) -> Result<Vec<ConversationId>, ReplicaError> {
+    let mut stmt = conn.prepare_cached("SELECT DISTINCT conversation_id FROM undelivered WHERE state = 'retry'")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?.into_iter().map(ConversationId).collect())
+}
+
 pub fn set_undelivered(
     tx: &Transaction<'_>,
     id: &ConversationId,

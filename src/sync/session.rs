@@ -131,12 +131,14 @@ impl ClientSession {
                     replica.confirm_synced(&id, &theirs)?;
                     // In sync with the relay: messages a refusal took back are sent again now,
                     // judged against the conversation as the relay has it.
-                    let mut ours = replica.heads(&id)?;
-                    ours.sort();
-                    let mut theirs = theirs;
-                    theirs.sort();
-                    if ours == theirs && replica.retry_undelivered(&id)? {
-                        events.push(SessionEvent::Changed(id.clone()));
+                    if replica.has_undelivered_to_retry(&id) {
+                        let mut ours = replica.heads(&id)?;
+                        ours.sort();
+                        let mut theirs = theirs;
+                        theirs.sort();
+                        if ours == theirs && replica.retry_undelivered(&id)? {
+                            events.push(SessionEvent::Changed(id.clone()));
+                        }
                     }
                 }
                 out.extend(self.offer(replica, &id)?);
