@@ -20,14 +20,69 @@ use crate::replica::doc;
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, Change, ChangeHash};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A connection, as the relay numbers them.
 pub type ConnId = u64;
 
-/// Changes one connection may have waiting for their dependencies in one document.
-pub const MAX_DEFERRED_CHANGES: usize = 1024;
-/// Bytes of such changes.
-pub const MAX_DEFERRED_BYTES: usize = 16 * 1024 * 1024;
+/// Changes one connection may have waiting for their dependencies in one document. An honest
+/// client has a handful at most (a bloom filter's false positive, a move between relay instances).
+pub const MAX_DEFERRED_CHANGES: usize = 256;
+/// Bytes of such changes in one document.
+pub const MAX_DEFERRED_BYTES: usize = 4 * 1024 * 1024;
+/// What one connection may have waiting across all documents, counted as each change's bytes plus
+/// [`WAITING_CHANGE_COST`]: without it, a modified client could make the relay hold the
+/// per-document bound in every conversation of its team.
+pub const MAX_WAITING_PER_CONNECTION: usize = 16 * 1024 * 1024;
+/// What a waiting change costs beyond its bytes (the decoded change the relay keeps).
+pub const WAITING_CHANGE_COST: usize = 512;
+
+/// What one connection has waiting for dependencies, across every document: the relay makes one
+/// per connection and passes it with each of its messages ([`Incoming::waiting`]).
+#[derive(Clone, Debug, Default)]
+pub struct WaitingBudget(Arc<AtomicUsize>);
+
+impl WaitingBudget {
+    pub fn new() -> WaitingBudget {
+        WaitingBudget::default()
+    }
+
+    /// What is held now, in cost units (bytes plus [`WAITING_CHANGE_COST`] per change).
+    pub fn in_use(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn take(&self, cost: usize) -> bool {
+        let before = self.0.fetch_add(cost, Ordering::SeqCst);
+        if before + cost > MAX_WAITING_PER_CONNECTION {
+            self.0.fetch_sub(cost, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn give_back(&self, cost: usize) {
+        self.0.fetch_sub(cost, Ordering::SeqCst);
+    }
+}
+
+/// A sync message from a connection, as the relay read it.
+pub struct Incoming<'a> {
+    pub conn: ConnId,
+    /// The connection's peer id (frames to it are addressed so).
+    pub peer_id: &'a str,
+    /// Checked against the client limits; its changes are decoded in `changes`.
+    pub message: sync::Message,
+    pub changes: Vec<Change>,
+    /// A `request` frame (the client holds nothing of the document) rather than a `sync` frame.
+    pub is_request: bool,
+    /// Who sent the changes, with their role and the team's mode (required when `changes` is not
+    /// empty; without it they are ignored).
+    pub author: Option<&'a ChangeAuthor>,
+    /// What the connection may keep waiting for dependencies, across all documents.
+    pub waiting: &'a WaitingBudget,
+}
 
 /// What the relay should do.
 #[derive(Debug)]
@@ -37,8 +92,9 @@ pub enum Action {
     /// Store a chunk durably, then call [`RelayDoc::committed`] with the ticket. `changes` are the
     /// client changes it holds: storage refuses the chunk if a different change with the same actor
     /// and sequence number is stored already (a modified client sending one to each of two relay
-    /// instances would otherwise make the conversation unloadable).
-    Commit { ticket: u64, team: TeamId, chunk: Vec<u8>, changes: Vec<ChangeSeq> },
+    /// instances would otherwise make the conversation unloadable). `messages` are the messages
+    /// they add: storage keeps the relay's time beside each one's `at` (which its author chose).
+    Commit { ticket: u64, team: TeamId, chunk: Vec<u8>, changes: Vec<ChangeSeq>, messages: Vec<MessageTime> },
     /// Call [`RelayDoc::fanout`] shortly (changes arriving meanwhile go out together).
     ScheduleFanout,
     /// The document in memory cannot be trusted (a commit failed, a refused change could not be
@@ -67,6 +123,19 @@ pub struct ChangeSeq {
 impl ChangeSeq {
     pub fn of(c: &Change) -> ChangeSeq {
         ChangeSeq { actor: c.actor_id().to_hex_string(), seq: c.seq(), hash: c.hash().to_string() }
+    }
+}
+
+/// A message a client's change adds, with the time its author gave it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageTime {
+    pub id: String,
+    pub at: Timestamp,
+}
+
+impl MessageTime {
+    fn of_all(messages: &[Message]) -> Vec<MessageTime> {
+        messages.iter().map(|m| MessageTime { id: m.id.0.clone(), at: m.at }).collect()
     }
 }
 
@@ -106,7 +175,9 @@ struct Peer {
     state: sync::State,
     /// Changes waiting for their dependencies, and who sent them.
     deferred: Vec<Change>,
-    deferred_bytes: usize,
+    /// What they cost, drawn from `waiting`.
+    deferred_cost: usize,
+    waiting: WaitingBudget,
     author: Option<ChangeAuthor>,
 }
 
@@ -116,9 +187,61 @@ impl Peer {
             peer_id: peer_id.to_owned(),
             state: sync::State::new(),
             deferred: Vec::new(),
-            deferred_bytes: 0,
+            deferred_cost: 0,
+            waiting: WaitingBudget::new(),
             author: None,
         }
+    }
+
+    /// Makes the queue draw from the connection's budget (the same one for every message of a
+    /// connection; a follower made by [`RelayDoc::follow`] has none until its first message).
+    fn draw_from(&mut self, waiting: &WaitingBudget) {
+        if !Arc::ptr_eq(&self.waiting.0, &waiting.0) {
+            let waiting_changes = self.take_deferred();
+            self.waiting = waiting.clone();
+            self.defer(waiting_changes);
+        }
+    }
+
+    /// The changes waiting for dependencies, taken out of the queue (their cost given back).
+    fn take_deferred(&mut self) -> Vec<Change> {
+        self.waiting.give_back(std::mem::take(&mut self.deferred_cost));
+        std::mem::take(&mut self.deferred)
+    }
+
+    /// Keeps changes that wait for dependencies; false when the queue would be over its bounds
+    /// (then it is emptied: the sender's sync starts over).
+    fn defer(&mut self, changes: Vec<Change>) -> bool {
+        for c in changes {
+            let cost = c.raw_bytes().len() + WAITING_CHANGE_COST;
+            if self.deferred.len() >= MAX_DEFERRED_CHANGES
+                || self.deferred_cost + cost > MAX_DEFERRED_BYTES
+                || !self.waiting.take(cost)
+            {
+                self.take_deferred();
+                return false;
+            }
+            self.deferred_cost += cost;
+            self.deferred.push(c);
+        }
+        true
+    }
+}
+
+/// What judging a connection's changes gave.
+struct Judged {
+    /// The document's heads before.
+    before: Vec<ChangeHash>,
+    verdict: Verdict,
+    /// The accepted changes' places.
+    seqs: Vec<ChangeSeq>,
+    /// The hashes of the changes that had waited in the queue.
+    offered: Vec<ChangeHash>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.waiting.give_back(self.deferred_cost);
     }
 }
 
@@ -126,6 +249,8 @@ impl Peer {
 struct Pending {
     doc: Automerge,
     peer: Peer,
+    /// The messages its accepted changes added.
+    added: Vec<Message>,
 }
 
 /// A new conversation whose first commit is in progress.
@@ -297,73 +422,32 @@ impl RelayDoc {
         ]
     }
 
-    /// A sync message from `conn` (checked against the client limits, its changes decoded).
-    /// `author` is who sent the changes, with their role and the team's mode (required when
-    /// `changes` is not empty; without it they are ignored).
-    #[allow(clippy::too_many_arguments)]
-    pub fn receive(
-        &mut self,
-        conn: ConnId,
-        peer_id: &str,
-        message: sync::Message,
-        changes: Vec<Change>,
-        is_request: bool,
-        author: Option<&ChangeAuthor>,
-        now: Timestamp,
-    ) -> Vec<Action> {
+    /// A sync message from a connection.
+    pub fn receive(&mut self, m: Incoming<'_>, now: Timestamp) -> Vec<Action> {
         if self.stored.is_none() {
-            return self.receive_new(conn, peer_id, message, changes, is_request, author, now);
+            return self.receive_new(m, now);
         }
+        let Incoming { conn, peer_id, message, changes, is_request: _, author, waiting } = m;
         let mut out = Vec::new();
         let peer = self.peers.entry(conn).or_insert_with(|| Peer::new(peer_id));
-        let stored = self.stored.as_mut().expect("checked above");
-        let before = stored.doc.get_heads();
+        peer.draw_from(waiting);
         let mut offered: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
-        let mut seqs = Vec::new();
-        let verdict = match author {
+        let judged = match author {
             Some(author) if !changes.is_empty() || !peer.deferred.is_empty() => {
-                let mut all = std::mem::take(&mut peer.deferred);
-                peer.deferred_bytes = 0;
-                offered.extend(all.iter().map(Change::hash));
-                all.extend(changes);
                 peer.author = Some(author.clone());
-                let placed = places(&all);
-                let verdict =
-                    conversation::apply_judged_with(&mut stored.doc, &self.id, all, author, now, &mut stored.header);
-                seqs = accepted_places(placed, &verdict.accepted);
-                verdict
+                match self.judge(conn, changes, author, now, &mut out) {
+                    Some(judged) => judged,
+                    None => return out,
+                }
             }
-            _ => Verdict::default(),
+            _ => Judged { before: self.heads(), verdict: Verdict::default(), seqs: Vec::new(), offered: Vec::new() },
         };
-        if verdict.damaged {
-            self.stored = None;
-            // The sender stays a follower with a fresh state: once the document is read again, the
-            // fan-out tells it what the relay holds and it sends its changes again.
-            if let Some(peer) = self.peers.get_mut(&conn) {
-                peer.state = sync::State::new();
-            }
-            out.push(Action::Send(
-                conn,
-                self.frame_error(peer_id, "the relay could not apply your changes; they will be sent again"),
-            ));
-            out.push(Action::Reload);
-            return out;
-        }
+        offered.extend(judged.offered.iter().copied());
         let stored = self.stored.as_mut().expect("checked above");
         let peer = self.peers.get_mut(&conn).expect("inserted above");
-        if !verdict.deferred.is_empty() {
-            out.push(Action::Missing);
-        }
-        if !defer(peer, verdict.deferred) {
-            peer.state = sync::State::new();
-            let why = "too many changes wait for changes the relay does not have; the sync starts over";
-            out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, peer_id, why)));
-            return out;
-        }
         // The changes were applied above; automerge only takes the rest of the message.
-        if let Err(err) =
-            receive_rest(&mut stored.doc, &mut peer.state, message, self.stall_bug && verdict.accepted.is_empty())
-        {
+        let accepted_none = judged.verdict.accepted.is_empty();
+        if let Err(err) = receive_rest(&mut stored.doc, &mut peer.state, message, self.stall_bug && accepted_none) {
             peer.state = sync::State::new();
             let why = format!("the sync message could not be applied ({err})");
             out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, peer_id, &why)));
@@ -374,24 +458,12 @@ impl RelayDoc {
             let dropped: HashSet<ChangeHash> =
                 offered.iter().copied().filter(|h| !conversation::has_change(&stored.doc, h)).collect();
             their.retain(|h| !dropped.contains(h));
-            their.extend(verdict.missing.iter().copied());
+            their.extend(judged.verdict.missing.iter().copied());
             // Never a hash twice: automerge 0.12 panics on a list that names a change twice.
             their.sort();
             their.dedup();
         }
-        if let Some((hash, refusal)) = &verdict.refused {
-            tracing::info!(doc_id = %self.id, agent = ?author.map(|a| &a.agent), change = %hash, %refusal, "change refused");
-            let why = format!("{refusal}; refused (change {hash})");
-            out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, peer_id, &why)));
-            // The exchange with this connection starts over from what the relay holds.
-            self.peers.remove(&conn);
-        }
-        if stored.doc.get_heads() != before {
-            let chunk = stored.doc.save_after(&before);
-            self.next_ticket += 1;
-            let ticket = self.next_ticket;
-            self.commits.insert(ticket, (conn, verdict.added));
-            out.push(Action::Commit { ticket, team: stored.team.clone(), chunk, changes: seqs });
+        if self.settle(conn, peer_id, judged, author, &mut out) {
             return out;
         }
         if !self.commits.is_empty() || self.creating.is_some() {
@@ -415,24 +487,93 @@ impl RelayDoc {
         out
     }
 
-    /// A sync message for a document the relay does not store: a conversation `conn` is creating.
-    #[allow(clippy::too_many_arguments)]
-    fn receive_new(
+    /// Judges `changes` from `conn`, after the changes waiting in its queue, into the stored
+    /// document (one by one, in causal order). `None` when the exchange with `conn` ends here (what
+    /// to tell it is in `out`): a refused change could not be taken back out (the document was
+    /// dropped and is read again), or too much waits for dependencies.
+    fn judge(
+        &mut self,
+        conn: ConnId,
+        changes: Vec<Change>,
+        author: &ChangeAuthor,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) -> Option<Judged> {
+        let stored = self.stored.as_mut()?;
+        let peer = self.peers.get_mut(&conn)?;
+        let before = stored.doc.get_heads();
+        let mut all = peer.take_deferred();
+        let offered = all.iter().map(Change::hash).collect();
+        all.extend(changes);
+        let placed = places(&all);
+        let mut verdict =
+            conversation::apply_judged_with(&mut stored.doc, &self.id, all, author, now, &mut stored.header);
+        let seqs = accepted_places(placed, &verdict.accepted);
+        if verdict.damaged {
+            self.stored = None;
+            // The sender stays a follower with a fresh state: once the document is read again, the
+            // fan-out tells it what the relay holds and it sends its changes again.
+            peer.state = sync::State::new();
+            let why = "the relay could not apply your changes; they will be sent again";
+            out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, &peer.peer_id, why)));
+            out.push(Action::Reload);
+            return None;
+        }
+        if !verdict.deferred.is_empty() {
+            out.push(Action::Missing);
+        }
+        if !peer.defer(std::mem::take(&mut verdict.deferred)) {
+            peer.state = sync::State::new();
+            let why = "too many changes wait for changes the relay does not have; the sync starts over";
+            out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, &peer.peer_id, why)));
+            return None;
+        }
+        Some(Judged { before, verdict, seqs, offered })
+    }
+
+    /// After judging: a refusal is told to the sender (whose exchange starts over from what the
+    /// relay holds), and what was accepted is committed. True when a commit was asked for.
+    fn settle(
         &mut self,
         conn: ConnId,
         peer_id: &str,
-        message: sync::Message,
-        changes: Vec<Change>,
-        is_request: bool,
+        judged: Judged,
         author: Option<&ChangeAuthor>,
-        now: Timestamp,
-    ) -> Vec<Action> {
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Judged { before, verdict, seqs, .. } = judged;
+        if let Some((hash, refusal)) = &verdict.refused {
+            tracing::info!(doc_id = %self.id, agent = ?author.map(|a| &a.agent), change = %hash, %refusal, "change refused");
+            let why = format!("{refusal}; refused (change {hash})");
+            out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, peer_id, &why)));
+            self.peers.remove(&conn);
+        }
+        let Some(stored) = self.stored.as_mut() else { return false };
+        if stored.doc.get_heads() == before {
+            return false;
+        }
+        let chunk = stored.doc.save_after(&before);
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        let messages = MessageTime::of_all(&verdict.added);
+        self.commits.insert(ticket, (conn, verdict.added));
+        out.push(Action::Commit { ticket, team: stored.team.clone(), chunk, changes: seqs, messages });
+        true
+    }
+
+    /// A sync message for a document the relay does not store: a conversation `conn` is creating.
+    fn receive_new(&mut self, m: Incoming<'_>, now: Timestamp) -> Vec<Action> {
+        let Incoming { conn, peer_id, message, changes, is_request, author, waiting } = m;
         if self.creating.as_ref().is_some_and(|c| c.conn == conn) {
             // Its creation is being stored: the fan-out after it answers.
             return Vec::new();
         }
-        let pending =
-            self.pending.entry(conn).or_insert_with(|| Pending { doc: Automerge::new(), peer: Peer::new(peer_id) });
+        let pending = self.pending.entry(conn).or_insert_with(|| Pending {
+            doc: Automerge::new(),
+            peer: Peer::new(peer_id),
+            added: Vec::new(),
+        });
+        pending.peer.draw_from(waiting);
         if !changes.is_empty() {
             let Some(author) = author else { return self.unavailable(conn, peer_id) };
             let verdict = conversation::apply_judged(&mut pending.doc, &self.id, changes, author, now);
@@ -445,7 +586,8 @@ impl RelayDoc {
                     Action::Send(conn, self.frame_unavailable(peer_id)),
                 ];
             }
-            if !defer(&mut pending.peer, verdict.deferred) {
+            pending.added.extend(verdict.added);
+            if !pending.peer.defer(verdict.deferred) {
                 return self.unavailable(conn, peer_id);
             }
         }
@@ -478,7 +620,8 @@ impl RelayDoc {
         let changes = pending.doc.get_changes(&[]).iter().map(ChangeSeq::of).collect();
         let team = header.team;
         self.creating = Some(Creating { ticket, conn, doc: pending.doc, team: team.clone(), peer: pending.peer });
-        vec![Action::Commit { ticket, team, chunk, changes }]
+        let messages = MessageTime::of_all(&pending.added);
+        vec![Action::Commit { ticket, team, chunk, changes, messages }]
     }
 
     /// A commit asked for by [`Action::Commit`] returned.
@@ -571,36 +714,14 @@ impl RelayDoc {
         let waiting: Vec<ConnId> = self.peers.iter().filter(|(_, p)| !p.deferred.is_empty()).map(|(c, _)| *c).collect();
         let mut out = Vec::new();
         for conn in waiting {
-            let Some(peer) = self.peers.get_mut(&conn) else { continue };
+            let Some(peer) = self.peers.get(&conn) else { continue };
             let (Some(author), peer_id) = (peer.author.clone(), peer.peer_id.clone()) else { continue };
+            if self.stored.is_none() {
+                break;
+            }
             // Judged as if the peer had sent them again, without a sync message around them.
-            let Some(stored) = self.stored.as_mut() else { break };
-            let before = stored.doc.get_heads();
-            let changes = std::mem::take(&mut peer.deferred);
-            peer.deferred_bytes = 0;
-            let placed = places(&changes);
-            let verdict =
-                conversation::apply_judged_with(&mut stored.doc, &self.id, changes, &author, now, &mut stored.header);
-            let seqs = accepted_places(placed, &verdict.accepted);
-            if verdict.damaged {
-                self.stored = None;
-                out.push(Action::Reload);
-                return out;
-            }
-            defer(peer, verdict.deferred);
-            if let Some((hash, refusal)) = &verdict.refused {
-                let why = format!("{refusal}; refused (change {hash})");
-                out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, &peer_id, &why)));
-                self.peers.remove(&conn);
-            }
-            let stored = self.stored.as_mut().expect("checked above");
-            if stored.doc.get_heads() != before {
-                let chunk = stored.doc.save_after(&before);
-                self.next_ticket += 1;
-                let ticket = self.next_ticket;
-                self.commits.insert(ticket, (conn, verdict.added));
-                out.push(Action::Commit { ticket, team: stored.team.clone(), chunk, changes: seqs });
-            }
+            let Some(judged) = self.judge(conn, Vec::new(), &author, now, &mut out) else { continue };
+            self.settle(conn, &peer_id, judged, Some(&author), &mut out);
         }
         out
     }
@@ -611,8 +732,7 @@ impl RelayDoc {
     #[doc(hidden)]
     pub fn forget_waiting_changes(&mut self) {
         for p in self.peers.values_mut() {
-            p.deferred.clear();
-            p.deferred_bytes = 0;
+            p.take_deferred();
         }
     }
 
@@ -639,21 +759,6 @@ impl RelayDoc {
     fn frame_error(&self, peer_id: &str, why: impl AsRef<str>) -> WireMessage {
         frame_error(&self.relay_peer, &self.id, peer_id, why.as_ref())
     }
-}
-
-/// Keeps changes that wait for dependencies in the peer's queue; false when the queue is over its
-/// bounds (then it is emptied: the sender's sync starts over).
-fn defer(peer: &mut Peer, changes: Vec<Change>) -> bool {
-    for c in changes {
-        peer.deferred_bytes += c.raw_bytes().len();
-        peer.deferred.push(c);
-    }
-    if peer.deferred.len() > MAX_DEFERRED_CHANGES || peer.deferred_bytes > MAX_DEFERRED_BYTES {
-        peer.deferred.clear();
-        peer.deferred_bytes = 0;
-        return false;
-    }
-    true
 }
 
 /// "document <id>: <why>": the replica shows it on that conversation.
@@ -764,6 +869,18 @@ mod tests {
         sync::Message::decode(&bytes).unwrap()
     }
 
+    static BOB_WAITS: std::sync::LazyLock<WaitingBudget> = std::sync::LazyLock::new(WaitingBudget::new);
+
+    /// A sync message from bob on connection 1.
+    fn from_bob<'a>(
+        message: sync::Message,
+        changes: Vec<Change>,
+        author: &'a ChangeAuthor,
+        waiting: &'a WaitingBudget,
+    ) -> Incoming<'a> {
+        Incoming { conn: 1, peer_id: "bob", message, changes, is_request: false, author: Some(author), waiting }
+    }
+
     fn relay() -> RelayDoc {
         let mut r = RelayDoc::new(ID, "relay", ActorId::random());
         r.load(stored(), "sales".into());
@@ -787,12 +904,12 @@ mod tests {
         let base = r.doc().unwrap().fork();
         let (copy, changes) = join_and_reply(&base);
         // The reply alone: its dependency (the join) is missing. Nothing is applied or refused.
-        let out = r.receive(1, "bob", heads_of(&copy), vec![changes[1].clone()], false, Some(&bob()), NOW);
+        let out = r.receive(from_bob(heads_of(&copy), vec![changes[1].clone()], &bob(), &BOB_WAITS), NOW);
         assert!(out.iter().any(|a| matches!(a, Action::Missing)), "{out:?}");
         assert!(commits(&out).is_empty());
         assert!(!out.iter().any(|a| matches!(a, Action::Send(_, WireMessage::Error { .. }))), "{out:?}");
         // The join arrives (the sender never sends the reply again): both are judged and committed.
-        let out = r.receive(1, "bob", heads_of(&copy), vec![changes[0].clone()], false, Some(&bob()), NOW);
+        let out = r.receive(from_bob(heads_of(&copy), vec![changes[0].clone()], &bob(), &BOB_WAITS), NOW);
         let tickets = commits(&out);
         assert_eq!(tickets.len(), 1, "{out:?}");
         let heads = r.heads();
@@ -807,12 +924,12 @@ mod tests {
         r.follow(2, "carol");
         let base = r.doc().unwrap().fork();
         let (copy, changes) = join_and_reply(&base);
-        let out = r.receive(1, "bob", heads_of(&copy), changes, false, Some(&bob()), NOW);
+        let out = r.receive(from_bob(heads_of(&copy), changes, &bob(), &BOB_WAITS), NOW);
         let tickets = commits(&out);
         assert_eq!(tickets.len(), 1);
         assert!(r.advertise().is_empty(), "nothing before the commit returns");
         // bob reports the same heads as the relay's while the commit runs: he must still be told.
-        let out = r.receive(1, "bob", heads_of(&copy), Vec::new(), false, Some(&bob()), NOW);
+        let out = r.receive(from_bob(heads_of(&copy), Vec::new(), &bob(), &BOB_WAITS), NOW);
         assert_eq!(sends_to(&out, 1), 0, "{out:?}");
         assert!(out.iter().any(|a| matches!(a, Action::ScheduleFanout)), "the answer waits for the fan-out: {out:?}");
         let out = r.committed(tickets[0], Ok(()));
@@ -827,7 +944,7 @@ mod tests {
         let mut r = relay();
         let base = r.doc().unwrap().fork();
         let (copy, changes) = join_and_reply(&base);
-        let out = r.receive(1, "bob", heads_of(&copy), changes, false, Some(&bob()), NOW);
+        let out = r.receive(from_bob(heads_of(&copy), changes, &bob(), &BOB_WAITS), NOW);
         let out = r.committed(commits(&out)[0], Err("disk full".into()));
         assert!(out.iter().any(|a| matches!(a, Action::Reload)));
         assert!(out.iter().any(|a| matches!(a, Action::Send(1, WireMessage::Error { message, .. }) if message.starts_with(&format!("document {ID}: ")))));
@@ -858,12 +975,64 @@ mod tests {
             later.push(copy.get_last_local_change().unwrap());
         }
         // Everything but the join: all of it waits, and the queue overflows.
-        let out = r.receive(1, "bob", heads_of(&copy), later, false, Some(&bob()), NOW);
+        let out = r.receive(from_bob(heads_of(&copy), later, &bob(), &BOB_WAITS), NOW);
         assert!(
             out.iter().any(
                 |a| matches!(a, Action::Send(1, WireMessage::Error { message, .. }) if message.contains("starts over"))
             ),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn what_one_connection_has_waiting_is_bounded_across_documents() {
+        let waiting = WaitingBudget::new();
+        let agent = AgentId::from("bob");
+        // Changes that wait in each document (their join is held back), about 3.4 MiB a document,
+        // under the bound of one document: the fifth document finds the connection's bound.
+        let mut seed = 7_u64;
+        let mut noise = |n: usize| -> String {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                    char::from(b'a' + (seed >> 59) as u8 % 26)
+                })
+                .collect()
+        };
+        let mut docs = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            let mut r = relay();
+            let mut copy = r.doc().unwrap().fork().with_actor(ActorId::random());
+            copy.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &agent, true)).unwrap();
+            let mut later = Vec::new();
+            for i in 0..34 {
+                let m = Message {
+                    id: MessageId(format!("m{i}")),
+                    at: NOW,
+                    author: doc::crew(&agent),
+                    body: MessageBody::Text { text: noise(100_000) },
+                };
+                copy.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &m)).unwrap();
+                later.push(copy.get_last_local_change().unwrap());
+            }
+            answers.push(r.receive(from_bob(heads_of(&copy), later, &bob(), &waiting), NOW));
+            docs.push(r);
+            assert!(waiting.in_use() <= MAX_WAITING_PER_CONNECTION);
+        }
+        let overflowed = |out: &[Action]| {
+            out.iter().any(
+                |a| matches!(a, Action::Send(1, WireMessage::Error { message, .. }) if message.contains("starts over")),
+            )
+        };
+        assert!(answers[..4].iter().all(|out| !overflowed(out)), "four documents' queues fit");
+        assert!(overflowed(&answers[4]), "the fifth is over the connection's bound: {:?}", answers[4]);
+        let four = waiting.in_use();
+        assert!(four > 3 * MAX_WAITING_PER_CONNECTION / 4, "{four}");
+        // A document the connection leaves gives its part back.
+        docs[0].disconnect(1);
+        assert!(waiting.in_use() < four * 4 / 5, "{} of {four}", waiting.in_use());
+        drop(docs);
+        assert_eq!(waiting.in_use(), 0, "every part given back");
     }
 }

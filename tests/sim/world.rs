@@ -13,7 +13,7 @@ use crewdesk::domain::{
 use crewdesk::replica::conversation::ChangeAuthor;
 use crewdesk::replica::{Replica, doc};
 use crewdesk::sync::bounded::{self, SyncLimits};
-use crewdesk::sync::relay_doc::{Action, Claim, ConnId, RelayDoc};
+use crewdesk::sync::relay_doc::{Action, Claim, ConnId, Incoming, RelayDoc, WaitingBudget};
 use crewdesk::sync::session::{ClientSession, SessionEvent};
 use crewdesk::sync::wire::{PeerMetadata, WireMessage};
 use rand::rngs::StdRng;
@@ -55,6 +55,8 @@ struct Link {
     agent: usize,
     to_relay: VecDeque<WireMessage>,
     to_client: VecDeque<WireMessage>,
+    /// What its changes waiting for dependencies hold, across documents.
+    waiting: WaitingBudget,
 }
 
 struct Entry {
@@ -284,7 +286,10 @@ impl World {
         let conn = self.next_conn;
         self.next_conn += 1;
         let mut session = ClientSession::new(format!("peer-{}-{conn}", self.agents[i].id));
-        self.links.insert(conn, Link { agent: i, to_relay: VecDeque::new(), to_client: VecDeque::new() });
+        self.links.insert(
+            conn,
+            Link { agent: i, to_relay: VecDeque::new(), to_client: VecDeque::new(), waiting: WaitingBudget::new() },
+        );
         let peer = WireMessage::Peer {
             sender_id: RELAY_PEER.into(),
             target_id: String::new(),
@@ -459,6 +464,8 @@ impl World {
         let foreign_actors = self.bind_actors(&agent, &changes);
         let now = self.at();
         let drop_waiting = self.bug == Some(Bug::DropWaitingChanges);
+        let waiting = self.links.get(&conn).map(|l| l.waiting.clone()).unwrap_or_default();
+        let peer_id = peer_id.as_str();
         let e = self.entry(&document_id);
         if drop_waiting {
             e.core.forget_waiting_changes();
@@ -476,17 +483,23 @@ impl World {
             foreign_actors: foreign_actors.clone(),
         };
         let actions = match (claim, role) {
-            (_, None) => e.core.unavailable(conn, &peer_id),
+            (_, None) => e.core.unavailable(conn, peer_id),
             (Claim::Team(team), Some(role)) => {
                 let a = author(team, role, mode);
-                e.core.receive(conn, &peer_id, message, changes, is_request, Some(&a), now)
+                e.core.receive(
+                    Incoming { conn, peer_id, message, changes, is_request, author: Some(&a), waiting: &waiting },
+                    now,
+                )
             }
             (Claim::Empty, Some(_)) => {
                 let a = author(TeamId::default(), Role::Representative, TeamMode::Open);
-                e.core.receive(conn, &peer_id, message, changes, is_request, Some(&a), now)
+                e.core.receive(
+                    Incoming { conn, peer_id, message, changes, is_request, author: Some(&a), waiting: &waiting },
+                    now,
+                )
             }
-            (Claim::NotConversation, _) => e.core.unavailable(conn, &peer_id),
-            (Claim::Unreadable(why), _) => e.core.refuse_creation(conn, &peer_id, &why),
+            (Claim::NotConversation, _) => e.core.unavailable(conn, peer_id),
+            (Claim::Unreadable(why), _) => e.core.refuse_creation(conn, peer_id, &why),
         };
         if drop_waiting {
             self.docs.get_mut(&document_id).expect("entry").core.forget_waiting_changes();

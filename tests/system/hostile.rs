@@ -515,3 +515,97 @@ async fn a_reply_typed_offline_in_a_conversation_an_admin_closed_meanwhile_never
     assert!(!(delivered() && shown()), "delivered and shown as not delivered");
     relay.stop().await;
 }
+
+/// Text that does not compress (the relay counts the changes' bytes as they are).
+fn noise(seed: u64, n: usize) -> String {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            char::from(b'a' + (s >> 59) as u8 % 26)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_never_get_their_dependencies_are_bounded_per_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let carol = Agent::start(&relay, &tokens, "carol");
+    carol.connected().await;
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    // In each of six conversations, bob sends 3.4 MiB of replies whose first change (his join) he
+    // never sends: every reply waits for it. One conversation's queue may hold that much, one
+    // connection's queues together 16 MiB: the fifth or sixth conversation tells him to start over.
+    let mut ids = Vec::new();
+    let mut started_over = Vec::new();
+    for c in 0..6_u64 {
+        let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+        let mut copy = fetch(&mut bob, id.as_str()).await;
+        copy.transact::<_, _, DocError>(|tx| doc::set_in_room(tx, &"bob".into(), true)).unwrap();
+        let mut replies = Vec::new();
+        for n in 0..34 {
+            let m = crew(&format!("w{c}-{n}"), "bob", Timestamp::now(), text(&noise(c * 100 + n, 100_000)));
+            copy.transact::<_, _, DocError>(|tx| doc::add_message(tx, &m)).unwrap();
+            replies.push(copy.get_last_local_change().unwrap());
+        }
+        for batch in replies.chunks(8) {
+            let mut m = automerge::sync::Message::decode(&[0x42, 0, 0, 0, 0]).unwrap();
+            m.heads = copy.get_heads();
+            m.changes = batch.iter().map(|c| c.raw_bytes().to_vec()).collect::<Vec<_>>().into();
+            send_sync(&mut bob, id.as_str(), m.encode()).await;
+        }
+        // Every frame is answered (a request for the missing join, or the error) before the next
+        // conversation.
+        let mut answers = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout(std::time::Duration::from_millis(1500), bob.next()).await {
+            answers.push(m);
+        }
+        let over = answers.iter().any(
+            |m| matches!(m, WireMessage::Error { message, .. } if message.contains(id.as_str()) && message.contains("starts over")),
+        );
+        started_over.push(over);
+        ids.push(id);
+    }
+    assert_eq!(&started_over[..4], [false; 4], "four conversations' waiting replies fit");
+    assert!(started_over[4] || started_over[5], "the connection's bound is met: {started_over:?}");
+    // Nothing of it is stored, and everyone (bob too) is still served.
+    let join = {
+        let id = ids[0].as_str();
+        let copy = fetch(&mut bob, id).await;
+        attempt(&mut bob, id, &copy, |tx| doc::set_in_room(tx, &"bob".into(), true)).await
+    };
+    assert_eq!(join, "accepted");
+    carol.has(&ids[5]).await;
+    carol.act(&ids[5], |r| r.join(&ids[5], Timestamp::now()).unwrap());
+    carol.act(&ids[5], |r| r.send(&ids[5], text("still here"), Timestamp::now()).unwrap());
+    eventually(10, "carol's reply is stored", || carol.with(|r| r.unsynced().unwrap().0) == 0).await;
+    assert_eq!(carol.message_texts(&ids[5]), ["Hello?", "still here"]);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_keeps_its_own_time_beside_each_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let id = relay.customer_conversation(&tokens["ada"], demo::SALES, Channel::WebWidget).await;
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    let copy = fetch(&mut bob, id.as_str()).await;
+    // A date in the past is the author's to choose (a reply typed offline yesterday), but the
+    // relay keeps when it really arrived beside it.
+    let yesterday = Timestamp::now().plus(-24 * 3600 * 1000);
+    let sent = Timestamp::now();
+    let got = attempt(&mut bob, id.as_str(), &copy, move |tx| {
+        doc::set_in_room(tx, &"bob".into(), true)?;
+        doc::add_message(tx, &crew("m-yesterday", "bob", yesterday, text("Typed yesterday")))
+    })
+    .await;
+    assert_eq!(got, "accepted");
+    let times = relay.open_store().message_times(id.as_str()).unwrap();
+    let (_, at, received_at) = times.iter().find(|(m, _, _)| m == "m-yesterday").expect("recorded").clone();
+    assert_eq!(at, yesterday.0);
+    assert!(received_at >= sent.0 && received_at <= Timestamp::now().0, "{received_at} is the relay's time");
+    relay.stop().await;
+}

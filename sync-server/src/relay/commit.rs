@@ -4,7 +4,7 @@
 #[allow(unused_imports)]
 use super::*;
 use crate::store::NewChunk;
-use crewdesk::sync::relay_doc::ChangeSeq;
+use crewdesk::sync::relay_doc::{ChangeSeq, MessageTime};
 
 /// A chunk waiting for the group commit, and who to tell when it is on disk.
 pub(super) struct Commit {
@@ -13,6 +13,8 @@ pub(super) struct Commit {
     pub(super) chunk: Vec<u8>,
     /// The client changes in the chunk (their places are checked by the store).
     pub(super) changes: Vec<ChangeSeq>,
+    /// The messages those changes add (their relay time is stored beside their `at`).
+    pub(super) messages: Vec<MessageTime>,
     pub(super) done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
@@ -32,7 +34,13 @@ pub(super) async fn committer(store: Arc<Store>, mut rx: mpsc::Receiver<Commit>)
         let (batch, result) = tokio::task::spawn_blocking(move || {
             let rows: Vec<NewChunk<'_>> = batch
                 .iter()
-                .map(|c| NewChunk { doc: &c.doc, team: &c.team, bytes: &c.chunk, changes: &c.changes })
+                .map(|c| NewChunk {
+                    doc: &c.doc,
+                    team: &c.team,
+                    bytes: &c.chunk,
+                    changes: &c.changes,
+                    messages: &c.messages,
+                })
                 .collect();
             let result = store.append_chunks(&rows).map_err(|e| e.to_string());
             (batch, result)
@@ -57,7 +65,7 @@ pub(super) async fn committer(store: Arc<Store>, mut rx: mpsc::Receiver<Commit>)
 impl Relay {
     /// Stores a chunk durably (group commit); returns once it is fsynced.
     pub(super) async fn commit(&self, doc: &str, team: &TeamId, chunk: Vec<u8>) -> Result<(), String> {
-        let wait = self.enqueue_commit(doc, team, chunk, Vec::new()).await?;
+        let wait = self.enqueue_commit(doc, team, chunk, Vec::new(), Vec::new()).await?;
         wait.await.map_err(|_| "the relay is shutting down".to_owned())?
     }
 
@@ -68,9 +76,10 @@ impl Relay {
         team: &TeamId,
         chunk: Vec<u8>,
         changes: Vec<ChangeSeq>,
+        messages: Vec<MessageTime>,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, String> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let c = Commit { doc: doc.to_owned(), team: team.clone(), chunk, changes, done };
+        let c = Commit { doc: doc.to_owned(), team: team.clone(), chunk, changes, messages, done };
         self.commits.send(c).await.map_err(|_| "the relay is shutting down".to_owned())?;
         Ok(wait)
     }

@@ -14,6 +14,8 @@ pub(super) struct Session {
     pub(super) overloaded: Arc<Notify>,
     /// Documents this connection is creating (see `MAX_PENDING_PER_CONNECTION`).
     pub(super) pending: Arc<AtomicUsize>,
+    /// What this connection's changes waiting for dependencies hold, across all documents.
+    pub(super) waiting: WaitingBudget,
     /// Bytes queued for this connection and not yet written (see `MAX_QUEUED_BYTES`).
     pub(super) queued: Arc<AtomicUsize>,
     /// The SHA-256 of the token it signed in with (checked again when access changes).
@@ -265,6 +267,7 @@ pub(super) async fn connection(relay: Arc<Relay>, socket: WebSocket, conn: ConnI
         tx,
         overloaded: overloaded.clone(),
         pending: Arc::default(),
+        waiting: WaitingBudget::new(),
         queued: Arc::default(),
         token_hash: signed_in.token_hash.into(),
         hangup: Arc::default(),

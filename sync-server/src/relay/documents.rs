@@ -198,11 +198,13 @@ impl Relay {
                 }
             }
         };
+        let waiting = &session.waiting;
         let refused_read = || format!("document {doc_id}: the relay could not read this conversation; try again later");
         let actions = match claim {
-            _ if changes.is_empty() => {
-                e.core.receive(conn, peer_id, message, changes, is_request, None, Timestamp::now())
-            }
+            _ if changes.is_empty() => e.core.receive(
+                Incoming { conn, peer_id, message, changes, is_request, author: None, waiting },
+                Timestamp::now(),
+            ),
             Claim::Team(team) => match session.agent.role_in(&team) {
                 None => e.core.unavailable(conn, peer_id),
                 Some(role) => {
@@ -210,7 +212,10 @@ impl Relay {
                         session.error(&self.peer_id, refused_read());
                         return;
                     };
-                    e.core.receive(conn, peer_id, message, changes, is_request, Some(&author), Timestamp::now())
+                    e.core.receive(
+                        Incoming { conn, peer_id, message, changes, is_request, author: Some(&author), waiting },
+                        Timestamp::now(),
+                    )
                 }
             },
             Claim::Empty => {
@@ -222,7 +227,10 @@ impl Relay {
                     session.error(&self.peer_id, refused_read());
                     return;
                 };
-                e.core.receive(conn, peer_id, message, changes, is_request, Some(&author), Timestamp::now())
+                e.core.receive(
+                    Incoming { conn, peer_id, message, changes, is_request, author: Some(&author), waiting },
+                    Timestamp::now(),
+                )
             }
             Claim::NotConversation => e.core.unavailable(conn, peer_id),
             Claim::Unreadable(why) => {
@@ -327,8 +335,8 @@ impl Relay {
                         _ => guard.core.disconnect(conn),
                     }
                 }
-                Action::Commit { ticket, team, chunk, changes } => {
-                    let wait = self.enqueue_commit(&doc_id, &team, chunk, changes).await;
+                Action::Commit { ticket, team, chunk, changes, messages } => {
+                    let wait = self.enqueue_commit(&doc_id, &team, chunk, changes, messages).await;
                     let result = match wait {
                         Ok(wait) => {
                             drop(guard);

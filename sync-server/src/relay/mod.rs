@@ -31,7 +31,7 @@ use crewdesk::replica::conversation::ChangeAuthor;
 use crewdesk::replica::doc;
 use crewdesk::sync::bounded::{self, SyncLimits};
 use crewdesk::sync::document_id;
-use crewdesk::sync::relay_doc::{Action, Claim, RelayDoc};
+use crewdesk::sync::relay_doc::{Action, Claim, Incoming, RelayDoc, WaitingBudget};
 use crewdesk::sync::wire::{PeerMetadata, WireMessage};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet};
@@ -406,6 +406,7 @@ mod tests {
             tx,
             overloaded: overloaded.clone(),
             pending: Arc::default(),
+            waiting: crewdesk::sync::relay_doc::WaitingBudget::new(),
             queued: Arc::default(),
             token_hash: "h".into(),
             hangup: Arc::default(),

@@ -22,6 +22,7 @@ const TABLES: &[(&str, &[&str], &str)] = &[
     ("documents", &["id", "team", "created_at"], "id"),
     ("grab_log", &["doc_id", "agent", "received_at"], "seq"),
     ("actors", &["actor", "agent", "first_seen"], "actor"),
+    ("message_times", &["doc_id", "message_id", "at", "received_at"], "doc_id, message_id"),
     ("widget_sessions", &["token_hash", "doc_id", "location", "created_at"], "token_hash"),
     (
         "email_outbox",

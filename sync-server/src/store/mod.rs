@@ -60,6 +60,8 @@ pub struct NewChunk<'a> {
     pub team: &'a TeamId,
     pub bytes: &'a [u8],
     pub changes: &'a [crewdesk::sync::relay_doc::ChangeSeq],
+    /// The messages the client changes add: the relay's time is kept beside their `at`.
+    pub messages: &'a [crewdesk::sync::relay_doc::MessageTime],
 }
 
 pub struct StoredChunks {
@@ -183,8 +185,11 @@ pub trait Storage: Send + Sync {
     /// the document holds already, so it was refused).
     fn append_chunks(&self, chunks: &[NewChunk<'_>]) -> Result<Vec<bool>, StoreError>;
     fn append_chunk(&self, id: &str, team: &TeamId, chunk: &[u8]) -> Result<(), StoreError> {
-        self.append_chunks(&[NewChunk { doc: id, team, bytes: chunk, changes: &[] }]).map(|_| ())
+        self.append_chunks(&[NewChunk { doc: id, team, bytes: chunk, changes: &[], messages: &[] }]).map(|_| ())
     }
+    /// The messages agents' changes added to a document: id, the `at` its author gave it and when
+    /// the relay received it (its own clock), in the order received.
+    fn message_times(&self, doc: &str) -> Result<Vec<(String, i64, i64)>, StoreError>;
     /// Stores many new documents in one transaction (seeding, imports). Existing ids are skipped.
     fn import_documents(&self, docs: &[(String, TeamId, Vec<u8>)]) -> Result<usize, StoreError>;
     /// Replaces a document's chunks by one full save of exactly what is stored, read and written in

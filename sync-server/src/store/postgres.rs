@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0007_change_seqs.sql"),
     include_str!("migrations/postgres/0008_access_version.sql"),
     include_str!("migrations/postgres/0009_blob_refs_doc.sql"),
+    include_str!("migrations/postgres/0010_message_times.sql"),
 ];
 
 /// The NOTIFY channel the instances talk on.
@@ -481,6 +482,16 @@ impl Storage for PgStore {
                 hashes.push(ch.hash.as_str());
             }
         }
+        // The messages they add, with the chunk they are in: the relay's time beside their `at`.
+        let (mut m_ord, mut m_docs, mut m_ids, mut m_ats) = (vec![], vec![], vec![], vec![]);
+        for (n, c) in chunks.iter().enumerate() {
+            for m in c.messages {
+                m_ord.push(n as i64 + 1);
+                m_docs.push(c.doc);
+                m_ids.push(m.id.as_str());
+                m_ats.push(m.at.0);
+            }
+        }
         let now = now_millis();
         self.block(async {
             let c = self.client().await?;
@@ -525,6 +536,12 @@ impl Storage for PgStore {
                        SELECT d, $5, b FROM unnest($1::text[], $3::bytea[]) WITH ORDINALITY AS u(d, b, n)
                        WHERE n NOT IN (SELECT n FROM refused) ORDER BY n
                        RETURNING doc_id, seq
+                     ), times AS (
+                       INSERT INTO message_times (doc_id, message_id, at, received_at)
+                       SELECT d, id, at, $4 FROM unnest($12::bigint[], $13::text[], $14::text[], $15::bigint[])
+                         AS m(n, d, id, at)
+                       WHERE n NOT IN (SELECT n FROM refused)
+                       ON CONFLICT DO NOTHING
                      ), teams AS (
                        SELECT DISTINCT ON (d) d, t FROM unnest($1::text[], $2::text[]) AS u(d, t)
                      )
@@ -541,8 +558,23 @@ impl Storage for PgStore {
             let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
             let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                 [&ord, &change_docs, &actors, &seqs, &hashes];
-            let append_params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] =
-                [&doc_ids, &teams, &bytes, &now, &self.instance, &CHANNEL, &ord, &change_docs, &actors, &seqs, &hashes];
+            let append_params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
+                &doc_ids,
+                &teams,
+                &bytes,
+                &now,
+                &self.instance,
+                &CHANNEL,
+                &ord,
+                &change_docs,
+                &actors,
+                &seqs,
+                &hashes,
+                &m_ord,
+                &m_docs,
+                &m_ids,
+                &m_ats,
+            ];
             let (begin, locked, claimed, appended, commit) = futures_util::join!(
                 c.batch_execute("BEGIN"),
                 c.execute(&lock, &lock_params),
@@ -556,6 +588,20 @@ impl Storage for PgStore {
             appended?;
             commit?;
             Ok((1..=chunks.len() as i64).map(|n| !refused.contains(&n)).collect())
+        })
+    }
+
+    fn message_times(&self, doc: &str) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT message_id, at, received_at FROM message_times WHERE doc_id = $1
+                     ORDER BY received_at, message_id",
+                    &[&doc],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
         })
     }
 

@@ -19,6 +19,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0009_widget_settings.sql"),
     include_str!("migrations/sqlite/0010_access_version.sql"),
     include_str!("migrations/sqlite/0011_blob_refs_doc.sql"),
+    include_str!("migrations/sqlite/0012_message_times.sql"),
 ];
 
 pub struct SqliteStore {
@@ -245,7 +246,7 @@ impl Storage for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = now_millis();
-        for NewChunk { doc: id, team, bytes: chunk, .. } in chunks {
+        for NewChunk { doc: id, team, bytes: chunk, messages, .. } in chunks {
             tx.prepare_cached("INSERT OR IGNORE INTO documents (id, team, created_at) VALUES (?1, ?2, ?3)")?
                 .execute(params![*id, team.as_str(), now])?;
             tx.prepare_cached(
@@ -253,9 +254,24 @@ impl Storage for SqliteStore {
                  VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM doc_chunks WHERE doc_id = ?1), ?2)",
             )?
             .execute(params![id, chunk])?;
+            for m in *messages {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO message_times (doc_id, message_id, at, received_at) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![id, m.id, m.at.0, now])?;
+            }
         }
         tx.commit()?;
         Ok(vec![true; chunks.len()])
+    }
+
+    fn message_times(&self, doc: &str) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT message_id, at, received_at FROM message_times WHERE doc_id = ?1 ORDER BY received_at, message_id",
+        )?;
+        let rows = stmt.query_map([doc], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Stores many new documents in one transaction (seeding, imports). Existing ids are skipped.
