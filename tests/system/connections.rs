@@ -229,24 +229,6 @@ async fn over_the_per_address_cap_websockets_get_1013_and_requests_503_with_the_
     assert!(matches!(again.join().await, WireMessage::Peer { .. }), "served again once under the cap");
 }
 
-/// The next close frame's code and reason (error frames before it collected), within `within`.
-async fn closed(client: &mut RawClient, within: Duration) -> (u16, String, Vec<String>) {
-    let deadline = Instant::now() + within;
-    let mut errors = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match client.next_frame(left).await {
-            Some(Frame::Binary(b)) => {
-                if let WireMessage::Error { message, .. } = WireMessage::decode(&b).unwrap() {
-                    errors.push(message);
-                }
-            }
-            Some(Frame::Close(Some(close))) => return (close.code.into(), close.reason.to_string(), errors),
-            other => panic!("expected a close frame within {within:?}, got {other:?} (errors: {errors:?})"),
-        }
-    }
-}
-
 #[tokio::test]
 async fn revoking_a_token_closes_its_open_socket_within_a_second_and_a_role_change_reconnects() {
     use crewdesk::domain::{AgentId, TeamId};
@@ -259,17 +241,17 @@ async fn revoking_a_token_closes_its_open_socket_within_a_second_and_a_role_chan
     // As `sync-server revoke-token bob` does it: another connection to the store.
     let revoked = Instant::now();
     assert_eq!(relay.open_store().revoke_tokens(&AgentId::from("bob"), None).unwrap(), 1);
-    let (code, reason, errors) = closed(&mut bob, Duration::from_secs(1)).await;
+    let (code, reason, errors) = bob.closed(Duration::from_secs(1)).await;
     assert!(revoked.elapsed() < Duration::from_secs(1), "closed after {:?}", revoked.elapsed());
     assert_eq!(code, 4001);
     assert_eq!(reason, "signed out: token revoked");
     assert!(errors.iter().any(|e| e.starts_with("signed out: token revoked")), "{errors:?}");
     // The revoked token no longer signs in.
     let mut again = RawClient::connect(&relay, Some(&tokens["bob"])).await;
-    assert_eq!(closed(&mut again, Duration::from_secs(1)).await.0, 4001);
+    assert_eq!(again.closed(Duration::from_secs(1)).await.0, 4001);
     // Carol is removed from Sales: her socket is closed to sync again with her new access.
     assert!(relay.open_store().remove_member(&TeamId("sales".into()), &AgentId::from("carol")).unwrap());
-    let (code, reason, _) = closed(&mut carol, Duration::from_secs(1)).await;
+    let (code, reason, _) = carol.closed(Duration::from_secs(1)).await;
     assert_eq!(code, 4005, "{reason}");
     let mut carol = RawClient::connect(&relay, Some(&tokens["carol"])).await;
     assert!(matches!(carol.join().await, WireMessage::Peer { .. }), "carol still signs in");

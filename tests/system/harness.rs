@@ -428,6 +428,24 @@ impl RawClient {
     }
 
     /// The next protocol message, or `None` when the connection closes (5 s at most).
+    /// The next close frame's code and reason (error frames before it collected), within `within`.
+    pub async fn closed(&mut self, within: Duration) -> (u16, String, Vec<String>) {
+        let deadline = std::time::Instant::now() + within;
+        let mut errors = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.next_frame(left).await {
+                Some(Frame::Binary(b)) => {
+                    if let WireMessage::Error { message, .. } = WireMessage::decode(&b).unwrap() {
+                        errors.push(message);
+                    }
+                }
+                Some(Frame::Close(Some(close))) => return (close.code.into(), close.reason.to_string(), errors),
+                other => panic!("expected a close frame within {within:?}, got {other:?} (errors: {errors:?})"),
+            }
+        }
+    }
+
     pub async fn next(&mut self) -> Option<WireMessage> {
         loop {
             match tokio::time::timeout(Duration::from_secs(5), self.ws.next()).await.ok()?? {

@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 use sync_server::store::Store;
 use system_tests::{
-    Agent, RelayProcess, TestRelay, eventually, free_port, grab_all, one_owner_everywhere, postgres_database,
-    relay_binary, wait_listening,
+    Agent, RawClient, RelayProcess, TestRelay, eventually, free_port, grab_all, one_owner_everywhere,
+    postgres_database, relay_binary, wait_listening,
 };
 
 /// `n` relay instances in this process over one fresh PostgreSQL database, with the demo accounts.
@@ -458,4 +458,30 @@ async fn two_changes_with_one_actor_and_sequence_number_on_two_instances_leave_t
     }
     assert_eq!(texts[0].len(), 1, "{texts:?}");
     assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_closes_its_socket_on_another_instance_within_a_second() {
+    use crewdesk::domain::AgentId;
+    use crewdesk::sync::wire::WireMessage;
+    let dir = tempfile::tempdir().unwrap();
+    let (relays, tokens) = instances(2, dir.path()).await;
+    let mut bob = RawClient::connect(&relays[1], Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    let mut carol = RawClient::connect(&relays[1], Some(&tokens["carol"])).await;
+    assert!(matches!(carol.join().await, WireMessage::Peer { .. }));
+    // Revoked through the first instance's database connection (as `sync-server revoke-token bob`
+    // does, from any machine): bob's socket on the second instance closes within a second.
+    let revoked = std::time::Instant::now();
+    assert_eq!(relays[0].open_store().revoke_tokens(&AgentId::from("bob"), None).unwrap(), 1);
+    let (code, reason, errors) = bob.closed(Duration::from_secs(1)).await;
+    assert!(revoked.elapsed() < Duration::from_secs(1), "closed after {:?}", revoked.elapsed());
+    assert_eq!((code, reason.as_str()), (4001, "signed out: token revoked"));
+    assert!(errors.iter().any(|e| e.starts_with("signed out: token revoked")), "{errors:?}");
+    // Neither instance takes the token any more; carol, on the same instance, is still served.
+    for relay in &relays {
+        let mut again = RawClient::connect(relay, Some(&tokens["bob"])).await;
+        assert_eq!(again.closed(Duration::from_secs(1)).await.0, 4001);
+    }
+    assert!(carol.next_frame(Duration::from_millis(300)).await.is_none_or(|f| !f.is_close()), "carol stays");
 }
