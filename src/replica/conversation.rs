@@ -98,9 +98,30 @@ pub struct ChangeSummary {
 /// Reads what `change` does. `doc` must hold the change (it was just applied); older objects are
 /// looked up in it, and added messages are read as of the change.
 pub fn summarize(doc: &Automerge, change: &Change) -> Result<ChangeSummary, Refusal> {
+    summarize_decoded(doc, change, &change.decode())
+}
+
+/// What automerge must never be asked to apply, read from the change's operations before it is:
+/// counters. A conversation has none, and automerge 0.12 panics in builds with overflow checks when
+/// an increment overflows a counter (found by fuzzing; release builds wrap silently).
+fn refuse_before_applying(expanded: &automerge::ExpandedChange) -> Result<(), Refusal> {
+    let counter = expanded
+        .operations
+        .iter()
+        .any(|op| matches!(op.action, OpType::Increment(_) | OpType::Put(ScalarValue::Counter(_))));
+    match counter {
+        true => refuse("a conversation has no counters"),
+        false => Ok(()),
+    }
+}
+
+fn summarize_decoded(
+    doc: &Automerge,
+    change: &Change,
+    expanded: &automerge::ExpandedChange,
+) -> Result<ChangeSummary, Refusal> {
     let hash = change.hash();
     let deps = change.deps().to_vec();
-    let expanded = change.decode();
     let mut out = ChangeSummary { empty: expanded.operations.is_empty(), ..Default::default() };
     let op_id = |i: usize| format!("{}@{}", expanded.start_op.get() + i as u64, expanded.actor_id);
     let new_ops: HashSet<String> = (0..expanded.operations.len()).map(op_id).collect();
@@ -545,6 +566,12 @@ pub fn apply_judged_with(
             Some((at, known)) if *at == heads && on_heads => Some(known.clone()),
             _ => header_at(doc, change.deps(), on_heads),
         };
+        let expanded = change.decode();
+        if let Err(refusal) = refuse_before_applying(&expanded) {
+            dropped.insert(hash);
+            verdict.refused.get_or_insert((hash, refusal));
+            continue;
+        }
         if let Err(e) = doc.apply_changes([change.clone()]) {
             dropped.insert(hash);
             verdict.refused.get_or_insert((hash, Refusal(format!("the change could not be applied ({e})"))));
@@ -553,7 +580,7 @@ pub fn apply_judged_with(
             continue;
         }
         let after = header_at(doc, &[hash], on_heads);
-        let judged = summarize(doc, &change).and_then(|summary| {
+        let judged = summarize_decoded(doc, &change, &expanded).and_then(|summary| {
             // A conversation is created once: a change made beside its creation (on a document
             // without it) would overwrite its fixed fields in a conflict. Found by fuzzing.
             if before.is_none() && existed && !summary.empty {

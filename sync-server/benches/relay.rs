@@ -28,6 +28,9 @@ use sync_server::store::Store;
 use tokio::sync::Barrier;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
+#[path = "relay/hostile.rs"]
+mod hostile;
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -97,19 +100,14 @@ fn start_relay(data: &Path, port: u16) -> Server {
 /// A relay for the widget rows: every customer comes from 127.0.0.1, so the per-address limits
 /// (conversation starts, messages, connections) are raised for the measurement.
 fn start_relay_for_widgets(data: &Path, port: u16) -> Server {
-    Command::new(env!("CARGO_BIN_EXE_sync-server"))
-        .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--widget-starts-per-ip", "1000000", "--widget-messages-per-ip", "1000000"])
-        .args(["--max-connections-per-address", "100000"])
-        .env("RUST_LOG", std::env::var("CREWDESK_BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::File::create(format!("/tmp/crewdesk-bench-relay-{port}.log"))
-                .map_or_else(|_| Stdio::null(), Stdio::from),
-        )
-        .spawn()
-        .map(Server)
-        .expect("relay binary")
+    let limits = ["--widget-starts-per-ip", "1000000", "--widget-messages-per-ip", "1000000"];
+    start_relay_with(data, None, port, &[&limits[..], &["--max-connections-per-address", "100000"]].concat())
+}
+
+/// The relay of the main rows: every connection comes from 127.0.0.1, so the per-address cap is
+/// lifted (the slow-body row plays 2,000 addresses).
+fn start_relay_many_addresses(data: &Path, port: u16) -> Server {
+    start_relay_with(data, None, port, &["--max-connections-per-address", "100000"])
 }
 
 /// What the widget rows measured.
@@ -273,12 +271,18 @@ async fn widget_load(
 
 /// A relay process; with a PostgreSQL URL it is one instance of a deployment sharing that database.
 fn start_relay_on(data: &Path, store: Option<&str>, port: u16) -> Server {
+    start_relay_with(data, store, port, &[])
+}
+
+/// The relay binary serving `data` (and `store` when given) on `port`, with `args` after `serve`.
+fn start_relay_with(data: &Path, store: Option<&str>, port: u16, args: &[&str]) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sync-server"));
     if let Some(url) = store {
         command.env("CREWDESK_STORE", url);
     }
     command
         .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(args)
         .env("RUST_LOG", std::env::var("CREWDESK_BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .stderr(
@@ -540,6 +544,7 @@ async fn load(
         }));
     }
     barrier.wait().await;
+    hostile::LOAD_RUNNING.store(true, std::sync::atomic::Ordering::SeqCst);
     let started = Instant::now();
     let generator_started = cpu_seconds(std::process::id());
     let (mut sent, mut delivered, mut dropped) = (0, 0, 0);
@@ -550,6 +555,7 @@ async fn load(
         dropped += usize::from(d);
     }
     let elapsed = started.elapsed();
+    hostile::LOAD_RUNNING.store(false, std::sync::atomic::Ordering::SeqCst);
     let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
     latencies.sort();
     let mut cross_instance = std::mem::take(&mut *cross.lock().unwrap());
@@ -635,7 +641,7 @@ async fn main() {
     // loaded into the relay's store, as `sync-server seed-demo` does.
     let tokens = seed_store(&Store::open(dir.path()).unwrap(), &team, &names, &docs);
     let port = free_port();
-    let relay = start_relay(dir.path(), port);
+    let relay = start_relay_many_addresses(dir.path(), port);
     wait_listening(port).await;
     for every in [saturating, paced] {
         eprintln!("load on the Crewdesk relay, a message every {every:?} per agent");
@@ -643,7 +649,58 @@ async fn main() {
         let r = load(&[port], &tokens, &docs, k, every).await;
         rows.push(("Crewdesk relay", every, cpu_seconds(relay.id()) - cpu, memory_kib(relay.id()), r));
     }
+    // The paced load again, with one signed-in agent (a second connection of agent0's) sending
+    // 1,000 changes the judge refuses to conversation 0 (which ten agents follow) meanwhile.
+    let frames = env_usize("CREWDESK_BENCH_HOSTILE_FRAMES", 1000);
+    eprintln!(
+        "load on the Crewdesk relay, a message every {paced:?} per agent, one agent sending {frames} refused changes"
+    );
+    let attack = tokio::spawn(hostile::hostile(port, tokens[0].clone(), docs[0].0.clone(), docs[0].1.clone(), frames));
+    let cpu = cpu_seconds(relay.id());
+    let r = load(&[port], &tokens, &docs, k, paced).await;
+    let under_attack = (cpu_seconds(relay.id()) - cpu, memory_kib(relay.id()), r, attack.await.unwrap());
+    // And with 2,000 anonymous connections trickling request bodies (as from 2,000 addresses: the
+    // per-address cap is lifted for this relay, so only the body deadline and the total cap act).
+    let slow = env_usize("CREWDESK_BENCH_SLOW_BODIES", 2000);
+    eprintln!("load on the Crewdesk relay, a message every {paced:?} per agent, {slow} slow request bodies");
+    let key = Store::open(dir.path()).unwrap().widget_settings(&team.id).unwrap().expect("the load team's widget").key;
+    let attack = tokio::spawn(hostile::slow_bodies(port, key, slow));
+    let cpu = cpu_seconds(relay.id());
+    let r = load(&[port], &tokens, &docs, k, paced).await;
+    let under_slow_bodies = (cpu_seconds(relay.id()) - cpu, memory_kib(relay.id()), r, attack.await.unwrap());
     drop(relay);
+    let print_attack = |calm: &LoadResult| {
+        let (cpu, mem, r, h) = &under_attack;
+        println!(
+            "\npaced load with one hostile agent ({} refused changes sent, {} refusals heard): {} of {} deliveries, p50 {:.1} ms, p99 {:.1} ms (without it: p50 {:.1} ms, p99 {:.1} ms; p99 ratio {:.2}x), relay CPU {:.2} cores, RSS {} MiB (peak {} MiB)",
+            h.sent,
+            h.refused,
+            r.delivered,
+            r.sent * (n / m - 1),
+            pct(&r.latencies, 0.5),
+            pct(&r.latencies, 0.99),
+            pct(&calm.latencies, 0.5),
+            pct(&calm.latencies, 0.99),
+            pct(&r.latencies, 0.99) / pct(&calm.latencies, 0.99),
+            cpu / r.elapsed.as_secs_f64(),
+            mem.0 / 1024,
+            mem.1 / 1024,
+        );
+        print_latency_shape(&r.latencies);
+        let (cpu, mem, r, (opened, ended)) = &under_slow_bodies;
+        println!(
+            "\npaced load with {slow} slow request bodies at once ({opened} opened in all, {ended} cut off by the relay): {} of {} deliveries, p50 {:.1} ms, p99 {:.1} ms (p99 ratio to the calm run {:.2}x), relay CPU {:.2} cores, RSS {} MiB (peak {} MiB)",
+            r.delivered,
+            r.sent * (n / m - 1),
+            pct(&r.latencies, 0.5),
+            pct(&r.latencies, 0.99),
+            pct(&r.latencies, 0.99) / pct(&calm.latencies, 0.99),
+            cpu / r.elapsed.as_secs_f64(),
+            mem.0 / 1024,
+            mem.1 / 1024,
+        );
+        print_latency_shape(&r.latencies);
+    };
     if std::env::var_os("CREWDESK_BENCH_RELAY_ONLY").is_some() {
         // Investigating the relay alone: its rows and the shape of their latency, nothing else.
         for (_, every, cpu, mem, r) in &rows {
@@ -659,6 +716,7 @@ async fn main() {
             );
             print_latency_shape(&r.latencies);
         }
+        print_attack(&rows[1].4);
         return;
     }
 
@@ -715,6 +773,7 @@ async fn main() {
         throughput(&rows[0].4) / throughput(&rows[2].4)
     );
     println!("peak memory ratio (Crewdesk / reference): {:.2}", rows[1].3.1 as f64 / rows[3].3.1.max(1) as f64);
+    print_attack(&rows[1].4);
 
     widgets(&team, &names, &docs, k, [paced]).await;
     catch_up().await;

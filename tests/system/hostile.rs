@@ -71,6 +71,15 @@ async fn every_forged_change_is_refused_with_its_rule_and_everyone_else_keeps_sy
         ("content address", Box::new(attachment("sha256:../../../../etc/passwd"))),
         ("content address", Box::new(attachment("sha256:/proc/self/environ"))),
         ("content address", Box::new(attachment("sha256:a"))),
+        // A counter near its maximum: one more increment used to overflow inside automerge (a
+        // panic in builds with overflow checks). No counter gets in.
+        (
+            "has no counters",
+            Box::new(|tx| {
+                let (_, c) = tx.get(ROOT, "customer")?.unwrap();
+                Ok(tx.put(&c, "notes", automerge::ScalarValue::counter(i64::MAX))?)
+            }),
+        ),
         ("cannot change its id, team, channel", Box::new(|tx| Ok(tx.put(ROOT, "channel", "whatsapp")?))),
         ("cannot change its id, team, channel", Box::new(|tx| Ok(tx.put(ROOT, "created_at", 0)?))),
         ("unknown field", Box::new(|tx| Ok(tx.put(ROOT, "junk", "x".repeat(200_000))?))),
