@@ -108,6 +108,9 @@ pub enum Action {
     /// Changes wait for dependencies this relay does not hold: another instance may have stored
     /// them ([`RelayDoc::apply_stored`] retries the waiting changes).
     Missing,
+    /// A change from this connection was refused (the error frame saying why is in the actions):
+    /// the relay counts refusals per agent, and stops reading from one that keeps sending them.
+    Refused(ConnId),
 }
 
 /// One change's place in its actor's history, and its hash.
@@ -419,6 +422,7 @@ impl RelayDoc {
         vec![
             Action::Send(conn, self.frame_error(peer_id, format!("not a readable conversation ({why}); refused"))),
             Action::Send(conn, self.frame_unavailable(peer_id)),
+            Action::Refused(conn),
         ]
     }
 
@@ -546,6 +550,7 @@ impl RelayDoc {
             tracing::info!(doc_id = %self.id, agent = ?author.map(|a| &a.agent), change = %hash, %refusal, "change refused");
             let why = format!("{refusal}; refused (change {hash})");
             out.push(Action::Send(conn, frame_error(&self.relay_peer, &self.id, peer_id, &why)));
+            out.push(Action::Refused(conn));
             self.peers.remove(&conn);
         }
         let Some(stored) = self.stored.as_mut() else { return false };
@@ -584,6 +589,7 @@ impl RelayDoc {
                 return vec![
                     Action::Send(conn, frame_error(&self.relay_peer, &self.id, peer_id, &why)),
                     Action::Send(conn, self.frame_unavailable(peer_id)),
+                    Action::Refused(conn),
                 ];
             }
             pending.added.extend(verdict.added);

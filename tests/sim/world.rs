@@ -553,7 +553,7 @@ impl World {
                     queue.extend(self.entry(doc_id).core.advertise());
                 }
                 Action::Stored { .. } => self.decide_grab(doc_id),
-                Action::Missing => {}
+                Action::Missing | Action::Refused(_) => {}
             }
         }
     }

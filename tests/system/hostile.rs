@@ -14,6 +14,10 @@ use crewdesk::domain::{
 use crewdesk::replica::doc::{self, DocError};
 use crewdesk::sync::wire::WireMessage;
 use system_tests::{Agent, RawClient, TestRelay, attempt, eventually, fetch, next_about, send_sync, sync_with};
+use tokio_tungstenite::tungstenite::Message as Frame;
+
+/// Refusals per agent and minute before the relay stops reading its changes (the relay's figure).
+const MAX_REFUSALS: usize = 30;
 
 fn text(t: &str) -> MessageBody {
     MessageBody::Text { text: t.into() }
@@ -363,44 +367,57 @@ async fn a_thousand_hostile_frames_do_not_stop_the_others() {
     assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
     let copy = fetch(&mut bob, id.as_str()).await;
     // 1,000 refused changes (a new one each time, so none is refused from memory), sent without
-    // waiting for the answers, while carol keeps writing.
-    let hostile = {
-        let id = id.0.clone();
-        tokio::spawn(async move {
-            let mut refused = 0;
-            for n in 0..1_000 {
-                let mut attempt = copy.fork();
-                attempt
-                    .transact::<_, _, DocError>(|tx| {
-                        let m = Message {
-                            author: Author::Customer,
-                            ..crew(&format!("f{n}"), "bob", Timestamp::now(), text("forged"))
-                        };
-                        doc::add_message(tx, &m)
-                    })
-                    .unwrap();
-                let change = attempt.get_last_local_change().unwrap();
-                let mut m = automerge::sync::Message::decode(&[0x42, 0, 0, 0, 0]).unwrap();
-                m.heads = attempt.get_heads();
-                m.changes = vec![change.raw_bytes().to_vec()].into();
-                send_sync(&mut bob, &id, m.encode()).await;
-            }
-            while let Ok(Some(m)) = tokio::time::timeout(std::time::Duration::from_secs(5), bob.next()).await {
-                if matches!(m, WireMessage::Error { .. }) {
-                    refused += 1;
-                }
-            }
-            refused
-        })
+    // waiting for the answers, while carol keeps writing. After MAX_REFUSALS the relay reads no
+    // more of them: bob's connection is closed with 4008.
+    let forged = |copy: &Automerge, n: usize| {
+        let mut attempt = copy.fork();
+        attempt
+            .transact::<_, _, DocError>(|tx| {
+                let m = Message {
+                    author: Author::Customer,
+                    ..crew(&format!("f{n}"), "bob", Timestamp::now(), text("forged"))
+                };
+                doc::add_message(tx, &m)
+            })
+            .unwrap();
+        let change = attempt.get_last_local_change().unwrap();
+        let mut m = automerge::sync::Message::decode(&[0x42, 0, 0, 0, 0]).unwrap();
+        m.heads = attempt.get_heads();
+        m.changes = vec![change.raw_bytes().to_vec()].into();
+        WireMessage::Sync {
+            sender_id: "raw".into(),
+            target_id: "relay".into(),
+            document_id: id.0.clone(),
+            data: m.encode(),
+        }
     };
+    let frames: Vec<WireMessage> = (0..1_000).map(|n| forged(&copy, n)).collect();
+    let again = forged(&copy, 1_000);
+    let hostile = tokio::spawn(async move {
+        let mut sent = 0;
+        for f in &frames {
+            if !bob.send_raw(Frame::Binary(f.encode().into())).await {
+                break;
+            }
+            sent += 1;
+        }
+        let (code, _, errors) = bob.closed(std::time::Duration::from_secs(30)).await;
+        (sent, code, errors.iter().filter(|e| e.contains("; refused (change")).count())
+    });
     for n in 0..20 {
         carol.act(&id, |r| r.send(&id, text(&format!("reply {n}")), Timestamp::now()).unwrap());
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     eventually(30, "ada has every reply", || ada.message_texts(&id).len() == 21).await;
-    let refused = hostile.await.unwrap();
-    assert!(refused > 0, "the hostile changes were refused");
+    let (sent, code, refused) = hostile.await.unwrap();
+    assert_eq!(code, 4008, "too many refused changes");
+    assert!(refused > 0 && refused <= MAX_REFUSALS + 1, "{refused} refusals of {sent} frames sent");
     assert!(ada.message_texts(&id).iter().all(|t| t != "forged"));
+    // The limit is the agent's, not the connection's: a new connection is closed at its first change.
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    bob.send(&again).await;
+    assert_eq!(bob.closed(std::time::Duration::from_secs(5)).await.0, 4008);
     relay.stop().await;
 }
 

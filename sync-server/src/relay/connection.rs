@@ -41,6 +41,9 @@ pub mod close {
     pub const SIGNED_OUT: u16 = 4001;
     /// The agent's teams or roles changed while connected: reconnect to sync with the new access.
     pub const ACCESS_CHANGED: u16 = 4005;
+    /// The agent's changes were refused too often (`MAX_REFUSALS` a minute): the relay stops
+    /// reading them for a while; an honest client reconnects later and goes on.
+    pub const TOO_MANY_REFUSALS: u16 = 4008;
     /// Too many failed sign-ins from this address: wait a minute.
     pub const TOO_MANY_FAILURES: u16 = 4029;
 }

@@ -157,6 +157,11 @@ impl Relay {
                 return;
             }
         };
+        if !changes.is_empty() && self.refusals.is_full(&session.agent.id) {
+            // Judged nothing more: each refusal costs taking the change back out.
+            too_many_refusals(session);
+            return;
+        }
         let entry = self.entry(&doc_id);
         let mut guard = entry.lock().await;
         if let Err(err) = self.ensure_loaded(&doc_id, &mut guard).await {
@@ -399,6 +404,14 @@ impl Relay {
                     }
                 }
                 Action::Missing => {}
+                Action::Refused(conn) => {
+                    let session = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(&conn).cloned();
+                    if let Some(session) = session
+                        && !self.refusals.allow(session.agent.id.clone())
+                    {
+                        too_many_refusals(&session);
+                    }
+                }
             }
         }
         let e = &mut *guard;
@@ -514,4 +527,16 @@ impl Relay {
             self.recent.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         }
     }
+}
+
+/// Ends a connection whose agent's changes were refused too often.
+fn too_many_refusals(session: &Session) {
+    info!(agent = %session.agent.id, "closing a connection whose changes keep being refused");
+    session.hangup.hang_up(Hangup {
+        code: close::TOO_MANY_REFUSALS,
+        reason: "too many refused changes".into(),
+        error: Some(format!(
+            "too many refused changes ({MAX_REFUSALS} a minute): the relay reads no more changes from this agent for a while"
+        )),
+    });
 }

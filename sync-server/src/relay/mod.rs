@@ -113,6 +113,7 @@ pub async fn run(
         geoip,
         widget_starts: crate::limits::Limiter::new(config.widget_starts_per_ip, std::time::Duration::from_secs(600)),
         widget_uploads: crate::limits::Limiter::new(20, std::time::Duration::from_secs(600)),
+        refusals: crate::limits::Limiter::new(MAX_REFUSALS, std::time::Duration::from_secs(60)),
         team_modes: Mutex::default(),
         // Two decoding threads (of the machine's few cores) and eight images waiting at most.
         images: crate::images::ImagePool::new(2, 8),
@@ -273,6 +274,9 @@ pub struct Relay {
     widget_starts: crate::limits::Limiter<std::net::IpAddr>,
     /// Files sent by widget customers per conversation (10 minutes).
     widget_uploads: crate::limits::Limiter<String>,
+    /// Changes refused per agent (a minute): one that keeps sending changes the judge refuses is
+    /// not read any more (each refusal costs taking the change back out of the conversation).
+    refusals: crate::limits::Limiter<AgentId>,
     /// Decodes uploaded images for their thumbnails, apart from the blocking threads.
     pub(crate) images: crate::images::ImagePool,
     /// Each team's mode (open or grab) and when it was read, for the judge of changes.
@@ -280,6 +284,10 @@ pub struct Relay {
     /// Which agent each automerge actor id (hex) is bound to, as far as this instance has seen.
     actors: Mutex<HashMap<String, AgentId>>,
 }
+
+/// Changes of one agent the relay refuses in a minute before it stops reading them (close
+/// `TOO_MANY_REFUSALS`). An honest desk gets a handful when the rules changed while it was offline.
+pub(crate) const MAX_REFUSALS: usize = 30;
 
 /// Who the relay's own actors are bound to (not a valid agent id: it holds parentheses and a
 /// space-free word no admin command creates).
