@@ -639,7 +639,19 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     // The conversations start with a customer message, which replicas may not write: they are
     // loaded into the relay's store, as `sync-server seed-demo` does.
-    let tokens = seed_store(&Store::open(dir.path()).unwrap(), &team, &names, &docs);
+    let store = Store::open(dir.path()).unwrap();
+    let tokens = seed_store(&store, &team, &names, &docs);
+    // The hostile agent of the attack row: a member of the team (so its changes are judged), in
+    // no conversation's room, apart from the load's agents.
+    let mut with_hostile = team.clone();
+    with_hostile.members.push(Member {
+        agent: AgentId::from("hostile"),
+        name: "Hostile".into(),
+        role: Role::Representative,
+    });
+    store.put_team(&with_hostile).unwrap();
+    let hostile_token = store.issue_token(&AgentId::from("hostile"), "load").unwrap();
+    drop(store);
     let port = free_port();
     let relay = start_relay_many_addresses(dir.path(), port);
     wait_listening(port).await;
@@ -649,57 +661,66 @@ async fn main() {
         let r = load(&[port], &tokens, &docs, k, every).await;
         rows.push(("Crewdesk relay", every, cpu_seconds(relay.id()) - cpu, memory_kib(relay.id()), r));
     }
-    // The paced load again, with one signed-in agent (a second connection of agent0's) sending
-    // 1,000 changes the judge refuses to conversation 0 (which ten agents follow) meanwhile.
+    // Attacks beside a lighter load (a message every 5 s per agent: the paced load leaves this
+    // machine no headroom, so any extra work shows as its tail). First the lighter load alone, then
+    // with one more signed-in agent sending 1,000 changes the judge refuses to conversation 0
+    // (which ten agents follow), then with 2,000 anonymous connections trickling request bodies
+    // (as from 2,000 addresses: the per-address cap is lifted for this relay, so only the body
+    // deadline and the total cap act). The attackers run in this process, on the same two cores.
+    eprintln!("load on the Crewdesk relay, a message every {light:?} per agent, no attack");
+    let cpu = cpu_seconds(relay.id());
+    let calm = load(&[port], &tokens, &docs, k, light).await;
+    let calm_cpu = cpu_seconds(relay.id()) - cpu;
     let frames = env_usize("CREWDESK_BENCH_HOSTILE_FRAMES", 1000);
     eprintln!(
-        "load on the Crewdesk relay, a message every {paced:?} per agent, one agent sending {frames} refused changes"
+        "load on the Crewdesk relay, a message every {light:?} per agent, one agent sending {frames} refused changes"
     );
-    let attack = tokio::spawn(hostile::hostile(port, tokens[0].clone(), docs[0].0.clone(), docs[0].1.clone(), frames));
+    let attack = tokio::spawn(hostile::hostile(port, hostile_token, docs[0].0.clone(), docs[0].1.clone(), frames));
     let cpu = cpu_seconds(relay.id());
-    let r = load(&[port], &tokens, &docs, k, paced).await;
-    let under_attack = (cpu_seconds(relay.id()) - cpu, memory_kib(relay.id()), r, attack.await.unwrap());
-    // And with 2,000 anonymous connections trickling request bodies (as from 2,000 addresses: the
-    // per-address cap is lifted for this relay, so only the body deadline and the total cap act).
+    let r = load(&[port], &tokens, &docs, k, light).await;
+    let under_attack = (cpu_seconds(relay.id()) - cpu, r, attack.await.unwrap());
     let slow = env_usize("CREWDESK_BENCH_SLOW_BODIES", 2000);
-    eprintln!("load on the Crewdesk relay, a message every {paced:?} per agent, {slow} slow request bodies");
+    eprintln!("load on the Crewdesk relay, a message every {light:?} per agent, {slow} slow request bodies");
     let key = Store::open(dir.path()).unwrap().widget_settings(&team.id).unwrap().expect("the load team's widget").key;
     let attack = tokio::spawn(hostile::slow_bodies(port, key, slow));
     let cpu = cpu_seconds(relay.id());
-    let r = load(&[port], &tokens, &docs, k, paced).await;
+    let r = load(&[port], &tokens, &docs, k, light).await;
     let under_slow_bodies = (cpu_seconds(relay.id()) - cpu, memory_kib(relay.id()), r, attack.await.unwrap());
     drop(relay);
-    let print_attack = |calm: &LoadResult| {
-        let (cpu, mem, r, h) = &under_attack;
-        println!(
-            "\npaced load with one hostile agent ({} refused changes sent, {} refusals heard): {} of {} deliveries, p50 {:.1} ms, p99 {:.1} ms (without it: p50 {:.1} ms, p99 {:.1} ms; p99 ratio {:.2}x), relay CPU {:.2} cores, RSS {} MiB (peak {} MiB)",
-            h.sent,
-            h.refused,
-            r.delivered,
-            r.sent * (n / m - 1),
-            pct(&r.latencies, 0.5),
-            pct(&r.latencies, 0.99),
-            pct(&calm.latencies, 0.5),
-            pct(&calm.latencies, 0.99),
-            pct(&r.latencies, 0.99) / pct(&calm.latencies, 0.99),
-            cpu / r.elapsed.as_secs_f64(),
-            mem.0 / 1024,
-            mem.1 / 1024,
+    let print_attack = || {
+        let row = |what: &str, r: &LoadResult, cpu: f64| {
+            println!(
+                "a message every {} ms per agent, {what}: {} of {} deliveries, p50 {:.1} ms, p99 {:.1} ms (p99 {:.2}x the load alone), relay CPU {:.2} cores",
+                light.as_millis(),
+                r.delivered,
+                r.sent * (n / m - 1),
+                pct(&r.latencies, 0.5),
+                pct(&r.latencies, 0.99),
+                pct(&r.latencies, 0.99) / pct(&calm.latencies, 0.99),
+                cpu / r.elapsed.as_secs_f64(),
+            );
+            print_latency_shape(&r.latencies);
+        };
+        println!();
+        row("no attack", &calm, calm_cpu);
+        let (cpu, r, h) = &under_attack;
+        row(
+            &format!(
+                "one agent sending {} refused changes ({} refusals heard before the relay closed it)",
+                h.sent, h.refused
+            ),
+            r,
+            *cpu,
         );
-        print_latency_shape(&r.latencies);
         let (cpu, mem, r, (opened, ended)) = &under_slow_bodies;
-        println!(
-            "\npaced load with {slow} slow request bodies at once ({opened} opened in all, {ended} cut off by the relay): {} of {} deliveries, p50 {:.1} ms, p99 {:.1} ms (p99 ratio to the calm run {:.2}x), relay CPU {:.2} cores, RSS {} MiB (peak {} MiB)",
-            r.delivered,
-            r.sent * (n / m - 1),
-            pct(&r.latencies, 0.5),
-            pct(&r.latencies, 0.99),
-            pct(&r.latencies, 0.99) / pct(&calm.latencies, 0.99),
-            cpu / r.elapsed.as_secs_f64(),
-            mem.0 / 1024,
-            mem.1 / 1024,
+        row(
+            &format!(
+                "{slow} slow request bodies at once ({opened} opened in all, {ended} cut off by the relay; relay RSS {} MiB)",
+                mem.1 / 1024
+            ),
+            r,
+            *cpu,
         );
-        print_latency_shape(&r.latencies);
     };
     if std::env::var_os("CREWDESK_BENCH_RELAY_ONLY").is_some() {
         // Investigating the relay alone: its rows and the shape of their latency, nothing else.
@@ -716,7 +737,7 @@ async fn main() {
             );
             print_latency_shape(&r.latencies);
         }
-        print_attack(&rows[1].4);
+        print_attack();
         return;
     }
 
@@ -773,7 +794,7 @@ async fn main() {
         throughput(&rows[0].4) / throughput(&rows[2].4)
     );
     println!("peak memory ratio (Crewdesk / reference): {:.2}", rows[1].3.1 as f64 / rows[3].3.1.max(1) as f64);
-    print_attack(&rows[1].4);
+    print_attack();
 
     widgets(&team, &names, &docs, k, [paced]).await;
     catch_up().await;

@@ -170,6 +170,9 @@ pub(crate) struct TimedBody {
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
+/// Body pieces smaller than this are copied (see `TimedBody::poll_frame`).
+const SMALL_PIECE: usize = 1024;
+
 /// The error a body too slow to arrive ends with; `read_body` answers it with 408.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body came too slowly (at least {0} bytes a second are needed)")]
@@ -197,12 +200,22 @@ impl HttpBody for TimedBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.received += data.len() as u64;
-                    let allowed =
-                        this.grace + std::time::Duration::from_secs_f64(this.received as f64 / this.min_rate as f64);
-                    this.deadline.as_mut().reset(this.started + allowed);
-                }
+                let frame = match frame.into_data() {
+                    Ok(data) => {
+                        this.received += data.len() as u64;
+                        let allowed = this.grace
+                            + std::time::Duration::from_secs_f64(this.received as f64 / this.min_rate as f64);
+                        this.deadline.as_mut().reset(this.started + allowed);
+                        // A small piece is copied out of the connection's read buffer: kept as it
+                        // is, each one would hold that whole buffer until the body is complete (a
+                        // body trickled a byte at a time held about 200 KiB per connection).
+                        match data.len() < SMALL_PIECE {
+                            true => Frame::data(Bytes::copy_from_slice(&data)),
+                            false => Frame::data(data),
+                        }
+                    }
+                    Err(frame) => frame,
+                };
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
