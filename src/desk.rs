@@ -29,6 +29,18 @@ pub struct SessionView {
     pub agent: Option<CrewMember>,
     pub relay_url: Option<String>,
     pub teams: Vec<TeamView>,
+    /// Where the desktop keeps the agent's token.
+    #[serde(default)]
+    pub token_kept: Option<TokenKept>,
+}
+
+/// Where the desktop keeps the agent's token between runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenKept {
+    /// In the system keyring; otherwise in the settings file.
+    pub in_keyring: bool,
+    /// What the desk says of it (the file and why no keyring took it).
+    pub note: String,
 }
 
 /// One row of the yellow block.

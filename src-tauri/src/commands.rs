@@ -4,7 +4,8 @@
 use crate::desk::{self, AppState, Desk, Settings, emit_changed};
 use crate::error::{CommandError, CommandResult};
 use crewdesk::desk::{
-    CrewMember, DetailView, ListView, NotificationView, RowView, SessionView, detail_view, row_view, team_views,
+    CrewMember, DetailView, ListView, NotificationView, RowView, SessionView, TokenKept, detail_view, row_view,
+    team_views,
 };
 use crewdesk::domain::access::{self, GrabState, JoinKind};
 use crewdesk::domain::attachment::BlobHash;
@@ -26,6 +27,10 @@ fn session_of(desk: Option<&Desk>) -> SessionView {
         agent: Some(CrewMember { id: desk.settings.agent.clone(), name: desk.settings.agent_name.clone() }),
         relay_url: Some(desk.settings.relay_url.clone()),
         teams: team_views(&r.teams(), r.agent()),
+        token_kept: (!desk.settings.token_note.is_empty()).then(|| TokenKept {
+            in_keyring: desk.settings.token_in == crate::settings::TokenIn::Keyring,
+            note: desk.settings.token_note.clone(),
+        }),
     }
 }
 
@@ -43,12 +48,7 @@ pub async fn sign_in(
     token: String,
 ) -> CommandResult<SessionView> {
     let (agent, agent_name) = desk::who_am_i(&relay_url, &token).await?;
-    let settings = Settings {
-        relay_url: relay_url.trim().trim_end_matches('/').to_owned(),
-        token: token.trim().to_owned(),
-        agent,
-        agent_name,
-    };
+    let settings = Settings::new(&relay_url, &token, agent, agent_name);
     let opened = desk::open(&app, settings, true)?;
     let mut slot = state.desk.lock().await;
     *slot = Some(opened);

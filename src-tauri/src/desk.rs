@@ -12,14 +12,7 @@ use std::sync::{Arc, Mutex};
 use sync_client::{ClientConfig, SharedReplica, SyncClient, SyncStatus};
 use tauri::{AppHandle, Emitter, Manager};
 
-/// What the app remembers between runs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Settings {
-    pub relay_url: String,
-    pub token: String,
-    pub agent: AgentId,
-    pub agent_name: String,
-}
+pub use crate::settings::Settings;
 
 pub struct Desk {
     pub replica: SharedReplica,
@@ -54,68 +47,14 @@ pub fn data_dir(app: &AppHandle) -> CommandResult<PathBuf> {
     Ok(dir)
 }
 
+/// The settings of an earlier sign-in (the token from the keyring or the file), if any.
 pub fn load_settings(app: &AppHandle) -> Option<Settings> {
-    let path = settings_path(app).ok()?;
-    let text = std::fs::read_to_string(&path).ok()?;
-    // A file written by an older version (0644) holds the token: make it the user's only.
-    if let Err(e) = make_private(&path) {
-        tracing::warn!(%e, path = %path.display(), "cannot restrict the settings file to this user");
-    }
-    serde_json::from_str(&text).ok()
+    crate::settings::load(&settings_path(app).ok()?, &crate::settings::OsKeyring)
 }
 
 /// Forgets the saved relay address and token (signing out): the next start asks for them.
 pub fn forget_settings(app: &AppHandle) -> CommandResult<()> {
-    let path = settings_path(app)?;
-    match std::fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(CommandError::Settings(format!("cannot remove {}: {e}", path.display()))),
-    }
-}
-
-fn save_settings(app: &AppHandle, settings: &Settings) -> CommandResult<()> {
-    let path = settings_path(app)?;
-    let text = serde_json::to_string_pretty(settings).map_err(|e| CommandError::Settings(e.to_string()))?;
-    write_private(&path, text.as_bytes())
-        .map_err(|e| CommandError::Settings(format!("cannot save the settings in {}: {e}", path.display())))
-}
-
-/// Writes a file that holds a secret (the settings hold the agent's token): created 0600 under a
-/// temporary name, fsynced and renamed over the old one, so no other user can ever read it.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().ok_or_else(|| std::io::Error::other("the settings path has no directory"))?;
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.tmp", rand::random::<u64>()));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let written = options.open(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    match written.and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => make_private(path),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
-}
-
-fn make_private(path: &std::path::Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if std::fs::metadata(path)?.permissions().mode() & 0o777 != 0o600 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
+    crate::settings::forget(&settings_path(app)?, &crate::settings::OsKeyring)
 }
 
 #[derive(Deserialize)]
@@ -155,9 +94,9 @@ pub async fn who_am_i(relay_url: &str, token: &str) -> CommandResult<(AgentId, S
 }
 
 /// Opens the agent's replica, starts syncing and forwards what happens to the window.
-pub fn open(app: &AppHandle, settings: Settings, remember: bool) -> CommandResult<Arc<Desk>> {
+pub fn open(app: &AppHandle, mut settings: Settings, remember: bool) -> CommandResult<Arc<Desk>> {
     if remember {
-        save_settings(app, &settings)?;
+        crate::settings::save(&settings_path(app)?, &crate::settings::OsKeyring, &mut settings)?;
     }
     let dir = data_dir(app)?;
     let replica = Replica::open(replica_path(&dir, &settings.agent), settings.agent.clone())?;
@@ -251,30 +190,4 @@ fn spawn_forwarders(
             let _ = app2.emit("desk-clock", ());
         }
     });
-}
-
-#[cfg(all(test, unix))]
-mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
-    fn mode(path: &std::path::Path) -> u32 {
-        std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
-    }
-
-    #[test]
-    fn settings_are_written_for_this_user_only_and_an_old_loose_file_is_replaced() {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let path = tmp.path().join("config/settings.json");
-        super::write_private(&path, b"{\"token\":\"cdt_one\"}").expect("write");
-        assert_eq!(mode(&path), 0o600);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        super::write_private(&path, b"{\"token\":\"cdt_two\"}").expect("write again");
-        assert_eq!(mode(&path), 0o600);
-        assert_eq!(std::fs::read_to_string(&path).expect("read"), "{\"token\":\"cdt_two\"}");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        super::make_private(&path).expect("tighten");
-        assert_eq!(mode(&path), 0o600);
-        let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir")).expect("list").collect();
-        assert_eq!(names.len(), 1, "no temporary file is left behind");
-    }
 }

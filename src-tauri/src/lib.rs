@@ -6,6 +6,7 @@ mod commands;
 mod desk;
 mod error;
 mod notify;
+mod settings;
 
 use desk::{AppState, Settings};
 use tauri::Manager;
@@ -62,7 +63,7 @@ pub fn run() {
 async fn restore(app: tauri::AppHandle) {
     let from_env = match (std::env::var("CREWDESK_RELAY_URL"), std::env::var("CREWDESK_TOKEN")) {
         (Ok(url), Ok(token)) => match desk::who_am_i(&url, &token).await {
-            Ok((agent, agent_name)) => Some(Settings { relay_url: url, token, agent, agent_name }),
+            Ok((agent, agent_name)) => Some(Settings::new(&url, &token, agent, agent_name)),
             Err(e) => {
                 tracing::warn!(%e, "CREWDESK_RELAY_URL/CREWDESK_TOKEN rejected; falling back to saved settings");
                 None

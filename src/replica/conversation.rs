@@ -103,7 +103,14 @@ pub fn summarize(doc: &Automerge, change: &Change) -> Result<ChangeSummary, Refu
 
 /// What automerge must never be asked to apply, read from the change's operations before it is:
 /// counters. A conversation has none, and automerge 0.12 panics in builds with overflow checks when
-/// an increment overflows a counter (found by fuzzing; release builds wrap silently).
+/// an increment overflows a counter (found by fuzzing; release builds wrap silently). Whoever
+/// applies a client's change outside [`apply_judged`] (the relay reading which team a new
+/// conversation claims) asks this first.
+pub fn check_before_applying(change: &Change) -> Result<(), Refusal> {
+    refuse_before_applying(&change.decode())
+}
+
+/// See [`check_before_applying`].
 fn refuse_before_applying(expanded: &automerge::ExpandedChange) -> Result<(), Refusal> {
     let counter = expanded
         .operations

@@ -397,6 +397,9 @@ impl RelayDoc {
         if let Some(stored) = &self.stored {
             return Claim::Team(stored.team.clone());
         }
+        if let Some(refusal) = changes.iter().find_map(|c| conversation::check_before_applying(c).err()) {
+            return Claim::Unreadable(refusal.to_string());
+        }
         let mut probe = self.pending.get(&conn).map_or_else(Automerge::new, |p| p.doc.clone());
         let header = probe
             .apply_changes(changes.iter().cloned())

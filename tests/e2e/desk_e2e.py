@@ -157,17 +157,23 @@ class Relay:
 class App:
     """One agent's desktop app, in its own data directories, behind its own tauri-driver."""
 
-    def __init__(self, name, args, relay, workdir):
+    def __init__(self, name, args, relay, workdir, from_saved=False):
+        """from_saved: started without the relay address and token in its environment, so the desk
+        opens from what the earlier sign-in saved (the token from the keyring, or the file)."""
         self.name = name
         home = os.path.join(workdir, name)
+        self.settings = os.path.join(home, "config", "app.crewdesk.desk", "settings.json")
         env = dict(os.environ)
         env.update({
             "XDG_DATA_HOME": os.path.join(home, "data"),
             "XDG_CONFIG_HOME": os.path.join(home, "config"),
             "XDG_CACHE_HOME": os.path.join(home, "cache"),
-            "CREWDESK_RELAY_URL": relay.url,
-            "CREWDESK_TOKEN": relay.tokens[name],
         })
+        if from_saved:
+            env.pop("CREWDESK_RELAY_URL", None)
+            env.pop("CREWDESK_TOKEN", None)
+        else:
+            env.update({"CREWDESK_RELAY_URL": relay.url, "CREWDESK_TOKEN": relay.tokens[name]})
         options = ArgOptions()
         options.set_capability("browserName", "wry")
         options.set_capability("tauri:options", {"application": args.app})
@@ -284,6 +290,22 @@ def main():
     try:
         bob = App("bob", args, relay, workdir)
         apps.append(bob)
+
+        # The token is kept in the system keyring when the session has one (cargo xtask test runs
+        # this under dbus-run-session with gnome-keyring), else in the settings file, readable by
+        # the user only, and the desk says so, naming the file.
+        kept = wait_for("where the token is kept", lambda: bob.css("#token-kept") and bob.text("#token-kept"))
+        with open(bob.settings) as f:
+            saved = f.read()
+        if os.environ.get("CREWDESK_E2E_KEYRING") == "1":
+            assert kept == "Token in the system keyring", kept
+            assert relay.tokens["bob"] not in saved, "the token is not in the settings file"
+            print("ok: the token is kept in the system keyring, not in the settings file")
+        else:
+            assert "no system keyring" in kept, kept
+            assert bob.settings in bob.css("#token-kept")[0].get_attribute("title"), "the note names the file"
+            assert relay.tokens["bob"] in saved and os.stat(bob.settings).st_mode & 0o777 == 0o600
+            print("ok: without a keyring the token is kept in a 0600 file the desk names")
 
         # Red block: every status filter lists exactly as many conversations as its count says.
         for status in STATUSES:
@@ -517,6 +539,15 @@ def main():
         bob.screenshot(os.path.join(args.artifacts, "desk-not-delivered.png"))
         print("ok: a reply refused because the rules changed offline is shown as not delivered, nothing stuck")
 
+        # carol's desk starts again without the token in its environment: it opens from what her
+        # sign-in saved.
+        carol.quit()
+        apps.remove(carol)
+        carol = App("carol", args, relay, workdir, from_saved=True)
+        apps.append(carol)
+        wait_for("carol's desk syncs again", lambda: "Online" in carol.text("#sync-state"), 30)
+        print("ok: a desk started again opens with the saved token")
+
         # An admin revokes bob's token while his desk is open: the desk says so within seconds and
         # offers to sign in again, which shows the sign-in form.
         subprocess.run([relay.binary, "--data-dir", relay.data, "revoke-token", "bob"], check=True, capture_output=True)
@@ -524,6 +555,7 @@ def main():
         bob.screenshot(os.path.join(args.artifacts, "desk-signed-out.png"))
         bob.click("#sign-in-again")
         wait_for("the sign-in form", lambda: bob.css("#relay-url") and bob.css("#token"), 20)
+        assert not os.path.exists(bob.settings), "signing out forgets the saved settings (and the keyring entry)"
         print("ok: a revoked token signs the desk out, and it offers to sign in again")
         print("E2E passed; screenshots in", args.artifacts)
     except BaseException:

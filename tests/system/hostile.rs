@@ -305,6 +305,22 @@ async fn a_new_conversation_is_judged_like_every_change() {
     let got = create(&mut bob, &email_id, &email).await;
     assert!(got.contains("only for themselves"), "{got}");
 
+    // A new conversation carrying a counter and an increment: refused before automerge applies it
+    // (an increment past the counter's maximum made automerge panic while the relay read which team
+    // the conversation claims, in builds with overflow checks).
+    let counter_id = crewdesk::sync::document_id::encode(&[12; 16]);
+    let mut counter = Automerge::new();
+    counter
+        .transact::<_, _, DocError>(|tx| {
+            doc::write_new(tx, &new_conversation(&counter_id, Channel::Email))?;
+            let (_, c) = tx.get(ROOT, "customer")?.unwrap();
+            tx.put(&c, "notes", automerge::ScalarValue::counter(5))?;
+            Ok(tx.increment(&c, "notes", 1)?)
+        })
+        .unwrap();
+    let got = create(&mut bob, &counter_id, &counter).await;
+    assert!(got.contains("has no counters"), "{got}");
+
     // An honest email thread, opened by bob with his own first message, is stored and reaches ada.
     let honest_id = crewdesk::sync::document_id::encode(&[11; 16]);
     let mut honest = Automerge::new();

@@ -138,6 +138,13 @@ pub fn sidebar(props: &DeskProps) -> Html {
                 <SyncBadge desk={desk.clone()} />
             </div>
             <div class="who muted">{ agent }</div>
+            { for desk.session.token_kept.iter().map(|kept| {
+                let (class, label) = match kept.in_keyring {
+                    true => ("who muted", "Token in the system keyring"),
+                    false => ("who warning", "Token in a file: no system keyring"),
+                };
+                html! { <div id="token-kept" class={class} title={kept.note.clone()}>{ label }</div> }
+            }) }
             <h2>{ "Views" }</h2>
             { entry(Selection::View(View::AllChatroom), "All Chatroom", counts.all_chatroom, "view-all") }
             { entry(Selection::View(View::Joined), "Joined", counts.joined, "view-joined") }

@@ -84,6 +84,10 @@ const APT_PACKAGES: &[&str] = &[
     "fonts-noto-color-emoji",
     "python3-venv",
     "postgresql",
+    // The desktop keeps its token in the Secret Service (libdbus); the E2E runs under a real one.
+    "libdbus-1-dev",
+    "dbus",
+    "gnome-keyring",
 ];
 
 /// The wasm-bindgen CLI must equal the `wasm-bindgen` crate pinned in `ui/Cargo.toml`.
@@ -417,25 +421,32 @@ fn e2e() -> Result {
         cargo_bin("tauri-driver")
     };
     let artifacts = root().join("artifacts");
-    step(
-        "xvfb-run",
-        &[
-            "-a",
-            "-s",
-            "-screen 0 1280x800x24",
-            python.to_str().unwrap_or("python3"),
-            root().join("tests/e2e/desk_e2e.py").to_str().unwrap_or(""),
-            "--app",
-            bin.join("crewdesk").to_str().unwrap_or(""),
-            "--relay",
-            bin.join("sync-server").to_str().unwrap_or(""),
-            "--driver",
-            driver.to_str().unwrap_or("tauri-driver"),
-            "--artifacts",
-            artifacts.to_str().unwrap_or("artifacts"),
-        ],
-        &[],
-    )
+    // Under a session bus with an unlocked gnome-keyring (a real Secret Service), the desktop keeps
+    // its token there; the E2E checks it (CREWDESK_E2E_KEYRING). Without them it checks the file.
+    let keyring = output_ok("gnome-keyring-daemon", &["--version"]).is_some()
+        && output_ok("dbus-run-session", &["--version"]).is_some();
+    let session = "printf crewdesk-e2e | gnome-keyring-daemon --unlock --components=secrets >/dev/null && exec \"$@\"";
+    let (script, app, relay) = (root().join("tests/e2e/desk_e2e.py"), bin.join("crewdesk"), bin.join("sync-server"));
+    let (program, mut e2e_args) = match keyring {
+        true => ("dbus-run-session", vec!["--", "sh", "-c", session, "sh", "xvfb-run"]),
+        false => ("xvfb-run", Vec::new()),
+    };
+    e2e_args.extend([
+        "-a",
+        "-s",
+        "-screen 0 1280x800x24",
+        python.to_str().unwrap_or("python3"),
+        script.to_str().unwrap_or(""),
+        "--app",
+        app.to_str().unwrap_or(""),
+        "--relay",
+        relay.to_str().unwrap_or(""),
+        "--driver",
+        driver.to_str().unwrap_or("tauri-driver"),
+        "--artifacts",
+        artifacts.to_str().unwrap_or("artifacts"),
+    ]);
+    step(program, &e2e_args, &[("CREWDESK_E2E_KEYRING", if keyring { "1" } else { "0" })])
 }
 
 /// The fuzz targets of `fuzz/` and the sanitizer each is built with. The three that parse raw bytes
