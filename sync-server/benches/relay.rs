@@ -110,6 +110,9 @@ fn start_relay_many_addresses(data: &Path, port: u16) -> Server {
     start_relay_with(data, None, port, &["--max-connections-per-address", "100000"])
 }
 
+/// Agents per team in the widget rows (customer i writes to team i / 10, agent i answers).
+const WIDGET_TEAM: usize = 10;
+
 /// What the widget rows measured.
 struct WidgetResult {
     /// A customer's message in the widget until the agent's replica has it.
@@ -126,7 +129,7 @@ struct WidgetResult {
 /// protocol, `every` apart, both at once.
 async fn widget_load(
     (port, relay_pid): (u16, u32),
-    key: &str,
+    keys: &[String],
     tokens: &[String],
     w: usize,
     k: usize,
@@ -140,7 +143,7 @@ async fn widget_load(
     let mut tasks = Vec::new();
     for i in 0..w {
         let started: serde_json::Value = http
-            .post(format!("http://127.0.0.1:{port}/api/widget/{key}/conversations"))
+            .post(format!("http://127.0.0.1:{port}/api/widget/{}/conversations", keys[i / WIDGET_TEAM]))
             .json(&serde_json::json!({ "name": format!("Customer {i}"), "text": format!("hello {i}") }))
             .send()
             .await
@@ -205,7 +208,11 @@ async fn widget_load(
             // Fetch the conversation, then join it.
             while !doc::check_schema(&d).unwrap_or(false) {
                 let Some(Ok(Ws::Binary(b))) = ws.next().await else { continue };
-                let Ok(WireMessage::Sync { data, .. }) = WireMessage::decode(&b) else { continue };
+                // Other conversations of the team arrive too (a desk would sync them): skipped.
+                let Ok(WireMessage::Sync { data, document_id, .. }) = WireMessage::decode(&b) else { continue };
+                if document_id != id {
+                    continue;
+                }
                 d.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap()).unwrap();
                 if let Some(m) = d.generate_sync_message(&mut state) {
                     ws.send(sync_frame(&peer, &id, m)).await.unwrap();
@@ -221,11 +228,16 @@ async fn widget_load(
             let (mut mine, mut got) = (0, 0);
             let deadline = tokio::time::sleep(Duration::from_secs(60));
             tokio::pin!(deadline);
-            while mine < k || got < k {
+            // Until its replies are on the relay too (the relay's heads cover them): leaving right
+            // after the last reply was made could take it away before automerge sent it.
+            while mine < k || got < k || state.their_heads.as_deref() != Some(&d.get_heads()[..]) {
                 tokio::select! {
                     frame = ws.next() => {
                         let Some(Ok(Ws::Binary(b))) = frame else { if matches!(frame, Some(Ok(_))) { continue } else { break } };
-                        let Ok(WireMessage::Sync { data, .. }) = WireMessage::decode(&b) else { continue };
+                        let Ok(WireMessage::Sync { data, document_id, .. }) = WireMessage::decode(&b) else { continue };
+                        if document_id != id {
+                            continue;
+                        }
                         let before = d.get_heads();
                         d.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap()).unwrap();
                         let now = Instant::now();
@@ -815,7 +827,23 @@ async fn widgets(team: &Team, names: &[String], docs: &[(ConversationId, Automer
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let tokens = seed_store(&store, team, names, docs);
-    let key = store.widget_settings(&team.id).unwrap().expect("the load team's widget").key;
+    // The customers' conversations go to teams of ten agents (customer i to team i / 10, whose
+    // agents are agent 10t to 10t + 9): every agent's desk follows every conversation of its teams,
+    // so in one team of 1,000 each customer message would go to 1,000 desks.
+    let keys: Vec<String> = (0..w.div_ceil(WIDGET_TEAM))
+        .map(|t| {
+            let members = (WIDGET_TEAM * t..WIDGET_TEAM * (t + 1))
+                .map(|j| Member {
+                    agent: AgentId(names[j % names.len()].clone()),
+                    name: format!("Agent {j}"),
+                    role: Role::Representative,
+                })
+                .collect();
+            let team = Team { id: TeamId(format!("w{t}")), name: format!("Widget {t}"), members, ..team.clone() };
+            store.put_team(&team).unwrap();
+            store.widget_settings(&team.id).unwrap().expect("the team's widget").key
+        })
+        .collect();
     drop(store);
     let port = free_port();
     let relay = start_relay_for_widgets(dir.path(), port);
@@ -826,12 +854,15 @@ async fn widgets(team: &Team, names: &[String], docs: &[(ConversationId, Automer
         let agents = load(&[port], &tokens, docs, k, every).await;
         let agent_cpu = cpu_seconds(relay.id()) - cpu;
         eprintln!("{w} widget customers with their agents, a message every {every:?} each way");
-        let r = widget_load((port, relay.id()), &key, &tokens, w, k, every).await;
+        let r = widget_load((port, relay.id()), &keys, &tokens, w, k, every).await;
         let widget_cpu = r.relay_cpu;
         let mem = memory_kib(relay.id());
         let deliveries = r.to_agent.len() + r.to_widget.len();
         let per_agent_delivery = agent_cpu * 1e6 / agents.delivered.max(1) as f64;
-        let per_widget_delivery = widget_cpu * 1e6 / deliveries.max(1) as f64;
+        // Each message reaches every desk of its team that is connected (a customer's message the
+        // ten agents, an agent's reply the nine others and the widget): ten deliveries, of which
+        // the rows above time one.
+        let per_widget_delivery = widget_cpu * 1e6 / (deliveries * WIDGET_TEAM).max(1) as f64;
         println!();
         println!(
             "| web widget ({w} customers, one per conversation, each with an agent; {k} messages each way, one every {} ms) | count | p50 | p99 |",
@@ -853,7 +884,8 @@ async fn widgets(team: &Team, names: &[String], docs: &[(ConversationId, Automer
             pct(&r.to_widget, 0.99)
         );
         println!(
-            "relay CPU per widget delivery {per_widget_delivery:.0} µs (from when all are in the room), per agent delivery {per_agent_delivery:.0} µs (the agents' run, connecting included) (ratio {:.2}x; target ≤ 2x); {} deliveries in {:.1} s; relay RSS {} MiB (peak {} MiB)",
+            "relay CPU per message {:.0} µs, per delivery {per_widget_delivery:.0} µs (each message reaches the {WIDGET_TEAM} connections of its team: desks and the widget; from when all are in the room); per agent delivery in the agents' run {per_agent_delivery:.0} µs (connecting included) (ratio {:.2}x; target ≤ 2x); {} messages in {:.1} s; relay RSS {} MiB (peak {} MiB)",
+            per_widget_delivery * WIDGET_TEAM as f64,
             per_widget_delivery / per_agent_delivery.max(1e-9),
             deliveries,
             r.elapsed.as_secs_f64(),
