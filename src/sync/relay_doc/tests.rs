@@ -1,0 +1,216 @@
+//! The relay core's unit tests: waiting changes, commits and advertising, the queues' bounds.
+use super::*;
+use crate::domain::{AgentId, Channel, Customer, CustomerId, MessageBody, MessageId, Role, TeamMode};
+use automerge::ActorId;
+
+const ID: &str = "2jQ5Vc7u9o1Wk6Bq3TXYtY7cWKdV";
+const NOW: Timestamp = Timestamp(1_800_000_000_000);
+
+fn stored() -> Automerge {
+    let new = doc::NewConversation {
+        id: ID.into(),
+        team: "sales".into(),
+        channel: Channel::WebWidget,
+        customer: Customer { id: CustomerId("c1".into()), name: "Jane".into(), email: None, phone: None, notes: None },
+        created_at: NOW.plus(-60_000),
+    };
+    doc::create(ActorId::random(), &new).unwrap()
+}
+
+fn bob() -> ChangeAuthor {
+    ChangeAuthor {
+        agent: "bob".into(),
+        team: "sales".into(),
+        role: Role::Representative,
+        mode: TeamMode::Open,
+        foreign_actors: Vec::new(),
+    }
+}
+
+/// bob's replica: joins, then replies (two changes, the second depending on the first).
+fn join_and_reply(base: &Automerge) -> (Automerge, Vec<Change>) {
+    let mut copy = base.fork().with_actor(ActorId::random());
+    let bob = AgentId::from("bob");
+    copy.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &bob, true)).unwrap();
+    let join = copy.get_last_local_change().unwrap();
+    let m = Message {
+        id: MessageId("m1".into()),
+        at: NOW,
+        author: doc::crew(&bob),
+        body: MessageBody::Text { text: "hello".into() },
+    };
+    copy.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &m)).unwrap();
+    let reply = copy.get_last_local_change().unwrap();
+    (copy, vec![join, reply])
+}
+
+/// A sync message from `doc` with its heads and no changes (the changes go beside it).
+fn heads_of(doc: &Automerge) -> sync::Message {
+    let mut state = sync::State::new();
+    let bytes = doc.generate_sync_message(&mut state).unwrap().encode();
+    sync::Message::decode(&bytes).unwrap()
+}
+
+static BOB_WAITS: std::sync::LazyLock<WaitingBudget> = std::sync::LazyLock::new(WaitingBudget::new);
+
+/// A sync message from bob on connection 1.
+fn from_bob<'a>(
+    message: sync::Message,
+    changes: Vec<Change>,
+    author: &'a ChangeAuthor,
+    waiting: &'a WaitingBudget,
+) -> Incoming<'a> {
+    Incoming { conn: 1, peer_id: "bob", message, changes, is_request: false, author: Some(author), waiting }
+}
+
+fn relay() -> RelayDoc {
+    let mut r = RelayDoc::new(ID, "relay", ActorId::random());
+    r.load(stored(), "sales".into());
+    r
+}
+
+fn commits(actions: &[Action]) -> Vec<u64> {
+    actions.iter().filter_map(|a| if let Action::Commit { ticket, .. } = a { Some(*ticket) } else { None }).collect()
+}
+
+fn sends_to(actions: &[Action], conn: ConnId) -> usize {
+    actions.iter().filter(|a| matches!(a, Action::Send(c, WireMessage::Sync { .. }) if *c == conn)).count()
+}
+
+#[test]
+fn a_change_that_arrives_before_its_dependency_waits_and_is_judged_when_it_comes() {
+    let mut r = relay();
+    let base = r.doc().unwrap().fork();
+    let (copy, changes) = join_and_reply(&base);
+    // The reply alone: its dependency (the join) is missing. Nothing is applied or refused.
+    let out = r.receive(from_bob(heads_of(&copy), vec![changes[1].clone()], &bob(), &BOB_WAITS), NOW);
+    assert!(out.iter().any(|a| matches!(a, Action::Missing)), "{out:?}");
+    assert!(commits(&out).is_empty());
+    assert!(!out.iter().any(|a| matches!(a, Action::Send(_, WireMessage::Error { .. }))), "{out:?}");
+    // The join arrives (the sender never sends the reply again): both are judged and committed.
+    let out = r.receive(from_bob(heads_of(&copy), vec![changes[0].clone()], &bob(), &BOB_WAITS), NOW);
+    let tickets = commits(&out);
+    assert_eq!(tickets.len(), 1, "{out:?}");
+    let heads = r.heads();
+    assert_eq!(heads, copy.get_heads());
+    let out = r.committed(tickets[0], Ok(()));
+    assert!(out.iter().any(|a| matches!(a, Action::Stored { added } if added.len() == 1)), "{out:?}");
+}
+
+#[test]
+fn nothing_is_advertised_while_a_commit_is_in_progress_and_the_sender_hears_its_heads_after() {
+    let mut r = relay();
+    r.follow(2, "carol");
+    let base = r.doc().unwrap().fork();
+    let (copy, changes) = join_and_reply(&base);
+    let out = r.receive(from_bob(heads_of(&copy), changes, &bob(), &BOB_WAITS), NOW);
+    let tickets = commits(&out);
+    assert_eq!(tickets.len(), 1);
+    assert!(r.advertise().is_empty(), "nothing before the commit returns");
+    // bob reports the same heads as the relay's while the commit runs: he must still be told.
+    let out = r.receive(from_bob(heads_of(&copy), Vec::new(), &bob(), &BOB_WAITS), NOW);
+    assert_eq!(sends_to(&out, 1), 0, "{out:?}");
+    assert!(out.iter().any(|a| matches!(a, Action::ScheduleFanout)), "the answer waits for the fan-out: {out:?}");
+    let out = r.committed(tickets[0], Ok(()));
+    assert_eq!(sends_to(&out, 1), 0, "{out:?}");
+    let out = r.fanout();
+    assert_eq!(sends_to(&out, 1), 1, "bob hears the relay's heads: {out:?}");
+    assert_eq!(sends_to(&out, 2), 1, "carol hears of the reply: {out:?}");
+}
+
+#[test]
+fn a_failed_commit_drops_the_document_and_the_sender_hears_from_the_relay_again() {
+    let mut r = relay();
+    let base = r.doc().unwrap().fork();
+    let (copy, changes) = join_and_reply(&base);
+    let out = r.receive(from_bob(heads_of(&copy), changes, &bob(), &BOB_WAITS), NOW);
+    let out = r.committed(commits(&out)[0], Err("disk full".into()));
+    assert!(out.iter().any(|a| matches!(a, Action::Reload)));
+    assert!(out.iter().any(|a| matches!(a, Action::Send(1, WireMessage::Error { message, .. }) if message.starts_with(&format!("document {ID}: ")))));
+    assert!(!r.is_stored());
+    // bob stays a follower with a fresh state: once the document is read again, the fan-out
+    // tells him what the relay holds (and he sends his changes again).
+    assert!(r.follows(1));
+    r.load(stored(), "sales".into());
+    assert_eq!(sends_to(&r.fanout(), 1), 1);
+}
+
+#[test]
+fn the_waiting_queue_is_bounded() {
+    let mut r = relay();
+    let base = r.doc().unwrap().fork();
+    let mut copy = base.fork().with_actor(ActorId::random());
+    let agent = AgentId::from("bob");
+    copy.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &agent, true)).unwrap();
+    let mut later = Vec::new();
+    for i in 0..=MAX_DEFERRED_CHANGES {
+        let m = Message {
+            id: MessageId(format!("m{i}")),
+            at: NOW,
+            author: doc::crew(&agent),
+            body: MessageBody::Text { text: "x".into() },
+        };
+        copy.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &m)).unwrap();
+        later.push(copy.get_last_local_change().unwrap());
+    }
+    // Everything but the join: all of it waits, and the queue overflows.
+    let out = r.receive(from_bob(heads_of(&copy), later, &bob(), &BOB_WAITS), NOW);
+    assert!(
+        out.iter().any(
+            |a| matches!(a, Action::Send(1, WireMessage::Error { message, .. }) if message.contains("starts over"))
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn what_one_connection_has_waiting_is_bounded_across_documents() {
+    let waiting = WaitingBudget::new();
+    let agent = AgentId::from("bob");
+    // Changes that wait in each document (their join is held back), about 3.4 MiB a document,
+    // under the bound of one document: the fifth document finds the connection's bound.
+    let mut seed = 7_u64;
+    let mut noise = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                char::from(b'a' + (seed >> 59) as u8 % 26)
+            })
+            .collect()
+    };
+    let mut docs = Vec::new();
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let mut r = relay();
+        let mut copy = r.doc().unwrap().fork().with_actor(ActorId::random());
+        copy.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &agent, true)).unwrap();
+        let mut later = Vec::new();
+        for i in 0..34 {
+            let m = Message {
+                id: MessageId(format!("m{i}")),
+                at: NOW,
+                author: doc::crew(&agent),
+                body: MessageBody::Text { text: noise(100_000) },
+            };
+            copy.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &m)).unwrap();
+            later.push(copy.get_last_local_change().unwrap());
+        }
+        answers.push(r.receive(from_bob(heads_of(&copy), later, &bob(), &waiting), NOW));
+        docs.push(r);
+        assert!(waiting.in_use() <= MAX_WAITING_PER_CONNECTION);
+    }
+    let overflowed = |out: &[Action]| {
+        out.iter().any(
+            |a| matches!(a, Action::Send(1, WireMessage::Error { message, .. }) if message.contains("starts over")),
+        )
+    };
+    assert!(answers[..4].iter().all(|out| !overflowed(out)), "four documents' queues fit");
+    assert!(overflowed(&answers[4]), "the fifth is over the connection's bound: {:?}", answers[4]);
+    let four = waiting.in_use();
+    assert!(four > 3 * MAX_WAITING_PER_CONNECTION / 4, "{four}");
+    // A document the connection leaves gives its part back.
+    docs[0].disconnect(1);
+    assert!(waiting.in_use() < four * 4 / 5, "{} of {four}", waiting.in_use());
+    drop(docs);
+    assert_eq!(waiting.in_use(), 0, "every part given back");
+}
