@@ -169,6 +169,14 @@ async fn act<T>(
     Ok(out)
 }
 
+/// The agent is typing in a conversation: its followers (teammates, the customer's widget) hear so
+/// for a few seconds. Nothing is stored; offline it is dropped.
+#[tauri::command]
+pub async fn typing(state: State<'_, AppState>, id: ConversationId) -> CommandResult<()> {
+    current(&state).await?.client.typing(id);
+    Ok(())
+}
+
 #[tauri::command]
 pub async fn join(app: AppHandle, state: State<'_, AppState>, id: ConversationId) -> CommandResult<JoinKind> {
     act(&app, &state, &id, |r| r.join(&id, Timestamp::now())).await

@@ -140,6 +140,29 @@ fn readable_relay_error(desk: &Desk, message: &str) -> String {
     }
 }
 
+#[derive(Clone, Serialize)]
+struct Typing {
+    id: ConversationId,
+    text: String,
+}
+
+/// "Maya Rossi is typing…" for the conversation's customer or a teammate (by their name in the
+/// conversation's team).
+fn typing_text(desk: &Desk, id: &ConversationId, who: &crewdesk::sync::presence::Typing) -> Option<String> {
+    let r = desk.lock();
+    let summary = r.summary(id)?;
+    let name = match who {
+        crewdesk::sync::presence::Typing::Customer => summary.customer.name.clone(),
+        crewdesk::sync::presence::Typing::Crew(agent) => r
+            .teams()
+            .iter()
+            .find(|t| t.id == summary.team)
+            .and_then(|t| t.members.iter().find(|m| &m.agent == agent))
+            .map_or_else(|| agent.to_string(), |m| m.name.clone()),
+    };
+    Some(format!("{name} is typing…"))
+}
+
 pub fn emit_changed(app: &AppHandle, ids: Vec<ConversationId>) {
     let _ = app.emit("desk-changed", Changed { ids });
 }
@@ -161,6 +184,11 @@ fn spawn_forwarders(
                 }
                 SessionEvent::RelayError(message) => {
                     let _ = app.emit("relay-error", readable_relay_error(&desk, &message));
+                }
+                SessionEvent::Typing(id, who) => {
+                    if let Some(text) = typing_text(&desk, &id, &who) {
+                        let _ = app.emit("typing", Typing { id, text });
+                    }
                 }
                 SessionEvent::Connected { .. } => emit_changed(&app, Vec::new()),
                 SessionEvent::Unavailable(_) | SessionEvent::RetryLater(_) => {}

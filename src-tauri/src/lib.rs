@@ -49,6 +49,7 @@ pub fn run() {
             commands::edit_customer,
             commands::sync_status,
             commands::dismiss_undelivered,
+            commands::typing,
         ])
         .run(tauri::generate_context!());
     if let Err(e) = result {

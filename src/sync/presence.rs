@@ -1,7 +1,10 @@
 //! Web-widget presence as it travels in automerge-repo `ephemeral` messages: a small CBOR map
-//! `{type: "presence", online, last_active, location}`. Never stored in any document.
+//! `{type: "presence", online, last_active, location}`; and someone typing in a conversation,
+//! `{type: "typing", from: "customer"}` or `{type: "typing", from: "crew", agent}` (the relay
+//! writes the agent itself: what a client says of who is typing is never passed on). Never stored
+//! in any document.
 
-use crate::domain::{Presence, Timestamp};
+use crate::domain::{AgentId, Presence, Timestamp};
 use ciborium::Value;
 
 pub fn encode(p: &Presence) -> Vec<u8> {
@@ -34,9 +37,58 @@ pub fn decode(data: &[u8]) -> Option<Presence> {
     })
 }
 
+/// Who is typing in a conversation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Typing {
+    Customer,
+    Crew(AgentId),
+}
+
+pub fn encode_typing(t: &Typing) -> Vec<u8> {
+    let mut entries = vec![(Value::Text("type".into()), Value::Text("typing".into()))];
+    match t {
+        Typing::Customer => entries.push((Value::Text("from".into()), Value::Text("customer".into()))),
+        Typing::Crew(agent) => {
+            entries.push((Value::Text("from".into()), Value::Text("crew".into())));
+            entries.push((Value::Text("agent".into()), Value::Text(agent.as_str().to_owned())));
+        }
+    }
+    let mut out = Vec::new();
+    let _ = ciborium::into_writer(&Value::Map(entries), &mut out);
+    out
+}
+
+/// `None` for anything that is not a typing message.
+pub fn decode_typing(data: &[u8]) -> Option<Typing> {
+    let Value::Map(entries) = ciborium::from_reader::<Value, _>(data).ok()? else { return None };
+    let get = |k: &str| entries.iter().find(|(key, _)| key.as_text() == Some(k)).and_then(|(_, v)| v.as_text());
+    if get("type")? != "typing" {
+        return None;
+    }
+    match get("from")? {
+        "customer" => Some(Typing::Customer),
+        "crew" => {
+            let agent = get("agent").unwrap_or_default();
+            Some(Typing::Crew(AgentId::from(agent.chars().take(64).collect::<String>().as_str())))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typing_round_trips_and_is_not_presence() {
+        for t in [Typing::Customer, Typing::Crew(AgentId::from("bob"))] {
+            assert_eq!(decode_typing(&encode_typing(&t)), Some(t.clone()));
+            assert_eq!(decode(&encode_typing(&t)), None);
+        }
+        let p = Presence { online: true, last_active: None, location: None };
+        assert_eq!(decode_typing(&encode(&p)), None);
+        assert_eq!(decode_typing(b"garbage"), None);
+    }
 
     #[test]
     fn round_trip_and_foreign_payloads_are_ignored() {

@@ -23,6 +23,8 @@ pub enum SessionEvent {
     /// The relay could not serve this conversation just now (storage unreachable, a commit that
     /// failed): offer it again in a few seconds, not at once (no loop while the relay is unwell).
     RetryLater(ConversationId),
+    /// Someone is typing in this conversation (the customer, or a teammate as the relay names them).
+    Typing(ConversationId, super::presence::Typing),
 }
 
 pub struct ClientSession {
@@ -32,6 +34,8 @@ pub struct ClientSession {
     /// Presence that arrived before its conversation did (the relay tells a new follower at once,
     /// the document takes a few sync rounds); applied when the conversation arrives.
     early_presence: HashMap<ConversationId, crate::domain::Presence>,
+    /// Ephemeral messages sent on this connection (automerge-repo numbers them per session).
+    ephemeral_count: u64,
 }
 
 impl ClientSession {
@@ -43,6 +47,7 @@ impl ClientSession {
             relay_peer: None,
             states: HashMap::new(),
             early_presence: HashMap::new(),
+            ephemeral_count: 0,
         }
     }
 
@@ -72,6 +77,21 @@ impl ClientSession {
             out.extend(self.offer(replica, &id)?);
         }
         Ok(out)
+    }
+
+    /// Tells the conversation's followers (teammates, the customer's widget) that this agent is
+    /// typing in `id` (nothing while disconnected: typing is not worth keeping).
+    pub fn typing(&mut self, agent: &crate::domain::AgentId, id: &ConversationId) -> Option<WireMessage> {
+        let relay = self.relay_peer.clone()?;
+        self.ephemeral_count += 1;
+        Some(WireMessage::Ephemeral {
+            sender_id: self.peer_id.clone(),
+            target_id: relay,
+            document_id: id.0.clone(),
+            count: self.ephemeral_count,
+            session_id: self.peer_id.clone(),
+            data: super::presence::encode_typing(&super::presence::Typing::Crew(agent.clone())),
+        })
     }
 
     /// What to send after a local change to `id` (nothing while disconnected).
@@ -179,7 +199,11 @@ impl ClientSession {
             }
             WireMessage::Ephemeral { document_id, data, .. } => {
                 let id = ConversationId(document_id);
-                if let Some(p) = super::presence::decode(&data) {
+                if let Some(t) = super::presence::decode_typing(&data) {
+                    if replica.summary(&id).is_some() && t != super::presence::Typing::Crew(replica.agent().clone()) {
+                        events.push(SessionEvent::Typing(id, t));
+                    }
+                } else if let Some(p) = super::presence::decode(&data) {
                     if replica.summary(&id).is_some() {
                         replica.set_presence(&id, p)?;
                         events.push(SessionEvent::Changed(id));

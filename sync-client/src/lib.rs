@@ -77,10 +77,19 @@ const RETRY_LATER: Duration = Duration::from_secs(3);
 const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 
 /// A running sync driver. Dropping it stops syncing.
+/// What the desk tells the driver.
+#[derive(Debug)]
+enum Local {
+    /// A conversation changed locally.
+    Changed(ConversationId),
+    /// The agent is typing in a conversation.
+    Typing(ConversationId),
+}
+
 pub struct SyncClient {
     status: watch::Receiver<SyncStatus>,
     upload_wake: Arc<Notify>,
-    changed: mpsc::Sender<ConversationId>,
+    changed: mpsc::Sender<Local>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -113,7 +122,13 @@ impl SyncClient {
     /// Tells the driver a conversation changed locally, so it is sent now (or after reconnect).
     pub fn changed(&self, id: ConversationId) {
         // A full queue only delays: everything is offered again on the next connection.
-        let _ = self.changed.try_send(id);
+        let _ = self.changed.try_send(Local::Changed(id));
+    }
+
+    /// Tells the conversation's followers that this agent is typing (dropped while offline or
+    /// when the queue is full: typing is not worth keeping).
+    pub fn typing(&self, id: ConversationId) {
+        let _ = self.changed.try_send(Local::Typing(id));
     }
 
     pub fn status(&self) -> watch::Receiver<SyncStatus> {
@@ -140,7 +155,7 @@ async fn drive(
     replica: SharedReplica,
     events: mpsc::Sender<SessionEvent>,
     status: Arc<watch::Sender<SyncStatus>>,
-    mut changed: mpsc::Receiver<ConversationId>,
+    mut changed: mpsc::Receiver<Local>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = config.min_backoff;
@@ -191,7 +206,7 @@ async fn session(
     replica: &SharedReplica,
     events: &mpsc::Sender<SessionEvent>,
     status: &watch::Sender<SyncStatus>,
-    changed: &mut mpsc::Receiver<ConversationId>,
+    changed: &mut mpsc::Receiver<Local>,
     peer_id: &str,
     backoff: &mut Duration,
 ) -> Result<(), ClientError> {
@@ -312,14 +327,22 @@ async fn session(
                     send(&mut sink, m).await?;
                 }
             }
-            id = changed.recv() => {
-                let Some(id) = id else { return Ok(()) };
-                let offer = s.offer(&mut lock(replica), &id)?;
-                if let Some(m) = offer {
-                    send(&mut sink, m).await?;
+            local = changed.recv() => match local {
+                None => return Ok(()),
+                Some(Local::Changed(id)) => {
+                    let offer = s.offer(&mut lock(replica), &id)?;
+                    if let Some(m) = offer {
+                        send(&mut sink, m).await?;
+                    }
+                    publish(status, replica, true, None);
                 }
-                publish(status, replica, true, None);
-            }
+                Some(Local::Typing(id)) => {
+                    let agent = lock(replica).agent().clone();
+                    if let Some(m) = s.typing(&agent, &id) {
+                        send(&mut sink, m).await?;
+                    }
+                }
+            },
         }
     }
 }

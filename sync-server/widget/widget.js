@@ -37,6 +37,7 @@
   const greeting = el("p", { id: "greeting", class: "greeting" });
   const list = el("ol", { id: "messages", class: "messages", role: "log", "aria-live": "polite", "aria-label": "Messages" });
   const status = el("p", { id: "status", class: "status", role: "status", "aria-live": "polite" });
+  const typing = el("p", { id: "typing", class: "typing", "aria-live": "polite", hidden: "" });
   const name = el("input", { id: "name", autocomplete: "name", required: "", maxlength: "100" });
   const email = el("input", { id: "email", type: "email", autocomplete: "email", maxlength: "200" });
   const text = el("textarea", { id: "text", rows: "2", required: "", placeholder: "Type your message…", "aria-label": "Message" });
@@ -48,7 +49,7 @@
     el("label", { for: "email", text: "Email (optional, for replies when you are away)" }), email);
   const form = el("form", { id: "form", class: "composer", novalidate: "" }, who, text, el("div", { class: "row" }, attach, file, send));
   const panel = el("section", { id: "panel", class: "panel", role: "dialog", "aria-labelledby": "title", hidden: "" },
-    el("header", {}, title, closeBtn), greeting, list, status, form);
+    el("header", {}, title, closeBtn), greeting, list, typing, status, form);
   root.append(el("style", { text: CSS }), panel, launcher);
   document.body.append(host);
 
@@ -59,6 +60,7 @@
   const sentIds = new Map();    // id the relay gave -> pending element it replaces
   let seen = new Set(JSON.parse(get("-seen") || "[]"));
   let unread = 0;
+  let typingTimer = 0, lastTyping = 0;
 
   const isOpen = () => !panel.hidden;
   const say = (msg, kind) => { status.textContent = msg || ""; status.className = "status" + (kind ? " " + kind : ""); };
@@ -146,7 +148,14 @@
     ws.onopen = () => { backoff = 1000; say(""); for (const [ref, p] of pending) if (p.failed === "offline") resend(ref); };
     ws.onmessage = (e) => {
       let d; try { d = JSON.parse(e.data); } catch { return; }
-      if (d.type === "messages") {
+      if (d.type === "typing") {
+        // Someone of the crew is typing: said for a few seconds, or until their message arrives.
+        typing.textContent = (d.name || "Someone") + " is typing…";
+        typing.hidden = false;
+        clearTimeout(typingTimer);
+        typingTimer = setTimeout(() => { typing.hidden = true; }, 5000);
+      } else if (d.type === "messages") {
+        if (d.messages.some((m) => m.from === "crew")) { typing.hidden = true; clearTimeout(typingTimer); }
         d.messages.forEach(show);
         if (isOpen()) { markSeen(); list.scrollTop = list.scrollHeight; }
       } else if (d.type === "sent") {
@@ -229,6 +238,13 @@
     } catch (err) {
       say(err.message === "Failed to fetch" ? "Cannot reach the chat right now; try again in a moment." : err.message, "error");
     } finally { send.disabled = refused; }
+  });
+  // The crew sees that the customer is typing (said at most every 2 s).
+  text.addEventListener("input", () => {
+    const now = Date.now();
+    if (!session || !ws || ws.readyState !== 1 || !text.value || now - lastTyping < 2000) return;
+    lastTyping = now;
+    ws.send(JSON.stringify({ type: "typing" }));
   });
   text.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); form.requestSubmit(); }

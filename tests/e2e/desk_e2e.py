@@ -486,6 +486,20 @@ def main():
             wait_for("Online and Location in the header", lambda: "Online" in bob.text(".conv-head") and "Location: unknown" in bob.text(".conv-head"))
 
             bob.join_open()
+            # Typing, both ways: the customer types, bob's desk says so; bob types, the widget says
+            # so with his name (the relay names him, not his client).
+            in_widget("#text")[0].send_keys("One more thing")
+            wait_for("bob sees Ola typing", lambda: "Ola Nordmann is typing" in bob.text("#typing"), 15)
+            bob.screenshot(os.path.join(args.artifacts, "desk-customer-typing.png"))
+            box = bob.css("#composer")[0]
+            box.send_keys("Let me check")
+            wait_for("the widget shows bob typing", lambda: in_widget("#typing") and in_widget("#typing")[0].get_attribute("hidden") is None
+                     and "Bob Okafor is typing" in in_widget("#typing")[0].get_attribute("textContent"), 15)
+            browser.save_screenshot(os.path.join(args.artifacts, "widget-typing.png"))
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(Keys.BACKSPACE)
+            in_widget("#text")[0].clear()
+            print("ok: typing shown both ways")
             bob.screenshot(os.path.join(args.artifacts, "desk-web-widget-online.png"))
             bob.send("Hello Ola, it left the warehouse today.")
             wait_for("the widget shows the reply", lambda: any("it left the warehouse" in m.text for m in in_widget(".msg.crew")))

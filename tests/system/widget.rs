@@ -464,3 +464,85 @@ async fn an_internal_note_never_reaches_the_widget_or_the_customers_email() {
     assert!(all.iter().all(|m| !m["text"].as_str().unwrap_or("").contains("note")), "{all:#?}");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_the_other_side_named_by_the_relay_and_at_most_every_two_seconds() {
+    use crewdesk::sync::presence::{Typing, encode_typing};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    allow_shop(&relay);
+    let key = relay.widget_key("sales");
+    let (session, id) = started(&relay, &key).await;
+    let mut ws = socket(&relay, &session, Some(SHOP)).await;
+    messages_until(&mut ws, 10, |m| m.iter().any(|m| m["text"] == "Hello?")).await;
+    // bob and carol follow the conversation.
+    let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    bob.send(&follow(&id)).await;
+    let mut carol = RawClient::connect(&relay, Some(&tokens["carol"])).await;
+    assert!(matches!(carol.join().await, WireMessage::Peer { .. }));
+    carol.send(&follow(&id)).await;
+    // carol listens all along (a connection that reads nothing stops answering pings).
+    let carol_hears = {
+        let id = id.clone();
+        tokio::spawn(async move { typing_seen(&mut carol, &id, 6).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The customer types: 20 keystrokes' worth of frames in a second reach the crew once.
+    for _ in 0..20 {
+        ws.send(Frame::Text(r#"{"type":"typing"}"#.into())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = typing_seen(&mut bob, &id, 2).await;
+    assert_eq!(seen, [Typing::Customer], "once per two seconds");
+    // bob's client claims ada is typing: the widget and carol hear that bob is.
+    bob.send(&WireMessage::Ephemeral {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.0.clone(),
+        count: 1,
+        session_id: "s".into(),
+        data: encode_typing(&Typing::Crew("ada".into())),
+    })
+    .await;
+    let frame = loop {
+        let v = next_json(&mut ws, 5).await.expect("a typing frame");
+        if v["type"] == "typing" {
+            break v;
+        }
+    };
+    assert_eq!(frame["name"], "Bob Okafor");
+    let seen = carol_hears.await.unwrap();
+    assert_eq!(seen, [Typing::Customer, Typing::Crew("bob".into())], "named by the relay");
+    relay.stop().await;
+}
+
+/// A request for the conversation: the connection follows it from then on.
+fn follow(id: &ConversationId) -> WireMessage {
+    let request = automerge::sync::SyncDoc::generate_sync_message(
+        &automerge::Automerge::new(),
+        &mut automerge::sync::State::new(),
+    );
+    WireMessage::Request {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.0.clone(),
+        data: request.unwrap().encode(),
+    }
+}
+
+/// The typing messages about `id` a connection hears within `secs`.
+async fn typing_seen(client: &mut RawClient, id: &ConversationId, secs: u64) -> Vec<crewdesk::sync::presence::Typing> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Ok(Some(WireMessage::Ephemeral { document_id, data, .. })) =
+            tokio::time::timeout(Duration::from_millis(200), client.next()).await
+            && document_id == id.0
+            && let Some(t) = crewdesk::sync::presence::decode_typing(&data)
+        {
+            seen.push(t);
+        }
+    }
+    seen
+}

@@ -54,6 +54,9 @@ pub struct Desk {
     /// The revision the shown list and notifications were loaded for: answers to older requests
     /// that arrive late are dropped, so the screen never goes back to a stale state.
     pub shown: u64,
+    /// Someone typing: the conversation, what to show ("Maya Rossi is typing…") and its number
+    /// (shown for a few seconds after the last word of it).
+    pub typing: Option<(String, String, u64)>,
 }
 
 pub enum Action {
@@ -82,6 +85,19 @@ pub enum Action {
     Clock,
     /// The list window starts at this row (the agent scrolled).
     Window(usize),
+    /// Someone is typing in a conversation (number, conversation, text).
+    Typing(u64, String, String),
+    /// The typing with this number is over (nothing newer came).
+    TypingOver(u64),
+}
+
+/// How long "… is typing" stays after the last word of it.
+const TYPING_SHOWN_MS: u32 = 5_000;
+
+#[derive(serde::Deserialize)]
+struct TypingEvent {
+    id: String,
+    text: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -198,6 +214,12 @@ impl Reducible for Desk {
             Action::Notifications(_, n) => d.notifications = n,
             Action::Sync(s) => d.sync = s,
             Action::Error(e) => d.error = e,
+            Action::Typing(n, id, text) => d.typing = Some((id, text, n)),
+            Action::TypingOver(n) => {
+                if d.typing.as_ref().is_some_and(|t| t.2 == n) {
+                    d.typing = None;
+                }
+            }
             Action::Changed(ids) => {
                 d.revision += 1;
                 if ids.is_empty() || d.selected.as_ref().is_some_and(|s| ids.contains(s)) {
@@ -254,6 +276,7 @@ fn app() -> Html {
         revision: 0,
         detail_revision: 0,
         shown: 0,
+        typing: None,
     });
 
     // Events from the shell: changes (reload) and sync status. No polling.
@@ -276,6 +299,19 @@ fn app() -> Html {
             });
             let d = desk.clone();
             api::listen("relay-error", move |payload| d.dispatch(Action::Error(payload.as_string())));
+            let d = desk.clone();
+            let counter = std::rc::Rc::new(std::cell::Cell::new(0_u64));
+            api::listen("typing", move |payload| {
+                let Ok(t) = serde_wasm_bindgen::from_value::<TypingEvent>(payload) else { return };
+                let n = counter.get() + 1;
+                counter.set(n);
+                d.dispatch(Action::Typing(n, t.id, t.text));
+                let d = d.clone();
+                wasm_bindgen_futures::spawn_local(async move {
+                    gloo_timers::future::TimeoutFuture::new(TYPING_SHOWN_MS).await;
+                    d.dispatch(Action::TypingOver(n));
+                });
+            });
             || ()
         });
     }

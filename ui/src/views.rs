@@ -535,6 +535,9 @@ pub fn conversation_pane(props: &DeskProps) -> Html {
             if *editing { <CustomerForm desk={desk.clone()} view={v.clone()} done={{ let e = editing.clone(); Callback::from(move |_| e.set(false)) }} /> }
             <Messages view={v.clone()} />
             <UndeliveredList desk={desk.clone()} view={v.clone()} />
+            if let Some((_, text, _)) = desk.typing.as_ref().filter(|t| t.0 == v.row.summary.id.0) {
+                <p id="typing" class="typing small muted" aria-live="polite">{ text.clone() }</p>
+            }
             <Composer desk={desk.clone()} view={v.clone()} />
         </section>
     }
@@ -790,6 +793,9 @@ fn composer(props: &ComposerProps) -> Html {
     let note = use_state(|| false);
     let menu = use_state(|| None::<&'static str>);
     let wa_params = use_state(String::new);
+    // The customer (and teammates) see this agent typing; said at most every 2 s, never for notes.
+    // (A hook: before any early return, so hooks run in the same order on every render.)
+    let last_typing = use_mut_ref(|| 0.0_f64);
     if let Some(reason) = &v.composer_blocked {
         return html! { <footer class="composer blocked"><span class="muted">{ reason.clone() }</span></footer> };
     }
@@ -819,11 +825,20 @@ fn composer(props: &ComposerProps) -> Html {
         })
     };
     let on_input = {
-        let (text, template) = (text.clone(), template.clone());
+        let (text, template, note, id) = (text.clone(), template.clone(), note.clone(), id.clone());
         Callback::from(move |e: InputEvent| {
             let value = input_value(&e);
             if value.trim().is_empty() {
                 template.set(None);
+            }
+            let now = js_sys::Date::now();
+            if !*note && !value.trim().is_empty() && now - *last_typing.borrow() > 2_000.0 {
+                *last_typing.borrow_mut() = now;
+                let id = id.clone();
+                wasm_bindgen_futures::spawn_local(async move {
+                    // Typing is not worth an error on screen: a failure is only a missed hint.
+                    let _ = call::<_, serde::de::IgnoredAny>("typing", &OwnedId { id }).await;
+                });
             }
             text.set(value)
         })

@@ -93,10 +93,31 @@ impl Relay {
         if session.agent.role_in(team).is_none() {
             return;
         }
+        // Who is typing is the relay's to say (the agent of this connection), never the client's.
+        let typing = crewdesk::sync::presence::decode_typing(&data).is_some();
+        let data = match typing {
+            true => {
+                self.widgets.crew_typing(&doc_id, &session.agent.name, Instant::now());
+                crewdesk::sync::presence::encode_typing(&crewdesk::sync::presence::Typing::Crew(
+                    session.agent.id.clone(),
+                ))
+            }
+            false => data,
+        };
         forward_ephemeral(&self.sessions, &e, Some(session.conn), &session.peer_id, &doc_id, count, &session_id, &data);
         drop(e);
         let sender_id = session.peer_id.clone();
         self.tell_instances(crate::store::StoreEvent::Ephemeral { doc_id, sender_id, count, session_id, data }).await;
+    }
+
+    /// A web-widget customer is typing: every follower of the conversation here hears it.
+    pub(crate) async fn customer_typing(&self, doc_id: &str) {
+        let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(doc_id).cloned();
+        let Some(entry) = entry else { return };
+        let e = entry.lock().await;
+        let count = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let data = crewdesk::sync::presence::encode_typing(&crewdesk::sync::presence::Typing::Customer);
+        forward_ephemeral(&self.sessions, &e, None, &self.peer_id, doc_id, count, &self.storage_id, &data);
     }
 
     pub(crate) fn presence_of(&self, doc_id: &str) -> Option<crewdesk::domain::Presence> {

@@ -70,12 +70,14 @@ pub enum Incoming {
         #[serde(rename = "ref", default)]
         reference: Option<String>,
     },
+    /// The customer is typing (the crew sees it for a few seconds).
+    Typing,
 }
 
 /// Reads one frame from a browser, with an error the widget can show.
 pub fn parse_incoming(text: &str) -> Result<Incoming, String> {
-    let incoming: Incoming =
-        serde_json::from_str(text).map_err(|_| "expected {\"type\": \"message\", \"text\": \"...\"}".to_owned())?;
+    let incoming: Incoming = serde_json::from_str(text)
+        .map_err(|_| "expected {\"type\": \"message\", \"text\": \"...\"} or {\"type\": \"typing\"}".to_owned())?;
     match &incoming {
         Incoming::Message { reference: Some(r), .. } if r.chars().count() > 64 => {
             Err("a message's ref has at most 64 characters".to_owned())

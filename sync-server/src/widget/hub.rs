@@ -84,10 +84,19 @@ impl PresenceState {
 struct Conversation {
     /// Bumped after each committed change of the conversation; its sockets wait on it.
     changed: watch::Sender<u64>,
+    /// The name of the crew member who last said they are typing (bumped each time).
+    crew_typing: watch::Sender<(u64, String)>,
+    /// When the customer last said they are typing (passed on at most every `TYPING_EVERY`).
+    customer_typing: Option<Instant>,
+    /// When the crew's typing was last passed on to the widgets (the same bound).
+    crew_typing_at: Option<Instant>,
     sockets: usize,
     presence: PresenceState,
     location: Option<String>,
 }
+
+/// How often someone's typing is passed on, at most.
+pub const TYPING_EVERY: Duration = Duration::from_secs(2);
 
 /// Conversations with customers' sockets here, and the customers' limits.
 pub struct WidgetHub {
@@ -100,6 +109,8 @@ pub struct WidgetHub {
 /// A socket's place in the hub; leaving is [`WidgetHub::leave`].
 pub struct Membership {
     pub changed: watch::Receiver<u64>,
+    /// Who of the crew is typing.
+    pub crew_typing: watch::Receiver<(u64, String)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -132,6 +143,9 @@ impl WidgetHub {
         let mut all = self.lock();
         let c = all.entry(doc_id.to_owned()).or_insert_with(|| Conversation {
             changed: watch::channel(0).0,
+            crew_typing: watch::channel((0, String::new())).0,
+            customer_typing: None,
+            crew_typing_at: None,
             sockets: 0,
             presence: PresenceState::default(),
             location: None,
@@ -141,7 +155,35 @@ impl WidgetHub {
         }
         c.sockets += 1;
         c.location = location;
-        Ok(Membership { changed: c.changed.subscribe() })
+        Ok(Membership { changed: c.changed.subscribe(), crew_typing: c.crew_typing.subscribe() })
+    }
+
+    /// A crew member is typing in `doc_id`: its open widgets say so (a map lookup when none is open;
+    /// the same name at most every `TYPING_EVERY`, whatever a client sends).
+    pub fn crew_typing(&self, doc_id: &str, name: &str, now: Instant) {
+        if let Some(c) = self.lock().get_mut(doc_id) {
+            let same = c.crew_typing.borrow().1 == name;
+            if same && c.crew_typing_at.is_some_and(|t| now.duration_since(t) < TYPING_EVERY) {
+                return;
+            }
+            c.crew_typing_at = Some(now);
+            c.crew_typing.send_modify(|(n, who)| {
+                *n = n.wrapping_add(1);
+                name.clone_into(who);
+            });
+        }
+    }
+
+    /// The customer is typing in `doc_id`: true when it should be passed on to the crew (at most
+    /// every `TYPING_EVERY`, however often the browser says so).
+    pub fn customer_typing(&self, doc_id: &str, now: Instant) -> bool {
+        let mut all = self.lock();
+        let Some(c) = all.get_mut(doc_id) else { return false };
+        if c.customer_typing.is_some_and(|t| now.duration_since(t) < TYPING_EVERY) {
+            return false;
+        }
+        c.customer_typing = Some(now);
+        true
     }
 
     /// A socket of `doc_id` closed.

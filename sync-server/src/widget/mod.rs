@@ -335,6 +335,16 @@ async fn customer(relay: Arc<Relay>, mut socket: WebSocket, session: SessionInfo
                 Ok(()) => wake = true,
                 Err(_) => break,
             },
+            typing = membership.crew_typing.changed() => {
+                if typing.is_err() {
+                    break;
+                }
+                let name = membership.crew_typing.borrow_and_update().1.clone();
+                let frame = serde_json::json!({ "type": "typing", "name": name }).to_string();
+                if !send(&mut socket, Ws::Text(frame.into())).await {
+                    break;
+                }
+            }
             _ = ping.tick() => {
                 if heard.elapsed() > keepalive * 3 {
                     debug!(%doc_id, "widget socket silent; closed");
@@ -356,8 +366,14 @@ async fn customer(relay: Arc<Relay>, mut socket: WebSocket, session: SessionInfo
 /// One frame from the customer's browser: a message is checked, counted against the session's and
 /// the address's limits, and stored; the answer says what happened (`sent` or an error).
 async fn receive(relay: &Arc<Relay>, doc_id: &str, address: IpAddr, text: &str) -> Option<Ws> {
-    let Incoming::Message { text, reference } = match frames::parse_incoming(text) {
-        Ok(m) => m,
+    let (text, reference) = match frames::parse_incoming(text) {
+        Ok(Incoming::Message { text, reference }) => (text, reference),
+        Ok(Incoming::Typing) => {
+            if relay.widgets.customer_typing(doc_id, Instant::now()) {
+                relay.customer_typing(doc_id).await;
+            }
+            return None;
+        }
         Err(e) => return Some(error_frame("frame", &e, None)),
     };
     let r = reference.as_deref();
