@@ -531,6 +531,9 @@ impl Key {
     }
 }
 
+/// See `Val::scalar`.
+const COUNTER_RANGE: i64 = 1 << 40;
+
 #[derive(Arbitrary, Debug)]
 enum Val {
     Null,
@@ -554,7 +557,10 @@ impl Val {
             Val::F64(f) => ScalarValue::F64(*f),
             Val::Str(s) => ScalarValue::Str(s.as_str().into()),
             Val::Timestamp(t) => ScalarValue::Timestamp(*t),
-            Val::Counter(c) => ScalarValue::counter(*c),
+            // Counters and increments stay within ±2^40, so the clients' own automerge never
+            // overflows adding them up (counters never reach the relay's documents: the judge
+            // refuses them before applying, see `regressions/judge_sequence/counter-increment-overflow`).
+            Val::Counter(c) => ScalarValue::counter(*c % COUNTER_RANGE),
             Val::Bytes(b) => ScalarValue::Bytes(b.clone()),
         }
     }
@@ -781,7 +787,7 @@ fn apply_op(tx: &mut Transaction<'_>, op: &Op, made: &mut Vec<ObjId>) {
         }
         Op::Increment { obj, key, by } => {
             if let Some(obj) = resolve(tx, obj, made) {
-                let _ = tx.increment(&obj, key.key(), *by);
+                let _ = tx.increment(&obj, key.key(), *by % COUNTER_RANGE);
             }
             Ok(())
         }
