@@ -21,6 +21,8 @@ use sync_client::{ClientConfig, SharedReplica, SyncClient};
 use sync_server::store::Store;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message as Frame;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use serde_json::Value;
 
 pub struct TestRelay {
     pub addr: SocketAddr,
@@ -912,4 +914,57 @@ pub async fn attempt(
         }
     }
     "no answer".into()
+}
+
+// The web widget and ephemeral messages, as tests drive them.
+
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub async fn widget_socket(relay: &TestRelay, session: &str, origin: Option<&str>) -> Socket {
+    let mut request = format!("ws://{}/api/widget/ws?session={session}", relay.addr).into_client_request().unwrap();
+    if let Some(o) = origin {
+        request.headers_mut().insert("origin", o.parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
+/// The next JSON frame (pings skipped), or `None` when the socket closes or stays quiet `secs`.
+pub async fn next_json(ws: &mut Socket, secs: u64) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(secs), ws.next()).await.ok()?? {
+            Ok(Frame::Text(t)) => return Some(serde_json::from_str(&t).unwrap()),
+            Ok(Frame::Ping(_) | Frame::Pong(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// A request for the conversation: the connection follows it from then on.
+pub fn follow(id: &ConversationId) -> WireMessage {
+    let request = automerge::sync::SyncDoc::generate_sync_message(
+        &automerge::Automerge::new(),
+        &mut automerge::sync::State::new(),
+    );
+    WireMessage::Request {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.0.clone(),
+        data: request.unwrap().encode(),
+    }
+}
+
+/// The typing messages about `id` a connection hears within `secs`.
+pub async fn typing_seen(client: &mut RawClient, id: &ConversationId, secs: u64) -> Vec<crewdesk::sync::presence::Typing> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Ok(Some(WireMessage::Ephemeral { document_id, data, .. })) =
+            tokio::time::timeout(Duration::from_millis(200), client.next()).await
+            && document_id == id.0
+            && let Some(t) = crewdesk::sync::presence::decode_typing(&data)
+        {
+            seen.push(t);
+        }
+    }
+    seen
 }

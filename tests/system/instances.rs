@@ -485,3 +485,57 @@ async fn revoking_a_token_closes_its_socket_on_another_instance_within_a_second(
     }
     assert!(carol.next_frame(Duration::from_millis(300)).await.is_none_or(|f| !f.is_close()), "carol stays");
 }
+
+/// Typing crosses instances both ways: a web-widget customer typing through the first instance
+/// reaches an agent following the conversation on the second, and that agent typing reaches the
+/// customer's widget on the first, named by the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_crosses_instances_both_ways() {
+    use crewdesk::domain::ConversationId;
+    use crewdesk::sync::presence::{Typing, encode_typing};
+    use crewdesk::sync::wire::WireMessage;
+    use futures_util::SinkExt;
+    use system_tests::{follow, next_json, typing_seen, widget_socket};
+    use tokio_tungstenite::tungstenite::Message as Frame;
+    const SHOP: &str = "http://shop.test:8088";
+    let dir = tempfile::tempdir().unwrap();
+    let (relays, tokens) = instances(2, dir.path()).await;
+    relays[0].open_store().set_widget_origins(&TeamId::from("sales"), &[SHOP.to_owned()]).unwrap();
+    let key = relays[0].widget_key("sales");
+    let started: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/api/widget/{key}/conversations", relays[0].url()))
+        .header("origin", SHOP)
+        .json(&serde_json::json!({ "name": "Maya Hansen", "text": "Hello?" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = ConversationId(started["conversation"].as_str().unwrap().to_owned());
+    let mut ws = widget_socket(&relays[0], started["session"].as_str().unwrap(), Some(SHOP)).await;
+    // bob follows the conversation through the second instance.
+    let mut bob = RawClient::connect(&relays[1], Some(&tokens["bob"])).await;
+    assert!(matches!(bob.join().await, WireMessage::Peer { .. }));
+    bob.send(&follow(&id)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ws.send(Frame::Text(r#"{"type":"typing"}"#.into())).await.unwrap();
+    assert_eq!(typing_seen(&mut bob, &id, 2).await, [Typing::Customer], "the customer's typing on bob's instance");
+    // bob's client says ada is typing: the widget on the other instance shows bob's name.
+    bob.send(&WireMessage::Ephemeral {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.0.clone(),
+        count: 1,
+        session_id: "s".into(),
+        data: encode_typing(&Typing::Crew("ada".into())),
+    })
+    .await;
+    let frame = loop {
+        let v = next_json(&mut ws, 5).await.expect("a typing frame on the first instance");
+        if v["type"] == "typing" {
+            break v;
+        }
+    };
+    assert_eq!(frame["name"], "Bob Okafor");
+}

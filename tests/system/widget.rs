@@ -9,11 +9,8 @@ use crewdesk::sync::wire::WireMessage;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use system_tests::{Agent, RawClient, TestRelay, eventually};
+use system_tests::{Agent, RawClient, Socket, TestRelay, eventually, follow, next_json, typing_seen, widget_socket};
 use tokio_tungstenite::tungstenite::Message as Frame;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const SHOP: &str = "http://shop.test:8088";
 const ELSEWHERE: &str = "http://elsewhere.test";
@@ -41,25 +38,6 @@ async fn started(relay: &TestRelay, key: &str) -> (String, ConversationId) {
     assert_eq!(r.status().as_u16(), 200);
     let v: Value = r.json().await.unwrap();
     (v["session"].as_str().unwrap().to_owned(), ConversationId(v["conversation"].as_str().unwrap().to_owned()))
-}
-
-async fn socket(relay: &TestRelay, session: &str, origin: Option<&str>) -> Socket {
-    let mut request = format!("ws://{}/api/widget/ws?session={session}", relay.addr).into_client_request().unwrap();
-    if let Some(o) = origin {
-        request.headers_mut().insert("origin", o.parse().unwrap());
-    }
-    tokio_tungstenite::connect_async(request).await.unwrap().0
-}
-
-/// The next JSON frame (pings skipped), or `None` when the socket closes or stays quiet `secs`.
-async fn next_json(ws: &mut Socket, secs: u64) -> Option<Value> {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(secs), ws.next()).await.ok()?? {
-            Ok(Frame::Text(t)) => return Some(serde_json::from_str(&t).unwrap()),
-            Ok(Frame::Ping(_) | Frame::Pong(_)) => continue,
-            _ => return None,
-        }
-    }
 }
 
 /// Messages the widget receives until `done` holds for all of them (at most `secs`).
@@ -132,9 +110,9 @@ async fn the_widget_runs_only_on_the_teams_origins_with_its_current_key() {
     assert_eq!(preflight(upload, ELSEWHERE, "x-file-name").await.unwrap().status().as_u16(), 403);
 
     // The socket: the shop's page chats; another site's page is told why and closed.
-    let mut ws = socket(&relay, &session, Some(SHOP)).await;
+    let mut ws = widget_socket(&relay, &session, Some(SHOP)).await;
     messages_until(&mut ws, 10, |m| m.iter().any(|m| m["text"] == "Hello?")).await;
-    let mut other = socket(&relay, &session, Some(ELSEWHERE)).await;
+    let mut other = widget_socket(&relay, &session, Some(ELSEWHERE)).await;
     let error = next_json(&mut other, 5).await.unwrap();
     assert_eq!(error["code"], "origin", "{error}");
     assert!(error["error"].as_str().unwrap().contains("not enabled on http://elsewhere.test"));
@@ -161,7 +139,7 @@ async fn a_late_crew_reply_with_an_earlier_time_still_reaches_the_open_widget_wh
     let (session, id) = started(&relay, &key).await;
     bob.has(&id).await;
     bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
-    let mut ws = socket(&relay, &session, Some(SHOP)).await;
+    let mut ws = widget_socket(&relay, &session, Some(SHOP)).await;
     messages_until(&mut ws, 10, |m| m.len() == 1).await;
 
     // Bob goes offline and writes a long reply with line breaks; its time is now.
@@ -189,7 +167,7 @@ async fn a_late_crew_reply_with_an_earlier_time_still_reaches_the_open_widget_wh
 
     // A reconnect gets everything, in (time, id) order, each message once.
     drop(ws);
-    let mut again = socket(&relay, &session, Some(SHOP)).await;
+    let mut again = widget_socket(&relay, &session, Some(SHOP)).await;
     let all = messages_until(&mut again, 10, |m| m.len() >= 4).await;
     let texts: Vec<&str> = all.iter().map(|m| m["text"].as_str().unwrap()).collect();
     assert_eq!(texts, ["Hello?", long.as_str(), "Are you there?", "Hello??"]);
@@ -209,10 +187,10 @@ async fn messages_are_limited_per_session_across_sockets_and_sockets_per_session
     allow_shop(&relay);
     let key = relay.widget_key("sales");
     let (session, _id) = started(&relay, &key).await;
-    let mut a = socket(&relay, &session, Some(SHOP)).await;
-    let mut b = socket(&relay, &session, Some(SHOP)).await;
+    let mut a = widget_socket(&relay, &session, Some(SHOP)).await;
+    let mut b = widget_socket(&relay, &session, Some(SHOP)).await;
     // A third window of the same chat is refused, with the reason.
-    let mut c = socket(&relay, &session, Some(SHOP)).await;
+    let mut c = widget_socket(&relay, &session, Some(SHOP)).await;
     assert_eq!(next_json(&mut c, 5).await.unwrap()["code"], "sockets");
     let Some(Ok(Frame::Close(Some(close)))) = c.next().await else { panic!("closed") };
     assert_eq!(u16::from(close.code), 4008);
@@ -278,7 +256,7 @@ async fn a_presence_flood_reaches_the_crew_coalesced() {
     // 150 opens and closes in about two seconds.
     let started = Instant::now();
     for _ in 0..150 {
-        let mut ws = socket(&relay, &session, Some(SHOP)).await;
+        let mut ws = widget_socket(&relay, &session, Some(SHOP)).await;
         ws.close(None).await.unwrap();
     }
     let flood = started.elapsed();
@@ -368,11 +346,11 @@ async fn a_widget_socket_that_answers_no_ping_is_closed_and_the_customer_goes_of
     bob.connected().await;
     let (session, id) = started(&relay, &key).await;
     bob.has(&id).await;
-    let mut ws = socket(&relay, &session, Some(SHOP)).await;
+    let mut ws = widget_socket(&relay, &session, Some(SHOP)).await;
     eventually(5, "online", || bob.with(|r| r.summary(&id).is_some_and(|s| s.presence.online))).await;
     // Another customer's browser answers pings (tungstenite answers while reading) and stays.
     let (other_session, _) = started(&relay, &key).await;
-    let mut active = socket(&relay, &other_session, Some(SHOP)).await;
+    let mut active = widget_socket(&relay, &other_session, Some(SHOP)).await;
     let reader = tokio::spawn(async move {
         let deadline = Instant::now() + Duration::from_secs(6);
         while Instant::now() < deadline {
@@ -426,7 +404,7 @@ async fn an_internal_note_never_reaches_the_widget_or_the_customers_email() {
     bob.has(&id).await;
     carol.has(&id).await;
     bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
-    let mut ws = socket(&relay, &session, Some(SHOP)).await;
+    let mut ws = widget_socket(&relay, &session, Some(SHOP)).await;
     messages_until(&mut ws, 10, |m| m.len() == 1).await;
 
     // Online: a note, then a reply. The widget gets the reply only; carol sees both.
@@ -459,7 +437,7 @@ async fn an_internal_note_never_reaches_the_widget_or_the_customers_email() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(sink.received().len(), before, "a note alone sends no email");
     // And a reconnecting widget never gets the notes either.
-    let mut again = socket(&relay, &session, Some(SHOP)).await;
+    let mut again = widget_socket(&relay, &session, Some(SHOP)).await;
     let all = messages_until(&mut again, 10, |m| m.iter().any(|m| m["text"] == "It ships on Monday.")).await;
     assert!(all.iter().all(|m| !m["text"].as_str().unwrap_or("").contains("note")), "{all:#?}");
     relay.stop().await;
@@ -473,7 +451,7 @@ async fn typing_reaches_the_other_side_named_by_the_relay_and_at_most_every_two_
     allow_shop(&relay);
     let key = relay.widget_key("sales");
     let (session, id) = started(&relay, &key).await;
-    let mut ws = socket(&relay, &session, Some(SHOP)).await;
+    let mut ws = widget_socket(&relay, &session, Some(SHOP)).await;
     messages_until(&mut ws, 10, |m| m.iter().any(|m| m["text"] == "Hello?")).await;
     // bob and carol follow the conversation.
     let mut bob = RawClient::connect(&relay, Some(&tokens["bob"])).await;
@@ -517,32 +495,3 @@ async fn typing_reaches_the_other_side_named_by_the_relay_and_at_most_every_two_
     relay.stop().await;
 }
 
-/// A request for the conversation: the connection follows it from then on.
-fn follow(id: &ConversationId) -> WireMessage {
-    let request = automerge::sync::SyncDoc::generate_sync_message(
-        &automerge::Automerge::new(),
-        &mut automerge::sync::State::new(),
-    );
-    WireMessage::Request {
-        sender_id: "raw".into(),
-        target_id: "relay".into(),
-        document_id: id.0.clone(),
-        data: request.unwrap().encode(),
-    }
-}
-
-/// The typing messages about `id` a connection hears within `secs`.
-async fn typing_seen(client: &mut RawClient, id: &ConversationId, secs: u64) -> Vec<crewdesk::sync::presence::Typing> {
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if let Ok(Some(WireMessage::Ephemeral { document_id, data, .. })) =
-            tokio::time::timeout(Duration::from_millis(200), client.next()).await
-            && document_id == id.0
-            && let Some(t) = crewdesk::sync::presence::decode_typing(&data)
-        {
-            seen.push(t);
-        }
-    }
-    seen
-}

@@ -94,30 +94,50 @@ impl Relay {
             return;
         }
         // Who is typing is the relay's to say (the agent of this connection), never the client's.
-        let typing = crewdesk::sync::presence::decode_typing(&data).is_some();
-        let data = match typing {
-            true => {
-                self.widgets.crew_typing(&doc_id, &session.agent.name, Instant::now());
-                crewdesk::sync::presence::encode_typing(&crewdesk::sync::presence::Typing::Crew(
-                    session.agent.id.clone(),
-                ))
-            }
-            false => data,
-        };
+        if crewdesk::sync::presence::decode_typing(&data).is_some() {
+            let agent = (session.agent.id.clone(), session.agent.name.clone());
+            drop(e);
+            self.tell_instances(crate::store::StoreEvent::Typing { doc_id: doc_id.clone(), crew: Some(agent.clone()) })
+                .await;
+            self.show_typing(&doc_id, Some(agent), Some(session.conn)).await;
+            return;
+        }
         forward_ephemeral(&self.sessions, &e, Some(session.conn), &session.peer_id, &doc_id, count, &session_id, &data);
         drop(e);
         let sender_id = session.peer_id.clone();
         self.tell_instances(crate::store::StoreEvent::Ephemeral { doc_id, sender_id, count, session_id, data }).await;
     }
 
-    /// A web-widget customer is typing: every follower of the conversation here hears it.
+    /// A web-widget customer is typing: every follower of the conversation hears it, on every
+    /// instance.
     pub(crate) async fn customer_typing(&self, doc_id: &str) {
+        self.tell_instances(crate::store::StoreEvent::Typing { doc_id: doc_id.to_owned(), crew: None }).await;
+        self.show_typing(doc_id, None, None).await;
+    }
+
+    /// Someone is typing in `doc_id` (the customer, or the agent `crew` names): the followers here
+    /// (but `except`) hear it, and when it is an agent the customer's widget sockets here show the
+    /// agent's name.
+    pub(super) async fn show_typing(
+        &self,
+        doc_id: &str,
+        crew: Option<(crewdesk::domain::AgentId, String)>,
+        except: Option<ConnId>,
+    ) {
+        use crewdesk::sync::presence::{Typing, encode_typing};
+        let typing = match crew {
+            Some((agent, name)) => {
+                self.widgets.crew_typing(doc_id, &name, Instant::now());
+                Typing::Crew(agent)
+            }
+            None => Typing::Customer,
+        };
         let entry = self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(doc_id).cloned();
         let Some(entry) = entry else { return };
         let e = entry.lock().await;
         let count = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let data = crewdesk::sync::presence::encode_typing(&crewdesk::sync::presence::Typing::Customer);
-        forward_ephemeral(&self.sessions, &e, None, &self.peer_id, doc_id, count, &self.storage_id, &data);
+        let data = encode_typing(&typing);
+        forward_ephemeral(&self.sessions, &e, except, &self.peer_id, doc_id, count, &self.storage_id, &data);
     }
 
     pub(crate) fn presence_of(&self, doc_id: &str) -> Option<crewdesk::domain::Presence> {

@@ -75,12 +75,19 @@ pub struct StoredChunks {
 /// What other relay instances sharing the database did (PostgreSQL only; arrives by LISTEN/NOTIFY).
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreEvent {
-    /// Another instance committed chunks of a document, up to `seq`; `created` on its first chunk.
-    Committed { doc_id: String, team: TeamId, seq: i64, created: bool },
+    /// An instance committed chunks of a document, up to `seq`; `created` on its first chunk.
+    /// `prev` is the document's last position before them and `bytes` the chunks themselves when
+    /// they are small, so an instance that holds the document up to `prev` applies them without
+    /// reading the database. `own` when this instance committed them (it has them in memory; the
+    /// note only moves its position on).
+    Committed { doc_id: String, team: TeamId, seq: i64, created: bool, prev: Option<i64>, bytes: Option<Vec<u8>>, own: bool },
     /// A web-widget customer's presence, as another instance heard it.
     Presence { doc_id: String, presence: crewdesk::domain::Presence },
     /// An ephemeral message an agent sent through another instance.
     Ephemeral { doc_id: String, sender_id: String, count: u64, session_id: String, data: Vec<u8> },
+    /// Someone is typing in a conversation, as another instance heard it: the web-widget customer
+    /// (`crew` is `None`) or an agent, with the id and name that instance's relay gave them.
+    Typing { doc_id: String, crew: Option<(crewdesk::domain::AgentId, String)> },
     /// The notification channel was (re)opened: anything committed since `since` (milliseconds)
     /// may have been missed and is read from the database.
     Resync { since: i64 },

@@ -40,6 +40,11 @@ const MIGRATIONS: &[&str] = &[
 const CHANNEL: &str = "crewdesk";
 /// NOTIFY payloads must stay below 8000 bytes.
 const MAX_NOTE: usize = 7900;
+
+/// Chunks of at most this many bytes (together, per document and commit) travel in the commit's
+/// notification (as hex, well inside PostgreSQL's 8,000-byte payload), so the other instances
+/// need not read them: a typical message is a few hundred bytes.
+const NOTE_CHUNK_BYTES: i64 = 3000;
 /// How long a claimed outbox row stays with the instance that claimed it.
 const CLAIM_MS: i64 = 60_000;
 
@@ -74,11 +79,24 @@ struct Note {
 #[serde(tag = "k")]
 enum NoteKind {
     #[serde(rename = "c")]
-    Committed { d: String, t: String, s: i64, n: bool },
+    Committed {
+        d: String,
+        t: String,
+        s: i64,
+        n: bool,
+        /// The document's last position before this commit (none for a new document).
+        #[serde(default)]
+        p: Option<i64>,
+        /// The committed chunks in hex, when they are at most `NOTE_CHUNK_BYTES` together.
+        #[serde(default)]
+        b: Option<String>,
+    },
     #[serde(rename = "p")]
     Presence { d: String, p: crewdesk::domain::Presence },
     #[serde(rename = "e")]
     Ephemeral { d: String, from: String, count: u64, session: String, data: String },
+    #[serde(rename = "t")]
+    Typing { d: String, a: Option<String>, n: Option<String> },
 }
 
 /// The pool's error with its causes (deadpool's own message alone hides why a connection failed).
@@ -520,7 +538,10 @@ impl Storage for PgStore {
             // The documents, the chunks (but the refused ones) and one notification per document
             // (the last position, and whether it is new) in one statement. The notification is
             // `Note` with `NoteKind::Committed` as JSON: {"o": instance, "k": "c", "d": document,
-            // "t": team, "s": position, "n": new}.
+            // "t": team, "s": position, "n": new, "p": the position before, "b": the chunks in hex
+            // when small}. Every part of the statement sees the table as it was before it (one
+            // snapshot), so `p` is the document's last position before these chunks; under the
+            // document's lock no other commit can come between.
             let append = c
                 .prepare_cached(
                     "WITH docs AS (
@@ -535,7 +556,7 @@ impl Storage for PgStore {
                        INSERT INTO doc_chunks (doc_id, origin, bytes)
                        SELECT d, $5, b FROM unnest($1::text[], $3::bytea[]) WITH ORDINALITY AS u(d, b, n)
                        WHERE n NOT IN (SELECT n FROM refused) ORDER BY n
-                       RETURNING doc_id, seq
+                       RETURNING doc_id, seq, bytes
                      ), times AS (
                        INSERT INTO message_times (doc_id, message_id, at, received_at)
                        SELECT d, id, at, $4 FROM unnest($12::bigint[], $13::text[], $14::text[], $15::bigint[])
@@ -547,7 +568,10 @@ impl Storage for PgStore {
                      )
                      SELECT pg_notify($6, json_build_object(
                        'o', $5::text, 'k', 'c', 'd', c.doc_id, 't', teams.t, 's', max(c.seq),
-                       'n', EXISTS (SELECT 1 FROM docs WHERE docs.id = c.doc_id))::text)
+                       'n', EXISTS (SELECT 1 FROM docs WHERE docs.id = c.doc_id),
+                       'p', (SELECT max(x.seq) FROM doc_chunks x WHERE x.doc_id = c.doc_id),
+                       'b', CASE WHEN sum(length(c.bytes)) <= $16
+                         THEN string_agg(encode(c.bytes, 'hex'), '' ORDER BY c.seq) END)::text)
                      FROM chunks c JOIN teams ON teams.d = c.doc_id
                      GROUP BY c.doc_id, teams.t",
                 )
@@ -558,7 +582,7 @@ impl Storage for PgStore {
             let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
             let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                 [&ord, &change_docs, &actors, &seqs, &hashes];
-            let append_params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
+            let append_params: [&(dyn tokio_postgres::types::ToSql + Sync); 16] = [
                 &doc_ids,
                 &teams,
                 &bytes,
@@ -574,6 +598,7 @@ impl Storage for PgStore {
                 &m_docs,
                 &m_ids,
                 &m_ats,
+                &NOTE_CHUNK_BYTES,
             ];
             let (begin, locked, claimed, appended, commit) = futures_util::join!(
                 c.batch_execute("BEGIN"),
@@ -1158,6 +1183,11 @@ impl Storage for PgStore {
                 session: session_id.clone(),
                 data: hex(data),
             },
+            StoreEvent::Typing { doc_id, crew } => NoteKind::Typing {
+                d: doc_id.clone(),
+                a: crew.as_ref().map(|(a, _)| a.as_str().to_owned()),
+                n: crew.as_ref().map(|(_, n)| n.clone()),
+            },
             // Commits announce themselves inside their transaction.
             StoreEvent::Committed { .. } | StoreEvent::Resync { .. } => return Ok(()),
         };
@@ -1241,14 +1271,27 @@ async fn listen(mut config: tokio_postgres::Config, instance: String, events: mp
 
 fn decode(payload: &str, me: &str) -> Option<StoreEvent> {
     let note: Note = serde_json::from_str(payload).ok()?;
-    if note.o == me {
+    let own = note.o == me;
+    // This instance's own commits only move its position on; nothing else of its own is news.
+    if own && !matches!(note.what, NoteKind::Committed { .. }) {
         return None;
     }
     Some(match note.what {
-        NoteKind::Committed { d, t, s, n } => StoreEvent::Committed { doc_id: d, team: TeamId(t), seq: s, created: n },
+        NoteKind::Committed { d, t, s, n, p, b } => StoreEvent::Committed {
+            doc_id: d,
+            team: TeamId(t),
+            seq: s,
+            created: n,
+            prev: p,
+            bytes: b.filter(|_| !own).and_then(|b| unhex(&b)),
+            own,
+        },
         NoteKind::Presence { d, p } => StoreEvent::Presence { doc_id: d, presence: p },
         NoteKind::Ephemeral { d, from, count, session, data } => {
             StoreEvent::Ephemeral { doc_id: d, sender_id: from, count, session_id: session, data: unhex(&data)? }
+        }
+        NoteKind::Typing { d, a, n } => {
+            StoreEvent::Typing { doc_id: d, crew: a.map(|a| (a.as_str().into(), n.unwrap_or_default())) }
         }
     })
 }
