@@ -12,6 +12,7 @@ use crewdesk::replica::Replica;
 use crewdesk::replica::doc::{self, DocError};
 use crewdesk::sync::wire::{PeerMetadata, WireMessage};
 use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,7 +23,6 @@ use sync_server::store::Store;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use serde_json::Value;
 
 pub struct TestRelay {
     pub addr: SocketAddr,
@@ -954,7 +954,11 @@ pub fn follow(id: &ConversationId) -> WireMessage {
 }
 
 /// The typing messages about `id` a connection hears within `secs`.
-pub async fn typing_seen(client: &mut RawClient, id: &ConversationId, secs: u64) -> Vec<crewdesk::sync::presence::Typing> {
+pub async fn typing_seen(
+    client: &mut RawClient,
+    id: &ConversationId,
+    secs: u64,
+) -> Vec<crewdesk::sync::presence::Typing> {
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {

@@ -494,4 +494,3 @@ async fn typing_reaches_the_other_side_named_by_the_relay_and_at_most_every_two_
     assert_eq!(seen, [Typing::Customer, Typing::Crew("bob".into())], "named by the relay");
     relay.stop().await;
 }
-

@@ -12,12 +12,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let outcome = match args.first().map(String::as_str) {
         Some("test") => test(),
-        Some("bench-relay") => bench_relay(),
+        Some("bench-relay") => bench_relay(&args[1..]),
         Some("run") => run(),
         Some("bench") => bench(),
         Some("fuzz") => fuzz(&args[1..]),
         Some("sim") => sim(&args[1..]),
-        _ => Err("usage: cargo xtask <test|run|bench|bench-relay|fuzz|sim>\n  test   install what is missing, then fmt, clippy, wasm build, all tests and 30 s of fuzzing per target\n  run    the product on demo data\n  bench  the replica benchmark (10k conversations, 500k messages)\n  bench-relay  the relay benchmark against the reference server, and scale-out on PostgreSQL\n  fuzz [--seconds N] [TARGET]  each fuzz target (or TARGET) for N seconds (default 60), one at a time\n  sim [--seeds N] [--first S] [--seed S]  the seeded simulator of the sync protocol on N seeds (default 10,000), or one seed with its whole trace".to_owned()),
+        _ => Err("usage: cargo xtask <test|run|bench|bench-relay|fuzz|sim>\n  test   install what is missing, then fmt, clippy, wasm build, all tests and 30 s of fuzzing per target\n  run    the product on demo data\n  bench  the replica benchmark (10k conversations, 500k messages)\n  bench-relay [--quota CORES] [--scale-out]  the relay benchmark against the reference server, and scale-out on PostgreSQL with each instance held to CORES of CPU (default 0.25; 0: uncapped); --scale-out: only scale-out\n  fuzz [--seconds N] [TARGET]  each fuzz target (or TARGET) for N seconds (default 60), one at a time\n  sim [--seeds N] [--first S] [--seed S]  the seeded simulator of the sync protocol on N seeds (default 10,000), or one seed with its whole trace".to_owned()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -287,9 +287,27 @@ fn postgres_bin() -> std::result::Result<PathBuf, String> {
 }
 
 /// The relay benchmark, with its scale-out part on a throwaway PostgreSQL cluster.
-fn bench_relay() -> Result {
+/// `cargo xtask bench-relay [--quota CORES] [--scale-out]`.
+fn bench_relay(args: &[String]) -> Result {
+    let usage = "usage: cargo xtask bench-relay [--quota CORES] [--scale-out]";
+    let (mut quota, mut scale_out_only) = ("0.25".to_owned(), false);
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quota" => match args.next().filter(|q| q.parse::<f64>().is_ok_and(|q| (0.0..=64.0).contains(&q))) {
+                Some(q) => quota = q.clone(),
+                None => return Err(format!("{usage} (--quota takes a number of cores, such as 0.25)")),
+            },
+            "--scale-out" => scale_out_only = true,
+            other => return Err(format!("{usage} (not `{other}`)")),
+        }
+    }
     let pg = Postgres::start()?;
-    step("cargo", &["bench", "-p", "sync-server", "--bench", "relay"], &[("CREWDESK_BENCH_POSTGRES", &pg.url)])
+    let mut envs = vec![("CREWDESK_BENCH_POSTGRES", pg.url.as_str()), ("CREWDESK_BENCH_CPU_QUOTA", quota.as_str())];
+    if scale_out_only {
+        envs.push(("CREWDESK_BENCH_SCALE_OUT_ONLY", "1"));
+    }
+    step("cargo", &["bench", "-p", "sync-server", "--bench", "relay"], &envs)
 }
 
 fn bench() -> Result {

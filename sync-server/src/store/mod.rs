@@ -80,7 +80,15 @@ pub enum StoreEvent {
     /// they are small, so an instance that holds the document up to `prev` applies them without
     /// reading the database. `own` when this instance committed them (it has them in memory; the
     /// note only moves its position on).
-    Committed { doc_id: String, team: TeamId, seq: i64, created: bool, prev: Option<i64>, bytes: Option<Vec<u8>>, own: bool },
+    Committed {
+        doc_id: String,
+        team: TeamId,
+        seq: i64,
+        created: bool,
+        prev: Option<i64>,
+        bytes: Option<Vec<u8>>,
+        own: bool,
+    },
     /// A web-widget customer's presence, as another instance heard it.
     Presence { doc_id: String, presence: crewdesk::domain::Presence },
     /// An ephemeral message an agent sent through another instance.
