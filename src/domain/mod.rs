@@ -183,6 +183,49 @@ pub struct MessageTemplate {
     pub text: String,
 }
 
+/// The placeholders a message template may use ([`fill_template`] fills them).
+pub const TEMPLATE_PLACEHOLDERS: [&str; 4] = ["{name}", "{email}", "{phone}", "{agent}"];
+
+impl MessageTemplate {
+    /// What a team's template must be: a name (at most [`MAX_NAME_BYTES`], one line), a text that
+    /// is not empty and at most [`MAX_MESSAGE_BYTES`], and no placeholder but
+    /// [`TEMPLATE_PLACEHOLDERS`] (a mistyped one would reach the customer as written).
+    pub fn validate(&self) -> Result<(), DomainError> {
+        let name = self.name.trim();
+        if name.is_empty() || name.len() > MAX_NAME_BYTES || name.contains(['\n', '\r']) {
+            return Err(DomainError::InvalidTemplate(format!(
+                "a template needs a name of one line, at most {MAX_NAME_BYTES} bytes"
+            )));
+        }
+        if self.text.trim().is_empty() {
+            return Err(DomainError::EmptyMessage);
+        }
+        if self.text.len() > MAX_MESSAGE_BYTES {
+            return Err(DomainError::MessageTooLong { max: MAX_MESSAGE_BYTES });
+        }
+        let mut rest = self.text.as_str();
+        while let Some(open) = rest.find('{') {
+            let after = &rest[open..];
+            let word = after
+                .find('}')
+                .map(|close| &after[..=close])
+                .filter(|w| w.len() > 2 && w[1..w.len() - 1].chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            if let Some(word) = word {
+                if !TEMPLATE_PLACEHOLDERS.contains(&word) {
+                    return Err(DomainError::InvalidTemplate(format!(
+                        "unknown placeholder {word}: use {}",
+                        TEMPLATE_PLACEHOLDERS.join(", ")
+                    )));
+                }
+                rest = &after[word.len()..];
+            } else {
+                rest = &after[1..];
+            }
+        }
+        Ok(())
+    }
+}
+
 /// An approved WhatsApp template: the only thing that may be sent outside the 24 h window.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WhatsAppTemplate {
@@ -609,6 +652,8 @@ pub enum DomainError {
     OpenedByTheCustomer(String),
     #[error("invalid customer details: {0}")]
     InvalidCustomer(String),
+    #[error("invalid template: {0}")]
+    InvalidTemplate(String),
     #[error("thresholds must satisfy 0 < soon-to-be < overdue < auto-close")]
     InvalidThresholds,
 }

@@ -385,3 +385,20 @@ fn conference_links_use_the_team_provider_and_are_checked() {
         assert_eq!(validate_conference_base(bad), Err(DomainError::InvalidConferenceUrl), "{bad}");
     }
 }
+
+#[test]
+fn a_template_has_a_name_a_text_and_only_known_placeholders() {
+    let t = |name: &str, text: &str| MessageTemplate { name: name.into(), text: text.into() };
+    assert_eq!(t("Greeting", "Hi {name}, {agent} here. {not a placeholder} {}").validate(), Ok(()));
+    assert_eq!(t("Refund", "Your email {email} and phone {phone}").validate(), Ok(()));
+    assert!(matches!(t("", "Hi").validate(), Err(DomainError::InvalidTemplate(_))));
+    assert!(matches!(t("Two\nlines", "Hi").validate(), Err(DomainError::InvalidTemplate(_))));
+    assert!(matches!(t(&"n".repeat(MAX_NAME_BYTES + 1), "Hi").validate(), Err(DomainError::InvalidTemplate(_))));
+    assert_eq!(t("Empty", "  \n").validate(), Err(DomainError::EmptyMessage));
+    assert_eq!(
+        t("Long", &"x".repeat(MAX_MESSAGE_BYTES + 1)).validate(),
+        Err(DomainError::MessageTooLong { max: MAX_MESSAGE_BYTES })
+    );
+    let Err(DomainError::InvalidTemplate(why)) = t("Typo", "Hi {nmae}").validate() else { panic!("accepted") };
+    assert!(why.contains("{nmae}") && why.contains("{name}"), "{why}");
+}

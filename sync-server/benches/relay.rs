@@ -994,7 +994,7 @@ async fn new_database(base: &str) -> String {
 /// With a CPU quota (`CREWDESK_BENCH_CPU_QUOTA` cores per instance, 0.25 unless set; 0 for none)
 /// each instance runs in a cgroup of its own with that quota, as on a machine of its own, while the
 /// generator and PostgreSQL stay outside the groups: each deployment takes the saturating load,
-/// and three instances then take 70% of their own saturating rate. Without the controller (or
+/// and three instances then take 70% and 35% of their own saturating rate. Without the controller (or
 /// with 0) everything shares the machine and each deployment takes the three loads of `loads`.
 async fn scale_out(
     base: &str,
@@ -1091,10 +1091,12 @@ async fn scale_out(
                 let rate = saturating.r.sent as f64 / saturating.r.elapsed.as_secs_f64();
                 rows.push(saturating);
                 if instances == 3 {
-                    // 70% of what three capped instances take in: each agent writes every n / (0.7 rate) s.
-                    let every = Duration::from_secs_f64(n as f64 / (0.7 * rate));
-                    let row = run(every).await;
-                    rows.push(row);
+                    // 70% of what three capped instances take in (each agent writes every
+                    // n / (0.7 rate) s), then 35%: where the tail stays short.
+                    for share in [0.7, 0.35] {
+                        let row = run(Duration::from_secs_f64(n as f64 / (share * rate))).await;
+                        rows.push(row);
+                    }
                 }
             }
         }

@@ -186,6 +186,22 @@ enum Command {
         #[arg(long)]
         token: Option<String>,
     },
+    /// Add, replace or remove a team's 📃 message template (what agents pick in the composer and
+    /// edit before sending). Placeholders: {name}, {email}, {phone} (the customer's), {agent}.
+    /// Desks see the change when they next connect.
+    #[command(group = clap::ArgGroup::new("what").required(true).args(["text", "remove"]))]
+    Template {
+        team: String,
+        /// The template's name, as agents see it in the 📃 menu.
+        #[arg(long)]
+        name: String,
+        /// Its text, e.g. "Hello {name}, this is {agent} from the shop."
+        #[arg(long)]
+        text: Option<String>,
+        /// Remove the template of that name instead.
+        #[arg(long)]
+        remove: bool,
+    },
     /// Add or replace an approved WhatsApp template of a team (as approved in WhatsApp Manager).
     WhatsappTemplate {
         team: String,
@@ -424,6 +440,37 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
         Command::IssueToken { agent, label } => println!("{}", store.issue_token(&AgentId(agent), &label)?),
         Command::RevokeToken { agent, token } => {
             println!("{} token(s) revoked", store.revoke_tokens(&AgentId(agent), token.as_deref())?)
+        }
+        Command::Template { team, name, text, remove: _ } => {
+            let mut t = store
+                .teams()?
+                .into_iter()
+                .find(|t| t.id.as_str() == team)
+                .with_context(|| format!("no team {team}; create it with `sync-server team {team} --name ...`"))?;
+            let name = name.trim().to_owned();
+            match text {
+                Some(text) => {
+                    let template = crewdesk::domain::MessageTemplate { name: name.clone(), text };
+                    template.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+                    match t.templates.iter_mut().find(|x| x.name == name) {
+                        Some(existing) => *existing = template,
+                        None => t.templates.push(template),
+                    }
+                    store.put_team(&t)?;
+                    println!("template {name} saved for {team} ({} in all)", t.templates.len());
+                }
+                None => {
+                    let before = t.templates.len();
+                    t.templates.retain(|x| x.name != name);
+                    anyhow::ensure!(
+                        t.templates.len() < before,
+                        "{team} has no template named {name} (it has: {})",
+                        t.templates.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ")
+                    );
+                    store.put_team(&t)?;
+                    println!("template {name} removed from {team} ({} left)", t.templates.len());
+                }
+            }
         }
         Command::WhatsappTemplate { team, name, language, body } => {
             let mut t = store

@@ -1035,3 +1035,52 @@ async fn npm_automerge_repo_client_cannot_forge() {
     assert!(relay.open_store().load_document(&forged).unwrap().is_none());
     relay.stop().await;
 }
+
+/// An admin manages a team's 📃 templates with `sync-server template`: added, replaced, refused
+/// with a mistyped placeholder (nothing changes), removed; an agent's desk has them once it
+/// connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_manages_message_templates_and_desks_get_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let run = |args: &[&str]| {
+        let mut c = std::process::Command::new(system_tests::relay_binary());
+        c.args(["--data-dir", relay.data.to_str().unwrap()]).args(args);
+        if let Some(url) = &relay.store {
+            c.env("CREWDESK_STORE", url);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let templates =
+        || relay.open_store().teams().unwrap().into_iter().find(|t| t.id.as_str() == demo::SALES).unwrap().templates;
+    let before = templates().len();
+    let (ok, out) = run(&["template", demo::SALES, "--name", "Refund", "--text", "Hi {name}, {agent} here: refunded."]);
+    assert!(ok, "{out}");
+    let (ok, out) =
+        run(&["template", demo::SALES, "--name", "Refund", "--text", "Hello {name}, your refund is on its way."]);
+    assert!(ok, "{out}");
+    let refund = templates().into_iter().find(|t| t.name == "Refund").unwrap();
+    assert_eq!(refund.text, "Hello {name}, your refund is on its way.");
+    assert_eq!(templates().len(), before + 1, "replaced, not added twice");
+    // A mistyped placeholder is refused with the ones that exist; nothing changes.
+    let (ok, out) = run(&["template", demo::SALES, "--name", "Refund", "--text", "Hi {nmae}"]);
+    assert!(!ok && out.contains("unknown placeholder {nmae}") && out.contains("{agent}"), "{out}");
+    assert_eq!(templates().into_iter().find(|t| t.name == "Refund").unwrap(), refund);
+    let (ok, out) = run(&["template", demo::SALES, "--name", "Refund"]);
+    assert!(!ok && out.contains("--text") && out.contains("--remove"), "{out}");
+    // bob's desk gets the team's templates when it connects.
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let seen = bob.with(|r| r.teams().iter().find(|t| t.id.as_str() == demo::SALES).map(|t| t.templates.clone()));
+    assert!(seen.unwrap().contains(&refund));
+    let (ok, out) = run(&["template", demo::SALES, "--name", "Refund", "--remove"]);
+    assert!(ok, "{out}");
+    assert_eq!(templates().len(), before);
+    let (ok, out) = run(&["template", demo::SALES, "--name", "Refund", "--remove"]);
+    assert!(!ok && out.contains("no template named Refund"), "{out}");
+    relay.stop().await;
+}

@@ -169,6 +169,9 @@ pub trait Storage: Send + Sync {
             for m in &team.members {
                 out.push_str(&format!("  {} \"{}\" {}\n", m.agent, m.name, role_str(m.role)));
             }
+            for t in &team.templates {
+                out.push_str(&format!("  template \"{}\": {}\n", t.name, t.text.replace('\n', " / ")));
+            }
             if let Some(w) = self.widget_settings(&team.id)? {
                 let origins = if w.origins.is_empty() { "none yet".to_owned() } else { w.origins.join(" ") };
                 out.push_str(&format!("  widget key {} (origins: {origins})\n", w.key));
