@@ -186,6 +186,34 @@ pub struct MessageTemplate {
 /// The placeholders a message template may use ([`fill_template`] fills them).
 pub const TEMPLATE_PLACEHOLDERS: [&str; 4] = ["{name}", "{email}", "{phone}", "{agent}"];
 
+/// At most this many 📃 templates per team (the composer's menu lists them all).
+pub const MAX_TEMPLATES: usize = 200;
+
+/// At most this much text in a team's templates together.
+pub const MAX_TEMPLATES_BYTES: usize = 512 * 1024;
+
+/// What a team's list of templates must be: each valid, no two with one name, at most
+/// [`MAX_TEMPLATES`].
+pub fn validate_templates(templates: &[MessageTemplate]) -> Result<(), DomainError> {
+    if templates.len() > MAX_TEMPLATES {
+        return Err(DomainError::InvalidTemplate(format!("at most {MAX_TEMPLATES} templates per team")));
+    }
+    if templates.iter().map(|t| t.name.len() + t.text.len()).sum::<usize>() > MAX_TEMPLATES_BYTES {
+        return Err(DomainError::InvalidTemplate(format!(
+            "a team's templates hold at most {} KiB of text together",
+            MAX_TEMPLATES_BYTES / 1024
+        )));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for t in templates {
+        t.validate()?;
+        if !names.insert(t.name.trim()) {
+            return Err(DomainError::InvalidTemplate(format!("two templates are named {}", t.name.trim())));
+        }
+    }
+    Ok(())
+}
+
 impl MessageTemplate {
     /// What a team's template must be: a name (at most [`MAX_NAME_BYTES`], one line), a text that
     /// is not empty and at most [`MAX_MESSAGE_BYTES`], and no placeholder but

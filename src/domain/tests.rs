@@ -401,4 +401,9 @@ fn a_template_has_a_name_a_text_and_only_known_placeholders() {
     );
     let Err(DomainError::InvalidTemplate(why)) = t("Typo", "Hi {nmae}").validate() else { panic!("accepted") };
     assert!(why.contains("{nmae}") && why.contains("{name}"), "{why}");
+    // A team's list: no two with one name, at most MAX_TEMPLATES.
+    assert_eq!(validate_templates(&[t("A", "a"), t("B", "b")]), Ok(()));
+    assert!(matches!(validate_templates(&[t("A", "a"), t(" A ", "b")]), Err(DomainError::InvalidTemplate(_))));
+    let many: Vec<MessageTemplate> = (0..=MAX_TEMPLATES).map(|i| t(&format!("t{i}"), "x")).collect();
+    assert!(matches!(validate_templates(&many), Err(DomainError::InvalidTemplate(_))));
 }

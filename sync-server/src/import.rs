@@ -27,7 +27,7 @@ pub fn routes() -> Router<Arc<Relay>> {
         .route("/api/import/conversations/{id}/messages", post(import_message))
 }
 
-fn answer(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn answer(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
@@ -63,7 +63,7 @@ const MAX_IMPORT_BYTES: usize = 256 * 1024;
 
 /// The agent of the request's token: decided before the body is read, so nobody without a token
 /// can make the relay wait for one (whether they are an admin of the team is decided after).
-async fn an_agent(
+pub(crate) async fn an_agent(
     relay: &Relay,
     headers: &HeaderMap,
     token: Option<String>,
@@ -77,12 +77,13 @@ async fn an_agent(
     }
 }
 
-/// Allowed only to admins of `team`; anyone else learns nothing about the conversation.
-fn require_admin(agent: &Agent, team: &TeamId) -> Result<(), Box<Response>> {
+/// Allowed only to admins of `team` (a representative hears that only admins may `what`); anyone
+/// else learns nothing about the team or the conversation.
+pub(crate) fn require_admin(agent: &Agent, team: &TeamId, what: &str) -> Result<(), Box<Response>> {
     match agent.role_in(team) {
         Some(Role::Admin) => Ok(()),
         Some(Role::Representative) => {
-            Err(Box::new(answer(StatusCode::FORBIDDEN, "only admins of the team may import")))
+            Err(Box::new(answer(StatusCode::FORBIDDEN, format!("only admins of the team may {what}"))))
         }
         None => Err(Box::new(answer(StatusCode::NOT_FOUND, "no such team or conversation"))),
     }
@@ -90,7 +91,15 @@ fn require_admin(agent: &Agent, team: &TeamId) -> Result<(), Box<Response>> {
 
 /// The request's JSON, read only once the sender is known.
 async fn json<T: serde::de::DeserializeOwned>(body: axum::body::Body) -> Result<T, Response> {
-    let bytes = crate::relay::gate::read_body(body, MAX_IMPORT_BYTES).await.map_err(|(status, e)| answer(status, e))?;
+    json_within(body, MAX_IMPORT_BYTES).await
+}
+
+/// The request's JSON, at most `max` bytes of it.
+pub(crate) async fn json_within<T: serde::de::DeserializeOwned>(
+    body: axum::body::Body,
+    max: usize,
+) -> Result<T, Response> {
+    let bytes = crate::relay::gate::read_body(body, max).await.map_err(|(status, e)| answer(status, e))?;
     serde_json::from_slice(&bytes).map_err(|e| answer(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))
 }
 
@@ -129,7 +138,7 @@ async fn import_conversation(
         Ok(b) => b,
         Err(r) => return r,
     };
-    if let Err(r) = require_admin(&agent, &body.team) {
+    if let Err(r) = require_admin(&agent, &body.team, "import") {
         return *r;
     }
     let c = body.customer;
@@ -178,7 +187,7 @@ async fn import_message(
     let Ok(Some(team)) = relay.blocking(move |s| s.document_team(&doc_id)).await else {
         return answer(StatusCode::NOT_FOUND, "no such team or conversation");
     };
-    if let Err(r) = require_admin(&agent, &team) {
+    if let Err(r) = require_admin(&agent, &team, "import") {
         return *r;
     }
     let body: MessageImport = match json(body).await {

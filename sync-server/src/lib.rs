@@ -14,6 +14,7 @@ mod private;
 pub mod relay;
 pub mod smtp;
 pub mod store;
+mod templates;
 pub mod whatsapp;
 pub mod widget;
 

@@ -451,11 +451,11 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             match text {
                 Some(text) => {
                     let template = crewdesk::domain::MessageTemplate { name: name.clone(), text };
-                    template.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
                     match t.templates.iter_mut().find(|x| x.name == name) {
                         Some(existing) => *existing = template,
                         None => t.templates.push(template),
                     }
+                    crewdesk::domain::validate_templates(&t.templates).map_err(|e| anyhow::anyhow!("{e}"))?;
                     store.put_team(&t)?;
                     println!("template {name} saved for {team} ({} in all)", t.templates.len());
                 }

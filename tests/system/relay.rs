@@ -1084,3 +1084,48 @@ async fn an_admin_manages_message_templates_and_desks_get_them() {
     assert!(!ok && out.contains("no template named Refund"), "{out}");
     relay.stop().await;
 }
+
+/// Admins manage a team's templates from the desk through `PUT /api/teams/{team}/templates`: the
+/// whole list is replaced and answered back; a representative is refused (403), an agent of
+/// another team learns nothing (404), a list the core refuses changes nothing (400, saying why),
+/// and a desk that connects afterwards has the new list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_replace_a_teams_templates_and_others_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    let put = |who: &str, body: serde_json::Value| {
+        reqwest::Client::new()
+            .put(format!("{}/api/teams/{}/templates", relay.url(), demo::SALES))
+            .bearer_auth(&tokens[who])
+            .json(&body)
+            .send()
+    };
+    let templates =
+        || relay.open_store().teams().unwrap().into_iter().find(|t| t.id.as_str() == demo::SALES).unwrap().templates;
+    let list = serde_json::json!({ "templates": [
+        { "name": "Greeting", "text": "Hi {name}, {agent} here." },
+        { "name": "Bye", "text": "Thanks for writing,\n{agent}" },
+    ]});
+    let saved = put("ada", list.clone()).await.unwrap();
+    assert_eq!(saved.status().as_u16(), 200);
+    assert_eq!(saved.json::<serde_json::Value>().await.unwrap(), list);
+    assert_eq!(templates().iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["Greeting", "Bye"]);
+    // Refused: a representative, an agent of another team, a mistyped placeholder, two of one name.
+    let r = put("bob", serde_json::json!({ "templates": [] })).await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(r.text().await.unwrap().contains("only admins of the team may manage its templates"));
+    assert_eq!(put("dave", serde_json::json!({ "templates": [] })).await.unwrap().status().as_u16(), 404);
+    let r = put("ada", serde_json::json!({ "templates": [{ "name": "Typo", "text": "Hi {nmae}" }] })).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("unknown placeholder {nmae}"));
+    let twice = serde_json::json!({ "templates": [{ "name": "A", "text": "a" }, { "name": "A", "text": "b" }] });
+    assert_eq!(put("ada", twice).await.unwrap().status().as_u16(), 400);
+    assert_eq!(put("ada", serde_json::json!({ "templates": 5 })).await.unwrap().status().as_u16(), 400);
+    assert_eq!(templates().len(), 2, "nothing refused was saved");
+    // carol's desk connects and has the list.
+    let carol = Agent::start(&relay, &tokens, "carol");
+    carol.connected().await;
+    let seen = carol.with(|r| r.teams().iter().find(|t| t.id.as_str() == demo::SALES).map(|t| t.templates.clone()));
+    assert_eq!(seen.unwrap(), templates());
+    relay.stop().await;
+}

@@ -151,6 +151,7 @@ pub async fn run(
         .merge(crate::whatsapp::routes())
         .merge(crate::blobs::routes(relay.config.max_blob_bytes))
         .merge(crate::import::routes())
+        .merge(crate::templates::routes())
         .with_state(relay.clone());
     info!(addr = %listener.local_addr()?, data = %relay.config.data_dir.display(), "relay listening");
     tokio::spawn(async move {
