@@ -10,7 +10,7 @@ use crewdesk::desk::{
 use crewdesk::domain::access::{self, GrabState, JoinKind};
 use crewdesk::domain::attachment::BlobHash;
 use crewdesk::domain::filter::Filter;
-use crewdesk::domain::{ConversationId, CustomerEdit, MessageBody, Timestamp};
+use crewdesk::domain::{ConversationId, CustomerEdit, MessageBody, MessageTemplate, TeamId, Timestamp};
 use std::sync::Arc;
 use sync_client::SyncStatus;
 use tauri::{AppHandle, State};
@@ -422,4 +422,34 @@ mod tests {
         assert_eq!(super::base64_encode(b"foobar"), "Zm9vYmFy");
         assert_eq!(super::base64_encode(&[0xff, 0xfe, 0x00]), "//4A");
     }
+}
+
+/// A team's 📃 templates, for its admins' editor.
+#[tauri::command]
+pub async fn team_templates(state: State<'_, AppState>, team: TeamId) -> CommandResult<Vec<MessageTemplate>> {
+    let desk = current(&state).await?;
+    let r = desk.lock();
+    let t = r.team(&team).ok_or_else(|| CommandError::Invalid("no such team".into()))?;
+    Ok(t.templates.clone())
+}
+
+/// Saves a team's 📃 templates (admins): checked by the core's rule first (the relay applies the
+/// same one), saved by the relay, then shown in this desk's composer at once.
+#[tauri::command]
+pub async fn save_templates(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    team: TeamId,
+    templates: Vec<MessageTemplate>,
+) -> CommandResult<Vec<MessageTemplate>> {
+    let desk = current(&state).await?;
+    let templates: Vec<MessageTemplate> =
+        templates.into_iter().map(|t| MessageTemplate { name: t.name.trim().to_owned(), text: t.text }).collect();
+    crewdesk::domain::validate_templates(&templates).map_err(|e| CommandError::Invalid(e.to_string()))?;
+    let saved = sync_client::save_templates(&desk.relay(), &team, &templates)
+        .await
+        .map_err(|e| CommandError::Relay(e.to_string()))?;
+    desk.lock().set_team_templates(&team, saved.clone())?;
+    emit_changed(&app, Vec::new());
+    Ok(saved)
 }

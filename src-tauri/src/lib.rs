@@ -50,6 +50,8 @@ pub fn run() {
             commands::sync_status,
             commands::dismiss_undelivered,
             commands::typing,
+            commands::team_templates,
+            commands::save_templates,
         ])
         .run(tauri::generate_context!());
     if let Err(e) = result {

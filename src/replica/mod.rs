@@ -202,6 +202,20 @@ impl Replica {
         Ok(())
     }
 
+    /// A team's 📃 templates as the relay saved them (an admin's desk takes them at once; every
+    /// desk gets them again from the relay when it connects).
+    pub fn set_team_templates(
+        &mut self,
+        team: &TeamId,
+        templates: Vec<crate::domain::MessageTemplate>,
+    ) -> Result<(), ReplicaError> {
+        let mut teams: Vec<Team> = self.teams.values().cloned().collect();
+        if let Some(t) = teams.iter_mut().find(|t| t.id == *team) {
+            t.templates = templates;
+        }
+        self.set_teams(teams)
+    }
+
     /// The teams this agent belongs to.
     pub fn teams(&self) -> Vec<&Team> {
         self.teams.values().filter(|t| t.member(&self.agent).is_some()).collect()

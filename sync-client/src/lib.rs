@@ -456,6 +456,36 @@ async fn uploader(
     }
 }
 
+/// Replaces a team's 📃 templates on the relay (its admins only); answers the list the relay saved.
+/// A refusal comes back with the relay's reason.
+pub async fn save_templates(
+    config: &ClientConfig,
+    team: &crewdesk::domain::TeamId,
+    templates: &[crewdesk::domain::MessageTemplate],
+) -> Result<Vec<crewdesk::domain::MessageTemplate>, ClientError> {
+    #[derive(serde::Deserialize)]
+    struct Saved {
+        templates: Vec<crewdesk::domain::MessageTemplate>,
+    }
+    let r = reqwest::Client::new()
+        .put(format!("{}/api/teams/{}/templates", config.relay_url, team.as_str()))
+        .bearer_auth(&config.token)
+        .json(&serde_json::json!({ "templates": templates }))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+    match r.status() {
+        reqwest::StatusCode::UNAUTHORIZED => Err(ClientError::Unauthorized),
+        s if s.is_success() => Ok(r.json::<Saved>().await.map_err(|e| ClientError::Protocol(e.to_string()))?.templates),
+        s => {
+            let why = r.json::<serde_json::Value>().await.ok();
+            let why = why.as_ref().and_then(|v| v["error"].as_str()).map_or_else(|| s.to_string(), str::to_owned);
+            Err(ClientError::Protocol(why))
+        }
+    }
+}
+
 /// Downloads an attachment (or its thumbnail) sent in a conversation; full files are checked
 /// against their hash.
 pub async fn download_blob(

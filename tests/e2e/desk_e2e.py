@@ -351,6 +351,41 @@ def main():
         wait_for("carol sees the edited template", lambda: any(m.endswith("(edited) 📃 Greeting") or "(edited)" in m for m in carol.messages()))
         print("ok: a template filled, edited and sent")
 
+        # 📃 An admin manages the team's templates in the desk: a mistyped placeholder is refused
+        # inline with nothing typed lost; once saved, the relay holds it and the editor shows it.
+        erin = App("erin", args, relay, workdir)
+        apps.append(erin)
+        erin.click("#templates-sales")
+        wait_for("erin's template editor", lambda: erin.css("#templates-dialog .template-edit") or erin.css("#templates-empty"))
+        before = len(erin.css("#templates-dialog .template-edit"))
+        erin.click("#template-add")
+        wait_for("a new template to fill", lambda: erin.css(f"#template-name-{before}"))[0].send_keys("Refund")
+        erin.css(f"#template-text-{before}")[0].send_keys("Hello {nmae}, your refund is on its way.")
+        erin.click("#templates-save")
+        refused = wait_for("the refusal, inline", lambda: erin.text("#templates-error"))
+        assert "unknown placeholder {nmae}" in refused, refused
+        assert erin.css(f"#template-text-{before}")[0].get_attribute("value").startswith("Hello {nmae}"), "nothing typed is lost"
+        time.sleep(0.5)  # the window paints what the page holds
+        erin.screenshot(os.path.join(args.artifacts, "desk-templates-refused.png"))
+        assert erin.text("#templates-error") == refused and erin.css(f"#template-name-{before}"), "still shown after the screenshot"
+        box = erin.css(f"#template-text-{before}")[0]
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("Hello {name}, your refund is on its way. {agent}")
+        erin.click("#templates-save")
+        wait_for("the editor closes once saved", lambda: not erin.css("#templates-dialog"))
+        listed = subprocess.run([relay.binary, "--data-dir", relay.data, "list"], check=True, capture_output=True, text=True).stdout
+        assert 'template "Refund": Hello {name}, your refund is on its way. {agent}' in listed, listed
+        erin.click("#templates-sales")
+        wait_for("the saved template in the editor", lambda: any(
+            e.get_attribute("value") == "Refund" for e in erin.css("#templates-dialog input")))
+        time.sleep(0.5)
+        erin.screenshot(os.path.join(args.artifacts, "desk-templates.png"))
+        assert any(e.get_attribute("value") == "Refund" for e in erin.css("#templates-dialog input")), "still shown"
+        erin.click("#templates-cancel")
+        apps.remove(erin)
+        erin.quit()
+        print("ok: an admin adds a template in the desk (a mistyped placeholder refused inline first)")
+
         # 📝 An internal note: shown apart, to the crew only.
         bob.click("#note-toggle")
         note_text = "Internal: this customer is a reseller"

@@ -2,6 +2,7 @@
 //! list), the green block (the conversation), Notifications at the bottom left and the sync state.
 
 mod api;
+mod templates;
 mod views;
 
 use api::{IdArgs, NoArgs, call};
@@ -57,6 +58,8 @@ pub struct Desk {
     /// Someone typing: the conversation, what to show ("Maya Rossi is typing…") and its number
     /// (shown for a few seconds after the last word of it).
     pub typing: Option<(String, String, u64)>,
+    /// The team whose 📃 templates an admin is editing (the editor is open).
+    pub editing_templates: Option<crewdesk::domain::TeamId>,
 }
 
 pub enum Action {
@@ -89,6 +92,8 @@ pub enum Action {
     Typing(u64, String, String),
     /// The typing with this number is over (nothing newer came).
     TypingOver(u64),
+    /// Opens the 📃 template editor of a team (admins), or closes it.
+    EditTemplates(Option<crewdesk::domain::TeamId>),
 }
 
 /// How long "… is typing" stays after the last word of it.
@@ -227,6 +232,7 @@ impl Reducible for Desk {
                 }
             }
             Action::Clock => d.revision += 1,
+            Action::EditTemplates(team) => d.editing_templates = team,
         }
         Rc::new(d)
     }
@@ -277,6 +283,7 @@ fn app() -> Html {
         detail_revision: 0,
         shown: 0,
         typing: None,
+        editing_templates: None,
     });
 
     // Events from the shell: changes (reload) and sync status. No polling.
@@ -391,6 +398,7 @@ fn app() -> Html {
             <views::Sidebar desk={desk.clone()} />
             <views::ListPane desk={desk.clone()} />
             <views::ConversationPane desk={desk.clone()} />
+            { for desk.editing_templates.clone().map(|team| html! { <templates::TemplatesEditor desk={desk.clone()} {team} /> }) }
             { for error }
         </div>
     }

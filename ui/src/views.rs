@@ -157,7 +157,21 @@ pub fn sidebar(props: &DeskProps) -> Html {
                     (_, crewdesk::domain::Role::Admin) => " · admin",
                     _ => "",
                 };
-                team_entry(Some(t.id.clone()), t.name.clone(), counts.teams.get(&t.id).copied().unwrap_or(0), extra)
+                let entry = team_entry(Some(t.id.clone()), t.name.clone(), counts.teams.get(&t.id).copied().unwrap_or(0), extra);
+                match t.role {
+                    crewdesk::domain::Role::Admin => {
+                        let (d, team) = (desk.clone(), t.id.clone());
+                        let edit = Callback::from(move |_| d.dispatch(Action::EditTemplates(Some(team.clone()))));
+                        html! {
+                            <div class="team-row">
+                                { entry }
+                                <button class="icon" id={format!("templates-{}", t.id.as_str())} onclick={edit}
+                                    title={format!("Message templates of {}", t.name)} aria-label={format!("Message templates of {}", t.name)}>{ "📃" }</button>
+                            </div>
+                        }
+                    }
+                    _ => entry,
+                }
             }) }
             <h2>{ "Status" }</h2>
             { for Status::ALL.iter().map(|s| entry(Selection::Status(*s), s.label(), counts.of_status(*s), &format!("status-{}", status_id(*s)))) }
