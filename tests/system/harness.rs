@@ -972,3 +972,27 @@ pub async fn typing_seen(
     }
     seen
 }
+
+/// A (modified) client's typing message claiming `who` is typing in `id`: the relay must name the
+/// connection's own agent instead.
+pub fn typing_claim(id: &ConversationId, who: &str) -> WireMessage {
+    use crewdesk::sync::presence::{Typing, encode_typing};
+    WireMessage::Ephemeral {
+        sender_id: "raw".into(),
+        target_id: "relay".into(),
+        document_id: id.0.clone(),
+        count: 1,
+        session_id: "s".into(),
+        data: encode_typing(&Typing::Crew(who.into())),
+    }
+}
+
+/// The next typing frame a widget socket gets (other frames skipped), within `secs` of each frame.
+pub async fn widget_typing_frame(ws: &mut Socket, secs: u64) -> Value {
+    loop {
+        let v = next_json(ws, secs).await.expect("a typing frame");
+        if v["type"] == "typing" {
+            return v;
+        }
+    }
+}

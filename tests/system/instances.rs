@@ -492,10 +492,10 @@ async fn revoking_a_token_closes_its_socket_on_another_instance_within_a_second(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_crosses_instances_both_ways() {
     use crewdesk::domain::ConversationId;
-    use crewdesk::sync::presence::{Typing, encode_typing};
+    use crewdesk::sync::presence::Typing;
     use crewdesk::sync::wire::WireMessage;
     use futures_util::SinkExt;
-    use system_tests::{follow, next_json, typing_seen, widget_socket};
+    use system_tests::{follow, typing_claim, typing_seen, widget_socket, widget_typing_frame};
     use tokio_tungstenite::tungstenite::Message as Frame;
     const SHOP: &str = "http://shop.test:8088";
     let dir = tempfile::tempdir().unwrap();
@@ -522,20 +522,7 @@ async fn typing_crosses_instances_both_ways() {
     ws.send(Frame::Text(r#"{"type":"typing"}"#.into())).await.unwrap();
     assert_eq!(typing_seen(&mut bob, &id, 2).await, [Typing::Customer], "the customer's typing on bob's instance");
     // bob's client says ada is typing: the widget on the other instance shows bob's name.
-    bob.send(&WireMessage::Ephemeral {
-        sender_id: "raw".into(),
-        target_id: "relay".into(),
-        document_id: id.0.clone(),
-        count: 1,
-        session_id: "s".into(),
-        data: encode_typing(&Typing::Crew("ada".into())),
-    })
-    .await;
-    let frame = loop {
-        let v = next_json(&mut ws, 5).await.expect("a typing frame on the first instance");
-        if v["type"] == "typing" {
-            break v;
-        }
-    };
+    bob.send(&typing_claim(&id, "ada")).await;
+    let frame = widget_typing_frame(&mut ws, 5).await;
     assert_eq!(frame["name"], "Bob Okafor");
 }

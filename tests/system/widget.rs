@@ -445,7 +445,8 @@ async fn an_internal_note_never_reaches_the_widget_or_the_customers_email() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_reaches_the_other_side_named_by_the_relay_and_at_most_every_two_seconds() {
-    use crewdesk::sync::presence::{Typing, encode_typing};
+    use crewdesk::sync::presence::Typing;
+    use system_tests::{typing_claim, widget_typing_frame};
     let dir = tempfile::tempdir().unwrap();
     let (mut relay, tokens) = TestRelay::start(dir.path().to_owned()).await;
     allow_shop(&relay);
@@ -474,21 +475,8 @@ async fn typing_reaches_the_other_side_named_by_the_relay_and_at_most_every_two_
     let seen = typing_seen(&mut bob, &id, 2).await;
     assert_eq!(seen, [Typing::Customer], "once per two seconds");
     // bob's client claims ada is typing: the widget and carol hear that bob is.
-    bob.send(&WireMessage::Ephemeral {
-        sender_id: "raw".into(),
-        target_id: "relay".into(),
-        document_id: id.0.clone(),
-        count: 1,
-        session_id: "s".into(),
-        data: encode_typing(&Typing::Crew("ada".into())),
-    })
-    .await;
-    let frame = loop {
-        let v = next_json(&mut ws, 5).await.expect("a typing frame");
-        if v["type"] == "typing" {
-            break v;
-        }
-    };
+    bob.send(&typing_claim(&id, "ada")).await;
+    let frame = widget_typing_frame(&mut ws, 5).await;
     assert_eq!(frame["name"], "Bob Okafor");
     let seen = carol_hears.await.unwrap();
     assert_eq!(seen, [Typing::Customer, Typing::Crew("bob".into())], "named by the relay");
