@@ -443,9 +443,7 @@ pub async fn save_templates(
     templates: Vec<MessageTemplate>,
 ) -> CommandResult<Vec<MessageTemplate>> {
     let desk = current(&state).await?;
-    let templates: Vec<MessageTemplate> =
-        templates.into_iter().map(|t| MessageTemplate { name: t.name.trim().to_owned(), text: t.text }).collect();
-    crewdesk::domain::validate_templates(&templates).map_err(|e| CommandError::Invalid(e.to_string()))?;
+    let templates = crewdesk::domain::checked_templates(templates).map_err(|e| CommandError::Invalid(e.to_string()))?;
     let saved = sync_client::save_templates(&desk.relay(), &team, &templates)
         .await
         .map_err(|e| CommandError::Relay(e.to_string()))?;

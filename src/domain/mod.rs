@@ -192,6 +192,15 @@ pub const MAX_TEMPLATES: usize = 200;
 /// At most this much text in a team's templates together.
 pub const MAX_TEMPLATES_BYTES: usize = 512 * 1024;
 
+/// A team's list of templates as it is kept: names without surrounding spaces, then checked by
+/// [`validate_templates`]. The desk, the relay's API and its command all keep lists through this.
+pub fn checked_templates(templates: Vec<MessageTemplate>) -> Result<Vec<MessageTemplate>, DomainError> {
+    let templates: Vec<MessageTemplate> =
+        templates.into_iter().map(|t| MessageTemplate { name: t.name.trim().to_owned(), text: t.text }).collect();
+    validate_templates(&templates)?;
+    Ok(templates)
+}
+
 /// What a team's list of templates must be: each valid, no two with one name, at most
 /// [`MAX_TEMPLATES`].
 pub fn validate_templates(templates: &[MessageTemplate]) -> Result<(), DomainError> {

@@ -403,6 +403,7 @@ fn a_template_has_a_name_a_text_and_only_known_placeholders() {
     assert!(why.contains("{nmae}") && why.contains("{name}"), "{why}");
     // A team's list: no two with one name, at most MAX_TEMPLATES.
     assert_eq!(validate_templates(&[t("A", "a"), t("B", "b")]), Ok(()));
+    assert_eq!(checked_templates(vec![t(" A ", "a ")]), Ok(vec![t("A", "a ")]), "names are kept trimmed");
     assert!(matches!(validate_templates(&[t("A", "a"), t(" A ", "b")]), Err(DomainError::InvalidTemplate(_))));
     let many: Vec<MessageTemplate> = (0..=MAX_TEMPLATES).map(|i| t(&format!("t{i}"), "x")).collect();
     assert!(matches!(validate_templates(&many), Err(DomainError::InvalidTemplate(_))));

@@ -455,7 +455,8 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                         Some(existing) => *existing = template,
                         None => t.templates.push(template),
                     }
-                    crewdesk::domain::validate_templates(&t.templates).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    t.templates = crewdesk::domain::checked_templates(std::mem::take(&mut t.templates))
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
                     store.put_team(&t)?;
                     println!("template {name} saved for {team} ({} in all)", t.templates.len());
                 }

@@ -2,7 +2,7 @@
 //!
 //! - `PUT /api/teams/{team}/templates` `{"templates": [{"name", "text"}, ...]}` replaces the list
 //!   (the last admin to save wins, as in any settings form); the core checks it
-//!   (`crewdesk::domain::validate_templates`) and the answer is the saved list. Only admins of the
+//!   (`crewdesk::domain::checked_templates`) and the answer is the saved list. Only admins of the
 //!   team; a representative hears 403, anyone else 404. Desks get the new list when they next
 //!   connect (`GET /api/me`); the desk that saved it takes the answer at once.
 
@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
-use crewdesk::domain::{MessageTemplate, TeamId, validate_templates};
+use crewdesk::domain::{MessageTemplate, TeamId, checked_templates};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<Relay>> {
@@ -56,11 +56,11 @@ async fn save_templates(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let templates: Vec<MessageTemplate> =
-        body.templates.into_iter().map(|t| MessageTemplate { name: t.name.trim().to_owned(), text: t.text }).collect();
-    if let Err(e) = validate_templates(&templates) {
-        return answer(StatusCode::BAD_REQUEST, e.to_string());
-    }
+    let templates = body.templates.into_iter().map(|t| MessageTemplate { name: t.name, text: t.text }).collect();
+    let templates = match checked_templates(templates) {
+        Ok(t) => t,
+        Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
+    };
     let saved = relay
         .blocking(move |s| {
             let Some(mut t) = s.teams()?.into_iter().find(|t| t.id == team) else {

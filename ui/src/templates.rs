@@ -3,11 +3,10 @@
 //! shell, then the relay); a refusal is shown here, and nothing typed is lost.
 
 use crate::api::call;
-use crate::views::focus;
+use crate::views::{focus, input_value};
 use crate::{Action, DeskHandle};
 use crewdesk::domain::{MessageTemplate, TEMPLATE_PLACEHOLDERS, TeamId};
 use serde::Serialize;
-use wasm_bindgen::JsCast;
 use yew::prelude::*;
 
 #[derive(Properties, PartialEq)]
@@ -111,17 +110,6 @@ pub fn templates_editor(props: &EditorProps) -> Html {
             }
         })
     };
-    let value_of = |e: &InputEvent| -> String {
-        e.target()
-            .and_then(|t| {
-                t.clone()
-                    .dyn_into::<web_sys::HtmlInputElement>()
-                    .map(|i| i.value())
-                    .or_else(|t| t.dyn_into::<web_sys::HtmlTextAreaElement>().map(|i| i.value()))
-                    .ok()
-            })
-            .unwrap_or_default()
-    };
     let rows = match &editing.templates {
         None => html! { <p class="muted">{ "Reading the templates…" }</p> },
         Some(list) if list.is_empty() => html! { <p class="muted" id="templates-empty">{ "No templates yet." }</p> },
@@ -133,10 +121,10 @@ pub fn templates_editor(props: &EditorProps) -> Html {
                     <div class="template-edit">
                         <input id={format!("template-name-{i}")} aria-label="Template name" placeholder="Name"
                             value={t.name.clone()}
-                            oninput={Callback::from(move |e: InputEvent| on_name.emit((i, Some(MessageTemplate { name: value_of(&e), ..name_t.clone() }))))} />
+                            oninput={Callback::from(move |e: InputEvent| on_name.emit((i, Some(MessageTemplate { name: input_value(&e), ..name_t.clone() }))))} />
                         <textarea id={format!("template-text-{i}")} aria-label="Template text" rows="3"
                             value={t.text.clone()}
-                            oninput={Callback::from(move |e: InputEvent| on_text.emit((i, Some(MessageTemplate { text: value_of(&e), ..text_t.clone() }))))} />
+                            oninput={Callback::from(move |e: InputEvent| on_text.emit((i, Some(MessageTemplate { text: input_value(&e), ..text_t.clone() }))))} />
                         <button class="link" id={format!("template-remove-{i}")}
                             onclick={Callback::from(move |_| on_remove.emit((i, None)))}>{ "Remove" }</button>
                     </div>
@@ -167,7 +155,7 @@ pub fn templates_editor(props: &EditorProps) -> Html {
                 ) }</p>
                 <div class="template-list">{ rows }</div>
                 <button class="secondary" id="template-add" onclick={add} disabled={editing.templates.is_none()}>{ "+ Add a template" }</button>
-                { for editing.error.iter().map(|e| html! { <p class="inline-error" role="alert" id="templates-error">{ e.clone() }</p> }) }
+                { for editing.error.iter().map(|e| html! { <p class="error" role="alert" id="templates-error">{ e.clone() }</p> }) }
                 <div class="dialog-actions">
                     <button class="secondary" id="templates-cancel" onclick={Callback::from(move |_| cancel.emit(()))}>{ "Cancel" }</button>
                     <button class="primary" id="templates-save" onclick={save} disabled={editing.saving || editing.templates.is_none()}>

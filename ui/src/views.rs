@@ -93,7 +93,7 @@ pub fn sign_in(props: &DeskProps) -> Html {
     }
 }
 
-fn input_value(e: &InputEvent) -> String {
+pub fn input_value(e: &InputEvent) -> String {
     e.target()
         .and_then(|t| {
             t.dyn_into::<web_sys::HtmlInputElement>().ok().map(|i| i.value()).or_else(|| {
