@@ -1121,6 +1121,23 @@ async fn admins_replace_a_teams_templates_and_others_are_refused() {
     let twice = serde_json::json!({ "templates": [{ "name": "A", "text": "a" }, { "name": "A", "text": "b" }] });
     assert_eq!(put("ada", twice).await.unwrap().status().as_u16(), 400);
     assert_eq!(put("ada", serde_json::json!({ "templates": 5 })).await.unwrap().status().as_u16(), 400);
+    // An anonymous visitor is refused before any body is read; an admin's body over the limit is 413.
+    let big = vec![b' '; 3 * 1024 * 1024];
+    let anonymous = reqwest::Client::new()
+        .put(format!("{}/api/teams/{}/templates", relay.url(), demo::SALES))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 404);
+    let huge = reqwest::Client::new()
+        .put(format!("{}/api/teams/{}/templates", relay.url(), demo::SALES))
+        .bearer_auth(&tokens["ada"])
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status().as_u16(), 413);
     assert_eq!(templates().len(), 2, "nothing refused was saved");
     // carol's desk connects and has the list.
     let carol = Agent::start(&relay, &tokens, "carol");
