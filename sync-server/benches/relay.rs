@@ -741,7 +741,10 @@ async fn main() {
     let port = free_port();
     let relay = start_relay_many_addresses(dir.path(), port);
     wait_listening(port).await;
-    for every in [saturating, paced] {
+    // Investigating the attack rows alone: `CREWDESK_BENCH_ATTACKS_ONLY` skips the saturating and
+    // paced rows (and the reference server).
+    let attacks_only = std::env::var_os("CREWDESK_BENCH_ATTACKS_ONLY").is_some();
+    for every in [saturating, paced].into_iter().filter(|_| !attacks_only) {
         eprintln!("load on the Crewdesk relay, a message every {every:?} per agent");
         let cpu = cpu_seconds(relay.id());
         let r = load(&[port], &tokens, &docs, k, every).await;
@@ -808,7 +811,7 @@ async fn main() {
             *cpu,
         );
     };
-    if std::env::var_os("CREWDESK_BENCH_RELAY_ONLY").is_some() {
+    if attacks_only || std::env::var_os("CREWDESK_BENCH_RELAY_ONLY").is_some() {
         // Investigating the relay alone: its rows and the shape of their latency, nothing else.
         for (_, every, cpu, mem, r) in &rows {
             println!(
