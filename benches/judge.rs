@@ -67,6 +67,7 @@ fn main() {
         role: Role::Representative,
         mode: TeamMode::Open,
         foreign_actors: Vec::new(),
+        members: Default::default(),
     };
     let authors = [author(0), author(1)];
 

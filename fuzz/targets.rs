@@ -17,8 +17,8 @@ use automerge::transaction::{Transactable, Transaction};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue};
 use crewdesk::domain::attachment::{self, BlobHash};
 use crewdesk::domain::{
-    AgentId, Author, Channel, Customer, CustomerEdit, CustomerId, Message, MessageBody, MessageId, Role, TeamMode,
-    Timestamp,
+    AgentId, Author, Channel, Customer, CustomerEdit, CustomerId, Member, Message, MessageBody, MessageId, Role,
+    TeamMode, Timestamp,
 };
 use crewdesk::replica::conversation::{self, ChangeAuthor, Verdict};
 use crewdesk::replica::doc::{self, DocHeader};
@@ -68,7 +68,17 @@ pub fn sync_author() -> ChangeAuthor {
 }
 
 fn author(agent: &str, role: Role, mode: TeamMode, team: &str, foreign_actors: Vec<ActorId>) -> ChangeAuthor {
-    ChangeAuthor { agent: agent.into(), team: team.into(), role, mode, foreign_actors }
+    // The team's members: a hand-over names one of them (or someone else, and is refused).
+    let members = [("bob", Role::Representative), ("carol", Role::Representative), ("ann", Role::Admin)]
+        .map(|(a, role)| Member { agent: a.into(), name: a.into(), role });
+    ChangeAuthor {
+        agent: agent.into(),
+        team: team.into(),
+        role,
+        mode,
+        foreign_actors,
+        members: std::sync::Arc::new(members.to_vec()),
+    }
 }
 
 /// A client's sync message through the relay's chain (`parse_client_sync`, then `apply_judged` and

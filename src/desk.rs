@@ -93,6 +93,9 @@ pub struct DetailView {
     /// Messages of this agent the relay refused: shown as not delivered, with why, to copy.
     #[serde(default)]
     pub undelivered: Vec<Undelivered>,
+    /// The colleagues ↪ TRANSFER may hand this conversation to (empty: not offered).
+    #[serde(default)]
+    pub transfer_to: Vec<CrewMember>,
 }
 
 /// A message the relay refused (the rules changed while the agent was offline).
@@ -158,6 +161,10 @@ pub fn detail_view(row: RowView, messages: Vec<Message>, team: &Team, agent: &Ag
         names: team.members.iter().map(|m| CrewMember { id: m.agent.clone(), name: m.name.clone() }).collect(),
         refused: None,
         undelivered: Vec::new(),
+        transfer_to: access::transfer_candidates(team, agent, s)
+            .into_iter()
+            .map(|a| CrewMember { id: a.clone(), name: name_of(a) })
+            .collect(),
         team_mode: team.mode,
         messages,
         row,
@@ -211,6 +218,18 @@ pub fn notifications_due(
             key: format!("message:{}:{}", s.id, at.0),
             title: format!("{customer} wrote"),
             body: last.text.clone(),
+        });
+    }
+    if let Some(h) = &s.handover
+        && h.to == *agent
+        && h.from != *agent
+        && s.is_in_room(agent)
+    {
+        let from = team.member(&h.from).map_or_else(|| h.from.to_string(), |m| m.name.clone());
+        out.push(DueNotification {
+            key: format!("handover:{}:{}", s.id, h.at.0),
+            title: format!("{from} handed you a conversation"),
+            body: format!("{customer} is yours now"),
         });
     }
     let grabbable = access::in_notifications(team, agent, s, now) && access::grab_state(agent, s) == GrabState::None;
@@ -271,6 +290,7 @@ mod tests {
             grab_requests: vec![],
             message_count: 1,
             presence: Presence::default(),
+            handover: None,
         }
     }
 
@@ -288,6 +308,36 @@ mod tests {
         assert!(keys(&summary(AuthorKind::Customer, false), &t, "rep", 1000).is_empty());
         // A crew message (the agent's own, say) never notifies.
         assert!(keys(&summary(AuthorKind::Crew, true), &t, "rep", 1000).is_empty());
+    }
+
+    #[test]
+    fn the_colleague_handed_a_conversation_hears_of_it_once_and_the_giver_does_not() {
+        let t = team(TeamMode::Grab);
+        // The admin handed rep the conversation: rep is in the room and its representative.
+        let mut s = summary(AuthorKind::Crew, true);
+        s.handover = Some(crate::domain::status::Handover { from: "admin".into(), to: "rep".into(), at: s.created_at });
+        assert_eq!(keys(&s, &t, "rep", 1000), vec!["handover"]);
+        let n = &notifications_due(&s, &t, &"rep".into(), s.created_at.plus(1000))[0];
+        assert_eq!((n.title.as_str(), n.body.as_str()), ("Admin handed you a conversation", "Maya is yours now"));
+        assert!(keys(&s, &t, "admin", 1000).is_empty());
+        // What TRANSFER offers: in a grab-mode team, representatives other than the agent.
+        let names = |s: &ConversationSummary, t: &Team, agent: &str| {
+            let v = detail_view(
+                row_view(s, t, &agent.into(), s.created_at, 0, false),
+                vec![],
+                t,
+                &agent.into(),
+                s.created_at,
+            );
+            v.transfer_to.into_iter().map(|c| c.name).collect::<Vec<_>>()
+        };
+        assert!(names(&s, &t, "rep").is_empty(), "rep is the only representative");
+        assert!(names(&s, &t, "admin").is_empty(), "rep has it already");
+        // Open mode: an admin hands a conversation nobody is in to rep.
+        let open = team(TeamMode::Open);
+        let nobody = summary(AuthorKind::Customer, false);
+        assert_eq!(names(&nobody, &open, "admin"), vec!["Rep"]);
+        assert!(names(&nobody, &open, "rep").is_empty(), "rep is not in the room");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crewdesk::desk::{
 use crewdesk::domain::access::{self, GrabState, JoinKind};
 use crewdesk::domain::attachment::BlobHash;
 use crewdesk::domain::filter::Filter;
-use crewdesk::domain::{ConversationId, CustomerEdit, MessageBody, MessageTemplate, TeamId, Timestamp};
+use crewdesk::domain::{AgentId, ConversationId, CustomerEdit, MessageBody, MessageTemplate, TeamId, Timestamp};
 use std::sync::Arc;
 use sync_client::SyncStatus;
 use tauri::{AppHandle, State};
@@ -190,6 +190,17 @@ pub async fn grab(app: AppHandle, state: State<'_, AppState>, id: ConversationId
 #[tauri::command]
 pub async fn leave(app: AppHandle, state: State<'_, AppState>, id: ConversationId) -> CommandResult<()> {
     act(&app, &state, &id, |r| r.leave(&id)).await
+}
+
+/// ↪ TRANSFER: hands the conversation to a colleague (`to`, an agent id of its team).
+#[tauri::command]
+pub async fn transfer(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    id: ConversationId,
+    to: AgentId,
+) -> CommandResult<()> {
+    act(&app, &state, &id, |r| r.transfer(&id, &to, Timestamp::now()).map(|_| ())).await
 }
 
 #[tauri::command]

@@ -39,6 +39,7 @@ pub fn run() {
             commands::join,
             commands::grab,
             commands::leave,
+            commands::transfer,
             commands::close,
             commands::send,
             commands::send_whatsapp_template,

@@ -73,6 +73,53 @@ pub fn may_ask_to_grab(mode: TeamMode, role: Role) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// May `agent` hand a conversation over to `to` (whose role in the team is `to_role`)? Judged from
+/// what one change can be judged by: the team's mode, the roles, the grab winner (`owner`) and
+/// whether the agent was in the room. Crew in the room hand over; admins also without joining. In
+/// a grab-mode team the receiver becomes the conversation's representative, so only
+/// representatives receive one.
+pub fn may_hand_over(
+    mode: TeamMode,
+    role: Role,
+    owner: Option<&AgentId>,
+    in_room: bool,
+    agent: &AgentId,
+    to: &AgentId,
+    to_role: Option<Role>,
+) -> Result<(), DomainError> {
+    let refuse = |why: &str| Err(DomainError::InvalidTransfer(why.to_owned()));
+    if to == agent {
+        return refuse("it is yours already");
+    }
+    let Some(to_role) = to_role else {
+        return Err(DomainError::InvalidTransfer(format!("{to} is not a member of the team")));
+    };
+    if !may_act_on(mode, role, owner, agent) {
+        return Err(DomainError::HandledByAnother);
+    }
+    if !(in_room || role == Role::Admin) {
+        return Err(DomainError::NotInRoom);
+    }
+    if mode == TeamMode::Grab && to_role != Role::Representative {
+        return refuse("in a grab-mode team conversations go to representatives (admins join any conversation)");
+    }
+    Ok(())
+}
+
+/// TRANSFER in the conversation header: may this agent hand the conversation to `to` now?
+pub fn may_transfer(team: &Team, agent: &AgentId, s: &ConversationSummary, to: &AgentId) -> Result<(), DomainError> {
+    let role = member_role(team, agent)?;
+    if s.owner.as_ref() == Some(to) || (s.is_in_room(to) && team.mode == TeamMode::Open) {
+        return Err(DomainError::InvalidTransfer(format!("{to} is in the conversation already")));
+    }
+    may_hand_over(team.mode, role, s.owner.as_ref(), s.is_in_room(agent), agent, to, team.role_of(to))
+}
+
+/// The colleagues this agent may hand the conversation to, in the team's order.
+pub fn transfer_candidates<'a>(team: &'a Team, agent: &AgentId, s: &ConversationSummary) -> Vec<&'a AgentId> {
+    team.members.iter().map(|m| &m.agent).filter(|to| may_transfer(team, agent, s, to).is_ok()).collect()
+}
+
 /// May a member open a conversation on this channel? Agents start email threads; conversations on
 /// the other channels start when the customer writes (or an admin imports them).
 pub fn may_open(_role: Role, channel: Channel) -> Result<(), DomainError> {
@@ -134,10 +181,14 @@ pub fn in_notifications(team: &Team, agent: &AgentId, s: &ConversationSummary, n
     team.mode == TeamMode::Grab
         && team.role_of(agent) == Some(Role::Representative)
         && !is_closed(s, team, now)
-        && (s.owner.is_none() || (s.owner.as_ref() != Some(agent) && s.grab_requests.contains(agent)))
+        && (s.owner.is_none() || grab_state(agent, s) == GrabState::Lost)
 }
 
 pub fn grab_state(agent: &AgentId, s: &ConversationSummary) -> GrabState {
+    // Whoever handed the conversation over neither won nor lost it any more.
+    if s.handover.as_ref().is_some_and(|h| h.from == *agent) && s.owner.as_ref() != Some(agent) {
+        return GrabState::None;
+    }
     match &s.owner {
         Some(o) if o == agent => GrabState::Won,
         Some(_) if s.grab_requests.contains(agent) => GrabState::Lost,

@@ -460,6 +460,12 @@ pub enum MessageBody {
     Note {
         text: String,
     },
+    /// A hand-over (↪): the author handed the conversation to a colleague of the team, who is put
+    /// in the room by the same change (and, in a grab-mode team, becomes its representative).
+    /// For the crew only, like a note.
+    Transfer {
+        to: AgentId,
+    },
 }
 
 impl MessageBody {
@@ -472,6 +478,7 @@ impl MessageBody {
             MessageBody::Attachment { file_name, .. } => format!("📎 {file_name}"),
             MessageBody::ConferenceInvitation { .. } => "📹 Conference invitation".to_owned(),
             MessageBody::Note { text } => format!("📝 {text}"),
+            MessageBody::Transfer { to } => format!("↪ Handed over to {to}"),
         };
         let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
         let mut out: String = line.chars().take(PREVIEW_CHARS).collect();
@@ -490,6 +497,7 @@ impl MessageBody {
             MessageBody::Attachment { file_name, .. } => format!("📎 {file_name}"),
             MessageBody::ConferenceInvitation { url } => format!("📹 Join the video call: {url}"),
             MessageBody::Note { text } => text.clone(),
+            MessageBody::Transfer { to } => format!("↪ handed over to {to}"),
         }
     }
 
@@ -554,6 +562,12 @@ impl MessageBody {
                 }
                 url.len()
             }
+            MessageBody::Transfer { to } => {
+                if to.as_str().trim().is_empty() || to.as_str().len() > MAX_NAME_BYTES {
+                    return Err(DomainError::InvalidTransfer("name a colleague".into()));
+                }
+                to.as_str().len()
+            }
         };
         if text_len > MAX_MESSAGE_BYTES {
             return Err(too_long());
@@ -575,9 +589,17 @@ impl MessageBody {
         !matches!(self, MessageBody::WhatsAppTemplate { .. })
     }
 
-    /// An internal note: for the crew only.
+    /// For the crew only (an internal note, a hand-over): never sent to the customer.
     pub fn is_internal(&self) -> bool {
-        matches!(self, MessageBody::Note { .. })
+        matches!(self, MessageBody::Note { .. } | MessageBody::Transfer { .. })
+    }
+
+    /// The colleague a hand-over names.
+    pub fn handed_to(&self) -> Option<&AgentId> {
+        match self {
+            MessageBody::Transfer { to } => Some(to),
+            _ => None,
+        }
     }
 }
 
@@ -693,6 +715,8 @@ pub enum DomainError {
     InvalidTemplate(String),
     #[error("thresholds must satisfy 0 < soon-to-be < overdue < auto-close")]
     InvalidThresholds,
+    #[error("this conversation cannot be handed over: {0}")]
+    InvalidTransfer(String),
 }
 
 #[cfg(test)]

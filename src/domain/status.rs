@@ -38,6 +38,17 @@ pub struct ConversationSummary {
     pub message_count: u32,
     #[serde(default)]
     pub presence: Presence,
+    /// The latest hand-over (↪): who handed the conversation to whom, and when.
+    #[serde(default)]
+    pub handover: Option<Handover>,
+}
+
+/// A conversation handed from one agent to another (see [`super::MessageBody::Transfer`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    pub from: AgentId,
+    pub to: AgentId,
+    pub at: Timestamp,
 }
 
 impl ConversationSummary {

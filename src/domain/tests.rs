@@ -42,6 +42,7 @@ fn conv() -> ConversationSummary {
         grab_requests: vec![],
         message_count: 1,
         presence: Presence::default(),
+        handover: None,
     }
 }
 

@@ -9,7 +9,7 @@
 
 use super::doc::{self, DocHeader, SCHEMA_VERSION};
 use crate::domain::access;
-use crate::domain::{AgentId, Author, Channel, CustomerEdit, Message, Role, TeamId, TeamMode, Timestamp};
+use crate::domain::{AgentId, Author, Channel, CustomerEdit, Member, Message, Role, TeamId, TeamMode, Timestamp};
 use automerge::legacy::{Key, OpType};
 use automerge::{Automerge, Change, ChangeHash, ReadDoc, ScalarValue};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -35,6 +35,14 @@ pub struct ChangeAuthor {
     /// made with one of them is refused, so nobody writes with a teammate's actor and sequence
     /// numbers (which would block the teammate's own changes for good).
     pub foreign_actors: Vec<automerge::ActorId>,
+    /// The team's members (shared, not copied per change): a hand-over names one of them.
+    pub members: std::sync::Arc<Vec<Member>>,
+}
+
+impl ChangeAuthor {
+    fn role_of(&self, agent: &AgentId) -> Option<Role> {
+        self.members.iter().find(|m| m.agent == *agent).map(|m| m.role)
+    }
 }
 
 /// Why a change was refused: the rule it broke, in words an agent understands.
@@ -325,12 +333,21 @@ pub fn judge(
     if before.is_some() && change.root.iter().any(|k| fixed.contains(&k.as_str())) {
         return refuse("a conversation cannot change its id, team, channel, creation time or layout");
     }
-    if before.is_some() && change.root.contains("owner") {
-        return refuse("only the relay records who won a grab");
+    // A hand-over (↪) is one message naming the colleague, who the same change puts in the room
+    // (and, in a grab-mode team, records as the representative).
+    let mut handovers = change.added.iter().filter_map(|m| m.body.handed_to());
+    let handover = handovers.next();
+    if handovers.next().is_some() {
+        return refuse("a change hands a conversation over once");
     }
     let Some(after) = after else {
         return refuse("the change does not leave a readable conversation");
     };
+    let records_handover =
+        before.is_some() && who.mode == TeamMode::Grab && handover.is_some_and(|to| after.owner.as_ref() == Some(to));
+    if before.is_some() && change.root.contains("owner") && !records_handover {
+        return refuse("only the relay records who won a grab");
+    }
     if after.team != who.team {
         return refuse("a conversation cannot change its team");
     }
@@ -353,6 +370,9 @@ pub fn judge(
             let in_room_before = before.crew_in_room.contains(agent);
             for (who_, value) in &change.room {
                 if who_ != agent {
+                    if handover == Some(who_) && *value == Some(true) {
+                        continue;
+                    }
                     return refuse("agents join and leave only for themselves");
                 }
                 match value {
@@ -389,7 +409,29 @@ pub fn judge(
                 return refuse("sent messages cannot be changed or deleted");
             }
             check_messages(&change.added, agent, latest)?;
-            if !change.added.is_empty() && !in_room {
+            if let Some(to) = handover {
+                access::may_hand_over(
+                    who.mode,
+                    who.role,
+                    before.owner.as_ref(),
+                    in_room_before,
+                    agent,
+                    to,
+                    who.role_of(to),
+                )
+                .map_err(rule)?;
+                if !after.crew_in_room.contains(to) {
+                    return refuse("a hand-over puts the colleague in the conversation in the same change");
+                }
+                if who.mode == TeamMode::Grab && after.owner.as_ref() != Some(to) {
+                    return refuse(
+                        "in a grab-mode team a hand-over makes the colleague its representative in the same change",
+                    );
+                }
+            }
+            // Admins hand over without joining; every other message needs the room.
+            let admin_handover = admin && change.added.len() == 1 && handover.is_some();
+            if !change.added.is_empty() && !in_room && !admin_handover {
                 return refuse("agents send messages only in conversations they have joined");
             }
         }
@@ -487,6 +529,9 @@ fn judge_creation(
     }
     if change.touches_history {
         return refuse("sent messages cannot be changed or deleted");
+    }
+    if change.added.iter().any(|m| m.body.handed_to().is_some()) {
+        return refuse("a conversation is handed over once it has started");
     }
     check_messages(&change.added, &who.agent, latest)?;
     if !change.added.is_empty() && !after.crew_in_room.contains(&who.agent) {
@@ -688,7 +733,16 @@ mod tests {
     const ID: &str = "2jQ5Vc7u9o1Wk6Bq3TXYtY7cWKdV";
 
     fn author(agent: &str, role: Role, mode: TeamMode) -> ChangeAuthor {
-        ChangeAuthor { agent: agent.into(), team: "sales".into(), role, mode, foreign_actors: Vec::new() }
+        let members = [("bob", Role::Representative), ("erin", Role::Representative), ("ann", Role::Admin)]
+            .map(|(a, role)| Member { agent: a.into(), name: a.into(), role });
+        ChangeAuthor {
+            agent: agent.into(),
+            team: "sales".into(),
+            role,
+            mode,
+            foreign_actors: Vec::new(),
+            members: std::sync::Arc::new(members.to_vec()),
+        }
     }
     fn bob() -> ChangeAuthor {
         author("bob", Role::Representative, TeamMode::Open)
@@ -809,12 +863,109 @@ mod tests {
         assert_eq!(d.get_heads(), heads);
     }
 
+    /// A hand-over as the desk makes it: the message, the colleague in the room (and as the
+    /// representative in a grab-mode team), the agent out of it when they were in.
+    fn hand_over(
+        from: &str,
+        to: &str,
+        grab: bool,
+        leaves: bool,
+    ) -> impl FnOnce(&mut Transaction<'_>) -> Result<(), doc::DocError> {
+        let (from, to) = (AgentId::from(from), AgentId::from(to));
+        move |tx| {
+            let body = MessageBody::Transfer { to: to.clone() };
+            doc::add_message(tx, &message("h1", from.as_str(), NOW, body))?;
+            doc::hand_over(tx, &to, grab)?;
+            if leaves {
+                doc::set_in_room(tx, &from, false)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_hand_over_puts_the_colleague_in_and_is_refused_when_it_breaks_a_rule() {
+        let open = stored();
+        let mut joined = open.fork();
+        joined.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &"bob".into(), true)).unwrap();
+        let ann = author("ann", Role::Admin, TeamMode::Open);
+        // Open mode: in the room, to a colleague; admins also without joining.
+        assert_eq!(refusal(&joined, &bob(), hand_over("bob", "erin", false, true)), "accepted");
+        assert_eq!(refusal(&open, &ann, hand_over("ann", "erin", false, false)), "accepted");
+        let cases: Vec<(&str, &Automerge, ChangeAuthor, Forge)> = vec![
+            ("join the conversation first", &open, bob(), Box::new(hand_over("bob", "erin", false, false))),
+            ("not a member of the team", &joined, bob(), Box::new(hand_over("bob", "mallory", false, true))),
+            ("it is yours already", &joined, bob(), Box::new(hand_over("bob", "bob", false, false))),
+            (
+                "puts the colleague in the conversation",
+                &joined,
+                bob(),
+                Box::new(|tx| {
+                    doc::add_message(tx, &message("h1", "bob", NOW, MessageBody::Transfer { to: "erin".into() }))
+                }),
+            ),
+            // The room entry for a colleague without the hand-over message: not allowed.
+            (
+                "join and leave only for themselves",
+                &joined,
+                bob(),
+                Box::new(|tx| doc::hand_over(tx, &"erin".into(), false)),
+            ),
+            // Open mode records no representative.
+            ("only the relay records who won a grab", &joined, bob(), Box::new(hand_over("bob", "erin", true, true))),
+        ];
+        for (expected, base, who, forge) in cases {
+            let why = refusal(base, &who, forge);
+            assert!(why.contains(expected), "expected “{expected}”, got “{why}”");
+        }
+
+        // Grab mode: bob won the grab (the relay recorded it); he hands it to erin, who becomes its
+        // representative in the same change.
+        let mut won = stored();
+        won.transact::<_, _, doc::DocError>(|tx| doc::record_owner(tx, &"bob".into())).unwrap();
+        let grab_bob = author("bob", Role::Representative, TeamMode::Grab);
+        let grab_erin = author("erin", Role::Representative, TeamMode::Grab);
+        let grab_ann = author("ann", Role::Admin, TeamMode::Grab);
+        assert_eq!(refusal(&won, &grab_bob, hand_over("bob", "erin", true, true)), "accepted");
+        assert_eq!(refusal(&won, &grab_ann, hand_over("ann", "erin", true, false)), "accepted");
+        let cases: Vec<(&str, ChangeAuthor, Forge)> = vec![
+            (
+                "its representative in the same change",
+                grab_bob.clone(),
+                Box::new(hand_over("bob", "erin", false, true)),
+            ),
+            ("go to representatives", grab_bob.clone(), Box::new(hand_over("bob", "ann", true, true))),
+            ("another representative handles", grab_erin, Box::new(hand_over("erin", "erin", true, false))),
+            // Only a hand-over writes the representative.
+            ("only the relay records who won a grab", grab_bob, Box::new(|tx| doc::record_owner(tx, &"erin".into()))),
+        ];
+        for (expected, who, forge) in cases {
+            let why = refusal(&won, &who, forge);
+            assert!(why.contains(expected), "expected “{expected}”, got “{why}”");
+        }
+        // Two hand-overs in one change, and one at creation, are refused.
+        let twice = |tx: &mut Transaction<'_>| {
+            hand_over("bob", "erin", true, true)(tx)?;
+            doc::add_message(tx, &message("h2", "bob", NOW, MessageBody::Transfer { to: "erin".into() }))
+        };
+        assert!(refusal(&won, &author("bob", Role::Representative, TeamMode::Grab), twice).contains("once"));
+        let mut created = Automerge::new();
+        let first = change(&created, |tx| {
+            doc::write_new(tx, &new(Channel::Email))?;
+            doc::set_in_room(tx, &"bob".into(), true)?;
+            doc::add_message(tx, &message("h1", "bob", NOW, MessageBody::Transfer { to: "erin".into() }))
+        });
+        let v = verdict(&mut created, vec![first], &bob());
+        assert!(v.refused.unwrap().1.0.contains("once it has started"));
+    }
+
+    type Forge = Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), doc::DocError>>;
+
     #[test]
     fn every_rule_on_an_existing_conversation() {
         let d = stored();
         let mut joined = d.fork();
         joined.transact::<_, _, doc::DocError>(|tx| doc::set_in_room(tx, &"bob".into(), true)).unwrap();
-        type Forge = Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), doc::DocError>>;
         let cases: Vec<(&str, &Automerge, Forge)> = vec![
             ("cannot change its id, team, channel", &d, Box::new(|tx| Ok(tx.put(ROOT, "channel", "whatsapp")?))),
             ("cannot change its id, team, channel", &d, Box::new(|tx| Ok(tx.put(ROOT, "created_at", 1)?))),

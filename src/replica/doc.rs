@@ -247,6 +247,16 @@ pub fn record_owner(tx: &mut Transaction<'_>, agent: &AgentId) -> Result<(), Doc
     set_in_room(tx, agent, true)
 }
 
+/// A hand-over's effect, written by the agent handing over in the same change as the
+/// [`crate::domain::MessageBody::Transfer`] message: the colleague joins the room and, in a
+/// grab-mode team (`records_owner`), becomes the conversation's representative.
+pub fn hand_over(tx: &mut Transaction<'_>, to: &AgentId, records_owner: bool) -> Result<(), DocError> {
+    if records_owner {
+        tx.put(ROOT, "owner", to.as_str())?;
+    }
+    set_in_room(tx, to, true)
+}
+
 /// Writes each edited field separately so concurrent edits of different fields both survive.
 pub fn edit_customer(tx: &mut Transaction<'_>, edit: &CustomerEdit) -> Result<(), DocError> {
     let customer = map_obj(tx, &ROOT, "customer")?;

@@ -13,7 +13,7 @@ use crate::domain::filter::{self, Filter, Listing};
 use crate::domain::status::{self, ConversationSummary, Status};
 use crate::domain::{
     AgentId, Author, ConversationId, Customer, CustomerEdit, DomainError, Message, MessageBody, MessageId, Presence,
-    Team, TeamId, Timestamp, fill_template, fill_whatsapp_template,
+    Team, TeamId, TeamMode, Timestamp, fill_template, fill_whatsapp_template,
 };
 use automerge::sync::{self, SyncDoc};
 use automerge::{ActorId, Automerge, AutomergeError, ChangeHash};
@@ -372,6 +372,32 @@ impl Replica {
         self.local_change(id, &[], Timestamp::now(), |tx| doc::set_in_room(tx, &agent, false))
     }
 
+    /// ↪ TRANSFER: hands the conversation to a colleague of its team, who the same change puts in
+    /// the room (in a grab-mode team, as its representative); the agent leaves it. Works offline,
+    /// judged like every change.
+    pub fn transfer(&mut self, id: &ConversationId, to: &AgentId, at: Timestamp) -> Result<MessageId, ReplicaError> {
+        let (team, summary) = self.visible(id)?;
+        access::may_transfer(team, &self.agent, summary, to)?;
+        let records_owner = team.mode == TeamMode::Grab;
+        let leaves = summary.is_in_room(&self.agent);
+        let agent = self.agent.clone();
+        let message = Message {
+            id: doc::new_message_id(&mut self.rng),
+            at,
+            author: Author::Crew { agent: agent.clone() },
+            body: MessageBody::Transfer { to: to.clone() },
+        };
+        self.local_change(id, std::slice::from_ref(&message), at, |tx| {
+            doc::add_message(tx, &message)?;
+            doc::hand_over(tx, to, records_owner)?;
+            if leaves {
+                doc::set_in_room(tx, &agent, false)?;
+            }
+            Ok(())
+        })?;
+        Ok(message.id)
+    }
+
     pub fn close(&mut self, id: &ConversationId, at: Timestamp) -> Result<(), ReplicaError> {
         let (team, summary) = self.visible(id)?;
         access::may_close(team, &self.agent, summary, at)?;
@@ -572,6 +598,7 @@ impl Replica {
             role,
             mode: team.mode,
             foreign_actors: Vec::new(),
+            members: std::sync::Arc::new(team.members.clone()),
         })
     }
 
@@ -1027,6 +1054,7 @@ fn summarize(
         grab_requests: header.grab_requests.into_iter().map(|(a, _)| a).collect(),
         message_count,
         presence,
+        handover: stats.handover,
     }
 }
 

@@ -2,8 +2,8 @@
 //! migrations, and the rows written in the same transaction as each document change.
 
 use super::ReplicaError;
-use crate::domain::status::{ConversationSummary, MessagePreview};
-use crate::domain::{AuthorKind, ConversationId, Message, Timestamp};
+use crate::domain::status::{ConversationSummary, Handover, MessagePreview};
+use crate::domain::{Author, AuthorKind, ConversationId, Message, MessageBody, Timestamp};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use std::path::Path;
 
@@ -86,7 +86,12 @@ pub fn insert_messages(tx: &Transaction<'_>, id: &ConversationId, messages: &[Me
         let body = serde_json::to_string(m)?;
         // Internal notes are kept apart from crew replies: a note does not answer a waiting
         // customer (the statuses count `crew` rows only).
-        let kind = if m.body.is_internal() { "note" } else { m.author.kind().as_str() };
+        // Hand-overs have a kind of their own, so the latest one is found by the index.
+        let kind = match &m.body {
+            MessageBody::Transfer { .. } => HANDOVER_KIND,
+            b if b.is_internal() => "note",
+            _ => m.author.kind().as_str(),
+        };
         if stmt.execute(params![id.as_str(), m.at.0, m.id.as_str(), kind, body])? == 1 {
             added += 1;
             search.execute(params![id.as_str(), m.body.text_content()])?;
@@ -101,7 +106,11 @@ pub struct MessageStats {
     pub last_customer_message_at: Option<Timestamp>,
     pub last_crew_message_at: Option<Timestamp>,
     pub waiting_since: Option<Timestamp>,
+    pub handover: Option<Handover>,
 }
+
+/// The `author_kind` of hand-over rows in `messages`.
+const HANDOVER_KIND: &str = "handover";
 
 pub fn message_stats(tx: &Connection, id: &ConversationId) -> Result<MessageStats, ReplicaError> {
     let last_message = tx
@@ -127,7 +136,19 @@ pub fn message_stats(tx: &Connection, id: &ConversationId) -> Result<MessageStat
             r.get::<_, Option<i64>>(0)
         })?
         .map(Timestamp);
-    Ok(MessageStats { last_message, last_customer_message_at, last_crew_message_at, waiting_since })
+    let handover = tx
+        .prepare_cached(
+            "SELECT body FROM messages WHERE conversation_id = ?1 AND author_kind = ?2 ORDER BY at DESC, id DESC LIMIT 1",
+        )?
+        .query_row(params![id.as_str(), HANDOVER_KIND], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(|body| serde_json::from_str::<Message>(&body))
+        .transpose()?
+        .and_then(|m| match (m.author, m.body) {
+            (Author::Crew { agent }, MessageBody::Transfer { to }) => Some(Handover { from: agent, to, at: m.at }),
+            _ => None,
+        });
+    Ok(MessageStats { last_message, last_customer_message_at, last_crew_message_at, waiting_since, handover })
 }
 
 /// Writes the index row; re-indexes the customer for search only when `customer_changed`.

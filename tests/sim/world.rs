@@ -461,6 +461,7 @@ impl World {
         let agent = self.agents[i].id.clone();
         let role = self.team.member(&agent).map(|m| m.role);
         let mode = self.team.mode;
+        let members = std::sync::Arc::new(self.team.members.clone());
         let foreign_actors = self.bind_actors(&agent, &changes);
         let now = self.at();
         let drop_waiting = self.bug == Some(Bug::DropWaitingChanges);
@@ -481,6 +482,7 @@ impl World {
             role,
             mode,
             foreign_actors: foreign_actors.clone(),
+            members: members.clone(),
         };
         let actions = match (claim, role) {
             (_, None) => e.core.unavailable(conn, peer_id),

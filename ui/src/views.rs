@@ -279,6 +279,12 @@ pub struct OwnedId {
     id: String,
 }
 
+#[derive(Serialize)]
+struct TransferArgs {
+    id: String,
+    to: String,
+}
+
 // ---- yellow block -----------------------------------------------------------------------------
 
 #[function_component(ListPane)]
@@ -496,6 +502,7 @@ fn empty_pane(desk: &DeskHandle) -> Html {
 pub fn conversation_pane(props: &DeskProps) -> Html {
     let desk = &props.desk;
     let editing = use_state(|| false);
+    let transferring = use_state(|| false);
     let Some(v) = desk.detail.clone().filter(|v| desk.selected.as_deref() == Some(v.row.summary.id.0.as_str())) else {
         return empty_pane(desk);
     };
@@ -542,10 +549,28 @@ pub fn conversation_pane(props: &DeskProps) -> Html {
                     if let Some(kind) = v.row.join {
                         <button class="join" id="conv-join" onclick={command("join")}>{ if kind == JoinKind::Grab { "GRAB" } else { "JOIN" } }</button>
                     }
+                    if !v.transfer_to.is_empty() {
+                        <button class="secondary" id="transfer" title="Hand this conversation to a colleague"
+                            onclick={{ let t = transferring.clone(); Callback::from(move |_| t.set(!*t)) }}>{ "↪ TRANSFER" }</button>
+                    }
                     if v.may_leave { <button class="secondary" id="leave" onclick={command("leave")}>{ "LEAVE" }</button> }
                     if v.may_close { <button class="secondary" id="close" onclick={command("close")}>{ "CLOSE" }</button> }
                 </div>
             </header>
+            if *transferring && !v.transfer_to.is_empty() {
+                <div class="transfer-panel" role="group" aria-label="Transfer">
+                    <span class="small muted">{ "Hand this conversation to:" }</span>
+                    { for v.transfer_to.iter().map(|c| {
+                        let (d, id, to, t) = (desk.clone(), id.clone(), c.id.0.clone(), transferring.clone());
+                        let onclick = Callback::from(move |_| {
+                            t.set(false);
+                            run_command(&d, "transfer", TransferArgs { id: id.clone(), to: to.clone() });
+                        });
+                        html! { <button class="secondary" id={format!("transfer-{}", c.id.0)} {onclick}>{ c.name.clone() }</button> }
+                    }) }
+                    <button class="link" onclick={{ let t = transferring.clone(); Callback::from(move |_| t.set(false)) }}>{ "Cancel" }</button>
+                </div>
+            }
             if *editing { <CustomerForm desk={desk.clone()} view={v.clone()} done={{ let e = editing.clone(); Callback::from(move |_| e.set(false)) }} /> }
             <Messages view={v.clone()} />
             <UndeliveredList desk={desk.clone()} view={v.clone()} />
@@ -600,6 +625,7 @@ fn messages(props: &ViewProps) -> Html {
             { for v.messages.iter().map(|m| {
                 let (class, who) = match &m.author {
                     Author::Customer => ("msg customer", v.row.summary.customer.name.clone()),
+                    Author::Crew { agent } if m.body.handed_to().is_some() => ("msg handover", format!("↪ Handed over by {}", name_of(agent))),
                     Author::Crew { agent } if m.body.is_internal() => ("msg note", format!("📝 Internal note by {}", name_of(agent))),
                     Author::Crew { agent } => ("msg crew", name_of(agent)),
                     Author::System => ("msg system", "Crewdesk".to_owned()),
@@ -613,6 +639,10 @@ fn messages(props: &ViewProps) -> Html {
                     },
                     MessageBody::ConferenceInvitation { url } => html! { <p>{ "📹 Conference invitation: " }<span class="url">{ url.clone() }</span></p> },
                     MessageBody::Note { text } => html! { <p>{ text.clone() }</p> },
+                    MessageBody::Transfer { to } => {
+                        let from = match &m.author { Author::Crew { agent } => name_of(agent), _ => String::new() };
+                        html! { <p>{ format!("{from} handed this conversation to {}", name_of(to)) }</p> }
+                    }
                 };
                 html! {
                     <li class={class}>

@@ -24,6 +24,7 @@ fn bob() -> ChangeAuthor {
         role: Role::Representative,
         mode: TeamMode::Open,
         foreign_actors: Vec::new(),
+        members: Default::default(),
     }
 }
 

@@ -254,12 +254,12 @@ impl Relay {
         role: Role,
         changes: &[automerge::Change],
     ) -> Option<ChangeAuthor> {
-        let mode = match team == TeamId::default() {
-            true => TeamMode::Open,
-            false => self.team_mode(&team).await?,
+        let (mode, members) = match team == TeamId::default() {
+            true => (TeamMode::Open, Arc::default()),
+            false => self.team_rules(&team).await?,
         };
         let foreign_actors = self.foreign_actors(agent, changes).await?;
-        Some(ChangeAuthor { agent: agent.clone(), team, role, mode, foreign_actors })
+        Some(ChangeAuthor { agent: agent.clone(), team, role, mode, foreign_actors, members })
     }
 
     /// The actors of `changes` that are bound to someone other than `agent` (binding the ones
@@ -300,23 +300,28 @@ impl Relay {
     }
 
     /// How a team works (open or grab mode), read from storage at most every few seconds.
-    pub(super) async fn team_mode(&self, team: &TeamId) -> Option<TeamMode> {
+    pub(super) async fn team_rules(&self, team: &TeamId) -> Option<(TeamMode, Arc<Vec<crewdesk::domain::Member>>)> {
         const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
         {
-            let modes = self.team_modes.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((mode, at)) = modes.get(team)
+            let rules = self.team_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((mode, members, at)) = rules.get(team)
                 && at.elapsed() < FRESH
             {
-                return Some(*mode);
+                return Some((*mode, members.clone()));
             }
         }
         let teams = self.blocking(|s| s.teams()).await.ok()?;
         let now = Instant::now();
-        let mut modes = self.team_modes.lock().unwrap_or_else(|p| p.into_inner());
-        for t in &teams {
-            modes.insert(t.id.clone(), (t.mode, now));
+        let mut rules = self.team_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found = None;
+        for t in teams {
+            let entry = (t.mode, Arc::new(t.members), now);
+            if t.id == *team {
+                found = Some((entry.0, entry.1.clone()));
+            }
+            rules.insert(t.id, entry);
         }
-        teams.into_iter().find(|t| t.id == *team).map(|t| t.mode)
+        found
     }
 
     /// Carries out what a document's core decided, in order, until nothing is left: frames go to

@@ -114,7 +114,7 @@ pub async fn run(
         widget_starts: crate::limits::Limiter::new(config.widget_starts_per_ip, std::time::Duration::from_secs(600)),
         widget_uploads: crate::limits::Limiter::new(20, std::time::Duration::from_secs(600)),
         refusals: crate::limits::Limiter::new(MAX_REFUSALS, std::time::Duration::from_secs(60)),
-        team_modes: Mutex::default(),
+        team_cache: Mutex::default(),
         // Two decoding threads (of the machine's few cores) and eight images waiting at most.
         images: crate::images::ImagePool::new(2, 8),
         commits,
@@ -241,6 +241,9 @@ async fn serve(
     let _ = tokio::time::timeout(std::time::Duration::from_secs(6), open_tx.closed()).await;
 }
 
+/// A team's mode and members as the judge needs them, and when they were read.
+type TeamRules = (TeamMode, Arc<Vec<crewdesk::domain::Member>>, Instant);
+
 pub struct Relay {
     store: Arc<Store>,
     /// Open connections under the global and per-address caps.
@@ -280,8 +283,9 @@ pub struct Relay {
     refusals: crate::limits::Limiter<AgentId>,
     /// Decodes uploaded images for their thumbnails, apart from the blocking threads.
     pub(crate) images: crate::images::ImagePool,
-    /// Each team's mode (open or grab) and when it was read, for the judge of changes.
-    team_modes: Mutex<HashMap<TeamId, (TeamMode, Instant)>>,
+    /// Each team's mode (open or grab) and members, and when they were read, for the judge of
+    /// changes.
+    team_cache: Mutex<HashMap<TeamId, TeamRules>>,
     /// Which agent each automerge actor id (hex) is bound to, as far as this instance has seen.
     actors: Mutex<HashMap<String, AgentId>>,
 }

@@ -52,7 +52,7 @@ pub fn widget_message(m: &Message, crew_names: &HashMap<AgentId, String>, team_n
             let a = WidgetAttachment { blob, file_name: file_name.clone(), mime: mime.clone(), size: *size };
             (file_name.clone(), None, Some(a))
         }
-        MessageBody::Note { .. } => return None,
+        MessageBody::Note { .. } | MessageBody::Transfer { .. } => return None,
     };
     Some(WidgetMessage { id: m.id.clone(), at: m.at, from, name, text, join_url, attachment })
 }
