@@ -606,7 +606,7 @@ mod tests {
     use crewdesk::domain::{AgentId, Channel, Customer, CustomerId, MessageId};
 
     #[test]
-    fn internal_notes_are_never_queued_for_whatsapp() {
+    fn internal_notes_and_hand_overs_are_never_queued_for_whatsapp() {
         let now = Timestamp::now();
         let new = doc::NewConversation {
             id: "2jQ5Vc7u9o1Wk6Bq3TXYtY7cWKdV".into(),
@@ -628,8 +628,10 @@ mod tests {
         let asked = message("c1", Author::Customer, MessageBody::Text { text: "Hi".into() });
         let note = message("n1", bob(), MessageBody::Note { text: "VIP customer".into() });
         let reply = message("r1", bob(), MessageBody::Text { text: "Hello Maya".into() });
-        let rows = outbound_rows(new.id.as_str(), &header, &[note.clone(), reply.clone()], &[asked, note, reply]);
-        assert_eq!(rows.len(), 1, "only the reply goes to WhatsApp");
+        let handover = message("h1", bob(), MessageBody::Transfer { to: AgentId::from("carol") });
+        let added = [note.clone(), reply.clone(), handover.clone()];
+        let rows = outbound_rows(new.id.as_str(), &header, &added, &[asked, note, reply, handover]);
+        assert_eq!(rows.len(), 1, "only the reply goes to WhatsApp (no note, no hand-over)");
         assert!(rows[0].message_id.ends_with("/r1"), "{}", rows[0].message_id);
         assert!(!rows[0].payload.contains("VIP"), "{}", rows[0].payload);
     }

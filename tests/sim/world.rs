@@ -233,13 +233,26 @@ impl World {
         let agent = &mut self.agents[i];
         let (what, result) = match roll {
             0..=24 => ("join", agent.replica.join(&id, at).map(|_| ())),
-            25..=79 => {
+            25..=76 => {
                 let text = format!("reply {} from {}", self.now, agent.id);
                 let sent = agent.replica.send(&id, MessageBody::Text { text }, at);
                 if let Ok(m) = &sent {
                     agent.written.push((id.clone(), m.clone()));
                 }
                 ("send", sent.map(|_| ()))
+            }
+            77..=79 => {
+                // ↪ to a colleague the desk offers (or, when it offers none, anyone of the team,
+                // which the desk refuses).
+                let offered = agent
+                    .replica
+                    .summary(&id)
+                    .map_or_else(Vec::new, |s| crewdesk::domain::access::transfer_candidates(&self.team, &agent.id, s));
+                let to = match offered.is_empty() {
+                    false => offered[self.rng.random_range(0..offered.len())].clone(),
+                    true => self.team.members[self.rng.random_range(0..self.team.members.len())].agent.clone(),
+                };
+                ("transfer", agent.replica.transfer(&id, &to, at).map(|_| ()))
             }
             80..=87 => ("leave", agent.replica.leave(&id)),
             88..=91 => {

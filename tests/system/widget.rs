@@ -387,8 +387,9 @@ async fn a_widget_socket_that_answers_no_ping_is_closed_and_the_customer_goes_of
 
 /// 📝 An internal note is for the crew: the open widget never gets it, the customer's email never
 /// carries it, and it does not answer the waiting customer; the reply after it arrives as usual.
+/// ↪ A hand-over likewise never reaches the customer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_internal_note_never_reaches_the_widget_or_the_customers_email() {
+async fn internal_notes_and_hand_overs_never_reach_the_widget_or_the_customers_email() {
     let sink = system_tests::SmtpSink::start().await;
     let smtp = sink.addr.to_string();
     let dir = tempfile::tempdir().unwrap();
@@ -436,10 +437,20 @@ async fn an_internal_note_never_reaches_the_widget_or_the_customers_email() {
     bob.act(&id, |r| r.send(&id, MessageBody::Note { text: "Third note".into() }, Timestamp::now()).unwrap());
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(sink.received().len(), before, "a note alone sends no email");
-    // And a reconnecting widget never gets the notes either.
+    // ↪ A hand-over is for the crew too: carol is in the conversation, bob out, no email.
+    bob.act(&id, |r| r.transfer(&id, &"carol".into(), Timestamp::now()).unwrap());
+    eventually(10, "carol has it", || {
+        carol.with(|r| r.summary(&id).is_some_and(|s| s.is_in_room(&"carol".into()) && !s.is_in_room(&"bob".into())))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sink.received().len(), before, "a hand-over sends no email");
+    // And a reconnecting widget never gets the notes or the hand-over either.
     let mut again = widget_socket(&relay, &session, Some(SHOP)).await;
     let all = messages_until(&mut again, 10, |m| m.iter().any(|m| m["text"] == "It ships on Monday.")).await;
-    assert!(all.iter().all(|m| !m["text"].as_str().unwrap_or("").contains("note")), "{all:#?}");
+    let crew_only = |t: &str| t.contains("note") || t.contains("carol") || t.contains("hand");
+    assert!(all.iter().all(|m| !crew_only(m["text"].as_str().unwrap_or(""))), "{all:#?}");
+    assert_eq!(all.len(), 3, "Hello?, Hello Maya!, It ships on Monday.: {all:#?}");
     relay.stop().await;
 }
 
