@@ -463,6 +463,27 @@ def main():
         assert bob.css(bob.row(second) + ".selected"), "sent in the conversation opened with the keyboard"
         print("ok: keyboard use")
 
+        # ↪ TRANSFER between two running desks: bob hands the Sales conversation to carol. His desk
+        # shows the hand-over and takes him out; carol's has her in it, with the hand-over in the
+        # history, and she writes in it.
+        bob.click("#status-closed")
+        bob.open(conversation)
+        bob.click("#transfer")
+        bob.click("#transfer-carol")
+        handed = "Bob Okafor handed this conversation to Carol Mendes"
+        wait_for("bob sees the hand-over", lambda: handed in bob.messages())
+        wait_for("bob is out of it", lambda: not bob.css("#leave") and not bob.css("#composer"))
+        carol.click("#status-closed")
+        carol.open(conversation)
+        wait_for("carol sees the hand-over", lambda: handed in carol.messages(), 30)
+        wait_for("carol is in it", lambda: carol.css("#leave") and carol.css("#composer"))
+        assert carol.css(".messages li.msg.handover"), "the hand-over is shown apart"
+        carol.send("Carol here, I'll take it from here")
+        wait_for("bob sees carol's reply", lambda: "Carol here, I'll take it from here" in bob.messages())
+        time.sleep(0.5)  # the window paints what the page holds
+        carol.screenshot(os.path.join(args.artifacts, "desk-transfer.png"))
+        print("ok: a conversation handed from one desk to another")
+
         # Grab: bob and dave (both representatives of the grab-mode Support team) grab the same one.
         dave = App("dave", args, relay, workdir)
         apps.append(dave)

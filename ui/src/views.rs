@@ -625,7 +625,7 @@ fn messages(props: &ViewProps) -> Html {
             { for v.messages.iter().map(|m| {
                 let (class, who) = match &m.author {
                     Author::Customer => ("msg customer", v.row.summary.customer.name.clone()),
-                    Author::Crew { agent } if m.body.handed_to().is_some() => ("msg handover", format!("↪ Handed over by {}", name_of(agent))),
+                    Author::Crew { .. } if m.body.handed_to().is_some() => ("msg handover", "↪ Hand-over".to_owned()),
                     Author::Crew { agent } if m.body.is_internal() => ("msg note", format!("📝 Internal note by {}", name_of(agent))),
                     Author::Crew { agent } => ("msg crew", name_of(agent)),
                     Author::System => ("msg system", "Crewdesk".to_owned()),
