@@ -1,9 +1,9 @@
 //! The red block as functions of (conversations, agent, now): views, team, status, channel
 //! selection, sorting, and the live counts beside every filter.
 
-use super::access::may_see;
-use super::status::{ConversationSummary, Status, is_closed};
-use super::{AgentId, Channel, Team, TeamId, Timestamp};
+use super::access::{may_act_on, may_see};
+use super::status::{ConversationSummary, Status, Statuses};
+use super::{AgentId, Channel, Role, Team, TeamId, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -103,13 +103,7 @@ impl Counts {
 
 /// Does the conversation fall under this view at `now`? (`team` is the conversation's team.)
 pub fn in_view(view: View, s: &ConversationSummary, team: &Team, agent: &AgentId, now: Timestamp) -> bool {
-    if !may_see(team, agent, s) || is_closed(s, team, now) {
-        return false;
-    }
-    match view {
-        View::AllChatroom => true,
-        View::Joined => s.is_in_room(agent),
-    }
+    matches_selection(Selection::View(view), s, team, agent, now)
 }
 
 pub fn matches_selection(
@@ -119,9 +113,17 @@ pub fn matches_selection(
     agent: &AgentId,
     now: Timestamp,
 ) -> bool {
+    may_see(team, agent, s) && selected(sel, Statuses::of(s, team, now), s.is_in_room(agent))
+}
+
+/// The selection rule for a conversation the agent may see, from its statuses: views hold open
+/// conversations (Joined: those the agent is in), a status its conversations.
+fn selected(sel: Selection, statuses: Statuses, in_room: bool) -> bool {
+    let open = !statuses.contains(Status::Closed);
     match sel {
-        Selection::View(v) => in_view(v, s, team, agent, now),
-        Selection::Status(st) => may_see(team, agent, s) && st.holds(s, team, now),
+        Selection::View(View::AllChatroom) => open,
+        Selection::View(View::Joined) => open && in_room,
+        Selection::Status(st) => statuses.contains(st),
     }
 }
 
@@ -151,62 +153,85 @@ where
 {
     let mut counts = Counts::default();
     let mut rows = Vec::new();
+    // The agent's role in each team met so far, and the team's All Chatroom count (a handful of
+    // teams: neither the team nor the agent's role in it is looked up again for every row).
+    let mut teams: Vec<(&'a Team, Option<Role>, usize)> = Vec::new();
     for s in conversations {
-        let Some(team) = team_of(&s.team) else { continue };
-        if team.member(agent).is_none() {
-            continue;
-        }
-        // One map entry per team, created once (not a key clone per row).
-        if !counts.teams.contains_key(&team.id) {
-            counts.teams.insert(team.id.clone(), 0);
-        }
+        // Compared by id first: cheaper than hashing the id to look the team up for every row.
+        let at = match teams.iter().position(|(t, _, _)| t.id == s.team) {
+            Some(at) => at,
+            None => {
+                let Some(team) = team_of(&s.team) else { continue };
+                teams.push((team, team.role_of(agent), 0));
+                teams.len() - 1
+            }
+        };
+        let team = teams[at].0;
+        let Some(role) = teams[at].1 else { continue };
         if !filter.channels.is_empty() && !filter.channels.contains(&s.channel) {
             continue;
         }
-        if !may_see(team, agent, s) {
+        if !may_act_on(team.mode, role, s.owner.as_ref(), agent) {
             continue;
         }
-        let closed = is_closed(s, team, now);
-        if !closed && let Some(n) = counts.teams.get_mut(&team.id) {
-            *n += 1;
+        let statuses = Statuses::of(s, team, now);
+        let closed = statuses.contains(Status::Closed);
+        if !closed {
+            teams[at].2 += 1;
         }
         if filter.team.as_ref().is_some_and(|t| t != &s.team) {
             continue;
         }
+        let in_room = s.is_in_room(agent);
         if !closed {
             counts.all_chatroom += 1;
-            if s.is_in_room(agent) {
+            if in_room {
                 counts.joined += 1;
             }
         }
         for st in Status::ALL {
-            if st.holds(s, team, now) {
+            if statuses.contains(st) {
                 *counts.of_status_mut(st) += 1;
             }
         }
-        if matches_selection(filter.selection, s, team, agent, now) {
+        if selected(filter.selection, statuses, in_room) {
             rows.push(s);
         }
     }
+    for (team, role, n) in teams {
+        if role.is_some() {
+            *counts.teams.entry(team.id.clone()).or_insert(0) += n;
+        }
+    }
     let total = rows.len();
-    sort_rows(&mut rows, filter.sort);
     // A window past the end shows the last rows (the list shrank under the agent's eyes).
     let offset = if filter.offset >= total { total.saturating_sub(filter.limit) } else { filter.offset };
+    let end = offset.saturating_add(filter.limit).min(total);
+    window_rows(&mut rows, filter.sort, end);
     let rows: Vec<_> = rows.into_iter().skip(offset).take(filter.limit).collect();
     Listing { rows, total, offset, counts }
 }
 
-fn sort_rows(rows: &mut [&ConversationSummary], sort: Sort) {
-    match sort {
-        Sort::NewestActivity => {
-            rows.sort_by(|a, b| b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id)))
-        }
+/// Sorts the first `end` rows into place: only the window and what comes before it are ordered
+/// (the rows after it are dropped), so a list of thousands costs a selection, not a full sort.
+fn window_rows(rows: &mut Vec<&ConversationSummary>, sort: Sort, end: usize) {
+    let order = |a: &&ConversationSummary, b: &&ConversationSummary| match sort {
+        Sort::NewestActivity => b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id)),
         // Longest waiting first; conversations where nobody waits come last, newest first.
-        Sort::LongestWaiting => rows.sort_by(|a, b| match (a.waiting_since, b.waiting_since) {
+        Sort::LongestWaiting => match (a.waiting_since, b.waiting_since) {
             (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.id.cmp(&b.id)),
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
             (None, None) => b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id)),
-        }),
+        },
+    };
+    if end == 0 {
+        rows.clear();
+        return;
     }
+    if end < rows.len() {
+        rows.select_nth_unstable_by(end - 1, order);
+        rows.truncate(end);
+    }
+    rows.sort_unstable_by(order);
 }

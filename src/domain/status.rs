@@ -129,27 +129,51 @@ impl Status {
 
     /// Does the conversation have this status at `now`?
     pub fn holds(self, s: &ConversationSummary, team: &Team, now: Timestamp) -> bool {
-        let closed = is_closed(s, team, now);
-        if self == Status::Closed {
-            return closed;
-        }
-        if closed {
-            return false;
-        }
-        let t = &team.thresholds;
-        match self {
-            Status::Online => s.channel == Channel::WebWidget && s.presence.online,
-            Status::SoonToBe => waiting_for(s, team, now).is_some_and(|w| w > t.soon_to_be && w <= t.overdue),
-            Status::Overdue => waiting_for(s, team, now).is_some_and(|w| w > t.overdue),
-            Status::RepNeeded => s.waiting_since.is_some() && crew_present(s, team) == 0,
-            Status::Pending => s.waiting_since.is_some() && crew_present(s, team) > 0,
-            Status::Closed => closed,
-        }
+        Statuses::of(s, team, now).contains(self)
     }
 
     /// Every status that holds, in display order (the list's badges).
     pub fn badges(s: &ConversationSummary, team: &Team, now: Timestamp) -> Vec<Status> {
-        Status::ALL.into_iter().filter(|st| st.holds(s, team, now)).collect()
+        let set = Statuses::of(s, team, now);
+        Status::ALL.into_iter().filter(|st| set.contains(*st)).collect()
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Every status a conversation has at `now`: the status rules, evaluated in one place, reading the
+/// closure, the waiting time and the crew present once each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Statuses(u8);
+
+impl Statuses {
+    pub fn of(s: &ConversationSummary, team: &Team, now: Timestamp) -> Statuses {
+        if is_closed(s, team, now) {
+            return Statuses(Status::Closed.bit());
+        }
+        let t = &team.thresholds;
+        let mut set = 0;
+        if s.channel == Channel::WebWidget && s.presence.online {
+            set |= Status::Online.bit();
+        }
+        if let Some(waiting) = s.waiting_since.map(|w| now.since(w).max(0)) {
+            if waiting > t.overdue {
+                set |= Status::Overdue.bit();
+            } else if waiting > t.soon_to_be {
+                set |= Status::SoonToBe.bit();
+            }
+            set |= match crew_present(s, team) {
+                0 => Status::RepNeeded.bit(),
+                _ => Status::Pending.bit(),
+            };
+        }
+        Statuses(set)
+    }
+
+    pub fn contains(self, status: Status) -> bool {
+        self.0 & status.bit() != 0
     }
 }
 

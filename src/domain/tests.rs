@@ -409,3 +409,39 @@ fn a_template_has_a_name_a_text_and_only_known_placeholders() {
     let many: Vec<MessageTemplate> = (0..=MAX_TEMPLATES).map(|i| t(&format!("t{i}"), "x")).collect();
     assert!(matches!(validate_templates(&many), Err(DomainError::InvalidTemplate(_))));
 }
+
+/// The list's window is the same slice of the same order however it is asked for: every offset and
+/// limit, both sorts, against a full sort of every match.
+#[test]
+fn every_window_is_a_slice_of_the_whole_sorted_list() {
+    let t = team(TeamMode::Open);
+    let now = T0.plus(60 * MIN);
+    // Equal times and no waiting at all among them, so ties are broken by id.
+    let rows: Vec<ConversationSummary> = (0..40)
+        .map(|i| ConversationSummary {
+            id: ConversationId(format!("c{:02}", (i * 17) % 40)),
+            created_at: T0.plus((i % 7) * MIN),
+            waiting_since: (i % 3 != 0).then(|| T0.plus((i % 5) * MIN)),
+            ..conv()
+        })
+        .collect();
+    for sort in [Sort::NewestActivity, Sort::LongestWaiting] {
+        let everything = Filter { sort, limit: usize::MAX, ..Filter::default() };
+        let whole: Vec<&ConversationId> =
+            evaluate(rows.iter(), |_| Some(&t), &"rep1".into(), now, &everything).rows.iter().map(|s| &s.id).collect();
+        assert_eq!(whole.len(), 40);
+        for offset in 0..42 {
+            for limit in [0, 1, 7, 40, 100] {
+                let f = Filter { sort, limit, offset, ..Filter::default() };
+                let l = evaluate(rows.iter(), |_| Some(&t), &"rep1".into(), now, &f);
+                let ids: Vec<&ConversationId> = l.rows.iter().map(|s| &s.id).collect();
+                assert_eq!(l.total, 40);
+                assert_eq!(
+                    ids,
+                    whole[l.offset..(l.offset + limit).min(40)].to_vec(),
+                    "{sort:?} offset {offset} limit {limit}"
+                );
+            }
+        }
+    }
+}
