@@ -215,6 +215,10 @@ fn spawn_forwarders(
                 return;
             }
             notifier2.lock().unwrap_or_else(|p| p.into_inner()).check_overdue(&desk2);
+            // The search index merges here, between sends, never inside one.
+            if let Err(e) = desk2.lock().tidy_search() {
+                tracing::warn!(%e, "the search index was not tidied");
+            }
             let _ = app2.emit("desk-clock", ());
         }
     });

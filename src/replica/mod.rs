@@ -264,6 +264,13 @@ impl Replica {
         })
     }
 
+    /// Merges the full-text index's segments, a bounded step at a time, off the send path: the
+    /// index never merges inside a commit (its `automerge` is 0), so a durable send does not wait
+    /// for a merge. The desk calls this every few seconds; true when there was work (call again).
+    pub fn tidy_search(&mut self) -> Result<bool, ReplicaError> {
+        store::merge_search(&self.conn)
+    }
+
     /// How many messages of each conversation this agent has seen (for unread markers).
     pub fn seen_counts(&self) -> Result<HashMap<ConversationId, u32>, ReplicaError> {
         store::seen(&self.conn)
@@ -502,7 +509,7 @@ impl Replica {
         }
         let chunk = created.save();
         let messages: Vec<Message> = first.into_iter().collect();
-        self.persist(&new.id, &created, &chunk, &messages, true)?;
+        self.persist(&new.id, &created, &chunk, &messages, true, None)?;
         self.cache.put(new.id.clone(), created);
         Ok(())
     }
@@ -570,6 +577,8 @@ impl Replica {
         let before = d.get_heads();
         let header_before = doc::read_header(&d).ok();
         d.transact(edit).map_err(|f| f.error)?;
+        // The header after the change: read once, for the judge and for the index row.
+        let mut header_after = None;
         if let (Some((author, now)), Some(change)) = (author, d.get_last_local_change()) {
             let after = doc::read_header(&d).ok();
             let verdict = conversation::summarize(&d, &change).and_then(|summary| {
@@ -577,9 +586,10 @@ impl Replica {
             });
             // The refused change is only in this copy of the document, which is dropped.
             verdict?;
+            header_after = after;
         }
         let chunk = d.save_after(&before);
-        self.persist(id, &d, &chunk, messages, true)?;
+        self.persist(id, &d, &chunk, messages, true, header_after)?;
         self.cache.put(id.clone(), d);
         Ok(())
     }
@@ -901,7 +911,7 @@ impl Replica {
         let chunk = d.save_after(&before);
         let summary = if doc::check_schema(&d)? {
             let messages = if known { doc::messages_added(&d, &before, &after)? } else { doc::all_messages(&d)? };
-            Some(Box::new(self.persist(id, &d, &chunk, &messages, false)?))
+            Some(Box::new(self.persist(id, &d, &chunk, &messages, false, None)?))
         } else {
             // Changes that do not yet create the conversation: keep them, index nothing.
             let tx = self.conn.transaction()?;
@@ -922,8 +932,12 @@ impl Replica {
         chunk: &[u8],
         messages: &[Message],
         local: bool,
+        header: Option<doc::DocHeader>,
     ) -> Result<ConversationSummary, ReplicaError> {
-        let header = doc::read_header(d)?;
+        let header = match header {
+            Some(h) => h,
+            None => doc::read_header(d)?,
+        };
         if &header.id != id {
             return Err(DocError::Malformed(format!("document {id} claims to be conversation {}", header.id)).into());
         }

@@ -3,7 +3,7 @@
 
 use super::ReplicaError;
 use crate::domain::status::{ConversationSummary, Handover, MessagePreview};
-use crate::domain::{Author, AuthorKind, ConversationId, Message, MessageBody, Timestamp};
+use crate::domain::{Author, ConversationId, Message, MessageBody, Timestamp};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use std::path::Path;
 
@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_blob_uploads.sql"),
     include_str!("migrations/0006_undelivered.sql"),
     include_str!("migrations/0007_lost_grabs_shown.sql"),
+    include_str!("migrations/0008_search_merges_apart.sql"),
 ];
 
 pub fn schema_version() -> i64 {
@@ -31,6 +32,17 @@ pub fn open(path: &Path) -> Result<Connection, ReplicaError> {
     // that triggers it, so rarer checkpoints keep the durable send's tail short.
     conn.pragma_update(None, "wal_autocheckpoint", 8000)?;
     Ok(conn)
+}
+
+/// Leaf pages of full-text index merged per [`merge_search`] step (a few milliseconds).
+const MERGE_PAGES: i64 = 200;
+
+/// One bounded step of merging the full-text index's segments; true when it merged something.
+pub fn merge_search(conn: &Connection) -> Result<bool, ReplicaError> {
+    let before = conn.total_changes();
+    conn.execute("INSERT INTO search (search, rank) VALUES ('merge', ?1)", [MERGE_PAGES])?;
+    // SQLite's documented test: fewer than two changes means there was nothing left to merge.
+    Ok(conn.total_changes() - before >= 2)
 }
 
 pub fn meta(conn: &Connection, key: &str) -> Result<Option<String>, ReplicaError> {
@@ -113,42 +125,48 @@ pub struct MessageStats {
 const HANDOVER_KIND: &str = "handover";
 
 pub fn message_stats(tx: &Connection, id: &ConversationId) -> Result<MessageStats, ReplicaError> {
-    let last_message = tx
-        .prepare_cached("SELECT body FROM messages WHERE conversation_id = ?1 ORDER BY at DESC, id DESC LIMIT 1")?
-        .query_row([id.as_str()], |r| r.get::<_, String>(0))
-        .optional()?
-        .map(|body| serde_json::from_str::<Message>(&body))
-        .transpose()?
-        .map(|m| MessagePreview { at: m.at, author: m.author.kind(), text: m.body.preview() });
-    let last_at = |kind: AuthorKind| -> Result<Option<Timestamp>, ReplicaError> {
-        Ok(tx
-            .prepare_cached("SELECT max(at) FROM messages WHERE conversation_id = ?1 AND author_kind = ?2")?
-            .query_row(params![id.as_str(), kind.as_str()], |r| r.get::<_, Option<i64>>(0))?
-            .map(Timestamp))
-    };
-    let last_customer_message_at = last_at(AuthorKind::Customer)?;
-    let last_crew_message_at = last_at(AuthorKind::Crew)?;
-    let waiting_since = tx
+    // One statement, each figure an indexed subquery (the latest hand-over is found through
+    // `messages_by_author`, never by reading the conversation's rows): the durable send reads them all.
+    let (last, last_customer, last_crew, waiting, handover) = tx
         .prepare_cached(
-            "SELECT min(at) FROM messages WHERE conversation_id = ?1 AND author_kind = 'customer' AND at > ?2",
+            "SELECT
+               (SELECT body FROM messages WHERE conversation_id = ?1 ORDER BY at DESC, id DESC LIMIT 1),
+               (SELECT max(at) FROM messages WHERE conversation_id = ?1 AND author_kind = 'customer'),
+               (SELECT max(at) FROM messages WHERE conversation_id = ?1 AND author_kind = 'crew'),
+               (SELECT min(at) FROM messages WHERE conversation_id = ?1 AND author_kind = 'customer'
+                  AND at > coalesce((SELECT max(at) FROM messages WHERE conversation_id = ?1 AND author_kind = 'crew'),
+                                    -9223372036854775808)),
+               (SELECT body FROM messages WHERE conversation_id = ?1 AND author_kind = ?2
+                  AND at = (SELECT max(at) FROM messages WHERE conversation_id = ?1 AND author_kind = ?2)
+                  ORDER BY id DESC LIMIT 1)",
         )?
-        .query_row(params![id.as_str(), last_crew_message_at.map_or(i64::MIN, |t| t.0)], |r| {
-            r.get::<_, Option<i64>>(0)
-        })?
-        .map(Timestamp);
-    let handover = tx
-        .prepare_cached(
-            "SELECT body FROM messages WHERE conversation_id = ?1 AND author_kind = ?2 ORDER BY at DESC, id DESC LIMIT 1",
-        )?
-        .query_row(params![id.as_str(), HANDOVER_KIND], |r| r.get::<_, String>(0))
-        .optional()?
-        .map(|body| serde_json::from_str::<Message>(&body))
-        .transpose()?
-        .and_then(|m| match (m.author, m.body) {
+        .query_row(params![id.as_str(), HANDOVER_KIND], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?,
+                r.get::<_, Option<i64>>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
+        })?;
+    let last_message = last.map(|body| serde_json::from_str::<Message>(&body)).transpose()?.map(|m| MessagePreview {
+        at: m.at,
+        author: m.author.kind(),
+        text: m.body.preview(),
+    });
+    let handover = handover.map(|body| serde_json::from_str::<Message>(&body)).transpose()?.and_then(|m| {
+        match (m.author, m.body) {
             (Author::Crew { agent }, MessageBody::Transfer { to }) => Some(Handover { from: agent, to, at: m.at }),
             _ => None,
-        });
-    Ok(MessageStats { last_message, last_customer_message_at, last_crew_message_at, waiting_since, handover })
+        }
+    });
+    Ok(MessageStats {
+        last_message,
+        last_customer_message_at: last_customer.map(Timestamp),
+        last_crew_message_at: last_crew.map(Timestamp),
+        waiting_since: waiting.map(Timestamp),
+        handover,
+    })
 }
 
 /// Writes the index row; re-indexes the customer for search only when `customer_changed`.
