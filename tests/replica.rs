@@ -294,7 +294,7 @@ fn search_finds_customer_details_and_message_text_and_is_injection_safe() {
     .unwrap();
     let f = Filter::default();
     let ids = |bob: &Replica, q: &str| {
-        bob.list_search(&f, T0, q).unwrap().rows.into_iter().map(|r| r.id.0).collect::<Vec<_>>()
+        bob.list_search(&f, T0, q).unwrap().rows.into_iter().map(|r| r.id.0.clone()).collect::<Vec<_>>()
     };
     assert_eq!(ids(&bob, "trondh"), vec!["s1"], "prefix of a word in a message");
     assert_eq!(ids(&bob, "parcel late"), vec!["s1"], "every word must match");
@@ -434,7 +434,7 @@ fn the_list_is_a_window_over_every_row_and_the_count_agrees() {
         let window = ada.list(&Filter { limit: 7, offset, ..Filter::default() }, now);
         assert_eq!(window.total, everything.total, "the count covers everything");
         assert_eq!(window.offset, offset);
-        seen.extend(window.rows.into_iter().map(|r| r.id));
+        seen.extend(window.rows.into_iter().map(|r| r.id.clone()));
         offset += 7;
     }
     let ids: Vec<ConversationId> = everything.rows.iter().map(|r| r.id.clone()).collect();

@@ -68,9 +68,9 @@ pub async fn sign_out(app: AppHandle, state: State<'_, AppState>) -> CommandResu
     Ok(SessionView::default())
 }
 
-fn rows(
+fn rows<S: std::borrow::Borrow<crewdesk::domain::status::ConversationSummary>>(
     desk: &Desk,
-    listing: Vec<crewdesk::domain::status::ConversationSummary>,
+    listing: &[S],
     now: Timestamp,
 ) -> CommandResult<Vec<RowView>> {
     let r = desk.lock();
@@ -79,6 +79,7 @@ fn rows(
     Ok(listing
         .iter()
         .filter_map(|s| {
+            let s = s.borrow();
             let team = r.team(&s.team)?;
             Some(row_view(s, team, r.agent(), now, seen.get(&s.id).copied().unwrap_or(0), unsynced.contains(&s.id)))
         })
@@ -91,7 +92,7 @@ pub async fn list(state: State<'_, AppState>, filter: Filter, search: Option<Str
     let now = Timestamp::now();
     let listing = desk.lock().list_search(&filter, now, search.as_deref().unwrap_or(""))?;
     Ok(ListView {
-        rows: rows(&desk, listing.rows, now)?,
+        rows: rows(&desk, &listing.rows, now)?,
         total: listing.total,
         offset: listing.offset,
         counts: listing.counts,
@@ -108,7 +109,7 @@ pub async fn notifications(state: State<'_, AppState>) -> CommandResult<Vec<Noti
         entries.iter().filter(|(_, g)| *g == GrabState::Lost).map(|(s, _)| s.id.clone()).collect();
     desk.lock().lost_grabs_shown_now(&lost, now)?;
     let summaries: Vec<_> = entries.iter().map(|(s, _)| s.clone()).collect();
-    let row_views = rows(&desk, summaries, now)?;
+    let row_views = rows(&desk, &summaries, now)?;
     let r = desk.lock();
     Ok(entries
         .into_iter()

@@ -97,7 +97,7 @@ impl Notifier {
                 },
                 Timestamp::now(),
             );
-            listing.rows.into_iter().map(|s| s.id).collect()
+            listing.rows.iter().map(|s| s.id.clone()).collect()
         };
         for id in ids {
             self.conversation_changed(desk, &id);

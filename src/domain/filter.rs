@@ -5,6 +5,7 @@ use super::access::{may_act_on, may_see};
 use super::status::{ConversationSummary, Status, Statuses};
 use super::{AgentId, Channel, Role, Team, TeamId, Timestamp};
 use serde::{Deserialize, Serialize};
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 /// Views exclude Closed conversations.
@@ -141,33 +142,43 @@ pub struct Listing<T> {
 
 /// Evaluates the red block over `conversations` in one pass. `team_of` finds a conversation's
 /// team; conversations of teams the agent does not belong to are never shown or counted.
-pub fn evaluate<'a, F>(
-    conversations: impl IntoIterator<Item = &'a ConversationSummary>,
+pub fn evaluate<'a, T, F>(
+    conversations: impl IntoIterator<Item = &'a T>,
     team_of: F,
     agent: &AgentId,
     now: Timestamp,
     filter: &Filter,
-) -> Listing<&'a ConversationSummary>
+) -> Listing<&'a T>
 where
+    T: Borrow<ConversationSummary> + 'a,
     F: Fn(&TeamId) -> Option<&'a Team>,
 {
     let mut counts = Counts::default();
-    let mut rows = Vec::new();
-    // The agent's role in each team met so far, and the team's All Chatroom count (a handful of
-    // teams: neither the team nor the agent's role in it is looked up again for every row).
-    let mut teams: Vec<(&'a Team, Option<Role>, usize)> = Vec::new();
-    for s in conversations {
+    let conversations = conversations.into_iter();
+    let mut rows = Vec::with_capacity(conversations.size_hint().0);
+    // Per team met so far (a handful): the agent's role in it, whether the team selection takes
+    // it, and its All Chatroom count, so none of them is looked up again for every row.
+    struct Seen<'t> {
+        team: &'t Team,
+        role: Option<Role>,
+        selected: bool,
+        open: usize,
+    }
+    let mut teams: Vec<Seen<'a>> = Vec::new();
+    for row in conversations {
+        let s: &ConversationSummary = row.borrow();
         // Compared by id first: cheaper than hashing the id to look the team up for every row.
-        let at = match teams.iter().position(|(t, _, _)| t.id == s.team) {
+        let at = match teams.iter().position(|t| t.team.id == s.team) {
             Some(at) => at,
             None => {
                 let Some(team) = team_of(&s.team) else { continue };
-                teams.push((team, team.role_of(agent), 0));
+                let selected = filter.team.as_ref().is_none_or(|t| *t == team.id);
+                teams.push(Seen { team, role: team.role_of(agent), selected, open: 0 });
                 teams.len() - 1
             }
         };
-        let team = teams[at].0;
-        let Some(role) = teams[at].1 else { continue };
+        let (team, in_team_selection) = (teams[at].team, teams[at].selected);
+        let Some(role) = teams[at].role else { continue };
         if !filter.channels.is_empty() && !filter.channels.contains(&s.channel) {
             continue;
         }
@@ -177,9 +188,9 @@ where
         let statuses = Statuses::of(s, team, now);
         let closed = statuses.contains(Status::Closed);
         if !closed {
-            teams[at].2 += 1;
+            teams[at].open += 1;
         }
-        if filter.team.as_ref().is_some_and(|t| t != &s.team) {
+        if !in_team_selection {
             continue;
         }
         let in_room = s.is_in_room(agent);
@@ -195,12 +206,12 @@ where
             }
         }
         if selected(filter.selection, statuses, in_room) {
-            rows.push(s);
+            rows.push(row);
         }
     }
-    for (team, role, n) in teams {
-        if role.is_some() {
-            *counts.teams.entry(team.id.clone()).or_insert(0) += n;
+    for t in teams {
+        if t.role.is_some() {
+            *counts.teams.entry(t.team.id.clone()).or_insert(0) += t.open;
         }
     }
     let total = rows.len();
@@ -214,16 +225,10 @@ where
 
 /// Sorts the first `end` rows into place: only the window and what comes before it are ordered
 /// (the rows after it are dropped), so a list of thousands costs a selection, not a full sort.
-fn window_rows(rows: &mut Vec<&ConversationSummary>, sort: Sort, end: usize) {
-    let order = |a: &&ConversationSummary, b: &&ConversationSummary| match sort {
-        Sort::NewestActivity => b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id)),
-        // Longest waiting first; conversations where nobody waits come last, newest first.
-        Sort::LongestWaiting => match (a.waiting_since, b.waiting_since) {
-            (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.id.cmp(&b.id)),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (None, None) => b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id)),
-        },
+fn window_rows<T: Borrow<ConversationSummary>>(rows: &mut Vec<&T>, sort: Sort, end: usize) {
+    let order = |a: &&T, b: &&T| {
+        let (a, b): (&ConversationSummary, &ConversationSummary) = ((*a).borrow(), (*b).borrow());
+        order(a, b, sort)
     };
     if end == 0 {
         rows.clear();
@@ -234,4 +239,17 @@ fn window_rows(rows: &mut Vec<&ConversationSummary>, sort: Sort, end: usize) {
         rows.truncate(end);
     }
     rows.sort_unstable_by(order);
+}
+
+fn order(a: &ConversationSummary, b: &ConversationSummary, sort: Sort) -> std::cmp::Ordering {
+    match sort {
+        Sort::NewestActivity => b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id)),
+        // Longest waiting first; conversations where nobody waits come last, newest first.
+        Sort::LongestWaiting => match (a.waiting_since, b.waiting_since) {
+            (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.id.cmp(&b.id)),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id)),
+        },
+    }
 }

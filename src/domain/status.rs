@@ -164,10 +164,9 @@ impl Statuses {
             } else if waiting > t.soon_to_be {
                 set |= Status::SoonToBe.bit();
             }
-            set |= match crew_present(s, team) {
-                0 => Status::RepNeeded.bit(),
-                _ => Status::Pending.bit(),
-            };
+            // Whether any crew of the team is present (not how many: the first one decides).
+            let present = s.crew_in_room.iter().any(|a| team.member(a).is_some());
+            set |= if present { Status::Pending.bit() } else { Status::RepNeeded.bit() };
         }
         Statuses(set)
     }

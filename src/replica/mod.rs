@@ -23,6 +23,7 @@ use rand::rngs::StdRng;
 use rusqlite::Connection;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 pub use store::schema_version as replica_schema_version;
 
@@ -112,7 +113,8 @@ pub struct Replica {
     agent: AgentId,
     actor: ActorId,
     teams: BTreeMap<TeamId, Team>,
-    index: BTreeMap<ConversationId, ConversationSummary>,
+    /// Shared rows: a listing hands out the rows of its window without copying them.
+    index: BTreeMap<ConversationId, Arc<ConversationSummary>>,
     cache: DocCache,
     rng: StdRng,
     /// Why the relay last refused a change of this replica to a conversation (kept until the
@@ -162,7 +164,7 @@ impl Replica {
                 teams.insert(team.id.clone(), team);
             }
         }
-        let index = store::load_summaries(&conn)?.into_iter().map(|s| (s.id.clone(), s)).collect();
+        let index = store::load_summaries(&conn)?.into_iter().map(|s| (s.id.clone(), Arc::new(s))).collect();
         let to_retry = store::undelivered_to_retry(&conn)?.into_iter().collect();
         let cache = DocCache { tick: 0, docs: HashMap::new() };
         Ok(Replica { conn, agent, actor, teams, index, cache, rng, refusals: HashMap::new(), to_retry })
@@ -226,7 +228,7 @@ impl Replica {
     }
 
     /// The red and yellow blocks: matching rows (sorted, limited) and every count.
-    pub fn list(&self, filter: &Filter, now: Timestamp) -> Listing<ConversationSummary> {
+    pub fn list(&self, filter: &Filter, now: Timestamp) -> Listing<Arc<ConversationSummary>> {
         let listing = filter::evaluate(self.index.values(), |t| self.teams.get(t), &self.agent, now, filter);
         Listing {
             rows: listing.rows.into_iter().cloned().collect(),
@@ -243,7 +245,7 @@ impl Replica {
         filter: &Filter,
         now: Timestamp,
         search: &str,
-    ) -> Result<Listing<ConversationSummary>, ReplicaError> {
+    ) -> Result<Listing<Arc<ConversationSummary>>, ReplicaError> {
         if search.trim().is_empty() {
             return Ok(self.list(filter, now));
         }
@@ -289,7 +291,7 @@ impl Replica {
             .index
             .values()
             .filter(|s| self.teams.get(&s.team).is_some_and(|t| access::in_notifications(t, &self.agent, s, now)))
-            .map(|s| (s.clone(), access::grab_state(&self.agent, s)))
+            .map(|s| ((**s).clone(), access::grab_state(&self.agent, s)))
             // A lost grab is told once: it leaves the panel a minute after it was first shown.
             .filter(|(s, g)| *g != GrabState::Lost || shown.get(&s.id).is_none_or(|at| now.0 - at < LOST_GRAB_SHOWN_MS))
             .collect();
@@ -315,7 +317,7 @@ impl Replica {
     }
 
     pub fn summary(&self, id: &ConversationId) -> Option<&ConversationSummary> {
-        self.index.get(id)
+        self.index.get(id).map(|s| &**s)
     }
 
     /// The green block for one conversation, from the index and materialized messages.
@@ -534,7 +536,7 @@ impl Replica {
     pub fn set_presence(&mut self, id: &ConversationId, presence: Presence) -> Result<(), ReplicaError> {
         let summary = self.index.get_mut(id).ok_or_else(|| ReplicaError::UnknownConversation(id.clone()))?;
         store::set_presence(&self.conn, id, &presence)?;
-        summary.presence = presence;
+        Arc::make_mut(summary).presence = presence;
         Ok(())
     }
 
@@ -718,7 +720,7 @@ impl Replica {
         if removed.iter().any(|m| m.author == me) {
             self.to_retry.insert(id.clone());
         }
-        self.index.insert(id.clone(), summary);
+        self.index.insert(id.clone(), Arc::new(summary));
         self.cache.put(id.clone(), rebuilt);
         tracing::info!(conversation = %id, changes = taken.len(), messages = removed.len(), %reason, "refused changes taken back");
         Ok(taken.len())
@@ -955,7 +957,7 @@ impl Replica {
             store::outbox_add(&tx, id, &heads_text(&d.get_heads()))?;
         }
         tx.commit()?;
-        self.index.insert(id.clone(), summary.clone());
+        self.index.insert(id.clone(), Arc::new(summary.clone()));
         Ok(summary)
     }
 
@@ -1034,7 +1036,7 @@ impl Replica {
         tx.commit()?;
         let n = rows.len();
         for s in rows {
-            self.index.insert(s.id.clone(), s);
+            self.index.insert(s.id.clone(), Arc::new(s));
         }
         Ok(n)
     }
