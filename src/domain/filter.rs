@@ -206,7 +206,7 @@ where
             }
         }
         if selected(filter.selection, statuses, in_room) {
-            rows.push(row);
+            rows.push((sort_key(s, filter.sort), row));
         }
     }
     for t in teams {
@@ -218,38 +218,40 @@ where
     // A window past the end shows the last rows (the list shrank under the agent's eyes).
     let offset = if filter.offset >= total { total.saturating_sub(filter.limit) } else { filter.offset };
     let end = offset.saturating_add(filter.limit).min(total);
-    window_rows(&mut rows, filter.sort, end);
-    let rows: Vec<_> = rows.into_iter().skip(offset).take(filter.limit).collect();
+    window_rows(&mut rows, end);
+    let rows: Vec<_> = rows.into_iter().skip(offset).take(filter.limit).map(|(_, row)| row).collect();
     Listing { rows, total, offset, counts }
 }
 
 /// Sorts the first `end` rows into place: only the window and what comes before it are ordered
 /// (the rows after it are dropped), so a list of thousands costs a selection, not a full sort.
-fn window_rows<T: Borrow<ConversationSummary>>(rows: &mut Vec<&T>, sort: Sort, end: usize) {
-    let order = |a: &&T, b: &&T| {
-        let (a, b): (&ConversationSummary, &ConversationSummary) = ((*a).borrow(), (*b).borrow());
-        order(a, b, sort)
+/// Rows carry their sort key, so comparing two reads the conversations only on a tie.
+fn window_rows<T: Borrow<ConversationSummary>>(rows: &mut Vec<(SortKey, &T)>, end: usize) {
+    let by = |a: &(SortKey, &T), b: &(SortKey, &T)| {
+        a.0.cmp(&b.0).then_with(|| {
+            let (a, b): (&ConversationSummary, &ConversationSummary) = (a.1.borrow(), b.1.borrow());
+            a.id.cmp(&b.id)
+        })
     };
     if end == 0 {
         rows.clear();
         return;
     }
     if end < rows.len() {
-        rows.select_nth_unstable_by(end - 1, order);
+        rows.select_nth_unstable_by(end - 1, by);
         rows.truncate(end);
     }
-    rows.sort_unstable_by(order);
+    rows.sort_unstable_by(by);
 }
 
-fn order(a: &ConversationSummary, b: &ConversationSummary, sort: Sort) -> std::cmp::Ordering {
-    match sort {
-        Sort::NewestActivity => b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id)),
-        // Longest waiting first; conversations where nobody waits come last, newest first.
-        Sort::LongestWaiting => match (a.waiting_since, b.waiting_since) {
-            (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.id.cmp(&b.id)),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (None, None) => b.last_activity().cmp(&a.last_activity()).then_with(|| a.id.cmp(&b.id)),
-        },
+/// Where a conversation sorts (ties fall to its id, so the order is total): newest activity first;
+/// or longest waiting first, then those where nobody waits, newest first.
+type SortKey = (bool, i64);
+
+fn sort_key(s: &ConversationSummary, sort: Sort) -> SortKey {
+    match (sort, s.waiting_since) {
+        (Sort::LongestWaiting, Some(w)) => (false, w.0),
+        (Sort::LongestWaiting, None) => (true, s.last_activity().0.saturating_neg()),
+        (Sort::NewestActivity, _) => (false, s.last_activity().0.saturating_neg()),
     }
 }
