@@ -132,8 +132,22 @@ pub fn row_view(
         unread: s.message_count > seen
             && s.last_message.as_ref().is_some_and(|m| m.author == crate::domain::AuthorKind::Customer),
         unsynced,
-        summary: s.clone(),
+        summary: with_names(s, team),
     }
+}
+
+/// The row as the list shows it: a hand-over that is the last message names both colleagues (the
+/// index's preview, written without the team, can only name the receiver's id).
+fn with_names(s: &ConversationSummary, team: &Team) -> ConversationSummary {
+    let mut row = s.clone();
+    if let (Some(h), Some(last)) = (&s.handover, row.last_message.as_mut())
+        && last.at == h.at
+        && last.text.starts_with('↪')
+    {
+        let name = |a: &AgentId| team.member(a).map_or_else(|| a.to_string(), |m| m.name.clone());
+        last.text = format!("↪ {} handed it to {}", name(&h.from), name(&h.to));
+    }
+    row
 }
 
 /// Builds the green block from the index row, the materialized messages and the team.
@@ -320,6 +334,11 @@ mod tests {
         let n = &notifications_due(&s, &t, &"rep".into(), s.created_at.plus(1000))[0];
         assert_eq!((n.title.as_str(), n.body.as_str()), ("Admin handed you a conversation", "Maya is yours now"));
         assert!(keys(&s, &t, "admin", 1000).is_empty());
+        // The list names both colleagues when the hand-over is the last message.
+        s.last_message =
+            Some(MessagePreview { at: s.created_at, author: AuthorKind::Crew, text: "↪ Handed over to rep".into() });
+        let row = row_view(&s, &t, &"rep".into(), s.created_at, 0, false);
+        assert_eq!(row.summary.last_message.unwrap().text, "↪ Admin handed it to Rep");
         // What TRANSFER offers: in a grab-mode team, representatives other than the agent.
         let names = |s: &ConversationSummary, t: &Team, agent: &str| {
             let v = detail_view(
