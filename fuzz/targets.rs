@@ -69,8 +69,13 @@ pub fn sync_author() -> ChangeAuthor {
 
 fn author(agent: &str, role: Role, mode: TeamMode, team: &str, foreign_actors: Vec<ActorId>) -> ChangeAuthor {
     // The team's members: a hand-over names one of them (or someone else, and is refused).
-    let members = [("bob", Role::Representative), ("carol", Role::Representative), ("ann", Role::Admin)]
-        .map(|(a, role)| Member { agent: a.into(), name: a.into(), role });
+    let members = [
+        ("bob", Role::Representative),
+        ("carol", Role::Representative),
+        ("erin", Role::Representative),
+        ("ada", Role::Admin),
+    ]
+    .map(|(a, role)| Member { agent: a.into(), name: a.into(), role });
     ChangeAuthor {
         agent: agent.into(),
         team: team.into(),
@@ -325,6 +330,11 @@ enum Op {
         notes: Option<String>,
     },
     RecordOwner(Agent),
+    /// A hand-over's effect: the colleague in the room, and (`owner`) as the representative.
+    HandOver {
+        to: Agent,
+        owner: bool,
+    },
     Create {
         own_id: bool,
         channel: u8,
@@ -441,10 +451,26 @@ impl At {
 #[derive(Arbitrary, Debug)]
 enum Body {
     Text(String),
-    Template { template: String, text: String },
-    WhatsApp { template: String, language: String, params: Vec<String>, text: String },
-    Attachment { blob: Blob, file_name: String, mime: String, size: u64 },
+    Template {
+        template: String,
+        text: String,
+    },
+    WhatsApp {
+        template: String,
+        language: String,
+        params: Vec<String>,
+        text: String,
+    },
+    Attachment {
+        blob: Blob,
+        file_name: String,
+        mime: String,
+        size: u64,
+    },
     Conference(String),
+    Note(String),
+    /// A hand-over naming a colleague (or anyone).
+    Transfer(Agent),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -477,6 +503,8 @@ impl Body {
                 size: *size,
             },
             Body::Conference(url) => MessageBody::ConferenceInvitation { url: url.clone() },
+            Body::Note(text) => MessageBody::Note { text: text.clone() },
+            Body::Transfer(to) => MessageBody::Transfer { to: to.id() },
         }
     }
 }
@@ -724,6 +752,7 @@ fn apply_op(tx: &mut Transaction<'_>, op: &Op, made: &mut Vec<ObjId>) {
             &CustomerEdit { name: name.clone(), email: email.clone(), phone: phone.clone(), notes: notes.clone() },
         ),
         Op::RecordOwner(agent) => doc::record_owner(tx, &agent.id()),
+        Op::HandOver { to, owner } => doc::hand_over(tx, &to.id(), *owner),
         Op::Create { own_id, channel, other_team, name, email, created } => doc::write_new(
             tx,
             &doc::NewConversation {
