@@ -562,9 +562,24 @@ pub fn conversation_pane(props: &DeskProps) -> Html {
                     <span class="small muted">{ "Hand this conversation to:" }</span>
                     { for v.transfer_to.iter().map(|c| {
                         let (d, id, to, t) = (desk.clone(), id.clone(), c.id.0.clone(), transferring.clone());
+                        // In a grab-mode team the conversation is the colleague's now and hidden from
+                        // this agent: the pane closes instead of saying so.
+                        let leaves_view = v.team_mode == TeamMode::Grab;
                         let onclick = Callback::from(move |_| {
                             t.set(false);
-                            run_command(&d, "transfer", TransferArgs { id: id.clone(), to: to.clone() });
+                            let (d, args) = (d.clone(), TransferArgs { id: id.clone(), to: to.clone() });
+                            wasm_bindgen_futures::spawn_local(async move {
+                                match call::<_, serde::de::IgnoredAny>("transfer", &args).await {
+                                    Ok(_) => {
+                                        d.dispatch(Action::Error(None));
+                                        if leaves_view {
+                                            d.dispatch(Action::Close);
+                                        }
+                                    }
+                                    Err(e) => d.dispatch(Action::Error(Some(e))),
+                                }
+                                d.dispatch(Action::Changed(Vec::new()));
+                            });
                         });
                         html! { <button class="secondary" id={format!("transfer-{}", c.id.0)} {onclick}>{ c.name.clone() }</button> }
                     }) }
