@@ -526,3 +526,28 @@ async fn typing_crosses_instances_both_ways() {
     let frame = widget_typing_frame(&mut ws, 5).await;
     assert_eq!(frame["name"], "Bob Okafor");
 }
+
+/// ↪ A hand-over made on one instance reaches the colleague on another: carol, on the second
+/// instance, is in the conversation with the hand-over in its history and writes in it; bob, on the
+/// first, is out of it and sees her reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_crosses_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_relays, _tokens, bob, carol, id) = bob_and_carol_on_two_instances(dir.path()).await;
+    eventually(20, "bob is in the room", || bob.with(|r| r.summary(&id).unwrap().is_in_room(&"bob".into()))).await;
+    bob.act(&id, |r| r.transfer(&id, &"carol".into(), Timestamp::now()).unwrap());
+    eventually(20, "carol has it on the other instance", || {
+        carol.with(|r| {
+            let s = r.summary(&id).unwrap();
+            s.is_in_room(&"carol".into())
+                && !s.is_in_room(&"bob".into())
+                && s.handover.as_ref().is_some_and(|h| h.from.as_str() == "bob" && h.to.as_str() == "carol")
+        })
+    })
+    .await;
+    carol.act(&id, |r| r.send(&id, MessageBody::Text { text: "Carol here".into() }, Timestamp::now()).unwrap());
+    eventually(20, "bob sees carol's reply", || {
+        messages(&bob, &id).iter().any(|m| m.body == MessageBody::Text { text: "Carol here".into() })
+    })
+    .await;
+}
