@@ -58,21 +58,9 @@ fn main() {
     demo::fill(&mut ada, &DemoSpec { conversations, messages_per_conversation: per_conversation, seed: 1 }, now)
         .expect("demo data");
     // One long conversation of 1,000 messages to open.
-    let big = DemoSpec { conversations: 1, messages_per_conversation: 1_000, seed: 2 };
-    let mut long = demo::conversations(&big, now).expect("long conversation");
-    let long = long.pop().expect("one");
-    let long_id = ConversationId(crewdesk::sync::document_id::encode(&[0xff; 16]));
-    let bytes = {
-        // Rename the generated conversation so it does not clash with the 10k.
-        let mut d = long.document;
-        d.transact::<_, _, automerge::AutomergeError>(|tx| {
-            use automerge::transaction::Transactable;
-            tx.put(automerge::ROOT, "id", long_id.as_str())?;
-            Ok(())
-        })
-        .expect("rename");
-        d.save()
-    };
+    let long = demo::long_conversation(conversations, 1_000, now).expect("long conversation");
+    let long_id = long.id.clone();
+    let bytes = long.document.save();
     ada.import_documents([(long_id.clone(), bytes)]).expect("import long");
     let generated = started.elapsed();
     let total_messages = conversations * per_conversation.max(2) + 1_000;

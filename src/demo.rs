@@ -253,26 +253,65 @@ pub fn conversations(spec: &DemoSpec, now: Timestamp) -> Result<Vec<DemoConversa
     Ok(out)
 }
 
+/// A demo conversation saved: its id, its document's bytes and its web-widget customer's presence.
+pub type SavedConversation = (ConversationId, Vec<u8>, Option<Presence>);
+
+/// Saves generated conversations, ready for a replica ([`load`]) or a relay's store.
+pub fn save(generated: Vec<DemoConversation>) -> Vec<SavedConversation> {
+    generated.into_iter().map(|c| (c.id, c.document.save(), c.presence)).collect()
+}
+
 /// Fills a replica with the demo teams and conversations.
 pub fn fill(replica: &mut Replica, spec: &DemoSpec, now: Timestamp) -> Result<usize, ReplicaError> {
+    load(replica, &save(conversations(spec, now)?))?;
+    Ok(spec.conversations)
+}
+
+/// Loads the demo teams and saved demo conversations into a replica (500 conversations per
+/// transaction), as a desk that was in sync with a relay holding the same conversations.
+pub fn load(replica: &mut Replica, saved: &[SavedConversation]) -> Result<(), ReplicaError> {
     for team in teams() {
         replica.put_team(team)?;
     }
-    let generated = conversations(spec, now)?;
-    let mut presence = Vec::new();
-    let mut batch = Vec::new();
-    for c in generated {
-        if let Some(p) = c.presence {
-            presence.push((c.id.clone(), p));
-        }
-        batch.push((c.id, c.document.save()));
-        if batch.len() == 500 {
-            replica.import_documents(std::mem::take(&mut batch))?;
+    for batch in saved.chunks(500) {
+        replica.import_documents(batch.iter().map(|(id, bytes, _)| (id.clone(), bytes.clone())))?;
+    }
+    for (id, _, presence) in saved {
+        if let Some(p) = presence {
+            replica.set_presence(id, p.clone())?;
         }
     }
-    replica.import_documents(batch)?;
-    for (id, p) in presence {
-        replica.set_presence(&id, p)?;
-    }
-    Ok(spec.conversations)
+    Ok(())
+}
+
+/// One long demo conversation of `messages` messages with the id of demo conversation `index`
+/// (the benchmarks open it).
+pub fn long_conversation(index: usize, messages: usize, now: Timestamp) -> Result<DemoConversation, DocError> {
+    let spec = DemoSpec { conversations: 1, messages_per_conversation: messages, seed: 2 };
+    let mut c = conversations(&spec, now)?.pop().ok_or_else(|| DocError::Malformed("no conversation".into()))?;
+    c.id = conversation_id(index);
+    c.document
+        .transact::<_, _, automerge::AutomergeError>(|tx| {
+            use automerge::transaction::Transactable;
+            tx.put(automerge::ROOT, "id", c.id.as_str())?;
+            Ok(())
+        })
+        .map_err(|f| DocError::from(f.error))?;
+    Ok(c)
+}
+
+/// Activity made elsewhere (for the desk benchmark): the customer writes again in a demo
+/// conversation. Returns the change's bytes, to append to the document wherever it is stored.
+pub fn follow_up(document: &mut Automerge, k: usize, at: Timestamp) -> Result<Vec<u8>, DocError> {
+    let heads = document.get_heads();
+    let id = doc::read_header(document)?.id;
+    document.set_actor(ActorId::from(format!("crewdesk-demo-follow-up-{k}").as_bytes()));
+    let message = Message {
+        id: MessageId(format!("{id}-f{k:05}")),
+        at,
+        author: Author::Customer,
+        body: MessageBody::Text { text: CUSTOMER_LINES[k % CUSTOMER_LINES.len()].to_owned() },
+    };
+    document.transact::<_, _, DocError>(|tx| doc::add_message(tx, &message)).map_err(|f| f.error)?;
+    Ok(document.save_after(&heads))
 }

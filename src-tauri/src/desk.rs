@@ -167,6 +167,9 @@ pub fn emit_changed(app: &AppHandle, ids: Vec<ConversationId>) {
     let _ = app.emit("desk-changed", Changed { ids });
 }
 
+/// How long changes are gathered before the window hears of them (one event for the lot).
+const CHANGES_GATHERED: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn spawn_forwarders(
     app: AppHandle,
     desk: Arc<Desk>,
@@ -176,11 +179,30 @@ fn spawn_forwarders(
     let notifier = Arc::new(Mutex::new(notifier));
     let (app2, desk2, notifier2) = (app.clone(), desk.clone(), notifier.clone());
     tauri::async_runtime::spawn(async move {
-        while let Some(event) = rx.recv().await {
+        // Changes reach the window as one event per burst, at most one per CHANGES_GATHERED: a
+        // reconnect that brings thousands of changes redraws the list a few times, not thousands.
+        let mut gathered = std::collections::BTreeSet::<ConversationId>::new();
+        let mut flush_at = tokio::time::Instant::now();
+        loop {
+            let event = if gathered.is_empty() {
+                rx.recv().await
+            } else {
+                match tokio::time::timeout_at(flush_at, rx.recv()).await {
+                    Ok(event) => event,
+                    Err(_) => {
+                        emit_changed(&app, std::mem::take(&mut gathered).into_iter().collect());
+                        continue;
+                    }
+                }
+            };
+            let Some(event) = event else { break };
             match event {
                 SessionEvent::Changed(id) => {
                     notifier.lock().unwrap_or_else(|p| p.into_inner()).conversation_changed(&desk, &id);
-                    emit_changed(&app, vec![id]);
+                    if gathered.is_empty() {
+                        flush_at = tokio::time::Instant::now() + CHANGES_GATHERED;
+                    }
+                    gathered.insert(id);
                 }
                 SessionEvent::RelayError(message) => {
                     let _ = app.emit("relay-error", readable_relay_error(&desk, &message));
@@ -193,6 +215,9 @@ fn spawn_forwarders(
                 SessionEvent::Connected { .. } => emit_changed(&app, Vec::new()),
                 SessionEvent::Unavailable(_) | SessionEvent::RetryLater(_) => {}
             }
+        }
+        if !gathered.is_empty() {
+            emit_changed(&app, gathered.into_iter().collect());
         }
     });
     let mut status = desk2.client.status();

@@ -70,13 +70,23 @@ impl ClientSession {
         replica: &mut Replica,
         relay_documents: &[ConversationId],
     ) -> Result<Vec<WireMessage>, ReplicaError> {
-        let mut ids: BTreeSet<ConversationId> = replica.document_ids()?.into_iter().collect();
-        ids.extend(relay_documents.iter().cloned());
         let mut out = Vec::new();
-        for id in ids {
+        for id in Self::to_offer(replica, relay_documents)? {
             out.extend(self.offer(replica, &id)?);
         }
         Ok(out)
+    }
+
+    /// What [`start`](Self::start) offers, in order: every conversation the replica holds and those
+    /// the relay listed. A driver that must not hold the replica for the whole loop offers them
+    /// one at a time with [`offer`](Self::offer).
+    pub fn to_offer(
+        replica: &Replica,
+        relay_documents: &[ConversationId],
+    ) -> Result<Vec<ConversationId>, ReplicaError> {
+        let mut ids: BTreeSet<ConversationId> = replica.document_ids()?.into_iter().collect();
+        ids.extend(relay_documents.iter().cloned());
+        Ok(ids.into_iter().collect())
     }
 
     /// Tells the conversation's followers (teammates, the customer's widget) that this agent is

@@ -150,6 +150,9 @@ fn lock(replica: &SharedReplica) -> std::sync::MutexGuard<'_, Replica> {
     replica.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Conversations offered in a row after connecting before the relay's frames are read again.
+const OFFER_BATCH: usize = 16;
+
 async fn drive(
     config: ClientConfig,
     replica: SharedReplica,
@@ -273,14 +276,16 @@ async fn session(
     info!("connected to the relay");
     *backoff = config.min_backoff;
     let documents: Vec<ConversationId> = me.documents.into_iter().map(ConversationId).collect();
-    let first = s.start(&mut lock(replica), &documents)?;
-    for m in first {
-        send(&mut sink, m).await?;
-    }
+    // Every conversation is offered, a few at a time between the relay's frames: the replica is
+    // never held for the whole loop (the window reads it meanwhile), and the relay's answers are
+    // read while the offers go out.
+    let mut to_offer: std::collections::VecDeque<ConversationId> =
+        ClientSession::to_offer(&lock(replica), &documents)?.into();
     publish(status, replica, true, None);
     let (retry_tx, mut retry_rx) = mpsc::channel::<ConversationId>(256);
     loop {
         tokio::select! {
+            biased;
             // The relay pings every few seconds: silence this long means the connection is gone
             // (a laptop that slept, a network that vanished) even if the socket never says so.
             frame = tokio::time::timeout(SILENCE_LIMIT, stream.next()) => {
@@ -343,6 +348,18 @@ async fn session(
                     }
                 }
             },
+            () = std::future::ready(()), if !to_offer.is_empty() => {
+                let batch: Vec<ConversationId> = to_offer.drain(..to_offer.len().min(OFFER_BATCH)).collect();
+                for id in batch {
+                    let offer = s.offer(&mut lock(replica), &id)?;
+                    if let Some(m) = offer {
+                        send(&mut sink, m).await?;
+                    }
+                }
+                if to_offer.is_empty() {
+                    publish(status, replica, true, None);
+                }
+            }
         }
     }
 }

@@ -218,7 +218,30 @@ enum Command {
     /// List teams, members and tokens.
     List,
     /// Create the demo teams and agents, load the demo conversations, print a token per agent.
-    SeedDemo,
+    SeedDemo {
+        /// How many conversations [default: 42, every status on every channel for both teams].
+        #[arg(long)]
+        conversations: Option<usize>,
+        /// Messages per conversation (at least 2) [default: 6].
+        #[arg(long)]
+        messages: Option<usize>,
+        /// One more conversation of this many messages (for the benchmarks: a long one to open).
+        #[arg(long)]
+        long: Option<usize>,
+        /// Also write the same conversations into a desk replica at this path, as the desk of
+        /// --agent would hold them after syncing (the desk benchmark starts from it).
+        #[arg(long, value_name = "PATH")]
+        desk_replica: Option<PathBuf>,
+        /// Whose desk --desk-replica is.
+        #[arg(long, default_value = "ada")]
+        agent: String,
+    },
+    /// Activity made elsewhere, for the desk benchmark: the customer writes again in each of the
+    /// first N demo conversations (relay stopped; the desks get it when they next sync).
+    DemoFollowUps {
+        #[arg(long)]
+        count: usize,
+    },
     /// Demo customers (for `cargo xtask run`): people chatting through a team's web widget on the
     /// relay at --relay, staying online and writing again now and then, until stopped.
     DemoCustomers {
@@ -489,21 +512,56 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             println!("WhatsApp template {name} saved for {team}");
         }
         Command::List => print!("{}", store.describe()?),
-        Command::SeedDemo => {
+        Command::SeedDemo { conversations, messages, long, desk_replica, agent } => {
             let now = crewdesk::domain::Timestamp::now();
+            let defaults = crewdesk::demo::DemoSpec::default();
+            let spec = crewdesk::demo::DemoSpec {
+                conversations: conversations.unwrap_or(defaults.conversations),
+                messages_per_conversation: messages.unwrap_or(defaults.messages_per_conversation),
+                ..defaults
+            };
             for team in crewdesk::demo::teams() {
                 store.put_team(&team)?;
             }
-            let mut docs = Vec::new();
-            for c in crewdesk::demo::conversations(&crewdesk::demo::DemoSpec::default(), now)? {
-                let header = crewdesk::replica::doc::read_header(&c.document)?;
-                docs.push((c.id.0, header.team, c.document.save()));
+            let mut generated = crewdesk::demo::conversations(&spec, now)?;
+            if let Some(n) = long {
+                let c = crewdesk::demo::long_conversation(spec.conversations, n, now)?;
+                let customer = crewdesk::replica::doc::read_header(&c.document)?.customer.name;
+                eprintln!("long conversation {} of {n} messages, customer {customer}", c.id);
+                generated.push(c);
             }
-            let added = store.import_documents(&docs)?;
+            let saved = crewdesk::demo::save(generated);
+            let mut added = 0;
+            for batch in saved.chunks(500) {
+                let mut docs = Vec::with_capacity(batch.len());
+                for (id, bytes, _) in batch {
+                    let header = crewdesk::replica::doc::read_header(&automerge::Automerge::load(bytes)?)?;
+                    docs.push((id.0.clone(), header.team, bytes.clone()));
+                }
+                added += store.import_documents(&docs)?;
+            }
             eprintln!("{added} demo conversations loaded");
+            if let Some(path) = desk_replica {
+                let mut replica = crewdesk::replica::Replica::open(&path, AgentId::from(agent.as_str()))
+                    .with_context(|| format!("the desk replica at {}", path.display()))?;
+                crewdesk::demo::load(&mut replica, &saved)?;
+                eprintln!("{} conversations written to {agent}'s desk replica at {}", saved.len(), path.display());
+            }
             for (agent, ..) in crewdesk::demo::AGENTS {
                 println!("{agent} {}", store.issue_token(&AgentId::from(*agent), "demo")?);
             }
+        }
+        Command::DemoFollowUps { count } => {
+            let at = crewdesk::domain::Timestamp::now();
+            let teams: Vec<TeamId> = store.teams()?.into_iter().map(|t| t.id).collect();
+            let ids: Vec<String> = store.documents_of(&teams)?.into_iter().take(count).collect();
+            for (k, id) in ids.iter().enumerate() {
+                let (team, bytes) = store.load_document(id)?.with_context(|| format!("conversation {id} vanished"))?;
+                let mut document = automerge::Automerge::load(&bytes)?;
+                let change = crewdesk::demo::follow_up(&mut document, k, at)?;
+                store.append_chunk(id, &team, &change)?;
+            }
+            println!("{} follow-ups written at {}", ids.len(), at.0);
         }
         Command::Serve { .. } | Command::Migrate { .. } | Command::DemoCustomers { .. } => {
             unreachable!("handled in main")

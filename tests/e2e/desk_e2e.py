@@ -100,10 +100,11 @@ def png(width, height):
 
 
 class Relay:
-    def __init__(self, binary, workdir, smtp_port=None):
+    def __init__(self, binary, workdir, smtp_port=None, seed_args=()):
         self.smtp_port = smtp_port
         self.binary, self.data, self.port = binary, os.path.join(workdir, "relay"), free_port()
-        out = subprocess.run([binary, "--data-dir", self.data, "seed-demo"], check=True, capture_output=True, text=True)
+        out = subprocess.run([binary, "--data-dir", self.data, "seed-demo", *seed_args], check=True, capture_output=True, text=True)
+        self.seeded = out.stderr
         self.tokens = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
         # The widget runs on the shop's own origin (another port), which Sales allows.
         self.page_port = free_port()

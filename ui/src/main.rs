@@ -60,6 +60,8 @@ pub struct Desk {
     pub typing: Option<(String, String, u64)>,
     /// The team whose 📃 templates an admin is editing (the editor is open).
     pub editing_templates: Option<crewdesk::domain::TeamId>,
+    /// Lists shown so far: each new one leaves a performance mark once it is in the page.
+    pub lists_shown: u64,
 }
 
 pub enum Action {
@@ -166,6 +168,7 @@ impl Reducible for Desk {
                 d.shown = rev;
                 d.cursor = d.cursor.min(l.total.saturating_sub(1));
                 d.list = Some(l);
+                d.lists_shown += 1;
             }
             Action::Open(id) => {
                 if let Some(l) = d.list.as_ref()
@@ -284,6 +287,7 @@ fn app() -> Html {
         shown: 0,
         typing: None,
         editing_templates: None,
+        lists_shown: 0,
     });
 
     // Events from the shell: changes (reload) and sync status. No polling.
@@ -381,6 +385,32 @@ fn app() -> Html {
         });
     }
 
+    // Performance marks once a new list or conversation is in the page: the desk benchmark and the
+    // E2E time interactions in the window with them ("crewdesk:list total=… offset=… search=…",
+    // "crewdesk:conversation id=… messages=…").
+    {
+        let mark = desk
+            .list
+            .as_ref()
+            .map(|l| format!("crewdesk:list total={} offset={} search={}", l.total, l.offset, desk.search));
+        use_effect_with(desk.lists_shown, move |_| {
+            if let Some(mark) = mark {
+                performance_mark(&mark);
+            }
+            || ()
+        });
+        let mark = desk
+            .detail
+            .as_ref()
+            .map(|d| format!("crewdesk:conversation id={} messages={}", d.row.summary.id.0, d.messages.len()));
+        use_effect_with(desk.detail_seq, move |_| {
+            if let Some(mark) = mark {
+                performance_mark(&mark);
+            }
+            || ()
+        });
+    }
+
     if !desk.session.signed_in {
         return html! { <views::SignIn desk={desk.clone()} /> };
     }
@@ -401,6 +431,12 @@ fn app() -> Html {
             { for desk.editing_templates.clone().map(|team| html! { <templates::TemplatesEditor desk={desk.clone()} {team} /> }) }
             { for error }
         </div>
+    }
+}
+
+fn performance_mark(name: &str) {
+    if let Some(p) = web_sys::window().and_then(|w| w.performance()) {
+        let _ = p.mark(name);
     }
 }
 

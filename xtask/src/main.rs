@@ -15,9 +15,10 @@ fn main() -> ExitCode {
         Some("bench-relay") => bench_relay(&args[1..]),
         Some("run") => run(),
         Some("bench") => bench(),
+        Some("bench-desk") => bench_desk(),
         Some("fuzz") => fuzz(&args[1..]),
         Some("sim") => sim(&args[1..]),
-        _ => Err("usage: cargo xtask <test|run|bench|bench-relay|fuzz|sim>\n  test   install what is missing, then fmt, clippy, wasm build, all tests and 30 s of fuzzing per target\n  run    the product on demo data\n  bench  the replica benchmark (10k conversations, 500k messages)\n  bench-relay [--quota CORES] [--scale-out]  the relay benchmark against the reference server, and scale-out on PostgreSQL with each instance held to CORES of CPU (default 0.25; 0: uncapped); --scale-out: only scale-out\n  fuzz [--seconds N] [TARGET]  each fuzz target (or TARGET) for N seconds (default 60), one at a time\n  sim [--seeds N] [--first S] [--seed S]  the seeded simulator of the sync protocol on N seeds (default 10,000), or one seed with its whole trace".to_owned()),
+        _ => Err("usage: cargo xtask <test|run|bench|bench-desk|bench-relay|fuzz|sim>\n  test   install what is missing, then fmt, clippy, wasm build, all tests and 30 s of fuzzing per target\n  run    the product on demo data\n  bench  the replica benchmark (10k conversations, 500k messages)\n  bench-desk  the desktop app at 10k conversations, timed in its window (release build, Xvfb)\n  bench-relay [--quota CORES] [--scale-out]  the relay benchmark against the reference server, and scale-out on PostgreSQL with each instance held to CORES of CPU (default 0.25; 0: uncapped); --scale-out: only scale-out\n  fuzz [--seconds N] [TARGET]  each fuzz target (or TARGET) for N seconds (default 60), one at a time\n  sim [--seeds N] [--first S] [--seed S]  the seeded simulator of the sync protocol on N seeds (default 10,000), or one seed with its whole trace".to_owned()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -425,6 +426,58 @@ fn serve_demo_page(listener: std::net::TcpListener, page: String) {
 /// by `tests/e2e/desk_e2e.py` (selenium in a virtualenv), against a real relay.
 fn e2e() -> Result {
     cargo(&["build", "-p", "sync-server", "-p", "crewdesk-desktop", "--features", "crewdesk-desktop/custom-protocol"])?;
+    let artifacts = root().join("artifacts");
+    let artifacts = artifacts.to_str().unwrap_or("artifacts");
+    desktop_script("desk_e2e.py", "debug", &["--artifacts", artifacts])?;
+    // The desk at 10,000 conversations: scroll to the last row, search, open, reconnect.
+    desktop_script("desk_scale.py", "debug", &["--artifacts", artifacts])
+}
+
+/// `cargo xtask bench-desk`: the desktop app measured at 10,000 conversations / 500,000 messages
+/// (release build) in its window, printed against the targets.
+fn bench_desk() -> Result {
+    prerequisites()?;
+    println!("\n==> trunk build --release (ui)");
+    let status = Command::new("trunk")
+        .args(["build", "--release"])
+        .env("CARGO_TARGET_DIR", target_dir())
+        .current_dir(root().join("ui"))
+        .status()
+        .map_err(|e| format!("could not start trunk: {e}"))?;
+    if !status.success() {
+        return Err("the UI build failed".into());
+    }
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "sync-server",
+        "-p",
+        "crewdesk-desktop",
+        "--features",
+        "crewdesk-desktop/custom-protocol",
+    ])?;
+    let artifacts = root().join("target/bench-desk");
+    std::fs::create_dir_all(&artifacts).map_err(|e| e.to_string())?;
+    let json = artifacts.join("figures.json");
+    desktop_script(
+        "desk_scale.py",
+        "release",
+        &[
+            "--bench",
+            "--build",
+            "release",
+            "--artifacts",
+            artifacts.to_str().unwrap_or("target"),
+            "--json",
+            json.to_str().unwrap_or("figures.json"),
+        ],
+    )
+}
+
+/// Runs one of the desktop scripts of `tests/e2e/` (Python, Selenium) under Xvfb against the
+/// `profile` build of the app and the relay, with tauri-driver.
+fn desktop_script(script: &str, profile: &str, extra: &[&str]) -> Result {
     let venv = home_cache().join("crewdesk-e2e-venv");
     let python = venv.join("bin/python");
     if !python.exists() {
@@ -433,19 +486,18 @@ fn e2e() -> Result {
     if output_ok(python.to_str().unwrap_or("python3"), &["-c", "import selenium"]).is_none() {
         step(python.to_str().unwrap_or("python3"), &["-m", "pip", "install", "--quiet", "selenium==4.27.1"], &[])?;
     }
-    let bin = target_dir().join("debug");
+    let bin = target_dir().join(profile);
     let driver = if output_ok("tauri-driver", &["--help"]).is_some() {
         PathBuf::from("tauri-driver")
     } else {
         cargo_bin("tauri-driver")
     };
-    let artifacts = root().join("artifacts");
     // Under a session bus with an unlocked gnome-keyring (a real Secret Service), the desktop keeps
     // its token there; the E2E checks it (CREWDESK_E2E_KEYRING). Without them it checks the file.
     let keyring = output_ok("gnome-keyring-daemon", &["--version"]).is_some()
         && output_ok("dbus-run-session", &["--version"]).is_some();
     let session = "printf crewdesk-e2e | gnome-keyring-daemon --unlock --components=secrets >/dev/null && exec \"$@\"";
-    let (script, app, relay) = (root().join("tests/e2e/desk_e2e.py"), bin.join("crewdesk"), bin.join("sync-server"));
+    let (script, app, relay) = (root().join("tests/e2e").join(script), bin.join("crewdesk"), bin.join("sync-server"));
     let (program, mut e2e_args) = match keyring {
         true => ("dbus-run-session", vec!["--", "sh", "-c", session, "sh", "xvfb-run"]),
         false => ("xvfb-run", Vec::new()),
@@ -462,9 +514,8 @@ fn e2e() -> Result {
         relay.to_str().unwrap_or(""),
         "--driver",
         driver.to_str().unwrap_or("tauri-driver"),
-        "--artifacts",
-        artifacts.to_str().unwrap_or("artifacts"),
     ]);
+    e2e_args.extend(extra);
     step(program, &e2e_args, &[("CREWDESK_E2E_KEYRING", if keyring { "1" } else { "0" })])
 }
 
