@@ -99,7 +99,9 @@ pub fn open(app: &AppHandle, mut settings: Settings, remember: bool) -> CommandR
         crate::settings::save(&settings_path(app)?, &crate::settings::OsKeyring, &mut settings)?;
     }
     let dir = data_dir(app)?;
+    let opening = std::time::Instant::now();
     let replica = Replica::open(replica_path(&dir, &settings.agent), settings.agent.clone())?;
+    tracing::info!(ms = opening.elapsed().as_millis() as u64, "replica opened");
     let replica: SharedReplica = Arc::new(Mutex::new(replica));
     let (events, rx) = tokio::sync::mpsc::channel(4096);
     let mut config = ClientConfig::new(&settings.relay_url, &settings.token);

@@ -114,7 +114,7 @@ struct ChangedIds {
 }
 
 /// Rows asked for at once: the list shows a window of the whole result around what is on screen.
-pub const PAGE: usize = 200;
+pub const PAGE: usize = 64;
 
 impl Desk {
     /// Moves the window so that row `index` is inside it (with rows before and after).
@@ -255,6 +255,11 @@ struct ListArgs<'a> {
 
 /// Runs a command and reports its error, if any, in the error bar.
 pub fn run_command<A: Serialize + 'static>(desk: &DeskHandle, cmd: &'static str, args: A) {
+    run_command_by(&desk.dispatcher(), cmd, args);
+}
+
+/// [`run_command`] for a component that holds only the desk's dispatcher.
+pub fn run_command_by<A: Serialize + 'static>(desk: &UseReducerDispatcher<Desk>, cmd: &'static str, args: A) {
     let desk = desk.clone();
     wasm_bindgen_futures::spawn_local(async move {
         match call::<A, serde::de::IgnoredAny>(cmd, &args).await {
@@ -333,25 +338,39 @@ fn app() -> Html {
         let key = (desk.revision, desk.filter.clone(), desk.search.clone());
         use_effect_with(key, move |(revision, filter, search)| {
             let (revision, filter, search) = (*revision, filter.clone(), search.clone());
+            // Signed in already: the list is asked for at once, beside the session (which only
+            // changes on sign-in, sign-out and team changes). Otherwise after the session says so.
+            let signed_in = desk.session.signed_in;
+            let load = {
+                let desk = desk.clone();
+                async move {
+                    match call::<_, ListView>("list", &ListArgs { filter: &filter, search: &search }).await {
+                        Ok(l) => desk.dispatch(Action::Loaded(revision, Box::new(l))),
+                        Err(e) => desk.dispatch(Action::Error(Some(e))),
+                    }
+                    if let Ok(n) = call::<_, Vec<NotificationView>>("notifications", &NoArgs {}).await {
+                        desk.dispatch(Action::Notifications(revision, n));
+                    }
+                    if let Ok(s) = call::<_, SyncStatus>("sync_status", &NoArgs {}).await {
+                        desk.dispatch(Action::Sync(s));
+                    }
+                }
+            };
+            let later = if signed_in {
+                wasm_bindgen_futures::spawn_local(load);
+                None
+            } else {
+                Some(load)
+            };
             wasm_bindgen_futures::spawn_local(async move {
                 if let Ok(s) = call::<_, SessionView>("session", &NoArgs {}).await {
-                    let signed_in = s.signed_in;
+                    let now_signed_in = s.signed_in;
                     if s != desk.session {
                         desk.dispatch(Action::Session(Box::new(s)));
                     }
-                    if !signed_in {
-                        return;
+                    if let Some(load) = later.filter(|_| now_signed_in) {
+                        load.await;
                     }
-                }
-                match call::<_, ListView>("list", &ListArgs { filter: &filter, search: &search }).await {
-                    Ok(l) => desk.dispatch(Action::Loaded(revision, Box::new(l))),
-                    Err(e) => desk.dispatch(Action::Error(Some(e))),
-                }
-                if let Ok(n) = call::<_, Vec<NotificationView>>("notifications", &NoArgs {}).await {
-                    desk.dispatch(Action::Notifications(revision, n));
-                }
-                if let Ok(s) = call::<_, SyncStatus>("sync_status", &NoArgs {}).await {
-                    desk.dispatch(Action::Sync(s));
                 }
             });
             || ()

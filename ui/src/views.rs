@@ -396,7 +396,10 @@ pub fn list_pane(props: &DeskProps) -> Html {
                 aria-rowcount={total.to_string()}>
                 if rows.is_empty() { <li class="empty muted">{ "No conversations here." }</li> }
                 if offset > 0 { <li class="spacer" aria-hidden="true" style={format!("height: {}px", offset * ROW_HEIGHT)}></li> }
-                { for rows.iter().enumerate().map(|(i, r)| html! { <Row desk={desk.clone()} row={r.clone()} cursor={offset + i == desk.cursor} index={offset + i} /> }) }
+                { for rows.iter().enumerate().map(|(i, r)| {
+                    let selected = desk.selected.as_deref() == Some(r.summary.id.0.as_str());
+                    html! { <Row key={r.summary.id.0.clone()} dispatch={desk.dispatcher()} row={r.clone()} cursor={offset + i == desk.cursor} {selected} index={offset + i} /> }
+                }) }
                 if total > offset + rows.len() {
                     <li class="spacer" aria-hidden="true" style={format!("height: {}px", (total - offset - rows.len()) * ROW_HEIGHT)}></li>
                 }
@@ -415,11 +418,13 @@ pub fn focus(id: &str) {
     }
 }
 
+/// A row is drawn again only when what it shows changes (not on every change of the desk).
 #[derive(Properties, PartialEq)]
 struct RowProps {
-    desk: DeskHandle,
+    dispatch: yew::UseReducerDispatcher<crate::Desk>,
     row: RowView,
     cursor: bool,
+    selected: bool,
     /// Its place in the whole list (for assistive technology: "row 4,512 of 7,000").
     index: usize,
 }
@@ -430,15 +435,15 @@ fn row(props: &RowProps) -> Html {
     let s = &r.summary;
     let id = s.id.0.clone();
     let open = {
-        let (d, id) = (props.desk.clone(), id.clone());
+        let (d, id) = (props.dispatch.clone(), id.clone());
         Callback::from(move |_| d.dispatch(Action::Open(id.clone())))
     };
     let join = r.join.map(|kind| {
-        let (d, id) = (props.desk.clone(), id.clone());
+        let (d, id) = (props.dispatch.clone(), id.clone());
         let label = if kind == JoinKind::Grab { "GRAB" } else { "JOIN" };
-        html! { <button class="join" onclick={Callback::from(move |e: MouseEvent| { e.stop_propagation(); run_command(&d, "join", OwnedId { id: id.clone() }) })}>{ label }</button> }
+        html! { <button class="join" onclick={Callback::from(move |e: MouseEvent| { e.stop_propagation(); crate::run_command_by(&d, "join", OwnedId { id: id.clone() }) })}>{ label }</button> }
     });
-    let selected = props.desk.selected.as_deref() == Some(id.as_str());
+    let selected = props.selected;
     html! {
         <li class={classes!("row", props.cursor.then_some("cursor"), selected.then_some("selected"))} onclick={open} data-id={id.clone()}
             aria-rowindex={(props.index + 1).to_string()}>
@@ -618,6 +623,9 @@ struct ViewProps {
     view: DetailView,
 }
 
+/// Messages drawn when a conversation opens, and added by each "Show earlier messages".
+const MESSAGES_SHOWN: usize = 100;
+
 #[function_component(Messages)]
 fn messages(props: &ViewProps) -> Html {
     let v = &props.view;
@@ -635,9 +643,32 @@ fn messages(props: &ViewProps) -> Html {
             || ()
         });
     }
+    // The newest messages are drawn; older ones a batch at a time on request (a conversation of
+    // thousands opens as fast as a short one).
+    let shown = use_state(|| MESSAGES_SHOWN);
+    {
+        let shown = shown.clone();
+        use_effect_with(v.row.summary.id.0.clone(), move |_| {
+            shown.set(MESSAGES_SHOWN);
+            || ()
+        });
+    }
+    let first = v.messages.len().saturating_sub(*shown);
+    let earlier = (first > 0).then(|| {
+        let shown = shown.clone();
+        let more = Callback::from(move |_: MouseEvent| shown.set(*shown + MESSAGES_SHOWN));
+        html! {
+            <li class="earlier">
+                <button id="show-earlier" class="link" onclick={more}>
+                    { format!("Show {} earlier messages ({first} in all)", first.min(MESSAGES_SHOWN)) }
+                </button>
+            </li>
+        }
+    });
     html! {
         <ol class="messages" ref={list_ref}>
-            { for v.messages.iter().map(|m| {
+            { for earlier }
+            { for v.messages[first..].iter().map(|m| {
                 let (class, who) = match &m.author {
                     Author::Customer => ("msg customer", v.row.summary.customer.name.clone()),
                     Author::Crew { .. } if m.body.handed_to().is_some() => ("msg handover", "↪ Hand-over".to_owned()),
