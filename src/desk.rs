@@ -32,6 +32,10 @@ pub struct SessionView {
     /// Where the desktop keeps the agent's token.
     #[serde(default)]
     pub token_kept: Option<TokenKept>,
+    /// Not signed in yet: the desk of an earlier sign-in is being opened (the window says so
+    /// instead of showing the sign-in form).
+    #[serde(default)]
+    pub opening: bool,
 }
 
 /// Where the desktop keeps the agent's token between runs.
@@ -96,6 +100,9 @@ pub struct DetailView {
     /// The colleagues ↪ TRANSFER may hand this conversation to (empty: not offered).
     #[serde(default)]
     pub transfer_to: Vec<CrewMember>,
+    /// Older messages not in `messages` (the desk asked for the newest only).
+    #[serde(default)]
+    pub earlier: usize,
 }
 
 /// A message the relay refused (the rules changed while the agent was offline).
@@ -179,6 +186,7 @@ pub fn detail_view(row: RowView, messages: Vec<Message>, team: &Team, agent: &Ag
             .into_iter()
             .map(|a| CrewMember { id: a.clone(), name: name_of(a) })
             .collect(),
+        earlier: 0,
         team_mode: team.mode,
         messages,
         row,

@@ -31,12 +31,15 @@ fn session_of(desk: Option<&Desk>) -> SessionView {
             in_keyring: desk.settings.token_in == crate::settings::TokenIn::Keyring,
             note: desk.settings.token_note.clone(),
         }),
+        opening: false,
     }
 }
 
 #[tauri::command]
 pub async fn session(state: State<'_, AppState>) -> CommandResult<SessionView> {
-    Ok(session_of(state.desk.lock().await.as_deref()))
+    let mut view = session_of(state.desk.lock().await.as_deref());
+    view.opening = !view.signed_in && state.opening.load(std::sync::atomic::Ordering::SeqCst);
+    Ok(view)
 }
 
 /// First run: checks the relay address and token with the relay, remembers them, opens the desk.
@@ -122,7 +125,11 @@ pub async fn notifications(state: State<'_, AppState>) -> CommandResult<Vec<Noti
 }
 
 #[tauri::command]
-pub async fn conversation(state: State<'_, AppState>, id: ConversationId) -> CommandResult<DetailView> {
+pub async fn conversation(
+    state: State<'_, AppState>,
+    id: ConversationId,
+    newest: Option<usize>,
+) -> CommandResult<DetailView> {
     let desk = current(&state).await?;
     let now = Timestamp::now();
     let mut r = desk.lock();
@@ -139,6 +146,11 @@ pub async fn conversation(state: State<'_, AppState>, id: ConversationId) -> Com
         .into_iter()
         .map(|u| crewdesk::desk::Undelivered { retrying: u.state == "retry", message: u.message, reason: u.reason })
         .collect();
+    // Only the newest messages, when the window asks for them (the rest on "Show earlier").
+    if let Some(newest) = newest {
+        view.earlier = view.messages.len().saturating_sub(newest);
+        view.messages.drain(..view.earlier);
+    }
     Ok(view)
 }
 

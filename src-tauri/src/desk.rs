@@ -34,6 +34,8 @@ impl Desk {
 #[derive(Default)]
 pub struct AppState {
     pub desk: tokio::sync::Mutex<Option<Arc<Desk>>>,
+    /// The desk of an earlier sign-in is being opened at start.
+    pub opening: std::sync::atomic::AtomicBool,
 }
 
 fn settings_path(app: &AppHandle) -> CommandResult<PathBuf> {
@@ -169,8 +171,9 @@ pub fn emit_changed(app: &AppHandle, ids: Vec<ConversationId>) {
     let _ = app.emit("desk-changed", Changed { ids });
 }
 
-/// How long changes are gathered before the window hears of them (one event for the lot).
-const CHANGES_GATHERED: std::time::Duration = std::time::Duration::from_millis(50);
+/// The shortest time between two change events to the window (changes meanwhile are gathered
+/// into the next one).
+const CHANGES_GATHERED: std::time::Duration = std::time::Duration::from_millis(300);
 
 fn spawn_forwarders(
     app: AppHandle,
@@ -181,10 +184,13 @@ fn spawn_forwarders(
     let notifier = Arc::new(Mutex::new(notifier));
     let (app2, desk2, notifier2) = (app.clone(), desk.clone(), notifier.clone());
     tauri::async_runtime::spawn(async move {
-        // Changes reach the window as one event per burst, at most one per CHANGES_GATHERED: a
-        // reconnect that brings thousands of changes redraws the list a few times, not thousands.
+        // Changes reach the window at once when it has heard nothing for a while, else gathered
+        // into one event per CHANGES_GATHERED: a reconnect that brings thousands of changes redraws
+        // the list a few times a second, not thousands of times.
         let mut gathered = std::collections::BTreeSet::<ConversationId>::new();
         let mut flush_at = tokio::time::Instant::now();
+        let mut last_emit =
+            tokio::time::Instant::now().checked_sub(CHANGES_GATHERED).unwrap_or_else(tokio::time::Instant::now);
         loop {
             let event = if gathered.is_empty() {
                 rx.recv().await
@@ -193,6 +199,7 @@ fn spawn_forwarders(
                     Ok(event) => event,
                     Err(_) => {
                         emit_changed(&app, std::mem::take(&mut gathered).into_iter().collect());
+                        last_emit = tokio::time::Instant::now();
                         continue;
                     }
                 }
@@ -202,7 +209,7 @@ fn spawn_forwarders(
                 SessionEvent::Changed(id) => {
                     notifier.lock().unwrap_or_else(|p| p.into_inner()).conversation_changed(&desk, &id);
                     if gathered.is_empty() {
-                        flush_at = tokio::time::Instant::now() + CHANGES_GATHERED;
+                        flush_at = last_emit + CHANGES_GATHERED;
                     }
                     gathered.insert(id);
                 }

@@ -22,7 +22,13 @@ pub fn run() {
         .manage(AppState::default())
         .setup(|app| {
             let handle = app.handle().clone();
-            tauri::async_runtime::spawn(async move { restore(handle).await });
+            app.state::<AppState>().opening.store(true, std::sync::atomic::Ordering::SeqCst);
+            tauri::async_runtime::spawn(async move {
+                restore(&handle).await;
+                // Opened or not, the window asks again who is signed in.
+                handle.state::<AppState>().opening.store(false, std::sync::atomic::Ordering::SeqCst);
+                desk::emit_changed(&handle, Vec::new());
+            });
             #[cfg(desktop)]
             if let Some(window) = app.get_webview_window("main") {
                 let _ = window.set_title("Crewdesk");
@@ -64,24 +70,34 @@ pub fn run() {
 /// Opens the desk without asking when possible: from `CREWDESK_RELAY_URL` + `CREWDESK_TOKEN`
 /// (the run command and the E2E tests), else from the settings of an earlier sign-in (works
 /// offline). Otherwise the window shows the sign-in form.
-async fn restore(app: tauri::AppHandle) {
-    let from_env = match (std::env::var("CREWDESK_RELAY_URL"), std::env::var("CREWDESK_TOKEN")) {
-        (Ok(url), Ok(token)) => match desk::who_am_i(&url, &token).await {
-            Ok((agent, agent_name)) => Some(Settings::new(&url, &token, agent, agent_name)),
-            Err(e) => {
-                tracing::warn!(%e, "CREWDESK_RELAY_URL/CREWDESK_TOKEN rejected; falling back to saved settings");
-                None
-            }
-        },
+async fn restore(app: &tauri::AppHandle) {
+    let env = match (std::env::var("CREWDESK_RELAY_URL"), std::env::var("CREWDESK_TOKEN")) {
+        (Ok(url), Ok(token)) => Some((url, token)),
         _ => None,
     };
-    let remember = from_env.is_some();
-    let Some(settings) = from_env.or_else(|| desk::load_settings(&app)) else { return };
-    match desk::open(&app, settings, remember) {
+    let saved = desk::load_settings(app);
+    // The relay and token of the last sign-in: the desk opens at once from the replica, without
+    // waiting for the relay to answer first (it may be far, or unreachable).
+    let same = |s: &Settings, (url, token): &(String, String)| {
+        s.relay_url == url.trim().trim_end_matches('/') && s.token == token.trim()
+    };
+    let (settings, remember) = match (env, saved) {
+        (Some(env), Some(saved)) if same(&saved, &env) => (saved, false),
+        (Some((url, token)), saved) => match desk::who_am_i(&url, &token).await {
+            Ok((agent, agent_name)) => (Settings::new(&url, &token, agent, agent_name), true),
+            Err(e) => {
+                tracing::warn!(%e, "CREWDESK_RELAY_URL/CREWDESK_TOKEN rejected; falling back to saved settings");
+                let Some(saved) = saved else { return };
+                (saved, false)
+            }
+        },
+        (None, Some(saved)) => (saved, false),
+        (None, None) => return,
+    };
+    match desk::open(app, settings, remember) {
         Ok(opened) => {
             let state = app.state::<AppState>();
             *state.desk.lock().await = Some(opened);
-            desk::emit_changed(&app, Vec::new());
         }
         Err(e) => tracing::error!(%e, "cannot open the replica"),
     }

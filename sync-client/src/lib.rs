@@ -27,6 +27,9 @@ pub struct SyncStatus {
     /// The relay refused the token (revoked, or unknown): the driver stopped and does not retry
     /// until the agent signs in again (a new `SyncClient` with a new token).
     pub signed_out: bool,
+    /// Conversations still to compare with the relay after connecting (each is offered once).
+    #[serde(default)]
+    pub checking: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +155,8 @@ fn lock(replica: &SharedReplica) -> std::sync::MutexGuard<'_, Replica> {
 
 /// Conversations offered in a row after connecting before the relay's frames are read again.
 const OFFER_BATCH: usize = 16;
+/// How often the count of conversations still to check is published while connecting.
+const CHECKING_STEP: usize = 512;
 
 async fn drive(
     config: ClientConfig,
@@ -281,6 +286,7 @@ async fn session(
     // read while the offers go out.
     let mut to_offer: std::collections::VecDeque<ConversationId> =
         ClientSession::to_offer(&lock(replica), &documents)?.into();
+    set_checking(status, to_offer.len());
     publish(status, replica, true, None);
     let (retry_tx, mut retry_rx) = mpsc::channel::<ConversationId>(256);
     loop {
@@ -356,6 +362,10 @@ async fn session(
                         send(&mut sink, m).await?;
                     }
                 }
+                // The count shown moves in steps (each step is an event to the window).
+                if to_offer.len() % CHECKING_STEP < OFFER_BATCH || to_offer.is_empty() {
+                    set_checking(status, to_offer.len());
+                }
                 if to_offer.is_empty() {
                     publish(status, replica, true, None);
                 }
@@ -374,11 +384,16 @@ fn publish(status: &watch::Sender<SyncStatus>, replica: &SharedReplica, connecte
             pending_uploads,
             last_error: error.or_else(|| st.last_error.clone()),
             signed_out: st.signed_out,
+            checking: if connected { st.checking } else { 0 },
         };
         let modified = *st != next;
         *st = next;
         modified
     });
+}
+
+fn set_checking(status: &watch::Sender<SyncStatus>, n: usize) {
+    status.send_if_modified(|st| std::mem::replace(&mut st.checking, n) != n);
 }
 
 async fn send<S>(sink: &mut S, m: WireMessage) -> Result<(), ClientError>

@@ -27,11 +27,6 @@ pub async fn call<A: Serialize, R: DeserializeOwned>(cmd: &str, args: &A) -> Res
 #[derive(Serialize)]
 pub struct NoArgs {}
 
-#[derive(Serialize)]
-pub struct IdArgs<'a> {
-    pub id: &'a str,
-}
-
 /// Subscribes to a shell event for the life of the page.
 pub fn listen(event: &'static str, mut handler: impl FnMut(JsValue) + 'static) {
     let closure = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {

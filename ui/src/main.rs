@@ -5,7 +5,7 @@ mod api;
 mod templates;
 mod views;
 
-use api::{IdArgs, NoArgs, call};
+use api::{NoArgs, call};
 use crewdesk::desk::{DetailView, ListView, NotificationView, SessionView};
 use crewdesk::domain::Channel;
 use crewdesk::domain::filter::{Filter, Selection, Sort};
@@ -24,6 +24,9 @@ pub struct SyncStatus {
     /// The relay signed this desk out (its token was revoked): sync has stopped.
     #[serde(default)]
     pub signed_out: bool,
+    /// Conversations still to compare with the relay after connecting.
+    #[serde(default)]
+    pub checking: usize,
 }
 
 #[derive(Clone, PartialEq)]
@@ -44,6 +47,8 @@ pub struct Desk {
     pub detail_failures: u32,
     /// Bumped to read the open conversation again without reloading everything else.
     pub detail_retry: u32,
+    /// How many of the open conversation's newest messages are asked for ("Show earlier" adds more).
+    pub detail_newest: usize,
     pub notifications: Vec<NotificationView>,
     pub sync: SyncStatus,
     pub error: Option<String>,
@@ -79,6 +84,8 @@ pub enum Action {
     Detail(u64, String, Result<Box<DetailView>, String>),
     /// Reads the open conversation again (after a failure).
     RetryDetail,
+    /// Draws older messages of the open conversation too.
+    ShowEarlier,
     /// Leaves the open conversation (the back button on narrow screens).
     Close,
     Notifications(u64, Vec<NotificationView>),
@@ -179,6 +186,7 @@ impl Reducible for Desk {
                 if d.selected.as_deref() != Some(id.as_str()) {
                     d.detail_error = None;
                     d.detail_failures = 0;
+                    d.detail_newest = MESSAGES_SHOWN;
                 }
                 d.selected = Some(id);
             }
@@ -212,6 +220,7 @@ impl Reducible for Desk {
                 }
             }
             Action::RetryDetail => d.detail_retry += 1,
+            Action::ShowEarlier => d.detail_newest += MESSAGES_SHOWN,
             Action::Close => {
                 d.selected = None;
                 d.detail = None;
@@ -248,6 +257,15 @@ const DETAIL_RETRY_MS: u32 = 1_000;
 pub type DeskHandle = UseReducerHandle<Desk>;
 
 #[derive(Serialize)]
+struct DetailArgs<'a> {
+    id: &'a str,
+    newest: usize,
+}
+
+/// Messages drawn when a conversation opens, and added by each "Show earlier messages".
+pub const MESSAGES_SHOWN: usize = 100;
+
+#[derive(Serialize)]
 struct ListArgs<'a> {
     filter: &'a Filter,
     search: &'a str,
@@ -273,7 +291,8 @@ pub fn run_command_by<A: Serialize + 'static>(desk: &UseReducerDispatcher<Desk>,
 #[function_component(App)]
 fn app() -> Html {
     let desk = use_reducer(|| Desk {
-        session: SessionView::default(),
+        // Until the shell answers: "Opening your desk…", not a sign-in form that flashes by.
+        session: SessionView { opening: true, ..SessionView::default() },
         filter: Filter { limit: PAGE, ..Filter::default() },
         search: String::new(),
         list: None,
@@ -284,6 +303,7 @@ fn app() -> Html {
         detail_seq: 0,
         detail_failures: 0,
         detail_retry: 0,
+        detail_newest: MESSAGES_SHOWN,
         notifications: Vec::new(),
         sync: SyncStatus::default(),
         error: None,
@@ -382,8 +402,9 @@ fn app() -> Html {
     {
         let desk = desk.clone();
         let asked = use_mut_ref(|| 0u64);
-        let key = (desk.detail_revision, desk.selected.clone(), desk.detail_retry);
-        use_effect_with(key, move |(_, selected, _)| {
+        let key = (desk.detail_revision, desk.selected.clone(), desk.detail_retry, desk.detail_newest);
+        use_effect_with(key, move |(_, selected, _, newest)| {
+            let newest = *newest;
             if let Some(id) = selected.clone() {
                 let seq = {
                     let mut n = asked.borrow_mut();
@@ -391,7 +412,7 @@ fn app() -> Html {
                     *n
                 };
                 wasm_bindgen_futures::spawn_local(async move {
-                    let answer = call::<_, DetailView>("conversation", &IdArgs { id: &id }).await;
+                    let answer = call::<_, DetailView>("conversation", &DetailArgs { id: &id, newest }).await;
                     let failed = answer.is_err();
                     desk.dispatch(Action::Detail(seq, id, answer.map(Box::new)));
                     if failed && desk.detail_failures < DETAIL_RETRIES {
@@ -430,6 +451,9 @@ fn app() -> Html {
         });
     }
 
+    if desk.session.opening {
+        return html! { <div class="opening muted" role="status">{ "Opening your desk…" }</div> };
+    }
     if !desk.session.signed_in {
         return html! { <views::SignIn desk={desk.clone()} /> };
     }

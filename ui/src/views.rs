@@ -210,6 +210,9 @@ fn sync_badge(props: &DeskProps) -> Html {
         (false, 0) => ("sync offline", "Offline".to_owned()),
         (false, n) => ("sync offline", format!("Offline · {n} not synced")),
     };
+    if s.connected && s.checking > 0 {
+        text.push_str(&format!(" · checking {} conversations", s.checking));
+    }
     match s.pending_uploads {
         0 => {}
         1 => text.push_str(" · 1 file to upload"),
@@ -398,7 +401,7 @@ pub fn list_pane(props: &DeskProps) -> Html {
                 if offset > 0 { <li class="spacer" aria-hidden="true" style={format!("height: {}px", offset * ROW_HEIGHT)}></li> }
                 { for rows.iter().enumerate().map(|(i, r)| {
                     let selected = desk.selected.as_deref() == Some(r.summary.id.0.as_str());
-                    html! { <Row key={r.summary.id.0.clone()} dispatch={desk.dispatcher()} row={r.clone()} cursor={offset + i == desk.cursor} {selected} index={offset + i} /> }
+                    html! { <Row dispatch={desk.dispatcher()} row={r.clone()} cursor={offset + i == desk.cursor} {selected} index={offset + i} /> }
                 }) }
                 if total > offset + rows.len() {
                     <li class="spacer" aria-hidden="true" style={format!("height: {}px", (total - offset - rows.len()) * ROW_HEIGHT)}></li>
@@ -592,7 +595,7 @@ pub fn conversation_pane(props: &DeskProps) -> Html {
                 </div>
             }
             if *editing { <CustomerForm desk={desk.clone()} view={v.clone()} done={{ let e = editing.clone(); Callback::from(move |_| e.set(false)) }} /> }
-            <Messages view={v.clone()} />
+            <Messages view={v.clone()} dispatch={desk.dispatcher()} />
             <UndeliveredList desk={desk.clone()} view={v.clone()} />
             if let Some((_, text, _)) = desk.typing.as_ref().filter(|t| t.0 == v.row.summary.id.0) {
                 <p id="typing" class="typing small muted" aria-live="polite">{ text.clone() }</p>
@@ -621,10 +624,8 @@ fn format_time(ms: i64) -> String {
 #[derive(Properties, PartialEq)]
 struct ViewProps {
     view: DetailView,
+    dispatch: yew::UseReducerDispatcher<crate::Desk>,
 }
-
-/// Messages drawn when a conversation opens, and added by each "Show earlier messages".
-const MESSAGES_SHOWN: usize = 100;
 
 #[function_component(Messages)]
 fn messages(props: &ViewProps) -> Html {
@@ -634,33 +635,26 @@ fn messages(props: &ViewProps) -> Html {
     };
     let list_ref = use_node_ref();
     {
+        // To the newest message when the conversation opens and when a new one arrives (not when
+        // earlier messages are added above).
         let list_ref = list_ref.clone();
-        let n = v.messages.len();
-        use_effect_with(n, move |_| {
+        let newest = (v.row.summary.id.0.clone(), v.messages.last().map(|m| m.id.clone()));
+        use_effect_with(newest, move |_| {
             if let Some(el) = list_ref.cast::<web_sys::Element>() {
                 el.set_scroll_top(el.scroll_height());
             }
             || ()
         });
     }
-    // The newest messages are drawn; older ones a batch at a time on request (a conversation of
-    // thousands opens as fast as a short one).
-    let shown = use_state(|| MESSAGES_SHOWN);
-    {
-        let shown = shown.clone();
-        use_effect_with(v.row.summary.id.0.clone(), move |_| {
-            shown.set(MESSAGES_SHOWN);
-            || ()
-        });
-    }
-    let first = v.messages.len().saturating_sub(*shown);
-    let earlier = (first > 0).then(|| {
-        let shown = shown.clone();
-        let more = Callback::from(move |_: MouseEvent| shown.set(*shown + MESSAGES_SHOWN));
+    // The newest messages are asked for and drawn; older ones a batch at a time on request (a
+    // conversation of thousands opens as fast as a short one).
+    let earlier = (v.earlier > 0).then(|| {
+        let d = props.dispatch.clone();
+        let more = Callback::from(move |_: MouseEvent| d.dispatch(Action::ShowEarlier));
         html! {
             <li class="earlier">
                 <button id="show-earlier" class="link" onclick={more}>
-                    { format!("Show {} earlier messages ({first} in all)", first.min(MESSAGES_SHOWN)) }
+                    { format!("Show {} earlier messages ({} in all)", v.earlier.min(crate::MESSAGES_SHOWN), v.earlier) }
                 </button>
             </li>
         }
@@ -668,7 +662,7 @@ fn messages(props: &ViewProps) -> Html {
     html! {
         <ol class="messages" ref={list_ref}>
             { for earlier }
-            { for v.messages[first..].iter().map(|m| {
+            { for v.messages.iter().map(|m| {
                 let (class, who) = match &m.author {
                     Author::Customer => ("msg customer", v.row.summary.customer.name.clone()),
                     Author::Crew { .. } if m.body.handed_to().is_some() => ("msg handover", "↪ Hand-over".to_owned()),
