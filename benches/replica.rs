@@ -10,7 +10,7 @@
 use crewdesk::demo::{self, DemoSpec};
 use crewdesk::domain::filter::{Filter, Selection, View};
 use crewdesk::domain::status::Status;
-use crewdesk::domain::{AgentId, ConversationId, MessageBody, Timestamp};
+use crewdesk::domain::{AgentId, MessageBody, Timestamp};
 use crewdesk::replica::Replica;
 use std::time::{Duration, Instant};
 

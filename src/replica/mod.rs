@@ -281,6 +281,10 @@ impl Replica {
     /// Marks a conversation as read up to its current messages.
     pub fn mark_read(&mut self, id: &ConversationId) -> Result<(), ReplicaError> {
         let count = self.visible(id)?.1.message_count;
+        // Opening a conversation already read writes nothing (no commit, no fsync on the way).
+        if store::seen_of(&self.conn, id)?.is_some_and(|seen| seen >= count) {
+            return Ok(());
+        }
         store::mark_seen(&self.conn, id, count)
     }
 

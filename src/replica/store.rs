@@ -242,6 +242,11 @@ pub fn seen(conn: &Connection) -> Result<std::collections::HashMap<ConversationI
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+pub fn seen_of(conn: &Connection, id: &ConversationId) -> Result<Option<u32>, ReplicaError> {
+    let mut stmt = conn.prepare_cached("SELECT seen FROM reads WHERE doc_id = ?1")?;
+    Ok(stmt.query_row([id.as_str()], |r| r.get::<_, u32>(0)).optional()?)
+}
+
 pub fn mark_seen(conn: &Connection, id: &ConversationId, count: u32) -> Result<(), ReplicaError> {
     conn.execute(
         "INSERT INTO reads (doc_id, seen) VALUES (?1, ?2) ON CONFLICT (doc_id) DO UPDATE SET seen = max(seen, excluded.seen)",

@@ -276,13 +276,18 @@ class App:
             self.driver_proc.wait(10)
 
 
-def main():
+def arguments():
+    """The flags every desktop script takes: the app, the relay, the driver and where screenshots go."""
     p = argparse.ArgumentParser()
     p.add_argument("--app", required=True)
     p.add_argument("--relay", required=True)
     p.add_argument("--driver", default="tauri-driver")
     p.add_argument("--artifacts", default="artifacts")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = arguments().parse_args()
     os.makedirs(args.artifacts, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="crewdesk-e2e-")
     smtp = SmtpSink()
