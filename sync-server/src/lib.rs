@@ -4,6 +4,7 @@
 //! never advertises heads it has not fsynced, and decides grabs.
 
 mod blobs;
+pub mod email;
 pub mod demo_customers;
 mod geoip;
 mod images;

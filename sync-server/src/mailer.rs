@@ -4,9 +4,16 @@
 //! message is marked sent only after the SMTP server accepted it. A crew file goes with its email,
 //! once the sender's app has uploaded it (up to 10 MiB of files per email; larger ones, and files
 //! still missing after 10 minutes, are named in the text instead).
+//!
+//! Crew replies in Email conversations (the email channel, see [`crate::email`]) go through the
+//! same outbox as threaded replies from the team's address: the team's name as the sender, our own
+//! Message-ID, `In-Reply-To`/`References` of the thread, the subject kept with "Re:". A reply the
+//! SMTP server refuses for good, or that still fails after [`REPLY_ATTEMPTS`] tries, is given up and
+//! the conversation says so.
 
+use crate::relay::Relay;
 use crate::smtp::{SmtpPassword, SmtpSecurity, SmtpServer};
-use crate::store::{QueuedEmail, Store};
+use crate::store::{QueuedEmail, RecordedEmail, Store};
 use lettre::message::header::ContentType;
 use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
@@ -27,6 +34,10 @@ const MAX_ATTACHED_BYTES: usize = 10 * 1024 * 1024;
 /// How long an email waits for its file to be uploaded before it goes without it.
 pub(crate) const ATTACHMENT_WAIT_MS: i64 = 10 * 60 * 1_000;
 
+/// Tries of a reply in an Email conversation before it is given up (the backoff doubles from 1 s:
+/// about eight minutes in all).
+pub const REPLY_ATTEMPTS: i64 = 10;
+
 /// A file read for an email, or why it is not attached.
 enum Attached {
     File { name: String, mime: String, bytes: Vec<u8> },
@@ -34,15 +45,16 @@ enum Attached {
 }
 
 pub async fn run(
-    store: Arc<Store>,
+    relay: Arc<Relay>,
     blobs: PathBuf,
     transport: Option<AsyncSmtpTransport<Tokio1Executor>>,
     from: String,
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let store = relay.store().clone();
     let Some(transport) = transport else {
-        info!("no SMTP server configured: email fallback messages stay queued");
+        info!("no SMTP server configured: email fallback messages and replies stay queued");
         return;
     };
     let Ok(from) = from.parse::<Mailbox>() else {
@@ -72,15 +84,33 @@ pub async fn run(
                 continue;
             };
             let ids: Vec<String> = batch.iter().map(|e| e.message_id.clone()).collect();
-            let result = send(&transport, &from, &batch, files).await;
+            let result = match &batch[0].team {
+                None => send(&transport, &from, &batch, files).await.map_err(|e| (e, false)),
+                Some(team) => reply(&store, &transport, team, &batch, files).await,
+            };
             let s = store.clone();
             let now = crewdesk::domain::Timestamp::now().0;
             match result {
                 Ok(()) => {
                     let _ = tokio::task::spawn_blocking(move || s.mark_emails_sent(&ids, now)).await;
                 }
-                Err(e) => {
-                    warn!(%e, "fallback email not sent; will retry");
+                Err((e, permanent)) if batch[0].team.is_some() && (permanent || batch[0].attempts + 1 >= REPLY_ATTEMPTS) => {
+                    warn!(%e, doc_id = %batch[0].doc_id, "reply by email given up");
+                    let reason = e.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.fail_emails(&ids, &reason, now)).await;
+                    let text = format!("This reply could not be sent by email: {e}");
+                    let note = crewdesk::domain::Message {
+                        id: crewdesk::domain::MessageId(format!("mail-failed-{}", &crewdesk::sync::sha256_hex(batch[0].message_id.as_bytes())[..32])),
+                        at: crewdesk::domain::Timestamp::now(),
+                        author: crewdesk::domain::Author::System,
+                        body: crewdesk::domain::MessageBody::Text { text },
+                    };
+                    if let Err(e) = relay.change_as_relay(&batch[0].doc_id, |tx| crewdesk::replica::doc::add_message(tx, &note)).await {
+                        warn!(%e, "the failed reply is not noted in its conversation");
+                    }
+                }
+                Err((e, _)) => {
+                    warn!(%e, "email not sent; will retry");
                     let _ = tokio::task::spawn_blocking(move || s.retry_emails(&ids, now)).await;
                 }
             }
@@ -142,6 +172,111 @@ async fn attachments(
     Some(files)
 }
 
+/// Crew messages of an Email conversation as one threaded reply from the team's address.
+/// `Err((why, permanent))`: permanent when retrying cannot help (no mailbox, refused address,
+/// a 5xx answer).
+async fn reply(
+    store: &Arc<Store>,
+    transport: &AsyncSmtpTransport<Tokio1Executor>,
+    team: &crewdesk::domain::TeamId,
+    batch: &[QueuedEmail],
+    files: Vec<Attached>,
+) -> Result<(), (String, bool)> {
+    let first = &batch[0];
+    let (s, doc, t) = (store.clone(), first.doc_id.clone(), team.clone());
+    let found = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+        let mailbox = s.mailboxes()?.into_iter().find(|m| m.team == t);
+        let name = s.teams()?.into_iter().find(|x| x.id == t).map(|x| x.name);
+        Ok((mailbox, name, s.email_thread(&doc)?))
+    })
+    .await
+    .map_err(|e| (e.to_string(), false))?
+    .map_err(|e| (e.to_string(), false))?;
+    let (Some(mailbox), Some(team_name)) = (found.0, found.1) else {
+        return Err((format!("the team {team} has no mailbox (sync-server team {team} --imap …)"), true));
+    };
+    // A conversation started in the desk (or imported) begins its thread with this reply.
+    let subject = found.2.as_ref().map_or_else(|| format!("Your conversation with {team_name}"), |t| t.subject.clone());
+    let refs = found.2.as_ref().map(|t| t.refs.clone()).unwrap_or_default();
+    let from: Mailbox = format!("{} <{}>", team_name.replace(['<', '>', '"', '\r', '\n'], ""), mailbox.address)
+        .parse()
+        .map_err(|e| (format!("the team's address {}: {e}", mailbox.address), true))?;
+    let to: Mailbox = format!("{} <{}>", first.customer.replace(['<', '>', '"', '\r', '\n'], ""), first.to)
+        .parse()
+        .map_err(|e| (format!("the customer's address {}: {e}", first.to), true))?;
+    let ours = crate::email::our_message_id(&first.message_id, &mailbox.address);
+    // Recorded before it is sent, so an answer that comes quickly already finds its thread.
+    let (s, doc, t, address, subj, id) =
+        (store.clone(), first.doc_id.clone(), team.clone(), first.to.clone(), subject.clone(), ours.clone());
+    tokio::task::spawn_blocking(move || {
+        s.record_email(&RecordedEmail {
+            doc_id: &doc,
+            team: &t,
+            address: &address,
+            subject: &subj,
+            message_id: Some(&id),
+            ours: true,
+        })
+    })
+    .await
+    .map_err(|e| (e.to_string(), false))?
+    .map_err(|e| (e.to_string(), false))?;
+    let mut body = String::new();
+    for e in batch {
+        body.push_str(e.text.trim_end());
+        body.push_str("\n\n");
+    }
+    for f in &files {
+        if let Attached::Named(note) = f {
+            body.push_str(&format!("{note}\n\n"));
+        }
+    }
+    let agents: Vec<&str> = batch.iter().map(|e| e.agent.as_str()).fold(Vec::new(), |mut v, a| {
+        if !v.contains(&a) {
+            v.push(a);
+        }
+        v
+    });
+    body.push_str(&format!("-- \n{}, {team_name}\n", agents.join(", ")));
+    let mut builder = Message::builder()
+        .from(from)
+        .to(to)
+        .subject(crate::email::reply_subject(&subject))
+        .message_id(Some(format!("<{ours}>")));
+    if let Some(last) = refs.last() {
+        builder = builder
+            .in_reply_to(format!("<{last}>"))
+            .references(refs.iter().map(|r| format!("<{r}>")).collect::<Vec<_>>().join(" "));
+    }
+    let email = with_files(builder, body, files).map_err(|e| (e, true))?;
+    transport.send(email).await.map(|_| ()).map_err(|e| (e.to_string(), e.is_permanent()))
+}
+
+/// The message with its files attached (multipart/mixed), or plain text when there are none.
+fn with_files(builder: lettre::message::MessageBuilder, body: String, files: Vec<Attached>) -> Result<Message, String> {
+    let attached: Vec<SinglePart> = files
+        .into_iter()
+        .filter_map(|f| match f {
+            Attached::File { name, mime, bytes } => {
+                let kind = ContentType::parse(&mime).unwrap_or(ContentType::parse("application/octet-stream").ok()?);
+                let name: String = name.chars().filter(|c| !c.is_control()).collect();
+                Some(Attachment::new(name).body(bytes, kind))
+            }
+            Attached::Named(_) => None,
+        })
+        .collect();
+    match attached.is_empty() {
+        true => builder.body(body),
+        false => {
+            let parts = attached
+                .into_iter()
+                .fold(MultiPart::mixed().singlepart(SinglePart::plain(body)), |m, p| m.singlepart(p));
+            builder.multipart(parts)
+        }
+    }
+    .map_err(|e| e.to_string())
+}
+
 async fn send(
     transport: &AsyncSmtpTransport<Tokio1Executor>,
     from: &Mailbox,
@@ -167,26 +302,6 @@ async fn send(
     } else {
         format!("{} new replies to your conversation", batch.len())
     });
-    let attached: Vec<SinglePart> = files
-        .into_iter()
-        .filter_map(|f| match f {
-            Attached::File { name, mime, bytes } => {
-                let kind = ContentType::parse(&mime).unwrap_or(ContentType::parse("application/octet-stream").ok()?);
-                let name: String = name.chars().filter(|c| !c.is_control()).collect();
-                Some(Attachment::new(name).body(bytes, kind))
-            }
-            Attached::Named(_) => None,
-        })
-        .collect();
-    let email = match attached.is_empty() {
-        true => builder.body(body),
-        false => {
-            let parts = attached
-                .into_iter()
-                .fold(MultiPart::mixed().singlepart(SinglePart::plain(body)), |m, p| m.singlepart(p));
-            builder.multipart(parts)
-        }
-    }
-    .map_err(|e| e.to_string())?;
+    let email = with_files(builder, body, files)?;
     transport.send(email).await.map(|_| ()).map_err(|e| e.to_string())
 }

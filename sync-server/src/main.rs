@@ -26,6 +26,27 @@ struct Cli {
     command: Command,
 }
 
+/// The email channel (see README, "Email"): the team's mailbox, followed by IMAP.
+#[derive(clap::Args)]
+struct MailboxFlags {
+    /// The team's mailbox: imaps://USER@HOST[:PORT]/MAILBOX, the user percent-encoded
+    /// (imaps://support%40example.com@imap.example.com/INBOX); imap://…?tls=none only on this machine.
+    #[arg(long, value_name = "URL")]
+    imap: Option<String>,
+    /// A file holding the mailbox password (one line; only the relay's user should read it).
+    #[arg(long, value_name = "FILE", conflicts_with = "imap_password_env")]
+    imap_password_file: Option<PathBuf>,
+    /// An environment variable of the relay holding the mailbox password.
+    #[arg(long, value_name = "VAR")]
+    imap_password_env: Option<String>,
+    /// The team's email address (replies come from it) [default: the IMAP user, when it is one].
+    #[arg(long, value_name = "ADDRESS")]
+    email_address: Option<String>,
+    /// Stop following the team's mailbox.
+    #[arg(long, conflicts_with_all = ["imap", "imap_password_file", "imap_password_env", "email_address"])]
+    no_imap: bool,
+}
+
 /// The WhatsApp Cloud API channel (see README, "WhatsApp"). Setting the team turns it on; the
 /// other values then come from the Meta app's dashboard.
 #[derive(clap::Args)]
@@ -153,6 +174,8 @@ enum Command {
         /// The greeting the widget shows customers ("" for the default one).
         #[arg(long)]
         widget_greeting: Option<String>,
+        #[command(flatten)]
+        mailbox: MailboxFlags,
     },
     /// Give a team a new web-widget key and print it; the old key stops working at once, so update
     /// the snippet on the team's website.
@@ -382,6 +405,7 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             widget_origins,
             no_widget_origins,
             widget_greeting,
+            mailbox,
         } => {
             if let Some(base) = &conference_base {
                 crewdesk::domain::validate_conference_base(base).with_context(|| {
@@ -430,6 +454,42 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                 let greeting = greeting.trim();
                 anyhow::ensure!(greeting.chars().count() <= 300, "--widget-greeting: at most 300 characters");
                 store.set_widget_greeting(&team.id, Some(greeting).filter(|g| !g.is_empty()))?;
+            }
+            if mailbox.no_imap {
+                let removed = store.remove_mailbox(&team.id)?;
+                println!("{}", if removed { "the team's mailbox is no longer followed" } else { "the team had no mailbox" });
+            } else if let Some(url) = &mailbox.imap {
+                let server = sync_server::email::ImapServer::parse(url)?;
+                let address = mailbox.email_address.clone().unwrap_or_else(|| server.user.clone()).trim().to_ascii_lowercase();
+                anyhow::ensure!(
+                    address.parse::<lettre::Address>().is_ok(),
+                    "--email-address: {address:?} is not an email address (the IMAP user is not one: name the team's address)"
+                );
+                let password_file = match &mailbox.imap_password_file {
+                    Some(path) => {
+                        let path = std::path::absolute(path)?;
+                        std::fs::read_to_string(&path)
+                            .with_context(|| format!("--imap-password-file {}", path.display()))?;
+                        Some(path.display().to_string())
+                    }
+                    None => None,
+                };
+                anyhow::ensure!(
+                    password_file.is_some() || mailbox.imap_password_env.is_some(),
+                    "--imap needs the password: --imap-password-file FILE or --imap-password-env VAR"
+                );
+                store.set_mailbox(&sync_server::store::MailboxSetting {
+                    team: team.id.clone(),
+                    url: url.clone(),
+                    password_file,
+                    password_env: mailbox.imap_password_env.clone(),
+                    address: address.clone(),
+                    uidvalidity: 0,
+                    last_uid: 0,
+                })?;
+                println!("mail to {address} ({}:{} {}) becomes {id}'s Email conversations", server.host, server.port, server.mailbox);
+            } else if mailbox.imap_password_file.is_some() || mailbox.imap_password_env.is_some() || mailbox.email_address.is_some() {
+                anyhow::bail!("--imap-password-file, --imap-password-env and --email-address go with --imap URL");
             }
             println!("team {id} saved");
             if let Some(w) = store.widget_settings(&team.id)? {

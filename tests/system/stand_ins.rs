@@ -247,3 +247,110 @@ fn check_graph_message(v: &serde_json::Value) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A real IMAP server for the email channel: Dovecot (Debian's `dovecot-imapd`, which `cargo xtask
+/// test` installs) with its own configuration, a Maildir in a temporary directory and one user,
+/// on a free loopback port without TLS. Stopped when dropped.
+pub struct Dovecot {
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Dovecot {
+    pub async fn start() -> Dovecot {
+        let binary = ["/usr/sbin/dovecot", "/usr/local/sbin/dovecot"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("Dovecot is not installed: run `cargo xtask test` (it installs dovecot-imapd) or apt-get install dovecot-imapd");
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for sub in ["run", "state", "home"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        let (user, password) = ("support@example.com".to_owned(), "mailbox-secret".to_owned());
+        std::fs::write(d.join("users"), format!("{user}:{{PLAIN}}{password}\n")).unwrap();
+        let port = crate::free_port();
+        // Mail is stored as the unprivileged `mail` user (Dovecot refuses root).
+        let home = d.join("home");
+        let _ = std::process::Command::new("chown").args(["-R", "mail:mail"]).arg(&home).status();
+        let _ = std::process::Command::new("chmod").args(["755"]).arg(d).status();
+        let conf = format!(
+            "protocols = imap\nlisten = 127.0.0.1\nbase_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
+             ssl = no\ndisable_plaintext_auth = no\nauth_mechanisms = plain login\nfirst_valid_uid = 1\n\
+             mail_location = maildir:{d}/home/%u/Maildir\n\
+             passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/users\n}}\n\
+             userdb {{\n  driver = static\n  args = uid=mail gid=mail home={d}/home/%u\n}}\n\
+             service imap-login {{\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n  \
+             inet_listener imaps {{\n    port = 0\n  }}\n  chroot =\n}}\nservice anvil {{\n  chroot =\n}}\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("dovecot.conf"), conf).unwrap();
+        let child = std::process::Command::new(binary)
+            .arg("-F")
+            .arg("-c")
+            .arg(d.join("dovecot.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        crate::wait_listening(port).await;
+        Dovecot { port, user, password, dir, child }
+    }
+
+    /// The mailbox setting the relay is given (`sync-server team … --imap`).
+    pub fn url(&self) -> String {
+        format!("imap://support%40example.com@127.0.0.1:{}/INBOX?tls=none", self.port)
+    }
+
+    /// A file holding the mailbox password (`--imap-password-file`).
+    pub fn password_file(&self) -> String {
+        let path = self.dir.path().join("password");
+        std::fs::write(&path, format!("{}\n", self.password)).unwrap();
+        path.display().to_string()
+    }
+
+    /// Delivers a mail into the mailbox, as the team's mail server would (IMAP APPEND).
+    pub async fn deliver(&self, mail: &str) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        async fn until(lines: &mut tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>, start: &str) -> String {
+            loop {
+                let line = lines.next_line().await.unwrap().expect("the IMAP server closed the connection");
+                if line.starts_with(start) {
+                    return line;
+                }
+            }
+        }
+        until(&mut lines, "* OK").await;
+        write.write_all(format!("a1 LOGIN \"{}\" \"{}\"\r\n", self.user, self.password).as_bytes()).await.unwrap();
+        assert!(until(&mut lines, "a1 ").await.starts_with("a1 OK"));
+        let bytes = mail.replace("\r\n", "\n").replace('\n', "\r\n");
+        write.write_all(format!("a2 APPEND INBOX {{{}}}\r\n", bytes.len()).as_bytes()).await.unwrap();
+        until(&mut lines, "+").await;
+        write.write_all(bytes.as_bytes()).await.unwrap();
+        write.write_all(b"\r\n").await.unwrap();
+        let done = until(&mut lines, "a2 ").await;
+        assert!(done.starts_with("a2 OK"), "APPEND: {done}");
+        write.write_all(b"a3 LOGOUT\r\n").await.unwrap();
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its login and IMAP processes too.
+        let _ = std::process::Command::new("kill").arg(self.child.id().to_string()).status();
+        if (0..50).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        }) {
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -169,6 +169,8 @@ fn apt(packages: &[&str]) -> Result {
 
 fn test() -> Result {
     prerequisites()?;
+    // A real IMAP server for the email channel's tests (each test starts its own on loopback).
+    apt(&["dovecot-imapd"])?;
     build_ui()?;
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
@@ -204,7 +206,7 @@ fn test() -> Result {
 
 /// The system tests that make up the relay's suite, run once per storage backend.
 const RELAY_SUITE: &[&str] =
-    &["relay", "kill", "schedule", "whatsapp", "attachments", "widget", "connections", "templates", "transfer"];
+    &["relay", "kill", "schedule", "whatsapp", "attachments", "widget", "connections", "templates", "transfer", "email"];
 
 /// A PostgreSQL cluster in a temporary directory on a free loopback port, stopped when dropped.
 /// PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.

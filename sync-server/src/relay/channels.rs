@@ -34,17 +34,7 @@ impl Relay {
                 let agent_name =
                     team.and_then(|t| t.member(agent)).map_or_else(|| agent.to_string(), |m| m.name.clone());
                 let text = m.body.text_content();
-                let attachment = match (&m.body, m.body.blob()) {
-                    (crewdesk::domain::MessageBody::Attachment { file_name, mime, size, .. }, Some(hash)) => {
-                        Some(crate::store::EmailAttachment {
-                            hash: hash.as_str().to_owned(),
-                            file_name: file_name.clone(),
-                            mime: mime.clone(),
-                            size: *size,
-                        })
-                    }
-                    _ => None,
-                };
+                let attachment = email_attachment(m);
                 Some(crate::store::QueuedEmail {
                     message_id: format!("{doc_id}/{}", m.id),
                     doc_id: doc_id.to_owned(),
@@ -54,6 +44,8 @@ impl Relay {
                     text,
                     created_at: crewdesk::domain::Timestamp::now().0,
                     attachment,
+                    team: None,
+                    attempts: 0,
                 })
             })
             .collect();
@@ -62,6 +54,61 @@ impl Relay {
         }
         if let Err(e) = self.blocking(move |s| s.queue_emails(&emails)).await {
             warn!(%doc_id, %e, "fallback emails not queued");
+        }
+        self.mail_wake.notify_one();
+    }
+
+    /// Crew messages in Email conversations of a team with a mailbox go out as threaded replies
+    /// through the email outbox (internal notes and hand-overs never: they do not reach the customer).
+    pub(super) async fn queue_email_reply(
+        &self,
+        doc_id: &str,
+        team: &TeamId,
+        added: &[crewdesk::domain::Message],
+        header: &doc::DocHeader,
+    ) {
+        if header.channel != crewdesk::domain::Channel::Email || !added.iter().any(|m| m.reaches_customer()) {
+            return;
+        }
+        let crew: Vec<&crewdesk::domain::Message> = added
+            .iter()
+            .filter(|m| m.reaches_customer() && matches!(m.author, crewdesk::domain::Author::Crew { .. }))
+            .collect();
+        if crew.is_empty() {
+            return;
+        }
+        let t = team.clone();
+        let found = self
+            .blocking(move |s| Ok((s.mailboxes()?.into_iter().any(|m| m.team == t), s.teams()?)))
+            .await;
+        let Ok((true, teams)) = found else { return };
+        let Some(to) = header.customer.email.clone().filter(|e| !e.trim().is_empty()) else {
+            warn!(%doc_id, "an Email conversation without the customer's address: the reply is not sent");
+            return;
+        };
+        let members = teams.into_iter().find(|x| &x.id == team);
+        let rows: Vec<crate::store::QueuedEmail> = crew
+            .into_iter()
+            .filter_map(|m| {
+                let crewdesk::domain::Author::Crew { agent } = &m.author else { return None };
+                let agent_name =
+                    members.as_ref().and_then(|t| t.member(agent)).map_or_else(|| agent.to_string(), |m| m.name.clone());
+                Some(crate::store::QueuedEmail {
+                    message_id: format!("{doc_id}/{}", m.id),
+                    doc_id: doc_id.to_owned(),
+                    to: to.clone(),
+                    customer: header.customer.name.clone(),
+                    agent: agent_name,
+                    text: m.body.text_content(),
+                    created_at: crewdesk::domain::Timestamp::now().0,
+                    attachment: email_attachment(m),
+                    team: Some(team.clone()),
+                    attempts: 0,
+                })
+            })
+            .collect();
+        if let Err(e) = self.blocking(move |s| s.queue_emails(&rows)).await {
+            warn!(%doc_id, %e, "email replies not queued");
         }
         self.mail_wake.notify_one();
     }
@@ -147,6 +194,12 @@ impl Relay {
         }
     }
 
+    /// Mails one sender may send a team (`key`), per hour, across instances.
+    pub(crate) async fn allow_shared_event(&self, key: String, max: usize, window_ms: i64) -> bool {
+        let local = key.clone();
+        self.allow_shared(key, max, window_ms, || self.email_senders.allow(local)).await
+    }
+
     /// Files a widget customer may send per conversation (20 per 10 minutes), across instances.
     pub(crate) async fn allow_widget_upload(&self, doc_id: &str) -> bool {
         let key = format!("upload:{doc_id}");
@@ -158,5 +211,20 @@ impl Relay {
         let key = format!("start:{ip}");
         let max = self.config.widget_starts_per_ip;
         self.allow_shared(key, max, 600_000, || self.widget_starts.allow(ip)).await
+    }
+}
+
+/// The file of a crew message that is one, to go with its email.
+fn email_attachment(m: &crewdesk::domain::Message) -> Option<crate::store::EmailAttachment> {
+    match (&m.body, m.body.blob()) {
+        (crewdesk::domain::MessageBody::Attachment { file_name, mime, size, .. }, Some(hash)) => {
+            Some(crate::store::EmailAttachment {
+                hash: hash.as_str().to_owned(),
+                file_name: file_name.clone(),
+                mime: mime.clone(),
+                size: *size,
+            })
+        }
+        _ => None,
     }
 }

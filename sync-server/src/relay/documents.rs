@@ -364,6 +364,13 @@ impl Relay {
                     for s in self.team_sessions(&team) {
                         guard.core.follow(s.conn, &s.peer_id);
                     }
+                    // A conversation an agent started by email: its first messages go out too.
+                    if let (Some(Ok(header)), Some(d)) = (guard.core.header(), guard.core.doc()) {
+                        if header.channel == crewdesk::domain::Channel::Email {
+                            let all = doc::all_messages(d).unwrap_or_default();
+                            self.queue_email_reply(&doc_id, &team, &all, &header).await;
+                        }
+                    }
                     self.widgets.changed(&doc_id);
                     if let Err(reason) = self.decide_grab(&doc_id, &mut guard).await {
                         warn!(%doc_id, %reason, "grab not decided");
@@ -377,6 +384,7 @@ impl Relay {
                         Some(Ok(header)) => {
                             let team = header.team.clone();
                             self.queue_email_fallback(&doc_id, &team, &added, &header).await;
+                            self.queue_email_reply(&doc_id, &team, &added, &header).await;
                             if let Some(d) = e.core.doc() {
                                 self.queue_whatsapp(&doc_id, d, &added, &header).await;
                             }

@@ -88,14 +88,6 @@ pub async fn run(
     let (commits, commit_rx) = mpsc::channel(4096);
     tokio::spawn(committer(store.clone(), commit_rx));
     let mail_wake = Arc::new(Notify::new());
-    tokio::spawn(crate::mailer::run(
-        store.clone(),
-        config.blob_dir(),
-        mail_transport,
-        config.mail_from.clone(),
-        mail_wake.clone(),
-        stop_rx.clone(),
-    ));
     let geoip = match &config.geoip {
         Some(path) => Some(crate::geoip::GeoIp::open(path)?),
         None => None,
@@ -113,6 +105,10 @@ pub async fn run(
         geoip,
         widget_starts: crate::limits::Limiter::new(config.widget_starts_per_ip, std::time::Duration::from_secs(600)),
         widget_uploads: crate::limits::Limiter::new(20, std::time::Duration::from_secs(600)),
+        email_senders: crate::limits::Limiter::new(
+            crate::email::MAILS_PER_SENDER_PER_HOUR,
+            std::time::Duration::from_secs(3600),
+        ),
         refusals: crate::limits::Limiter::new(MAX_REFUSALS, std::time::Duration::from_secs(60)),
         team_cache: Mutex::default(),
         // Two decoding threads (of the machine's few cores) and eight images waiting at most.
@@ -138,6 +134,15 @@ pub async fn run(
     if let Some(events) = relay.store.subscribe() {
         tokio::spawn(follow_instances(relay.clone(), events, stop_rx.clone()));
     }
+    tokio::spawn(crate::mailer::run(
+        relay.clone(),
+        relay.config.blob_dir(),
+        mail_transport,
+        relay.config.mail_from.clone(),
+        relay.mail_wake.clone(),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(crate::email::run(relay.clone(), stop_rx.clone()));
     tokio::spawn(watch_access(relay.clone(), stop_rx.clone()));
     if let Some(wa) = relay.config.whatsapp.clone() {
         tokio::spawn(crate::whatsapp::run(relay.clone(), wa, whatsapp_wake, stop_rx.clone()));
@@ -278,6 +283,8 @@ pub struct Relay {
     widget_starts: crate::limits::Limiter<std::net::IpAddr>,
     /// Files sent by widget customers per conversation (10 minutes).
     widget_uploads: crate::limits::Limiter<String>,
+    /// Mails per sender and team (email channel), when the store is not shared.
+    email_senders: crate::limits::Limiter<String>,
     /// Changes refused per agent (a minute): one that keeps sending changes the judge refuses is
     /// not read any more (each refusal costs taking the change back out of the conversation).
     refusals: crate::limits::Limiter<AgentId>,

@@ -249,6 +249,27 @@ pub trait Storage: Send + Sync {
     fn mark_emails_sent(&self, ids: &[String], now: i64) -> Result<(), StoreError>;
     /// A failed attempt: try again after a backoff that doubles (1 s … 5 min).
     fn retry_emails(&self, ids: &[String], now: i64) -> Result<(), StoreError>;
+    /// Gives emails up for good (they are not tried again); `reason` is kept beside them.
+    fn fail_emails(&self, ids: &[String], reason: &str, now: i64) -> Result<(), StoreError>;
+
+    // ---- email channel -------------------------------------------------------------------------
+    /// Sets a team's mailbox (a new URL starts reading it from its beginning).
+    fn set_mailbox(&self, m: &MailboxSetting) -> Result<(), StoreError>;
+    /// Removes a team's mailbox; false when it had none.
+    fn remove_mailbox(&self, team: &TeamId) -> Result<bool, StoreError>;
+    fn mailboxes(&self) -> Result<Vec<MailboxSetting>, StoreError>;
+    /// How far a mailbox has been taken in: every UID up to `last_uid` under `uidvalidity`.
+    fn mailbox_read(&self, team: &TeamId, uidvalidity: i64, last_uid: i64) -> Result<(), StoreError>;
+    /// The conversation of `team` one of these Message-IDs belongs to (the newest known first).
+    fn email_conversation(&self, team: &TeamId, ids: &[String]) -> Result<Option<String>, StoreError>;
+    /// True when this Message-ID was taken in already, or is one of ours.
+    fn email_id_known(&self, message_id: &str) -> Result<bool, StoreError>;
+    /// The Email conversation of `team` with this customer address most recently written in.
+    fn email_conversation_of_address(&self, team: &TeamId, address: &str) -> Result<Option<String>, StoreError>;
+    /// Records a mail of an Email conversation: its Message-ID (when it has one) and the thread
+    /// (created with `subject` on the first mail; later mails extend its References).
+    fn record_email(&self, mail: &RecordedEmail<'_>) -> Result<(), StoreError>;
+    fn email_thread(&self, doc_id: &str) -> Result<Option<EmailThread>, StoreError>;
 
     // ---- attachments ---------------------------------------------------------------------------
     /// Records a blob (already written to the data directory) and the conversation it was sent in.
@@ -297,6 +318,12 @@ pub trait Storage: Send + Sync {
     /// own in-process lock is enough.
     fn hold_lock(&self, _key: &str) -> Result<Option<Box<dyn std::any::Any + Send>>, StoreError> {
         Ok(None)
+    }
+    /// Takes the lock named `key` if no instance holds it (`None`: another one does), held until
+    /// the guard is dropped or this instance's connection to the store ends (it died). With SQLite
+    /// no other instance can exist: always taken.
+    fn try_lock(&self, _key: &str) -> Result<Option<Box<dyn std::any::Any + Send>>, StoreError> {
+        Ok(Some(Box::new(())))
     }
     /// Counts an event for `key` across every instance: false (and not counted) when `max` events
     /// happened within the last `window_ms`. `None` when no other instance can exist (SQLite): the
@@ -412,6 +439,62 @@ pub struct QueuedEmail {
     pub created_at: i64,
     /// The file, when the message is one: it goes with the email.
     pub attachment: Option<EmailAttachment>,
+    /// Set for a crew reply in an Email conversation of this team (sent as a threaded reply from
+    /// the team's address); `None` for the web widget's email fallback.
+    pub team: Option<TeamId>,
+    /// Attempts that failed so far.
+    pub attempts: i64,
+}
+
+/// A team's mailbox (the email channel), as stored: no password, only where it is read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MailboxSetting {
+    pub team: TeamId,
+    /// `imaps://USER@HOST[:PORT]/MAILBOX` (see [`crate::email::ImapServer::parse`]).
+    pub url: String,
+    pub password_file: Option<String>,
+    pub password_env: Option<String>,
+    /// The team's address: replies are sent from it, and mail from it is never taken in.
+    pub address: String,
+    pub uidvalidity: i64,
+    pub last_uid: i64,
+}
+
+/// A mail of an Email conversation, to record (see [`Storage::record_email`]).
+#[derive(Clone, Debug)]
+pub struct RecordedEmail<'a> {
+    pub doc_id: &'a str,
+    pub team: &'a TeamId,
+    /// The customer's address.
+    pub address: &'a str,
+    pub subject: &'a str,
+    pub message_id: Option<&'a str>,
+    /// Sent by the relay (a crew reply), not taken in.
+    pub ours: bool,
+}
+
+/// An Email conversation's thread, for replies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmailThread {
+    pub doc_id: String,
+    pub team: TeamId,
+    pub address: String,
+    pub subject: String,
+    /// Message-IDs of the thread, oldest first (at most [`THREAD_REFERENCES`]).
+    pub refs: Vec<String>,
+}
+
+/// Message-IDs a thread keeps for References.
+pub const THREAD_REFERENCES: usize = 20;
+
+/// The thread's References after `id` joined it (oldest first, the newest kept).
+pub(crate) fn extend_refs(refs: &str, id: Option<&str>) -> String {
+    let mut list: Vec<&str> = refs.split_whitespace().collect();
+    if let Some(id) = id.filter(|id| !list.contains(id)) {
+        list.push(id);
+    }
+    let skip = list.len().saturating_sub(THREAD_REFERENCES);
+    list[skip..].join(" ")
 }
 
 /// A crew file to send with its fallback email.

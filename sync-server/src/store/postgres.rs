@@ -34,6 +34,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0008_access_version.sql"),
     include_str!("migrations/postgres/0009_blob_refs_doc.sql"),
     include_str!("migrations/postgres/0010_message_times.sql"),
+    include_str!("migrations/postgres/0011_email_channel.sql"),
 ];
 
 /// The NOTIFY channel the instances talk on.
@@ -819,9 +820,19 @@ impl Storage for PgStore {
             let tx = c.transaction().await?;
             for e in emails {
                 tx.execute(
-                    "INSERT INTO email_outbox (message_id, doc_id, to_addr, customer, agent, text, created_at, next_attempt_at, attachment)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) ON CONFLICT (message_id) DO NOTHING",
-                    &[&e.message_id, &e.doc_id, &e.to, &e.customer, &e.agent, &e.text, &e.created_at, &e.attachment_json()],
+                    "INSERT INTO email_outbox (message_id, doc_id, to_addr, customer, agent, text, created_at, next_attempt_at, attachment, team)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9) ON CONFLICT (message_id) DO NOTHING",
+                    &[
+                        &e.message_id,
+                        &e.doc_id,
+                        &e.to,
+                        &e.customer,
+                        &e.agent,
+                        &e.text,
+                        &e.created_at,
+                        &e.attachment_json(),
+                        &e.team.as_ref().map(TeamId::as_str),
+                    ],
                 )
                 .await?;
             }
@@ -843,7 +854,8 @@ impl Storage for PgStore {
                          SELECT doc_id FROM email_outbox WHERE sent_at IS NULL AND created_at > $1 - $2)
                        ORDER BY created_at, message_id LIMIT 500 FOR UPDATE SKIP LOCKED)
                      UPDATE email_outbox o SET next_attempt_at = $1 + $3 FROM due WHERE o.message_id = due.message_id
-                     RETURNING o.message_id, o.doc_id, o.to_addr, o.customer, o.agent, o.text, o.created_at, o.attachment",
+                     RETURNING o.message_id, o.doc_id, o.to_addr, o.customer, o.agent, o.text, o.created_at, o.attachment,
+                       o.team, o.attempts",
                     &[&now, &crate::mailer::BATCH_WINDOW_MS, &CLAIM_MS],
                 )
                 .await?;
@@ -858,6 +870,8 @@ impl Storage for PgStore {
                     text: r.get(5),
                     created_at: r.get(6),
                     attachment: EmailAttachment::from_json(r.get(7)),
+                    team: r.get::<_, Option<String>>(8).map(TeamId),
+                    attempts: r.get(9),
                 })
                 .collect();
             out.sort_by(|a, b| (a.created_at, &a.message_id).cmp(&(b.created_at, &b.message_id)));
@@ -884,6 +898,156 @@ impl Storage for PgStore {
             )
             .await?;
             Ok(())
+        })
+    }
+
+    fn fail_emails(&self, ids: &[String], reason: &str, now: i64) -> Result<(), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "UPDATE email_outbox SET attempts = attempts + 1, sent_at = $2, failed = $3 WHERE message_id = ANY($1)",
+                &[&ids, &now, &reason],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn set_mailbox(&self, m: &MailboxSetting) -> Result<(), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "INSERT INTO mailboxes (team, url, password_file, password_env, address) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (team) DO UPDATE SET password_file = excluded.password_file,
+                   password_env = excluded.password_env, address = excluded.address,
+                   uidvalidity = CASE WHEN mailboxes.url = excluded.url THEN mailboxes.uidvalidity ELSE 0 END,
+                   last_uid = CASE WHEN mailboxes.url = excluded.url THEN mailboxes.last_uid ELSE 0 END,
+                   url = excluded.url",
+                &[&m.team.as_str(), &m.url, &m.password_file, &m.password_env, &m.address],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn remove_mailbox(&self, team: &TeamId) -> Result<bool, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.execute("DELETE FROM mailboxes WHERE team = $1", &[&team.as_str()]).await? > 0)
+        })
+    }
+
+    fn mailboxes(&self) -> Result<Vec<MailboxSetting>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT team, url, password_file, password_env, address, uidvalidity, last_uid FROM mailboxes ORDER BY team",
+                    &[],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| MailboxSetting {
+                    team: TeamId(r.get(0)),
+                    url: r.get(1),
+                    password_file: r.get(2),
+                    password_env: r.get(3),
+                    address: r.get(4),
+                    uidvalidity: r.get(5),
+                    last_uid: r.get(6),
+                })
+                .collect())
+        })
+    }
+
+    fn mailbox_read(&self, team: &TeamId, uidvalidity: i64, last_uid: i64) -> Result<(), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "UPDATE mailboxes SET uidvalidity = $2, last_uid = $3 WHERE team = $1",
+                &[&team.as_str(), &uidvalidity, &last_uid],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn email_conversation(&self, team: &TeamId, ids: &[String]) -> Result<Option<String>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query("SELECT message_id, doc_id FROM email_ids WHERE message_id = ANY($1) AND team = $2", &[
+                    &ids,
+                    &team.as_str(),
+                ])
+                .await?;
+            let found: std::collections::HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            Ok(ids.iter().rev().find_map(|id| found.get(id).cloned()))
+        })
+    }
+
+    fn email_id_known(&self, message_id: &str) -> Result<bool, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query_opt("SELECT 1 FROM email_ids WHERE message_id = $1", &[&message_id]).await?.is_some())
+        })
+    }
+
+    fn email_conversation_of_address(&self, team: &TeamId, address: &str) -> Result<Option<String>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let row = c
+                .query_opt(
+                    "SELECT doc_id FROM email_threads WHERE team = $1 AND address = $2 ORDER BY updated_at DESC LIMIT 1",
+                    &[&team.as_str(), &address],
+                )
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn record_email(&self, mail: &RecordedEmail<'_>) -> Result<(), StoreError> {
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            if let Some(id) = mail.message_id {
+                tx.execute(
+                    "INSERT INTO email_ids (message_id, doc_id, team, ours) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (message_id) DO NOTHING",
+                    &[&id, &mail.doc_id, &mail.team.as_str(), &mail.ours],
+                )
+                .await?;
+            }
+            let refs: Option<String> = tx
+                .query_opt("SELECT refs FROM email_threads WHERE doc_id = $1 FOR UPDATE", &[&mail.doc_id])
+                .await?
+                .map(|r| r.get(0));
+            let refs = extend_refs(refs.as_deref().unwrap_or(""), mail.message_id);
+            tx.execute(
+                "INSERT INTO email_threads (doc_id, team, address, subject, refs, updated_at) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (doc_id) DO UPDATE SET refs = excluded.refs, updated_at = excluded.updated_at",
+                &[&mail.doc_id, &mail.team.as_str(), &mail.address, &mail.subject, &refs, &now_millis()],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn email_thread(&self, doc_id: &str) -> Result<Option<EmailThread>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let row = c
+                .query_opt("SELECT team, address, subject, refs FROM email_threads WHERE doc_id = $1", &[&doc_id])
+                .await?;
+            Ok(row.map(|r| EmailThread {
+                doc_id: doc_id.to_owned(),
+                team: TeamId(r.get(0)),
+                address: r.get(1),
+                subject: r.get(2),
+                refs: r.get::<_, String>(3).split_whitespace().map(str::to_owned).collect(),
+            }))
         })
     }
 
@@ -1136,6 +1300,15 @@ impl Storage for PgStore {
             let c = self.client().await?;
             c.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key]).await?;
             Ok(Some(Box::new(HeldLock(Some(c))) as Box<dyn std::any::Any + Send>))
+        })
+    }
+
+    fn try_lock(&self, key: &str) -> Result<Option<Box<dyn std::any::Any + Send>>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let taken: bool =
+                c.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
+            Ok(taken.then(|| Box::new(HeldLock(Some(c))) as Box<dyn std::any::Any + Send>))
         })
     }
 

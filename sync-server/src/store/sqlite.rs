@@ -20,6 +20,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0010_access_version.sql"),
     include_str!("migrations/sqlite/0011_blob_refs_doc.sql"),
     include_str!("migrations/sqlite/0012_message_times.sql"),
+    include_str!("migrations/sqlite/0013_email_channel.sql"),
 ];
 
 pub struct SqliteStore {
@@ -432,9 +433,19 @@ impl Storage for SqliteStore {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for e in emails {
             tx.execute(
-                "INSERT OR IGNORE INTO email_outbox (message_id, doc_id, to_addr, customer, agent, text, created_at, next_attempt_at, attachment)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
-                params![e.message_id, e.doc_id, e.to, e.customer, e.agent, e.text, e.created_at, e.attachment_json()],
+                "INSERT OR IGNORE INTO email_outbox (message_id, doc_id, to_addr, customer, agent, text, created_at, next_attempt_at, attachment, team)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
+                params![
+                    e.message_id,
+                    e.doc_id,
+                    e.to,
+                    e.customer,
+                    e.agent,
+                    e.text,
+                    e.created_at,
+                    e.attachment_json(),
+                    e.team.as_ref().map(TeamId::as_str)
+                ],
             )?;
         }
         tx.commit()?;
@@ -445,7 +456,7 @@ impl Storage for SqliteStore {
     fn due_emails(&self, now: i64) -> Result<Vec<QueuedEmail>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT message_id, doc_id, to_addr, customer, agent, text, created_at, attachment FROM email_outbox
+            "SELECT message_id, doc_id, to_addr, customer, agent, text, created_at, attachment, team, attempts FROM email_outbox
              WHERE sent_at IS NULL AND next_attempt_at <= ?1 ORDER BY created_at, message_id LIMIT 500",
         )?;
         let rows = stmt.query_map([now], |r| {
@@ -458,6 +469,8 @@ impl Storage for SqliteStore {
                 text: r.get(5)?,
                 created_at: r.get(6)?,
                 attachment: EmailAttachment::from_json(r.get::<_, Option<String>>(7)?),
+                team: r.get::<_, Option<String>>(8)?.map(TeamId),
+                attempts: r.get(9)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -486,6 +499,133 @@ impl Storage for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn fail_emails(&self, ids: &[String], reason: &str, now: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for id in ids {
+            tx.execute(
+                "UPDATE email_outbox SET attempts = attempts + 1, sent_at = ?2, failed = ?3 WHERE message_id = ?1",
+                params![id, now, reason],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn set_mailbox(&self, m: &MailboxSetting) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO mailboxes (team, url, password_file, password_env, address) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (team) DO UPDATE SET password_file = excluded.password_file,
+               password_env = excluded.password_env, address = excluded.address,
+               uidvalidity = CASE WHEN mailboxes.url = excluded.url THEN mailboxes.uidvalidity ELSE 0 END,
+               last_uid = CASE WHEN mailboxes.url = excluded.url THEN mailboxes.last_uid ELSE 0 END,
+               url = excluded.url",
+            params![m.team.as_str(), m.url, m.password_file, m.password_env, m.address],
+        )?;
+        Ok(())
+    }
+
+    fn remove_mailbox(&self, team: &TeamId) -> Result<bool, StoreError> {
+        Ok(self.conn().execute("DELETE FROM mailboxes WHERE team = ?1", [team.as_str()])? > 0)
+    }
+
+    fn mailboxes(&self) -> Result<Vec<MailboxSetting>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT team, url, password_file, password_env, address, uidvalidity, last_uid FROM mailboxes ORDER BY team",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(MailboxSetting {
+                team: TeamId(r.get(0)?),
+                url: r.get(1)?,
+                password_file: r.get(2)?,
+                password_env: r.get(3)?,
+                address: r.get(4)?,
+                uidvalidity: r.get(5)?,
+                last_uid: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn mailbox_read(&self, team: &TeamId, uidvalidity: i64, last_uid: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE mailboxes SET uidvalidity = ?2, last_uid = ?3 WHERE team = ?1",
+            params![team.as_str(), uidvalidity, last_uid],
+        )?;
+        Ok(())
+    }
+
+    fn email_conversation(&self, team: &TeamId, ids: &[String]) -> Result<Option<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT doc_id FROM email_ids WHERE message_id = ?1 AND team = ?2")?;
+        for id in ids.iter().rev() {
+            if let Some(doc) = stmt.query_row(params![id, team.as_str()], |r| r.get(0)).optional()? {
+                return Ok(Some(doc));
+            }
+        }
+        Ok(None)
+    }
+
+    fn email_id_known(&self, message_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM email_ids WHERE message_id = ?1", [message_id], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    fn email_conversation_of_address(&self, team: &TeamId, address: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT doc_id FROM email_threads WHERE team = ?1 AND address = ?2 ORDER BY updated_at DESC LIMIT 1",
+                [team.as_str(), address],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn record_email(&self, mail: &RecordedEmail<'_>) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(id) = mail.message_id {
+            tx.execute(
+                "INSERT OR IGNORE INTO email_ids (message_id, doc_id, team, ours) VALUES (?1, ?2, ?3, ?4)",
+                params![id, mail.doc_id, mail.team.as_str(), mail.ours],
+            )?;
+        }
+        let refs: Option<String> =
+            tx.query_row("SELECT refs FROM email_threads WHERE doc_id = ?1", [mail.doc_id], |r| r.get(0)).optional()?;
+        let refs = extend_refs(refs.as_deref().unwrap_or(""), mail.message_id);
+        tx.execute(
+            "INSERT INTO email_threads (doc_id, team, address, subject, refs, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (doc_id) DO UPDATE SET refs = excluded.refs, updated_at = excluded.updated_at",
+            params![mail.doc_id, mail.team.as_str(), mail.address, mail.subject, refs, now_millis()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn email_thread(&self, doc_id: &str) -> Result<Option<EmailThread>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT team, address, subject, refs FROM email_threads WHERE doc_id = ?1",
+                [doc_id],
+                |r| {
+                    Ok(EmailThread {
+                        doc_id: doc_id.to_owned(),
+                        team: TeamId(r.get(0)?),
+                        address: r.get(1)?,
+                        subject: r.get(2)?,
+                        refs: r.get::<_, String>(3)?.split_whitespace().map(str::to_owned).collect(),
+                    })
+                },
+            )
+            .optional()?)
     }
 
     /// The team of a stored conversation (without loading it).

@@ -1,0 +1,199 @@
+//! The email channel against a real IMAP server (Dovecot on loopback) and the SMTP sink: a
+//! customer's email becomes a conversation, the crew's reply arrives threaded, the customer's
+//! answer joins the same conversation, files both ways, internal notes never leave, auto-replies
+//! start no loop, and a relay stopped between storing a mail and recording it duplicates nothing.
+
+use crewdesk::domain::{Author, Channel, ConversationId, MessageBody, TeamId, Timestamp};
+use std::time::Duration;
+use sync_server::store::MailboxSetting;
+use system_tests::{Agent, Dovecot, SmtpSink, TestRelay, eventually};
+
+fn text(t: &str) -> MessageBody {
+    MessageBody::Text { text: t.to_owned() }
+}
+
+const SALES: &str = "sales";
+
+/// A relay whose Sales team follows the Dovecot mailbox and sends by the SMTP sink.
+async fn relay_with_mailbox(dovecot: &Dovecot, sink: &SmtpSink, dir: &std::path::Path) -> (TestRelay, std::collections::HashMap<String, String>) {
+    let smtp = sink.addr.to_string();
+    let (relay, tokens) = TestRelay::start_with(dir.to_owned(), move |c| c.smtp = Some(smtp.clone())).await;
+    relay
+        .open_store()
+        .set_mailbox(&MailboxSetting {
+            team: TeamId(SALES.into()),
+            url: dovecot.url(),
+            password_file: Some(dovecot.password_file()),
+            password_env: None,
+            address: "support@example.com".into(),
+            uidvalidity: 0,
+            last_uid: 0,
+        })
+        .unwrap();
+    (relay, tokens)
+}
+
+/// The one Email conversation bob's replica holds, once it is there.
+async fn email_conversation(bob: &Agent) -> ConversationId {
+    let mut found = None;
+    eventually(30, "the email becomes a conversation on bob's desk", || {
+        found = bob.with(|r| {
+            r.stored_summaries().unwrap_or_default().into_iter().find(|s| s.channel == Channel::Email).map(|s| s.id)
+        });
+        found.is_some()
+    })
+    .await;
+    found.unwrap()
+}
+
+/// A header's value, its folded lines joined.
+fn header(mail: &str, name: &str) -> Option<String> {
+    let head = mail.split("\n\n").next().unwrap_or_default().replace("\n ", " ").replace("\n\t", " ");
+    head.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(": ")).map(str::to_owned))
+}
+
+fn png_mail(boundary: &str) -> String {
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD.encode(system_tests::png(4, 3));
+    format!(
+        "From: Maya Hansen <maya@example.org>\r\nTo: Sales <support@example.com>\r\nSubject: Where is my parcel?\r\n\
+         Message-ID: <first.maya@example.org>\r\nDate: Tue, 01 Dec 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\r\n--{boundary}\r\n\
+         Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n\
+         Hello, I ordered a lamp on Monday. Gr=FC=DFe, Maya\r\n--{boundary}\r\n\
+         Content-Type: image/png; name=\"receipt.png\"\r\nContent-Disposition: attachment; filename=\"receipt.png\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{png}\r\n--{boundary}--\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_becomes_a_conversation_and_the_reply_threads_in_the_customers_mail_client() {
+    let dovecot = Dovecot::start().await;
+    let sink = SmtpSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+
+    // The customer writes to the team's address: text (quoted-printable, Latin-1) and a file.
+    dovecot.deliver(&png_mail("b1")).await;
+    let id = email_conversation(&bob).await;
+    eventually(15, "the mail's text and its file", || bob.message_texts(&id).len() == 2).await;
+    let summary = bob.with(|r| r.summary(&id).cloned()).unwrap();
+    assert_eq!(summary.channel, Channel::Email);
+    assert_eq!(summary.team, TeamId(SALES.into()));
+    let customer = bob.with(|r| r.customer(&id)).unwrap();
+    assert_eq!((customer.name.as_str(), customer.email.as_deref()), ("Maya Hansen", Some("maya@example.org")));
+    let messages = bob.with(|r| r.stored_messages(&id)).unwrap();
+    assert_eq!(messages[0].body, text("Where is my parcel?\n\nHello, I ordered a lamp on Monday. Grüße, Maya"));
+    assert_eq!(messages[0].author, Author::Customer);
+    match &messages[1].body {
+        MessageBody::Attachment { file_name, mime, .. } => assert_eq!((file_name.as_str(), mime.as_str()), ("receipt.png", "image/png")),
+        other => panic!("expected the file, got {other:?}"),
+    }
+
+    // Bob replies and writes an internal note: the reply goes out threaded, the note never.
+    bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+    bob.act(&id, |r| r.send(&id, MessageBody::Note { text: "VIP customer, check the warehouse".into() }, Timestamp::now()).unwrap());
+    bob.act(&id, |r| r.send(&id, text("Your lamp left our warehouse today."), Timestamp::now()).unwrap());
+    eventually(20, "the reply reaches the customer's mailbox (SMTP)", || !sink.received().is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mails = sink.received();
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    let reply = &mails[0];
+    assert!(reply.contains("Your lamp left our warehouse today."), "{reply}");
+    assert!(!reply.contains("VIP customer"), "an internal note went out: {reply}");
+    assert_eq!(header(reply, "Subject"), Some("Re: Where is my parcel?".into()), "{reply}");
+    assert_eq!(header(reply, "In-Reply-To"), Some("<first.maya@example.org>".into()), "{reply}");
+    assert_eq!(header(reply, "References"), Some("<first.maya@example.org>".into()), "{reply}");
+    assert_eq!(header(reply, "From"), Some("Sales <support@example.com>".into()), "{reply}");
+    assert!(header(reply, "To").is_some_and(|t| t.contains("maya@example.org")), "{reply}");
+    let ours = header(reply, "Message-ID").expect("a Message-ID");
+    assert!(ours.ends_with("@example.com>"), "our own domain: {ours}");
+
+    // The customer answers from her mail client (another subject line even): same conversation.
+    dovecot
+        .deliver(&format!(
+            "From: Maya Hansen <maya@example.org>\r\nTo: support@example.com\r\nSubject: Re: Where is my parcel?\r\n\
+             Message-ID: <second.maya@example.org>\r\nIn-Reply-To: {ours}\r\nReferences: <first.maya@example.org> {ours}\r\n\r\n\
+             Thanks, that was quick!\r\n\r\nOn Tue, 1 Dec 2026, Sales <support@example.com> wrote:\r\n> Your lamp left our warehouse today.\r\n"
+        ))
+        .await;
+    eventually(20, "the answer joins the conversation", || {
+        bob.message_texts(&id).last().map(String::as_str) == Some("Thanks, that was quick!")
+    })
+    .await;
+    let conversations = bob.with(|r| r.stored_summaries().unwrap().into_iter().filter(|s| s.channel == Channel::Email).count());
+    assert_eq!(conversations, 1);
+
+    // An out-of-office answer to our reply starts and continues nothing.
+    let before = bob.message_texts(&id).len();
+    dovecot
+        .deliver(&format!(
+            "From: maya@example.org\r\nTo: support@example.com\r\nSubject: Out of office\r\nAuto-Submitted: auto-replied\r\n\
+             Message-ID: <ooo.maya@example.org>\r\nIn-Reply-To: {ours}\r\n\r\nI am away until Monday.\r\n"
+        ))
+        .await;
+    // A mail that follows it is taken in, so the auto-reply was read (and left out) before.
+    dovecot
+        .deliver("From: Maya Hansen <maya@example.org>\r\nTo: support@example.com\r\nSubject: Re: Where is my parcel?\r\nMessage-ID: <third.maya@example.org>\r\nIn-Reply-To: <second.maya@example.org>\r\n\r\nOne more thing: the colour is blue.\r\n")
+        .await;
+    eventually(20, "the next mail arrives", || bob.message_texts(&id).len() == before + 1).await;
+    assert!(!bob.message_texts(&id).iter().any(|t| t.contains("away until Monday")));
+
+    // A crew file goes out attached, in the same thread.
+    bob.attach(&id, "invoice.pdf", "application/pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\ninvoice for Maya\n");
+    eventually(30, "the reply with the file", || sink.received().len() == 2).await;
+    let with_file = sink.received()[1].clone();
+    assert!(with_file.contains("filename=\"invoice.pdf\""), "{with_file}");
+    assert_eq!(header(&with_file, "In-Reply-To"), Some("<third.maya@example.org>".into()), "{with_file}");
+    assert!(header(&with_file, "References").is_some_and(|r| r.contains("<first.maya@example.org>") && r.contains(&ours)), "{with_file}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sink.received().len(), 2, "each reply is sent once");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_read_again_after_a_crash_before_its_uid_was_recorded_is_not_duplicated() {
+    let dovecot = Dovecot::start().await;
+    let sink = SmtpSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    dovecot.deliver(&png_mail("b2")).await;
+    dovecot
+        .deliver("From: Leo <leo@example.net>\r\nTo: support@example.com\r\nSubject: Opening hours\r\n\r\nAre you open on Sunday?\r\n")
+        .await;
+    eventually(30, "both mails are conversations", || {
+        bob.with(|r| r.stored_summaries().unwrap_or_default().iter().filter(|s| s.channel == Channel::Email).count()) == 2
+    })
+    .await;
+    let store = relay.open_store();
+    let read = store.mailboxes().unwrap().into_iter().next().unwrap();
+    assert_eq!(read.last_uid, 2, "both UIDs recorded");
+    relay.stop().await;
+    // The crash window: the conversations' changes were stored, the UIDs not yet recorded. Leo's
+    // mail has no Message-ID, so only the ids that follow from its UID keep it from being
+    // written twice.
+    store.mailbox_read(&TeamId(SALES.into()), read.uidvalidity, 0).unwrap();
+    drop(store);
+    relay.restart().await;
+    bob.connected().await;
+    eventually(30, "the mails are read again", || {
+        relay.open_store().mailboxes().unwrap().into_iter().next().is_some_and(|m| m.last_uid == 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let summaries: Vec<_> =
+        bob.with(|r| r.stored_summaries().unwrap().into_iter().filter(|s| s.channel == Channel::Email).collect());
+    assert_eq!(summaries.len(), 2, "no second conversation");
+    for s in &summaries {
+        let texts = bob.message_texts(&s.id);
+        let mut unique = texts.clone();
+        unique.dedup();
+        assert_eq!(texts, unique, "no message twice");
+        assert!(texts.len() <= 2, "{texts:?}");
+    }
+    relay.stop().await;
+}
