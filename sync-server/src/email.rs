@@ -105,9 +105,8 @@ impl ImapServer {
         if user.is_empty() {
             return refuse("name the user: imaps://USER@HOST/INBOX");
         }
-        let mailbox = percent_encoding::percent_decode_str(url.path().trim_start_matches('/'))
-            .decode_utf8_lossy()
-            .into_owned();
+        let mailbox =
+            percent_encoding::percent_decode_str(url.path().trim_start_matches('/')).decode_utf8_lossy().into_owned();
         let mailbox = if mailbox.is_empty() { "INBOX".to_owned() } else { mailbox };
         if mailbox.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
             return refuse("the mailbox name has characters IMAP cannot quote");
@@ -286,10 +285,7 @@ async fn follow_on<T: AsyncRead + AsyncWrite + Unpin + fmt::Debug + Send>(
     let uidvalidity = i64::from(mailbox.uid_validity.unwrap_or(0));
     let t = team.clone();
     let stored = relay.blocking(move |s| s.mailboxes()).await.map_err(|e| e.to_string())?;
-    let mut last_uid = stored
-        .iter()
-        .find(|m| m.team == t && m.uidvalidity == uidvalidity)
-        .map_or(0, |m| m.last_uid);
+    let mut last_uid = stored.iter().find(|m| m.team == t && m.uidvalidity == uidvalidity).map_or(0, |m| m.last_uid);
     info!(%team, host = %server.host, mailbox = %server.mailbox, uidvalidity, last_uid, idle, "following the team's mailbox");
     *backoff = Duration::from_secs(1);
     loop {
@@ -309,7 +305,13 @@ async fn follow_on<T: AsyncRead + AsyncWrite + Unpin + fmt::Debug + Send>(
                     None => Vec::new(),
                 };
                 if !raw.is_empty() {
-                    let mail = Inbound { team, address: &setting.address, uidvalidity, uid, oversized: oversized.then_some(size) };
+                    let mail = Inbound {
+                        team,
+                        address: &setting.address,
+                        uidvalidity,
+                        uid,
+                        oversized: oversized.then_some(size),
+                    };
                     take_in(relay, &mail, &raw).await?;
                 }
                 last_uid = i64::from(uid);
@@ -389,7 +391,10 @@ pub fn refused(parsed: &mail_parser::Message<'_>, team_address: &str) -> Option<
     if header("Precedence").is_some_and(|v| ["bulk", "junk", "list", "auto_reply"].contains(&v.as_str())) {
         return Some("bulk mail (Precedence)");
     }
-    if header("X-Autoreply").is_some() || header("X-Autorespond").is_some() || header("X-Auto-Response-Suppress").is_some_and(|v| v.contains("all")) {
+    if header("X-Autoreply").is_some()
+        || header("X-Autorespond").is_some()
+        || header("X-Auto-Response-Suppress").is_some_and(|v| v.contains("all"))
+    {
         return Some("an automatic reply");
     }
     match sender(parsed) {
@@ -425,8 +430,10 @@ fn ids(value: &HeaderValue<'_>) -> Vec<String> {
 
 fn clean_id(id: &str) -> Option<String> {
     let id = id.trim().trim_start_matches('<').trim_end_matches('>');
-    (!id.is_empty() && id.len() <= 250 && !id.chars().any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>'))
-        .then(|| id.to_owned())
+    (!id.is_empty()
+        && id.len() <= 250
+        && !id.chars().any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>'))
+    .then(|| id.to_owned())
 }
 
 /// The new text of a reply: the quoted history below "On … wrote:" and lines starting with ">"
@@ -464,11 +471,13 @@ pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resu
     }
     let Some((address, name)) = sender(&parsed) else { return Ok(()) };
     let message_id = parsed.message_id().and_then(clean_id);
-    if let Some(id) = message_id.clone() {
-        if relay.blocking(move |s| s.email_id_known(&id)).await.map_err(|e| e.to_string())? {
-            info!(mail = %where_, "mail already taken in (or ours): skipped");
-            return Ok(());
-        }
+    let known = match message_id.clone() {
+        Some(id) => relay.blocking(move |s| s.email_id_known(&id)).await.map_err(|e| e.to_string())?,
+        None => false,
+    };
+    if known {
+        info!(mail = %where_, "mail already taken in (or ours): skipped");
+        return Ok(());
     }
     let key = format!("email:{team}:{address}");
     if !relay.allow_shared_event(key, MAILS_PER_SENDER_PER_HOUR, 3_600_000).await {
@@ -544,7 +553,9 @@ pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resu
         for (i, part) in parsed.attachments().enumerate().take(20) {
             let name: String = part
                 .attachment_name()
-                .map(|n| n.rsplit(['/', '\\']).next().unwrap_or(n).chars().filter(|c| !c.is_control()).take(200).collect())
+                .map(|n| {
+                    n.rsplit(['/', '\\']).next().unwrap_or(n).chars().filter(|c| !c.is_control()).take(200).collect()
+                })
                 .filter(|n: &String| !n.trim().is_empty())
                 .unwrap_or_else(|| format!("attachment-{}", i + 1));
             let mime = part
@@ -553,9 +564,12 @@ pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resu
                 .unwrap_or_else(|| "application/octet-stream".to_owned());
             let bytes = part.contents().to_vec();
             let body = match crate::blobs::store_bytes(relay, &doc_id, &mime, bytes.into(), None).await {
-                Ok((hash, info)) => {
-                    MessageBody::Attachment { blob: hash.reference(), file_name: name, mime: info.mime, size: info.size }
-                }
+                Ok((hash, info)) => MessageBody::Attachment {
+                    blob: hash.reference(),
+                    file_name: name,
+                    mime: info.mime,
+                    size: info.size,
+                },
                 Err((status, why)) if status.is_client_error() => {
                     let text = format!("The customer's email came with {name}, which Crewdesk does not keep: {why}");
                     add(&mut messages, format!("-{i}"), Author::System, MessageBody::Text { text });
@@ -641,7 +655,10 @@ mod tests {
     #[test]
     fn mailbox_settings_are_checked() {
         let s = ImapServer::parse("imaps://support%40example.com@mail.example.com/INBOX").unwrap();
-        assert_eq!((s.host.as_str(), s.port, s.user.as_str(), s.mailbox.as_str()), ("mail.example.com", 993, "support@example.com", "INBOX"));
+        assert_eq!(
+            (s.host.as_str(), s.port, s.user.as_str(), s.mailbox.as_str()),
+            ("mail.example.com", 993, "support@example.com", "INBOX")
+        );
         assert_eq!(s.security, ImapSecurity::Tls);
         let local = ImapServer::parse("imap://support@127.0.0.1:1430/INBOX?tls=none").unwrap();
         assert_eq!((local.security, local.port), (ImapSecurity::Plain, 1430));

@@ -4,8 +4,8 @@
 //! never advertises heads it has not fsynced, and decides grabs.
 
 mod blobs;
-pub mod email;
 pub mod demo_customers;
+pub mod email;
 mod geoip;
 mod images;
 mod import;

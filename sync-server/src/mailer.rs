@@ -94,18 +94,26 @@ pub async fn run(
                 Ok(()) => {
                     let _ = tokio::task::spawn_blocking(move || s.mark_emails_sent(&ids, now)).await;
                 }
-                Err((e, permanent)) if batch[0].team.is_some() && (permanent || batch[0].attempts + 1 >= REPLY_ATTEMPTS) => {
+                Err((e, permanent))
+                    if batch[0].team.is_some() && (permanent || batch[0].attempts + 1 >= REPLY_ATTEMPTS) =>
+                {
                     warn!(%e, doc_id = %batch[0].doc_id, "reply by email given up");
                     let reason = e.clone();
                     let _ = tokio::task::spawn_blocking(move || s.fail_emails(&ids, &reason, now)).await;
                     let text = format!("This reply could not be sent by email: {e}");
                     let note = crewdesk::domain::Message {
-                        id: crewdesk::domain::MessageId(format!("mail-failed-{}", &crewdesk::sync::sha256_hex(batch[0].message_id.as_bytes())[..32])),
+                        id: crewdesk::domain::MessageId(format!(
+                            "mail-failed-{}",
+                            &crewdesk::sync::sha256_hex(batch[0].message_id.as_bytes())[..32]
+                        )),
                         at: crewdesk::domain::Timestamp::now(),
                         author: crewdesk::domain::Author::System,
                         body: crewdesk::domain::MessageBody::Text { text },
                     };
-                    if let Err(e) = relay.change_as_relay(&batch[0].doc_id, |tx| crewdesk::replica::doc::add_message(tx, &note)).await {
+                    if let Err(e) = relay
+                        .change_as_relay(&batch[0].doc_id, |tx| crewdesk::replica::doc::add_message(tx, &note))
+                        .await
+                    {
                         warn!(%e, "the failed reply is not noted in its conversation");
                     }
                 }

@@ -457,10 +457,14 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
             }
             if mailbox.no_imap {
                 let removed = store.remove_mailbox(&team.id)?;
-                println!("{}", if removed { "the team's mailbox is no longer followed" } else { "the team had no mailbox" });
+                println!(
+                    "{}",
+                    if removed { "the team's mailbox is no longer followed" } else { "the team had no mailbox" }
+                );
             } else if let Some(url) = &mailbox.imap {
                 let server = sync_server::email::ImapServer::parse(url)?;
-                let address = mailbox.email_address.clone().unwrap_or_else(|| server.user.clone()).trim().to_ascii_lowercase();
+                let address =
+                    mailbox.email_address.clone().unwrap_or_else(|| server.user.clone()).trim().to_ascii_lowercase();
                 anyhow::ensure!(
                     address.parse::<lettre::Address>().is_ok(),
                     "--email-address: {address:?} is not an email address (the IMAP user is not one: name the team's address)"
@@ -487,8 +491,14 @@ fn admin(store: &Store, command: Command) -> anyhow::Result<()> {
                     uidvalidity: 0,
                     last_uid: 0,
                 })?;
-                println!("mail to {address} ({}:{} {}) becomes {id}'s Email conversations", server.host, server.port, server.mailbox);
-            } else if mailbox.imap_password_file.is_some() || mailbox.imap_password_env.is_some() || mailbox.email_address.is_some() {
+                println!(
+                    "mail to {address} ({}:{} {}) becomes {id}'s Email conversations",
+                    server.host, server.port, server.mailbox
+                );
+            } else if mailbox.imap_password_file.is_some()
+                || mailbox.imap_password_env.is_some()
+                || mailbox.email_address.is_some()
+            {
                 anyhow::bail!("--imap-password-file, --imap-password-env and --email-address go with --imap URL");
             }
             println!("team {id} saved");

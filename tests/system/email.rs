@@ -2,6 +2,7 @@
 //! customer's email becomes a conversation, the crew's reply arrives threaded, the customer's
 //! answer joins the same conversation, files both ways, internal notes never leave, auto-replies
 //! start no loop, and a relay stopped between storing a mail and recording it duplicates nothing.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use crewdesk::domain::{Author, Channel, ConversationId, MessageBody, TeamId, Timestamp};
 use std::time::Duration;
@@ -15,7 +16,11 @@ fn text(t: &str) -> MessageBody {
 const SALES: &str = "sales";
 
 /// A relay whose Sales team follows the Dovecot mailbox and sends by the SMTP sink.
-async fn relay_with_mailbox(dovecot: &Dovecot, sink: &SmtpSink, dir: &std::path::Path) -> (TestRelay, std::collections::HashMap<String, String>) {
+async fn relay_with_mailbox(
+    dovecot: &Dovecot,
+    sink: &SmtpSink,
+    dir: &std::path::Path,
+) -> (TestRelay, std::collections::HashMap<String, String>) {
     let smtp = sink.addr.to_string();
     let (relay, tokens) = TestRelay::start_with(dir.to_owned(), move |c| c.smtp = Some(smtp.clone())).await;
     relay
@@ -88,13 +93,17 @@ async fn an_email_becomes_a_conversation_and_the_reply_threads_in_the_customers_
     assert_eq!(messages[0].body, text("Where is my parcel?\n\nHello, I ordered a lamp on Monday. Grüße, Maya"));
     assert_eq!(messages[0].author, Author::Customer);
     match &messages[1].body {
-        MessageBody::Attachment { file_name, mime, .. } => assert_eq!((file_name.as_str(), mime.as_str()), ("receipt.png", "image/png")),
+        MessageBody::Attachment { file_name, mime, .. } => {
+            assert_eq!((file_name.as_str(), mime.as_str()), ("receipt.png", "image/png"))
+        }
         other => panic!("expected the file, got {other:?}"),
     }
 
     // Bob replies and writes an internal note: the reply goes out threaded, the note never.
     bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
-    bob.act(&id, |r| r.send(&id, MessageBody::Note { text: "VIP customer, check the warehouse".into() }, Timestamp::now()).unwrap());
+    bob.act(&id, |r| {
+        r.send(&id, MessageBody::Note { text: "VIP customer, check the warehouse".into() }, Timestamp::now()).unwrap()
+    });
     bob.act(&id, |r| r.send(&id, text("Your lamp left our warehouse today."), Timestamp::now()).unwrap());
     eventually(20, "the reply reaches the customer's mailbox (SMTP)", || !sink.received().is_empty()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -123,7 +132,8 @@ async fn an_email_becomes_a_conversation_and_the_reply_threads_in_the_customers_
         bob.message_texts(&id).last().map(String::as_str) == Some("Thanks, that was quick!")
     })
     .await;
-    let conversations = bob.with(|r| r.stored_summaries().unwrap().into_iter().filter(|s| s.channel == Channel::Email).count());
+    let conversations =
+        bob.with(|r| r.stored_summaries().unwrap().into_iter().filter(|s| s.channel == Channel::Email).count());
     assert_eq!(conversations, 1);
 
     // An out-of-office answer to our reply starts and continues nothing.
@@ -147,7 +157,10 @@ async fn an_email_becomes_a_conversation_and_the_reply_threads_in_the_customers_
     let with_file = sink.received()[1].clone();
     assert!(with_file.contains("filename=\"invoice.pdf\""), "{with_file}");
     assert_eq!(header(&with_file, "In-Reply-To"), Some("<third.maya@example.org>".into()), "{with_file}");
-    assert!(header(&with_file, "References").is_some_and(|r| r.contains("<first.maya@example.org>") && r.contains(&ours)), "{with_file}");
+    assert!(
+        header(&with_file, "References").is_some_and(|r| r.contains("<first.maya@example.org>") && r.contains(&ours)),
+        "{with_file}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(sink.received().len(), 2, "each reply is sent once");
     relay.stop().await;
@@ -166,7 +179,8 @@ async fn a_mail_read_again_after_a_crash_before_its_uid_was_recorded_is_not_dupl
         .deliver("From: Leo <leo@example.net>\r\nTo: support@example.com\r\nSubject: Opening hours\r\n\r\nAre you open on Sunday?\r\n")
         .await;
     eventually(30, "both mails are conversations", || {
-        bob.with(|r| r.stored_summaries().unwrap_or_default().iter().filter(|s| s.channel == Channel::Email).count()) == 2
+        bob.with(|r| r.stored_summaries().unwrap_or_default().iter().filter(|s| s.channel == Channel::Email).count())
+            == 2
     })
     .await;
     let store = relay.open_store();
@@ -195,5 +209,66 @@ async fn a_mail_read_again_after_a_crash_before_its_uid_was_recorded_is_not_dupl
         assert_eq!(texts, unique, "no message twice");
         assert!(texts.len() <= 2, "{texts:?}");
     }
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_odd_mail_is_noted_or_skipped_and_the_mailbox_keeps_being_read() {
+    let dovecot = Dovecot::start().await;
+    let sink = SmtpSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    // Not a mail at all; then an HTML-only mail with a script; then a program attached; then a
+    // mail larger than the relay takes in.
+    dovecot.deliver("\u{1}\u{2}garbage without any header\r\n\r\n\u{0}").await;
+    dovecot
+        .deliver(
+            "From: Nora <nora@example.com.br>\r\nTo: support@example.com\r\nSubject: =?UTF-8?B?UGVkaWRvIGF0cmFzYWRv?=\r\n\
+             MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n\
+             <html><head><script>alert('x')</script></head><body><p>Meu pedido <b>atrasou</b>.</p></body></html>\r\n",
+        )
+        .await;
+    dovecot
+        .deliver(
+            "From: Omar <omar@example.net>\r\nTo: support@example.com\r\nSubject: Invoice\r\nMIME-Version: 1.0\r\n\
+             Content-Type: multipart/mixed; boundary=\"x\"\r\n\r\n--x\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n\
+             --x\r\nContent-Type: application/x-msdownload; name=\"invoice.exe\"\r\nContent-Disposition: attachment; filename=\"invoice.exe\"\r\n\
+             Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA//8AALgAAAAAAAAAQAAAAAAAAAA=\r\n--x--\r\n",
+        )
+        .await;
+    let big = format!(
+        "From: Pia <pia@example.org>\r\nTo: support@example.com\r\nSubject: Scans\r\n\r\n{}",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789\r\n"
+            .repeat((sync_server::email::MAX_MAIL_BYTES as usize) / 76 + 1000)
+    );
+    dovecot.deliver(&big).await;
+    let by_customer = |name: &str| {
+        bob.with(|r| {
+            r.stored_summaries().unwrap_or_default().into_iter().find(|s| s.customer.name == name).map(|s| s.id)
+        })
+    };
+    eventually(60, "three conversations (the garbage starts none)", || {
+        ["Nora", "Omar", "Pia"].iter().all(|n| by_customer(n).is_some())
+    })
+    .await;
+    let nora = bob.message_texts(&by_customer("Nora").unwrap());
+    assert_eq!(nora, vec!["Pedido atrasado\n\nMeu pedido atrasou.".to_owned()], "HTML as plain text, no script");
+    let omar = by_customer("Omar").unwrap();
+    eventually(10, "Omar's text and the note on his file", || bob.message_texts(&omar).len() == 2).await;
+    let omar_messages = bob.with(|r| r.stored_messages(&omar)).unwrap();
+    assert_eq!(omar_messages[1].author, Author::System);
+    assert!(
+        bob.message_texts(&omar)[1].contains("invoice.exe, which Crewdesk does not keep"),
+        "{:?}",
+        bob.message_texts(&omar)
+    );
+    let pia_id = by_customer("Pia").unwrap();
+    let pia = bob.with(|r| r.stored_messages(&pia_id)).unwrap();
+    assert_eq!(pia.len(), 1);
+    assert_eq!(pia[0].author, Author::System);
+    assert!(bob.message_texts(&pia_id)[0].contains("larger than the 25 MB"), "{pia:?}");
+    assert_eq!(relay.open_store().mailboxes().unwrap()[0].last_uid, 4, "every mail read, the garbage too");
     relay.stop().await;
 }

@@ -551,3 +551,53 @@ async fn a_hand_over_crosses_instances() {
     })
     .await;
 }
+
+/// The email channel on several instances: one follows the team's mailbox (a PostgreSQL lock);
+/// when it is killed (SIGKILL) another takes the mailbox over and nothing is taken in twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_hands_the_teams_mailbox_to_another() {
+    let dovecot = system_tests::Dovecot::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut setup, tokens) = TestRelay::start_on(dir.path().join("setup"), Some(postgres_database())).await;
+    setup.stop().await;
+    setup
+        .open_store()
+        .set_mailbox(&sync_server::store::MailboxSetting {
+            team: TeamId(demo::SALES.into()),
+            url: dovecot.url(),
+            password_file: Some(dovecot.password_file()),
+            password_env: None,
+            address: "support@example.com".into(),
+            uidvalidity: 0,
+            last_uid: 0,
+        })
+        .unwrap();
+    let url = setup.store.clone();
+    // The first instance, a process of its own, takes the mailbox (it is alone).
+    let first_port = free_port();
+    let mut first = RelayProcess::spawn(&dir.path().join("p0"), url.as_deref(), first_port);
+    wait_listening(first_port).await;
+    let mut bob = Agent::start_at(format!("http://127.0.0.1:{first_port}"), &tokens, "bob");
+    bob.connected().await;
+    let emails = |agent: &Agent| {
+        agent.with(|r| {
+            r.stored_summaries().unwrap_or_default().into_iter().filter(|s| s.channel == Channel::Email).count()
+        })
+    };
+    dovecot.deliver("From: Maya <maya@example.org>\r\nTo: support@example.com\r\nSubject: Lamp\r\nMessage-ID: <k1@example.org>\r\n\r\nWhere is my lamp?\r\n").await;
+    eventually(30, "the first instance takes the mail in", || emails(&bob) == 1).await;
+    // A second instance starts, then the first dies.
+    let mut second = setup.another_instance(dir.path().join("p1")).await;
+    bob.disconnect().await;
+    first.kill();
+    bob.move_to(second.url());
+    bob.reconnect();
+    bob.connected().await;
+    dovecot.deliver("From: Leo <leo@example.net>\r\nTo: support@example.com\r\nSubject: Hours\r\nMessage-ID: <k2@example.net>\r\n\r\nOpen on Sunday?\r\n").await;
+    eventually(40, "the second instance takes the mailbox over", || emails(&bob) == 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(emails(&bob), 2, "nothing taken in twice");
+    let read = second.open_store().mailboxes().unwrap().into_iter().next().unwrap();
+    assert_eq!(read.last_uid, 2);
+    second.stop().await;
+}

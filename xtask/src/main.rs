@@ -205,8 +205,18 @@ fn test() -> Result {
 }
 
 /// The system tests that make up the relay's suite, run once per storage backend.
-const RELAY_SUITE: &[&str] =
-    &["relay", "kill", "schedule", "whatsapp", "attachments", "widget", "connections", "templates", "transfer", "email"];
+const RELAY_SUITE: &[&str] = &[
+    "relay",
+    "kill",
+    "schedule",
+    "whatsapp",
+    "attachments",
+    "widget",
+    "connections",
+    "templates",
+    "transfer",
+    "email",
+];
 
 /// A PostgreSQL cluster in a temporary directory on a free loopback port, stopped when dropped.
 /// PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.

@@ -78,9 +78,7 @@ impl Relay {
             return;
         }
         let t = team.clone();
-        let found = self
-            .blocking(move |s| Ok((s.mailboxes()?.into_iter().any(|m| m.team == t), s.teams()?)))
-            .await;
+        let found = self.blocking(move |s| Ok((s.mailboxes()?.into_iter().any(|m| m.team == t), s.teams()?))).await;
         let Ok((true, teams)) = found else { return };
         let Some(to) = header.customer.email.clone().filter(|e| !e.trim().is_empty()) else {
             warn!(%doc_id, "an Email conversation without the customer's address: the reply is not sent");
@@ -91,8 +89,10 @@ impl Relay {
             .into_iter()
             .filter_map(|m| {
                 let crewdesk::domain::Author::Crew { agent } = &m.author else { return None };
-                let agent_name =
-                    members.as_ref().and_then(|t| t.member(agent)).map_or_else(|| agent.to_string(), |m| m.name.clone());
+                let agent_name = members
+                    .as_ref()
+                    .and_then(|t| t.member(agent))
+                    .map_or_else(|| agent.to_string(), |m| m.name.clone());
                 Some(crate::store::QueuedEmail {
                     message_id: format!("{doc_id}/{}", m.id),
                     doc_id: doc_id.to_owned(),

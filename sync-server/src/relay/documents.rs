@@ -365,11 +365,11 @@ impl Relay {
                         guard.core.follow(s.conn, &s.peer_id);
                     }
                     // A conversation an agent started by email: its first messages go out too.
-                    if let (Some(Ok(header)), Some(d)) = (guard.core.header(), guard.core.doc()) {
-                        if header.channel == crewdesk::domain::Channel::Email {
-                            let all = doc::all_messages(d).unwrap_or_default();
-                            self.queue_email_reply(&doc_id, &team, &all, &header).await;
-                        }
+                    if let (Some(Ok(header)), Some(d)) = (guard.core.header(), guard.core.doc())
+                        && header.channel == crewdesk::domain::Channel::Email
+                    {
+                        let all = doc::all_messages(d).unwrap_or_default();
+                        self.queue_email_reply(&doc_id, &team, &all, &header).await;
                     }
                     self.widgets.changed(&doc_id);
                     if let Err(reason) = self.decide_grab(&doc_id, &mut guard).await {

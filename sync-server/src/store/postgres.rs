@@ -977,10 +977,10 @@ impl Storage for PgStore {
         self.block(async {
             let c = self.client().await?;
             let rows = c
-                .query("SELECT message_id, doc_id FROM email_ids WHERE message_id = ANY($1) AND team = $2", &[
-                    &ids,
-                    &team.as_str(),
-                ])
+                .query(
+                    "SELECT message_id, doc_id FROM email_ids WHERE message_id = ANY($1) AND team = $2",
+                    &[&ids, &team.as_str()],
+                )
                 .await?;
             let found: std::collections::HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
             Ok(ids.iter().rev().find_map(|id| found.get(id).cloned()))

@@ -612,19 +612,15 @@ impl Storage for SqliteStore {
     fn email_thread(&self, doc_id: &str) -> Result<Option<EmailThread>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT team, address, subject, refs FROM email_threads WHERE doc_id = ?1",
-                [doc_id],
-                |r| {
-                    Ok(EmailThread {
-                        doc_id: doc_id.to_owned(),
-                        team: TeamId(r.get(0)?),
-                        address: r.get(1)?,
-                        subject: r.get(2)?,
-                        refs: r.get::<_, String>(3)?.split_whitespace().map(str::to_owned).collect(),
-                    })
-                },
-            )
+            .query_row("SELECT team, address, subject, refs FROM email_threads WHERE doc_id = ?1", [doc_id], |r| {
+                Ok(EmailThread {
+                    doc_id: doc_id.to_owned(),
+                    team: TeamId(r.get(0)?),
+                    address: r.get(1)?,
+                    subject: r.get(2)?,
+                    refs: r.get::<_, String>(3)?.split_whitespace().map(str::to_owned).collect(),
+                })
+            })
             .optional()?)
     }
 
