@@ -86,6 +86,79 @@ class SmtpSink:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+class Dovecot:
+    """A real IMAP server (Debian's dovecot-imapd) for the Sales team's mailbox, on a free loopback
+    port without TLS, its Maildir in `workdir`. Mail is delivered into it with IMAP APPEND."""
+
+    USER, PASSWORD = "support@example.com", "mailbox-secret"
+
+    def __init__(self, workdir):
+        d = os.path.join(workdir, "dovecot")
+        for sub in ("run", "state", "home"):
+            os.makedirs(os.path.join(d, sub), exist_ok=True)
+        with open(os.path.join(d, "users"), "w") as f:
+            f.write(f"{self.USER}:{{PLAIN}}{self.PASSWORD}\n")
+        self.password_file = os.path.join(d, "password")
+        with open(self.password_file, "w") as f:
+            f.write(self.PASSWORD + "\n")
+        subprocess.run(["chown", "-R", "mail:mail", os.path.join(d, "home")], check=True)
+        os.chmod(d, 0o755)
+        os.chmod(workdir, 0o755)
+        self.port = free_port()
+        conf = os.path.join(d, "dovecot.conf")
+        with open(conf, "w") as f:
+            f.write(f"""protocols = imap
+listen = 127.0.0.1
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+first_valid_uid = 1
+mail_location = maildir:{d}/home/%u/Maildir
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users
+}}
+userdb {{
+  driver = static
+  args = uid=mail gid=mail home={d}/home/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+  chroot =
+}}
+service anvil {{
+  chroot =
+}}
+""")
+        self.proc = subprocess.Popen(["/usr/sbin/dovecot", "-F", "-c", conf])
+        wait_for("Dovecot listens", lambda: socket.create_connection(("127.0.0.1", self.port), timeout=1).close() or True, 20)
+
+    @property
+    def url(self):
+        return f"imap://support%40example.com@127.0.0.1:{self.port}/INBOX?tls=none"
+
+    def deliver(self, mail):
+        import imaplib
+        m = imaplib.IMAP4("127.0.0.1", self.port)
+        m.login(self.USER, self.PASSWORD)
+        status, _ = m.append("INBOX", None, None, mail.replace("\r\n", "\n").replace("\n", "\r\n").encode())
+        assert status == "OK", status
+        m.logout()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 def png(width, height):
     """A small RGB PNG with a gradient, written without image libraries."""
     import struct
@@ -292,6 +365,7 @@ def main():
     workdir = tempfile.mkdtemp(prefix="crewdesk-e2e-")
     smtp = SmtpSink()
     relay = Relay(args.relay, workdir, smtp.port)
+    dovecot = Dovecot(workdir)
     apps = []
     try:
         bob = App("bob", args, relay, workdir)
@@ -591,6 +665,35 @@ def main():
         assert "it left the warehouse" not in to_ola()[0], "replies seen in the widget are not emailed"
         print("ok: web widget in Chromium, presence, reply, Join link, customer photo, email fallback once")
 
+        # ✉ The email channel end to end: a customer writes to the Sales address (a real IMAP
+        # server), the mail shows as an Email conversation in bob's desk, and his reply reaches her
+        # mailbox as a threaded reply (SMTP).
+        subprocess.run([relay.binary, "--data-dir", relay.data, "team", "sales", "--imap", dovecot.url,
+                        "--imap-password-file", dovecot.password_file], check=True, capture_output=True)
+        dovecot.deliver("From: Maya Lindgren <maya.lindgren@example.org>\nTo: Sales <support@example.com>\n"
+                        "Subject: Wrong size of my jacket\nMessage-ID: <jacket.1@example.org>\n\n"
+                        "Hello, the jacket I got is an M, I ordered an L. Can you swap it?\n\nMaya\n")
+        bob.click("#view-all")
+        bob.d.execute_script("const el = document.getElementById('search'); el.value = arguments[0];"
+                             "el.dispatchEvent(new InputEvent('input', {bubbles: true}));", "Lindgren")
+        maya = wait_for("the email in bob's desk", lambda: [r.get_attribute("data-id") for r in bob.css("li.row")
+                                                           if "Maya Lindgren" in r.text], 60)[0]
+        bob.open(maya)
+        wait_for("the mail's text", lambda: any("I ordered an L" in m for m in bob.messages()))
+        assert "Email" in bob.text(".conversation"), bob.text(".conversation")[:300]
+        bob.join_open()
+        bob.send("Sorry about that, Maya! An L is on its way today.")
+        to_maya = lambda: [m for m in smtp.mails if "maya.lindgren@example.org" in m]
+        wait_for("the reply reaches Maya's mailbox", to_maya, 30)
+        reply = to_maya()[0]
+        assert "Subject: Re: Wrong size of my jacket" in reply, reply
+        assert "In-Reply-To: <jacket.1@example.org>" in reply, reply
+        assert "An L is on its way today." in reply, reply
+        bob.screenshot(os.path.join(args.artifacts, "desk-email.png"))
+        bob.d.execute_script("const el = document.getElementById('search'); el.value = '';"
+                             "el.dispatchEvent(new InputEvent('input', {bubbles: true}));")
+        print("ok: an email to the team's address is an Email conversation in the desk; the reply goes back threaded")
+
         # The rules change while bob is offline: he joins a Sales conversation and replies, and
         # meanwhile an admin switches Sales to grab mode. The relay refuses his join; his desk takes
         # the join and the reply back out, nothing stays unsynced, and the reply is shown as not
@@ -649,6 +752,7 @@ def main():
                 pass
         if relay.proc and relay.proc.poll() is None:
             relay.kill()
+        dovecot.stop()
 
 
 if __name__ == "__main__":
