@@ -249,7 +249,8 @@ async fn reply(
     let mut builder = Message::builder()
         .from(from)
         .to(to)
-        .subject(crate::email::reply_subject(&subject))
+        // A thread the crew starts opens with the subject itself; replies say "Re:".
+        .subject(if refs.is_empty() { subject.clone() } else { crate::email::reply_subject(&subject) })
         .message_id(Some(format!("<{ours}>")));
     if let Some(last) = refs.last() {
         builder = builder

@@ -272,3 +272,101 @@ async fn hostile_and_odd_mail_is_noted_or_skipped_and_the_mailbox_keeps_being_re
     assert_eq!(relay.open_store().mailboxes().unwrap()[0].last_uid, 4, "every mail read, the garbage too");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_an_agent_starts_goes_out_the_answer_joins_it_and_a_refused_reply_is_noted() {
+    use crewdesk::domain::{Customer, CustomerId};
+    use crewdesk::replica::doc::NewConversation;
+    let dovecot = Dovecot::start().await;
+    let sink = SmtpSink::refusing(Some("nobody@example.net")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let start = |name: &str, email: &str, first: &str| {
+        let id = crewdesk::replica::doc::new_conversation_id(&mut rand::rng());
+        let new = NewConversation {
+            id: id.clone(),
+            team: TeamId(SALES.into()),
+            channel: Channel::Email,
+            customer: Customer {
+                id: CustomerId(format!("c-{email}")),
+                name: name.into(),
+                email: Some(email.into()),
+                phone: None,
+                notes: None,
+            },
+            created_at: Timestamp::now(),
+        };
+        bob.act(&id, |r| r.create_conversation(&new, None).unwrap());
+        bob.act(&id, |r| r.join(&id, Timestamp::now()).unwrap());
+        bob.act(&id, |r| r.send(&id, text(first), Timestamp::now()).unwrap());
+        id
+    };
+    // Bob writes first (an agent starts an email thread in the desk).
+    let ines = start("Inês Costa", "ines@example.pt", "Your refund was approved today.");
+    eventually(20, "the first mail goes out", || !sink.received().is_empty()).await;
+    let first = sink.received()[0].clone();
+    assert!(header(&first, "In-Reply-To").is_none(), "a new thread answers nothing: {first}");
+    assert_eq!(header(&first, "Subject"), Some("Your conversation with Sales".into()), "{first}");
+    assert!(first.contains("Your refund was approved today."), "{first}");
+    let ours = header(&first, "Message-ID").unwrap();
+    dovecot
+        .deliver(&format!(
+            "From: =?UTF-8?Q?In=C3=AAs_Costa?= <ines@example.pt>\r\nTo: support@example.com\r\nSubject: Re: Your conversation with Sales\r\n\
+             Message-ID: <ines.1@example.pt>\r\nIn-Reply-To: {ours}\r\n\r\nObrigada!\r\n"
+        ))
+        .await;
+    eventually(20, "Inês's answer joins bob's thread", || {
+        bob.message_texts(&ines).last().map(String::as_str) == Some("Obrigada!")
+    })
+    .await;
+
+    // A reply to an address the mail server refuses for good: given up and noted, not retried.
+    let nobody = start("Nobody", "nobody@example.net", "Hello?");
+    eventually(20, "the refusal is noted in the conversation", || {
+        bob.message_texts(&nobody).iter().any(|t| t.starts_with("This reply could not be sent by email"))
+    })
+    .await;
+    let note = bob.with(|r| r.stored_messages(&nobody)).unwrap().into_iter().last().unwrap();
+    assert_eq!(note.author, Author::System);
+    assert!(
+        bob.message_texts(&nobody).last().unwrap().contains("no such mailbox here"),
+        "{:?}",
+        bob.message_texts(&nobody)
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sender_gets_thirty_mails_an_hour_into_the_desk() {
+    let dovecot = Dovecot::start().await;
+    let sink = SmtpSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let limit = sync_server::email::MAILS_PER_SENDER_PER_HOUR;
+    for i in 0..limit + 5 {
+        dovecot
+            .deliver(&format!(
+                "From: Flood <flood@example.org>\r\nTo: support@example.com\r\nSubject: Mail {i}\r\nMessage-ID: <flood.{i}@example.org>\r\n\r\nMail number {i}\r\n"
+            ))
+            .await;
+    }
+    // One from somebody else afterwards: read once the flood has been.
+    dovecot
+        .deliver("From: Kim <kim@example.org>\r\nTo: support@example.com\r\nSubject: Hi\r\n\r\nA normal question\r\n")
+        .await;
+    let conversation_of = |name: &str| {
+        bob.with(|r| {
+            r.stored_summaries().unwrap_or_default().into_iter().find(|s| s.customer.name == name).map(|s| s.id)
+        })
+    };
+    eventually(60, "Kim's mail after the flood", || conversation_of("Kim").is_some()).await;
+    let flood = conversation_of("Flood").unwrap();
+    eventually(10, "the flood's mails in one conversation", || bob.message_texts(&flood).len() == limit).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(bob.message_texts(&flood).len(), limit, "at most {limit} mails an hour from one sender");
+    relay.stop().await;
+}

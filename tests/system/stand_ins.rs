@@ -11,6 +11,12 @@ pub struct SmtpSink {
 
 impl SmtpSink {
     pub async fn start() -> SmtpSink {
+        SmtpSink::refusing(None).await
+    }
+
+    /// A sink that answers `550` to any recipient containing `refused` (a mailbox that does not
+    /// exist), as a real server refuses for good.
+    pub async fn refusing(refused: Option<&'static str>) -> SmtpSink {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -39,6 +45,9 @@ impl SmtpSink {
                         let verb = line.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
                         let reply: &[u8] = match verb.as_str() {
                             "EHLO" | "HELO" => b"250 sink\r\n",
+                            "RCPT" if refused.is_some_and(|r| line.contains(r)) => {
+                                b"550 5.1.1 no such mailbox here\r\n"
+                            }
                             "DATA" => {
                                 data = Some(String::new());
                                 b"354 end with .\r\n"
