@@ -461,7 +461,12 @@ pub fn without_quote(text: &str) -> String {
 pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Result<(), String> {
     let team = mail.team;
     let where_ = format!("UID {} of {team}'s mailbox", mail.uid);
-    let Some(parsed) = MessageParser::default().parse(raw) else {
+    // Parsing a large mail takes a while: off the relay's async threads.
+    let bytes = raw.to_vec();
+    let parsed = tokio::task::spawn_blocking(move || MessageParser::default().parse(&bytes).map(|m| m.into_owned()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(parsed) = parsed else {
         warn!(mail = %where_, "a mail that cannot be read as one was skipped");
         return Ok(());
     };
@@ -689,6 +694,24 @@ mod tests {
         ] {
             assert!(refused(&parse(raw), "support@example.com").is_some(), "{raw}");
         }
+    }
+
+    /// Mail is read on the relay's threads (2 MiB stacks): deeply nested parts must not overflow.
+    #[test]
+    fn deeply_nested_mail_is_parsed_on_a_small_stack() {
+        let mut raw = String::from("From: a@example.org\r\nSubject: nest\r\n");
+        for i in 0..20_000 {
+            raw.push_str(&format!("Content-Type: multipart/mixed; boundary=\"b{i}\"\r\n\r\n--b{i}\r\n"));
+        }
+        raw.push_str("Content-Type: text/plain\r\n\r\ndeep\r\n");
+        let parsed = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                MessageParser::default().parse(raw.as_bytes()).map(|m| refused(&m, "s@example.com").is_none())
+            })
+            .unwrap()
+            .join();
+        assert!(parsed.is_ok(), "the parser overflowed its stack");
     }
 
     #[test]
