@@ -6,7 +6,6 @@
 
 use crewdesk::domain::{Author, Channel, ConversationId, MessageBody, TeamId, Timestamp};
 use std::time::Duration;
-use sync_server::store::MailboxSetting;
 use system_tests::{Agent, Dovecot, SmtpSink, TestRelay, eventually};
 
 fn text(t: &str) -> MessageBody {
@@ -23,19 +22,28 @@ async fn relay_with_mailbox(
 ) -> (TestRelay, std::collections::HashMap<String, String>) {
     let smtp = sink.addr.to_string();
     let (relay, tokens) = TestRelay::start_with(dir.to_owned(), move |c| c.smtp = Some(smtp.clone())).await;
-    relay
-        .open_store()
-        .set_mailbox(&MailboxSetting {
-            team: TeamId(SALES.into()),
-            url: dovecot.url(),
-            password_file: Some(dovecot.password_file()),
-            password_env: None,
-            address: "support@example.com".into(),
-            uidvalidity: 0,
-            last_uid: 0,
-        })
-        .unwrap();
+    relay.open_store().set_mailbox(&dovecot.setting(SALES)).unwrap();
     (relay, tokens)
+}
+
+/// Dovecot, an SMTP sink (refusing one recipient when given), a relay following the mailbox and
+/// bob's desk, connected.
+struct Setup {
+    dovecot: Dovecot,
+    sink: SmtpSink,
+    relay: TestRelay,
+    bob: Agent,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(refused: Option<&'static str>) -> Setup {
+    let dovecot = Dovecot::start().await;
+    let sink = SmtpSink::refusing(refused).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    Setup { dovecot, sink, relay, bob, _dir: dir }
 }
 
 /// The one Email conversation bob's replica holds, once it is there.
@@ -73,12 +81,7 @@ fn png_mail(boundary: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_email_becomes_a_conversation_and_the_reply_threads_in_the_customers_mail_client() {
-    let dovecot = Dovecot::start().await;
-    let sink = SmtpSink::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
-    let bob = Agent::start(&relay, &tokens, "bob");
-    bob.connected().await;
+    let Setup { dovecot, sink, mut relay, bob, _dir } = setup(None).await;
 
     // The customer writes to the team's address: text (quoted-printable, Latin-1) and a file.
     dovecot.deliver(&png_mail("b1")).await;
@@ -168,12 +171,7 @@ async fn an_email_becomes_a_conversation_and_the_reply_threads_in_the_customers_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mail_read_again_after_a_crash_before_its_uid_was_recorded_is_not_duplicated() {
-    let dovecot = Dovecot::start().await;
-    let sink = SmtpSink::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
-    let bob = Agent::start(&relay, &tokens, "bob");
-    bob.connected().await;
+    let Setup { dovecot, sink: _sink, mut relay, bob, _dir } = setup(None).await;
     dovecot.deliver(&png_mail("b2")).await;
     dovecot
         .deliver("From: Leo <leo@example.net>\r\nTo: support@example.com\r\nSubject: Opening hours\r\n\r\nAre you open on Sunday?\r\n")
@@ -214,12 +212,7 @@ async fn a_mail_read_again_after_a_crash_before_its_uid_was_recorded_is_not_dupl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_and_odd_mail_is_noted_or_skipped_and_the_mailbox_keeps_being_read() {
-    let dovecot = Dovecot::start().await;
-    let sink = SmtpSink::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
-    let bob = Agent::start(&relay, &tokens, "bob");
-    bob.connected().await;
+    let Setup { dovecot, sink: _sink, mut relay, bob, _dir } = setup(None).await;
     // Not a mail at all; then an HTML-only mail with a script; then a program attached; then a
     // mail larger than the relay takes in.
     dovecot.deliver("\u{1}\u{2}garbage without any header\r\n\r\n\u{0}").await;
@@ -277,12 +270,7 @@ async fn hostile_and_odd_mail_is_noted_or_skipped_and_the_mailbox_keeps_being_re
 async fn a_thread_an_agent_starts_goes_out_the_answer_joins_it_and_a_refused_reply_is_noted() {
     use crewdesk::domain::{Customer, CustomerId};
     use crewdesk::replica::doc::NewConversation;
-    let dovecot = Dovecot::start().await;
-    let sink = SmtpSink::refusing(Some("nobody@example.net")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
-    let bob = Agent::start(&relay, &tokens, "bob");
-    bob.connected().await;
+    let Setup { dovecot, sink, mut relay, bob, _dir } = setup(Some("nobody@example.net")).await;
     let start = |name: &str, email: &str, first: &str| {
         let id = crewdesk::replica::doc::new_conversation_id(&mut rand::rng());
         let new = NewConversation {
@@ -340,12 +328,7 @@ async fn a_thread_an_agent_starts_goes_out_the_answer_joins_it_and_a_refused_rep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_sender_gets_thirty_mails_an_hour_into_the_desk() {
-    let dovecot = Dovecot::start().await;
-    let sink = SmtpSink::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
-    let bob = Agent::start(&relay, &tokens, "bob");
-    bob.connected().await;
+    let Setup { dovecot, sink: _sink, mut relay, bob, _dir } = setup(None).await;
     let limit = sync_server::email::MAILS_PER_SENDER_PER_HOUR;
     for i in 0..limit + 5 {
         dovecot

@@ -560,18 +560,7 @@ async fn a_killed_instance_hands_the_teams_mailbox_to_another() {
     let dir = tempfile::tempdir().unwrap();
     let (mut setup, tokens) = TestRelay::start_on(dir.path().join("setup"), Some(postgres_database())).await;
     setup.stop().await;
-    setup
-        .open_store()
-        .set_mailbox(&sync_server::store::MailboxSetting {
-            team: TeamId(demo::SALES.into()),
-            url: dovecot.url(),
-            password_file: Some(dovecot.password_file()),
-            password_env: None,
-            address: "support@example.com".into(),
-            uidvalidity: 0,
-            last_uid: 0,
-        })
-        .unwrap();
+    setup.open_store().set_mailbox(&dovecot.setting(demo::SALES)).unwrap();
     let url = setup.store.clone();
     // The first instance, a process of its own, takes the mailbox (it is alone).
     let first_port = free_port();

@@ -321,6 +321,20 @@ impl Dovecot {
         path.display().to_string()
     }
 
+    /// `team`'s mailbox setting for this server (as `sync-server team TEAM --imap … --imap-password-file …`
+    /// stores it), the team's address support@example.com.
+    pub fn setting(&self, team: &str) -> sync_server::store::MailboxSetting {
+        sync_server::store::MailboxSetting {
+            team: crewdesk::domain::TeamId(team.to_owned()),
+            url: self.url(),
+            password_file: Some(self.password_file()),
+            password_env: None,
+            address: "support@example.com".into(),
+            uidvalidity: 0,
+            last_uid: 0,
+        }
+    }
+
     /// Delivers a mail into the mailbox, as the team's mail server would (IMAP APPEND).
     pub async fn deliver(&self, mail: &str) {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};

@@ -23,32 +23,7 @@ impl Relay {
             return;
         }
         let teams = self.blocking(|s| s.teams()).await.unwrap_or_default();
-        let team = teams.iter().find(|t| &t.id == team);
-        let emails: Vec<crate::store::QueuedEmail> = added
-            .iter()
-            .filter_map(|m| {
-                let crewdesk::domain::Author::Crew { agent } = &m.author else { return None };
-                if !m.reaches_customer() {
-                    return None;
-                }
-                let agent_name =
-                    team.and_then(|t| t.member(agent)).map_or_else(|| agent.to_string(), |m| m.name.clone());
-                let text = m.body.text_content();
-                let attachment = email_attachment(m);
-                Some(crate::store::QueuedEmail {
-                    message_id: format!("{doc_id}/{}", m.id),
-                    doc_id: doc_id.to_owned(),
-                    to: to.clone(),
-                    customer: header.customer.name.clone(),
-                    agent: agent_name,
-                    text,
-                    created_at: crewdesk::domain::Timestamp::now().0,
-                    attachment,
-                    team: None,
-                    attempts: 0,
-                })
-            })
-            .collect();
+        let emails = outbox_rows(doc_id, header, added, teams.iter().find(|t| &t.id == team), &to, None);
         if emails.is_empty() {
             return;
         }
@@ -70,13 +45,6 @@ impl Relay {
         if header.channel != crewdesk::domain::Channel::Email || !added.iter().any(|m| m.reaches_customer()) {
             return;
         }
-        let crew: Vec<&crewdesk::domain::Message> = added
-            .iter()
-            .filter(|m| m.reaches_customer() && matches!(m.author, crewdesk::domain::Author::Crew { .. }))
-            .collect();
-        if crew.is_empty() {
-            return;
-        }
         let t = team.clone();
         let found = self.blocking(move |s| Ok((s.mailboxes()?.into_iter().any(|m| m.team == t), s.teams()?))).await;
         let Ok((true, teams)) = found else { return };
@@ -84,29 +52,11 @@ impl Relay {
             warn!(%doc_id, "an Email conversation without the customer's address: the reply is not sent");
             return;
         };
-        let members = teams.into_iter().find(|x| &x.id == team);
-        let rows: Vec<crate::store::QueuedEmail> = crew
-            .into_iter()
-            .filter_map(|m| {
-                let crewdesk::domain::Author::Crew { agent } = &m.author else { return None };
-                let agent_name = members
-                    .as_ref()
-                    .and_then(|t| t.member(agent))
-                    .map_or_else(|| agent.to_string(), |m| m.name.clone());
-                Some(crate::store::QueuedEmail {
-                    message_id: format!("{doc_id}/{}", m.id),
-                    doc_id: doc_id.to_owned(),
-                    to: to.clone(),
-                    customer: header.customer.name.clone(),
-                    agent: agent_name,
-                    text: m.body.text_content(),
-                    created_at: crewdesk::domain::Timestamp::now().0,
-                    attachment: email_attachment(m),
-                    team: Some(team.clone()),
-                    attempts: 0,
-                })
-            })
-            .collect();
+        let members = teams.iter().find(|x| &x.id == team);
+        let rows = outbox_rows(doc_id, header, added, members, &to, Some(team));
+        if rows.is_empty() {
+            return;
+        }
         if let Err(e) = self.blocking(move |s| s.queue_emails(&rows)).await {
             warn!(%doc_id, %e, "email replies not queued");
         }
@@ -227,4 +177,37 @@ fn email_attachment(m: &crewdesk::domain::Message) -> Option<crate::store::Email
         }
         _ => None,
     }
+}
+
+/// Email outbox rows for the crew messages among `added` that reach the customer (each once: its
+/// row is keyed by the message); `reply_of` names the team for a reply in an Email conversation,
+/// `None` is the web widget's fallback.
+fn outbox_rows(
+    doc_id: &str,
+    header: &doc::DocHeader,
+    added: &[crewdesk::domain::Message],
+    team: Option<&crewdesk::domain::Team>,
+    to: &str,
+    reply_of: Option<&TeamId>,
+) -> Vec<crate::store::QueuedEmail> {
+    added
+        .iter()
+        .filter(|m| m.reaches_customer())
+        .filter_map(|m| {
+            let crewdesk::domain::Author::Crew { agent } = &m.author else { return None };
+            let agent_name = team.and_then(|t| t.member(agent)).map_or_else(|| agent.to_string(), |m| m.name.clone());
+            Some(crate::store::QueuedEmail {
+                message_id: format!("{doc_id}/{}", m.id),
+                doc_id: doc_id.to_owned(),
+                to: to.to_owned(),
+                customer: header.customer.name.clone(),
+                agent: agent_name,
+                text: m.body.text_content(),
+                created_at: crewdesk::domain::Timestamp::now().0,
+                attachment: email_attachment(m),
+                team: reply_of.cloned(),
+                attempts: 0,
+            })
+        })
+        .collect()
 }
