@@ -10,16 +10,18 @@
 //! size rules. Auto-replies, bulk mail, our own mail and Message-IDs already taken in start or
 //! continue nothing; each sender has a rate limit.
 //!
-//! Exactly once: a mail's message ids (and, for a first mail, the conversation's id) follow from
-//! the mailbox's UIDVALIDITY and the mail's UID, and the conversation is checked for them before
-//! anything is written; the UID is recorded after the conversation's change is stored. A relay
-//! killed between the two reads the mail again and writes nothing twice.
+//! Exactly once: the mailbox's UIDVALIDITY and the mail's UID, its Message-ID and its thread are
+//! recorded in the transaction that stores the conversation's change (`TakenMail` with the chunk);
+//! a relay killed before that commit reads the mail again. Besides, a mail's message ids (and, for a
+//! first mail, the conversation's id) follow from UIDVALIDITY and UID and the conversation is checked
+//! for them before anything is written, so a mail read again (a first mail with files, stopped
+//! between its conversation and its files; or a mailbox whose progress was lost) writes nothing twice.
 //!
 //! Outbound: crew messages in Email conversations go through the email outbox (see
 //! [`crate::mailer`]) as replies from the team's address with the thread's headers.
 
 use crate::relay::Relay;
-use crate::store::{MailboxSetting, RecordedEmail};
+use crate::store::{MailboxSetting, TakenMail};
 use crewdesk::domain::{Author, Channel, Customer, CustomerId, Message, MessageBody, MessageId, TeamId, Timestamp};
 use crewdesk::replica::doc::{self, NewConversation};
 use mail_parser::{HeaderValue, MessageParser, MimeHeaders};
@@ -304,19 +306,15 @@ async fn follow_on<T: AsyncRead + AsyncWrite + Unpin + fmt::Debug + Send>(
                     // Expunged meanwhile: nothing to take in.
                     None => Vec::new(),
                 };
-                if !raw.is_empty() {
-                    let mail = Inbound {
-                        team,
-                        address: &setting.address,
-                        uidvalidity,
-                        uid,
-                        oversized: oversized.then_some(size),
-                    };
+                let mail =
+                    Inbound { team, address: &setting.address, uidvalidity, uid, oversized: oversized.then_some(size) };
+                if raw.is_empty() {
+                    let (t, u) = (team.clone(), i64::from(uid));
+                    relay.blocking(move |s| s.mailbox_read(&t, uidvalidity, u)).await.map_err(|e| e.to_string())?;
+                } else {
                     take_in(relay, &mail, &raw).await?;
                 }
                 last_uid = i64::from(uid);
-                let t = team.clone();
-                relay.blocking(move |s| s.mailbox_read(&t, uidvalidity, last_uid)).await.map_err(|e| e.to_string())?;
             }
             while session.unsolicited_responses.try_recv().is_ok() {}
             if !more || *stop.borrow() {
@@ -457,8 +455,19 @@ pub fn without_quote(text: &str) -> String {
     if kept.is_empty() { text.trim().to_owned() } else { kept.to_owned() }
 }
 
-/// Turns one mail into messages of its conversation, once (see the module's text).
+/// Turns one mail into messages of its conversation, once (see the module's text), and records it
+/// as read: with the conversation's change when it writes one, else on its own.
 pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Result<(), String> {
+    if !write_mail(relay, mail, raw).await? {
+        let (t, v, uid) = (mail.team.clone(), mail.uidvalidity, i64::from(mail.uid));
+        relay.blocking(move |s| s.mailbox_read(&t, v, uid)).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// What a mail becomes; true when the mail was recorded with the conversation's change (its UID,
+/// Message-ID and thread in the same transaction), false when it wrote nothing.
+async fn write_mail(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Result<bool, String> {
     let team = mail.team;
     let where_ = format!("UID {} of {team}'s mailbox", mail.uid);
     // Parsing a large mail takes a while: off the relay's async threads.
@@ -468,13 +477,13 @@ pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resu
         .map_err(|e| e.to_string())?;
     let Some(parsed) = parsed else {
         warn!(mail = %where_, "a mail that cannot be read as one was skipped");
-        return Ok(());
+        return Ok(false);
     };
     if let Some(why) = refused(&parsed, mail.address) {
         info!(mail = %where_, why, "mail not taken in");
-        return Ok(());
+        return Ok(false);
     }
-    let Some((address, name)) = sender(&parsed) else { return Ok(()) };
+    let Some((address, name)) = sender(&parsed) else { return Ok(false) };
     let message_id = parsed.message_id().and_then(clean_id);
     let known = match message_id.clone() {
         Some(id) => relay.blocking(move |s| s.email_id_known(&id)).await.map_err(|e| e.to_string())?,
@@ -482,12 +491,12 @@ pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resu
     };
     if known {
         info!(mail = %where_, "mail already taken in (or ours): skipped");
-        return Ok(());
+        return Ok(false);
     }
     let key = format!("email:{team}:{address}");
     if !relay.allow_shared_event(key, MAILS_PER_SENDER_PER_HOUR, 3_600_000).await {
         warn!(mail = %where_, %address, "more than {MAILS_PER_SENDER_PER_HOUR} mails an hour from one sender: not taken in");
-        return Ok(());
+        return Ok(false);
     }
     let subject: String = parsed
         .subject()
@@ -521,6 +530,17 @@ pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resu
         Some(_) => return Err(format!("{where_}: conversation {doc_id} is another team's")),
         None => false,
     };
+    let taken = TakenMail {
+        team: team.clone(),
+        uidvalidity: mail.uidvalidity,
+        uid: i64::from(mail.uid),
+        address: address.clone(),
+        subject: subject.clone(),
+        message_id: message_id.clone(),
+    };
+    // A first mail with files starts its conversation before they are stored (they belong to it)
+    // and is recorded with the files' change; otherwise with the one change it makes.
+    let files = mail.oversized.is_none() && parsed.attachments().next().is_some();
     let at = Timestamp::now();
     let base = format!("em-{}", &seed[..32]);
     let mut messages = Vec::new();
@@ -536,9 +556,6 @@ pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resu
             MAX_MAIL_BYTES / 1_048_576
         );
         add(&mut messages, String::new(), Author::System, MessageBody::Text { text });
-        if !exists {
-            start(relay, mail, &doc_id, &address, name.as_deref(), &mut messages, at).await?;
-        }
     } else {
         let body = parsed.body_text(0).map(|t| without_quote(&t)).unwrap_or_default();
         let body: String = body.chars().take(crewdesk::domain::MAX_MESSAGE_BYTES / 4).collect();
@@ -551,9 +568,8 @@ pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resu
         if !text.trim().is_empty() {
             add(&mut messages, String::new(), Author::Customer, MessageBody::Text { text });
         }
-        // A first mail starts its conversation before its files are stored (they belong to it).
-        if !exists {
-            start(relay, mail, &doc_id, &address, name.as_deref(), &mut messages, at).await?;
+        if !exists && files {
+            start(relay, mail, &doc_id, &address, name.as_deref(), &mut messages, at, None).await?;
         }
         for (i, part) in parsed.attachments().enumerate().take(20) {
             let name: String = part
@@ -585,31 +601,29 @@ pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resu
             add(&mut messages, format!("-{i}"), Author::Customer, body);
         }
     }
+    if !exists && !files {
+        start(relay, mail, &doc_id, &address, name.as_deref(), &mut messages, at, Some(taken.clone())).await?;
+        if messages.is_empty() {
+            return Ok(true);
+        }
+    }
     if exists {
-        // Read again after a crash before its UID was recorded: what is there is not written twice.
+        // Read again (the mailbox's progress lost, or a crash before the files' change): what is
+        // there is not written twice.
         let there = relay.messages_of(&doc_id).await?;
         messages.retain(|m| !there.iter().any(|t| t.id == m.id));
     }
-    if !messages.is_empty() {
-        relay.change_as_relay(&doc_id, |tx| messages.iter().try_for_each(|m| doc::add_message(tx, m))).await?;
+    if messages.is_empty() {
+        return Ok(false);
     }
-    let (t, d) = (team.clone(), doc_id.clone());
     relay
-        .blocking(move |s| {
-            s.record_email(&RecordedEmail {
-                doc_id: &d,
-                team: &t,
-                address: &address,
-                subject: &subject,
-                message_id: message_id.as_deref(),
-                ours: false,
-            })
-        })
-        .await
-        .map_err(|e| e.to_string())
+        .change_as_relay_reading(&doc_id, Some(taken), |tx| messages.iter().try_for_each(|m| doc::add_message(tx, m)))
+        .await?;
+    Ok(true)
 }
 
 /// Starts a new Email conversation with the first of `messages` (taken out of it).
+#[allow(clippy::too_many_arguments)]
 async fn start(
     relay: &Arc<Relay>,
     mail: &Inbound<'_>,
@@ -618,6 +632,7 @@ async fn start(
     name: Option<&str>,
     messages: &mut Vec<Message>,
     at: Timestamp,
+    taken: Option<TakenMail>,
 ) -> Result<(), String> {
     if messages.is_empty() {
         return Err("a first mail without a message".into());
@@ -636,7 +651,7 @@ async fn start(
         },
         created_at: at,
     };
-    relay.create_as_relay(&new, &first).await?;
+    relay.create_as_relay_reading(&new, &first, taken).await?;
     info!(%doc_id, team = %mail.team, "Email conversation started");
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The email channel against a real IMAP server (Dovecot on loopback) and the SMTP sink: a
 //! customer's email becomes a conversation, the crew's reply arrives threaded, the customer's
 //! answer joins the same conversation, files both ways, internal notes never leave, auto-replies
-//! start no loop, and a relay stopped between storing a mail and recording it duplicates nothing.
+//! start no loop, and a mail read again is not written twice.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use crewdesk::domain::{Author, Channel, ConversationId, MessageBody, TeamId, Timestamp};
@@ -170,7 +170,7 @@ async fn an_email_becomes_a_conversation_and_the_reply_threads_in_the_customers_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mail_read_again_after_a_crash_before_its_uid_was_recorded_is_not_duplicated() {
+async fn a_mail_read_again_is_not_written_twice() {
     let Setup { dovecot, sink: _sink, mut relay, bob, _dir } = setup(None).await;
     dovecot.deliver(&png_mail("b2")).await;
     dovecot
@@ -185,9 +185,9 @@ async fn a_mail_read_again_after_a_crash_before_its_uid_was_recorded_is_not_dupl
     let read = store.mailboxes().unwrap().into_iter().next().unwrap();
     assert_eq!(read.last_uid, 2, "both UIDs recorded");
     relay.stop().await;
-    // The crash window: the conversations' changes were stored, the UIDs not yet recorded. Leo's
-    // mail has no Message-ID, so only the ids that follow from its UID keep it from being
-    // written twice.
+    // The mailbox's progress lost (a store restored from an older backup, say): every mail is read
+    // again. Leo's mail has no Message-ID, so only the ids that follow from its UID keep it from
+    // being written twice.
     store.mailbox_read(&TeamId(SALES.into()), read.uidvalidity, 0).unwrap();
     drop(store);
     relay.restart().await;

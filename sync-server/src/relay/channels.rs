@@ -99,13 +99,27 @@ impl Relay {
     where
         F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), doc::DocError>,
     {
+        self.change_as_relay_reading(doc_id, None, f).await
+    }
+
+    /// [`Relay::change_as_relay`] for a mail taken in: its UID, Message-ID and thread are stored with
+    /// the change, in one transaction.
+    pub(crate) async fn change_as_relay_reading<F>(
+        &self,
+        doc_id: &str,
+        mail: Option<crate::store::TakenMail>,
+        f: F,
+    ) -> Result<(), String>
+    where
+        F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), doc::DocError>,
+    {
         let entry = self.entry(doc_id);
         let mut e = entry.lock().await;
         self.ensure_loaded(doc_id, &mut e).await.map_err(|e| e.to_string())?;
         let e = &mut *e;
         let Some(team) = e.core.team().cloned() else { return Err("no such conversation".into()) };
         let chunk = e.core.relay_change(f)?;
-        if let Err(err) = self.commit(doc_id, &team, chunk).await {
+        if let Err(err) = self.commit_reading(doc_id, &team, chunk, mail).await {
             // Not stored: forget the in-memory change.
             e.core.unload();
             e.loaded = false;
@@ -122,9 +136,19 @@ impl Relay {
         new: &doc::NewConversation,
         first: &crewdesk::domain::Message,
     ) -> Result<(), String> {
+        self.create_as_relay_reading(new, first, None).await
+    }
+
+    /// [`Relay::create_as_relay`] for a mail taken in, recorded in the same transaction.
+    pub(crate) async fn create_as_relay_reading(
+        &self,
+        new: &doc::NewConversation,
+        first: &crewdesk::domain::Message,
+        mail: Option<crate::store::TakenMail>,
+    ) -> Result<(), String> {
         let mut d = doc::create(self.actor.clone(), new).map_err(|e| e.to_string())?;
         d.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, first)).map_err(|f| f.error.to_string())?;
-        self.commit(new.id.as_str(), &new.team, d.save()).await?;
+        self.commit_reading(new.id.as_str(), &new.team, d.save(), mail).await?;
         let entry = self.entry(new.id.as_str());
         let mut e = entry.lock().await;
         e.core.load(d, new.team.clone());

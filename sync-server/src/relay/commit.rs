@@ -15,6 +15,8 @@ pub(super) struct Commit {
     pub(super) changes: Vec<ChangeSeq>,
     /// The messages those changes add (their relay time is stored beside their `at`).
     pub(super) messages: Vec<MessageTime>,
+    /// A mail this chunk takes in: its UID and thread are recorded in the same transaction.
+    pub(super) mail: Option<crate::store::TakenMail>,
     pub(super) done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
@@ -40,6 +42,7 @@ pub(super) async fn committer(store: Arc<Store>, mut rx: mpsc::Receiver<Commit>)
                     bytes: &c.chunk,
                     changes: &c.changes,
                     messages: &c.messages,
+                    mail: c.mail.as_ref(),
                 })
                 .collect();
             let result = store.append_chunks(&rows).map_err(|e| e.to_string());
@@ -65,7 +68,29 @@ pub(super) async fn committer(store: Arc<Store>, mut rx: mpsc::Receiver<Commit>)
 impl Relay {
     /// Stores a chunk durably (group commit); returns once it is fsynced.
     pub(super) async fn commit(&self, doc: &str, team: &TeamId, chunk: Vec<u8>) -> Result<(), String> {
-        let wait = self.enqueue_commit(doc, team, chunk, Vec::new(), Vec::new()).await?;
+        self.commit_reading(doc, team, chunk, None).await
+    }
+
+    /// [`Relay::commit`], recording the mail the chunk takes in (its UID, Message-ID and thread) in
+    /// the same transaction.
+    pub(super) async fn commit_reading(
+        &self,
+        doc: &str,
+        team: &TeamId,
+        chunk: Vec<u8>,
+        mail: Option<crate::store::TakenMail>,
+    ) -> Result<(), String> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let c = Commit {
+            doc: doc.to_owned(),
+            team: team.clone(),
+            chunk,
+            changes: Vec::new(),
+            messages: Vec::new(),
+            mail,
+            done,
+        };
+        self.commits.send(c).await.map_err(|_| "the relay is shutting down".to_owned())?;
         wait.await.map_err(|_| "the relay is shutting down".to_owned())?
     }
 
@@ -79,7 +104,7 @@ impl Relay {
         messages: Vec<MessageTime>,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, String> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let c = Commit { doc: doc.to_owned(), team: team.clone(), chunk, changes, messages, done };
+        let c = Commit { doc: doc.to_owned(), team: team.clone(), chunk, changes, messages, mail: None, done };
         self.commits.send(c).await.map_err(|_| "the relay is shutting down".to_owned())?;
         Ok(wait)
     }

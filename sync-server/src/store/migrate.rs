@@ -64,8 +64,8 @@ const TABLES: &[(&str, &[&str], &str)] = &[
     ("blobs", &["hash", "size", "mime", "thumbnail", "created_at"], "hash"),
     ("blob_refs", &["hash", "doc_id"], "hash, doc_id"),
     ("mailboxes", &["team", "url", "password_file", "password_env", "address", "uidvalidity", "last_uid"], "team"),
-    ("email_ids", &["message_id", "doc_id", "team", "ours"], "message_id"),
-    ("email_threads", &["doc_id", "team", "address", "subject", "refs", "updated_at"], "doc_id"),
+    ("email_ids", &["message_id", "doc_id", "team", "ours", "at"], "message_id"),
+    ("email_threads", &["doc_id", "team", "address", "subject", "updated_at"], "doc_id"),
 ];
 
 /// What was copied: rows per table and documents whose heads were compared.

@@ -62,6 +62,21 @@ pub struct NewChunk<'a> {
     pub changes: &'a [crewdesk::sync::relay_doc::ChangeSeq],
     /// The messages the client changes add: the relay's time is kept beside their `at`.
     pub messages: &'a [crewdesk::sync::relay_doc::MessageTime],
+    /// The mail this chunk takes in (the email channel): its UID, its Message-ID and its thread are
+    /// recorded in the same transaction as the chunk.
+    pub mail: Option<&'a TakenMail>,
+}
+
+/// A mail taken into a conversation: where it was read and what its thread records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TakenMail {
+    pub team: TeamId,
+    pub uidvalidity: i64,
+    pub uid: i64,
+    /// The customer's address.
+    pub address: String,
+    pub subject: String,
+    pub message_id: Option<String>,
 }
 
 pub struct StoredChunks {
@@ -203,7 +218,8 @@ pub trait Storage: Send + Sync {
     /// the document holds already, so it was refused).
     fn append_chunks(&self, chunks: &[NewChunk<'_>]) -> Result<Vec<bool>, StoreError>;
     fn append_chunk(&self, id: &str, team: &TeamId, chunk: &[u8]) -> Result<(), StoreError> {
-        self.append_chunks(&[NewChunk { doc: id, team, bytes: chunk, changes: &[], messages: &[] }]).map(|_| ())
+        self.append_chunks(&[NewChunk { doc: id, team, bytes: chunk, changes: &[], messages: &[], mail: None }])
+            .map(|_| ())
     }
     /// The messages agents' changes added to a document: id, the `at` its author gave it and when
     /// the relay received it (its own clock), in the order received.
@@ -266,8 +282,8 @@ pub trait Storage: Send + Sync {
     fn email_id_known(&self, message_id: &str) -> Result<bool, StoreError>;
     /// The Email conversation of `team` with this customer address most recently written in.
     fn email_conversation_of_address(&self, team: &TeamId, address: &str) -> Result<Option<String>, StoreError>;
-    /// Records a mail of an Email conversation: its Message-ID (when it has one) and the thread
-    /// (created with `subject` on the first mail; later mails extend its References).
+    /// Records a mail of an Email conversation (our reply): its Message-ID and the thread (created
+    /// with `subject` on its first mail). Mails taken in are recorded with their chunk ([`TakenMail`]).
     fn record_email(&self, mail: &RecordedEmail<'_>) -> Result<(), StoreError>;
     fn email_thread(&self, doc_id: &str) -> Result<Option<EmailThread>, StoreError>;
 
@@ -480,22 +496,12 @@ pub struct EmailThread {
     pub team: TeamId,
     pub address: String,
     pub subject: String,
-    /// Message-IDs of the thread, oldest first (at most [`THREAD_REFERENCES`]).
+    /// Message-IDs of the thread, oldest first (its latest [`THREAD_REFERENCES`]).
     pub refs: Vec<String>,
 }
 
-/// Message-IDs a thread keeps for References.
-pub const THREAD_REFERENCES: usize = 20;
-
-/// The thread's References after `id` joined it (oldest first, the newest kept).
-pub(crate) fn extend_refs(refs: &str, id: Option<&str>) -> String {
-    let mut list: Vec<&str> = refs.split_whitespace().collect();
-    if let Some(id) = id.filter(|id| !list.contains(id)) {
-        list.push(id);
-    }
-    let skip = list.len().saturating_sub(THREAD_REFERENCES);
-    list[skip..].join(" ")
-}
+/// Message-IDs a thread keeps for References (its latest).
+pub const THREAD_REFERENCES: i64 = 20;
 
 /// A crew file to send with its fallback email.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

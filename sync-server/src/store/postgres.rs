@@ -511,6 +511,16 @@ impl Storage for PgStore {
                 m_ats.push(m.at.0);
             }
         }
+        // Mails the chunks take in (the email channel): their mailboxes' progress, Message-IDs and
+        // threads, in the same transaction.
+        let mails: Vec<(&str, &TakenMail)> = chunks.iter().filter_map(|c| c.mail.map(|m| (c.doc, m))).collect();
+        let mail_docs: Vec<&str> = mails.iter().map(|(d, _)| *d).collect();
+        let mail_teams: Vec<&str> = mails.iter().map(|(_, m)| m.team.as_str()).collect();
+        let mail_validities: Vec<i64> = mails.iter().map(|(_, m)| m.uidvalidity).collect();
+        let mail_uids: Vec<i64> = mails.iter().map(|(_, m)| m.uid).collect();
+        let mail_ids: Vec<Option<&str>> = mails.iter().map(|(_, m)| m.message_id.as_deref()).collect();
+        let mail_addresses: Vec<&str> = mails.iter().map(|(_, m)| m.address.as_str()).collect();
+        let mail_subjects: Vec<&str> = mails.iter().map(|(_, m)| m.subject.as_str()).collect();
         let now = now_millis();
         self.block(async {
             let c = self.client().await?;
@@ -601,17 +611,52 @@ impl Storage for PgStore {
                 &m_ats,
                 &NOTE_CHUNK_BYTES,
             ];
-            let (begin, locked, claimed, appended, commit) = futures_util::join!(
+            let mail_params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+                &mail_docs,
+                &mail_teams,
+                &mail_validities,
+                &mail_uids,
+                &mail_ids,
+                &mail_addresses,
+                &mail_subjects,
+                &now,
+            ];
+            // One statement (it is pipelined before COMMIT), sent only when a chunk takes a mail in.
+            let mailboxes = async {
+                if mails.is_empty() {
+                    return Ok(0);
+                }
+                c.execute(
+                    "WITH input AS (
+                       SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::text[])
+                         AS u(doc, team, v, uid, mid, address, subject)
+                     ), progress AS (
+                       UPDATE mailboxes SET uidvalidity = input.v, last_uid = input.uid FROM input
+                       WHERE mailboxes.team = input.team
+                     ), ids AS (
+                       INSERT INTO email_ids (message_id, doc_id, team, ours, at)
+                       SELECT mid, doc, team, false, $8 FROM input WHERE mid IS NOT NULL ON CONFLICT DO NOTHING
+                     )
+                     INSERT INTO email_threads (doc_id, team, address, subject, updated_at)
+                     SELECT DISTINCT ON (doc) doc, team, address, subject, $8 FROM input
+                     ON CONFLICT (doc_id) DO UPDATE SET updated_at = excluded.updated_at",
+                    &mail_params,
+                )
+                .await
+            };
+            let (begin, locked, claimed, appended, read, commit) = futures_util::join!(
                 c.batch_execute("BEGIN"),
                 c.execute(&lock, &lock_params),
                 c.query(&claim, &claim_params),
                 c.execute(&append, &append_params),
+                mailboxes,
                 c.batch_execute("COMMIT"),
             );
             begin?;
             locked?;
             let refused: Vec<i64> = claimed?.iter().map(|r| r.get(0)).collect();
             appended?;
+            read?;
             commit?;
             Ok((1..=chunks.len() as i64).map(|n| !refused.contains(&n)).collect())
         })
@@ -1011,23 +1056,19 @@ impl Storage for PgStore {
         self.block(async {
             let mut c = self.client().await?;
             let tx = c.transaction().await?;
+            let now = now_millis();
             if let Some(id) = mail.message_id {
                 tx.execute(
-                    "INSERT INTO email_ids (message_id, doc_id, team, ours) VALUES ($1, $2, $3, $4)
+                    "INSERT INTO email_ids (message_id, doc_id, team, ours, at) VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (message_id) DO NOTHING",
-                    &[&id, &mail.doc_id, &mail.team.as_str(), &mail.ours],
+                    &[&id, &mail.doc_id, &mail.team.as_str(), &mail.ours, &now],
                 )
                 .await?;
             }
-            let refs: Option<String> = tx
-                .query_opt("SELECT refs FROM email_threads WHERE doc_id = $1 FOR UPDATE", &[&mail.doc_id])
-                .await?
-                .map(|r| r.get(0));
-            let refs = extend_refs(refs.as_deref().unwrap_or(""), mail.message_id);
             tx.execute(
-                "INSERT INTO email_threads (doc_id, team, address, subject, refs, updated_at) VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (doc_id) DO UPDATE SET refs = excluded.refs, updated_at = excluded.updated_at",
-                &[&mail.doc_id, &mail.team.as_str(), &mail.address, &mail.subject, &refs, &now_millis()],
+                "INSERT INTO email_threads (doc_id, team, address, subject, updated_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (doc_id) DO UPDATE SET updated_at = excluded.updated_at",
+                &[&mail.doc_id, &mail.team.as_str(), &mail.address, &mail.subject, &now],
             )
             .await?;
             tx.commit().await?;
@@ -1038,15 +1079,25 @@ impl Storage for PgStore {
     fn email_thread(&self, doc_id: &str) -> Result<Option<EmailThread>, StoreError> {
         self.block(async {
             let c = self.client().await?;
-            let row = c
-                .query_opt("SELECT team, address, subject, refs FROM email_threads WHERE doc_id = $1", &[&doc_id])
+            let Some(row) =
+                c.query_opt("SELECT team, address, subject FROM email_threads WHERE doc_id = $1", &[&doc_id]).await?
+            else {
+                return Ok(None);
+            };
+            let ids = c
+                .query(
+                    "SELECT message_id FROM email_ids WHERE doc_id = $1 ORDER BY at DESC, message_id DESC LIMIT $2",
+                    &[&doc_id, &THREAD_REFERENCES],
+                )
                 .await?;
-            Ok(row.map(|r| EmailThread {
+            let mut refs: Vec<String> = ids.iter().map(|r| r.get(0)).collect();
+            refs.reverse();
+            Ok(Some(EmailThread {
                 doc_id: doc_id.to_owned(),
-                team: TeamId(r.get(0)),
-                address: r.get(1),
-                subject: r.get(2),
-                refs: r.get::<_, String>(3).split_whitespace().map(str::to_owned).collect(),
+                team: TeamId(row.get(0)),
+                address: row.get(1),
+                subject: row.get(2),
+                refs,
             }))
         })
     }

@@ -247,7 +247,7 @@ impl Storage for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = now_millis();
-        for NewChunk { doc: id, team, bytes: chunk, messages, .. } in chunks {
+        for NewChunk { doc: id, team, bytes: chunk, messages, mail, .. } in chunks {
             tx.prepare_cached("INSERT OR IGNORE INTO documents (id, team, created_at) VALUES (?1, ?2, ?3)")?
                 .execute(params![*id, team.as_str(), now])?;
             tx.prepare_cached(
@@ -260,6 +260,23 @@ impl Storage for SqliteStore {
                     "INSERT OR IGNORE INTO message_times (doc_id, message_id, at, received_at) VALUES (?1, ?2, ?3, ?4)",
                 )?
                 .execute(params![id, m.id, m.at.0, now])?;
+            }
+            if let Some(m) = mail {
+                tx.execute(
+                    "UPDATE mailboxes SET uidvalidity = ?2, last_uid = ?3 WHERE team = ?1",
+                    params![m.team.as_str(), m.uidvalidity, m.uid],
+                )?;
+                record_email_in(
+                    &tx,
+                    &RecordedEmail {
+                        doc_id: id,
+                        team: &m.team,
+                        address: &m.address,
+                        subject: &m.subject,
+                        message_id: m.message_id.as_deref(),
+                        ours: false,
+                    },
+                )?;
             }
         }
         tx.commit()?;
@@ -591,37 +608,28 @@ impl Storage for SqliteStore {
     fn record_email(&self, mail: &RecordedEmail<'_>) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        if let Some(id) = mail.message_id {
-            tx.execute(
-                "INSERT OR IGNORE INTO email_ids (message_id, doc_id, team, ours) VALUES (?1, ?2, ?3, ?4)",
-                params![id, mail.doc_id, mail.team.as_str(), mail.ours],
-            )?;
-        }
-        let refs: Option<String> =
-            tx.query_row("SELECT refs FROM email_threads WHERE doc_id = ?1", [mail.doc_id], |r| r.get(0)).optional()?;
-        let refs = extend_refs(refs.as_deref().unwrap_or(""), mail.message_id);
-        tx.execute(
-            "INSERT INTO email_threads (doc_id, team, address, subject, refs, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (doc_id) DO UPDATE SET refs = excluded.refs, updated_at = excluded.updated_at",
-            params![mail.doc_id, mail.team.as_str(), mail.address, mail.subject, refs, now_millis()],
-        )?;
+        record_email_in(&tx, mail)?;
         tx.commit()?;
         Ok(())
     }
 
     fn email_thread(&self, doc_id: &str) -> Result<Option<EmailThread>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT team, address, subject, refs FROM email_threads WHERE doc_id = ?1", [doc_id], |r| {
-                Ok(EmailThread {
-                    doc_id: doc_id.to_owned(),
-                    team: TeamId(r.get(0)?),
-                    address: r.get(1)?,
-                    subject: r.get(2)?,
-                    refs: r.get::<_, String>(3)?.split_whitespace().map(str::to_owned).collect(),
-                })
+        let conn = self.conn();
+        let Some((team, address, subject)) = conn
+            .query_row("SELECT team, address, subject FROM email_threads WHERE doc_id = ?1", [doc_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
             })
-            .optional()?)
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let mut stmt = conn.prepare_cached(
+            "SELECT message_id FROM email_ids WHERE doc_id = ?1 ORDER BY at DESC, rowid DESC LIMIT ?2",
+        )?;
+        let mut refs: Vec<String> =
+            stmt.query_map(params![doc_id, THREAD_REFERENCES], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        refs.reverse();
+        Ok(Some(EmailThread { doc_id: doc_id.to_owned(), team: TeamId(team), address, subject, refs }))
     }
 
     /// The team of a stored conversation (without loading it).
@@ -834,4 +842,21 @@ fn read_widget_settings(conn: &Connection, team: &str) -> Result<Option<WidgetSe
     let mut stmt = conn.prepare_cached("SELECT origin FROM widget_origins WHERE team = ?1 ORDER BY origin")?;
     let origins = stmt.query_map([team], |r| r.get(0))?.collect::<Result<_, _>>()?;
     Ok(Some(WidgetSettings { team: TeamId(team.to_owned()), team_name, key, greeting, origins }))
+}
+
+/// A mail's Message-ID and its thread, inside the caller's transaction.
+fn record_email_in(tx: &rusqlite::Transaction<'_>, mail: &RecordedEmail<'_>) -> Result<(), StoreError> {
+    let now = now_millis();
+    if let Some(id) = mail.message_id {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO email_ids (message_id, doc_id, team, ours, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![id, mail.doc_id, mail.team.as_str(), mail.ours, now])?;
+    }
+    tx.prepare_cached(
+        "INSERT INTO email_threads (doc_id, team, address, subject, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (doc_id) DO UPDATE SET updated_at = excluded.updated_at",
+    )?
+    .execute(params![mail.doc_id, mail.team.as_str(), mail.address, mail.subject, now])?;
+    Ok(())
 }

@@ -1,6 +1,7 @@
 -- The email channel. A team's mailbox (`sync-server team TEAM --imap URL`): where it is, where its
 -- password comes from (a file or an environment variable, never the database), the team's address
--- and how far the relay has read it (UIDVALIDITY and the last UID taken in).
+-- and how far the relay has read it (UIDVALIDITY and the last UID taken in, recorded in the
+-- transaction that stores what the mail became).
 CREATE TABLE mailboxes (
     team          TEXT PRIMARY KEY,
     url           TEXT NOT NULL,
@@ -17,16 +18,18 @@ CREATE TABLE email_ids (
     message_id TEXT PRIMARY KEY,
     doc_id     TEXT NOT NULL,
     team       TEXT NOT NULL,
-    ours       BOOLEAN NOT NULL
+    ours       BOOLEAN NOT NULL,
+    -- When it was recorded: a thread's References are its latest Message-IDs.
+    at         BIGINT NOT NULL
 );
--- One row per Email conversation: the customer's address, the subject replies keep, and the
--- thread's Message-IDs (newest last) for In-Reply-To and References.
+CREATE INDEX email_ids_thread ON email_ids (doc_id, at);
+-- One row per Email conversation: the customer's address and the subject replies keep (its
+-- Message-IDs for In-Reply-To and References are in email_ids).
 CREATE TABLE email_threads (
     doc_id     TEXT PRIMARY KEY,
     team       TEXT NOT NULL,
     address    TEXT NOT NULL,
     subject    TEXT NOT NULL,
-    refs       TEXT NOT NULL,
     updated_at BIGINT NOT NULL
 );
 CREATE INDEX email_threads_address ON email_threads (team, address, updated_at);
