@@ -6,7 +6,7 @@
 
 use crewdesk::domain::{Author, Channel, ConversationId, MessageBody, TeamId, Timestamp};
 use std::time::Duration;
-use system_tests::{Agent, Dovecot, SmtpSink, TestRelay, eventually};
+use system_tests::{Agent, Dovecot, RelayProcess, SmtpSink, TestRelay, eventually, wait_listening};
 
 fn text(t: &str) -> MessageBody {
     MessageBody::Text { text: t.to_owned() }
@@ -351,5 +351,81 @@ async fn one_sender_gets_thirty_mails_an_hour_into_the_desk() {
     eventually(10, "the flood's mails in one conversation", || bob.message_texts(&flood).len() == limit).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(bob.message_texts(&flood).len(), limit, "at most {limit} mails an hour from one sender");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_while_taking_mail_in_loses_and_duplicates_nothing() {
+    use base64::Engine;
+    const MAILS: usize = 60;
+    let dovecot = Dovecot::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut setup, tokens) = TestRelay::start(dir.path().to_owned()).await;
+    setup.stop().await;
+    setup.open_store().set_mailbox(&dovecot.setting(SALES)).unwrap();
+    // Sixty customers write, each with a photo (a conversation, then its file: two commits).
+    let png = base64::engine::general_purpose::STANDARD.encode(system_tests::png(64, 48));
+    for i in 0..MAILS {
+        dovecot
+            .deliver(&format!(
+                "From: Customer {i} <customer{i}@example.org>\r\nTo: support@example.com\r\nSubject: Order {i}\r\n\
+                 Message-ID: <order.{i}@example.org>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"p\"\r\n\r\n\
+                 --p\r\nContent-Type: text/plain\r\n\r\nMy order {i} arrived broken.\r\n--p\r\n\
+                 Content-Type: image/png; name=\"photo-{i}.png\"\r\nContent-Disposition: attachment; filename=\"photo-{i}.png\"\r\n\
+                 Content-Transfer-Encoding: base64\r\n\r\n{png}\r\n--p--\r\n"
+            ))
+            .await;
+    }
+    let port = setup.addr.port();
+    let read = || setup.open_store().mailboxes().unwrap()[0].last_uid;
+    let mut child = RelayProcess::spawn(dir.path(), setup.store.as_deref(), port);
+    wait_listening(port).await;
+    // SIGKILL while the mails are being taken in.
+    eventually(60, "the relay takes the first mail in", || read() >= 1).await;
+    child.kill();
+    let at_kill = read();
+    assert!(at_kill < MAILS as i64, "killed while taking mail in ({at_kill} of {MAILS} recorded)");
+    let _child = RelayProcess::spawn(dir.path(), setup.store.as_deref(), port);
+    wait_listening(port).await;
+    eventually(120, "every mail taken in after the restart", || read() == MAILS as i64).await;
+    let bob = Agent::start(&setup, &tokens, "bob");
+    let emails = || {
+        bob.with(|r| {
+            r.stored_summaries()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| s.channel == Channel::Email)
+                .collect::<Vec<_>>()
+        })
+    };
+    eventually(60, "bob has a conversation per mail", || emails().len() == MAILS).await;
+    for conversation in emails() {
+        eventually(30, "each conversation has its text and its photo", || {
+            bob.message_texts(&conversation.id).len() == 2
+        })
+        .await;
+        let messages = bob.with(|r| r.stored_messages(&conversation.id)).unwrap();
+        assert!(matches!(messages[1].body, MessageBody::Attachment { .. }), "{messages:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(emails().len(), MAILS, "no conversation twice");
+    println!("killed with {at_kill} of {MAILS} mails recorded; after the restart every mail is there once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_idle_is_asked_for_new_mail_every_thirty_seconds() {
+    let dovecot = Dovecot::without_idle().await;
+    let sink = SmtpSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, tokens) = relay_with_mailbox(&dovecot, &sink, dir.path()).await;
+    let bob = Agent::start(&relay, &tokens, "bob");
+    bob.connected().await;
+    let read = || relay.open_store().mailboxes().unwrap()[0].last_uid;
+    dovecot.deliver("From: Ana <ana@example.org>\r\nTo: support@example.com\r\nSubject: One\r\n\r\nFirst\r\n").await;
+    eventually(45, "the first mail, read by asking", || read() == 1).await;
+    dovecot.deliver("From: Ana <ana@example.org>\r\nTo: support@example.com\r\nSubject: Two\r\n\r\nSecond\r\n").await;
+    eventually(45, "the next mail, at the next time of asking", || read() == 2).await;
+    let id = email_conversation(&bob).await;
+    eventually(20, "both in Ana's conversation", || bob.message_texts(&id).len() == 2).await;
     relay.stop().await;
 }

@@ -270,6 +270,15 @@ pub struct Dovecot {
 
 impl Dovecot {
     pub async fn start() -> Dovecot {
+        Dovecot::start_with("").await
+    }
+
+    /// A Dovecot that does not offer IDLE (the relay then asks for new mail every 30 s).
+    pub async fn without_idle() -> Dovecot {
+        Dovecot::start_with("imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE LITERAL+ UIDPLUS\n").await
+    }
+
+    async fn start_with(extra: &str) -> Dovecot {
         let binary = ["/usr/sbin/dovecot", "/usr/local/sbin/dovecot"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
@@ -293,7 +302,7 @@ impl Dovecot {
              passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/users\n}}\n\
              userdb {{\n  driver = static\n  args = uid=mail gid=mail home={d}/home/%u\n}}\n\
              service imap-login {{\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n  \
-             inet_listener imaps {{\n    port = 0\n  }}\n  chroot =\n}}\nservice anvil {{\n  chroot =\n}}\n",
+             inet_listener imaps {{\n    port = 0\n  }}\n  chroot =\n}}\nservice anvil {{\n  chroot =\n}}\n{extra}",
             d = d.display()
         );
         std::fs::write(d.join("dovecot.conf"), conf).unwrap();
