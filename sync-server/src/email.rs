@@ -42,6 +42,11 @@ pub const MAX_MAIL_BYTES: u32 = 25 * 1024 * 1024;
 /// (the log says so).
 pub const MAILS_PER_SENDER_PER_HOUR: usize = 30;
 
+/// On a mailbox's first read (and after its UIDVALIDITY changed) only mail that arrived in the last
+/// this many days is taken in: connecting a mailbox that holds years of mail does not turn them all
+/// into conversations. Older mail stays in the mailbox, untouched.
+pub const FIRST_READ_DAYS: i64 = 7;
+
 /// Mails taken in per round before the follower looks at its stop signal and the lock again.
 const MAILS_PER_ROUND: usize = 100;
 
@@ -293,7 +298,11 @@ async fn follow_on<T: AsyncRead + AsyncWrite + Unpin + fmt::Debug + Send>(
     loop {
         // Everything above the last UID taken in, in UID order.
         loop {
-            let found = timed("UID SEARCH", session.uid_search(format!("UID {}:*", last_uid + 1))).await?;
+            let query = match last_uid {
+                0 => format!("UID 1:* SINCE {}", imap_date(Timestamp::now().0 - FIRST_READ_DAYS * 86_400_000)),
+                _ => format!("UID {}:*", last_uid + 1),
+            };
+            let found = timed("UID SEARCH", session.uid_search(query)).await?;
             let mut uids: Vec<u32> = found.into_iter().filter(|u| i64::from(*u) > last_uid).collect();
             uids.sort_unstable();
             let more = uids.len() > MAILS_PER_ROUND;
@@ -367,6 +376,22 @@ async fn fetch_one<T: AsyncRead + AsyncWrite + Unpin + fmt::Debug + Send>(
         Ok::<_, async_imap::error::Error>(found)
     })
     .await
+}
+
+/// A day as IMAP's SEARCH writes it (`7-Dec-2026`), from milliseconds since the Unix epoch (UTC).
+pub fn imap_date(ms: i64) -> String {
+    // Days to the civil date (H. Hinnant's algorithm).
+    let z = ms.div_euclid(86_400_000) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    format!("{day}-{}-{year}", MONTHS[(month - 1) as usize])
 }
 
 /// Where a mail was read.
@@ -735,6 +760,14 @@ mod tests {
         assert_eq!(without_quote(text), "Yes, that works.");
         assert_eq!(without_quote("Thanks!\n> old\n> older\n"), "Thanks!");
         assert_eq!(without_quote("> only a quote"), "> only a quote");
+    }
+
+    #[test]
+    fn search_dates_are_imaps() {
+        assert_eq!(imap_date(0), "1-Jan-1970");
+        assert_eq!(imap_date(1_796_339_193_000), "3-Dec-2026");
+        assert_eq!(imap_date(951_782_400_000), "29-Feb-2000");
+        assert_eq!(imap_date(1_709_251_199_999), "29-Feb-2024");
     }
 
     #[test]

@@ -429,3 +429,28 @@ async fn a_server_without_idle_is_asked_for_new_mail_every_thirty_seconds() {
     eventually(20, "both in Ana's conversation", || bob.message_texts(&id).len() == 2).await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_connected_for_the_first_time_brings_only_its_recent_mail() {
+    let Setup { dovecot, sink: _sink, mut relay, bob, _dir } = setup(None).await;
+    // A mail that arrived a month ago, then one of today.
+    let day = sync_server::email::imap_date(Timestamp::now().0 - 30 * 86_400_000);
+    let old = format!("{day:0>11} 10:00:00 +0000");
+    dovecot
+        .deliver_at(
+            "From: Old <old@example.org>\r\nTo: support@example.com\r\nSubject: Last month\r\n\r\nAn old question\r\n",
+            Some(&old),
+        )
+        .await;
+    dovecot
+        .deliver("From: New <new@example.org>\r\nTo: support@example.com\r\nSubject: Today\r\n\r\nA new question\r\n")
+        .await;
+    let id = email_conversation(&bob).await;
+    assert_eq!(bob.with(|r| r.customer(&id)).unwrap().name, "New");
+    eventually(10, "the new mail recorded", || relay.open_store().mailboxes().unwrap()[0].last_uid == 2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let emails =
+        bob.with(|r| r.stored_summaries().unwrap().into_iter().filter(|s| s.channel == Channel::Email).count());
+    assert_eq!(emails, 1, "the month-old mail stays in the mailbox only");
+    relay.stop().await;
+}

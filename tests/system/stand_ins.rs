@@ -346,6 +346,11 @@ impl Dovecot {
 
     /// Delivers a mail into the mailbox, as the team's mail server would (IMAP APPEND).
     pub async fn deliver(&self, mail: &str) {
+        self.deliver_at(mail, None).await
+    }
+
+    /// Delivers a mail that arrived at `internal_date` (`"03-Nov-2026 10:00:00 +0000"`).
+    pub async fn deliver_at(&self, mail: &str, internal_date: Option<&str>) {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
         let (read, mut write) = stream.into_split();
@@ -362,7 +367,8 @@ impl Dovecot {
         write.write_all(format!("a1 LOGIN \"{}\" \"{}\"\r\n", self.user, self.password).as_bytes()).await.unwrap();
         assert!(until(&mut lines, "a1 ").await.starts_with("a1 OK"));
         let bytes = mail.replace("\r\n", "\n").replace('\n', "\r\n");
-        write.write_all(format!("a2 APPEND INBOX {{{}}}\r\n", bytes.len()).as_bytes()).await.unwrap();
+        let date = internal_date.map(|d| format!(" \"{d}\"")).unwrap_or_default();
+        write.write_all(format!("a2 APPEND INBOX{date} {{{}}}\r\n", bytes.len()).as_bytes()).await.unwrap();
         until(&mut lines, "+").await;
         write.write_all(bytes.as_bytes()).await.unwrap();
         write.write_all(b"\r\n").await.unwrap();
