@@ -26,6 +26,7 @@ use crewdesk::domain::{Author, Channel, Customer, CustomerId, Message, MessageBo
 use crewdesk::replica::doc::{self, NewConversation};
 use mail_parser::{HeaderValue, MessageParser, MimeHeaders};
 use rand::SeedableRng;
+use sha2::Digest;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -205,15 +206,12 @@ async fn follow(relay: Arc<Relay>, setting: MailboxSetting, mut stop: watch::Rec
         let k = key.clone();
         let lock = match relay.blocking(move |s| s.try_lock(&k)).await {
             Ok(Some(lock)) => lock,
-            // Another instance follows the mailbox; look again in a while (it may die).
-            Ok(None) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                    _ = crate::relay::stopped(&mut stop) => return,
+            // Another instance follows the mailbox (or the store cannot say): look again in a
+            // while (it may die).
+            other => {
+                if let Err(e) = other {
+                    warn!(%team, %e, "mailbox lock unavailable");
                 }
-            }
-            Err(e) => {
-                warn!(%team, %e, "mailbox lock unavailable");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
                     _ = crate::relay::stopped(&mut stop) => return,
@@ -317,12 +315,7 @@ async fn follow_on<T: AsyncRead + AsyncWrite + Unpin + fmt::Debug + Send>(
                 };
                 let mail =
                     Inbound { team, address: &setting.address, uidvalidity, uid, oversized: oversized.then_some(size) };
-                if raw.is_empty() {
-                    let (t, u) = (team.clone(), i64::from(uid));
-                    relay.blocking(move |s| s.mailbox_read(&t, uidvalidity, u)).await.map_err(|e| e.to_string())?;
-                } else {
-                    take_in(relay, &mail, &raw).await?;
-                }
+                take_in(relay, &mail, &raw).await?;
                 last_uid = i64::from(uid);
             }
             while session.unsolicited_responses.try_recv().is_ok() {}
@@ -493,6 +486,10 @@ pub async fn take_in(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resu
 /// What a mail becomes; true when the mail was recorded with the conversation's change (its UID,
 /// Message-ID and thread in the same transaction), false when it wrote nothing.
 async fn write_mail(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Result<bool, String> {
+    if raw.is_empty() {
+        // Expunged before it was fetched.
+        return Ok(false);
+    }
     let team = mail.team;
     let where_ = format!("UID {} of {team}'s mailbox", mail.uid);
     // Parsing a large mail takes a while: off the relay's async threads.
@@ -518,8 +515,7 @@ async fn write_mail(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resul
         info!(mail = %where_, "mail already taken in (or ours): skipped");
         return Ok(false);
     }
-    let key = format!("email:{team}:{address}");
-    if !relay.allow_shared_event(key, MAILS_PER_SENDER_PER_HOUR, 3_600_000).await {
+    if !relay.allow_email_from(team, &address).await {
         warn!(mail = %where_, %address, "more than {MAILS_PER_SENDER_PER_HOUR} mails an hour from one sender: not taken in");
         return Ok(false);
     }
@@ -532,7 +528,7 @@ async fn write_mail(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resul
     answers.extend(ids(parsed.in_reply_to()));
     // The conversation: the thread it answers, then the sender's latest, then a new one whose id
     // follows from the mail's place in the mailbox.
-    let seed = crewdesk::sync::sha256_hex(format!("{team}/{}/{}", mail.uidvalidity, mail.uid).as_bytes());
+    let seed: [u8; 32] = sha2::Sha256::digest(format!("{team}/{}/{}", mail.uidvalidity, mail.uid)).into();
     let (t, a, list) = (team.clone(), address.clone(), answers.clone());
     let known = relay
         .blocking(move |s| match s.email_conversation(&t, &list)? {
@@ -541,13 +537,7 @@ async fn write_mail(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resul
         })
         .await
         .map_err(|e| e.to_string())?;
-    let fresh = {
-        let mut bytes = [0u8; 32];
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&seed[2 * i..2 * i + 2], 16).unwrap_or(0);
-        }
-        doc::new_conversation_id(&mut rand::rngs::StdRng::from_seed(bytes)).0
-    };
+    let fresh = doc::new_conversation_id(&mut rand::rngs::StdRng::from_seed(seed)).0;
     let doc_id = known.unwrap_or(fresh);
     let id = doc_id.clone();
     let exists = match relay.blocking(move |s| s.document_team(&id)).await.map_err(|e| e.to_string())? {
@@ -567,7 +557,7 @@ async fn write_mail(relay: &Arc<Relay>, mail: &Inbound<'_>, raw: &[u8]) -> Resul
     // and is recorded with the files' change; otherwise with the one change it makes.
     let files = mail.oversized.is_none() && parsed.attachments().next().is_some();
     let at = Timestamp::now();
-    let base = format!("em-{}", &seed[..32]);
+    let base = format!("em-{}", seed[..16].iter().map(|b| format!("{b:02x}")).collect::<String>());
     let mut messages = Vec::new();
     let add = |messages: &mut Vec<Message>, suffix: String, author: Author, body: MessageBody| {
         if body.validate().is_ok() {

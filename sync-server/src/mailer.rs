@@ -206,12 +206,10 @@ async fn reply(
     // A conversation started in the desk (or imported) begins its thread with this reply.
     let subject = found.2.as_ref().map_or_else(|| format!("Your conversation with {team_name}"), |t| t.subject.clone());
     let refs = found.2.as_ref().map(|t| t.refs.clone()).unwrap_or_default();
-    let from: Mailbox = format!("{} <{}>", team_name.replace(['<', '>', '"', '\r', '\n'], ""), mailbox.address)
-        .parse()
+    let from = named(&team_name, &mailbox.address)
         .map_err(|e| (format!("the team's address {}: {e}", mailbox.address), true))?;
-    let to: Mailbox = format!("{} <{}>", first.customer.replace(['<', '>', '"', '\r', '\n'], ""), first.to)
-        .parse()
-        .map_err(|e| (format!("the customer's address {}: {e}", first.to), true))?;
+    let to =
+        named(&first.customer, &first.to).map_err(|e| (format!("the customer's address {}: {e}", first.to), true))?;
     let ours = crate::email::our_message_id(&first.message_id, &mailbox.address);
     // Recorded before it is sent, so an answer that comes quickly already finds its thread.
     let (s, doc, t, address, subj, id) =
@@ -261,6 +259,11 @@ async fn reply(
     transport.send(email).await.map(|_| ()).map_err(|e| (e.to_string(), e.is_permanent()))
 }
 
+/// "Name <address>", the name without what would end it or start another header.
+fn named(name: &str, address: &str) -> Result<Mailbox, lettre::address::AddressError> {
+    format!("{} <{address}>", name.replace(['<', '>', '"', '\r', '\n'], "")).parse()
+}
+
 /// The message with its files attached (multipart/mixed), or plain text when there are none.
 fn with_files(builder: lettre::message::MessageBuilder, body: String, files: Vec<Attached>) -> Result<Message, String> {
     let attached: Vec<SinglePart> = files
@@ -293,9 +296,7 @@ async fn send(
     files: Vec<Attached>,
 ) -> Result<(), String> {
     let first = &batch[0];
-    let to: Mailbox = format!("{} <{}>", first.customer.replace(['<', '>', '"'], ""), first.to)
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let to = named(&first.customer, &first.to).map_err(|e| format!("{e}"))?;
     let mut body = format!("Hello {},\n\nYou have new replies in your conversation:\n\n", first.customer);
     for e in batch {
         body.push_str(&format!("{}: {}\n\n", e.agent, e.text));

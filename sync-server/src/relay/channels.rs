@@ -18,19 +18,8 @@ impl Relay {
         if !crewdesk::domain::status::email_fallback_applies(header.channel, online, email) {
             return;
         }
-        let Some(to) = header.customer.email.clone() else { return };
-        if !added.iter().any(crewdesk::domain::Message::reaches_customer) {
-            return;
-        }
-        let teams = self.blocking(|s| s.teams()).await.unwrap_or_default();
-        let emails = outbox_rows(doc_id, header, added, teams.iter().find(|t| &t.id == team), &to, None);
-        if emails.is_empty() {
-            return;
-        }
-        if let Err(e) = self.blocking(move |s| s.queue_emails(&emails)).await {
-            warn!(%doc_id, %e, "fallback emails not queued");
-        }
-        self.mail_wake.notify_one();
+        let Some(to) = header.customer.email.as_deref() else { return };
+        self.queue_outbox(doc_id, team, header, added, to, None).await;
     }
 
     /// Crew messages in Email conversations of a team with a mailbox go out as threaded replies
@@ -46,19 +35,59 @@ impl Relay {
             return;
         }
         let t = team.clone();
-        let found = self.blocking(move |s| Ok((s.mailboxes()?.into_iter().any(|m| m.team == t), s.teams()?))).await;
-        let Ok((true, teams)) = found else { return };
-        let Some(to) = header.customer.email.clone().filter(|e| !e.trim().is_empty()) else {
+        if !self.blocking(move |s| Ok(s.mailboxes()?.into_iter().any(|m| m.team == t))).await.unwrap_or(false) {
+            return;
+        }
+        let Some(to) = header.customer.email.as_deref().filter(|e| !e.trim().is_empty()) else {
             warn!(%doc_id, "an Email conversation without the customer's address: the reply is not sent");
             return;
         };
-        let members = teams.iter().find(|x| &x.id == team);
-        let rows = outbox_rows(doc_id, header, added, members, &to, Some(team));
+        self.queue_outbox(doc_id, team, header, added, to, Some(team)).await;
+    }
+
+    /// Queues the crew messages among `added` that reach the customer for `to` in the email outbox
+    /// (each once: its row is keyed by the message) and wakes the mailer; `reply_of` names the team
+    /// for a reply in an Email conversation, `None` is the web widget's fallback. Agents are named
+    /// from the relay's team cache.
+    async fn queue_outbox(
+        &self,
+        doc_id: &str,
+        team: &TeamId,
+        header: &doc::DocHeader,
+        added: &[crewdesk::domain::Message],
+        to: &str,
+        reply_of: Option<&TeamId>,
+    ) {
+        if !added.iter().any(crewdesk::domain::Message::reaches_customer) {
+            return;
+        }
+        let members = self.team_rules(team).await.map(|(_, members)| members).unwrap_or_default();
+        let rows: Vec<crate::store::QueuedEmail> = added
+            .iter()
+            .filter(|m| m.reaches_customer())
+            .filter_map(|m| {
+                let crewdesk::domain::Author::Crew { agent } = &m.author else { return None };
+                let agent_name =
+                    members.iter().find(|x| &x.agent == agent).map_or_else(|| agent.to_string(), |x| x.name.clone());
+                Some(crate::store::QueuedEmail {
+                    message_id: format!("{doc_id}/{}", m.id),
+                    doc_id: doc_id.to_owned(),
+                    to: to.to_owned(),
+                    customer: header.customer.name.clone(),
+                    agent: agent_name,
+                    text: m.body.text_content(),
+                    created_at: crewdesk::domain::Timestamp::now().0,
+                    attachment: email_attachment(m),
+                    team: reply_of.cloned(),
+                    attempts: 0,
+                })
+            })
+            .collect();
         if rows.is_empty() {
             return;
         }
         if let Err(e) = self.blocking(move |s| s.queue_emails(&rows)).await {
-            warn!(%doc_id, %e, "email replies not queued");
+            warn!(%doc_id, %e, "emails not queued");
         }
         self.mail_wake.notify_one();
     }
@@ -168,10 +197,13 @@ impl Relay {
         }
     }
 
-    /// Mails one sender may send a team (`key`), per hour, across instances.
-    pub(crate) async fn allow_shared_event(&self, key: String, max: usize, window_ms: i64) -> bool {
+    /// Mails one sender may have taken into a team's conversations
+    /// ([`crate::email::MAILS_PER_SENDER_PER_HOUR`] an hour), across instances.
+    pub(crate) async fn allow_email_from(&self, team: &TeamId, address: &str) -> bool {
+        let key = format!("email:{team}:{address}");
         let local = key.clone();
-        self.allow_shared(key, max, window_ms, || self.email_senders.allow(local)).await
+        let max = crate::email::MAILS_PER_SENDER_PER_HOUR;
+        self.allow_shared(key, max, 3_600_000, || self.email_senders.allow(local)).await
     }
 
     /// Files a widget customer may send per conversation (20 per 10 minutes), across instances.
@@ -201,37 +233,4 @@ fn email_attachment(m: &crewdesk::domain::Message) -> Option<crate::store::Email
         }
         _ => None,
     }
-}
-
-/// Email outbox rows for the crew messages among `added` that reach the customer (each once: its
-/// row is keyed by the message); `reply_of` names the team for a reply in an Email conversation,
-/// `None` is the web widget's fallback.
-fn outbox_rows(
-    doc_id: &str,
-    header: &doc::DocHeader,
-    added: &[crewdesk::domain::Message],
-    team: Option<&crewdesk::domain::Team>,
-    to: &str,
-    reply_of: Option<&TeamId>,
-) -> Vec<crate::store::QueuedEmail> {
-    added
-        .iter()
-        .filter(|m| m.reaches_customer())
-        .filter_map(|m| {
-            let crewdesk::domain::Author::Crew { agent } = &m.author else { return None };
-            let agent_name = team.and_then(|t| t.member(agent)).map_or_else(|| agent.to_string(), |m| m.name.clone());
-            Some(crate::store::QueuedEmail {
-                message_id: format!("{doc_id}/{}", m.id),
-                doc_id: doc_id.to_owned(),
-                to: to.to_owned(),
-                customer: header.customer.name.clone(),
-                agent: agent_name,
-                text: m.body.text_content(),
-                created_at: crewdesk::domain::Timestamp::now().0,
-                attachment: email_attachment(m),
-                team: reply_of.cloned(),
-                attempts: 0,
-            })
-        })
-        .collect()
 }

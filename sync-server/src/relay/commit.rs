@@ -80,17 +80,7 @@ impl Relay {
         chunk: Vec<u8>,
         mail: Option<crate::store::TakenMail>,
     ) -> Result<(), String> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        let c = Commit {
-            doc: doc.to_owned(),
-            team: team.clone(),
-            chunk,
-            changes: Vec::new(),
-            messages: Vec::new(),
-            mail,
-            done,
-        };
-        self.commits.send(c).await.map_err(|_| "the relay is shutting down".to_owned())?;
+        let wait = self.enqueue_commit(doc, team, chunk, Vec::new(), Vec::new(), mail).await?;
         wait.await.map_err(|_| "the relay is shutting down".to_owned())?
     }
 
@@ -102,9 +92,10 @@ impl Relay {
         chunk: Vec<u8>,
         changes: Vec<ChangeSeq>,
         messages: Vec<MessageTime>,
+        mail: Option<crate::store::TakenMail>,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, String> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let c = Commit { doc: doc.to_owned(), team: team.clone(), chunk, changes, messages, mail: None, done };
+        let c = Commit { doc: doc.to_owned(), team: team.clone(), chunk, changes, messages, mail, done };
         self.commits.send(c).await.map_err(|_| "the relay is shutting down".to_owned())?;
         Ok(wait)
     }

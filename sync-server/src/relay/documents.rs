@@ -346,7 +346,7 @@ impl Relay {
                     }
                 }
                 Action::Commit { ticket, team, chunk, changes, messages } => {
-                    let wait = self.enqueue_commit(&doc_id, &team, chunk, changes, messages).await;
+                    let wait = self.enqueue_commit(&doc_id, &team, chunk, changes, messages, None).await;
                     let result = match wait {
                         Ok(wait) => {
                             drop(guard);
