@@ -97,7 +97,7 @@ impl Server {
 }
 
 fn start_relay(data: &Path, port: u16) -> Server {
-    start_relay_on(data, None, port)
+    start_relay_on(data, None, port, None)
 }
 
 /// A relay for the widget rows: every customer comes from 127.0.0.1, so the per-address limits
@@ -285,13 +285,29 @@ async fn widget_load(
 }
 
 /// A relay process; with a PostgreSQL URL it is one instance of a deployment sharing that database.
-fn start_relay_on(data: &Path, store: Option<&str>, port: u16) -> Server {
-    start_relay_with(data, store, port, &[])
+/// The relay binary serving `data` (and `store` when given) on `port`; with `cgroup`, it starts
+/// inside that cgroup's `cgroup.procs`, as on a machine of that size: its runtime sizes its worker
+/// threads to the group's quota.
+fn start_relay_on(data: &Path, store: Option<&str>, port: u16, cgroup: Option<&Path>) -> Server {
+    start_relay_in(data, store, port, &[], cgroup)
 }
 
 /// The relay binary serving `data` (and `store` when given) on `port`, with `args` after `serve`.
 fn start_relay_with(data: &Path, store: Option<&str>, port: u16, args: &[&str]) -> Server {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sync-server"));
+    start_relay_in(data, store, port, args, None)
+}
+
+fn start_relay_in(data: &Path, store: Option<&str>, port: u16, args: &[&str], cgroup: Option<&Path>) -> Server {
+    let relay = env!("CARGO_BIN_EXE_sync-server");
+    let mut command = match cgroup {
+        // The shell joins the group, then becomes the relay (same process id).
+        Some(group) => {
+            let mut c = Command::new("sh");
+            c.args(["-c", "echo $$ > \"$0\" && exec \"$@\""]).arg(group.join("cgroup.procs")).arg(relay);
+            c
+        }
+        None => Command::new(relay),
+    };
     if let Some(url) = store {
         command.env("CREWDESK_STORE", url);
     }

@@ -215,3 +215,104 @@ fn what_one_connection_has_waiting_is_bounded_across_documents() {
     drop(docs);
     assert_eq!(waiting.in_use(), 0, "every part given back");
 }
+
+/// Through the wire and back, as the relay reads a message (its flags included).
+fn wire(m: sync::Message) -> sync::Message {
+    sync::Message::decode(&m.encode()).unwrap()
+}
+
+#[test]
+fn acknowledgements_are_taken_as_automerge_takes_them() {
+    use automerge::transaction::Transactable;
+    use rand::{Rng, SeedableRng};
+    // A hub and three peers editing and syncing in a seeded random order, messages sometimes lost
+    // and connections sometimes starting over. Every message the hub gets is taken the relay's
+    // way (changes applied first, then the rest) and automerge's way, from the same state.
+    let (mut taken, mut handed_back) = (0, 0);
+    for seed in 0..20_u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut hub = Automerge::new().with_actor(ActorId::random());
+        let mut peers: Vec<(Automerge, sync::State, sync::State)> = (0..3)
+            .map(|_| (Automerge::new().with_actor(ActorId::random()), sync::State::new(), sync::State::new()))
+            .collect();
+        for step in 0..400 {
+            let i = rng.random_range(0..peers.len());
+            let (doc, theirs, ours) = &mut peers[i];
+            match rng.random_range(0..10) {
+                0 | 1 => {
+                    let mut tx = doc.transaction();
+                    tx.put(automerge::ROOT, format!("k{}", rng.random_range(0..5)), step).unwrap();
+                    tx.commit();
+                }
+                2 => {
+                    let mut tx = hub.transaction();
+                    tx.put(automerge::ROOT, "hub", step).unwrap();
+                    tx.commit();
+                }
+                3 if rng.random_bool(0.2) => (*theirs, *ours) = (sync::State::new(), sync::State::new()),
+                3..=6 => {
+                    let Some(m) = doc.generate_sync_message(theirs) else { continue };
+                    if rng.random_bool(0.1) {
+                        continue;
+                    }
+                    let mut m = wire(m);
+                    for chunk in std::mem::replace(&mut m.changes, sync::ChunkList::empty()).iter() {
+                        hub.load_incremental(chunk).unwrap();
+                    }
+                    let mut by_automerge = ours.clone();
+                    hub.clone().receive_sync_message(&mut by_automerge, m.clone()).unwrap();
+                    match take_acknowledgement(&hub, ours, m) {
+                        None => {
+                            taken += 1;
+                            assert_eq!(*ours, by_automerge, "seed {seed}, step {step}");
+                        }
+                        Some(_) => {
+                            handed_back += 1;
+                            *ours = by_automerge;
+                        }
+                    }
+                }
+                _ => {
+                    let Some(m) = hub.generate_sync_message(ours) else { continue };
+                    if !rng.random_bool(0.1) {
+                        doc.receive_sync_message(theirs, wire(m)).unwrap();
+                    }
+                }
+            }
+        }
+    }
+    // Both ways are exercised: the test compares something.
+    assert!(taken > 200 && handed_back > 200, "{taken} taken, {handed_back} handed to automerge");
+}
+
+#[test]
+fn followers_in_one_state_hear_what_automerge_makes_for_each() {
+    let mut r = relay();
+    for (conn, peer) in [(2, "carol"), (3, "dan"), (4, "erin"), (5, "frank")] {
+        r.follow(conn, peer);
+    }
+    // Everyone hears of the conversation, then bob's join and reply.
+    let _ = r.fanout();
+    let base = r.doc().unwrap().fork();
+    let (copy, changes) = join_and_reply(&base);
+    let out = r.receive(from_bob(heads_of(&copy), changes, &bob(), &BOB_WAITS), NOW);
+    let _ = r.committed(commits(&out)[0], Ok(()));
+    let before: HashMap<ConnId, sync::State> = r.peers.iter().map(|(c, p)| (*c, p.state.clone())).collect();
+    assert!(before.values().filter(|s| **s == before[&2]).count() >= 4, "the followers share one state");
+    let doc = r.doc().unwrap().fork();
+    let out = r.fanout();
+    for (conn, state) in before {
+        let mut expected = state.clone();
+        let data = doc.generate_sync_message(&mut expected).map(outgoing);
+        let sent: Vec<&Vec<u8>> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(c, WireMessage::Sync { data, .. }) if *c == conn => Some(data),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, data.iter().collect::<Vec<_>>(), "conn {conn}");
+        assert_eq!(r.peers[&conn].state, expected, "conn {conn}");
+    }
+    assert_eq!(sends_to(&out, 3), 1, "{out:?}");
+}

@@ -46,11 +46,6 @@ impl CpuGroup {
             .map_err(|e| format!("cannot write {}/{file}: {e}", self.path.display()))
     }
 
-    /// Moves a process (all its threads) into the group.
-    fn add(&self, pid: u32) -> Result<(), String> {
-        self.write("cgroup.procs", &pid.to_string())
-    }
-
     /// How many periods the group was throttled in, and for how long in all (seconds).
     fn throttled(&self) -> (u64, f64) {
         let stat = std::fs::read_to_string(self.path.join("cpu.stat")).unwrap_or_default();
@@ -152,12 +147,10 @@ pub(crate) async fn scale_out(
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let server = start_relay_on(&dir.path().join(format!("i{i}")), url.as_deref(), *p);
-                let group = quota.map(|q| {
-                    let g = CpuGroup::new(&format!("crewdesk-bench-{}-{p}", std::process::id()), q).unwrap();
-                    g.add(server.id()).unwrap();
-                    g
-                });
+                let group =
+                    quota.map(|q| CpuGroup::new(&format!("crewdesk-bench-{}-{p}", std::process::id()), q).unwrap());
+                let data = dir.path().join(format!("i{i}"));
+                let server = start_relay_on(&data, url.as_deref(), *p, group.as_ref().map(|g| g.path.as_path()));
                 Instance { server, group }
             })
             .collect();
