@@ -73,8 +73,8 @@ fn main() {
 
     let run = |judged: bool| -> Vec<Duration> {
         let mut d: Automerge = base.fork();
-        // The relay keeps the header it read after the last change (`StoredDoc::header`).
-        let mut header = None;
+        // The relay keeps the headers it read (`Stored::headers`).
+        let mut headers = conversation::Headers::default();
         changes
             .iter()
             .map(|(who, c)| {
@@ -86,7 +86,7 @@ fn main() {
                         vec![c.clone()],
                         &authors[*who],
                         Timestamp::now(),
-                        &mut header,
+                        &mut headers,
                     );
                     assert!(v.refused.is_none(), "{:?}", v.refused);
                 } else {

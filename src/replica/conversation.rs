@@ -103,6 +103,18 @@ pub struct ChangeSummary {
     pub empty: bool,
 }
 
+impl ChangeSummary {
+    /// The change writes nothing the header holds (root fields, the customer, the room, the grab
+    /// requests) and nothing outside the layout: the header after it is the header before it.
+    pub fn leaves_header(&self) -> bool {
+        self.root.is_empty()
+            && self.room.is_empty()
+            && self.grabs.is_empty()
+            && self.customer.is_empty()
+            && self.foreign.is_none()
+    }
+}
+
 /// Reads what `change` does. `doc` must hold the change (it was just applied); older objects are
 /// looked up in it, and added messages are read as of the change.
 pub fn summarize(doc: &Automerge, change: &Change) -> Result<ChangeSummary, Refusal> {
@@ -571,19 +583,59 @@ pub fn apply_judged(
     who: &ChangeAuthor,
     now: Timestamp,
 ) -> Verdict {
-    apply_judged_with(doc, doc_id, changes, who, now, &mut None)
+    apply_judged_with(doc, doc_id, changes, who, now, &mut Headers::default())
 }
 
-/// [`apply_judged`] with the caller's copy of the conversation's header at some heads: used for the
-/// first change when it builds on those heads, and left as the header after the last change (so a
-/// conversation that gets changes in a line reads its header once per change, not twice).
+/// Headers of one conversation already read, by the heads they were read at. A header at given
+/// heads never changes, so nothing here goes stale. The judge needs the header before and after
+/// each change, and reading one at past heads walks the change graph once per field; most changes
+/// build on heads the judge has just seen (the relay keeps one of these per loaded conversation).
+#[derive(Clone, Debug, Default)]
+pub struct Headers(std::collections::VecDeque<(Vec<ChangeHash>, DocHeader)>);
+
+impl Headers {
+    /// Headers kept (the oldest read goes first).
+    const KEPT: usize = 8;
+
+    /// The header at `heads` (in any order), if read before.
+    pub fn get(&self, heads: &[ChangeHash]) -> Option<&DocHeader> {
+        let mut heads = heads.to_vec();
+        heads.sort();
+        self.0.iter().find(|(at, _)| *at == heads).map(|(_, h)| h)
+    }
+
+    /// Keeps `header` as the header at `heads` (in any order).
+    pub fn put(&mut self, heads: &[ChangeHash], header: &DocHeader) {
+        let mut heads = heads.to_vec();
+        heads.sort();
+        if self.0.iter().any(|(at, _)| *at == heads) {
+            return;
+        }
+        if self.0.len() == Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back((heads, header.clone()));
+    }
+
+    /// The header at `heads` (`current`: the document's heads), read or remembered.
+    fn at(&mut self, doc: &Automerge, heads: &[ChangeHash], current: bool) -> Option<DocHeader> {
+        if let Some(known) = self.get(heads) {
+            return Some(known.clone());
+        }
+        let header = header_at(doc, heads, current)?;
+        self.put(heads, &header);
+        Some(header)
+    }
+}
+
+/// [`apply_judged`] with the caller's headers of this conversation, kept from change to change.
 pub fn apply_judged_with(
     doc: &mut Automerge,
     doc_id: &str,
     changes: Vec<Change>,
     who: &ChangeAuthor,
     now: Timestamp,
-    header: &mut Option<(Vec<ChangeHash>, DocHeader)>,
+    headers: &mut Headers,
 ) -> Verdict {
     let mut verdict = Verdict::default();
     let mut waiting: Vec<Change> = Vec::new();
@@ -614,9 +666,10 @@ pub fn apply_judged_with(
         // The change was made on the document as it is when its dependencies include every head
         // (automerge also lists the actor's own previous change, often an ancestor of the heads).
         let on_heads = !heads.is_empty() && heads.iter().all(|h| change.deps().contains(h));
-        let before = match header.as_ref() {
-            Some((at, known)) if *at == heads && on_heads => Some(known.clone()),
-            _ => header_at(doc, change.deps(), on_heads),
+        let before = match on_heads {
+            // The dependencies may name ancestors of the heads too (the author's previous change).
+            true => headers.at(doc, &heads, true),
+            false => headers.at(doc, change.deps(), false),
         };
         let expanded = change.decode();
         if let Err(refusal) = refuse_before_applying(&expanded) {
@@ -628,33 +681,34 @@ pub fn apply_judged_with(
             dropped.insert(hash);
             verdict.refused.get_or_insert((hash, Refusal(format!("the change could not be applied ({e})"))));
             verdict.damaged |= !rebuild(doc, &heads);
-            *header = None;
             continue;
         }
-        let after = header_at(doc, &[hash], on_heads);
         let judged = summarize_decoded(doc, &change, &expanded).and_then(|summary| {
             // A conversation is created once: a change made beside its creation (on a document
             // without it) would overwrite its fixed fields in a conflict. Found by fuzzing.
             if before.is_none() && existed && !summary.empty {
                 return refuse("the conversation exists already; a change must build on it");
             }
+            // A change that writes no field of the header (a message, the usual case) leaves it as
+            // it was at its dependencies.
+            let after = match &before {
+                Some(before) if summary.leaves_header() => {
+                    headers.put(&[hash], before);
+                    Some(before.clone())
+                }
+                _ => headers.at(doc, &[hash], on_heads),
+            };
             judge(doc_id, before.as_ref(), after.as_ref(), &summary, who, now).map(|()| summary.added)
         });
         match judged {
             Ok(added) => {
                 verdict.accepted.push(hash);
                 verdict.added.extend(added);
-                let now_heads = doc.get_heads();
-                *header = match after {
-                    Some(after) if now_heads == [hash] => Some((now_heads, after)),
-                    _ => None,
-                };
             }
             Err(refusal) => {
                 dropped.insert(hash);
                 verdict.refused.get_or_insert((hash, refusal));
                 verdict.damaged |= !rebuild(doc, &heads);
-                *header = None;
             }
         }
     }
@@ -803,6 +857,46 @@ mod tests {
                 r.0
             }
             None => "accepted".into(),
+        }
+    }
+
+    #[test]
+    fn a_change_that_leaves_the_header_has_the_header_of_its_dependencies() {
+        // Every kind of change, each made on a copy that has not seen the others (concurrent), then
+        // all applied: where the summary says the header is left as it was, a fresh read at the
+        // change agrees with the read at its dependencies (what the judge takes instead).
+        let base = stored();
+        type Edit = Box<dyn Fn(&mut Transaction<'_>) -> Result<(), doc::DocError>>;
+        let kinds: Vec<(&str, Edit)> = vec![
+            ("message", Box::new(|tx| doc::add_message(tx, &message("m1", "bob", NOW, text("hi"))))),
+            ("join", Box::new(|tx| doc::set_in_room(tx, &AgentId::from("bob"), true))),
+            ("close", Box::new(|tx| doc::close(tx, NOW))),
+            ("grab", Box::new(|tx| doc::request_grab(tx, &AgentId::from("carol"), NOW))),
+            ("owner", Box::new(|tx| doc::record_owner(tx, &AgentId::from("dan")))),
+            ("notes", Box::new(|tx| tx.put(&doc_obj(tx, "customer"), "notes", "VIP").map_err(Into::into))),
+        ];
+        let mut d = base.fork();
+        let mut seen_left = 0;
+        for (what, edit) in &kinds {
+            let c = change(&base, |tx| edit(tx));
+            d.apply_changes([c.clone()]).unwrap();
+            let summary = summarize(&d, &c).unwrap();
+            let before = header_at(&d, c.deps(), false).unwrap();
+            let after = header_at(&d, &[c.hash()], false).unwrap();
+            if summary.leaves_header() {
+                seen_left += 1;
+                assert_eq!(before, after, "{what}");
+            } else {
+                assert_ne!(before, after, "{what} writes the header");
+            }
+        }
+        assert_eq!(seen_left, 1, "only the message leaves the header");
+    }
+
+    fn doc_obj(tx: &Transaction<'_>, key: &str) -> automerge::ObjId {
+        match tx.get(ROOT, key).unwrap() {
+            Some((automerge::Value::Object(_), id)) => id,
+            _ => panic!("no {key}"),
         }
     }
 

@@ -169,8 +169,8 @@ pub enum Claim {
 struct Stored {
     doc: Automerge,
     team: TeamId,
-    /// The conversation's header as of the heads it was read at (see `apply_judged_with`).
-    header: Option<(Vec<ChangeHash>, doc::DocHeader)>,
+    /// The conversation's headers as of heads they were read at (see `apply_judged_with`).
+    headers: conversation::Headers,
 }
 
 struct Peer {
@@ -315,7 +315,7 @@ impl RelayDoc {
 
     /// The stored conversation, as read from storage.
     pub fn load(&mut self, doc: Automerge, team: TeamId) {
-        self.stored = Some(Stored { doc: doc.with_actor(self.actor.clone()), team, header: None });
+        self.stored = Some(Stored { doc: doc.with_actor(self.actor.clone()), team, headers: Default::default() });
     }
 
     /// Drops the document from memory (it is read again when needed). Followers and their sync
@@ -349,12 +349,10 @@ impl RelayDoc {
     pub fn header(&mut self) -> Option<Result<doc::DocHeader, doc::DocError>> {
         let stored = self.stored.as_mut()?;
         let heads = stored.doc.get_heads();
-        if let Some((at, header)) = &stored.header
-            && *at == heads
-        {
+        if let Some(header) = stored.headers.get(&heads) {
             return Some(Ok(header.clone()));
         }
-        Some(doc::read_header(&stored.doc).inspect(|h| stored.header = Some((heads, h.clone()))))
+        Some(doc::read_header(&stored.doc).inspect(|h| stored.headers.put(&heads, h)))
     }
 
     /// Whether a commit of this document is in progress (nothing is advertised until it returns).
@@ -514,7 +512,7 @@ impl RelayDoc {
         all.extend(changes);
         let placed = places(&all);
         let mut verdict =
-            conversation::apply_judged_with(&mut stored.doc, &self.id, all, author, now, &mut stored.header);
+            conversation::apply_judged_with(&mut stored.doc, &self.id, all, author, now, &mut stored.headers);
         let seqs = accepted_places(placed, &verdict.accepted);
         if verdict.damaged {
             self.stored = None;
@@ -645,8 +643,11 @@ impl RelayDoc {
                 return out;
             }
             tracing::info!(doc_id = %self.id, team = %c.team, "conversation created");
-            self.stored =
-                Some(Stored { doc: c.doc.with_actor(self.actor.clone()), team: c.team.clone(), header: None });
+            self.stored = Some(Stored {
+                doc: c.doc.with_actor(self.actor.clone()),
+                team: c.team.clone(),
+                headers: Default::default(),
+            });
             self.peers.insert(c.conn, c.peer);
             out.push(Action::Created { team: c.team });
             return out;
@@ -730,7 +731,6 @@ impl RelayDoc {
         if stored.doc.get_heads() == before {
             return Ok(Vec::new());
         }
-        stored.header = None;
         Ok(self.advertise())
     }
 

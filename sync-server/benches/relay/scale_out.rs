@@ -2,6 +2,7 @@
 //! the same CPU quota in a cgroup v1 CPU group of its own (see `scale_out`).
 
 use super::*;
+use crewdesk::sync::relay_doc::{Action, Incoming, RelayDoc, WaitingBudget};
 
 /// CPU seconds used by every PostgreSQL process on the machine (the servers' backends and, in
 /// the postmaster's children's times, those that have exited). The benchmark's cluster is the
@@ -120,6 +121,7 @@ pub(crate) async fn scale_out(
             None => "everything shares the machine (no CPU quotas)".to_owned(),
         }
     );
+    per_change_floor();
     let mut rows: Vec<Row> = Vec::new();
     // CREWDESK_BENCH_SCALE_OUT_ROWS=3 runs only the three-instance deployment (to look at it alone).
     let only = std::env::var("CREWDESK_BENCH_SCALE_OUT_ROWS").ok();
@@ -279,4 +281,108 @@ struct Row {
     throttled: Vec<(u64, f64)>,
     mem: Vec<(u64, u64)>,
     r: LoadResult,
+}
+
+/// What one change costs, against automerge alone, by the conversation's length: every instance
+/// that has followers of a conversation applies each of its changes, one at a time when the load
+/// is light (nothing to batch), and takes each follower's acknowledgement of it.
+fn per_change_floor() {
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e6
+    };
+    println!();
+    println!("Per change, by the conversation's length (medians of 200, µs):");
+    println!(
+        "| messages in the conversation | automerge: apply one change | automerge: apply 200 in one call, per change | automerge: take an acknowledgement | relay: take an acknowledgement |"
+    );
+    println!("|---|---|---|---|---|");
+    for n in [100, 1_000, 5_000] {
+        let (id, mut d) = conversation(0, "load");
+        let add = |d: &mut Automerge, id: String| {
+            let m = Message {
+                id: MessageId(id),
+                at: Timestamp::now(),
+                author: Author::Crew { agent: AgentId::from("agent0") },
+                body: MessageBody::Text { text: "a reply of a usual length, a sentence or two".into() },
+            };
+            d.transact::<_, _, doc::DocError>(|tx| doc::add_message(tx, &m)).unwrap();
+        };
+        for i in 0..n {
+            add(&mut d, format!("m{i}"));
+        }
+        let mut other = d.fork().with_actor(ActorId::random());
+        let changes: Vec<automerge::Change> = (0..200)
+            .map(|i| {
+                add(&mut other, format!("later{i}"));
+                other.get_last_local_change().unwrap()
+            })
+            .collect();
+        let mut one = d.clone();
+        let apply_one: Vec<Duration> = changes
+            .iter()
+            .map(|c| {
+                let t = Instant::now();
+                one.apply_changes([c.clone()]).unwrap();
+                t.elapsed()
+            })
+            .collect();
+        let mut batch = d.clone();
+        let t = Instant::now();
+        batch.apply_changes(changes.clone()).unwrap();
+        let per_change = t.elapsed().as_secs_f64() * 1e6 / changes.len() as f64;
+        // A follower at the conversation's heads acknowledges them.
+        let mut relay = RelayDoc::new(id.as_str(), "relay", ActorId::random());
+        relay.load(batch.clone(), TeamId::from("load"));
+        relay.follow(1, "agent0");
+        let data = relay
+            .fanout()
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Send(1, WireMessage::Sync { data, .. }) => Some(data),
+                _ => None,
+            })
+            .unwrap();
+        let (follower, mut theirs) = (batch.clone(), sync::State::new());
+        let mut follower = follower;
+        follower.receive_sync_message(&mut theirs, sync::Message::decode(&data).unwrap()).unwrap();
+        let ack = follower.generate_sync_message(&mut theirs).unwrap();
+        let budget = WaitingBudget::new();
+        let take = |relay: &mut RelayDoc| {
+            let incoming = Incoming {
+                conn: 1,
+                peer_id: "agent0",
+                message: ack.clone(),
+                changes: Vec::new(),
+                is_request: false,
+                author: None,
+                waiting: &budget,
+            };
+            relay.receive(incoming, Timestamp::now())
+        };
+        take(&mut relay);
+        let by_relay: Vec<Duration> = (0..200)
+            .map(|_| {
+                let t = Instant::now();
+                take(&mut relay);
+                t.elapsed()
+            })
+            .collect();
+        let mut ours = sync::State::new();
+        let _ = batch.generate_sync_message(&mut ours);
+        let by_automerge: Vec<Duration> = (0..200)
+            .map(|_| {
+                let mut state = ours.clone();
+                let t = Instant::now();
+                batch.receive_sync_message(&mut state, ack.clone()).unwrap();
+                t.elapsed()
+            })
+            .collect();
+        println!(
+            "| {n} | {:.0} | {per_change:.1} | {:.0} | {:.1} |",
+            median(apply_one),
+            median(by_automerge),
+            median(by_relay)
+        );
+    }
 }
