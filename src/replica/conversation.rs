@@ -873,7 +873,7 @@ mod tests {
             ("close", Box::new(|tx| doc::close(tx, NOW))),
             ("grab", Box::new(|tx| doc::request_grab(tx, &AgentId::from("carol"), NOW))),
             ("owner", Box::new(|tx| doc::record_owner(tx, &AgentId::from("dan")))),
-            ("notes", Box::new(|tx| tx.put(&doc_obj(tx, "customer"), "notes", "VIP").map_err(Into::into))),
+            ("notes", Box::new(|tx| tx.put(doc_obj(tx, "customer"), "notes", "VIP").map_err(Into::into))),
         ];
         let mut d = base.fork();
         let mut seen_left = 0;
