@@ -57,8 +57,9 @@ pub struct Desk {
     /// Bumped by change events that concern the open conversation: reads it again (never on a
     /// timer).
     pub detail_revision: u64,
-    /// The revision the shown list and notifications were loaded for: answers to older requests
-    /// that arrive late are dropped, so the screen never goes back to a stale state.
+    /// The request number of the shown list and notifications (every list request has a new one,
+    /// for a new revision, filter, search or window): answers to older requests that arrive late
+    /// are dropped, so two quick filter changes never leave the first one's list on screen.
     pub shown: u64,
     /// Someone typing: the conversation, what to show ("Maya Rossi is typing…") and its number
     /// (shown for a few seconds after the last word of it).
@@ -76,6 +77,7 @@ pub enum Action {
     ToggleChannel(Channel),
     Sort(Sort),
     Search(String),
+    /// The answer to the list request with this number.
     Loaded(u64, Box<ListView>),
     Open(String),
     Move(i64),
@@ -136,6 +138,36 @@ impl Desk {
     fn back_to_top(&mut self) {
         self.filter.offset = 0;
         self.cursor = 0;
+    }
+}
+
+impl Desk {
+    /// The desk before the shell answers.
+    fn opening() -> Desk {
+        Desk {
+            // Until the shell answers: "Opening your desk…", not a sign-in form that flashes by.
+            session: SessionView { opening: true, ..SessionView::default() },
+            filter: Filter { limit: PAGE, ..Filter::default() },
+            search: String::new(),
+            list: None,
+            selected: None,
+            cursor: 0,
+            detail: None,
+            detail_error: None,
+            detail_seq: 0,
+            detail_failures: 0,
+            detail_retry: 0,
+            detail_newest: MESSAGES_SHOWN,
+            notifications: Vec::new(),
+            sync: SyncStatus::default(),
+            error: None,
+            revision: 0,
+            detail_revision: 0,
+            shown: 0,
+            typing: None,
+            editing_templates: None,
+            lists_shown: 0,
+        }
     }
 }
 
@@ -290,30 +322,7 @@ pub fn run_command_by<A: Serialize + 'static>(desk: &UseReducerDispatcher<Desk>,
 
 #[function_component(App)]
 fn app() -> Html {
-    let desk = use_reducer(|| Desk {
-        // Until the shell answers: "Opening your desk…", not a sign-in form that flashes by.
-        session: SessionView { opening: true, ..SessionView::default() },
-        filter: Filter { limit: PAGE, ..Filter::default() },
-        search: String::new(),
-        list: None,
-        selected: None,
-        cursor: 0,
-        detail: None,
-        detail_error: None,
-        detail_seq: 0,
-        detail_failures: 0,
-        detail_retry: 0,
-        detail_newest: MESSAGES_SHOWN,
-        notifications: Vec::new(),
-        sync: SyncStatus::default(),
-        error: None,
-        revision: 0,
-        detail_revision: 0,
-        shown: 0,
-        typing: None,
-        editing_templates: None,
-        lists_shown: 0,
-    });
+    let desk = use_reducer(Desk::opening);
 
     // Events from the shell: changes (reload) and sync status. No polling.
     {
@@ -355,9 +364,15 @@ fn app() -> Html {
     // Reload session, list, notifications and sync state whenever something changed.
     {
         let desk = desk.clone();
+        let requests = use_mut_ref(|| 0_u64);
         let key = (desk.revision, desk.filter.clone(), desk.search.clone());
-        use_effect_with(key, move |(revision, filter, search)| {
-            let (revision, filter, search) = (*revision, filter.clone(), search.clone());
+        use_effect_with(key, move |(_, filter, search)| {
+            let (filter, search) = (filter.clone(), search.clone());
+            let request = {
+                let mut n = requests.borrow_mut();
+                *n += 1;
+                *n
+            };
             // Signed in already: the list is asked for at once, beside the session (which only
             // changes on sign-in, sign-out and team changes). Otherwise after the session says so.
             let signed_in = desk.session.signed_in;
@@ -365,11 +380,11 @@ fn app() -> Html {
                 let desk = desk.clone();
                 async move {
                     match call::<_, ListView>("list", &ListArgs { filter: &filter, search: &search }).await {
-                        Ok(l) => desk.dispatch(Action::Loaded(revision, Box::new(l))),
+                        Ok(l) => desk.dispatch(Action::Loaded(request, Box::new(l))),
                         Err(e) => desk.dispatch(Action::Error(Some(e))),
                     }
                     if let Ok(n) = call::<_, Vec<NotificationView>>("notifications", &NoArgs {}).await {
-                        desk.dispatch(Action::Notifications(revision, n));
+                        desk.dispatch(Action::Notifications(request, n));
                     }
                     if let Ok(s) = call::<_, SyncStatus>("sync_status", &NoArgs {}).await {
                         desk.dispatch(Action::Sync(s));
@@ -485,4 +500,26 @@ fn performance_mark(name: &str) {
 
 fn main() {
     yew::Renderer::<App>::new().render();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(total: usize) -> Box<ListView> {
+        Box::new(ListView { rows: Vec::new(), total, offset: 0, counts: Default::default() })
+    }
+
+    #[test]
+    fn a_late_answer_to_an_older_list_request_is_dropped() {
+        // Two quick filter changes at the same revision: the second request is answered first.
+        let d = Rc::new(Desk::opening());
+        let d = d.reduce(Action::Loaded(2, list(7)));
+        let d = d.reduce(Action::Loaded(1, list(3)));
+        assert_eq!(d.list.as_ref().map(|l| l.total), Some(7));
+        let d = d.reduce(Action::Notifications(1, Vec::new()));
+        assert_eq!(d.shown, 2);
+        let d = d.reduce(Action::Loaded(3, list(4)));
+        assert_eq!(d.list.as_ref().map(|l| l.total), Some(4));
+    }
 }
