@@ -901,6 +901,23 @@ mod tests {
     }
 
     #[test]
+    fn a_local_change_is_the_chunk_saved_after_the_heads_it_was_made_on() {
+        // What the replica stores as a send's chunk without asking automerge to build it again.
+        let mut d = stored();
+        for n in 0..3 {
+            let before = d.get_heads();
+            d.transact::<_, _, doc::DocError>(|tx| {
+                doc::add_message(tx, &message(&format!("m{n}"), "bob", NOW, text("hello")))
+            })
+            .unwrap();
+            let c = d.get_last_local_change().unwrap();
+            assert_eq!(d.get_heads(), [c.hash()]);
+            assert_eq!(c.deps(), before.as_slice());
+            assert_eq!(c.raw_bytes(), d.save_after(&before));
+        }
+    }
+
+    #[test]
     fn join_send_leave_offline_is_accepted_change_by_change() {
         let mut d = stored();
         let mut offline = d.fork();

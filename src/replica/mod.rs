@@ -585,16 +585,27 @@ impl Replica {
         d.transact(edit).map_err(|f| f.error)?;
         // The header after the change: read once, for the judge and for the index row.
         let mut header_after = None;
+        let mut made = None;
         if let (Some((author, now)), Some(change)) = (author, d.get_last_local_change()) {
-            let after = doc::read_header(&d).ok();
             let verdict = conversation::summarize(&d, &change).and_then(|summary| {
+                // A change that writes no header field (a message) leaves the header as it was.
+                let after = match &header_before {
+                    Some(before) if summary.leaves_header() => Some(before.clone()),
+                    _ => doc::read_header(&d).ok(),
+                };
                 conversation::judge(id.as_str(), header_before.as_ref(), after.as_ref(), &summary, &author, now)
+                    .map(|()| after)
             });
             // The refused change is only in this copy of the document, which is dropped.
-            verdict?;
-            header_after = after;
+            header_after = verdict?;
+            made = Some(change);
         }
-        let chunk = d.save_after(&before);
+        // The chunk is the change just made when it is the only new one (automerge would build it
+        // from the document again).
+        let chunk = match made {
+            Some(c) if d.get_heads() == [c.hash()] && c.deps() == before.as_slice() => c.raw_bytes().to_vec(),
+            _ => d.save_after(&before),
+        };
         self.persist(id, &d, &chunk, messages, true, header_after)?;
         self.cache.put(id.clone(), d);
         Ok(())
