@@ -201,6 +201,11 @@ def main():
             origin = app.d.execute_script("return performance.timeOrigin;")
             cold.append(origin + first - asked)
             cold_page.append(first)
+            # Where the page's part goes: the app's code starts, the shell answers, the list is asked.
+            steps = {n: t for n, t in marks_after(app, 0) if not list_mark(n)}
+            print("  cold start in the page: " + ", ".join(
+                f"{n.removeprefix('crewdesk:')} {t:.0f} ms" for n, t in sorted(steps.items(), key=lambda x: x[1]) if t <= first)
+                + f", first list drawn {first:.0f} ms")
             started_at = process_start_ms(os.path.abspath(args.app))
             if started_at:
                 cold_process.append(origin + first - started_at)

@@ -365,6 +365,7 @@ fn app() -> Html {
     {
         let desk = desk.clone();
         let requests = use_mut_ref(|| 0_u64);
+        let started_listing = use_mut_ref(|| false);
         let key = (desk.revision, desk.filter.clone(), desk.search.clone());
         use_effect_with(key, move |(_, filter, search)| {
             let (filter, search) = (filter.clone(), search.clone());
@@ -373,12 +374,16 @@ fn app() -> Html {
                 *n += 1;
                 *n
             };
+            let started_listing = started_listing.clone();
             // Signed in already: the list is asked for at once, beside the session (which only
             // changes on sign-in, sign-out and team changes). Otherwise after the session says so.
             let signed_in = desk.session.signed_in;
             let load = {
                 let desk = desk.clone();
                 async move {
+                    if !std::mem::replace(&mut *started_listing.borrow_mut(), true) {
+                        performance_mark("crewdesk:first list asked");
+                    }
                     match call::<_, ListView>("list", &ListArgs { filter: &filter, search: &search }).await {
                         Ok(l) => desk.dispatch(Action::Loaded(request, Box::new(l))),
                         Err(e) => desk.dispatch(Action::Error(Some(e))),
@@ -399,6 +404,9 @@ fn app() -> Html {
             };
             wasm_bindgen_futures::spawn_local(async move {
                 if let Ok(s) = call::<_, SessionView>("session", &NoArgs {}).await {
+                    if request == 1 {
+                        performance_mark(&format!("crewdesk:session opening={}", s.opening));
+                    }
                     let now_signed_in = s.signed_in;
                     if s != desk.session {
                         desk.dispatch(Action::Session(Box::new(s)));
@@ -499,6 +507,9 @@ fn performance_mark(name: &str) {
 }
 
 fn main() {
+    // The start-up, split for the desk benchmark: the app's code runs, the shell first answers who
+    // is signed in, the first list is asked for (and `crewdesk:list …` once it is drawn).
+    performance_mark("crewdesk:start");
     yew::Renderer::<App>::new().render();
 }
 
