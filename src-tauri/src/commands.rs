@@ -94,12 +94,15 @@ pub async fn list(state: State<'_, AppState>, filter: Filter, search: Option<Str
     let desk = current(&state).await?;
     let now = Timestamp::now();
     let listing = desk.lock().list_search(&filter, now, search.as_deref().unwrap_or(""))?;
-    Ok(ListView {
+    let view = ListView {
         rows: rows(&desk, &listing.rows, now)?,
         total: listing.total,
         offset: listing.offset,
         counts: listing.counts,
-    })
+    };
+    // The window has its list: the sync driver may start (it waits for this at start-up).
+    desk.listed.notify_one();
+    Ok(view)
 }
 
 #[tauri::command]

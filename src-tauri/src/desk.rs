@@ -18,6 +18,8 @@ pub struct Desk {
     pub replica: SharedReplica,
     pub client: SyncClient,
     pub settings: Settings,
+    /// Notified when the window has its list: the sync driver starts then (`ClientConfig::start`).
+    pub listed: Arc<tokio::sync::Notify>,
 }
 
 impl Desk {
@@ -108,8 +110,10 @@ pub fn open(app: &AppHandle, mut settings: Settings, remember: bool) -> CommandR
     let (events, rx) = tokio::sync::mpsc::channel(4096);
     let mut config = ClientConfig::new(&settings.relay_url, &settings.token);
     config.blob_dir = Some(dir.join("blobs"));
+    let listed = Arc::new(tokio::sync::Notify::new());
+    config.start = Some(listed.clone());
     let client = SyncClient::spawn(config, replica.clone(), events);
-    let desk = Arc::new(Desk { replica, client, settings });
+    let desk = Arc::new(Desk { replica, client, settings, listed });
     let notifier = Notifier::load(app.clone(), &dir, &desk)?;
     spawn_forwarders(app.clone(), desk.clone(), rx, notifier);
     Ok(desk)

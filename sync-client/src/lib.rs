@@ -54,7 +54,15 @@ pub struct ClientConfig {
     pub max_backoff: Duration,
     /// The local blob store (files named by their sha256) that queued attachments are read from.
     pub blob_dir: Option<std::path::PathBuf>,
+    /// When set, the driver connects once this is notified, or after [`START_WAIT`] at most: the
+    /// desk lets it go when the window has drawn its first list. Connecting compares every
+    /// conversation with the relay, which at 10,000 conversations would compete with the window's
+    /// start for the CPU.
+    pub start: Option<Arc<Notify>>,
 }
+
+/// The longest the driver waits for [`ClientConfig::start`].
+pub const START_WAIT: Duration = Duration::from_secs(2);
 
 impl ClientConfig {
     pub fn new(relay_url: impl Into<String>, token: impl Into<String>) -> ClientConfig {
@@ -64,6 +72,7 @@ impl ClientConfig {
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
             blob_dir: None,
+            start: None,
         }
     }
 }
@@ -168,6 +177,13 @@ async fn drive(
 ) {
     let mut backoff = config.min_backoff;
     let peer_id = format!("crewdesk-replica-{}", lock(&replica).agent());
+    if let Some(start) = &config.start {
+        tokio::select! {
+            _ = start.notified() => {}
+            _ = tokio::time::sleep(START_WAIT) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
     loop {
         let result = tokio::select! {
             r = session(&config, &replica, &events, &status, &mut changed, &peer_id, &mut backoff) => r,
