@@ -381,10 +381,15 @@ fn app() -> Html {
             let load = {
                 let desk = desk.clone();
                 async move {
-                    if !std::mem::replace(&mut *started_listing.borrow_mut(), true) {
+                    let first = !std::mem::replace(&mut *started_listing.borrow_mut(), true);
+                    if first {
                         performance_mark("crewdesk:first list asked");
                     }
-                    match call::<_, ListView>("list", &ListArgs { filter: &filter, search: &search }).await {
+                    let answer = call::<_, ListView>("list", &ListArgs { filter: &filter, search: &search }).await;
+                    if first {
+                        performance_mark("crewdesk:first list answered");
+                    }
+                    match answer {
                         Ok(l) => desk.dispatch(Action::Loaded(request, Box::new(l))),
                         Err(e) => desk.dispatch(Action::Error(Some(e))),
                     }
