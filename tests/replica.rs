@@ -347,9 +347,9 @@ fn unread_until_marked_read() {
         Some(customer_message("m1", T0, "Hi")),
     )
     .unwrap();
-    assert_eq!(bob.seen_counts().unwrap().get(&id), None);
+    assert_eq!(bob.seen_counts([&id]).unwrap().get(&id), None);
     bob.mark_read(&id).unwrap();
-    assert_eq!(bob.seen_counts().unwrap().get(&id), Some(&1));
+    assert_eq!(bob.seen_counts([&id]).unwrap().get(&id), Some(&1));
     bob.record_customer_message(&id, text("again"), T0.plus(1)).unwrap();
     assert_eq!(bob.summary(&id).unwrap().message_count, 2, "one more than seen: unread");
 }

@@ -77,7 +77,7 @@ fn rows<S: std::borrow::Borrow<crewdesk::domain::status::ConversationSummary>>(
     now: Timestamp,
 ) -> CommandResult<Vec<RowView>> {
     let r = desk.lock();
-    let seen = r.seen_counts()?;
+    let seen = r.seen_counts(listing.iter().map(|s| &s.borrow().id))?;
     let (_, unsynced) = r.unsynced()?;
     Ok(listing
         .iter()

@@ -273,9 +273,19 @@ impl Replica {
         store::merge_search(&self.conn)
     }
 
-    /// How many messages of each conversation this agent has seen (for unread markers).
-    pub fn seen_counts(&self) -> Result<HashMap<ConversationId, u32>, ReplicaError> {
-        store::seen(&self.conn)
+    /// How many messages of these conversations this agent has seen (for unread markers): the rows
+    /// on screen, not every conversation of the replica.
+    pub fn seen_counts<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a ConversationId>,
+    ) -> Result<HashMap<ConversationId, u32>, ReplicaError> {
+        let mut seen = HashMap::new();
+        for id in ids {
+            if let Some(n) = store::seen_of(&self.conn, id)? {
+                seen.insert(id.clone(), n);
+            }
+        }
+        Ok(seen)
     }
 
     /// Marks a conversation as read up to its current messages.

@@ -236,12 +236,6 @@ pub fn search(conn: &Connection, query: &str, limit: usize) -> Result<Vec<Conver
     Ok(rows.collect::<Result<Vec<_>, _>>()?.into_iter().map(ConversationId).collect())
 }
 
-pub fn seen(conn: &Connection) -> Result<std::collections::HashMap<ConversationId, u32>, ReplicaError> {
-    let mut stmt = conn.prepare_cached("SELECT doc_id, seen FROM reads")?;
-    let rows = stmt.query_map([], |r| Ok((ConversationId(r.get(0)?), r.get::<_, u32>(1)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
 pub fn seen_of(conn: &Connection, id: &ConversationId) -> Result<Option<u32>, ReplicaError> {
     let mut stmt = conn.prepare_cached("SELECT seen FROM reads WHERE doc_id = ?1")?;
     Ok(stmt.query_row([id.as_str()], |r| r.get::<_, u32>(0)).optional()?)
