@@ -252,7 +252,7 @@ impl Reducible for Desk {
                 }
             }
             Action::RetryDetail => d.detail_retry += 1,
-            Action::ShowEarlier => d.detail_newest += MESSAGES_SHOWN,
+            Action::ShowEarlier => d.detail_newest += EARLIER_STEP,
             Action::Close => {
                 d.selected = None;
                 d.detail = None;
@@ -294,8 +294,10 @@ struct DetailArgs<'a> {
     newest: usize,
 }
 
-/// Messages drawn when a conversation opens, and added by each "Show earlier messages".
-pub const MESSAGES_SHOWN: usize = 100;
+/// Messages drawn when a conversation opens (the newest; what fills a window and more).
+pub const MESSAGES_SHOWN: usize = 50;
+/// Messages each "Show earlier messages" adds.
+pub const EARLIER_STEP: usize = 200;
 
 #[derive(Serialize)]
 struct ListArgs<'a> {

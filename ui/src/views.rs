@@ -654,7 +654,7 @@ fn messages(props: &ViewProps) -> Html {
         html! {
             <li class="earlier">
                 <button id="show-earlier" class="link" onclick={more}>
-                    { format!("Show {} earlier messages ({} in all)", v.earlier.min(crate::MESSAGES_SHOWN), v.earlier) }
+                    { format!("Show {} earlier messages ({} in all)", v.earlier.min(crate::EARLIER_STEP), v.earlier) }
                 </button>
             </li>
         }
