@@ -5,7 +5,8 @@
 //!
 //! - [`wire_frame`]: a WebSocket frame through `WireMessage::decode`, and back.
 //! - [`sync_message`]: a client's sync message through the relay's chain (bounded check, automerge's
-//!   parser, the judge, then automerge's sync protocol) against a loaded conversation.
+//!   parser, the judge, then the relay's taking of the rest of the message and automerge's sync
+//!   protocol) against a loaded conversation.
 //! - [`judge_sequence`]: changes made by three actors with the document functions and raw automerge
 //!   operations, delivered in any order to the judge.
 //! - [`message_body`]: a message as JSON, its validation, and file references.
@@ -23,6 +24,7 @@ use crewdesk::domain::{
 use crewdesk::replica::conversation::{self, ChangeAuthor, Verdict};
 use crewdesk::replica::doc::{self, DocHeader};
 use crewdesk::sync::bounded::{SyncLimits, check_sync_message};
+use crewdesk::sync::relay_doc;
 use crewdesk::sync::wire::{PeerMetadata, WireMessage};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::OnceLock;
@@ -95,18 +97,20 @@ pub fn sync_message(data: &[u8]) {
 /// [`sync_message`], returning the judge's verdict when the message got that far.
 pub fn sync_message_verdict(data: &[u8]) -> Option<Verdict> {
     let checked = check_sync_message(data, &SyncLimits::CLIENT).ok()?;
-    let mut message = sync::Message::decode(data).ok()?;
+    let message = sync::Message::decode(data).ok()?;
     let changes = checked.changes.iter().map(|c| Change::try_from(c.as_slice())).collect::<Result<Vec<_>, _>>().ok()?;
     let base = &bases().conversation;
     let mut doc = base.doc.fork();
     let verdict = conversation::apply_judged(&mut doc, DOC_ID, changes.clone(), &sync_author(), NOW);
     check_verdict(Some(base), &doc, &[&verdict], &changes, &[]);
-    // The relay then lets automerge take the rest of the message (heads, needs, bloom filters) and
-    // answers with what the client lacks.
-    message.changes = sync::ChunkList::empty();
+    // The relay then takes the rest of the message (heads, needs, bloom filters) as it does, and
+    // answers with what the client lacks; then the same message again, now an acknowledgement of
+    // heads the sync state knows.
     let mut state = sync::State::new();
-    if doc.receive_sync_message(&mut state, message).is_ok() {
-        let _ = doc.generate_sync_message(&mut state);
+    for _ in 0..2 {
+        if relay_doc::take_rest(&mut doc, &mut state, message.clone()).is_ok() {
+            let _ = doc.generate_sync_message(&mut state);
+        }
     }
     Some(verdict)
 }

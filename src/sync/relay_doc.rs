@@ -819,18 +819,30 @@ fn frame_data(relay_peer: &str, doc_id: &str, peer_id: &str, data: Vec<u8>) -> W
 fn receive_rest(
     doc: &mut Automerge,
     state: &mut sync::State,
-    mut message: sync::Message,
+    message: sync::Message,
     stall_bug: bool,
 ) -> Result<(), automerge::AutomergeError> {
-    message.changes = sync::ChunkList::empty();
     let last_sent = state.last_sent_heads.clone();
-    if let Some(message) = take_acknowledgement(doc, state, message) {
-        doc.receive_sync_message(state, message)?;
-    }
+    take_rest(doc, state, message)?;
     if !stall_bug {
         state.last_sent_heads = last_sent;
     }
     Ok(())
+}
+
+/// What the relay does with the rest of a client's sync message once its changes are judged (heads,
+/// needs, bloom filters): an acknowledgement is taken by [`take_acknowledgement`], anything else by
+/// automerge. The `sync_message` fuzz target calls it as the relay does.
+pub fn take_rest(
+    doc: &mut Automerge,
+    state: &mut sync::State,
+    mut message: sync::Message,
+) -> Result<(), automerge::AutomergeError> {
+    message.changes = sync::ChunkList::empty();
+    match take_acknowledgement(doc, state, message) {
+        Some(message) => doc.receive_sync_message(state, message),
+        None => Ok(()),
+    }
 }
 
 /// Takes a sync message without changes whose heads the relay holds (what every follower sends
