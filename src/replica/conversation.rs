@@ -599,32 +599,44 @@ impl Headers {
 
     /// The header at `heads` (in any order), if read before.
     pub fn get(&self, heads: &[ChangeHash]) -> Option<&DocHeader> {
-        let mut heads = heads.to_vec();
-        heads.sort();
-        self.0.iter().find(|(at, _)| *at == heads).map(|(_, h)| h)
+        self.find(&Self::key(heads))
     }
 
     /// Keeps `header` as the header at `heads` (in any order).
     pub fn put(&mut self, heads: &[ChangeHash], header: &DocHeader) {
-        let mut heads = heads.to_vec();
-        heads.sort();
-        if self.0.iter().any(|(at, _)| *at == heads) {
+        self.keep(Self::key(heads), header);
+    }
+
+    /// The header at `heads` (`current`: the document's heads), read or remembered.
+    fn at(&mut self, doc: &Automerge, heads: &[ChangeHash], current: bool) -> Option<DocHeader> {
+        let key = Self::key(heads);
+        if let Some(known) = self.find(&key) {
+            return Some(known.clone());
+        }
+        let header = header_at(doc, heads, current)?;
+        self.keep(key, &header);
+        Some(header)
+    }
+
+    /// Heads in the order headers are kept by.
+    fn key(heads: &[ChangeHash]) -> Vec<ChangeHash> {
+        let mut key = heads.to_vec();
+        key.sort();
+        key
+    }
+
+    fn find(&self, key: &[ChangeHash]) -> Option<&DocHeader> {
+        self.0.iter().find(|(at, _)| at == key).map(|(_, h)| h)
+    }
+
+    fn keep(&mut self, key: Vec<ChangeHash>, header: &DocHeader) {
+        if self.find(&key).is_some() {
             return;
         }
         if self.0.len() == Self::KEPT {
             self.0.pop_front();
         }
-        self.0.push_back((heads, header.clone()));
-    }
-
-    /// The header at `heads` (`current`: the document's heads), read or remembered.
-    fn at(&mut self, doc: &Automerge, heads: &[ChangeHash], current: bool) -> Option<DocHeader> {
-        if let Some(known) = self.get(heads) {
-            return Some(known.clone());
-        }
-        let header = header_at(doc, heads, current)?;
-        self.put(heads, &header);
-        Some(header)
+        self.0.push_back((key, header.clone()));
     }
 }
 
