@@ -139,9 +139,7 @@ impl Desk {
         self.filter.offset = 0;
         self.cursor = 0;
     }
-}
 
-impl Desk {
     /// The desk before the shell answers.
     fn opening() -> Desk {
         Desk {

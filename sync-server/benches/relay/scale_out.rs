@@ -289,7 +289,7 @@ struct Row {
 fn per_change_floor() {
     let median = |mut v: Vec<Duration>| {
         v.sort();
-        v[v.len() / 2].as_secs_f64() * 1e6
+        pct(&v, 0.5) * 1e3
     };
     println!();
     println!("Per change, by the conversation's length (medians of 200, µs):");
@@ -343,8 +343,7 @@ fn per_change_floor() {
                 _ => None,
             })
             .unwrap();
-        let (follower, mut theirs) = (batch.clone(), sync::State::new());
-        let mut follower = follower;
+        let (mut follower, mut theirs) = (batch.clone(), sync::State::new());
         follower.receive_sync_message(&mut theirs, sync::Message::decode(&data).unwrap()).unwrap();
         let ack = follower.generate_sync_message(&mut theirs).unwrap();
         let budget = WaitingBudget::new();
