@@ -316,3 +316,31 @@ fn followers_in_one_state_hear_what_automerge_makes_for_each() {
     }
     assert_eq!(sends_to(&out, 3), 1, "{out:?}");
 }
+
+#[test]
+fn a_forged_acknowledgement_is_taken_as_automerge_takes_it() {
+    // A modified client acknowledges the relay's heads but asks for changes that do not exist,
+    // claims a last sync the relay never had, says it is read-only, and repeats it: what the
+    // relay keeps and answers is what automerge would.
+    let doc = stored();
+    let unknown = ChangeHash([7; 32]);
+    let mut forged = heads_of(&doc);
+    forged.need = vec![unknown; 3];
+    forged.have =
+        vec![sync::Have { last_sync: vec![unknown], bloom: sync::BloomFilter::from_hashes([unknown].iter()) }];
+    let mut flags = sync::MessageFlags::new();
+    flags.set(sync::MessageFlags::READ_ONLY);
+    forged.flags = Some(flags);
+    let forged = wire(forged);
+    let (mut ours, mut by_automerge) = (sync::State::new(), sync::State::new());
+    for round in 0..3 {
+        let _ = doc.generate_sync_message(&mut ours);
+        let _ = doc.generate_sync_message(&mut by_automerge);
+        let taken = take_acknowledgement(&doc, &mut ours, forged.clone());
+        assert!(taken.is_none(), "round {round}: the relay takes it itself");
+        doc.clone().receive_sync_message(&mut by_automerge, forged.clone()).unwrap();
+        assert_eq!(ours, by_automerge, "round {round}");
+        let answer = |state: &mut sync::State| doc.generate_sync_message(state).map(outgoing);
+        assert_eq!(answer(&mut ours), answer(&mut by_automerge), "round {round}");
+    }
+}
